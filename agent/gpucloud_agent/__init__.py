@@ -1,0 +1,1 @@
+"""The gpucloud node agent."""

@@ -1,0 +1,1 @@
+"""The gpucloud Kopf operator."""

@@ -1,0 +1,1 @@
+"""gpucloud: a GPU cloud control plane for Kubernetes."""

@@ -1,0 +1,87 @@
+"""The wire format of metered usage, shared by the node agent and the metering API.
+
+A usage record says: this subject (one GPU, or one volume/disk/image) was held by
+this pod or account for the whole-second interval [start, end) and the quantity is
+so much. Times are integer POSIX seconds, so intervals are exact.
+
+Natural key: (kind, subject, start). A GPU is held by at most one pod in any second,
+so two records of the same GPU never overlap; a re-sent record with the same key
+and the same content is a no-op, and one with the same key and other content is a
+conflict.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_GPU_WINDOW_S = 10
+HOUR_S = 3600
+
+Name = Annotated[str, Field(min_length=1, max_length=253)]
+
+
+class UsageKind(StrEnum):
+    GPU_TIME = "gpu_time"  # quantity: GPU-seconds (= end - start for one GPU)
+    INSTANCE_VOLUME = (
+        "instance_volume"  # quantity: bytes used (instance storage is billed by quota)
+    )
+    CLOUD_DISK = "cloud_disk"  # quantity: bytes used, measured
+    IMAGE = "image"  # quantity: bytes used, measured
+
+
+class GPURef(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    uuid: Annotated[str, Field(pattern=r"^GPU-[0-9A-Za-z-]{1,64}$")]
+    product: Name
+
+
+class PodRef(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    namespace: Name
+    name: Name
+    uid: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class UsageRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: UsageKind
+    node: Name
+    start: Annotated[int, Field(ge=0, description="POSIX seconds, inclusive")]
+    end: Annotated[int, Field(ge=0, description="POSIX seconds, exclusive")]
+    quantity: Annotated[int, Field(ge=0)]
+    gpu: GPURef | None = None
+    pod: PodRef | None = None
+    volume: Annotated[str | None, Field(default=None, min_length=1, max_length=253)] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+        if self.kind is UsageKind.GPU_TIME:
+            if self.gpu is None or self.pod is None:
+                raise ValueError("gpu_time records need gpu and pod")
+            if self.end - self.start > MAX_GPU_WINDOW_S:
+                raise ValueError(f"gpu_time windows are at most {MAX_GPU_WINDOW_S} s")
+            if self.quantity != self.end - self.start:
+                raise ValueError("gpu_time quantity must equal end - start (one GPU)")
+        elif self.volume is None:
+            raise ValueError(f"{self.kind} records need volume")
+        return self
+
+    @property
+    def subject(self) -> str:
+        """What was held: a GPU UUID or a volume id."""
+        return self.gpu.uuid if self.gpu is not None else str(self.volume)
+
+    @property
+    def natural_key(self) -> str:
+        return f"{self.kind}:{self.subject}:{self.start}"
+
+
+class UsageBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    records: Annotated[list[UsageRecord], Field(max_length=10000)]
