@@ -1,0 +1,93 @@
+"""Admission decisions: may this instance start, may this package be bought?"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fractions import Fraction
+
+from gpucloud.billing.errors import BillingError
+from gpucloud.billing.modes import BillingMode, PackagePeriod
+from gpucloud.billing.money import Exact, format_money, minor_exponent, to_minor
+from gpucloud.billing.pricebook import PriceBook
+from gpucloud.billing.rating import count, gpu_hourly_exact, quantity
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    needed_minor: int
+    available_minor: int
+    currency: str
+    message: str
+
+    @property
+    def shortfall_minor(self) -> int:
+        return max(0, self.needed_minor - self.available_minor)
+
+
+def available_balance(balance_minor: int, accrued_minor: Iterable[int] = ()) -> int:
+    """The balance after deducting what running pay-as-you-go/spot instances have accrued
+    but not yet posted (the seed's one-hour rule counts them)."""
+    return count_signed(balance_minor, "balance_minor") - sum(
+        count(a, "accrued_minor") for a in accrued_minor
+    )
+
+
+def count_signed(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BillingError(f"{what} must be an int of minor units, not {type(value).__name__}")
+    return value
+
+
+def _decide(needed: int, available: int, currency: str, what: str) -> Decision:
+    ok = available >= needed
+    verdict = "allowed" if ok else "refused"
+    message = (
+        f"{what} {verdict}: needs {format_money(needed, currency)}, "
+        f"available {format_money(available, currency)}"
+    )
+    if not ok:
+        message += f" (short by {format_money(needed - available, currency)})"
+    return Decision(ok, needed, available, currency, message)
+
+
+def payg_start_decision(
+    available_balance_minor: int,
+    product: str,
+    gpu_count: int,
+    pricebook: PriceBook,
+    *,
+    mode: BillingMode = BillingMode.PAY_AS_YOU_GO,
+    storage_gib: Exact = 0,
+) -> Decision:
+    """The one-hour rule: a pay-as-you-go (or spot) instance may start only while the
+    available balance covers one hour of it: its GPUs at the hourly price of ``mode``,
+    plus its storage quota for an hour when ``storage_gib`` is given. The threshold is
+    the exact hour cost rounded *up* to the minor unit (the least balance that covers it);
+    it is a comparison, not a posting."""
+    count_signed(available_balance_minor, "available_balance_minor")
+    hour = gpu_hourly_exact(pricebook, product, gpu_count, mode)
+    hour += Fraction(pricebook.storage.instance_per_gb_hour) * quantity(storage_gib, "storage_gib")
+    needed = math.ceil(hour * 10 ** minor_exponent(pricebook.currency))
+    what = f"{mode} start of {gpu_count} x {product} (one hour)"
+    return _decide(needed, available_balance_minor, pricebook.currency, what)
+
+
+def package_purchase_decision(
+    available_balance_minor: int,
+    product: str,
+    gpu_count: int,
+    period: PackagePeriod,
+    pricebook: PriceBook,
+) -> Decision:
+    """A package term is paid upfront: the balance must cover its price as it will be
+    posted (to_minor of the exact price)."""
+    count_signed(available_balance_minor, "available_balance_minor")
+    count(gpu_count, "gpu_count", 1)
+    period = PackagePeriod(period)
+    price = Fraction(pricebook.gpu_price(product).package_price(period)) * gpu_count
+    needed = to_minor(price, pricebook.currency)
+    what = f"{period} package of {gpu_count} x {product}"
+    return _decide(needed, available_balance_minor, pricebook.currency, what)
