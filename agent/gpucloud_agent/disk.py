@@ -1,0 +1,79 @@
+"""Disk consumption of instance volumes, cloud disks and images.
+
+Bytes used are allocated blocks (st_blocks * 512, what `du` reports), found by an
+iterative `os.scandir` walk that does not follow symlinks, counts a hard-linked file
+once, and does not cross into other filesystems mounted below a volume.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpucloud.usage import UsageKind
+
+# <root>/<folder>/<namespace>/<name>
+LAYOUT: dict[UsageKind, str] = {
+    UsageKind.INSTANCE_VOLUME: "instances",
+    UsageKind.CLOUD_DISK: "disks",
+    UsageKind.IMAGE: "images",
+}
+
+
+def used_bytes(path: str | os.PathLike[str]) -> int:
+    root = os.lstat(path)
+    total = root.st_blocks * 512
+    seen: set[tuple[int, int]] = set()
+    stack = [os.fspath(path)] if os.path.isdir(path) and not os.path.islink(path) else []
+    while stack:
+        current = stack.pop()
+        try:
+            it = os.scandir(current)
+        except (PermissionError, FileNotFoundError):
+            continue  # vanished or unreadable while walking: count what we can see
+        with it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if st.st_nlink > 1 and not entry.is_dir(follow_symlinks=False):
+                    key = (st.st_dev, st.st_ino)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                if entry.is_dir(follow_symlinks=False):
+                    if st.st_dev != root.st_dev:
+                        continue  # a mount point: another filesystem, billed on its own
+                    stack.append(entry.path)
+                total += st.st_blocks * 512
+    return total
+
+
+@dataclass(frozen=True)
+class Volume:
+    kind: UsageKind
+    namespace: str
+    name: str
+    path: Path
+
+    @property
+    def volume_id(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def discover(root: str | os.PathLike[str]) -> list[Volume]:
+    out: list[Volume] = []
+    for kind, folder in LAYOUT.items():
+        base = Path(root) / folder
+        if not base.is_dir():
+            continue
+        for ns in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink()):
+            for vol in sorted(p for p in ns.iterdir() if p.is_dir() and not p.is_symlink()):
+                out.append(Volume(kind, ns.name, vol.name, vol))
+    return out
+
+
+def measure(root: str | os.PathLike[str]) -> dict[Volume, int]:
+    return {v: used_bytes(v.path) for v in discover(root)}

@@ -1,0 +1,95 @@
+"""NVML behind a small interface: the real backend (pynvml) and what both backends return."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    index: int
+    uuid: str
+    product: str
+    memory_total_bytes: int
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    used_memory_bytes: int
+
+
+class NvmlError(RuntimeError):
+    """NVML could not be used; the message says why and what to check."""
+
+
+class Nvml(Protocol):
+    def devices(self) -> list[GpuDevice]: ...
+
+    def utilization_percent(self, index: int) -> int: ...
+
+    def memory_used_bytes(self, index: int) -> int: ...
+
+    def processes(self, index: int) -> list[GpuProcess]: ...
+
+    def close(self) -> None: ...
+
+
+def _text(value: str | bytes) -> str:
+    # nvidia-ml-py returns str on recent versions and bytes on old ones
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class NvmlBackend:
+    """The real NVML, through nvidia-ml-py (`pynvml`)."""
+
+    def __init__(self) -> None:
+        import pynvml
+
+        self._nvml: Any = pynvml
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError_LibraryNotFound as exc:
+            raise NvmlError(
+                "NVML library (libnvidia-ml.so.1) not found: this node has no NVIDIA driver, "
+                "or the agent container does not mount it; use --nvml fake on test beds"
+            ) from exc
+        except pynvml.NVMLError as exc:
+            raise NvmlError(f"NVML initialisation failed: {exc}") from exc
+        self._handles: list[Any] = []
+        self._devices: list[GpuDevice] = []
+        try:
+            for index in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                self._handles.append(handle)
+                self._devices.append(
+                    GpuDevice(
+                        index=index,
+                        uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
+                        product=_text(pynvml.nvmlDeviceGetName(handle)),
+                        memory_total_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
+                    )
+                )
+        except pynvml.NVMLError as exc:
+            pynvml.nvmlShutdown()
+            raise NvmlError(f"NVML could not enumerate devices: {exc}") from exc
+
+    def devices(self) -> list[GpuDevice]:
+        return list(self._devices)
+
+    def utilization_percent(self, index: int) -> int:
+        return int(self._nvml.nvmlDeviceGetUtilizationRates(self._handles[index]).gpu)
+
+    def memory_used_bytes(self, index: int) -> int:
+        return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handles[index]).used)
+
+    def processes(self, index: int) -> list[GpuProcess]:
+        procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handles[index])
+        # usedGpuMemory is None when the driver cannot tell (e.g. without privileges)
+        return [GpuProcess(int(p.pid), int(p.usedGpuMemory or 0)) for p in procs]
+
+    def close(self) -> None:
+        with contextlib.suppress(self._nvml.NVMLError):
+            self._nvml.nvmlShutdown()

@@ -1,0 +1,52 @@
+"""Pod UIDs for the pods that pod-resources names (it gives namespace and name only)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Protocol
+
+_DERIVED_NS = uuid.UUID("0b7c4b1e-2f5a-4e0b-9d8e-5a3c1f6e7d20")
+
+
+class PodUidResolver(Protocol):
+    def uid(self, namespace: str, name: str) -> str | None: ...
+
+
+class DerivedUidResolver:
+    """A stable stand-in UID (uuid5 of namespace/name) for test beds without API access.
+
+    Two pods that reuse one name share it; production uses KubeUidResolver."""
+
+    def uid(self, namespace: str, name: str) -> str | None:
+        return str(uuid.uuid5(_DERIVED_NS, f"{namespace}/{name}"))
+
+
+class KubeUidResolver:
+    """Looks UIDs up among the pods on this node (listed on a miss, at most every 2 s)."""
+
+    def __init__(self, node: str, kubeconfig: str | None = None, min_refresh_s: float = 2.0):
+        from kubernetes import client, config
+
+        if kubeconfig:
+            config.load_kube_config(config_file=kubeconfig)
+        else:
+            config.load_incluster_config()
+        self._api = client.CoreV1Api()
+        self.node = node
+        self.min_refresh_s = min_refresh_s
+        self._uids: dict[tuple[str, str], str] = {}
+        self._refreshed = -1e9
+        self._lock = threading.Lock()
+
+    def uid(self, namespace: str, name: str) -> str | None:
+        with self._lock:
+            key = (namespace, name)
+            if key not in self._uids and time.monotonic() - self._refreshed >= self.min_refresh_s:
+                pods = self._api.list_pod_for_all_namespaces(
+                    field_selector=f"spec.nodeName={self.node}"
+                ).items
+                self._uids = {(p.metadata.namespace, p.metadata.name): p.metadata.uid for p in pods}
+                self._refreshed = time.monotonic()
+            return self._uids.get(key)

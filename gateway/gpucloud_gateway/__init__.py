@@ -1,0 +1,1 @@
+"""The gpucloud model gateway."""

@@ -1,0 +1,172 @@
+"""Helpers for the agent tests: a usage receiver and an agent process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gpucloud.usage import UsageBatch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = cond()
+        except (httpx.HTTPError, OSError, ValueError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+class Receiver:
+    """A minimal stand-in for `POST /v1/usage`: records by natural key, duplicates counted.
+
+    Modes: "ok" (200), "unavailable" (503), "down" (the port refuses connections)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.records: dict[str, dict[str, Any]] = {}
+        self.duplicates = 0
+        self.conflicts: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.requests = 0
+        self.tokens: set[str] = set()
+        self.mode = "ok"
+        self.lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _start(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.requests += 1
+                if receiver.mode == "unavailable" or self.path != "/v1/usage":
+                    self.send_response(503 if receiver.mode == "unavailable" else 404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                batch = UsageBatch.model_validate_json(body)  # the shared wire format
+                accepted = duplicate = 0
+                with receiver.lock:
+                    receiver.tokens.add(self.headers.get("Authorization", ""))
+                    for rec in batch.records:
+                        data = rec.model_dump(mode="json")
+                        old = receiver.records.get(rec.natural_key)
+                        if old is None:
+                            receiver.records[rec.natural_key] = data
+                            accepted += 1
+                        elif old == data:
+                            duplicate += 1
+                            receiver.duplicates += 1
+                        else:
+                            receiver.conflicts.append((old, data))
+                out = json.dumps({"accepted": accepted, "duplicate": duplicate}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def set_mode(self, mode: str) -> None:
+        if mode == "down" and self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        elif mode != "down" and self._server is None:
+            self._start()
+        self.mode = mode
+
+    def close(self) -> None:
+        self.set_mode("down")
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.records.values())
+
+
+class AgentProcess:
+    """The agent as a real process (`python -m gpucloud_agent.main`)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args = args
+        self.env = {**os.environ, **env}
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_port = int(args[args.index("--metrics-port") + 1])
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gpucloud_agent.main", *self.args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}{path}"
+
+    def state(self) -> dict[str, Any]:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"agent exited with {self.proc.returncode}: {self.log.read_text()}")
+        return httpx.get(self.url("/debug/state"), timeout=2).json()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        def ready() -> bool:
+            self.state()  # raises (with the log) if the process died
+            return httpx.get(self.url("/readyz"), timeout=2).status_code == 200
+
+        wait_for(ready, timeout, "agent /readyz")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()

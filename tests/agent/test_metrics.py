@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from agent_testkit import AgentProcess, Receiver, free_port, wait_for
+from gpucloud_agent.metrics import AgentCollector, GpuReading, Stats
+from gpucloud_agent.podresources.fake_server import FakePod, fake_device_ids, serve
+from prometheus_client import CollectorRegistry, generate_latest
+
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+NODE = "node-metrics"
+
+
+def sample_stats() -> Stats:
+    s = Stats(node="n1")
+    s.gpus = [GpuReading("GPU-abc", 0, "T4", 42, 1 << 30, 16 << 30)]
+    s.allocated[("team", "job", "GPU-abc", "T4")] = 12
+    s.disk[("cloud_disk", "team", "d1")] = 4096
+    s.sample_duration.observe(0.002)
+    s.tick_lateness.observe(0.0004)
+    return s
+
+
+def test_exposition_from_a_snapshot() -> None:
+    reg = CollectorRegistry()
+    reg.register(AgentCollector(sample_stats(), lambda: 7, lambda: 3))
+    text = generate_latest(reg).decode()
+    assert (
+        'gpucloud_gpu_utilization_ratio{gpu_index="0",gpu_uuid="GPU-abc",node="n1",'
+        'product="T4"} 0.42' in text
+    )
+    assert (
+        'gpucloud_gpu_allocated_seconds_total{gpu_uuid="GPU-abc",namespace="team",pod="job",'
+        'product="T4"} 12.0' in text
+    )
+    assert "gpucloud_agent_wal_backlog_records 7.0" in text
+    assert "gpucloud_agent_shipping_errors_total 3.0" in text
+    assert 'gpucloud_agent_sample_duration_seconds_bucket{le="0.0025"} 1.0' in text
+
+
+@pytest.mark.skipif(not Path(PROMTOOL).exists(), reason="promtool not installed")
+def test_promtool_accepts_the_metrics() -> None:
+    reg = CollectorRegistry()
+    reg.register(AgentCollector(sample_stats(), lambda: 0, lambda: 0))
+    out = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=generate_latest(reg), capture_output=True, timeout=30
+    )
+    assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
+    assert out.stdout.strip() == b"" and out.stderr.strip() == b"", "promtool lint findings"
+
+
+@pytest.fixture
+def running_agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    cfg = tmp_path / "nvml.yaml"
+    cfg.write_text(
+        f"node: {NODE}\nlabels:\n  nvidia.com/gpu.product: NVIDIA-L40S\n"
+        "  nvidia.com/gpu.memory: '46068'\ncapacity:\n  nvidia.com/gpu: 2\n"
+    )
+    pods = [FakePod("team", "trainer", "uid-t", (("main", 1),))]
+    sock = str(tmp_path / "kubelet.sock")
+    server = serve(sock, lambda: pods, fake_device_ids(NODE, 2))
+    receiver = Receiver()
+    disk = tmp_path / "disk" / "instances" / "team" / "trainer"
+    disk.mkdir(parents=True)
+    (disk / "data").write_bytes(b"x" * 100_000)
+    agent = AgentProcess(
+        [
+            "--node-name", NODE, "--nvml", "fake", "--fake-config", str(cfg),
+            "--pod-uid-source", "derived", "--pod-resources-socket", sock,
+            "--api-url", receiver.url, "--token-file", str(tmp_path / "none"),
+            "--wal-dir", str(tmp_path / "wal"), "--disk-root", str(tmp_path / "disk"),
+            "--disk-metrics-interval", "0.2",
+            "--metrics-address", "127.0.0.1", "--metrics-port", str(free_port()),
+            "--sample-period", "0.2",
+        ],
+        {},
+        tmp_path / "agent.log",
+    )  # fmt: skip
+    agent.start()
+    try:
+        agent.wait_ready()
+        yield agent
+    finally:
+        agent.stop()
+        receiver.close()
+        server.stop(None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="prometheus not installed")
+def test_prometheus_scrapes_the_running_agent(tmp_path: Path, running_agent: AgentProcess) -> None:
+    # the live endpoint also passes promtool
+    wait_for(lambda: "gpucloud_disk_used_bytes{" in httpx.get(running_agent.url("/metrics")).text,
+             30, "disk gauge")  # fmt: skip
+    live = httpx.get(running_agent.url("/metrics")).content
+    out = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=live, capture_output=True, timeout=30
+    )
+    assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
+
+    port = free_port()
+    (tmp_path / "prom.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n"
+        "  - job_name: agent\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{running_agent.metrics_port}']\n"
+    )
+    prom = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={tmp_path / 'prom.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prom.log", "wb"),  # noqa: SIM115
+    )
+    try:
+
+        def query(q: str) -> list[dict]:  # type: ignore[type-arg]
+            r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": q}, timeout=5)
+            return r.json()["data"]["result"]
+
+        result = wait_for(
+            lambda: query('gpucloud_gpu_allocated_seconds_total{pod="trainer"} > 0'), 90,
+            "Prometheus to have scraped the allocated-seconds counter",
+        )  # fmt: skip
+        assert result[0]["metric"]["namespace"] == "team"
+        assert result[0]["metric"]["product"] == "NVIDIA-L40S"
+        util = wait_for(lambda: query("gpucloud_gpu_utilization_ratio"), 30, "utilisation")
+        assert {u["metric"]["gpu_index"] for u in util} == {"0", "1"}
+        assert all(0 <= float(u["value"][1]) <= 1 for u in util)
+        disk = wait_for(
+            lambda: query('gpucloud_disk_used_bytes{kind="instance_volume"}'), 30, "disk"
+        )
+        assert float(disk[0]["value"][1]) >= 100_000
+        up = json.dumps(query("up"))
+        assert '"1"' in up
+    finally:
+        prom.terminate()
+        prom.wait(30)
