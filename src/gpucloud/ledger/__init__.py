@@ -1,0 +1,94 @@
+"""The ledger: the durable record of money and usage (SQLAlchemy; SQLite or PostgreSQL).
+
+Money is integer minor units (fen for CNY). Every entry is append-only and carries a
+unique idempotency key, so any posting may be replayed safely. Usage records are
+ingested idempotently on their natural key; meters turn usage of a subject (a pod's
+GPUs, a volume) into charge entries, posting the delta of the rounded cumulative total
+in the same transaction that marks the usage rated.
+
+Typical use::
+
+    from gpucloud.ledger import open_ledger, EntryKind
+
+    ledger = open_ledger("sqlite:///var/lib/gpucloud/ledger.db")
+    ledger.ensure_account("alice")
+    ledger.post_entry("alice", EntryKind.RECHARGE, 10_000, "order:42", at=now)
+    ledger.open_meter("pod-uid-1", account="alice", resource="ns/inst-1",
+                      kind="gpu_time", subject="pod-uid-1",
+                      unit_price=Decimal("9.80"), unit="gpu_hour", opened_at=now)
+    ledger.ingest_usage(records, received_at=now)
+    ledger.rate_pending(now)
+    ledger.balance("alice")
+
+Rules the ledger keeps (each is tested on SQLite and PostgreSQL):
+
+- Entries are append-only (database triggers refuse UPDATE/DELETE). An entry's
+  content for idempotency is (account, kind, amount, resource); memo, at and meta of a
+  replay are ignored. Each entry stores ``balance_after``; the account row caches the
+  balance and is updated under its row lock (SELECT ... FOR UPDATE on PostgreSQL,
+  BEGIN IMMEDIATE on SQLite) in the transaction that inserts the entry.
+- Usage: natural key (kind, subject, start); no two records of one subject (GPU or
+  volume) overlap. Meters match usage by (kind, owner): the pod UID for gpu_time, the
+  volume id otherwise. A meter's window is [floor(opened_at), floor(closed_at)) in
+  whole seconds; a record straddling a close is rated up to the close
+  (``rated_until``) and its rest by the successor meter, if one covers it. Seconds no
+  meter covers are never charged and stay listed by ``unrated_usage``.
+- Charges: per meter, the exact cumulative quantity is kept; each rating posts
+  ``next_posting(quantity x price / unit, posted)`` (gpucloud.billing.money), keyed
+  ``meter:{meter_id}:{seq}``, in the transaction that marks the usage rated.
+- Recharges: orders credit with key ``order:{order_id}``, vouchers with
+  ``voucher:{voucher_id}``; every state change and refusal goes to the audit trail.
+"""
+
+from gpucloud.ledger.errors import (
+    IdempotencyConflict,
+    InvalidInput,
+    LedgerError,
+    NotFound,
+    OrderRefused,
+    ReviewRefused,
+)
+from gpucloud.ledger.ledger import Ledger, open_ledger
+from gpucloud.ledger.types import (
+    Account,
+    AuditEvent,
+    Entry,
+    EntryKind,
+    IngestResult,
+    Meter,
+    MeterKind,
+    MeterUnit,
+    Order,
+    OrderStatus,
+    PostResult,
+    UnratedUsage,
+    UsageSummaryRow,
+    Voucher,
+    VoucherStatus,
+)
+
+__all__ = [
+    "Account",
+    "AuditEvent",
+    "Entry",
+    "EntryKind",
+    "IdempotencyConflict",
+    "IngestResult",
+    "InvalidInput",
+    "Ledger",
+    "LedgerError",
+    "Meter",
+    "MeterKind",
+    "MeterUnit",
+    "NotFound",
+    "Order",
+    "OrderRefused",
+    "OrderStatus",
+    "PostResult",
+    "ReviewRefused",
+    "UnratedUsage",
+    "UsageSummaryRow",
+    "Voucher",
+    "VoucherStatus",
+    "open_ledger",
+]

@@ -1,0 +1,1094 @@
+"""The Ledger facade: every public operation is one database transaction (or a few)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Row, and_, case, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from gpucloud.billing.money import minor_exponent, next_posting
+from gpucloud.clock import Clock, SystemClock
+from gpucloud.ledger import db, ingest, rating, schema
+from gpucloud.ledger import validate as v
+from gpucloud.ledger.errors import (
+    IdempotencyConflict,
+    InvalidInput,
+    NotFound,
+    OrderRefused,
+    ReviewRefused,
+)
+from gpucloud.ledger.types import (
+    Account,
+    AuditEvent,
+    Entry,
+    EntryKind,
+    IngestResult,
+    Meter,
+    MeterKind,
+    MeterUnit,
+    Order,
+    OrderStatus,
+    PostResult,
+    UnratedUsage,
+    UsageSummaryRow,
+    Voucher,
+    VoucherStatus,
+)
+from gpucloud.usage import UsageKind, UsageRecord
+
+A, E, U, M, ORD, VO, AU = (
+    schema.accounts,
+    schema.entries,
+    schema.usage,
+    schema.meters,
+    schema.orders,
+    schema.vouchers,
+    schema.audit,
+)
+_RATE_CHUNK = 20_000  # usage rows rated per transaction and meter
+
+
+def open_ledger(url: str, *, clock: Clock | None = None) -> Ledger:
+    """Open (creating or migrating to the newest schema) the ledger at ``url``.
+
+    ``sqlite:///path/to/ledger.db`` is the embedded default (WAL, busy timeout, writers
+    serialised with BEGIN IMMEDIATE); ``postgresql+psycopg://user@host:port/db`` is for
+    production (row locks with SELECT ... FOR UPDATE). Alembic migrations run to head;
+    opening from several processes at once is safe. ``clock`` stamps audit records.
+    """
+    engine = db.make_engine(url)
+    db.migrate(engine)
+    return Ledger(engine, clock)
+
+
+def _entry(row: Row[Any], account: str) -> Entry:
+    return Entry(
+        id=row.id,
+        account=account,
+        kind=EntryKind(row.kind),
+        amount_minor=row.amount_minor,
+        key=row.key,
+        resource=row.resource,
+        memo=row.memo,
+        at=row.at,
+        meta=dict(row.meta or {}),
+        balance_after=row.balance_after,
+    )
+
+
+def _meter(row: Row[Any], account: str) -> Meter:
+    return Meter(
+        meter_id=row.meter_id,
+        account=account,
+        resource=row.resource,
+        kind=MeterKind(row.kind),
+        subject=row.subject,
+        unit_price=Decimal(row.unit_price),
+        unit=MeterUnit(row.unit),
+        opened_at=row.opened_at,
+        closed_at=row.closed_at,
+        memo=row.memo,
+        gpus=row.gpus,
+        quantity_rated=int(row.quantity_rated),
+        posted_minor=row.posted_minor,
+        seq=row.seq,
+    )
+
+
+def _order(row: Row[Any], account: str) -> Order:
+    return Order(
+        order_id=row.order_id,
+        account=account,
+        amount_minor=row.amount_minor,
+        provider=row.provider,
+        status=OrderStatus(row.status),
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        provider_txn=row.provider_txn,
+        paid_at=row.paid_at,
+        entry_id=row.entry_id,
+    )
+
+
+def _voucher(row: Row[Any], account: str) -> Voucher:
+    return Voucher(
+        voucher_id=row.voucher_id,
+        account=account,
+        amount_minor=row.amount_minor,
+        payer=row.payer,
+        bank=row.bank,
+        transfer_no=row.transfer_no,
+        file_sha256=row.file_sha256,
+        status=VoucherStatus(row.status),
+        submitted_at=row.submitted_at,
+        reviewer=row.reviewer,
+        reason=row.reason,
+        reviewed_at=row.reviewed_at,
+        entry_id=row.entry_id,
+    )
+
+
+def _check_sign(kind: EntryKind, amount: int) -> None:
+    ok = {
+        EntryKind.RECHARGE: amount > 0,
+        EntryKind.REFUND: amount > 0,
+        EntryKind.CHARGE: amount < 0,
+        EntryKind.ADJUSTMENT: amount != 0,
+    }[kind]
+    if not ok:
+        rule = {
+            EntryKind.RECHARGE: "> 0",
+            EntryKind.REFUND: "> 0",
+            EntryKind.CHARGE: "< 0",
+            EntryKind.ADJUSTMENT: "!= 0",
+        }[kind]
+        raise InvalidInput(f"amount_minor: a {kind.value} entry must be {rule}, got {amount}")
+
+
+class Ledger:
+    """The durable record of accounts, entries, usage, meters, orders and vouchers.
+
+    Thread-safe and process-safe: share one Ledger between threads, open one per process.
+    """
+
+    def __init__(self, engine: Engine, clock: Clock | None = None) -> None:
+        self.engine = engine
+        self.clock: Clock = clock or SystemClock()
+
+    def close(self) -> None:
+        """Dispose of the connection pool."""
+        self.engine.dispose()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    # -- helpers ----------------------------------------------------------------------
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read-only transaction: one consistent snapshot, and on SQLite a deferred
+        BEGIN so readers do not queue behind writers for the write lock."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**{db.READ_ONLY: True})
+            if self.dialect == "postgresql":  # one snapshot for the whole read
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield conn
+
+    def _account_row(self, conn: Connection, name: str, *, lock: bool = False) -> Row[Any]:
+        query = select(A).where(A.c.name == name)
+        if lock:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            raise NotFound(f"account {name!r} does not exist")
+        return row
+
+    def _names(self, conn: Connection, ids: set[int]) -> dict[int, str]:
+        if not ids:
+            return {}
+        rows = conn.execute(select(A.c.id, A.c.name).where(A.c.id.in_(ids))).all()
+        return {i: n for i, n in rows}
+
+    def _audit(
+        self,
+        conn: Connection,
+        account_id: int | None,
+        actor: str,
+        action: str,
+        subject: str,
+        detail: dict[str, Any],
+        at: datetime | None = None,
+    ) -> None:
+        conn.execute(
+            insert(AU).values(
+                account_id=account_id,
+                at=at or self.clock.now(),
+                actor=actor,
+                action=action,
+                subject=subject,
+                detail=detail,
+            )
+        )
+
+    def _post(
+        self,
+        conn: Connection,
+        acct: Row[Any],
+        kind: EntryKind,
+        amount: int,
+        key: str,
+        resource: str | None,
+        memo: str,
+        at: datetime,
+        meta: dict[str, Any],
+    ) -> tuple[Entry, bool, int]:
+        """Insert one entry under the account's row lock (already held); returns the
+        entry, whether it was created, and the account's new balance."""
+        existing = conn.execute(select(E).where(E.c.key == key)).first()
+        if existing is not None:
+            self._same_entry(conn, existing, acct.id, kind, amount, resource, key)
+            return _entry(existing, acct.name), False, acct.balance_minor
+        new_balance = acct.balance_minor + amount
+        entry_id = conn.execute(
+            insert(E)
+            .values(
+                account_id=acct.id,
+                kind=kind.value,
+                amount_minor=amount,
+                key=key,
+                resource=resource,
+                memo=memo,
+                at=at,
+                meta=meta,
+                balance_after=new_balance,
+                recorded_at=self.clock.now(),
+            )
+            .returning(E.c.id)
+        ).scalar_one()
+        conn.execute(update(A).where(A.c.id == acct.id).values(balance_minor=new_balance))
+        entry = Entry(entry_id, acct.name, kind, amount, key, resource, memo, at, meta, new_balance)
+        return entry, True, new_balance
+
+    def _same_entry(
+        self,
+        conn: Connection,
+        row: Row[Any],
+        account_id: int,
+        kind: EntryKind,
+        amount: int,
+        resource: str | None,
+        key: str,
+    ) -> None:
+        diffs = []
+        if row.account_id != account_id:
+            diffs.append("account")
+        if row.kind != kind.value:
+            diffs.append(f"kind {row.kind} != {kind.value}")
+        if row.amount_minor != amount:
+            diffs.append(f"amount_minor {row.amount_minor} != {amount}")
+        if row.resource != resource:
+            diffs.append(f"resource {row.resource!r} != {resource!r}")
+        if diffs:
+            raise IdempotencyConflict(key, "; ".join(diffs))
+
+    # -- accounts -------------------------------------------------------------------
+    def ensure_account(self, name: str, currency: str = "CNY") -> Account:
+        """Create the account if missing (idempotent); a different currency for an
+        existing account raises InvalidInput."""
+        v.text(name, "name")
+        v.text(currency, "currency", max_len=8)
+        try:
+            minor_exponent(currency)
+        except ValueError as exc:
+            raise InvalidInput(f"currency: {exc}") from None
+        row = None
+        for _ in range(3):
+            try:
+                with self.engine.begin() as conn:
+                    row = conn.execute(select(A).where(A.c.name == name)).first()
+                    if row is None:
+                        conn.execute(
+                            insert(A).values(
+                                name=name,
+                                currency=currency,
+                                balance_minor=0,
+                                created_at=self.clock.now(),
+                            )
+                        )
+                        row = self._account_row(conn, name)
+                break
+            except IntegrityError:  # created concurrently: read it on the next turn
+                continue
+        if row is None:
+            with self._read() as conn:
+                row = self._account_row(conn, name)
+        if row.currency != currency:
+            raise InvalidInput(
+                f"currency: account {name!r} already exists in {row.currency}, not {currency}"
+            )
+        return Account(row.name, row.currency, row.balance_minor, row.created_at)
+
+    def get_account(self, name: str) -> Account:
+        """The account, or NotFound."""
+        with self._read() as conn:
+            row = self._account_row(conn, name)
+        return Account(row.name, row.currency, row.balance_minor, row.created_at)
+
+    def accounts(self) -> list[Account]:
+        """All accounts, by name."""
+        with self._read() as conn:
+            rows = conn.execute(select(A).order_by(A.c.name)).all()
+        return [Account(r.name, r.currency, r.balance_minor, r.created_at) for r in rows]
+
+    # -- entries --------------------------------------------------------------------
+    def post_entry(
+        self,
+        account: str,
+        kind: EntryKind | str,
+        amount_minor: int,
+        key: str,
+        *,
+        resource: str | None = None,
+        memo: str = "",
+        at: datetime,
+        meta: dict[str, Any] | None = None,
+    ) -> PostResult:
+        """Append one entry. Signs: recharge/refund > 0, charge < 0, adjustment != 0.
+
+        ``key`` is the idempotency key: re-posting it with the same account, kind,
+        amount and resource returns the stored entry with ``created=False``; with other
+        content it raises IdempotencyConflict naming the key. (``memo``, ``at`` and
+        ``meta`` of a replay are ignored: a retried call may carry a later timestamp.)
+        Manual entries (not meter charges) are also written to the audit trail, with
+        ``meta["actor"]`` as the actor when given.
+        """
+        kind = v.choice(kind, EntryKind, "kind")
+        amount = v.integer(amount_minor, "amount_minor")
+        _check_sign(kind, amount)
+        v.text(key, "key", max_len=255)
+        if resource is not None:
+            v.text(resource, "resource")
+        v.text(memo, "memo", max_len=4000, empty=True)
+        v.instant(at, "at")
+        meta = dict(meta or {})
+        try:
+            with self.engine.begin() as conn:
+                acct = self._account_row(conn, account, lock=True)
+                entry, created, _ = self._post(
+                    conn, acct, kind, amount, key, resource, memo, at, meta
+                )
+                if created:
+                    actor = str(meta.get("actor", "system"))
+                    detail = {"kind": kind.value, "amount_minor": amount, "memo": memo}
+                    self._audit(conn, acct.id, actor, "entry.posted", key, detail, at)
+        except IntegrityError:
+            # The same key was inserted concurrently (for another account, whose row lock
+            # we did not hold): it exists now, so this is a replay or a conflict.
+            with self.engine.begin() as conn:
+                acct = self._account_row(conn, account)
+                row = conn.execute(select(E).where(E.c.key == key)).first()
+                if row is None:
+                    raise
+                self._same_entry(conn, row, acct.id, kind, amount, resource, key)
+                return PostResult(_entry(row, account), False)
+        return PostResult(entry, created)
+
+    def balance(self, account: str) -> int:
+        """The account balance in minor units: exactly the sum of its entries."""
+        with self._read() as conn:
+            return int(self._account_row(conn, account).balance_minor)
+
+    def entries_sum(self, account: str) -> int:
+        """The sum of the account's entries computed from the entries themselves (for
+        audits and tests of the cached balance)."""
+        with self._read() as conn:
+            acct = self._account_row(conn, account)
+            total = conn.execute(
+                select(func.coalesce(func.sum(E.c.amount_minor), 0)).where(
+                    E.c.account_id == acct.id
+                )
+            ).scalar_one()
+        return int(total)
+
+    def entries(
+        self,
+        account: str,
+        *,
+        resource: str | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+    ) -> list[Entry]:
+        """Entries oldest first (page with ``after_id`` = the last id seen), each with
+        ``balance_after``, the account's running balance right after that entry."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise InvalidInput(f"limit: must be an int in 1..10000, got {limit!r}")
+        with self._read() as conn:
+            acct = self._account_row(conn, account)
+            query = select(E).where(E.c.account_id == acct.id)
+            if resource is not None:
+                query = query.where(E.c.resource == resource)
+            if after_id is not None:
+                query = query.where(E.c.id > after_id)
+            rows = conn.execute(query.order_by(E.c.id).limit(limit)).all()
+        return [_entry(r, account) for r in rows]
+
+    def get_entry(self, key: str) -> Entry:
+        """The entry with this idempotency key, or NotFound."""
+        with self._read() as conn:
+            row = conn.execute(select(E).where(E.c.key == key)).first()
+            if row is None:
+                raise NotFound(f"no entry with key {key!r}")
+            name = self._names(conn, {row.account_id})[row.account_id]
+        return _entry(row, name)
+
+    # -- usage ----------------------------------------------------------------------
+    def ingest_usage(
+        self, records: Sequence[UsageRecord], *, received_at: datetime
+    ) -> IngestResult:
+        """Store a batch of usage records in one transaction.
+
+        Idempotent on ``record.natural_key``: same key and content is a duplicate (no-op),
+        same key with other content is rejected. A record that overlaps another record
+        of the same subject (a GPU, or a volume) with a different start is rejected, so no
+        GPU-second is counted twice. Rejections are reported as (index, reason); the
+        rest of the batch is accepted.
+        """
+        v.instant(received_at, "received_at")
+        if not records:
+            return IngestResult(0, 0, [])
+        with self.engine.begin() as conn:
+            return ingest.ingest(conn, records, received_at)
+
+    def unrated_usage(self, *, limit: int = 1000) -> list[UnratedUsage]:
+        """Usage no meter has rated: no meter for its subject, or outside every
+        meter's open interval. Never charged to anyone; listed for operators."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(U).where(U.c.rated_until < U.c.end_s).order_by(U.c.id).limit(limit)
+            ).all()
+        return [
+            UnratedUsage(
+                r.id,
+                r.kind,
+                r.subject,
+                r.owner,
+                r.start_s,
+                r.end_s,
+                r.rated_until,
+                r.quantity,
+                r.node,
+                r.namespace,
+                r.received_at,
+            )
+            for r in rows
+        ]
+
+    def usage_summary(
+        self,
+        account: str | None = None,
+        namespace: str | None = None,
+        kind: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageSummaryRow]:
+        """GPU-seconds and byte-seconds per (resource, kind), of usage whose start is in
+        [since, until). ``account`` restricts to usage rated by that account's meters;
+        without it, unrated usage appears with resource None."""
+        gpu = U.c.kind == UsageKind.GPU_TIME.value
+        query = (
+            select(
+                M.c.resource,
+                U.c.kind,
+                func.sum(U.c.measure).filter(gpu),
+                func.sum(U.c.measure).filter(~gpu),
+                func.count(),
+            )
+            .select_from(U.outerjoin(M, M.c.meter_id == U.c.meter_id))
+            .group_by(M.c.resource, U.c.kind)
+            .order_by(M.c.resource, U.c.kind)
+        )
+        with self._read() as conn:
+            if account is not None:
+                query = query.where(M.c.account_id == self._account_row(conn, account).id)
+            if namespace is not None:
+                query = query.where(U.c.namespace == namespace)
+            if kind is not None:
+                query = query.where(U.c.kind == v.choice(kind, UsageKind, "kind").value)
+            if since is not None:
+                query = query.where(U.c.start_s >= v.instant(since, "since").timestamp())
+            if until is not None:
+                query = query.where(U.c.start_s < v.instant(until, "until").timestamp())
+            rows = conn.execute(query).all()
+        return [
+            UsageSummaryRow(res, k, int(g or 0), int(b or 0), int(n)) for res, k, g, b, n in rows
+        ]
+
+    def charges_by_resource(self, account: str) -> dict[str | None, int]:
+        """Net amount charged per resource, positive minor units (charges only)."""
+        with self._read() as conn:
+            acct = self._account_row(conn, account)
+            rows = conn.execute(
+                select(E.c.resource, func.sum(E.c.amount_minor))
+                .where(E.c.account_id == acct.id, E.c.kind == EntryKind.CHARGE.value)
+                .group_by(E.c.resource)
+            ).all()
+        return {res: -int(total) for res, total in rows}
+
+    # -- meters ---------------------------------------------------------------------
+    def open_meter(
+        self,
+        meter_id: str,
+        *,
+        account: str,
+        resource: str,
+        kind: MeterKind | str,
+        subject: str,
+        unit_price: Decimal,
+        unit: MeterUnit | str,
+        opened_at: datetime,
+        memo: str = "",
+        gpus: int = 1,
+    ) -> Meter:
+        """Start rating usage of ``subject`` (a pod UID for gpu_time, else a volume id)
+        against ``account`` at ``unit_price`` per GPU-hour or per GiB-hour.
+
+        Idempotent: the same meter_id with the same terms returns the meter (other terms
+        raise IdempotencyConflict). ``gpus`` (GPUs the pod holds) is used only for
+        accrual estimates. One open meter per (kind, subject) at a time.
+        """
+        v.text(meter_id, "meter_id")
+        v.text(resource, "resource")
+        v.text(subject, "subject")
+        kind = v.choice(kind, MeterKind, "kind")
+        unit = v.choice(unit, MeterUnit, "unit")
+        if rating.UNIT_FOR_KIND[kind] is not unit:
+            raise InvalidInput(
+                f"unit: a {kind.value} meter is priced per {rating.UNIT_FOR_KIND[kind].value}, "
+                f"not {unit.value}"
+            )
+        price = v.price(unit_price, "unit_price")
+        v.instant(opened_at, "opened_at")
+        v.text(memo, "memo", max_len=4000, empty=True)
+        v.positive(gpus, "gpus")
+        with self.engine.begin() as conn:
+            acct = self._account_row(conn, account, lock=True)
+            row = conn.execute(select(M).where(M.c.meter_id == meter_id)).first()
+            if row is not None:
+                same = (
+                    row.account_id == acct.id
+                    and row.resource == resource
+                    and row.kind == kind.value
+                    and row.subject == subject
+                    and Decimal(row.unit_price) == price
+                    and row.unit == unit.value
+                    and row.opened_at == opened_at
+                )
+                if not same:
+                    raise IdempotencyConflict(f"meter:{meter_id}", "meter opened with other terms")
+                return _meter(row, account)
+            clash = conn.execute(
+                select(M.c.meter_id).where(
+                    M.c.kind == kind.value, M.c.subject == subject, M.c.closed_at.is_(None)
+                )
+            ).first()
+            if clash is not None:
+                raise InvalidInput(
+                    f"subject: {kind.value} {subject!r} already has open meter {clash[0]!r}; "
+                    "close it first"
+                )
+            conn.execute(
+                insert(M).values(
+                    meter_id=meter_id,
+                    account_id=acct.id,
+                    resource=resource,
+                    kind=kind.value,
+                    subject=subject,
+                    unit_price=str(price),
+                    unit=unit.value,
+                    opened_at=opened_at,
+                    closed_at=None,
+                    memo=memo,
+                    gpus=gpus,
+                    quantity_rated="0",
+                    posted_minor=0,
+                    seq=0,
+                    last_usage_end=None,
+                )
+            )
+            row = conn.execute(select(M).where(M.c.meter_id == meter_id)).one()
+        return _meter(row, account)
+
+    def close_meter(self, meter_id: str, at: datetime) -> Meter:
+        """Stop the meter at ``at``: usage after it is not rated by this meter.
+        Idempotent (closing again keeps the first close time)."""
+        v.instant(at, "at")
+        with self.engine.begin() as conn:
+            row = self._meter_row(conn, meter_id, lock=True)
+            if row.closed_at is None:
+                if at < row.opened_at:
+                    raise InvalidInput(f"at: {at} is before the meter opened ({row.opened_at})")
+                conn.execute(update(M).where(M.c.meter_id == meter_id).values(closed_at=at))
+                row = self._meter_row(conn, meter_id)
+            name = self._names(conn, {row.account_id})[row.account_id]
+        return _meter(row, name)
+
+    def _meter_row(self, conn: Connection, meter_id: str, *, lock: bool = False) -> Row[Any]:
+        query = select(M).where(M.c.meter_id == meter_id)
+        if lock:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            raise NotFound(f"meter {meter_id!r} does not exist")
+        return row
+
+    def get_meter(self, meter_id: str) -> Meter:
+        with self._read() as conn:
+            row = self._meter_row(conn, meter_id)
+            name = self._names(conn, {row.account_id})[row.account_id]
+        return _meter(row, name)
+
+    def meters(self, account: str | None = None, *, open_only: bool = False) -> list[Meter]:
+        with self._read() as conn:
+            query = select(M).order_by(M.c.opened_at, M.c.meter_id)
+            if account is not None:
+                query = query.where(M.c.account_id == self._account_row(conn, account).id)
+            if open_only:
+                query = query.where(M.c.closed_at.is_(None))
+            rows = conn.execute(query).all()
+            names = self._names(conn, {r.account_id for r in rows})
+        return [_meter(r, names[r.account_id]) for r in rows]
+
+    def _usage_for_meter(self, row: Row[Any], now_s: int) -> Any:
+        """The unrated usage a meter may rate: same kind and owner, overlapping its window,
+        ended by ``now``."""
+        opened = schema.to_us(row.opened_at) // 1_000_000
+        cond = [
+            U.c.rated_until < U.c.end_s,
+            U.c.kind == row.kind,
+            U.c.owner == row.subject,
+            U.c.end_s > opened,
+            U.c.end_s <= now_s,
+        ]
+        if row.closed_at is not None:
+            cond.append(U.c.rated_until < schema.to_us(row.closed_at) // 1_000_000)
+        return and_(*cond)
+
+    def rate_pending(self, now: datetime) -> int:
+        """Rate unrated usage (ending at or before ``now``) that falls in a meter's open
+        interval (clipped to it); post per meter the delta of the rounded cumulative
+        charge (key ``meter:{meter_id}:{seq}``) in the same transaction that marks the
+        usage rated. Returns the number of usage records rated."""
+        v.instant(now, "now")
+        now_s = schema.to_us(now) // 1_000_000
+        with self._read() as conn:
+            pending = (
+                select(U.c.id)
+                .where(
+                    U.c.rated_until < U.c.end_s,
+                    U.c.kind == M.c.kind,
+                    U.c.owner == M.c.subject,
+                    U.c.end_s <= now_s,
+                )
+                .exists()
+            )
+            meter_ids = (
+                conn.execute(select(M.c.meter_id).where(pending).order_by(M.c.opened_at))
+                .scalars()
+                .all()
+            )
+        rated = 0
+        for meter_id in meter_ids:
+            while True:
+                n = self._rate_meter(meter_id, now, now_s)
+                rated += n
+                if n < _RATE_CHUNK:
+                    break
+        return rated
+
+    def _rate_meter(self, meter_id: str, now: datetime, now_s: int) -> int:
+        with self.engine.begin() as conn:
+            row = self._meter_row(conn, meter_id, lock=True)
+            usage_rows = conn.execute(
+                select(U.c.id, U.c.kind, U.c.rated_until, U.c.end_s, U.c.quantity)
+                .where(self._usage_for_meter(row, now_s))
+                .order_by(U.c.id)
+                .limit(_RATE_CHUNK)
+            ).all()
+            if not usage_rows:
+                return 0
+            acct = conn.execute(select(A).where(A.c.id == row.account_id).with_for_update()).one()
+            meter = _meter(row, acct.name)
+            window = rating.meter_window(meter)
+            added = rating.sum_clipped(((k, s, e, q) for _, k, s, e, q in usage_rows), window)
+            cumulative = meter.quantity_rated + added
+            delta = next_posting(
+                rating.exact_cost(cumulative, meter), meter.posted_minor, acct.currency
+            )
+            seq = meter.seq
+            if delta:
+                seq += 1
+                self._post(
+                    conn,
+                    acct,
+                    EntryKind.CHARGE,
+                    -delta,
+                    f"meter:{meter_id}:{seq}",
+                    meter.resource,
+                    f"{meter.kind.value} {meter.subject}",
+                    now,
+                    {"meter_id": meter_id, "seq": seq, "quantity": str(cumulative)},
+                )
+            last_end = max(e for _, _, _, e, _ in usage_rows)
+            if window[1] is not None:
+                last_end = min(last_end, window[1])
+            conn.execute(
+                update(M)
+                .where(M.c.meter_id == meter_id)
+                .values(
+                    quantity_rated=str(cumulative),
+                    posted_minor=meter.posted_minor + delta,
+                    seq=seq,
+                    last_usage_end=max(row.last_usage_end or 0, last_end),
+                )
+            )
+            # Rated up to the end, or to the close of the meter: a successor meter rates
+            # the rest of a record that straddles the close.
+            closed_s = window[1]
+            rated_until = (
+                U.c.end_s
+                if closed_s is None
+                else case((U.c.end_s < closed_s, U.c.end_s), else_=closed_s)
+            )
+            ids = [r.id for r in usage_rows]
+            for i in range(0, len(ids), 5000):
+                conn.execute(
+                    update(U)
+                    .where(U.c.id.in_(ids[i : i + 5000]))
+                    .values(meter_id=meter_id, rated_at=now, rated_until=rated_until)
+                )
+        return len(usage_rows)
+
+    def accrued_unsettled(self, account: str, now: datetime) -> int:
+        """Estimated cost not yet posted, minor units >= 0: for each open gpu_time meter,
+        ingested-but-unrated usage plus ``gpus`` x the time from the end of its last
+        usage (or opened_at) to ``now``, rounded once per meter."""
+        v.instant(now, "now")
+        now_s = schema.to_us(now) // 1_000_000
+        total = 0
+        with self._read() as conn:
+            acct = self._account_row(conn, account)
+            rows = conn.execute(
+                select(M).where(
+                    M.c.account_id == acct.id,
+                    M.c.kind == MeterKind.GPU_TIME.value,
+                    M.c.closed_at.is_(None),
+                )
+            ).all()
+            for row in rows:
+                meter = _meter(row, account)
+                window = rating.meter_window(meter)
+                unrated = conn.execute(
+                    select(U.c.kind, U.c.rated_until, U.c.end_s, U.c.quantity).where(
+                        self._usage_for_meter(row, 2**62)
+                    )
+                ).all()
+                quantity = meter.quantity_rated + rating.sum_clipped(unrated, window)
+                ends = [e for _, _, e, _ in unrated]
+                last = max([window[0], row.last_usage_end or window[0], *ends])
+                quantity += meter.gpus * max(0, now_s - last)
+                estimate = rating.rounded_cost(quantity, meter, acct.currency)
+                total += max(0, estimate - meter.posted_minor)
+        return total
+
+    def available_balance(self, account: str, now: datetime) -> int:
+        """balance - accrued_unsettled: what the one-hour start rule checks."""
+        return self.balance(account) - self.accrued_unsettled(account, now)
+
+    # -- recharge: online orders ------------------------------------------------------
+    def create_order(
+        self,
+        account: str,
+        amount_minor: int,
+        provider: str,
+        expires_at: datetime,
+        order_id: str | None = None,
+    ) -> Order:
+        """A pending online payment order (idempotent on ``order_id`` if given: the same
+        order again returns it, other content raises IdempotencyConflict)."""
+        amount = v.positive(amount_minor, "amount_minor")
+        v.text(provider, "provider", max_len=64)
+        v.instant(expires_at, "expires_at")
+        order_id = order_id if order_id is not None else uuid.uuid4().hex
+        v.text(order_id, "order_id", max_len=64)
+        now = self.clock.now()
+        with self.engine.begin() as conn:
+            acct = self._account_row(conn, account, lock=True)
+            row = conn.execute(select(ORD).where(ORD.c.order_id == order_id)).first()
+            if row is not None:
+                if (row.account_id, row.amount_minor, row.provider) != (acct.id, amount, provider):
+                    raise IdempotencyConflict(f"order:{order_id}", "order exists with other terms")
+                return _order(row, account)
+            conn.execute(
+                insert(ORD).values(
+                    order_id=order_id,
+                    account_id=acct.id,
+                    amount_minor=amount,
+                    provider=provider,
+                    status=OrderStatus.PENDING.value,
+                    created_at=now,
+                    expires_at=expires_at,
+                )
+            )
+            detail = {"amount_minor": amount, "provider": provider}
+            self._audit(conn, acct.id, f"user:{account}", "order.created", order_id, detail, now)
+            row = conn.execute(select(ORD).where(ORD.c.order_id == order_id)).one()
+        return _order(row, account)
+
+    def get_order(self, order_id: str) -> Order:
+        with self._read() as conn:
+            row = self._order_row(conn, order_id)
+            name = self._names(conn, {row.account_id})[row.account_id]
+        return _order(row, name)
+
+    def _order_row(self, conn: Connection, order_id: str, *, lock: bool = False) -> Row[Any]:
+        query = select(ORD).where(ORD.c.order_id == order_id)
+        if lock:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            raise NotFound(f"order {order_id!r} does not exist")
+        return row
+
+    def settle_order(
+        self, order_id: str, provider_txn: str, amount_minor: int, at: datetime
+    ) -> Order:
+        """Credit a paid order exactly once (key ``order:{order_id}``). A replay with the
+        same provider_txn and amount returns the paid order; OrderRefused for an expired
+        order (``at`` after expires_at, or expired by expire_orders), an amount mismatch,
+        a different provider_txn for an already paid order, or a provider_txn already
+        used for another order. Refusals are written to the audit trail too."""
+        v.text(provider_txn, "provider_txn", max_len=128)
+        amount = v.integer(amount_minor, "amount_minor")
+        v.instant(at, "at")
+        refusal: OrderRefused | None = None
+        with self.engine.begin() as conn:
+            row = self._order_row(conn, order_id, lock=True)
+            acct = conn.execute(select(A).where(A.c.id == row.account_id).with_for_update()).one()
+            actor = f"provider:{row.provider}"
+            if row.status == OrderStatus.PAID.value:
+                if row.provider_txn == provider_txn and row.amount_minor == amount:
+                    return _order(row, acct.name)
+                refusal = OrderRefused(
+                    order_id,
+                    "already_settled",
+                    f"paid by transaction {row.provider_txn!r}, not {provider_txn!r}"
+                    if row.provider_txn != provider_txn
+                    else f"paid {row.amount_minor}, not {amount}",
+                )
+            elif row.status == OrderStatus.EXPIRED.value or at > row.expires_at:
+                refusal = OrderRefused(
+                    order_id,
+                    "expired",
+                    f"expired at {row.expires_at.isoformat()}, paid at "
+                    f"{at.isoformat()}; refund the payment through the provider",
+                )
+            elif amount != row.amount_minor:
+                refusal = OrderRefused(
+                    order_id, "amount_mismatch", f"order is for {row.amount_minor}, paid {amount}"
+                )
+            else:
+                reused = conn.execute(
+                    select(ORD.c.order_id).where(
+                        ORD.c.provider == row.provider, ORD.c.provider_txn == provider_txn
+                    )
+                ).first()
+                if reused is not None:
+                    refusal = OrderRefused(
+                        order_id,
+                        "txn_reused",
+                        f"transaction {provider_txn!r} already settled order {reused[0]!r}",
+                    )
+            if refusal is not None:
+                detail = {"reason": refusal.reason, "provider_txn": provider_txn, "amount": amount}
+                self._audit(conn, acct.id, actor, "order.refused", order_id, detail, at)
+            else:
+                entry, _, _ = self._post(
+                    conn,
+                    acct,
+                    EntryKind.RECHARGE,
+                    amount,
+                    f"order:{order_id}",
+                    None,
+                    f"online recharge via {row.provider}",
+                    at,
+                    {"order_id": order_id, "provider_txn": provider_txn},
+                )
+                conn.execute(
+                    update(ORD)
+                    .where(ORD.c.order_id == order_id)
+                    .values(
+                        status=OrderStatus.PAID.value,
+                        provider_txn=provider_txn,
+                        paid_at=at,
+                        entry_id=entry.id,
+                    )
+                )
+                detail = {"provider_txn": provider_txn, "amount_minor": amount}
+                self._audit(conn, acct.id, actor, "order.paid", order_id, detail, at)
+                row = self._order_row(conn, order_id)
+        if refusal is not None:
+            raise refusal  # after the commit, so the refusal stays in the audit trail
+        return _order(row, acct.name)
+
+    def expire_orders(self, now: datetime) -> list[str]:
+        """Mark pending orders whose expires_at <= now expired; returns their ids."""
+        v.instant(now, "now")
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(ORD.c.order_id, ORD.c.account_id)
+                .where(ORD.c.status == OrderStatus.PENDING.value, ORD.c.expires_at <= now)
+                .with_for_update()
+            ).all()
+            for order_id, account_id in rows:
+                conn.execute(
+                    update(ORD)
+                    .where(ORD.c.order_id == order_id, ORD.c.status == OrderStatus.PENDING.value)
+                    .values(status=OrderStatus.EXPIRED.value)
+                )
+                self._audit(conn, account_id, "system", "order.expired", order_id, {}, now)
+        return [r.order_id for r in rows]
+
+    # -- recharge: bank-transfer vouchers ---------------------------------------------
+    def submit_voucher(
+        self,
+        account: str,
+        amount_minor: int,
+        payer: str,
+        bank: str,
+        transfer_no: str,
+        file_sha256: str | None,
+        at: datetime,
+    ) -> Voucher:
+        """A bank-transfer voucher pending review. (bank, transfer_no) is unique: the
+        same submission again returns the voucher; other content raises
+        IdempotencyConflict."""
+        amount = v.positive(amount_minor, "amount_minor")
+        v.text(payer, "payer")
+        v.text(bank, "bank")
+        v.text(transfer_no, "transfer_no", max_len=128)
+        v.sha256_hex(file_sha256, "file_sha256")
+        v.instant(at, "at")
+        with self.engine.begin() as conn:
+            acct = self._account_row(conn, account, lock=True)
+            row = conn.execute(
+                select(VO).where(VO.c.bank == bank, VO.c.transfer_no == transfer_no)
+            ).first()
+            if row is not None:
+                if (row.account_id, row.amount_minor, row.payer) != (acct.id, amount, payer):
+                    raise IdempotencyConflict(
+                        f"voucher:{bank}:{transfer_no}",
+                        f"transfer {transfer_no!r} at {bank!r} was already submitted as voucher "
+                        f"{row.voucher_id!r} with other details",
+                    )
+                return _voucher(row, account)
+            voucher_id = uuid.uuid4().hex
+            conn.execute(
+                insert(VO).values(
+                    voucher_id=voucher_id,
+                    account_id=acct.id,
+                    amount_minor=amount,
+                    payer=payer,
+                    bank=bank,
+                    transfer_no=transfer_no,
+                    file_sha256=file_sha256,
+                    status=VoucherStatus.PENDING.value,
+                    submitted_at=at,
+                )
+            )
+            detail = {"amount_minor": amount, "bank": bank, "transfer_no": transfer_no}
+            self._audit(
+                conn, acct.id, f"user:{account}", "voucher.submitted", voucher_id, detail, at
+            )
+            row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).one()
+        return _voucher(row, account)
+
+    def get_voucher(self, voucher_id: str) -> Voucher:
+        with self._read() as conn:
+            row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).first()
+            if row is None:
+                raise NotFound(f"voucher {voucher_id!r} does not exist")
+            name = self._names(conn, {row.account_id})[row.account_id]
+        return _voucher(row, name)
+
+    def vouchers(self, *, status: str | None = None, account: str | None = None) -> list[Voucher]:
+        with self._read() as conn:
+            query = select(VO).order_by(VO.c.submitted_at, VO.c.voucher_id)
+            if status is not None:
+                query = query.where(VO.c.status == v.choice(status, VoucherStatus, "status").value)
+            if account is not None:
+                query = query.where(VO.c.account_id == self._account_row(conn, account).id)
+            rows = conn.execute(query).all()
+            names = self._names(conn, {r.account_id for r in rows})
+        return [_voucher(r, names[r.account_id]) for r in rows]
+
+    def review_voucher(
+        self, voucher_id: str, approve: bool, reviewer: str, reason: str, at: datetime
+    ) -> Voucher:
+        """Approve (credits exactly once, key ``voucher:{voucher_id}``) or reject (needs
+        a non-empty reason). A second review raises ReviewRefused."""
+        if not isinstance(approve, bool):
+            raise InvalidInput(f"approve: must be a bool, got {type(approve).__name__}")
+        v.text(reviewer, "reviewer")
+        v.text(reason, "reason", max_len=4000, empty=approve)
+        v.instant(at, "at")
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(VO).where(VO.c.voucher_id == voucher_id).with_for_update()
+            ).first()
+            if row is None:
+                raise NotFound(f"voucher {voucher_id!r} does not exist")
+            if row.status != VoucherStatus.PENDING.value:
+                raise ReviewRefused(
+                    voucher_id,
+                    "already_reviewed",
+                    f"{row.status} by {row.reviewer} at {row.reviewed_at.isoformat()}",
+                )
+            acct = conn.execute(select(A).where(A.c.id == row.account_id).with_for_update()).one()
+            entry_id = None
+            if approve:
+                entry, _, _ = self._post(
+                    conn,
+                    acct,
+                    EntryKind.RECHARGE,
+                    row.amount_minor,
+                    f"voucher:{voucher_id}",
+                    None,
+                    f"bank transfer {row.transfer_no} from {row.payer}",
+                    at,
+                    {"voucher_id": voucher_id, "reviewer": reviewer},
+                )
+                entry_id = entry.id
+            status = VoucherStatus.APPROVED if approve else VoucherStatus.REJECTED
+            conn.execute(
+                update(VO)
+                .where(VO.c.voucher_id == voucher_id)
+                .values(
+                    status=status.value,
+                    reviewer=reviewer,
+                    reason=reason,
+                    reviewed_at=at,
+                    entry_id=entry_id,
+                )
+            )
+            detail = {"reason": reason, "amount_minor": row.amount_minor}
+            self._audit(conn, acct.id, reviewer, f"voucher.{status.value}", voucher_id, detail, at)
+            row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).one()
+        return _voucher(row, acct.name)
+
+    def audit_events(self, account: str | None = None, *, limit: int = 1000) -> list[AuditEvent]:
+        """Who did what when (orders, vouchers, manual entries), oldest first."""
+        with self._read() as conn:
+            query = select(AU).order_by(AU.c.id).limit(limit)
+            if account is not None:
+                query = query.where(AU.c.account_id == self._account_row(conn, account).id)
+            rows = conn.execute(query).all()
+            names = self._names(conn, {r.account_id for r in rows if r.account_id is not None})
+        return [
+            AuditEvent(
+                r.id,
+                names.get(r.account_id) if r.account_id is not None else None,
+                r.at,
+                r.actor,
+                r.action,
+                r.subject,
+                dict(r.detail or {}),
+            )
+            for r in rows
+        ]

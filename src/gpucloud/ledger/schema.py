@@ -1,0 +1,197 @@
+"""Table definitions (SQLAlchemy Core). The migrations in ``migrations/versions`` create
+exactly these; a test compares the two so they cannot drift apart.
+
+Instants are stored as integer microseconds since the epoch (``Instant``) so SQLite and
+PostgreSQL round-trip timezone-aware UTC datetimes identically; usage intervals are
+integer POSIX seconds, as on the wire.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.types import TypeDecorator
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid alias), not BIGINT.
+ID = BigInteger().with_variant(Integer(), "sqlite")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_us(when: datetime) -> int:
+    """Exact integer microseconds since the epoch of an aware datetime."""
+    delta = when - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(us: int) -> datetime:
+    return datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
+
+
+class Instant(TypeDecorator[datetime]):
+    """An aware UTC datetime stored as BIGINT microseconds."""
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> int | None:
+        return None if value is None else to_us(value)
+
+    def process_result_value(self, value: int | None, dialect: Any) -> datetime | None:
+        return None if value is None else from_us(int(value))
+
+
+metadata = MetaData()
+
+accounts = Table(
+    "ledger_accounts",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("name", String(253), nullable=False, unique=True),
+    Column("currency", String(8), nullable=False),
+    # Cached sum of the account's entries, only ever updated under the account's row
+    # lock in the transaction that inserts the entry (tests prove it equals the sum).
+    Column("balance_minor", BigInteger, nullable=False),
+    Column("created_at", Instant, nullable=False),
+)
+
+entries = Table(
+    "ledger_entries",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("account_id", ID, ForeignKey("ledger_accounts.id"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("key", String(255), nullable=False, unique=True),
+    Column("resource", String(253)),
+    Column("memo", Text, nullable=False),
+    Column("at", Instant, nullable=False),
+    Column("meta", JSON, nullable=False),
+    Column("balance_after", BigInteger, nullable=False),
+    Column("recorded_at", Instant, nullable=False),
+    Index("ix_ledger_entries_account", "account_id", "id"),
+    Index("ix_ledger_entries_account_resource", "account_id", "resource", "id"),
+)
+
+usage = Table(
+    "ledger_usage",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("kind", String(24), nullable=False),
+    Column("subject", String(253), nullable=False),  # GPU UUID or volume id
+    Column("start_s", BigInteger, nullable=False),
+    Column("end_s", BigInteger, nullable=False),
+    Column("quantity", BigInteger, nullable=False),
+    Column("measure", BigInteger, nullable=False),  # GPU-seconds or byte-seconds
+    Column("owner", String(253), nullable=False),  # pod UID (gpu_time) or volume id
+    Column("node", String(253), nullable=False),
+    Column("namespace", String(253)),
+    Column("pod_name", String(253)),
+    Column("gpu_product", String(253)),
+    Column("digest", String(64), nullable=False),  # of the whole record: same key, same content?
+    Column("received_at", Instant, nullable=False),
+    # Rated up to this second (starts at start_s): a record straddling the close of one
+    # meter and the opening of the next is rated by both, each for its own seconds.
+    Column("rated_until", BigInteger, nullable=False),
+    Column("meter_id", String(253)),  # the meter that rated it (last), NULL until then
+    Column("rated_at", Instant),
+    UniqueConstraint("kind", "subject", "start_s", name="uq_ledger_usage_natural_key"),
+    Index(
+        "ix_ledger_usage_unrated",
+        "kind",
+        "owner",
+        "start_s",
+        sqlite_where=text("rated_until < end_s"),
+        postgresql_where=text("rated_until < end_s"),
+    ),
+    Index("ix_ledger_usage_meter", "meter_id"),
+)
+
+meters = Table(
+    "ledger_meters",
+    metadata,
+    Column("meter_id", String(253), primary_key=True),
+    Column("account_id", ID, ForeignKey("ledger_accounts.id"), nullable=False),
+    Column("resource", String(253), nullable=False),
+    Column("kind", String(24), nullable=False),
+    Column("subject", String(253), nullable=False),
+    Column("unit_price", String(64), nullable=False),  # exact decimal text
+    Column("unit", String(16), nullable=False),
+    Column("opened_at", Instant, nullable=False),
+    Column("closed_at", Instant),
+    Column("memo", Text, nullable=False),
+    Column("gpus", Integer, nullable=False),
+    # Exact cumulative quantity rated (GPU-seconds or byte-seconds) as decimal integer
+    # text: byte-seconds of a large disk over a year exceed 64 bits.
+    Column("quantity_rated", Text, nullable=False),
+    Column("posted_minor", BigInteger, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("last_usage_end", BigInteger),  # POSIX s, for accrual estimates
+    Index("ix_ledger_meters_subject", "kind", "subject"),
+    Index("ix_ledger_meters_account", "account_id"),
+)
+
+orders = Table(
+    "ledger_orders",
+    metadata,
+    Column("order_id", String(64), primary_key=True),
+    Column("account_id", ID, ForeignKey("ledger_accounts.id"), nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at", Instant, nullable=False),
+    Column("expires_at", Instant, nullable=False),
+    Column("provider_txn", String(128)),
+    Column("paid_at", Instant),
+    Column("entry_id", ID),
+    UniqueConstraint("provider", "provider_txn", name="uq_ledger_orders_txn"),
+    Index("ix_ledger_orders_status", "status", "expires_at"),
+)
+
+vouchers = Table(
+    "ledger_vouchers",
+    metadata,
+    Column("voucher_id", String(64), primary_key=True),
+    Column("account_id", ID, ForeignKey("ledger_accounts.id"), nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("payer", String(253), nullable=False),
+    Column("bank", String(253), nullable=False),
+    Column("transfer_no", String(128), nullable=False),
+    Column("file_sha256", String(64)),
+    Column("status", String(16), nullable=False),
+    Column("submitted_at", Instant, nullable=False),
+    Column("reviewer", String(253)),
+    Column("reason", Text),
+    Column("reviewed_at", Instant),
+    Column("entry_id", ID),
+    UniqueConstraint("bank", "transfer_no", name="uq_ledger_vouchers_transfer"),
+    Index("ix_ledger_vouchers_status", "status"),
+)
+
+audit = Table(
+    "ledger_audit",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("account_id", ID),
+    Column("at", Instant, nullable=False),
+    Column("actor", String(253), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("subject", String(255), nullable=False),
+    Column("detail", JSON, nullable=False),
+    Index("ix_ledger_audit_account", "account_id", "id"),
+)

@@ -1,0 +1,165 @@
+"""Value objects the ledger returns. Immutable dataclasses, independent of SQLAlchemy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+
+class EntryKind(StrEnum):
+    """What an entry is. Sign rules: recharge and refund > 0, charge < 0, adjustment != 0."""
+
+    RECHARGE = "recharge"
+    CHARGE = "charge"
+    REFUND = "refund"
+    ADJUSTMENT = "adjustment"
+
+
+class MeterKind(StrEnum):
+    """Which usage a meter rates; the same values as ``gpucloud.usage.UsageKind``."""
+
+    GPU_TIME = "gpu_time"
+    CLOUD_DISK = "cloud_disk"
+    IMAGE = "image"
+    INSTANCE_VOLUME = "instance_volume"
+
+
+class MeterUnit(StrEnum):
+    GPU_HOUR = "gpu_hour"  # unit_price per GPU-hour; quantity GPU-seconds
+    GB_HOUR = "gb_hour"  # unit_price per GiB-hour; quantity byte-seconds
+
+
+class OrderStatus(StrEnum):
+    PENDING = "pending"
+    PAID = "paid"
+    EXPIRED = "expired"
+
+
+class VoucherStatus(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    name: str
+    currency: str
+    balance_minor: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One posting. ``balance_after`` is the account balance right after it (statement)."""
+
+    id: int
+    account: str
+    kind: EntryKind
+    amount_minor: int
+    key: str
+    resource: str | None
+    memo: str
+    at: datetime
+    meta: dict[str, Any]
+    balance_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class PostResult:
+    entry: Entry
+    created: bool  # False: the key was already posted with the same content (a replay)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    accepted: int
+    duplicates: int
+    rejected: list[tuple[int, str]] = field(default_factory=list)  # (index in batch, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    meter_id: str
+    account: str
+    resource: str
+    kind: MeterKind
+    subject: str
+    unit_price: Decimal
+    unit: MeterUnit
+    opened_at: datetime
+    closed_at: datetime | None
+    memo: str
+    gpus: int
+    quantity_rated: int  # GPU-seconds or byte-seconds rated so far (exact numerator)
+    posted_minor: int  # charged so far, positive minor units
+    seq: int  # charge entries posted so far
+
+
+@dataclass(frozen=True, slots=True)
+class UnratedUsage:
+    id: int
+    kind: str
+    subject: str  # GPU UUID or volume id
+    owner: str  # pod UID (gpu_time) or volume id: what a meter's subject matches
+    start: int
+    end: int
+    rated_until: int  # seconds before this were rated (by a meter since closed)
+    quantity: int
+    node: str
+    namespace: str | None
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSummaryRow:
+    resource: str | None  # None: usage no meter has rated (yet)
+    kind: str
+    gpu_seconds: int
+    byte_seconds: int
+    records: int
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    order_id: str
+    account: str
+    amount_minor: int
+    provider: str
+    status: OrderStatus
+    created_at: datetime
+    expires_at: datetime
+    provider_txn: str | None
+    paid_at: datetime | None
+    entry_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Voucher:
+    voucher_id: str
+    account: str
+    amount_minor: int
+    payer: str
+    bank: str
+    transfer_no: str
+    file_sha256: str | None
+    status: VoucherStatus
+    submitted_at: datetime
+    reviewer: str | None
+    reason: str | None
+    reviewed_at: datetime | None
+    entry_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    id: int
+    account: str | None
+    at: datetime
+    actor: str
+    action: str  # e.g. order.created, order.settled, voucher.approved, entry.posted
+    subject: str  # the order id, voucher id or entry key
+    detail: dict[str, Any]

@@ -1,0 +1,105 @@
+"""Usage ingestion: idempotent on the natural key, no overlapping GPU-seconds."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from ledger_helpers import T0, T0_S, disk_record, gpu_record
+
+from gpucloud.ledger import Ledger
+from gpucloud.usage import UsageKind
+
+
+def test_accepts_then_dedupes_a_replayed_batch(ledger: Ledger) -> None:
+    batch = [gpu_record(T0_S + 10 * i, gpu=g) for i in range(50) for g in ("GPU-a", "GPU-b")]
+    first = ledger.ingest_usage(batch, received_at=T0)
+    assert (first.accepted, first.duplicates, first.rejected) == (100, 0, [])
+    again = ledger.ingest_usage(batch, received_at=T0 + timedelta(seconds=5))
+    assert (again.accepted, again.duplicates, again.rejected) == (0, 100, [])
+    assert len(ledger.unrated_usage()) == 100
+
+
+def test_same_key_other_content_is_rejected(ledger: Ledger) -> None:
+    ledger.ingest_usage([gpu_record(T0_S)], received_at=T0)
+    other_pod = gpu_record(T0_S, pod_uid="pod-2")
+    result = ledger.ingest_usage([other_pod, gpu_record(T0_S + 10)], received_at=T0)
+    assert result.accepted == 1 and result.duplicates == 0
+    assert result.rejected == [(0, f"gpu_time:GPU-a:{T0_S}: already ingested with other content")]
+
+
+def test_overlaps_of_one_gpu_are_rejected_stored_and_in_batch(ledger: Ledger) -> None:
+    ledger.ingest_usage([gpu_record(T0_S, 10)], received_at=T0)
+    batch = [
+        gpu_record(T0_S + 5, 10),  # overlaps the stored [0, 10)
+        gpu_record(T0_S - 3, 5),  # overlaps the stored record from before
+        gpu_record(T0_S + 10, 10),  # fine: adjacent
+        gpu_record(T0_S + 15, 3),  # overlaps the previous one in this batch
+        gpu_record(T0_S + 5, 10, gpu="GPU-b"),  # another GPU: fine
+        gpu_record(T0_S - 10, 10),  # fine: adjacent before
+    ]
+    result = ledger.ingest_usage(batch, received_at=T0)
+    assert result.accepted == 3
+    assert [i for i, _ in result.rejected] == [0, 1, 3]
+    assert all("overlaps" in reason for _, reason in result.rejected)
+    seconds = {r.subject: 0 for r in ledger.unrated_usage()}
+    for r in ledger.unrated_usage():
+        seconds[r.subject] += r.end - r.start
+    assert seconds == {"GPU-a": 30, "GPU-b": 10}
+
+
+def test_in_batch_duplicate_and_conflict(ledger: Ledger) -> None:
+    rec = gpu_record(T0_S)
+    result = ledger.ingest_usage([rec, rec, gpu_record(T0_S, pod_uid="other")], received_at=T0)
+    assert (result.accepted, result.duplicates) == (1, 1)
+    assert result.rejected[0][0] == 2 and "other content" in result.rejected[0][1]
+
+
+def test_volume_records_never_overlap_either(ledger: Ledger) -> None:
+    gib = 2**30
+    first = ledger.ingest_usage([disk_record(T0_S, 3600, gib)], received_at=T0)
+    assert first.accepted == 1
+    result = ledger.ingest_usage(
+        [disk_record(T0_S + 1800, 3600, gib), disk_record(T0_S + 3600, 3600, 2 * gib)],
+        received_at=T0,
+    )
+    assert result.accepted == 1 and [i for i, _ in result.rejected] == [0]
+
+
+def test_non_records_are_rejected_by_index(ledger: Ledger) -> None:
+    result = ledger.ingest_usage([gpu_record(T0_S), {"kind": "gpu_time"}], received_at=T0)  # type: ignore[list-item]
+    assert result.accepted == 1 and result.rejected[0][0] == 1
+    assert "not a UsageRecord" in result.rejected[0][1]
+    assert ledger.ingest_usage([], received_at=T0).accepted == 0
+
+
+def test_usage_summary_by_resource_namespace_kind_and_time(ledger: Ledger) -> None:
+    ledger.ensure_account("alice")
+    ledger.open_meter(
+        "m1",
+        account="alice",
+        resource="team-a/inst-1",
+        kind="gpu_time",
+        subject="pod-1",
+        unit_price="1",
+        unit="gpu_hour",
+        opened_at=T0,
+    )
+    gib = 2**30
+    ledger.ingest_usage(
+        [gpu_record(T0_S + 10 * i) for i in range(6)]
+        + [gpu_record(T0_S, pod_uid="pod-9", gpu="GPU-z", namespace="team-b")]
+        + [disk_record(T0_S, 3600, 3 * gib)],
+        received_at=T0,
+    )
+    ledger.rate_pending(T0 + timedelta(hours=2))
+    rows = {(r.resource, r.kind): r for r in ledger.usage_summary()}
+    assert rows[("team-a/inst-1", "gpu_time")].gpu_seconds == 60
+    assert rows[(None, "gpu_time")].gpu_seconds == 10
+    assert rows[(None, "cloud_disk")].byte_seconds == 3 * gib * 3600
+    assert [r.gpu_seconds for r in ledger.usage_summary(account="alice")] == [60]
+    assert [r.gpu_seconds for r in ledger.usage_summary(namespace="team-b")] == [10]
+    assert [r.kind for r in ledger.usage_summary(kind=UsageKind.CLOUD_DISK)] == ["cloud_disk"]
+    since = ledger.usage_summary(account="alice", since=T0 + timedelta(seconds=30))
+    assert since[0].gpu_seconds == 30
+    until = ledger.usage_summary(account="alice", until=T0 + timedelta(seconds=30))
+    assert until[0].gpu_seconds == 30
