@@ -10,6 +10,10 @@ source "$here/versions.env"
 CACHE=${GPUCLOUD_TESTBED_CACHE:-$HOME/.cache/gpucloud/testbed}
 export GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 GOFLAGS=-buildvcs=false
 mkdir -p "$CACHE"
+# One build at a time: a second caller (another test session, CI) waits, then finds
+# the cache warm instead of compiling the same thing again on the same cores.
+exec 9>"$CACHE/.build.lock"
+flock 9
 
 log() { printf '[testbed-build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
