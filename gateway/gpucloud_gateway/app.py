@@ -1,0 +1,462 @@
+"""The gateway: a streaming reverse proxy from ``/<namespace>/<model>/<path>`` to replicas.
+
+For every request it counts the arrival (the autoscaler's request volume), picks the
+replica with the fewest requests in flight, streams the response back untouched while a
+:class:`~gpucloud_gateway.metering.UsageTap` reads usage from it, and, once the last byte
+is sent, records a :class:`~gpucloud_gateway.metering.UsageEvent` (runtime, tokens,
+images, videos) under a request id the gateway generates. A request to a model without
+ready replicas triggers one wake per model (all requests arriving meanwhile wait on the
+same wake, none is dropped) and gets a 503 with Retry-After if no replica is ready within
+the wake timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from gpucloud.clock import Clock, SystemClock
+from gpucloud_gateway.billing import ModelPlan, Rule
+from gpucloud_gateway.discovery import EndpointSource, NoScaler, Scaler
+from gpucloud_gateway.metering import UsageEvent, UsageTap
+
+log = logging.getLogger(__name__)
+
+# Hop-by-hop headers (RFC 9110 7.6.1) are the proxy's own; never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
+REQUEST_ID_HEADER = "x-gpucloud-request-id"
+
+UsageSink = Callable[[ModelPlan, UsageEvent, str | None], Awaitable[None]]
+
+
+class WakeTimeout(Exception):
+    pass
+
+
+@dataclass
+class ModelStats:
+    """Per model: arrivals in the scaling window, last request, requests in flight."""
+
+    window_s: float
+    # [whole second, arrivals in it]: memory bounded by the window, not the request rate
+    buckets: deque[list[int]] = field(default_factory=deque)
+    last_request_at: datetime | None = None
+    in_flight: int = 0
+    queued: int = 0
+    total: int = 0
+
+    def arrive(self, now: datetime) -> None:
+        second = int(now.timestamp())
+        if self.buckets and self.buckets[-1][0] == second:
+            self.buckets[-1][1] += 1
+        else:
+            self.buckets.append([second, 1])
+        self.last_request_at = now
+        self.total += 1
+
+    def in_window(self, now: datetime) -> int:
+        """Arrivals in the last ``window_s`` seconds (whole-second resolution)."""
+        cutoff = int(now.timestamp()) - self.window_s
+        while self.buckets and self.buckets[0][0] <= cutoff:
+            self.buckets.popleft()
+        return sum(n for _, n in self.buckets)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["namespace", "model"]
+        self.requests = Counter(
+            "gpucloud_gateway_requests",
+            "Requests proxied, by response status code.",
+            [*labels, "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "gpucloud_gateway_request_duration_seconds",
+            "Request runtime, from forwarding to the last byte of the response.",
+            labels,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "gpucloud_gateway_tokens",
+            "Tokens reported in responses' usage.",
+            [*labels, "type"],
+            registry=self.registry,
+        )
+        self.images = Counter(
+            "gpucloud_gateway_images", "Images generated.", labels, registry=self.registry
+        )
+        self.videos = Counter(
+            "gpucloud_gateway_videos", "Videos generated.", labels, registry=self.registry
+        )
+        self.in_flight = Gauge(
+            "gpucloud_gateway_in_flight", "Requests in flight.", labels, registry=self.registry
+        )
+        self.wakes = Counter(
+            "gpucloud_gateway_wakes",
+            "Cold-start wakes, by outcome.",
+            [*labels, "outcome"],
+            registry=self.registry,
+        )
+
+
+class Gateway:
+    def __init__(
+        self,
+        models: list[ModelPlan],
+        endpoints: EndpointSource,
+        *,
+        scaler: Scaler | None = None,
+        sink: UsageSink | None = None,
+        clock: Clock | None = None,
+        wake_timeout_s: float = 120.0,
+        retry_after_s: int = 30,
+        window_s: float = 600.0,
+        payer_header: str | None = None,
+        upstream_timeout_s: float = 600.0,
+    ) -> None:
+        self.models: dict[str, ModelPlan] = {}
+        self.window_s = window_s
+        self.stats: dict[str, ModelStats] = {}
+        self.set_models(models)
+        self.endpoints = endpoints
+        self.scaler = scaler or NoScaler()
+        self.sink = sink
+        self.clock = clock or SystemClock()
+        self.wake_timeout_s = wake_timeout_s
+        self.retry_after_s = retry_after_s
+        self.payer_header = payer_header.lower() if payer_header else None
+        self.metrics = Metrics()
+        self.replica_in_flight: dict[str, int] = {}
+        self._wakes: dict[str, asyncio.Task[list[str]]] = {}
+        self._rr = 0
+        self.upstream_timeout_s = upstream_timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        """The upstream client (aiohttp: about a tenth of httpx's CPU per proxied request),
+        created inside the running loop. Bodies pass through undecoded, and no header is
+        added that the client did not send (no Accept-Encoding: usage stays readable)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=5.0, sock_read=self.upstream_timeout_s
+                ),
+                auto_decompress=False,
+                skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept", "Content-Type"),
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        await self.scaler.close()
+
+    def set_models(self, models: list[ModelPlan]) -> None:
+        """Replace the served models (from the config, or the cluster's ModelDeployments).
+        Counters of a model that stays are kept."""
+        self.models = {m.key: m for m in models}
+        for key in self.models:
+            self.stats.setdefault(key, ModelStats(self.window_s))
+
+    # -- replicas and cold start -----------------------------------------------------------
+    def pick(self, urls: list[str]) -> str:
+        """The replica with the fewest requests in flight; ties rotate."""
+        self._rr += 1
+        n = len(urls)
+        order = [urls[(self._rr + i) % n] for i in range(n)]
+        return min(order, key=lambda u: self.replica_in_flight.get(u, 0))
+
+    async def _wake(self, plan: ModelPlan) -> list[str]:
+        labels = (plan.namespace, plan.name)
+        await self.scaler.wake(plan.namespace, plan.name)
+        deadline = time.monotonic() + self.wake_timeout_s
+        delay = 0.01
+        while time.monotonic() < deadline:
+            urls = self.endpoints.endpoints(plan.namespace, plan.name)
+            if urls:
+                self.metrics.wakes.labels(*labels, "ready").inc()
+                return urls
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        self.metrics.wakes.labels(*labels, "timeout").inc()
+        raise WakeTimeout(plan.key)
+
+    async def replicas(self, plan: ModelPlan) -> list[str]:
+        urls = self.endpoints.endpoints(plan.namespace, plan.name)
+        if urls:
+            return urls
+        task = self._wakes.get(plan.key)
+        if task is None or task.done():
+            task = asyncio.create_task(self._wake(plan))
+            self._wakes[plan.key] = task
+        stats = self.stats[plan.key]
+        stats.queued += 1
+        try:
+            return await asyncio.shield(task)
+        finally:
+            stats.queued -= 1
+
+    # -- HTTP handlers -------------------------------------------------------------------------
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def stats_endpoint(self, request: Request) -> Response:
+        """What the operator's autoscaler reads: volume, last request, in flight."""
+        now = self.clock.now()
+        out = {}
+        for key, s in self.stats.items():
+            plan = self.models.get(key)
+            if plan is None:
+                continue
+            out[key] = {
+                "requestsLastWindow": s.in_window(now),
+                "requestsTotal": s.total,
+                "lastRequestAt": s.last_request_at.isoformat() if s.last_request_at else None,
+                "inFlight": s.in_flight,
+                "queued": s.queued,
+                "replicas": {
+                    u: self.replica_in_flight.get(u, 0)
+                    for u in self.endpoints.endpoints(plan.namespace, plan.name)
+                },
+            }
+        return JSONResponse(out)
+
+    def _error(self, status: int, message: str, **headers: str) -> Response:
+        return JSONResponse({"error": {"message": message, "code": status}}, status, headers)
+
+    async def proxy(self, request: Request) -> Response:
+        ns, model = request.path_params["namespace"], request.path_params["model"]
+        plan = self.models.get(f"{ns}/{model}")
+        if plan is None:
+            return self._error(404, f"no model {model!r} in namespace {ns!r}")
+        stats = self.stats[plan.key]
+        arrived = self.clock.now()
+        stats.arrive(arrived)
+        stats.in_flight += 1
+        gauge = self.metrics.in_flight.labels(ns, model)
+        gauge.inc()
+        response = None
+        try:
+            response = await self._forward(request, plan, arrived)
+            return response
+        finally:
+            if not isinstance(response, StreamingResponse):  # else the relay's finally does it
+                stats.in_flight -= 1
+                gauge.dec()
+
+    async def _forward(self, request: Request, plan: ModelPlan, arrived: datetime) -> Response:
+        ns, model = plan.namespace, plan.name
+        request_id = uuid.uuid4().hex
+        path = "/" + request.path_params.get("path", "")
+        body = await request.body()
+        if plan.rule is Rule.OFFICIAL and body[:1] == b"{" and b'"stream"' in body:
+            body = _ask_for_stream_usage(body)
+        try:
+            urls = await self.replicas(plan)
+        except WakeTimeout:
+            self.metrics.requests.labels(ns, model, "503").inc()
+            return self._error(
+                503,
+                f"model {plan.key} is starting from cold and was not ready within "
+                f"{self.wake_timeout_s:g}s; retry later",
+                **{"Retry-After": str(self.retry_after_s)},
+            )
+        headers = [
+            (k, v)
+            for k, v in request.headers.items()
+            if k not in HOP_BY_HOP and k != "accept-encoding" and k != "content-length"
+        ]
+        headers.append((REQUEST_ID_HEADER, request_id))
+        payer = request.headers.get(self.payer_header) if self.payer_header else None
+        started = time.perf_counter()
+        upstream = None
+        url = ""
+        session = self.session()
+        for attempt in range(2):  # a refused connection is retried once on another replica
+            url = self.pick(urls)
+            target = url + path + (f"?{request.url.query}" if request.url.query else "")
+            try:
+                upstream = await session.request(
+                    request.method, target, headers=headers, data=body, allow_redirects=False
+                )
+                break
+            except aiohttp.ClientConnectorError:
+                if attempt == 1 or len(urls) < 2:
+                    break
+                urls = [u for u in urls if u != url]
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("request %s to %s failed: %s", request_id, url, exc)
+                break
+        if upstream is None:
+            self.metrics.requests.labels(ns, model, "502").inc()
+            return self._error(502, f"no replica of {plan.key} answered the request")
+        self.replica_in_flight[url] = self.replica_in_flight.get(url, 0) + 1
+        tap = UsageTap(path, upstream.headers.get("content-type", ""))
+        raw_headers = [
+            (k.lower(), v)
+            for k, v in upstream.raw_headers
+            if k.lower().decode("latin-1") not in HOP_BY_HOP
+        ]
+        raw_headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in upstream.content.iter_any():
+                    tap.feed(chunk)
+                    yield chunk
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The status line is sent already: all we can do is end the stream early.
+                log.warning("response of request %s broke off: %s", request_id, exc)
+            finally:
+                upstream.release()
+                runtime_ms = int((time.perf_counter() - started) * 1000)
+                left = self.replica_in_flight[url] - 1
+                if left:
+                    self.replica_in_flight[url] = left
+                else:  # replicas come and go: keep no entry for an idle one
+                    del self.replica_in_flight[url]
+                self.stats[plan.key].in_flight -= 1
+                self.metrics.in_flight.labels(ns, model).dec()
+                await self._record(plan, request_id, arrived, runtime_ms, upstream, tap, payer)
+
+        # A body of known length ends by itself: relay it without Starlette's per-response
+        # disconnect watcher (a task group per request). An open-ended stream (SSE,
+        # chunked) keeps the watcher, so a client that leaves stops the generation.
+        bounded = upstream.content_length is not None and not tap.sse
+        response_class = BoundedRelay if bounded else StreamingResponse
+        response = response_class(relay(), status_code=upstream.status)
+        response.raw_headers = raw_headers  # as sent: repeated headers (Set-Cookie) kept
+        return response
+
+    async def _record(
+        self,
+        plan: ModelPlan,
+        request_id: str,
+        arrived: datetime,
+        runtime_ms: int,
+        upstream: aiohttp.ClientResponse,
+        tap: UsageTap,
+        payer: str | None,
+    ) -> None:
+        counts = tap.result()
+        ns, model = plan.namespace, plan.name
+        m = self.metrics
+        m.requests.labels(ns, model, str(upstream.status)).inc()
+        m.latency.labels(ns, model).observe(runtime_ms / 1000)
+        if counts.prompt_tokens:
+            m.tokens.labels(ns, model, "prompt").inc(counts.prompt_tokens)
+        if counts.completion_tokens:
+            m.tokens.labels(ns, model, "completion").inc(counts.completion_tokens)
+        if counts.images:
+            m.images.labels(ns, model).inc(counts.images)
+        if counts.videos:
+            m.videos.labels(ns, model).inc(counts.videos)
+        if self.sink is None:
+            return
+        event = UsageEvent(
+            request_id=request_id,
+            namespace=ns,
+            model=model,
+            at=arrived,
+            runtime_ms=runtime_ms,
+            status=upstream.status,
+            prompt_tokens=counts.prompt_tokens,
+            completion_tokens=counts.completion_tokens,
+            images=counts.images,
+            videos=counts.videos,
+        )
+        try:
+            await self.sink(plan, event, payer)
+        except Exception:  # metering must never break the response already sent
+            log.exception("recording usage of request %s failed", request_id)
+
+    def app(
+        self,
+        on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
+        on_startup: Sequence[Callable[[], Awaitable[None]]] = (),
+    ) -> Starlette:
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            for hook in on_startup:
+                await hook()
+            yield
+            for hook in on_shutdown:
+                await hook()
+            await self.aclose()
+
+        methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+        return Starlette(
+            routes=[
+                Route("/healthz", self.healthz),
+                Route("/metrics", self.metrics_endpoint),
+                Route("/v1/stats", self.stats_endpoint),
+                Route("/{namespace}/{model}/{path:path}", self.proxy, methods=methods),
+            ],
+            lifespan=lifespan,
+        )
+
+
+class BoundedRelay(StreamingResponse):
+    """Streams a body of known length straight to the client (see ``_forward``)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.stream_response(send)
+
+
+def _ask_for_stream_usage(body: bytes) -> bytes:
+    """A streamed chat completion reports usage only when asked: ask, so that an official
+    model's tokens can be billed (the client sees one extra chunk with empty choices)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(doc, dict) or doc.get("stream") is not True:
+        return body
+    opts = doc.get("stream_options")
+    opts = opts if isinstance(opts, dict) else {}
+    if opts.get("include_usage") is True:
+        return body
+    doc["stream_options"] = {**opts, "include_usage": True}
+    return json.dumps(doc).encode()

@@ -1,0 +1,131 @@
+"""What one proxied request used: tokens, images, videos and runtime.
+
+Token counts come from OpenAI-style ``usage`` objects (``prompt_tokens`` and
+``completion_tokens``), in a JSON response or in any chunk of a server-sent event
+stream (OpenAI puts it in the final one). Images are the ``data`` array of an images
+response, videos the ``data`` array of a response on a ``/videos`` path. The tap sees
+the response as it streams past and never delays it: it keeps at most ``MAX_JSON_BYTES``
+of a JSON body and only the current line of an event stream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+MAX_JSON_BYTES = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    """One request through the gateway: the unit of request metering and billing."""
+
+    request_id: str
+    namespace: str
+    model: str
+    at: datetime  # when the request arrived
+    runtime_ms: int  # from forwarding it to the last byte of the response
+    status: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    images: int = 0
+    videos: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def succeeded(self) -> bool:
+        return 200 <= self.status < 300
+
+
+@dataclass
+class Counts:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    images: int = 0
+    videos: int = 0
+
+
+def _nonneg(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return 0
+    return value
+
+
+def counts_from_json(doc: Any, path: str) -> Counts:
+    """Usage in one JSON document (a whole response or one SSE chunk)."""
+    out = Counts()
+    if not isinstance(doc, dict):
+        return out
+    usage = doc.get("usage")
+    if isinstance(usage, dict):
+        out.prompt_tokens = _nonneg(usage.get("prompt_tokens", usage.get("input_tokens")))
+        out.completion_tokens = _nonneg(usage.get("completion_tokens", usage.get("output_tokens")))
+    data = doc.get("data")
+    if isinstance(data, list):
+        if "/videos" in path:
+            out.videos = len(data)
+        elif "/images" in path:
+            out.images = len(data)
+    return out
+
+
+class UsageTap:
+    """Fed every response chunk; ``result()`` is the usage once the response ended."""
+
+    def __init__(self, path: str, content_type: str) -> None:
+        self.path = path
+        ctype = content_type.split(";")[0].strip().lower()
+        self.sse = ctype == "text/event-stream"
+        self.json = ctype.endswith("/json") or ctype.endswith("+json")
+        self._buf = bytearray()
+        self._overflow = False
+        self._counts = Counts()
+
+    def feed(self, chunk: bytes) -> None:
+        if self.sse:
+            self._buf += chunk
+            *lines, rest = self._buf.split(b"\n")
+            self._buf = bytearray(rest)
+            for line in lines:
+                self._line(bytes(line))
+        elif self.json and not self._overflow:
+            if len(self._buf) + len(chunk) > MAX_JSON_BYTES:
+                self._overflow = True
+                self._buf = bytearray()
+            else:
+                self._buf += chunk
+
+    def _line(self, line: bytes) -> None:
+        line = line.rstrip(b"\r")
+        if not line.startswith(b"data:"):
+            return
+        payload = line[5:].strip()
+        if not payload or payload == b"[DONE]" or b"usage" not in payload:
+            return
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            return
+        found = counts_from_json(doc, self.path)
+        # The usage object is cumulative: the last one seen wins.
+        if found.prompt_tokens or found.completion_tokens:
+            self._counts.prompt_tokens = found.prompt_tokens
+            self._counts.completion_tokens = found.completion_tokens
+
+    def result(self) -> Counts:
+        if self.sse:
+            if self._buf:
+                self._line(bytes(self._buf))
+                self._buf = bytearray()
+            return self._counts
+        if self.json and not self._overflow and self._buf:
+            try:
+                return counts_from_json(json.loads(self._buf), self.path)
+            except ValueError:
+                return Counts()
+        return Counts()

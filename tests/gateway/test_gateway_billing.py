@@ -1,0 +1,156 @@
+"""Model billing against a real SQLite ledger, to the cent, for each pricing kind."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from gateway_testkit import PRODUCT, pricebook
+from gpucloud_gateway.billing import BillingError, BillingStore, ModelPlan, Rule
+from gpucloud_gateway.metering import UsageEvent
+
+from gpucloud.billing import model_online_charge, to_minor
+from gpucloud.ledger import EntryKind, Ledger, open_ledger
+
+T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+PB = pricebook()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    led = open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    for acct in ("owner", "caller"):
+        led.ensure_account(acct)
+        led.post_entry(acct, EntryKind.RECHARGE, 100_000, f"seed:{acct}", at=T0)
+    yield led
+    led.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[BillingStore]:
+    s = BillingStore(tmp_path / "usage.db", PB)
+    yield s
+    s.close()
+
+
+def plan(**kw: object) -> ModelPlan:
+    base: dict[str, object] = {
+        "namespace": "ns",
+        "name": "m",
+        "account": "owner",
+        "product": PRODUCT,
+    }
+    return ModelPlan(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def event(i: int, status: int = 200, **kw: int) -> UsageEvent:
+    return UsageEvent(
+        f"req-{i}", "ns", "m", T0 + timedelta(seconds=i), kw.pop("ms", 100), status, **kw
+    )
+
+
+def charged(led: Ledger, account: str, resource: str) -> int:
+    return led.charges_by_resource(account).get(resource, 0)
+
+
+def test_official_text_model_bills_tokens_rounded_once(store: BillingStore, ledger: Ledger) -> None:
+    p = plan(visibility="Public", publisher="Official", task="TextGeneration")
+    assert p.rule is Rule.OFFICIAL
+    events = [event(i, prompt_tokens=100 + i, completion_tokens=37) for i in range(60)]
+    for e in events:
+        assert store.record(p, e)
+    store.post_pending(ledger)
+    tokens = sum(e.tokens for e in events)
+    exact = Decimal("0.0137") * tokens / 1000
+    assert store.exact_total("owner", "ns/m") == exact
+    assert charged(ledger, "owner", "model/ns/m") == to_minor(exact) == 14
+    # A single request here costs ~0.19 fen: separately rounded slices would post 0.
+    assert to_minor(Decimal("0.0137") * events[0].tokens / 1000) == 0
+
+
+def test_postings_are_idempotent_across_a_crash(
+    store: BillingStore, ledger: Ledger, tmp_path: Path
+) -> None:
+    p = plan(visibility="Public", publisher="Official", task="ImageGeneration")
+    for i in range(7):
+        store.record(p, event(i, images=3))
+    assert not store.record(p, event(3, images=3)), "a request id is recorded once"
+    store.post_pending(ledger)
+    before = ledger.balance("owner")
+    # A crash after posting but before marking rows posted: everything is re-posted.
+    db = sqlite3.connect(tmp_path / "usage.db")
+    db.execute("UPDATE requests SET posted = 0")
+    db.commit()
+    db.close()
+    store.post_pending(ledger)
+    assert ledger.balance("owner") == before
+    assert charged(ledger, "owner", "model/ns/m") == to_minor(Decimal("0.0815") * 21) == 171
+
+
+def test_official_video_model_bills_videos(store: BillingStore, ledger: Ledger) -> None:
+    p = plan(visibility="Public", publisher="Official", task="VideoGeneration")
+    store.record(p, event(1, videos=2))
+    store.record(p, event(2, videos=1))
+    store.record(p, event(3, status=500, videos=1))  # a failed request costs nothing
+    store.post_pending(ledger)
+    assert charged(ledger, "owner", "model/ns/m") == to_minor(Decimal("1.2345") * 3) == 370
+
+
+def test_personal_model_bills_request_runtime_to_the_caller(
+    store: BillingStore, ledger: Ledger
+) -> None:
+    p = plan(visibility="Public", publisher="Personal")
+    runtimes = [1234, 87, 15_001, 3]
+    for i, ms in enumerate(runtimes):
+        store.record(p, event(i, ms=ms), payer="caller")
+    store.post_pending(ledger)
+    exact = Decimal("0.0031") * sum(runtimes) / 1000
+    assert charged(ledger, "caller", "model/ns/m") == to_minor(exact) == 5
+    assert charged(ledger, "owner", "model/ns/m") == 0
+
+
+def test_private_model_bills_replica_online_time_and_nothing_while_cold(
+    store: BillingStore, ledger: Ledger
+) -> None:
+    p = plan(gpus_per_replica=2)
+    assert p.rule is Rule.ONLINE
+    store.record(p, event(1))  # requests of a private model cost nothing by themselves
+    store.post_pending(ledger)
+    assert charged(ledger, "owner", "model/ns/m") == 0
+    store.replica_online(p, "r0", T0)
+    store.replica_online(p, "r0", T0)  # idempotent
+    store.replica_online(p, "r1", T0 + timedelta(seconds=125))
+    posted = [store.settle_online(ledger, p, T0 + timedelta(seconds=s)) for s in (1, 30, 299)]
+    assert store.settle_online(ledger, p, T0 + timedelta(seconds=299)) == 0  # a retry
+    store.replica_offline(p, "r0", T0 + timedelta(seconds=433))
+    store.replica_offline(p, "r1", T0 + timedelta(seconds=601))
+    # Cold from 601 s on: a day later, nothing more is due.
+    posted.append(store.settle_online(ledger, p, T0 + timedelta(seconds=700)))
+    assert store.settle_online(ledger, p, T0 + timedelta(days=1)) == 0
+    exact = model_online_charge(PB, PRODUCT, 2, [433, 601 - 125])
+    assert exact == Decimal("7.21") * 2 * (433 + 476) / 3600
+    assert charged(ledger, "owner", "model/ns/m#online") == sum(posted) == to_minor(exact) == 364
+    # Woken again: a new interval of the same replica name.
+    store.replica_online(p, "r0", T0 + timedelta(days=2))
+    store.settle_online(ledger, p, T0 + timedelta(days=2, seconds=60))
+    total = model_online_charge(PB, PRODUCT, 2, [433, 476, 60])
+    assert charged(ledger, "owner", "model/ns/m#online") == to_minor(total)
+
+
+def test_bad_plans_name_the_field() -> None:
+    with pytest.raises(BillingError, match=r"pricing\.task: required for an official model"):
+        plan(visibility="Public", publisher="Official")
+    with pytest.raises(BillingError, match=r"pricing\.publisher"):
+        plan(visibility="Public")
+    with pytest.raises(BillingError, match=r"gpu\.count: must be >= 1"):
+        plan(gpus_per_replica=0)
+    with pytest.raises(BillingError, match="is public: it is billed per request"):
+        BillingStore(":memory:", PB).settle_online(
+            None,  # type: ignore[arg-type]
+            plan(visibility="Public", publisher="Personal"),
+            T0,
+        )

@@ -1,0 +1,188 @@
+"""Manifests and the usage tap, as pure functions."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from gpucloud_gateway.app import ModelStats
+from gpucloud_gateway.billing import Rule
+from gpucloud_gateway.kube import plans_from_cluster
+from gpucloud_gateway.main import main as gateway_main
+from gpucloud_gateway.manifests import (
+    ManifestError,
+    build_model_deployment,
+    build_model_service,
+)
+from gpucloud_gateway.metering import UsageTap
+
+from gpucloud.clock import ManualClock
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "modeldeployment-public.yaml"
+
+
+def md(**spec: Any) -> dict[str, Any]:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["metadata"]["uid"] = "uid-123"
+    doc["spec"].update(spec)
+    return doc
+
+
+def test_deployment_holds_gpus_on_the_product_and_is_owned() -> None:
+    dep = build_model_deployment(md(gpu={"product": "NVIDIA-L40S", "count": 2}), replicas=3)
+    assert dep["kind"] == "Deployment" and dep["spec"]["replicas"] == 3
+    assert dep["metadata"]["namespace"] == "acme-research"
+    owner = dep["metadata"]["ownerReferences"][0]
+    assert owner == {
+        "apiVersion": "gpucloud.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "name": "llama-official",
+        "uid": "uid-123",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    pod = dep["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert container["image"] == "vllm/vllm-openai:v0.6.3"
+    assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L40S"}
+    sel = dep["spec"]["selector"]["matchLabels"]
+    assert sel.items() <= pod["metadata"]["labels"].items()
+    assert pod["metadata"]["labels"]["gpucloud.dev/visibility"] == "Public"
+    # Default replicas: the status, else minReplicas.
+    assert build_model_deployment(md())["spec"]["replicas"] == 1
+    with_status = {**md(), "status": {"replicas": 0}}
+    assert build_model_deployment(with_status)["spec"]["replicas"] == 0
+
+
+def test_service_selects_the_deployment_pods() -> None:
+    doc = md()
+    svc = build_model_service(doc)
+    pod_labels = build_model_deployment(doc)["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert svc["spec"]["ports"][0]["targetPort"] == "http"
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == "uid-123"
+    assert len(svc["metadata"]["name"]) <= 63
+
+
+def test_manifest_errors_name_the_field() -> None:
+    doc = md()
+    del doc["metadata"]["uid"]
+    with pytest.raises(ManifestError, match=r"metadata\.uid: required"):
+        build_model_deployment(doc)
+    with pytest.raises(ManifestError, match=r"spec\.gpu\.count: must be an int >= 1"):
+        build_model_deployment(md(gpu={"product": "X", "count": 0}))
+    with pytest.raises(ManifestError, match="replicas: must be an int >= 0"):
+        build_model_deployment(md(), replicas=-1)
+
+
+def feed_in_pieces(tap: UsageTap, data: bytes, size: int) -> None:
+    for i in range(0, len(data), size):
+        tap.feed(data[i : i + size])
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096])
+def test_tap_reads_usage_from_the_final_sse_chunk_split_anywhere(size: int) -> None:
+    chunks = [{"choices": [{"delta": {"content": "hi"}}]}] * 3
+    final = {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 3}}
+    body = b"".join(f"data: {json.dumps(c)}\r\n\r\n".encode() for c in [*chunks, final])
+    tap = UsageTap("/v1/chat/completions", "text/event-stream; charset=utf-8")
+    feed_in_pieces(tap, body + b"data: [DONE]\n\n", size)
+    got = tap.result()
+    assert (got.prompt_tokens, got.completion_tokens) == (11, 3)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "expect"),
+    [
+        (
+            "/v1/chat/completions",
+            {"usage": {"prompt_tokens": 5, "completion_tokens": 9}},
+            (5, 9, 0, 0),
+        ),
+        ("/v1/images/generations", {"data": [{}, {}, {}]}, (0, 0, 3, 0)),
+        ("/v1/videos/generations", {"data": [{}]}, (0, 0, 0, 1)),
+        (
+            "/v1/chat/completions",
+            {"usage": {"prompt_tokens": -4, "completion_tokens": "x"}},
+            (0, 0, 0, 0),
+        ),
+    ],
+)
+def test_tap_reads_json_bodies(path: str, body: Any, expect: tuple[int, ...]) -> None:
+    tap = UsageTap(path, "application/json")
+    feed_in_pieces(tap, json.dumps(body).encode(), 3)
+    got = tap.result()
+    assert (got.prompt_tokens, got.completion_tokens, got.images, got.videos) == expect
+
+
+def test_tap_ignores_garbage_and_other_types() -> None:
+    tap = UsageTap("/v1/chat/completions", "application/json")
+    tap.feed(b"{not json")
+    assert tap.result().prompt_tokens == 0
+    plain = UsageTap("/v1/chat/completions", "text/plain")
+    plain.feed(b'{"usage": {"prompt_tokens": 1}}')
+    assert plain.result().prompt_tokens == 0
+
+
+def test_models_from_the_cluster_need_an_account() -> None:
+    billed = md()
+    orphan = md()
+    orphan["metadata"] = {**orphan["metadata"], "namespace": "nobody", "name": "x"}
+    broken = md(visibility="Public", pricing={"publisher": "Official"})  # no task
+    broken["metadata"] = {**broken["metadata"], "name": "broken"}
+    accounts = [{"metadata": {"name": "acme"}, "spec": {"namespaces": ["acme-research"]}}]
+    plans = plans_from_cluster([billed, orphan, broken], accounts)
+    assert [(p.key, p.account, p.rule, p.task) for p in plans] == [
+        ("acme-research/llama-official", "acme", Rule.OFFICIAL, "TextGeneration")
+    ]
+
+
+def test_request_volume_counts_the_last_window_only() -> None:
+    clock = ManualClock(datetime(2026, 3, 1, tzinfo=UTC))
+    stats = ModelStats(600)
+    for _ in range(3):
+        stats.arrive(clock.now())
+    clock.advance(300)
+    stats.arrive(clock.now())
+    assert stats.in_window(clock.now()) == 4
+    clock.advance(300)  # the first three are exactly one window old: out
+    assert stats.in_window(clock.now()) == 1
+    clock.advance(299)
+    assert stats.in_window(clock.now()) == 1
+    clock.advance(1)
+    assert stats.in_window(clock.now()) == 0
+    assert stats.total == 4 and stats.last_request_at is not None
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"models": [{"namespace": "n", "name": "m"}]}, "models[0].account: required string"),
+        (
+            {"models": [{"namespace": "n", "name": "m", "account": "a", "visibility": "Public"}]},
+            "models[0]: pricing.publisher: must be Official or Personal",
+        ),
+        ({"models": "all"}, "models: a list of models, or {kind: kubernetes}, is required"),
+        ({"models": []}, "endpoints: required, {kind: file|static|kubernetes, ...}"),
+        (
+            {"models": [], "endpoints": {"kind": "static"}, "scaler": {"kind": "magic"}},
+            "scaler.kind: 'magic' is not one of",
+        ),
+        (
+            {"models": [], "endpoints": {"kind": "static"}, "billing": {"store": "x.db"}},
+            "billing.pricebook: required",
+        ),
+    ],
+)
+def test_bad_config_exits_2_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config: dict[str, Any], message: str
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert gateway_main(["--config", str(path)]) == 2
+    assert message in capsys.readouterr().err
