@@ -1,0 +1,154 @@
+"""The metering/billing HTTP API: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import yaml
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from gpucloud.api import routes_accounts, routes_recharge, routes_usage
+from gpucloud.api.deps import AppState, State
+from gpucloud.api.gate import FairLock
+from gpucloud.api.metrics import ApiMetrics
+from gpucloud.api.rating import RatingLoop
+from gpucloud.api.settings import Settings
+from gpucloud.billing.errors import BillingError
+from gpucloud.billing.pricebook import PriceBook
+from gpucloud.ledger import (
+    IdempotencyConflict,
+    InvalidInput,
+    LedgerError,
+    NotFound,
+    OrderRefused,
+    ReviewRefused,
+    open_ledger,
+)
+from gpucloud.usage import UsageBatch
+
+API_VERSION = "1.0.0"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = ApiMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ledger = await run_in_threadpool(open_ledger, settings.database_url, clock=settings.clock)
+        gate = FairLock()
+        rating = RatingLoop(ledger, settings.clock, metrics, settings.rating_interval_s, gate)
+        app.state.gpucloud = AppState(settings, ledger, metrics, rating, gate)
+        rating.start()
+        try:
+            yield
+        finally:
+            await rating.stop()
+            await settings.authenticator.aclose()
+            ledger.close()
+
+    app = FastAPI(
+        title="gpucloud metering and billing API",
+        version=API_VERSION,
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.include_router(routes_usage.router)
+    app.include_router(routes_accounts.router)
+    app.include_router(routes_recharge.router)
+    _add_ops_routes(app)
+    _add_error_handlers(app)
+    _add_latency_middleware(app, metrics)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _add_ops_routes(app: FastAPI) -> None:
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    def readyz(state: State) -> dict[str, str]:
+        """The database answers."""
+        try:
+            with state.ledger.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            raise HTTPException(503, f"database: {type(exc).__name__}") from None
+        return {"status": "ready"}
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    def metrics(state: State) -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/pricebook", tags=["pricing"])
+    def pricebook(state: State) -> dict[str, Any]:
+        """The PriceBook spec in force (camelCase, decimals as strings)."""
+        path = state.settings.pricebook_path
+        if path is None:
+            raise HTTPException(404, "no price book is configured")
+        doc = yaml.safe_load(path.read_text())
+        book = PriceBook.from_resource(doc) if "spec" in doc else PriceBook.from_spec(doc)
+        return book.to_spec()
+
+
+_STATUS: list[tuple[type[Exception], int]] = [
+    (NotFound, 404),
+    (InvalidInput, 422),
+    (IdempotencyConflict, 409),
+    (OrderRefused, 409),
+    (ReviewRefused, 409),
+    (LedgerError, 409),
+    (BillingError, 422),
+]
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        status = next(code for cls, code in _STATUS if isinstance(exc, cls))
+        body: dict[str, Any] = {"detail": str(exc)}
+        reason = getattr(exc, "reason", None)
+        if reason is not None:
+            body["reason"] = reason
+        return JSONResponse(body, status_code=status)
+
+    for cls, _ in _STATUS:
+        app.add_exception_handler(cls, handle)
+
+
+def _add_latency_middleware(app: FastAPI, metrics: ApiMetrics) -> None:
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Any) -> Any:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        metrics.request_latency.labels(request.method, template, response.status_code).observe(
+            time.perf_counter() - start
+        )
+        return response
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        spec = get_openapi(
+            title=app.title, version=app.version, routes=app.routes, description=__doc__
+        )
+        # POST /v1/usage parses its body itself (per-record errors); publish the schema.
+        batch = UsageBatch.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(batch.pop("$defs", {}))
+        schemas["UsageBatch"] = batch
+        app.openapi_schema = spec
+    return app.openapi_schema

@@ -1,0 +1,153 @@
+"""``gpucloud-api``: run the API with uvicorn. Every flag has an environment variable.
+
+Authentication: ``--kubeconfig``/``GPUCLOUD_KUBECONFIG`` (or in-cluster config when
+``KUBERNETES_SERVICE_HOST`` is set) selects TokenReview; ``--static-tokens`` selects
+the demo/test-only static token table (a YAML mapping token -> {username, groups,
+node, accounts}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import yaml
+
+from gpucloud.api.app import create_app
+from gpucloud.api.auth import (
+    DEFAULT_AGENT_SA,
+    Authenticator,
+    AuthPolicy,
+    ClusterAccess,
+    Principal,
+    StaticTokenAuthenticator,
+    TokenReviewAuthenticator,
+)
+from gpucloud.api.settings import Settings
+from gpucloud.clock import clock_from_env
+from gpucloud.recharge import ProviderRegistry, SandboxProvider
+
+
+def _csv(value: str | None) -> frozenset[str]:
+    return frozenset(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def _pairs(value: str | None, what: str) -> dict[str, str]:
+    """``a=b,c=d`` -> {a: b, c: d}."""
+    out = {}
+    for item in _csv(value):
+        key, sep, val = item.rpartition("=")
+        if not sep or not key or not val:
+            raise SystemExit(f"{what}: {item!r} is not KEY=VALUE")
+        out[key] = val
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="gpucloud-api", description=__doc__)
+    p.add_argument("--host", default=env("GPUCLOUD_API_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("GPUCLOUD_API_PORT", "8080")))
+    p.add_argument("--database-url", default=env("GPUCLOUD_DATABASE_URL", "sqlite:///ledger.db"))
+    p.add_argument("--clock", default=env("GPUCLOUD_CLOCK", "system"), help="system | file:PATH")
+    p.add_argument("--kubeconfig", default=env("GPUCLOUD_KUBECONFIG"))
+    p.add_argument(
+        "--static-tokens",
+        default=env("GPUCLOUD_STATIC_TOKENS"),
+        help="DEMO/TESTS ONLY: YAML file of static bearer tokens",
+    )
+    p.add_argument("--token-audiences", default=env("GPUCLOUD_TOKEN_AUDIENCES", ""))
+    p.add_argument(
+        "--agent-sa",
+        default=env("GPUCLOUD_AGENT_SA", DEFAULT_AGENT_SA),
+        help="comma-separated usernames allowed to post usage",
+    )
+    p.add_argument(
+        "--sa-node-map",
+        default=env("GPUCLOUD_SA_NODE_MAP", ""),
+        help="test bed: USERNAME=NODE,... for tokens without a node claim",
+    )
+    p.add_argument("--admin-groups", default=env("GPUCLOUD_ADMIN_GROUPS", "gpucloud:admins"))
+    p.add_argument("--admin-users", default=env("GPUCLOUD_ADMIN_USERS", ""))
+    p.add_argument(
+        "--user-accounts",
+        default=env("GPUCLOUD_USER_ACCOUNTS", ""),
+        help="USERNAME=ACCOUNT,... tenants and the accounts they may use",
+    )
+    p.add_argument(
+        "--sandbox-secret",
+        default=env("GPUCLOUD_SANDBOX_SECRET"),
+        help="enables the sandbox payment provider with this HMAC secret",
+    )
+    p.add_argument("--currency", default=env("GPUCLOUD_CURRENCY", "CNY"))
+    p.add_argument("--order-ttl", type=int, default=int(env("GPUCLOUD_ORDER_TTL_S", "900")))
+    p.add_argument("--voucher-dir", default=env("GPUCLOUD_VOUCHER_DIR"))
+    p.add_argument("--pricebook", default=env("GPUCLOUD_PRICEBOOK"))
+    p.add_argument("--log-level", default=env("GPUCLOUD_LOG_LEVEL", "warning"))
+    return p.parse_args(argv)
+
+
+def load_static_tokens(path: str) -> StaticTokenAuthenticator:
+    data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {}
+    table = {
+        token: Principal(
+            username=spec["username"],
+            groups=frozenset(spec.get("groups", [])),
+            node=spec.get("node"),
+            accounts=frozenset(spec.get("accounts", [])),
+        )
+        for token, spec in data.items()
+    }
+    return StaticTokenAuthenticator(table)
+
+
+def _authenticator(args: argparse.Namespace) -> Authenticator:
+    if args.static_tokens:
+        return load_static_tokens(args.static_tokens)
+    audiences = sorted(_csv(args.token_audiences))
+    if args.kubeconfig:
+        return TokenReviewAuthenticator(ClusterAccess.from_kubeconfig(args.kubeconfig), audiences)
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return TokenReviewAuthenticator(ClusterAccess.in_cluster(), audiences)
+    raise SystemExit("no authentication configured: give --kubeconfig or --static-tokens")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    user_accounts: dict[str, set[str]] = {}
+    for item in _csv(args.user_accounts):
+        user, _, account = item.rpartition("=")
+        user_accounts.setdefault(user, set()).add(account)
+    policy = AuthPolicy(
+        agent_users=_csv(args.agent_sa),
+        sa_node_map=_pairs(args.sa_node_map, "--sa-node-map"),
+        admin_groups=_csv(args.admin_groups),
+        admin_users=_csv(args.admin_users),
+        user_accounts={u: frozenset(a) for u, a in user_accounts.items()},
+    )
+    providers = ProviderRegistry()
+    if args.sandbox_secret:
+        providers.add(SandboxProvider(args.sandbox_secret.encode()))
+    return Settings(
+        database_url=args.database_url,
+        authenticator=_authenticator(args),
+        policy=policy,
+        clock=clock_from_env(args.clock),
+        providers=providers,
+        currency=args.currency,
+        order_ttl_s=args.order_ttl,
+        voucher_dir=Path(args.voucher_dir) if args.voucher_dir else None,
+        pricebook_path=Path(args.pricebook) if args.pricebook else None,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    app = create_app(settings_from_args(args))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Recharge: online payment orders (QR code + signed callback) and bank-transfer vouchers."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from datetime import datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from gpucloud.api.deps import Account, Admin, Caller, State
+from gpucloud.api.schemas import (
+    BankTransferIn,
+    CallbackOut,
+    OnlineRechargeIn,
+    OrderOut,
+    Problem,
+    ReviewIn,
+    VoucherOut,
+    VouchersOut,
+)
+from gpucloud.billing.money import format_money
+from gpucloud.ledger import NotFound, Order, OrderStatus, Voucher
+from gpucloud.recharge import CallbackError, PaymentNotice, SignatureError, qr_png
+
+router = APIRouter(tags=["recharge"])
+
+_AUTH = {401: {"model": Problem}, 403: {"model": Problem}}
+OrderId = Annotated[str, Path(min_length=1, max_length=64)]
+ProviderName = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z0-9_-]+$")]
+VoucherId = Annotated[str, Path(min_length=1, max_length=64)]
+
+
+def _currency(state: State, account: str) -> str:
+    try:
+        return state.ledger.get_account(account).currency
+    except NotFound:
+        return state.ledger.ensure_account(account, state.settings.currency).currency
+
+
+def _payment_url(state: State, order: Order, currency: str) -> str:
+    provider = state.settings.providers.get(order.provider)
+    if provider is None:
+        raise HTTPException(409, f"provider {order.provider!r} is no longer configured")
+    # Providers derive the URL purely from the order, so it is never stored.
+    return provider.create_payment(
+        order.order_id, order.amount_minor, currency, order.expires_at
+    ).url
+
+
+def _order_out(state: State, request: Request, order: Order) -> OrderOut:
+    currency = state.ledger.get_account(order.account).currency
+    qr = request.url_for("get_order_qr", account=order.account, order_id=order.order_id)
+    return OrderOut(
+        order_id=order.order_id,
+        account=order.account,
+        amount_minor=order.amount_minor,
+        amount=format_money(order.amount_minor, currency),
+        provider=order.provider,
+        status=str(order.status),
+        created_at=order.created_at,
+        expires_at=order.expires_at,
+        paid_at=order.paid_at,
+        payment_url=_payment_url(state, order, currency),
+        qr_png_url=str(qr),
+    )
+
+
+def _account_order(state: State, account: str, order_id: str) -> Order:
+    order = state.ledger.get_order(order_id)
+    if order.account != account:  # do not reveal other accounts' orders
+        raise NotFound(f"order {order_id!r} not found")
+    return order
+
+
+@router.post(
+    "/v1/accounts/{account}/recharges/online",
+    status_code=201,
+    response_model=OrderOut,
+    responses={**_AUTH, 404: {"model": Problem}},
+)
+def create_online_recharge(
+    account: Account, body: OnlineRechargeIn, state: State, request: Request
+) -> OrderOut:
+    """A payment order: open ``payment_url`` or scan the QR code at ``qr_png_url``."""
+    if state.settings.providers.get(body.provider) is None:
+        known = ", ".join(state.settings.providers.names()) or "none"
+        raise HTTPException(422, f"provider: {body.provider!r} is not configured (known: {known})")
+    _currency(state, account)
+    expires_at = state.settings.clock.now() + timedelta(seconds=state.settings.order_ttl_s)
+    order = state.ledger.create_order(
+        account, body.amount_minor, body.provider, expires_at, order_id=body.order_id
+    )
+    return _order_out(state, request, order)
+
+
+@router.get(
+    "/v1/accounts/{account}/orders/{order_id}",
+    response_model=OrderOut,
+    responses={**_AUTH, 404: {"model": Problem}},
+)
+def get_order(account: Account, order_id: OrderId, state: State, request: Request) -> OrderOut:
+    return _order_out(state, request, _account_order(state, account, order_id))
+
+
+@router.get(
+    "/v1/accounts/{account}/orders/{order_id}/qr.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, **_AUTH, 404: {"model": Problem}},
+)
+def get_order_qr(account: Account, order_id: OrderId, state: State) -> Response:
+    order = _account_order(state, account, order_id)
+    url = _payment_url(state, order, state.ledger.get_account(account).currency)
+    return Response(qr_png(url), media_type="image/png")
+
+
+@router.post(
+    "/v1/payments/{provider}/callback",
+    response_model=CallbackOut,
+    responses={
+        401: {"model": Problem, "description": "signature missing, stale or wrong"},
+        404: {"model": Problem},
+        409: {"model": Problem, "description": "order expired, amount mismatch, ..."},
+        422: {"model": Problem},
+    },
+)
+async def payment_callback(provider: ProviderName, request: Request, state: State) -> CallbackOut:
+    """Called by the payment provider; authenticated by its HMAC signature, not a token."""
+    impl = state.settings.providers.get(provider)
+    if impl is None:
+        raise HTTPException(404, f"provider {provider!r} is not configured")
+    body = await request.body()
+    now = state.settings.clock.now()
+    try:
+        notice = impl.verify_callback(request.headers, body, now)
+    except SignatureError as exc:
+        raise HTTPException(401, str(exc)) from None
+    except CallbackError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return await run_in_threadpool(_settle, state, provider, notice, now)
+
+
+def _settle(state: State, provider: str, notice: PaymentNotice, now: datetime) -> CallbackOut:
+    before = state.ledger.get_order(notice.order_id)
+    if before.provider != provider:
+        raise HTTPException(
+            409, f"order {notice.order_id!r} belongs to provider {before.provider!r}"
+        )
+    currency = state.ledger.get_account(before.account).currency
+    if notice.currency != currency:
+        raise HTTPException(
+            422, f"currency: {notice.currency!r} does not match the account's {currency!r}"
+        )
+    if notice.status != "paid":
+        return CallbackOut(order_id=before.order_id, status=str(before.status), credited=False)
+    after = state.ledger.settle_order(
+        notice.order_id, notice.provider_txn_id, notice.amount_minor, now
+    )
+    credited = before.status is OrderStatus.PENDING and after.status is OrderStatus.PAID
+    return CallbackOut(order_id=after.order_id, status=str(after.status), credited=credited)
+
+
+def _voucher_out(state: State, v: Voucher) -> VoucherOut:
+    currency = state.ledger.get_account(v.account).currency
+    return VoucherOut(
+        voucher_id=v.voucher_id,
+        account=v.account,
+        amount_minor=v.amount_minor,
+        amount=format_money(v.amount_minor, currency),
+        payer=v.payer,
+        bank=v.bank,
+        transfer_no=v.transfer_no,
+        file_sha256=v.file_sha256,
+        status=str(v.status),
+        submitted_at=v.submitted_at,
+        reviewer=v.reviewer,
+        reason=v.reason,
+        reviewed_at=v.reviewed_at,
+    )
+
+
+@router.post(
+    "/v1/accounts/{account}/recharges/bank-transfer",
+    status_code=201,
+    response_model=VoucherOut,
+    responses={**_AUTH, 409: {"model": Problem}, 413: {"model": Problem}},
+)
+def submit_bank_transfer(account: Account, body: BankTransferIn, state: State) -> VoucherOut:
+    """A bank-transfer voucher, pending an admin's review. Only the file's SHA-256 goes
+    into the ledger; the file itself is kept under the configured voucher directory."""
+    digest = None
+    if body.file is not None:
+        try:
+            content = base64.b64decode(body.file.content_base64, validate=True)
+        except (binascii.Error, ValueError):
+            raise HTTPException(422, "file.content_base64: not valid base64") from None
+        if len(content) > state.settings.max_voucher_bytes:
+            raise HTTPException(413, f"file: larger than {state.settings.max_voucher_bytes} bytes")
+        digest = hashlib.sha256(content).hexdigest()
+        if state.settings.voucher_dir is not None:
+            state.settings.voucher_dir.mkdir(parents=True, exist_ok=True)
+            (state.settings.voucher_dir / digest).write_bytes(content)
+    _currency(state, account)
+    voucher = state.ledger.submit_voucher(
+        account,
+        body.amount_minor,
+        body.payer,
+        body.bank,
+        body.transfer_no,
+        digest,
+        state.settings.clock.now(),
+    )
+    return _voucher_out(state, voucher)
+
+
+@router.get("/v1/vouchers", response_model=VouchersOut, responses=_AUTH)
+def list_vouchers(
+    _: Admin,
+    state: State,
+    status: Annotated[str | None, Query(pattern=r"^(pending|approved|rejected)$")] = None,
+    account: Annotated[str | None, Query(min_length=1, max_length=253)] = None,
+) -> VouchersOut:
+    """Admins: vouchers to review (``status=pending``)."""
+    vouchers = state.ledger.vouchers(status=status, account=account)
+    return VouchersOut(vouchers=[_voucher_out(state, v) for v in vouchers])
+
+
+@router.get(
+    "/v1/vouchers/{voucher_id}",
+    response_model=VoucherOut,
+    responses={**_AUTH, 404: {"model": Problem}},
+)
+def get_voucher(voucher_id: VoucherId, caller: Caller, state: State) -> VoucherOut:
+    voucher = state.ledger.get_voucher(voucher_id)
+    if not state.settings.policy.can_access_account(caller, voucher.account):
+        raise NotFound(f"voucher {voucher_id!r} not found")
+    return _voucher_out(state, voucher)
+
+
+@router.post(
+    "/v1/vouchers/{voucher_id}/review",
+    response_model=VoucherOut,
+    responses={**_AUTH, 404: {"model": Problem}, 409: {"model": Problem}},
+)
+def review_voucher(voucher_id: VoucherId, body: ReviewIn, admin: Admin, state: State) -> VoucherOut:
+    """Admins: approve (credits exactly once) or reject (a reason is required)."""
+    if body.decision == "reject" and not body.reason.strip():
+        raise HTTPException(422, "reason: required when rejecting a voucher")
+    voucher = state.ledger.review_voucher(
+        voucher_id,
+        body.decision == "approve",
+        admin.username,
+        body.reason.strip(),
+        state.settings.clock.now(),
+    )
+    return _voucher_out(state, voucher)

@@ -1,0 +1,112 @@
+"""POST /v1/usage: usage records from the node agents."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from gpucloud.api.auth import AuthError, Principal
+from gpucloud.api.deps import Caller, State
+from gpucloud.api.ingest import BatchShapeError, NotJSON, RecordError, validate_body
+from gpucloud.api.schemas import IngestOut, Problem
+
+router = APIRouter(prefix="/v1", tags=["usage"])
+MAX_BODY_BYTES = 16 * 1024 * 1024  # 10,000 records fit in a few MB
+
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/UsageBatch"}}},
+    }
+}
+
+
+@router.post(
+    "/usage",
+    response_model=IngestOut,
+    openapi_extra=_BODY,
+    responses={
+        207: {"model": IngestOut, "description": "some records stored, some refused"},
+        400: {"model": Problem, "description": "body is not JSON"},
+        401: {"model": Problem},
+        403: {"model": Problem, "description": "not the agent, or a record of another node"},
+        413: {"model": Problem, "description": "body larger than 16 MiB"},
+        422: {"model": IngestOut, "description": "no record stored; errors per record"},
+    },
+)
+async def post_usage(request: Request, caller: Caller, state: State) -> Any:
+    """Store a batch of usage records; each record is validated and stored on its own.
+
+    200: every record stored or already stored (duplicate). 207: some stored, some
+    refused (see ``errors``: index, field, rule). 422: nothing stored. Re-sending a
+    batch is a no-op for the records already stored.
+    """
+    node = _agent_node(caller, state)
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise HTTPException(413, f"body: larger than {MAX_BODY_BYTES} bytes; send smaller batches")
+    out = await run_in_threadpool(_ingest, state, node, raw)
+    state.rating.notify()
+    status = 200
+    if out.errors:
+        status = 207 if out.accepted + out.duplicates > 0 else 422
+    return JSONResponse(out.model_dump(), status_code=status)
+
+
+def _agent_node(caller: Principal, state: State) -> str:
+    try:
+        return state.settings.policy.agent_node(caller)
+    except AuthError as exc:
+        raise HTTPException(exc.status, exc.detail) from None
+
+
+def _ingest(state: State, node: str, raw: bytes) -> IngestOut:
+    stage = state.metrics.stage_seconds
+    try:
+        with stage.labels("validate").time():
+            valid, errors = validate_body(raw)
+    except NotJSON as exc:
+        raise HTTPException(400, str(exc)) from None
+    except BatchShapeError as exc:
+        raise HTTPException(422, str(exc)) from None
+    foreign = [(i, r.node) for i, r in valid if r.node != node]
+    if foreign:
+        i, other = foreign[0]
+        raise HTTPException(
+            403,
+            f"records[{i}].node: {other!r} is not the caller's node {node!r} "
+            f"({len(foreign)} such records; nothing stored)",
+        )
+    metrics = state.metrics
+    metrics.rejected.labels("invalid").inc(len({e.index for e in errors}))
+    accepted = duplicates = 0
+    if valid:
+        waited = time.perf_counter()
+        with state.write_gate:
+            stage.labels("gate_wait").observe(time.perf_counter() - waited)
+            with stage.labels("ingest").time():
+                result = state.ledger.ingest_usage(
+                    [r for _, r in valid], received_at=state.settings.clock.now()
+                )
+        accepted, duplicates = result.accepted, result.duplicates
+        for pos, reason in result.rejected:
+            rule = _rule_of(reason)
+            errors.append(RecordError(valid[pos][0], "", rule, reason))
+            metrics.rejected.labels(rule).inc()
+    metrics.ingested.inc(accepted)
+    metrics.duplicates.inc(duplicates)
+    errors.sort(key=lambda e: e.index)
+    return IngestOut(
+        accepted=accepted,
+        duplicates=duplicates,
+        rejected=len({e.index for e in errors}),
+        errors=[e.as_dict() for e in errors],
+    )
+
+
+def _rule_of(reason: str) -> str:
+    return "overlap" if "overlap" in reason else "conflict"

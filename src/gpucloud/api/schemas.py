@@ -1,0 +1,175 @@
+"""Request and response bodies of the HTTP API (the OpenAPI spec is generated from these)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_AMOUNT_MINOR = 10**12  # a sanity bound on one recharge (10 billion yuan)
+
+AmountMinor = Annotated[int, Field(gt=0, le=MAX_AMOUNT_MINOR, description="minor units (fen)")]
+Text = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecordErrorOut(BaseModel):
+    index: int = Field(description="position of the record in the batch")
+    field: str = Field(description="dotted path inside the record; empty for the whole record")
+    rule: str = Field(description="the rule broken, e.g. missing, greater_than_equal, conflict")
+    message: str
+
+
+class IngestOut(BaseModel):
+    accepted: int
+    duplicates: int
+    rejected: int
+    errors: list[RecordErrorOut] = []
+
+
+class Problem(BaseModel):
+    detail: Any
+
+
+class BalanceOut(BaseModel):
+    account: str
+    currency: str
+    balance_minor: int
+    available_minor: int = Field(description="balance minus accrued, not yet posted usage")
+    balance: str
+    available: str
+
+
+class EntryOut(BaseModel):
+    id: int
+    kind: str
+    amount_minor: int
+    balance_after_minor: int
+    key: str
+    resource: str | None
+    memo: str
+    at: datetime
+
+
+class StatementOut(BaseModel):
+    account: str
+    currency: str
+    entries: list[EntryOut]
+    next_after_id: int | None = Field(description="pass as after_id for the next page")
+
+
+class UsageRowOut(BaseModel):
+    resource: str | None
+    kind: str
+    gpu_seconds: int
+    byte_seconds: int
+    records: int
+
+
+class UsageOut(BaseModel):
+    account: str
+    rows: list[UsageRowOut]
+
+
+class ChargeOut(BaseModel):
+    resource: str | None
+    amount_minor: int
+    amount: str
+
+
+class ChargesOut(BaseModel):
+    account: str
+    currency: str
+    charges: list[ChargeOut]
+
+
+class OnlineRechargeIn(_In):
+    amount_minor: AmountMinor
+    provider: Annotated[str, Field(min_length=1, max_length=64)] = "sandbox"
+    order_id: Annotated[
+        str | None,
+        Field(
+            default=None,
+            min_length=1,
+            max_length=64,
+            pattern=r"^[A-Za-z0-9_.-]+$",
+            description="optional client-chosen id: makes the request idempotent",
+        ),
+    ] = None
+
+
+class OrderOut(BaseModel):
+    order_id: str
+    account: str
+    amount_minor: int
+    amount: str
+    provider: str
+    status: str
+    created_at: datetime
+    expires_at: datetime
+    paid_at: datetime | None
+    payment_url: str
+    qr_png_url: str
+
+
+class VoucherFileIn(_In):
+    name: Annotated[str, Field(min_length=1, max_length=255)]
+    content_base64: Annotated[str, Field(min_length=1, description="the file, base64")]
+
+
+class BankTransferIn(_In):
+    amount_minor: AmountMinor
+    payer: Text
+    bank: Text
+    transfer_no: Annotated[str, Field(min_length=1, max_length=100)]
+    file: VoucherFileIn | None = None
+
+
+class VoucherOut(BaseModel):
+    voucher_id: str
+    account: str
+    amount_minor: int
+    amount: str
+    payer: str
+    bank: str
+    transfer_no: str
+    file_sha256: str | None
+    status: str
+    submitted_at: datetime
+    reviewer: str | None
+    reason: str | None
+    reviewed_at: datetime | None
+
+
+class VouchersOut(BaseModel):
+    vouchers: list[VoucherOut]
+
+
+class ReviewIn(_In):
+    decision: Literal["approve", "reject"]
+    reason: Annotated[str, Field(max_length=1000)] = ""
+
+
+class CallbackOut(BaseModel):
+    order_id: str
+    status: str
+    credited: bool = Field(description="true only for the callback that credited the order")
+
+
+class AuditEventOut(BaseModel):
+    id: int
+    account: str | None
+    at: datetime
+    actor: str
+    action: str
+    subject: str
+    detail: dict[str, Any]
+
+
+class AuditOut(BaseModel):
+    account: str
+    events: list[AuditEventOut]

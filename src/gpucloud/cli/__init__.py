@@ -1,0 +1,1 @@
+"""The ``gpucloud`` command line (typer + rich): balances, statements, recharges, estimates."""

@@ -1,0 +1,39 @@
+"""Recharge: payment providers, signed callbacks, QR codes.
+
+Online recharges create a payment order; the provider later calls back with an
+HMAC-SHA256 signed notice (see :mod:`gpucloud.recharge.signing`) which the API
+verifies before crediting. ``sandbox`` is a built-in provider for demos and tests.
+"""
+
+from gpucloud.recharge.provider import (
+    CallbackError,
+    PaymentNotice,
+    PaymentProvider,
+    PaymentRequest,
+    ProviderRegistry,
+)
+from gpucloud.recharge.qr import qr_png, qr_text
+from gpucloud.recharge.sandbox import SandboxProvider
+from gpucloud.recharge.signing import (
+    SIGNATURE_HEADER,
+    SignatureError,
+    sign_body,
+    signature_header,
+    verify_signature,
+)
+
+__all__ = [
+    "SIGNATURE_HEADER",
+    "CallbackError",
+    "PaymentNotice",
+    "PaymentProvider",
+    "PaymentRequest",
+    "ProviderRegistry",
+    "SandboxProvider",
+    "SignatureError",
+    "qr_png",
+    "qr_text",
+    "sign_body",
+    "signature_header",
+    "verify_signature",
+]

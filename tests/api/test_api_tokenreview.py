@@ -1,0 +1,225 @@
+"""The TokenReview authenticator against a tiny local server speaking the TokenReview API."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from apihelpers import auth, gpu_record
+from fastapi.testclient import TestClient
+
+from gpucloud.api import Settings, create_app
+from gpucloud.api.auth import (
+    DEFAULT_AGENT_SA,
+    NODE_NAME_EXTRA,
+    AuthError,
+    AuthPolicy,
+    ClusterAccess,
+    TokenReviewAuthenticator,
+)
+
+API_SERVER_TOKEN = "api-server-credential"
+# token -> TokenReview status.user
+USERS: dict[str, dict[str, Any]] = {
+    "bound-agent": {
+        "username": DEFAULT_AGENT_SA,
+        "groups": ["system:serviceaccounts"],
+        "extra": {NODE_NAME_EXTRA: ["gpu-node-1"]},
+    },
+    "unbound-agent": {"username": "system:serviceaccount:testbed:agent-2"},
+    "other-sa": {"username": "system:serviceaccount:default:default"},
+}
+
+
+class FakeApiServer:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.reviews: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/apis/authentication.k8s.io/v1/tokenreviews":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                client_cert = tls is not None and self.connection.getpeercert()  # type: ignore[attr-defined]
+                token_ok = self.headers.get("Authorization") == f"Bearer {API_SERVER_TOKEN}"
+                if not (token_ok or client_cert):
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                outer.reviews.append(body)
+                user = USERS.get(body["spec"]["token"])
+                status = {"authenticated": True, "user": user} if user else {"authenticated": False}
+                out = json.dumps({**body, "status": status}).encode()
+                self.send_response(201)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        scheme = "http"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+
+@pytest.fixture
+def apiserver() -> Iterator[FakeApiServer]:
+    srv = FakeApiServer()
+    srv.thread.start()
+    yield srv
+    srv.server.shutdown()
+
+
+@pytest.fixture
+def kubeconfig(tmp_path: Path, apiserver: FakeApiServer) -> Path:
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "test",
+                "clusters": [{"name": "c", "cluster": {"server": apiserver.url}}],
+                "users": [{"name": "u", "user": {"token": API_SERVER_TOKEN}}],
+                "contexts": [{"name": "test", "context": {"cluster": "c", "user": "u"}}],
+            }
+        )
+    )
+    return path
+
+
+def test_tokenreview_principal_and_cache(kubeconfig: Path, apiserver: FakeApiServer) -> None:
+    async def go() -> None:
+        authn = TokenReviewAuthenticator(
+            ClusterAccess.from_kubeconfig(kubeconfig), audiences=["gpucloud"], cache_ttl_s=60
+        )
+        p = await authn.authenticate("bound-agent")
+        assert p is not None and p.username == DEFAULT_AGENT_SA and p.node == "gpu-node-1"
+        assert await authn.authenticate("bound-agent") == p
+        assert await authn.authenticate("nope") is None
+        assert await authn.authenticate("nope") is None
+        await authn.aclose()
+
+    asyncio.run(go())
+    assert [r["spec"]["token"] for r in apiserver.reviews] == ["bound-agent", "nope"]
+    assert apiserver.reviews[0]["spec"]["audiences"] == ["gpucloud"]
+    assert apiserver.reviews[0]["apiVersion"] == "authentication.k8s.io/v1"
+
+
+def test_unreachable_api_server_is_503_not_401(tmp_path: Path) -> None:
+    async def go() -> None:
+        authn = TokenReviewAuthenticator(ClusterAccess(server="http://127.0.0.1:9"))
+        with pytest.raises(AuthError) as err:
+            await authn.authenticate("x")
+        assert err.value.status == 503
+        await authn.aclose()
+
+    asyncio.run(go())
+
+
+def test_usage_only_for_the_token_node(kubeconfig: Path, db_url: str) -> None:
+    policy = AuthPolicy(sa_node_map={"system:serviceaccount:testbed:agent-2": "gpu-node-2"})
+    settings = Settings(
+        database_url=db_url,
+        authenticator=TokenReviewAuthenticator(ClusterAccess.from_kubeconfig(kubeconfig)),
+        policy=policy,
+    )
+    with TestClient(create_app(settings)) as client:
+        post = lambda token, node: client.post(  # noqa: E731
+            "/v1/usage", json={"records": [gpu_record(node=node)]}, headers=auth(token)
+        )
+        assert post("bound-agent", "gpu-node-1").status_code == 200
+        assert post("bound-agent", "gpu-node-2").status_code == 403
+        assert post("unbound-agent", "gpu-node-2").status_code == 200  # via the SA->node map
+        assert post("unbound-agent", "gpu-node-1").status_code == 403
+        assert post("other-sa", "gpu-node-1").status_code == 403
+        assert post("nope", "gpu-node-1").status_code == 401
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _pki(d: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (like kwok's)."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.crt", "-days", "1", "-subj", "/CN=test-ca", cwd=d)  # fmt: skip
+    for name, ext in (
+        ("server", "subjectAltName=IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", "-subj", f"/CN={name}/O=system:masters", cwd=d)  # fmt: skip
+        (d / f"{name}.ext").write_text(ext + "\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "1",
+                 "-extfile", f"{name}.ext", cwd=d)  # fmt: skip
+
+
+def test_kubeconfig_with_inline_tls_material(tmp_path: Path) -> None:
+    """TLS with the CA and a client certificate given inline (``*-data``), as kwokctl
+    writes them: the API server requires the client certificate."""
+    _pki(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca.crt"))
+    tls.load_cert_chain(tmp_path / "server.crt", tmp_path / "server.key")
+    tls.verify_mode = ssl.CERT_REQUIRED
+    srv = FakeApiServer(tls)
+    srv.thread.start()
+    b64 = lambda name: base64.b64encode((tmp_path / name).read_bytes()).decode()  # noqa: E731
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "current-context": "kwok",
+                "clusters": [
+                    {
+                        "name": "c",
+                        "cluster": {"server": srv.url, "certificate-authority-data": b64("ca.crt")},
+                    }
+                ],
+                "users": [
+                    {
+                        "name": "u",
+                        "user": {
+                            "client-certificate-data": b64("client.crt"),
+                            "client-key-data": b64("client.key"),
+                        },
+                    }
+                ],
+                "contexts": [{"name": "kwok", "context": {"cluster": "c", "user": "u"}}],
+            }
+        )
+    )
+
+    async def go() -> None:
+        authn = TokenReviewAuthenticator(ClusterAccess.from_kubeconfig(kubeconfig))
+        try:
+            p = await authn.authenticate("bound-agent")
+            assert p is not None and p.node == "gpu-node-1"
+        finally:
+            await authn.aclose()
+
+    try:
+        asyncio.run(go())
+    finally:
+        srv.server.shutdown()
+    assert len(srv.reviews) == 1
