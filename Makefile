@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps testbed-build testbed testbed-down crds lint test test-unit test-e2e bench demo clean
+.PHONY: setup system-deps testbed-build testbed testbed-down crds lint test test-unit test-e2e bench demo kind kind-down clean
 
 setup: $(VENV)/.installed
 
@@ -30,11 +30,14 @@ testbed-down: setup
 
 crds: setup
 	$(PY) hack/gen_crds.py
+	$(PY) hack/sync_chart_crds.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(PY) hack/gen_crds.py --check
+	$(PY) hack/sync_chart_crds.py --check
 
 test: setup system-deps testbed-build
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -50,6 +53,15 @@ bench: setup system-deps testbed-build
 
 demo: setup system-deps testbed-build
 	$(PY) hack/demo.py
+
+# For users with Docker: a kind cluster with kwok's fake GPU nodes and the chart
+# installed. Not runnable on the development machines (no container engine); the kwok
+# test bed above is the tested path.
+kind: setup
+	bash hack/kind/kind.sh
+
+kind-down:
+	bash hack/kind/kind.sh down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

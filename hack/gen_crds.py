@@ -483,6 +483,49 @@ def recharge_review() -> Schema:
     )
 
 
+def operator_bookkeeping() -> dict[str, Schema]:
+    """GPUInstance status fields the operator persists so that a restart (even after
+    SIGKILL) repeats every posting with the same idempotency key and amount."""
+    return {
+        "account": string("Account the instance bills to."),
+        "runs": integer("Runs started so far (numbers the pods and meters).", minimum=0),
+        "meterId": string("Ledger meter of the current run's GPU time."),
+        "meterSince": timestamp("Start of the current meter (run start or mode switch)."),
+        "unsettledMeters": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Closed meters whose missing agent usage is still to be billed.",
+        },
+        "volumeNode": string("Node holding the instance's local volume."),
+        "storageSince": timestamp("Start of storage billing (creation)."),
+        "storageBilledUntil": timestamp("End of the last settled storage window."),
+        "releasedAt": timestamp("When the release began."),
+        "stopTarget": string("Phase an interrupted stop ends in."),
+        "preemptAt": timestamp("When a preempted spot instance is stopped."),
+        "reminderSentFor": timestamp("Package expiry the reminder was sent for."),
+        "haltedGeneration": {
+            "type": "integer",
+            "format": "int64",
+            "description": "Generation that was stopped by expiry/preemption/refusal.",
+        },
+        "packageTerms": {
+            "type": "array",
+            "maxItems": 1000,
+            "description": "Paid package terms [start, end), newest last.",
+            "items": obj(
+                {
+                    "seq": integer("Term number.", minimum=1),
+                    "period": string("Day, Week or Month."),
+                    "start": timestamp("Term start."),
+                    "end": timestamp("Expiry, or when the term was left early."),
+                    "prepaidMinor": {"type": "integer", "format": "int64", "minimum": 0},
+                },
+                ["seq", "period", "start", "end", "prepaidMinor"],
+            ),
+        },
+    }
+
+
 def gpu_instance() -> Schema:
     billing = obj(
         {
@@ -593,6 +636,7 @@ def gpu_instance() -> Schema:
             "currency": string("Currency."),
             "packageExpiresAt": timestamp("End of the prepaid package period."),
             "message": string("Latest human-readable detail."),
+            **operator_bookkeeping(),
         }
     )
     return crd(

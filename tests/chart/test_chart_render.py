@@ -1,0 +1,262 @@
+"""`helm lint` and `helm template` with the real helm: defaults, variants, bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from charttools import CHART, find, helm, render
+
+from gpucloud.testing.testbed import REPO
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return doc["spec"]["template"]["spec"]["containers"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+@pytest.fixture(scope="module")
+def defaults(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return render(tmp_path_factory.mktemp("helm"))
+
+
+def test_helm_lint(tmp_path: Path) -> None:
+    proc = helm("lint", "--strict", str(CHART), tmp=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = helm(
+        "lint",
+        "--strict",
+        str(CHART),
+        "--set",
+        "monitoring.serviceMonitor.enabled=true",
+        "--set",
+        "monitoring.prometheusRule.enabled=true",
+        "--set",
+        "database.type=postgresql",
+        "--set",
+        "database.url=postgresql+psycopg://u:p@db:5432/gpucloud",
+        "--set",
+        "api.replicas=3",
+        tmp=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_default_objects(defaults: list[dict[str, Any]]) -> None:
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in defaults}
+    for kind, name in [
+        ("Deployment", "gpucloud-operator"),
+        ("Deployment", "gpucloud-api"),
+        ("Deployment", "gpucloud-gateway"),
+        ("DaemonSet", "gpucloud-agent"),
+        ("Service", "gpucloud-api"),
+        ("Service", "gpucloud-gateway"),
+        ("ClusterKopfPeering", "gpucloud"),
+        ("PriceBook", "default"),
+        ("ClusterRole", "gpucloud-billing-admin"),
+        ("ConfigMap", "gpucloud-dashboard"),
+        ("PersistentVolumeClaim", "gpucloud-ledger"),
+    ]:
+        assert (kind, name) in kinds, (kind, name)
+    for sa in ("operator", "api", "gateway", "agent"):
+        assert ("ServiceAccount", f"gpucloud-{sa}") in kinds
+        binding = find(defaults, "ClusterRoleBinding", f"gpucloud-{sa}")
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": f"gpucloud-{sa}", "namespace": "gpucloud-system"}
+        ]
+    # Monitoring CRs only on request (the Prometheus Operator may be absent).
+    assert not {"ServiceMonitor", "PrometheusRule"} & {d["kind"] for d in defaults}
+
+
+def test_pricebook_matches_the_example(defaults: list[dict[str, Any]]) -> None:
+    example = yaml.safe_load((REPO / "examples" / "pricebook.yaml").read_text())
+    assert find(defaults, "PriceBook")["spec"] == example["spec"]
+    served = yaml.safe_load(find(defaults, "ConfigMap", "-pricebook")["data"]["pricebook.yaml"])
+    assert served["spec"] == example["spec"]
+
+
+def test_agent_daemonset(defaults: list[dict[str, Any]]) -> None:
+    ds = find(defaults, "DaemonSet", "-agent")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["serviceAccountName"] == "gpucloud-agent"
+    (c,) = pod["containers"]
+    env = env_of(c)
+    assert env["GPUCLOUD_AGENT_NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["GPUCLOUD_AGENT_API_URL"] == "http://gpucloud-api.gpucloud-system.svc:8080"
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["pod-resources"]["hostPath"]["path"] == "/var/lib/kubelet/pod-resources"
+    assert mounts["pod-resources"]["readOnly"] is True
+    assert volumes["data"]["hostPath"]["path"] == "/var/lib/gpucloud"
+    assert mounts["data"]["readOnly"] is True
+    token = volumes["api-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "gpucloud-api"
+    assert env["GPUCLOUD_AGENT_TOKEN_FILE"] == "/var/run/secrets/gpucloud/token"
+    sc = c["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["DAC_READ_SEARCH"]}
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    # The API only accepts usage from this ServiceAccount, with this audience.
+    api_env = env_of(containers(find(defaults, "Deployment", "-api"))[0])
+    assert api_env["GPUCLOUD_AGENT_SA"] == "system:serviceaccount:gpucloud-system:gpucloud-agent"
+    assert api_env["GPUCLOUD_TOKEN_AUDIENCES"] == "gpucloud-api"
+
+
+def test_other_components_run_as_non_root(defaults: list[dict[str, Any]]) -> None:
+    for name in ("-operator", "-api", "-gateway"):
+        dep = find(defaults, "Deployment", name)
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        for c in pod["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True
+            assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+            assert c["image"] == f"gpucloud/{name[1:]}:0.1.0"
+
+
+def test_operator_deployment(defaults: list[dict[str, Any]]) -> None:
+    dep = find(defaults, "Deployment", "-operator")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    (c,) = containers(dep)
+    assert "--peering=gpucloud" in c["args"]
+    env = env_of(c)
+    assert env["GPUCLOUD_LEDGER_URL"] == "sqlite:////var/lib/gpucloud/ledger/ledger.db"
+    assert env["GPUCLOUD_OPERATOR_PRICEBOOK"] == "default"
+    assert env["GPUCLOUD_OPERATOR_STORAGE_SETTLEMENT_S"] == "3600"
+    assert env["GPUCLOUD_OPERATOR_REMINDER_LEAD_S"] == "604800"
+
+
+def test_sqlite_pins_ledger_users_to_the_operator_node(defaults: list[dict[str, Any]]) -> None:
+    for name in ("-api", "-gateway"):
+        pod = find(defaults, "Deployment", name)["spec"]["template"]["spec"]
+        (term,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+        assert {"name": "ledger", "persistentVolumeClaim": {"claimName": "gpucloud-ledger"}} in pod[
+            "volumes"
+        ]
+
+
+def test_postgresql_with_replicas(tmp_path: Path) -> None:
+    docs = render(
+        tmp_path,
+        "--set",
+        "database.type=postgresql",
+        "--set",
+        "database.url=postgresql+psycopg://gc:pw@db:5432/gpucloud",
+        "--set",
+        "api.replicas=3",
+    )
+    api = find(docs, "Deployment", "-api")
+    assert api["spec"]["replicas"] == 3
+    assert "affinity" not in api["spec"]["template"]["spec"]
+    ref = env_of(containers(api)[0])["GPUCLOUD_DATABASE_URL"]
+    assert ref == {"secretKeyRef": {"name": "gpucloud-database", "key": "url"}}
+    secret = find(docs, "Secret", "-database")
+    assert secret["stringData"]["url"] == "postgresql+psycopg://gc:pw@db:5432/gpucloud"
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    docs = render(
+        tmp_path,
+        "--set",
+        "database.type=postgresql",
+        "--set",
+        "database.existingSecret=pg",
+        "--set",
+        "api.replicas=2",
+    )
+    ref = env_of(containers(find(docs, "Deployment", "-operator"))[0])["GPUCLOUD_LEDGER_URL"]
+    assert ref == {"secretKeyRef": {"name": "pg", "key": "url"}}
+
+
+def test_monitoring_objects(tmp_path: Path) -> None:
+    docs = render(
+        tmp_path,
+        "--set",
+        "monitoring.serviceMonitor.enabled=true",
+        "--set",
+        "monitoring.prometheusRule.enabled=true",
+    )
+    monitors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceMonitor"}
+    assert set(monitors) == {"gpucloud-api", "gpucloud-gateway", "gpucloud-agent"}
+    assert monitors["gpucloud-agent"]["spec"]["endpoints"][0]["honorLabels"] is True
+    dash = find(docs, "ConfigMap", "-dashboard")
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert "gpucloud-overview.json" in dash["data"]
+
+
+def test_gateway_config_is_accepted_by_the_gateway(tmp_path: Path) -> None:
+    from gpucloud_gateway.main import build
+
+    docs = render(tmp_path, "--set", "gateway.modelsFromCluster=false")
+    config = yaml.safe_load(find(docs, "ConfigMap", "-gateway")["data"]["gateway.yaml"])
+    assert "ledger" not in config["billing"]  # from GPUCLOUD_LEDGER_URL, a Secret with PG
+    # Local stand-ins for what only exists in a cluster; the rest is the rendered file.
+    pricebook = find(docs, "ConfigMap", "-pricebook")["data"]["pricebook.yaml"]
+    (tmp_path / "pricebook.yaml").write_text(pricebook)
+    config["billing"] = {"store": "usage.db", "pricebook": "pricebook.yaml"}
+    config["endpoints"] = {"kind": "static", "map": {}}
+    config["scaler"] = {"kind": "none"}
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
+    runtime = build(tmp_path / "gateway.yaml")
+    assert runtime.sink is not None and not runtime.models_from_cluster
+    defaults = render(tmp_path)
+    config = yaml.safe_load(find(defaults, "ConfigMap", "-gateway")["data"]["gateway.yaml"])
+    assert config["models"] == {"kind": "kubernetes"}
+    assert config["endpoints"] == {"kind": "kubernetes"} and config["scaler"] == config["endpoints"]
+
+
+# (values, words the error must contain): the field and the rule.
+BAD_VALUES = [
+    (["--set", "api.replicas=3"], ["api.replicas", "postgresql", "single"]),
+    (["--set-string", "api.replicas=three"], ["/api/replicas", "integer"]),
+    (["--set", "api.replicas=0"], ["/api/replicas", "minimum"]),
+    (["--set", "database.type=mysql"], ["/database/type", "sqlite", "postgresql"]),
+    (["--set", "database.type=postgresql"], ["database.url or database.existingSecret"]),
+    (["--set", "database.type=postgresql", "--set", "database.url=mysql://x"], ["/database/url"]),
+    (["--set", "pricebook.gpus[0].payAsYouGoPerHour=9.8.0"], ["payAsYouGoPerHour"]),
+    (["--set", "pricebook.gpus[0].spotPerHour=-1"], ["spotPerHour"]),
+    (["--set", "currency=yuan"], ["/currency"]),
+    (["--set", "operator.config.tick_intervl_s=5"], ["/operator/config", "tick_intervl_s"]),
+    (["--set", "operator.replicas=2"], ["/operator/replicas"]),
+    (["--set", "agent.nvml=mock"], ["/agent/nvml"]),
+    (["--set", "apii.replicas=1"], ["apii"]),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_bad_values_fail_naming_the_field(
+    tmp_path: Path, args: list[str], words: list[str]
+) -> None:
+    proc = helm("template", "gpucloud", str(CHART), *args, tmp=tmp_path)
+    assert proc.returncode != 0, f"{args} rendered"
+    for word in words:
+        assert word in proc.stderr, f"{word!r} not in: {proc.stderr}"
+
+
+def test_large_numbers_stay_integers(tmp_path: Path) -> None:
+    """Helm reads YAML numbers as floats; 30 days must not reach the operator as 2.592e+06."""
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "operator:\n  config:\n    package_month_s: 2592000\n    tick_interval_s: 0.5\n"
+    )
+    docs = render(tmp_path, "-f", str(values))
+    env = env_of(containers(find(docs, "Deployment", "-operator"))[0])
+    assert env["GPUCLOUD_OPERATOR_PACKAGE_MONTH_S"] == "2592000"
+    assert env["GPUCLOUD_OPERATOR_TICK_INTERVAL_S"] == "0.5"
+
+
+def test_helm_installs_all_crds_including_kopf(tmp_path: Path) -> None:
+    docs = render(tmp_path, "--include-crds")
+    crds = {d["metadata"]["name"] for d in docs if d["kind"] == "CustomResourceDefinition"}
+    repo = {yaml.safe_load(p.read_text())["metadata"]["name"] for p in (REPO / "crds").glob("*")}
+    assert crds == repo | {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+
+
+def test_without_gateway(tmp_path: Path) -> None:
+    docs = render(tmp_path, "--set", "gateway.enabled=false")
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-gateway")]
