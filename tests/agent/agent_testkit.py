@@ -170,3 +170,58 @@ class AgentProcess:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class ApiReceiver:
+    """The project's real metering API as the receiver, on a real SQLite ledger.
+
+    Modes: "ok" (running), "unavailable" (stopped with SIGTERM), "down" (SIGKILLed,
+    possibly in the middle of an ingestion); "ok" again restarts it on the same port and
+    database. What arrived is read back from the ledger."""
+
+    def __init__(self, workdir: Path, node: str) -> None:
+        from gpucloud.api.testserver import ApiProcess, agent_token
+
+        self.api = ApiProcess(workdir, nodes=[node]).start()
+        self.token = agent_token(node)
+        self.mode = "ok"
+        self.conflicts: list[Any] = []  # the API refuses conflicts; they would be missing
+        self._ledger: Any = None
+
+    @property
+    def url(self) -> str:
+        return self.api.url
+
+    def set_mode(self, mode: str) -> None:
+        if mode == self.mode:
+            return
+        if mode == "unavailable":
+            self.api.stop()
+        elif mode == "down":
+            self.api.kill()
+        else:
+            self.api.start()
+        self.mode = mode
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+        self.api.stop()
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every GPU record the ledger holds (none is rated: no meter is open)."""
+        from gpucloud.ledger import open_ledger
+
+        if self._ledger is None:
+            self._ledger = open_ledger(self.api.database_url)
+        return [
+            {
+                "gpu": {"uuid": u.subject},
+                "pod": {"uid": u.owner},
+                "start": u.start,
+                "end": u.end,
+                "quantity": u.quantity,
+            }
+            for u in self._ledger.unrated_usage(limit=1_000_000)
+            if u.kind == "gpu_time"
+        ]

@@ -16,9 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from agent_testkit import AgentProcess, Receiver, free_port, wait_for
+from agent_testkit import AgentProcess, ApiReceiver, free_port, wait_for
 from gpucloud_agent.podresources.client import PodResourcesClient
 from gpucloud_agent.podresources.fake_server import FakePod, fake_device_ids, serve
+from gpucloud_agent.pods import DerivedUidResolver
 
 from gpucloud.clock import FileClock
 
@@ -28,8 +29,7 @@ OUTAGE = (T0 + 300, T0 + 900)  # 10 simulated minutes: 503 first, then connectio
 NODE = "node-wal"
 GPUS = 3
 
-# The receiver: swap this line for the real API (gpucloud.api) once it can run standalone.
-make_receiver = Receiver
+UIDS = DerivedUidResolver()  # the agent runs with --pod-uid-source derived
 
 
 @pytest.mark.slow
@@ -51,12 +51,13 @@ def test_no_second_lost_or_duplicated_across_kills_and_outage(tmp_path: Path) ->
             }
         )
     )
-    (tmp_path / "token").write_text("test-token")
     pods: list[FakePod] = []
     sock = str(tmp_path / "kubelet.sock")
     server = serve(sock, lambda: list(pods), fake_device_ids(NODE, GPUS))
     podres = PodResourcesClient(sock)
-    receiver = make_receiver()
+    # The real metering API: stopped, then SIGKILLed during the outage, restarted after.
+    receiver = ApiReceiver(tmp_path / "api", NODE)
+    (tmp_path / "token").write_text(receiver.token)  # accepted for this node only
     agent = AgentProcess(
         [
             "--node-name", NODE, "--nvml", "fake", "--fake-config", str(cfg),
@@ -147,7 +148,7 @@ def test_no_second_lost_or_duplicated_across_kills_and_outage(tmp_path: Path) ->
         for (start, held), (end, _) in itertools.pairwise(assignments):
             for gpu, pod in held.items():
                 for s in range(start, end):
-                    expected[(gpu, s)] = pod
+                    expected[(gpu, s)] = UIDS.uid("team", pod)
         total = len(expected)
 
         def shipped_seconds() -> int:
@@ -161,11 +162,10 @@ def test_no_second_lost_or_duplicated_across_kills_and_outage(tmp_path: Path) ->
             for s in range(r["start"], r["end"]):
                 key = (r["gpu"]["uuid"], s)
                 assert key not in got, f"second {key} billed twice"
-                got[key] = r["pod"]["name"]
+                got[key] = r["pod"]["uid"]
         assert receiver.conflicts == []
         assert got == expected
         assert kills >= 3 and len(assignments) > 15
-        assert receiver.tokens == {"Bearer test-token"}
         assert max_backlog >= 10  # the outage really held records back in the WAL
     finally:
         agent.stop()
