@@ -1,0 +1,203 @@
+"""Pure manifest builders: dicts in, dicts out, no API calls.
+
+An instance owns a pod (while it runs) and a PersistentVolumeClaim (until it is
+released); both carry an owner reference so Kubernetes' garbage collector removes them
+with the instance. The PersistentVolume is cluster-scoped (a namespaced owner is not
+allowed) and is deleted by the release finalizer. The test bed runs no storage
+provisioner, so the volume is a *local* PersistentVolume pinned to the node chosen at the
+first placement; the claim is pre-bound to it, which makes the scheduler keep the
+instance on the node that holds its data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GROUP = "gpucloud.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+GPU_RESOURCE = "nvidia.com/gpu"
+PRODUCT_LABEL = "nvidia.com/gpu.product"
+INSTANCE_LABEL = "gpucloud.dev/instance"
+MODE_LABEL = "gpucloud.dev/billing-mode"
+RUN_LABEL = "gpucloud.dev/run"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "gpucloud-operator"}
+STORAGE_CLASS = "gpucloud-local"
+DATA_ROOT = "/var/lib/gpucloud/instances"
+DATA_MOUNT = "/root/data"
+
+Manifest = dict[str, Any]
+
+
+def owner_reference(owner: Manifest) -> Manifest:
+    meta = owner["metadata"]
+    return {
+        "apiVersion": owner.get("apiVersion", API_VERSION),
+        "kind": owner.get("kind", "GPUInstance"),
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def pod_name(instance_name: str) -> str:
+    return f"{instance_name}-gpu"[:253]
+
+
+def pvc_name(instance_name: str) -> str:
+    return f"{instance_name}-data"[:253]
+
+
+def pv_name(instance_uid: str) -> str:
+    """Cluster-unique: instance names repeat across namespaces, UIDs do not."""
+    return f"gpucloud-{instance_uid}"
+
+
+def instance_labels(instance: Manifest) -> dict[str, str]:
+    spec = instance["spec"]
+    return {
+        **MANAGED_BY,
+        INSTANCE_LABEL: instance["metadata"]["name"],
+        MODE_LABEL: spec["billing"]["mode"],
+    }
+
+
+def gpu_summary(product: str, count: int) -> str:
+    """What ``kubectl get`` shows in the GPU column: "NVIDIA-L40S x2"."""
+    return f"{product} x{count}"
+
+
+def build_instance_pod(instance: Manifest, run: int) -> Manifest:
+    """The pod of one run of an instance: GPUs as limits, the product as a node selector,
+    the instance volume mounted, and no restarts of a finished container (a stop is
+    decided by the operator, not by the kubelet)."""
+    meta, spec = instance["metadata"], instance["spec"]
+    gpu = spec["gpu"]
+    container: Manifest = {
+        "name": "main",
+        "image": spec.get("image") or "nvcr.io/nvidia/pytorch:24.08-py3",
+        "resources": {
+            "limits": {GPU_RESOURCE: str(gpu.get("count", 1))},
+            "requests": {GPU_RESOURCE: str(gpu.get("count", 1))},
+        },
+        "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT}],
+    }
+    if spec.get("command"):
+        container["command"] = list(spec["command"])
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": {**instance_labels(instance), RUN_LABEL: str(run)},
+            "ownerReferences": [owner_reference(instance)],
+        },
+        "spec": {
+            "restartPolicy": "Always",
+            "nodeSelector": {PRODUCT_LABEL: gpu["product"]},
+            "tolerations": [
+                {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
+                # kwok's fake nodes carry this taint in some setups
+                {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"},
+            ],
+            "containers": [container],
+            "volumes": [
+                {"name": "data", "persistentVolumeClaim": {"claimName": pvc_name(meta["name"])}}
+            ],
+            "terminationGracePeriodSeconds": 30,
+        },
+    }
+
+
+def build_instance_pvc(instance: Manifest) -> Manifest:
+    """The claim on the instance's storage quota, pre-bound to its local volume."""
+    meta, spec = instance["metadata"], instance["spec"]
+    quota = int(spec.get("storage", {}).get("quotaGi", 50))
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": pvc_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": {**MANAGED_BY, INSTANCE_LABEL: meta["name"]},
+            "ownerReferences": [owner_reference(instance)],
+        },
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": STORAGE_CLASS,
+            "volumeName": pv_name(meta["uid"]),
+            "resources": {"requests": {"storage": f"{quota}Gi"}},
+        },
+    }
+
+
+def build_local_pv(instance: Manifest, node: str) -> Manifest:
+    """A local PersistentVolume of the quota on ``node``, reserved for the instance's
+    claim. Retain: the operator deletes it (and the data) only on release."""
+    meta, spec = instance["metadata"], instance["spec"]
+    quota = int(spec.get("storage", {}).get("quotaGi", 50))
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {
+            "name": pv_name(meta["uid"]),
+            "labels": {
+                **MANAGED_BY,
+                INSTANCE_LABEL: meta["name"],
+                "gpucloud.dev/namespace": meta["namespace"],
+            },
+        },
+        "spec": {
+            "capacity": {"storage": f"{quota}Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": STORAGE_CLASS,
+            "volumeMode": "Filesystem",
+            "local": {"path": f"{DATA_ROOT}/{meta['namespace']}/{meta['name']}-{meta['uid']}"},
+            "claimRef": {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "namespace": meta["namespace"],
+                "name": pvc_name(meta["name"]),
+            },
+            "nodeAffinity": {
+                "required": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {
+                                    "key": "kubernetes.io/hostname",
+                                    "operator": "In",
+                                    "values": [node],
+                                }
+                            ]
+                        }
+                    ]
+                }
+            },
+        },
+    }
+
+
+def condition(type_: str, status: bool | str, reason: str, message: str, now_iso: str) -> Manifest:
+    value = status if isinstance(status, str) else ("True" if status else "False")
+    return {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now_iso,
+    }
+
+
+def merge_conditions(old: list[Manifest] | None, new: list[Manifest]) -> list[Manifest]:
+    """Replace conditions by type, keeping lastTransitionTime when the status is unchanged."""
+    by_type = {c["type"]: c for c in old or []}
+    for cond in new:
+        prev = by_type.get(cond["type"])
+        if prev is not None and prev.get("status") == cond["status"]:
+            cond = {**cond, "lastTransitionTime": prev["lastTransitionTime"]}
+        by_type[cond["type"]] = cond
+    return sorted(by_type.values(), key=lambda c: c["type"])

@@ -1,0 +1,1056 @@
+"""The GPUInstance reconciler: level-triggered, one pass per event or timer tick.
+
+State that a posting depends on (run number, meter id, stop and release instants,
+package terms, storage progress) is written to ``status`` *before* the posting, and every
+posting has a key derived from that state, so a pass interrupted anywhere (SIGKILL
+included) repeats the same postings with the same keys on restart: the ledger answers
+"already posted" and nothing is charged twice or lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from fractions import Fraction
+from typing import Any, Protocol
+
+from gpucloud.billing import (
+    BillingError,
+    BillingMode,
+    PackagePeriod,
+    PriceBook,
+    PriceBookError,
+    Term,
+    UnknownProduct,
+    format_money,
+    leave_package,
+    package_price,
+    package_purchase_decision,
+    payg_start_decision,
+    to_minor,
+)
+from gpucloud.clock import Clock, monotonic
+from gpucloud.ledger import EntryKind, IdempotencyConflict, Ledger, NotFound
+from gpucloud_operator import builders as b
+from gpucloud_operator import rules as r
+from gpucloud_operator.config import OperatorConfig
+from gpucloud_operator.placement import (
+    NodeGPUs,
+    PodGPUs,
+    choose_node,
+    fallback_node,
+    largest_node,
+    plan_preemption,
+)
+
+log = logging.getLogger("gpucloud.operator.instances")
+Obj = dict[str, Any]
+PLURAL = "gpuinstances"
+
+
+class KubeAPI(Protocol):
+    """The part of gpucloud_operator.kube.Kube the reconciler uses."""
+
+    def list_cluster_objects(self, plural: str, ttl: float = 0.0) -> list[Obj]: ...
+    def get_namespaced_object(self, plural: str, namespace: str, name: str) -> Obj | None: ...
+    def get_pricebook(self, name: str, ttl: float = 2.0) -> Obj | None: ...
+    def patch_status(self, plural: str, namespace: str | None, name: str, status: Obj) -> Obj: ...
+    def get_pod(self, namespace: str, name: str) -> Obj | None: ...
+    def create_pod(self, pod: Obj) -> Obj: ...
+    def delete_pod(self, namespace: str, name: str, grace_s: int | None = None) -> None: ...
+    def patch_pod_labels(self, namespace: str, name: str, labels: dict[str, str]) -> None: ...
+    def ensure_pvc(self, pvc: Obj) -> None: ...
+    def ensure_pv(self, pv: Obj) -> None: ...
+    def delete_pvc(self, namespace: str, name: str) -> None: ...
+    def delete_pv(self, name: str) -> None: ...
+    def gpu_nodes(self) -> list[NodeGPUs]: ...
+    def gpu_pods(self, ttl: float = 0.0) -> list[Obj]: ...
+    def event(
+        self, obj: Obj, type_: str, reason: str, message: str, now: datetime | None = None
+    ) -> None: ...
+
+
+@dataclass
+class Pass:
+    """One reconcile pass over one instance."""
+
+    inst: Obj
+    now: datetime
+    status: Obj
+    account: str = ""
+    currency: str = "CNY"
+    pb: PriceBook | None = None
+    # changes to send with the pass's next patch (saves an API call per pass)
+    deferred: Obj = field(default_factory=dict)
+
+    @property
+    def meta(self) -> Obj:
+        return self.inst["metadata"]
+
+    @property
+    def spec(self) -> Obj:
+        return self.inst["spec"]
+
+    @property
+    def ns(self) -> str:
+        return self.meta["namespace"]
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def uid(self) -> str:
+        return self.meta["uid"]
+
+    @property
+    def resource(self) -> str:
+        return f"{self.ns}/{self.name}"
+
+    @property
+    def product(self) -> str:
+        return self.spec["gpu"]["product"]
+
+    @property
+    def count(self) -> int:
+        return int(self.spec["gpu"].get("count", 1))
+
+    @property
+    def quota(self) -> int:
+        return int(self.spec.get("storage", {}).get("quotaGi", 50))
+
+    @property
+    def phase(self) -> str | None:
+        return self.status.get("phase")
+
+    @property
+    def terms(self) -> list[Obj]:
+        return list(self.status.get("packageTerms") or [])
+
+
+class InstanceReconciler:
+    def __init__(self, kube: KubeAPI, ledger: Ledger, clock: Clock, cfg: OperatorConfig) -> None:
+        self.kube = kube
+        self.ledger = ledger
+        self.clock = clock
+        self.cfg = cfg
+        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._account_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._guard = threading.Lock()
+        self._open_meters: set[str] = set()
+        self._ledger_accounts: set[str] = set()
+        # uid -> (namespace, phase) of every instance: the instance limit is counted here,
+        # not by listing all instances on every start (the operator writes every phase).
+        self._phases: dict[str, tuple[str, str]] | None = None
+        # First placements whose pods the (cached) pod list may not show yet:
+        # uid -> (namespace, pod name, node, GPUs), so two placements never share GPUs.
+        self._assumed: dict[str, tuple[str, str, str, int]] = {}
+        self._placement_lock = threading.Lock()
+        self._pb_cache: tuple[str, PriceBook] | None = None
+        self._cost_shown: dict[str, float] = {}  # uid -> monotonic time of the last update
+
+    def _lock(self, table: defaultdict[str, threading.Lock], key: str) -> threading.Lock:
+        with self._guard:
+            return table[key]
+
+    # -- entry points ---------------------------------------------------------------
+    def reconcile_named(self, namespace: str, name: str) -> None:
+        inst = self.kube.get_namespaced_object(PLURAL, namespace, name)
+        if inst is not None:
+            self.reconcile(inst)
+
+    def reconcile(self, inst: Obj) -> None:
+        with self._lock(self._locks, inst["metadata"]["uid"]):
+            fresh = self.kube.get_namespaced_object(
+                PLURAL, inst["metadata"]["namespace"], inst["metadata"]["name"]
+            )
+            if fresh is None or fresh["metadata"]["uid"] != inst["metadata"]["uid"]:
+                return
+            if fresh["metadata"].get("deletionTimestamp"):
+                return  # the release handler owns it now
+            self._reconcile(self._pass(fresh))
+
+    def pod_changed(self, pod: Obj, deleted: bool) -> None:
+        """A pod of an instance changed. Only changes that matter to the instance start
+        a pass: the pod ran, ended, vanished, or could not be scheduled."""
+        meta = pod.get("metadata") or {}
+        name = (meta.get("labels") or {}).get(b.INSTANCE_LABEL)
+        owner = next((o["uid"] for o in meta.get("ownerReferences") or []), None)
+        if not name:
+            return
+        phase = (pod.get("status") or {}).get("phase")
+        with self._guard:
+            known = (self._phases or {}).get(owner or "", ("", ""))[1]
+        if not deleted:
+            if phase == "Running" and known == "Running":
+                return  # nothing new for the instance
+            if phase == "Pending":
+                conds = (pod.get("status") or {}).get("conditions") or []
+                if not any(
+                    c.get("type") == "PodScheduled" and c.get("status") == "False" for c in conds
+                ):
+                    return  # still on its way: the Running event follows
+        self.reconcile_named(meta["namespace"], name)
+
+    def release(self, inst: Obj) -> bool:
+        """Settle everything, then delete pod, claim and volume. False: not done yet
+        (agent usage may still arrive for the last run); call again later."""
+        with self._lock(self._locks, inst["metadata"]["uid"]):
+            fresh = self.kube.get_namespaced_object(
+                PLURAL, inst["metadata"]["namespace"], inst["metadata"]["name"]
+            )
+            return self._release(self._pass(fresh or inst))
+
+    def _pass(self, inst: Obj) -> Pass:
+        return Pass(
+            inst=inst, now=r.second(self.clock.now()), status=dict(inst.get("status") or {})
+        )
+
+    # -- status and events ----------------------------------------------------------
+    def _patch(self, p: Pass, changes: Obj) -> None:
+        """Persist at once: later steps (and a restart) rely on it."""
+        changes, p.deferred = {**p.deferred, **changes}, {}
+        changes = {k: v for k, v in changes.items() if p.status.get(k) != v}
+        if not changes:
+            return
+        self.kube.patch_status(PLURAL, p.ns, p.name, changes)
+        if "phase" in changes:
+            self._note_phase(p.uid, p.ns, changes["phase"])
+        for k, v in changes.items():
+            if v is None:
+                p.status.pop(k, None)
+            else:
+                p.status[k] = v
+
+    def _note_phase(self, uid: str, namespace: str, phase: str | None) -> None:
+        with self._guard:
+            if self._phases is not None:
+                if phase is None:
+                    self._phases.pop(uid, None)
+                else:
+                    self._phases[uid] = (namespace, phase)
+
+    def _active_count(self, namespaces: set[str], exclude_uid: str) -> int:
+        with self._guard:
+            known = self._phases
+        if known is None:
+            known = {
+                i["metadata"]["uid"]: (
+                    i["metadata"]["namespace"],
+                    (i.get("status") or {}).get("phase") or "",
+                )
+                for i in self.kube.list_cluster_objects(PLURAL)
+            }
+            with self._guard:
+                self._phases = known
+        with self._guard:
+            return sum(
+                1
+                for uid, (ns, phase) in self._phases.items()
+                if ns in namespaces and uid != exclude_uid and phase in r.ACTIVE_PHASES
+            )
+
+    def _conditions(self, p: Pass, *conds: tuple[str, bool | str, str, str]) -> list[Obj]:
+        new = [b.condition(t, s, reason, msg, r.fmt(p.now)) for t, s, reason, msg in conds]
+        return b.merge_conditions(p.status.get("conditions"), new)
+
+    def _event(self, p: Pass, type_: str, reason: str, message: str) -> None:
+        self.kube.event(p.inst, type_, reason, message)
+
+    def _refuse(self, p: Pass, reason: str, message: str) -> None:
+        if p.phase == "Refused" and p.status.get("message") == message:
+            return
+        if p.phase in ("Pending", "Starting"):
+            self.kube.delete_pod(p.ns, b.pod_name(p.name))  # not billed yet: just withdraw
+        if p.phase in ("Running", "Stopping"):
+            # e.g. the price book lost the product of a running instance: it keeps running
+            # and billing at the meter's price; say so, but do not pretend it was refused
+            self._patch(p, {"conditions": self._conditions(p, ("Billing", False, reason, message))})
+            return
+        self._patch(
+            p,
+            {
+                "phase": "Refused",
+                "message": message,
+                "conditions": self._conditions(p, ("Ready", False, reason, message)),
+            },
+        )
+        self._event(p, "Warning", reason, message)
+
+    # -- the pass -------------------------------------------------------------------
+    def _resolve(self, p: Pass) -> bool:
+        """Account, price book and product; False (after a refusal) if one is missing."""
+        accounts = self.kube.list_cluster_objects("accounts", ttl=2.0)
+        acct = next(
+            (a for a in accounts if p.ns in (a.get("spec", {}).get("namespaces") or [])), None
+        )
+        if acct is None:
+            if p.phase not in r.ACTIVE_PHASES:
+                self._refuse(
+                    p,
+                    "NoAccount",
+                    f"no Account lists namespace {p.ns!r} in spec.namespaces; "
+                    "ask an admin to add it",
+                )
+            return False
+        p.account = acct["metadata"]["name"]
+        p.currency = acct.get("spec", {}).get("currency", "CNY")
+        if p.account not in self._ledger_accounts:
+            self.ledger.ensure_account(p.account, p.currency)
+            self._ledger_accounts.add(p.account)
+        pb_obj = self.kube.get_pricebook(self.cfg.pricebook)
+        if pb_obj is None:
+            self._refuse(p, "NoPriceBook", f"PriceBook {self.cfg.pricebook!r} does not exist")
+            return False
+        try:
+            p.pb = self._pricebook(pb_obj)
+            p.pb.gpu_price(p.product)
+        except UnknownProduct as exc:
+            self._refuse(p, "UnknownProduct", f"spec.gpu.product: {exc}")
+            return False
+        except PriceBookError as exc:
+            self._refuse(p, "InvalidPriceBook", str(exc))
+            return False
+        return True
+
+    def _pricebook(self, obj: Obj) -> PriceBook:
+        """Parsed once per resourceVersion."""
+        version = obj["metadata"].get("resourceVersion", "")
+        cached = self._pb_cache
+        if cached is None or cached[0] != version:
+            cached = (version, PriceBook.from_resource(obj))
+            self._pb_cache = cached
+        return cached[1]
+
+    def _reconcile(self, p: Pass) -> None:
+        if not self._resolve(p):
+            return
+        p.deferred = {
+            "account": p.account,
+            "currency": p.pb.currency if p.pb else p.currency,
+            "gpuSummary": b.gpu_summary(p.product, p.count),
+            "observedGeneration": p.meta.get("generation"),
+        }
+        try:
+            self._reconcile_resolved(p)
+        finally:
+            if p.deferred:
+                self._patch(p, {})
+
+    def _reconcile_resolved(self, p: Pass) -> None:
+        self._settle_meters(p)
+        self._settle_storage(p, final=False)
+        phase = p.phase
+        if phase == "Stopping":  # a stop was interrupted: finish it first
+            self._stop(p, p.status.get("stopTarget", "Stopped"), "Stopped", "stop completed")
+            return
+        if phase == "Running":
+            switched = p.status.get("billingMode") != r.billing_key(p.spec["billing"])
+            if switched and not self._switch_mode(p):
+                return
+            if self._preemption_due(p) or self._package_rules(p):
+                return
+        else:
+            self._leave_idle_package(p)
+        desired = p.spec.get("state", "Running")
+        if desired == "Stopped":
+            if phase in r.ACTIVE_PHASES:
+                self._stop(p, "Stopped", "Stopped", "stopped by the user (spec.state: Stopped)")
+            elif phase not in ("Stopped", "Expired", "Preempted"):
+                self._patch(
+                    p,
+                    {
+                        "phase": "Stopped",
+                        "message": "not running (spec.state: Stopped)",
+                        "conditions": self._conditions(
+                            p, ("Ready", False, "Stopped", "spec.state is Stopped")
+                        ),
+                    },
+                )
+            return
+        if phase in ("Pending", "Starting"):
+            self._observe_start(p)
+        elif phase == "Running":
+            self._observe_running(p)
+        elif phase in r.HALTED_PHASES and p.status.get("haltedGeneration") == p.meta.get(
+            "generation"
+        ):
+            return  # stays down until the user changes the spec
+        else:
+            self._start(p)
+
+    # -- starting -------------------------------------------------------------------
+    def _start(self, p: Pass) -> None:
+        """Admission (instance limit, then the money rule) and the claim of a run are
+        serialised per account; placement and object creation happen outside the lock."""
+        assert p.pb is not None
+        node = p.status.get("volumeNode")
+        if node is None:
+            with self._placement_lock:
+                node = self._place(p)
+        with self._lock(self._account_locks, p.account):
+            if not self._admit(p):
+                with self._placement_lock:
+                    self._assumed.pop(p.uid, None)
+                return
+            runs = int(p.status.get("runs") or 0) + 1
+            changes: Obj = {
+                "phase": "Pending",
+                "runs": runs,
+                "message": f"placing run {runs}",
+                "haltedGeneration": None,
+                "preemptAt": None,
+                "conditions": self._conditions(
+                    p,
+                    ("Ready", False, "Placing", "waiting for the pod to run"),
+                    ("Preempting", False, "NotPreempted", "no preemption notice"),
+                ),
+            }
+            if node is not None:
+                # storage is billed from the moment the volume exists until the release
+                changes["volumeNode"] = node
+                changes["storageSince"] = p.status.get("storageSince") or r.fmt(p.now)
+            self._patch(p, changes)
+        self._create_run(p)
+
+    def _admit(self, p: Pass) -> bool:
+        assert p.pb is not None
+        acct = next(
+            (
+                a
+                for a in self.kube.list_cluster_objects("accounts", ttl=2.0)
+                if a["metadata"]["name"] == p.account
+            ),
+            {},
+        )
+        limit = int(acct.get("spec", {}).get("instanceLimit", 5))
+        namespaces = set(acct.get("spec", {}).get("namespaces") or [])
+        active = self._active_count(namespaces, p.uid)
+        if active >= limit:
+            self._refuse(
+                p,
+                "InstanceLimit",
+                f"account {p.account!r} already runs {active} instance(s); its "
+                f"instanceLimit is {limit}",
+            )
+            return False
+        key = r.billing_key(p.spec["billing"])
+        mode = r.mode_of(key)
+        available = self.ledger.available_balance(p.account, p.now)
+        if mode is BillingMode.PACKAGE:
+            if r.active_term(p.terms, p.now) is not None:
+                return True
+            decision = package_purchase_decision(
+                available, p.product, p.count, r.period_of(key), p.pb
+            )
+        else:
+            decision = payg_start_decision(
+                available, p.product, p.count, p.pb, mode=mode, storage_gib=p.quota
+            )
+        if not decision.allowed:
+            self._refuse(p, "InsufficientBalance", decision.message)
+        return decision.allowed
+
+    def _create_run(self, p: Pass) -> None:
+        """The volume (first run only) and the run's pod."""
+        node = self._volume_node(p)
+        if node is None:
+            message = f"no node offers GPU product {p.product!r}; waiting for one"
+            self._patch(
+                p,
+                {
+                    "message": message,
+                    "conditions": self._conditions(p, ("Ready", False, "NoNode", message)),
+                },
+            )
+            return
+        runs = int(p.status.get("runs") or 0)
+        self.kube.create_pod(b.build_instance_pod(p.inst, runs))
+        self._event(p, "Normal", "Starting", f"run {runs}: pod created, pinned to {node}")
+
+    def _volume_node(self, p: Pass) -> str | None:
+        """The node holding the instance's data; chosen (and the volume created) on the
+        first placement."""
+        node = p.status.get("volumeNode")
+        if node is None:
+            with self._placement_lock:
+                node = self._place(p)
+            if node is None:
+                return None
+        self._patch(
+            p, {"volumeNode": node, "storageSince": p.status.get("storageSince") or r.fmt(p.now)}
+        )
+        self.kube.ensure_pv(b.build_local_pv(p.inst, node))
+        self.kube.ensure_pvc(b.build_instance_pvc(p.inst))
+        return node
+
+    def _place(self, p: Pass) -> str | None:
+        nodes = self.kube.gpu_nodes()
+        listed = self.kube.gpu_pods(ttl=1.0)
+        seen = {(x["namespace"], x["name"]) for x in listed}
+        pods = [self._pod_gpus(x, {}) for x in listed]
+        for uid, (ns, pod, node, gpus) in list(self._assumed.items()):
+            if (ns, pod) in seen:
+                del self._assumed[uid]  # the list shows it now
+            else:
+                pods.append(PodGPUs(ns, pod, node, gpus, spot=False, started_at=None))
+        node = (
+            choose_node(nodes, pods, p.product, p.count)
+            or fallback_node(nodes, p.product, p.count)
+            or largest_node(nodes, p.product)
+        )
+        if node is not None:
+            self._assumed[p.uid] = (p.ns, b.pod_name(p.name), node, p.count)
+        return node
+
+    def _observe_start(self, p: Pass) -> None:
+        pod = self.kube.get_pod(p.ns, b.pod_name(p.name))
+        runs = int(p.status.get("runs") or 0)
+        if runs == 0:
+            self._start(p)
+            return
+        if pod is None:
+            # not created yet (no node, or an interrupted pass), or deleted by someone
+            self._create_run(p)
+            return
+        labels = pod["metadata"].get("labels") or {}
+        if labels.get(b.RUN_LABEL) != str(runs) or pod["metadata"].get("deletionTimestamp"):
+            return  # the previous run's pod is still going away
+        pod_phase = (pod.get("status") or {}).get("phase")
+        if pod_phase == "Running":
+            self._begin_billing(p, pod)
+        elif pod_phase in ("Succeeded", "Failed"):
+            self.kube.delete_pod(p.ns, b.pod_name(p.name), grace_s=0)
+        else:
+            self._pending(p, pod)
+
+    def _pending(self, p: Pass, pod: Obj) -> None:
+        """Not placed yet: show the scheduler's reason; a pay-as-you-go or package
+        instance short of GPUs may preempt spot instances."""
+        conds = (pod.get("status") or {}).get("conditions") or []
+        sched = next((c for c in conds if c.get("type") == "PodScheduled"), None)
+        if sched is None or sched.get("status") != "False":
+            return
+        reason = sched.get("reason") or "Unschedulable"
+        message = f"{reason}: {sched.get('message') or 'not scheduled yet'}"
+        self._patch(
+            p,
+            {
+                "message": message,
+                "conditions": self._conditions(p, ("Ready", False, reason, message)),
+            },
+        )
+        short_of_gpus = "Insufficient nvidia.com/gpu" in message
+        if short_of_gpus and r.billing_key(p.spec["billing"]) != "Spot":
+            self._maybe_preempt(p)
+
+    def _begin_billing(self, p: Pass, pod: Obj) -> None:
+        assert p.pb is not None
+        key = r.billing_key(p.spec["billing"])
+        mode = r.mode_of(key)
+        node = (pod.get("spec") or {}).get("nodeName")
+        changes: Obj = {
+            "phase": "Running",
+            "startedAt": r.fmt(p.now),
+            "node": node,
+            "billingMode": key,
+            "message": f"running on {node}",
+            "conditions": self._conditions(
+                p,
+                ("Ready", True, "Running", f"running on {node}"),
+                ("Billing", True, str(key).replace("/", ""), f"billed as {key}"),
+            ),
+        }
+        if mode is BillingMode.PACKAGE:
+            term = r.active_term(p.terms, p.now)
+            if term is None and not self._buy_term(p, r.period_of(key), p.now):
+                self._stop(
+                    p, "Refused", "InsufficientBalance", "the balance no longer covers the package"
+                )
+                return
+            self._patch(p, changes)
+        else:
+            meter_id = f"gpu:{p.uid}:{p.status.get('runs')}:{int(p.now.timestamp())}"
+            changes |= {"meterId": meter_id, "meterSince": r.fmt(p.now)}
+            self._patch(p, changes)
+            self._ensure_meter(p, pod)
+        self._event(p, "Normal", "Started", f"running on {node}, billed as {key}")
+        if mode is BillingMode.PACKAGE:
+            self._package_rules(p)  # a day or week package is within the reminder lead
+
+    def _ensure_meter(self, p: Pass, pod: Obj | None = None) -> None:
+        meter_id = p.status.get("meterId")
+        if not meter_id or meter_id in self._open_meters:
+            return
+        assert p.pb is not None
+        pod = pod or self.kube.get_pod(p.ns, b.pod_name(p.name))
+        if pod is None:
+            return
+        since = r.parse(p.status.get("meterSince"))
+        assert since is not None
+        mode = r.mode_of(p.status["billingMode"])
+        self.ledger.open_meter(
+            meter_id,
+            account=p.account,
+            resource=p.resource,
+            kind="gpu_time",
+            subject=pod["metadata"]["uid"],
+            unit_price=r.hourly_price(p.pb, p.product, mode),
+            unit="gpu_hour",
+            opened_at=since,
+            memo=f"{mode} {b.gpu_summary(p.product, p.count)}",
+            gpus=p.count,
+        )
+        self._open_meters.add(meter_id)
+
+    def _observe_running(self, p: Pass) -> None:
+        pod = self.kube.get_pod(p.ns, b.pod_name(p.name))
+        runs = str(p.status.get("runs"))
+        gone = (
+            pod is None
+            or (pod["metadata"].get("labels") or {}).get(b.RUN_LABEL) != runs
+            or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+        )
+        if gone:
+            self._stop(p, "Stopped", "PodGone", "the instance's pod ended; billing stopped")
+            return
+        self._ensure_meter(p, pod)
+        self._update_cost(p, force=False)
+
+    def _update_cost(self, p: Pass, *, force: bool = True) -> None:
+        """status.accruedCost: what was posted for the instance plus the unposted part of
+        the running meter. On a plain tick it is refreshed at most every
+        cost_refresh_s real seconds (it is for display; the ledger is the record)."""
+        assert p.pb is not None
+        last = self._cost_shown.get(p.uid)
+        if not force and last is not None and monotonic() - last < self.cfg.cost_refresh_s:
+            return
+        self._cost_shown[p.uid] = monotonic()
+        posted = self.ledger.charges_by_resource(p.account).get(p.resource, 0)
+        running = 0
+        meter_id = p.status.get("meterId")
+        if meter_id and p.phase == "Running":
+            try:
+                m = self.ledger.get_meter(meter_id)
+            except NotFound:
+                m = None
+            if m is not None and m.closed_at is None:
+                seconds = max(0, int((p.now - m.opened_at).total_seconds()))
+                exact = Fraction(m.unit_price) * m.gpus * max(seconds, 0) / 3600
+                running = max(0, to_minor(exact, p.pb.currency) - m.posted_minor)
+        cost = format_money(posted + running, p.pb.currency).split()[0]
+        self._patch(p, {"accruedCost": cost})
+
+    # -- stopping -------------------------------------------------------------------
+    def _stop(self, p: Pass, final: str, reason: str, message: str) -> None:
+        """Delete the pod (GPUs are not kept), close the GPU meter at the stop instant
+        (persisted first), keep the data."""
+        if p.phase != "Stopping":
+            self._patch(
+                p,
+                {
+                    "phase": "Stopping",
+                    "stoppedAt": r.fmt(p.now),
+                    "stopTarget": final,
+                    "message": message,
+                },
+            )
+        stopped_at = r.parse(p.status.get("stoppedAt")) or p.now
+        self.kube.delete_pod(p.ns, b.pod_name(p.name))
+        meter_id = p.status.get("meterId")
+        if meter_id:
+            self._close_meter(p, meter_id, stopped_at)
+        changes: Obj = {
+            "phase": final,
+            "stopTarget": None,
+            "node": None,
+            "preemptAt": None,
+            "message": message,
+            "conditions": self._conditions(p, ("Ready", False, reason, message)),
+        }
+        if final in r.HALTED_PHASES or final == "Refused":
+            changes["haltedGeneration"] = p.meta.get("generation")
+        self._patch(p, changes)
+        self._event(p, "Warning" if final != "Stopped" else "Normal", reason, message)
+        if p.pb is not None and p.account:
+            self._update_cost(p)
+
+    def _close_meter(self, p: Pass, meter_id: str, at: datetime) -> datetime:
+        try:
+            meter = self.ledger.close_meter(meter_id, at)
+            closed = meter.closed_at or at
+        except NotFound:  # never opened (interrupted right after the status patch)
+            closed = at
+        self._open_meters.discard(meter_id)
+        unsettled = list(p.status.get("unsettledMeters") or [])
+        if meter_id not in unsettled:
+            unsettled.append(meter_id)
+        self._patch(p, {"unsettledMeters": unsettled, "meterId": None, "meterSince": None})
+        return closed
+
+    # -- settlement -------------------------------------------------------------------
+    def _settle_meters(self, p: Pass) -> bool:
+        """Bill closed runs whose agent usage is missing past the grace period from the
+        control plane's timestamps. True when nothing is left waiting."""
+        pending = list(p.status.get("unsettledMeters") or [])
+        if not pending:
+            return True
+        grace = timedelta(seconds=self.cfg.metering_grace_s)
+        left: list[str] = []
+        rated = False
+        for meter_id in pending:
+            try:
+                m = self.ledger.get_meter(meter_id)
+            except NotFound:
+                continue  # the run never reached the ledger: nothing to bill
+            if m.closed_at is None or p.now < m.closed_at + grace:
+                left.append(meter_id)
+                continue
+            if not rated:
+                self.ledger.rate_pending(p.now)  # the agents' usage first
+                rated = True
+                m = self.ledger.get_meter(meter_id)
+            assert m.closed_at is not None
+            view = r.MeterView(
+                m.unit_price, m.gpus, m.opened_at, m.closed_at, m.quantity_rated, m.posted_minor
+            )
+            currency = self.ledger.get_account(m.account).currency
+            amount, missing = r.fallback_charge(view, currency)
+            if amount:
+                memo = (
+                    f"GPU time billed from control-plane timestamps "
+                    f"({r.fmt(m.opened_at)} -> {r.fmt(m.closed_at)}): no agent usage for "
+                    f"{missing} GPU-seconds after a {self.cfg.metering_grace_s} s grace period"
+                )
+                try:
+                    self.ledger.post_entry(
+                        m.account,
+                        EntryKind.CHARGE,
+                        -amount,
+                        f"meter-fallback:{meter_id}",
+                        resource=m.resource,
+                        memo=memo,
+                        at=p.now,
+                        meta={
+                            "meter_id": meter_id,
+                            "gpu_seconds": missing,
+                            "source": "control-plane",
+                        },
+                    )
+                except IdempotencyConflict:
+                    log.warning("fallback for %s was already posted; keeping it", meter_id)
+        self._patch(p, {"unsettledMeters": left or None})
+        if len(left) < len(pending) and p.pb is not None and p.account:
+            self._update_cost(p)  # the settled run now shows in status.accruedCost
+        return not left
+
+    def _settle_storage(self, p: Pass, final: bool) -> None:
+        """Instance storage by quota, one posting per settlement window (clock hours by
+        default), running or not, minus the seconds covered by package terms. Only whole
+        windows are settled, except the last one at release."""
+        assert p.pb is not None
+        since = r.parse(p.status.get("storageSince"))
+        if since is None:
+            return
+        start = r.parse(p.status.get("storageBilledUntil")) or since
+        window = self.cfg.storage_settlement_s
+        if final:
+            until = r.parse(p.status.get("releasedAt")) or p.now
+        else:
+            ts = int(p.now.timestamp())
+            until = datetime.fromtimestamp(ts - ts % window, p.now.tzinfo)
+        if until <= start:
+            return
+        for a, z in r.storage_windows(start, until, window):
+            amount = r.storage_window_charge(p.pb, p.quota, (a, z), p.terms)
+            if amount <= 0:
+                continue
+            try:
+                self.ledger.post_entry(
+                    p.account,
+                    EntryKind.CHARGE,
+                    -amount,
+                    f"storage:{p.uid}:{int(a.timestamp())}",
+                    resource=p.resource,
+                    memo=f"instance storage {p.quota} GiB quota, {r.fmt(a)} -> {r.fmt(z)}",
+                    at=p.now,
+                    meta={"quota_gib": p.quota, "start": r.fmt(a), "end": r.fmt(z)},
+                )
+            except IdempotencyConflict:
+                log.warning("storage window %s of %s already posted", r.fmt(a), p.resource)
+        self._patch(p, {"storageBilledUntil": r.fmt(until)})
+
+    # -- packages ---------------------------------------------------------------------
+    def _buy_term(self, p: Pass, period: Any, start: datetime) -> bool:
+        """Charge one package term upfront; False when the balance does not cover it."""
+        assert p.pb is not None
+        terms = p.terms
+        seq = len(terms) + 1
+        key = f"package:{p.uid}:{seq}"
+        price = to_minor(package_price(p.pb, p.product, period, p.count), p.pb.currency)
+        try:
+            self.ledger.get_entry(key)
+            replay = True
+        except NotFound:
+            replay = False
+        if not replay:
+            available = self.ledger.available_balance(p.account, p.now)
+            decision = package_purchase_decision(available, p.product, p.count, period, p.pb)
+            if not decision.allowed:
+                self._event(p, "Warning", "InsufficientBalance", decision.message)
+                return False
+        end = start + self.cfg.package_length(period)
+        self.ledger.post_entry(
+            p.account,
+            EntryKind.CHARGE,
+            -price,
+            key,
+            resource=p.resource,
+            memo=f"{period} package {b.gpu_summary(p.product, p.count)}, term {seq} "
+            f"{r.fmt(start)} -> {r.fmt(end)}",
+            at=p.now,
+            meta={"seq": seq, "period": str(period)},
+        )
+        term = {
+            "seq": seq,
+            "period": str(period),
+            "start": r.fmt(start),
+            "end": r.fmt(end),
+            "prepaidMinor": price,
+        }
+        self._patch(p, {"packageTerms": [*terms, term], "packageExpiresAt": r.fmt(end)})
+        self._event(p, "Normal", "PackagePurchased", f"term {seq} paid, expires {r.fmt(end)}")
+        return True
+
+    def _package_rules(self, p: Pass) -> bool:
+        """Reminder, expiry and auto-renewal of a running package instance. True when the
+        instance was shut down."""
+        key = p.status.get("billingMode") or ""
+        if not key.startswith("Package") or not p.terms:
+            return False
+        last = p.terms[-1]
+        end = r.parse(last["end"])
+        assert end is not None
+        while p.now >= end:
+            if not p.spec["billing"].get("autoRenew"):
+                self._stop(p, "Expired", "PackageExpired", f"the package expired at {r.fmt(end)}")
+                return True
+            if not self._buy_term(p, r.period_of(key), end):
+                self._stop(
+                    p,
+                    "Expired",
+                    "RenewalFailed",
+                    f"auto-renewal at {r.fmt(end)} failed: the balance does not cover the "
+                    "next term; recharge and start the instance again",
+                )
+                return True
+            self._event(p, "Normal", "PackageRenewed", f"renewed from {r.fmt(end)}")
+            end = r.parse(p.terms[-1]["end"]) or end
+        if r.reminder_due(p.now, end, self.cfg.reminder_lead) and p.status.get(
+            "reminderSentFor"
+        ) != r.fmt(end):
+            message = f"the package expires at {r.fmt(end)}" + (
+                " and renews automatically" if p.spec["billing"].get("autoRenew") else ""
+            )
+            self._patch(
+                p,
+                {
+                    "reminderSentFor": r.fmt(end),
+                    "conditions": self._conditions(
+                        p, ("PackageExpiring", True, "ExpiresSoon", message)
+                    ),
+                },
+            )
+            self._event(p, "Warning", "PackageExpiring", message)
+        return False
+
+    def _switch_mode(self, p: Pass) -> bool:
+        """Leave the mode in force at ``now`` and enter the one in the spec. Package ->
+        other: the used time at the pay-as-you-go rate is kept and the rest refunded (the
+        billing core's rule). Metered -> other: the meter is closed (settled to the
+        second). False when the new mode could not be entered (the instance stopped)."""
+        assert p.pb is not None
+        old = p.status.get("billingMode") or ""
+        new = r.billing_key(p.spec["billing"])
+        at = p.now
+        if old.startswith("Package"):
+            term = r.active_term(p.terms, p.now)
+            if term is not None:
+                at = self._leave_term(p, term)
+        elif p.status.get("meterId"):
+            at = self._close_meter(p, p.status["meterId"], p.now)
+        if r.mode_of(new) is BillingMode.PACKAGE:
+            if not self._buy_term(p, r.period_of(new), at):
+                self._stop(
+                    p,
+                    "Refused",
+                    "InsufficientBalance",
+                    f"cannot switch to {new}: the balance does not cover the package",
+                )
+                return False
+        else:
+            meter_id = f"gpu:{p.uid}:{p.status.get('runs')}:{int(at.timestamp())}"
+            self._patch(p, {"meterId": meter_id, "meterSince": r.fmt(at)})
+            self._patch(p, {"billingMode": new})
+            self._ensure_meter(p)
+        self._patch(
+            p,
+            {
+                "billingMode": new,
+                "conditions": self._conditions(
+                    p, ("Billing", True, new.replace("/", ""), f"billed as {new}")
+                ),
+            },
+        )
+        self.kube.patch_pod_labels(
+            p.ns, b.pod_name(p.name), {b.MODE_LABEL: p.spec["billing"]["mode"]}
+        )
+        self._event(p, "Normal", "BillingModeChanged", f"{old} -> {new} at {r.fmt(at)}")
+        return True
+
+    def _leave_idle_package(self, p: Pass) -> None:
+        """A stopped instance whose billing leaves a package mid-term gets the unused
+        part refunded at once (the seed's mode-switch rule), not at its next start."""
+        old = p.status.get("billingMode") or ""
+        new = r.billing_key(p.spec["billing"])
+        term = r.active_term(p.terms, p.now)
+        if not old.startswith("Package") or old == new or term is None:
+            return
+        at = self._leave_term(p, term)
+        self._patch(p, {"billingMode": new})
+        self._event(p, "Normal", "BillingModeChanged", f"{old} -> {new} at {r.fmt(at)}")
+
+    def _leave_term(self, p: Pass, term: Obj) -> datetime:
+        assert p.pb is not None
+        key = f"package-refund:{p.uid}:{term['seq']}"
+        start, end = r.parse(term["start"]), r.parse(term["end"])
+        assert start is not None and end is not None
+        try:
+            entry = self.ledger.get_entry(key)  # a replay: keep the first switch instant
+            at = r.parse(entry.meta.get("switched_at")) or p.now
+        except NotFound:
+            at = p.now
+            period = PackagePeriod(term["period"])
+            settlement = leave_package(
+                p.pb, p.product, p.count, Term(period, start, end), term["prepaidMinor"], at
+            )
+            if settlement.refund_minor:
+                self.ledger.post_entry(
+                    p.account,
+                    EntryKind.REFUND,
+                    settlement.refund_minor,
+                    key,
+                    resource=p.resource,
+                    memo=f"package term {term['seq']} left at {r.fmt(at)}: "
+                    f"{settlement.used_seconds} s used at the pay-as-you-go rate",
+                    at=at,
+                    meta={"switched_at": r.fmt(at), "used_minor": settlement.used_minor},
+                )
+        terms = [dict(t) for t in p.terms]
+        terms[-1]["end"] = r.fmt(at)
+        self._patch(p, {"packageTerms": terms, "packageExpiresAt": None})
+        return at
+
+    # -- preemption ---------------------------------------------------------------------
+    def _pod_gpus(self, pod: Obj, instances: dict[tuple[str, str], Obj]) -> PodGPUs:
+        labels = pod["labels"]
+        name = labels.get(b.INSTANCE_LABEL, "")
+        st = (instances.get((pod["namespace"], name)) or {}).get("status") or {}
+        return PodGPUs(
+            namespace=pod["namespace"],
+            instance=name,
+            node=pod["node"],
+            gpus=pod["gpus"],
+            spot=bool(name) and labels.get(b.MODE_LABEL) == "Spot",
+            started_at=r.parse(st.get("startedAt")),
+            preempting=bool(st.get("preemptAt")) or pod["deleting"],
+        )
+
+    def _maybe_preempt(self, p: Pass) -> None:
+        instances = {
+            (i["metadata"]["namespace"], i["metadata"]["name"]): i
+            for i in self.kube.list_cluster_objects(PLURAL)
+        }
+        pods = [self._pod_gpus(x, instances) for x in self.kube.gpu_pods()]
+        plan = plan_preemption(
+            self.kube.gpu_nodes(), pods, p.product, p.count, only_node=p.status.get("volumeNode")
+        )
+        if plan is None:
+            return
+        deadline = p.now + timedelta(seconds=self.cfg.preemption_grace_s)
+        for victim in plan.victims:
+            vic = instances.get((victim.namespace, victim.instance))
+            if vic is None:
+                continue
+            message = (
+                f"preempted for {p.resource} ({p.spec['billing']['mode']}): this spot "
+                f"instance stops at {r.fmt(deadline)} (grace {self.cfg.preemption_grace_s} s); "
+                "its data is kept and billing ends at the stop"
+            )
+            vic_status = dict(vic.get("status") or {})
+            cond = b.condition("Preempting", True, "PreemptionNotice", message, r.fmt(p.now))
+            self.kube.patch_status(
+                PLURAL,
+                victim.namespace,
+                victim.instance,
+                {
+                    "preemptAt": r.fmt(deadline),
+                    "message": message,
+                    "conditions": b.merge_conditions(vic_status.get("conditions"), [cond]),
+                },
+            )
+            self.kube.event(vic, "Warning", "PreemptionNotice", message)
+        names = ", ".join(f"{v.namespace}/{v.instance}" for v in plan.victims)
+        self._event(
+            p, "Normal", "PreemptingSpot", f"spot instance(s) {names} on {plan.node} given notice"
+        )
+
+    def _preemption_due(self, p: Pass) -> bool:
+        due = r.parse(p.status.get("preemptAt"))
+        if due is None or p.now < due:
+            return False
+        self._stop(
+            p,
+            "Preempted",
+            "Preempted",
+            f"stopped at {r.fmt(p.now)} to free GPUs (spot); data kept, no billing after the stop",
+        )
+        return True
+
+    # -- release ----------------------------------------------------------------------
+    def _release(self, p: Pass) -> bool:
+        if not p.status.get("releasedAt"):
+            self._patch(p, {"releasedAt": r.fmt(p.now)})
+        released_at = r.parse(p.status["releasedAt"]) or p.now
+        resolved = self._resolve(p)
+        if p.phase in r.ACTIVE_PHASES:
+            saved_now, p.now = p.now, released_at
+            self._stop(p, "Stopped", "Released", "released: stopping")
+            p.now = saved_now
+        if resolved:
+            try:
+                self._settle_storage(p, final=True)
+            except BillingError as exc:
+                log.error("storage settlement of %s failed: %s", p.resource, exc)
+            if not self._settle_meters(p):
+                self._patch(p, {"message": "released: waiting for the last usage to settle"})
+                return False
+        self.kube.delete_pod(p.ns, b.pod_name(p.name), grace_s=0)
+        self.kube.delete_pvc(p.ns, b.pvc_name(p.name))
+        self.kube.delete_pv(b.pv_name(p.uid))
+        self._patch(
+            p,
+            {
+                "phase": "Released",
+                "message": "released: settled, pod, volume and data deleted",
+                "conditions": self._conditions(p, ("Ready", False, "Released", "released")),
+            },
+        )
+        self._event(p, "Normal", "Released", "settled; pod, volume and data deleted")
+        self._note_phase(p.uid, p.ns, None)
+        with self._placement_lock:
+            self._assumed.pop(p.uid, None)
+        return True

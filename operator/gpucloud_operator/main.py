@@ -1,0 +1,102 @@
+"""``gpucloud-operator``: run the Kopf operator.
+
+    gpucloud-operator --standalone --all-namespaces
+    gpucloud-operator --namespace team-a --ledger-url sqlite:////var/lib/gpucloud/ledger.db
+
+Every setting of ``OperatorConfig`` can also be set by environment variable
+(``GPUCLOUD_OPERATOR_<NAME>``, ``GPUCLOUD_LEDGER_URL``, ``GPUCLOUD_CLOCK``); flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import fields
+from typing import Any
+
+import kopf
+
+from gpucloud.clock import clock_from_env
+from gpucloud.ledger import open_ledger
+from gpucloud_operator.accounts import AccountReconciler
+from gpucloud_operator.config import OperatorConfig
+from gpucloud_operator.handlers import configure, register
+from gpucloud_operator.instances import InstanceReconciler
+from gpucloud_operator.kube import Kube
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, OperatorConfig]:
+    parser = argparse.ArgumentParser(prog="gpucloud-operator", description=__doc__.splitlines()[0])
+    parser.add_argument("--standalone", action="store_true", help="no peering (one replica)")
+    parser.add_argument("--peering", default=None, help="peering object name (HA)")
+    parser.add_argument(
+        "--namespace", "-n", action="append", default=[], help="serve only these namespaces"
+    )
+    parser.add_argument("--all-namespaces", "-A", action="store_true", help="the default")
+    parser.add_argument("--kubeconfig", default=None)
+    parser.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--verbose", "-v", action="store_true")
+    for f in fields(OperatorConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None)
+    args = parser.parse_args(argv)
+    cfg = OperatorConfig.from_env()
+    overrides = {
+        f.name: getattr(args, f"cfg_{f.name}")
+        for f in fields(OperatorConfig)
+        if getattr(args, f"cfg_{f.name}") is not None
+    }
+    if args.namespace:
+        overrides["namespaces"] = ",".join(args.namespace)
+    try:
+        cfg = cfg.with_overrides(overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:  # one line per handler call is noise at hundreds of instances
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    clock = clock_from_env(cfg.clock)
+    ledger = open_ledger(cfg.ledger_url, clock=clock)
+    kube = Kube(args.kubeconfig)
+    instances = InstanceReconciler(kube, ledger, clock, cfg)
+    accounts = AccountReconciler(kube, ledger, clock, cfg)
+    registry = kopf.OperatorRegistry()
+    register(registry, cfg, instances, accounts)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # an explicit registry has none of Kopf's default login handlers
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_: object) -> None:
+        configure(settings, cfg)
+
+    # Cluster-scoped kinds (Account, PriceBook, RechargeReview) need cluster-wide watching;
+    # --namespace narrows the namespaced kinds through a filter (cfg.namespaces).
+    try:
+        kopf.run(
+            registry=registry,
+            standalone=args.standalone,
+            peering_name=args.peering,
+            clusterwide=True,
+            liveness_endpoint=args.liveness,
+        )
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    finally:
+        ledger.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

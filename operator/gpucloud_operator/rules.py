@@ -1,0 +1,147 @@
+"""Pure decisions of the instance reconciler: timestamps, modes, settlement amounts,
+storage windows and package terms. No API calls, no clock: ``now`` is passed in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from fractions import Fraction
+from typing import Any
+
+from gpucloud.billing import (
+    BillingMode,
+    PackagePeriod,
+    PriceBook,
+    elapsed_seconds,
+    instance_storage_charge,
+    next_posting,
+    to_minor,
+)
+
+# Phases that hold (or are about to hold) GPUs: they count against the instance limit.
+ACTIVE_PHASES = frozenset({"Pending", "Starting", "Running", "Stopping"})
+# Phases after which a start needs a new spec generation (the user asks again).
+HALTED_PHASES = frozenset({"Preempted", "Expired"})
+
+MODES = {
+    "PayAsYouGo": BillingMode.PAY_AS_YOU_GO,
+    "Spot": BillingMode.SPOT,
+    "Package": BillingMode.PACKAGE,
+}
+PERIODS = {"Day": PackagePeriod.DAY, "Week": PackagePeriod.WEEK, "Month": PackagePeriod.MONTH}
+
+
+def fmt(t: datetime) -> str:
+    """RFC 3339 in UTC to the second, as Kubernetes writes timestamps."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def second(t: datetime) -> datetime:
+    """Instants are kept to the whole second: billing is by the second, and a timestamp
+    read back from status must equal the one used for a posting."""
+    return t.astimezone(UTC).replace(microsecond=0)
+
+
+def billing_key(billing: dict[str, Any]) -> str:
+    """The billing mode in force, as stored in status.billingMode: "PayAsYouGo", "Spot"
+    or "Package/Month" (a change of period is a mode switch too)."""
+    mode = billing.get("mode", "PayAsYouGo")
+    return f"Package/{billing['period']}" if mode == "Package" else mode
+
+
+def mode_of(key: str) -> BillingMode:
+    return MODES[key.split("/", 1)[0]]
+
+
+def period_of(key: str) -> PackagePeriod:
+    return PERIODS[key.split("/", 1)[1]]
+
+
+def hourly_price(pb: PriceBook, product: str, mode: BillingMode) -> Decimal:
+    """Per GPU-hour price of a metered mode."""
+    return pb.gpu_price(product).hourly(mode)
+
+
+@dataclass(frozen=True)
+class MeterView:
+    """What the fallback settlement needs to know about a closed meter."""
+
+    unit_price: Decimal
+    gpus: int
+    opened_at: datetime
+    closed_at: datetime
+    quantity_rated: int  # GPU-seconds the agents' usage accounted for
+    posted_minor: int
+
+
+def fallback_charge(meter: MeterView, currency: str) -> tuple[int, int]:
+    """(amount_minor, unmetered GPU-seconds) to post for a closed GPU meter whose agent
+    usage is missing: the run is billed from the control plane's timestamps (opened ->
+    closed, whole seconds) and only the GPU-seconds the meter did not rate are added, as
+    the delta of the rounded cumulative total, so nothing is charged twice."""
+    control_plane_gpu_s = meter.gpus * elapsed_seconds(meter.opened_at, meter.closed_at)
+    missing = control_plane_gpu_s - meter.quantity_rated
+    if missing <= 0:
+        return 0, 0
+    exact = Fraction(meter.unit_price) * control_plane_gpu_s / 3600
+    return next_posting(exact, meter.posted_minor, currency), missing
+
+
+def storage_windows(
+    since: datetime, until: datetime, window_s: int
+) -> Iterator[tuple[datetime, datetime]]:
+    """Settlement windows [a, b) aligned to multiples of ``window_s`` since the epoch
+    (clock hours for 3600), clipped to [since, until)."""
+    start = int(since.timestamp())
+    end = int(until.timestamp())
+    cursor = start - start % window_s
+    while cursor < end:
+        nxt = cursor + window_s
+        a, b = max(cursor, start), min(nxt, end)
+        if b > a:
+            yield datetime.fromtimestamp(a, UTC), datetime.fromtimestamp(b, UTC)
+        cursor = nxt
+
+
+def storage_window_charge(
+    pb: PriceBook,
+    quota_gib: int,
+    window: tuple[datetime, datetime],
+    terms: list[dict[str, Any]],
+) -> int:
+    """Minor units for one storage window, excluding the seconds inside package terms."""
+    intervals = []
+    for t in terms:
+        a, b = parse(t["start"]), parse(t["end"])
+        if a is not None and b is not None and b > a:
+            intervals.append((a, b))
+    exact = instance_storage_charge(pb, quota_gib, window[0], window[1], intervals)
+    return to_minor(exact, pb.currency)
+
+
+def active_term(terms: list[dict[str, Any]], now: datetime) -> dict[str, Any] | None:
+    """The newest term if ``now`` is inside it."""
+    if not terms:
+        return None
+    last = terms[-1]
+    start, end = parse(last["start"]), parse(last["end"])
+    assert start is not None and end is not None
+    return last if start <= now < end else None
+
+
+def reminder_due(now: datetime, expiry: datetime, lead: timedelta) -> bool:
+    """True while the term has not expired and ``lead`` or less remains (the seed: 7 days,
+    for day, week and month packages alike)."""
+    return timedelta(0) < expiry - now <= lead
+
+
+def preempt_victim_key(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"

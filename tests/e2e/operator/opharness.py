@@ -1,0 +1,198 @@
+"""Runs the operator as a real process against the test bed, with its own SQLite ledger
+and a file clock the test advances."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpucloud.clock import FileClock
+from gpucloud.ledger import EntryKind, Ledger, open_ledger
+from gpucloud.testing.kube import get_json, wait_for
+from gpucloud.testing.testbed import REPO, Testbed
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Harness:
+    def __init__(self, tb: Testbed, namespace: str, tmp: Path, **settings: Any) -> None:
+        self.tb, self.ns, self.tmp = tb, namespace, tmp
+        self.account = namespace  # one Account per test, named after its namespace
+        self.clock = FileClock(tmp / "clock")
+        self.clock.set(T0)
+        self.ledger_url = f"sqlite:///{tmp / 'ledger.db'}"
+        self.ledger: Ledger = open_ledger(self.ledger_url, clock=self.clock)
+        self.settings = {
+            "tick_interval_s": "0.5",
+            "account_interval_s": "1",
+            "recharge_interval_s": "0.5",
+            "metering_grace_s": "60",
+            "preemption_grace_s": "120",
+            "namespaces": namespace,
+            **{k: str(v) for k, v in settings.items()},
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tmp / "operator.log"
+
+    # -- the operator process --------------------------------------------------------
+    def start(self) -> None:
+        port = free_port()
+        env = dict(os.environ)
+        env |= {
+            "KUBECONFIG": str(self.tb.kubeconfig),
+            "GPUCLOUD_LEDGER_URL": self.ledger_url,
+            "GPUCLOUD_CLOCK": f"file:{self.clock.path}",
+        }
+        env |= {f"GPUCLOUD_OPERATOR_{k.upper()}": v for k, v in self.settings.items()}
+        cmd = [
+            sys.executable,
+            "-m",
+            "gpucloud_operator.main",
+            "--standalone",
+            "--all-namespaces",
+            "--liveness",
+            f"http://127.0.0.1:{port}/healthz",
+        ]
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+        def live() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"operator exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(live, timeout=60, what="the operator's liveness endpoint")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no final patches."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        self.tb.kubectl("delete", "account", self.account, "--wait=false", check=False)
+        self.ledger.close()
+
+    # -- cluster objects --------------------------------------------------------------
+    def setup(self, instance_limit: int = 5) -> None:
+        self.tb.kubectl("apply", "-f", str(REPO / "examples" / "pricebook.yaml"))
+        self.tb.apply(
+            [
+                {
+                    "apiVersion": "gpucloud.dev/v1alpha1",
+                    "kind": "Account",
+                    "metadata": {"name": self.account},
+                    "spec": {"namespaces": [self.ns], "instanceLimit": instance_limit},
+                }
+            ]
+        )
+        self.ledger.ensure_account(self.account, "CNY")
+
+    def fund(self, minor: int, key: str = "fund") -> None:
+        self.ledger.post_entry(
+            self.account, EntryKind.RECHARGE, minor, f"{self.ns}:{key}", at=self.clock.now()
+        )
+
+    def instance(self, name: str, product: str, count: int = 1, **billing: Any) -> None:
+        billing.setdefault("mode", "PayAsYouGo")
+        doc = {
+            "apiVersion": "gpucloud.dev/v1alpha1",
+            "kind": "GPUInstance",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": {
+                "gpu": {"product": product, "count": count},
+                "billing": billing,
+                "storage": {"quotaGi": 50},
+                "state": "Running",
+            },
+        }
+        self.tb.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.tb.kubectl(
+            "patch",
+            "gpuinstance",
+            name,
+            "-n",
+            self.ns,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": spec}),
+        )
+
+    def get(self, name: str) -> dict[str, Any]:
+        return get_json(self.tb, "gpuinstance", name, "-n", self.ns)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.get(name).get("status") or {}
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            st = self.status(name)
+            return st if st.get("phase") == phase else None
+
+        return wait_for(check, timeout=timeout, what=f"{name} to be {phase}")  # type: ignore[return-value]
+
+    def wait(self, predicate: Callable[[], object], what: str, timeout: float = 60) -> Any:
+        return wait_for(predicate, timeout=timeout, what=what)
+
+    def advance(self, seconds: float) -> datetime:
+        return self.clock.advance(timedelta(seconds=seconds))
+
+    def charges(self) -> int:
+        return -sum(
+            e.amount_minor
+            for e in self.ledger.entries(self.account, limit=10_000)
+            if e.amount_minor < 0
+        )
+
+    def entries(self, prefix: str) -> list[Any]:
+        return [
+            e for e in self.ledger.entries(self.account, limit=10_000) if e.key.startswith(prefix)
+        ]
+
+    def events(self, name: str) -> list[str]:
+        out = get_json(
+            self.tb, "events", "-n", self.ns, "--field-selector", f"involvedObject.name={name}"
+        )
+        return [e["reason"] for e in out["items"]]
+
+    def pod(self, name: str) -> dict[str, Any] | None:
+        proc = self.tb.kubectl(
+            "get", "pod", f"{name}-gpu", "-n", self.ns, "-o", "json", check=False
+        )
+        return yaml.safe_load(proc.stdout) if proc.returncode == 0 else None

@@ -1,0 +1,168 @@
+"""An in-memory stand-in for gpucloud_operator.kube.Kube, for reconciler unit tests.
+
+It keeps objects as the API server would return them and "schedules" a pod the way
+the test bed does: onto the node its volume is pinned to, if enough GPUs are free there;
+otherwise the pod stays Pending with an Unschedulable condition. The end-to-end tests
+check the same behaviour against the real control plane.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from datetime import datetime
+from typing import Any
+
+from gpucloud_operator.placement import NodeGPUs
+
+Obj = dict[str, Any]
+
+
+class FakeKube:
+    def __init__(self, nodes: list[NodeGPUs]) -> None:
+        self.nodes = nodes
+        self.cluster: dict[tuple[str, str], Obj] = {}  # (plural, name)
+        self.namespaced: dict[tuple[str, str, str], Obj] = {}  # (plural, ns, name)
+        self.pods: dict[tuple[str, str], Obj] = {}
+        self.pvs: dict[str, Obj] = {}
+        self.pvcs: dict[tuple[str, str], Obj] = {}
+        self.events: list[tuple[str, str, str, str]] = []  # (object name, type, reason, msg)
+
+    # -- test helpers ---------------------------------------------------------------
+    def add_cluster(self, plural: str, obj: Obj) -> Obj:
+        obj = copy.deepcopy(obj)
+        obj["metadata"].setdefault("uid", str(uuid.uuid4()))
+        obj["metadata"].setdefault("generation", 1)
+        self.cluster[(plural, obj["metadata"]["name"])] = obj
+        return obj
+
+    def add_namespaced(self, plural: str, obj: Obj) -> Obj:
+        obj = copy.deepcopy(obj)
+        meta = obj["metadata"]
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("generation", 1)
+        self.namespaced[(plural, meta["namespace"], meta["name"])] = obj
+        return obj
+
+    def update_spec(self, plural: str, ns: str, name: str, spec: Obj) -> None:
+        obj = self.namespaced[(plural, ns, name)]
+        obj["spec"] = {**obj["spec"], **spec}
+        obj["metadata"]["generation"] += 1
+
+    def instance(self, ns: str, name: str) -> Obj:
+        return self.namespaced[("gpuinstances", ns, name)]
+
+    def reasons(self, name: str) -> list[str]:
+        return [reason for obj, _, reason, _ in self.events if obj == name]
+
+    def schedule(self) -> None:
+        """Place pending pods where their volume lives, if the GPUs are free."""
+        for pod in self.pods.values():
+            if pod["status"]["phase"] != "Pending":
+                continue
+            claim = pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+            pvc = self.pvcs[(pod["metadata"]["namespace"], claim)]
+            pv = self.pvs[pvc["spec"]["volumeName"]]
+            expr = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]
+            node = expr["matchExpressions"][0]["values"][0]
+            need = int(pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+            cap = next(n.allocatable for n in self.nodes if n.name == node)
+            used = sum(p["gpus"] for p in self.gpu_pods() if p["node"] == node)
+            if used + need <= cap:
+                pod["spec"]["nodeName"] = node
+                pod["status"] = {"phase": "Running"}
+            else:
+                pod["status"]["conditions"] = [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": f"0/{len(self.nodes)} nodes are available: "
+                        "1 Insufficient nvidia.com/gpu.",
+                    }
+                ]
+
+    # -- the KubeAPI protocol -------------------------------------------------------
+    def list_cluster_objects(self, plural: str, ttl: float = 0.0) -> list[Obj]:
+        if plural == "gpuinstances":
+            return [copy.deepcopy(o) for (p, _, _), o in self.namespaced.items() if p == plural]
+        return [copy.deepcopy(o) for (p, _), o in self.cluster.items() if p == plural]
+
+    def get_namespaced_object(self, plural: str, namespace: str, name: str) -> Obj | None:
+        obj = self.namespaced.get((plural, namespace, name))
+        return copy.deepcopy(obj) if obj else None
+
+    def get_pricebook(self, name: str, ttl: float = 2.0) -> Obj | None:
+        obj = self.cluster.get(("pricebooks", name))
+        return copy.deepcopy(obj) if obj else None
+
+    def patch_status(self, plural: str, namespace: str | None, name: str, status: Obj) -> Obj:
+        obj = (
+            self.cluster[(plural, name)]
+            if namespace is None
+            else self.namespaced[(plural, namespace, name)]
+        )
+        st = obj.setdefault("status", {})
+        for k, v in copy.deepcopy(status).items():
+            if v is None:
+                st.pop(k, None)
+            else:
+                st[k] = v
+        return copy.deepcopy(obj)
+
+    def get_pod(self, namespace: str, name: str) -> Obj | None:
+        pod = self.pods.get((namespace, name))
+        return copy.deepcopy(pod) if pod else None
+
+    def create_pod(self, pod: Obj) -> Obj:
+        key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
+        if key not in self.pods:
+            pod = copy.deepcopy(pod)
+            pod["metadata"]["uid"] = str(uuid.uuid4())
+            pod["status"] = {"phase": "Pending"}
+            self.pods[key] = pod
+        return copy.deepcopy(self.pods[key])
+
+    def delete_pod(self, namespace: str, name: str, grace_s: int | None = None) -> None:
+        self.pods.pop((namespace, name), None)
+
+    def patch_pod_labels(self, namespace: str, name: str, labels: dict[str, str]) -> None:
+        if (namespace, name) in self.pods:
+            self.pods[(namespace, name)]["metadata"]["labels"].update(labels)
+
+    def ensure_pvc(self, pvc: Obj) -> None:
+        self.pvcs.setdefault((pvc["metadata"]["namespace"], pvc["metadata"]["name"]), pvc)
+
+    def ensure_pv(self, pv: Obj) -> None:
+        self.pvs.setdefault(pv["metadata"]["name"], pv)
+
+    def delete_pvc(self, namespace: str, name: str) -> None:
+        self.pvcs.pop((namespace, name), None)
+
+    def delete_pv(self, name: str) -> None:
+        self.pvs.pop(name, None)
+
+    def gpu_nodes(self) -> list[NodeGPUs]:
+        return list(self.nodes)
+
+    def gpu_pods(self, ttl: float = 0.0) -> list[Obj]:
+        out = []
+        for pod in self.pods.values():
+            if pod["spec"].get("nodeName"):
+                limits = pod["spec"]["containers"][0]["resources"]["limits"]
+                out.append(
+                    {
+                        "namespace": pod["metadata"]["namespace"],
+                        "name": pod["metadata"]["name"],
+                        "labels": pod["metadata"]["labels"],
+                        "node": pod["spec"]["nodeName"],
+                        "gpus": int(limits["nvidia.com/gpu"]),
+                        "deleting": False,
+                    }
+                )
+        return out
+
+    def event(
+        self, obj: Obj, type_: str, reason: str, message: str, now: datetime | None = None
+    ) -> None:
+        self.events.append((obj["metadata"]["name"], type_, reason, message))

@@ -1,0 +1,101 @@
+"""Account status, Recharge and RechargeReview against a real SQLite ledger."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from gpucloud_operator.accounts import AccountReconciler, account_state
+from opworld import NS, World
+
+from gpucloud.ledger import EntryKind
+
+
+def rec(w: World) -> AccountReconciler:
+    return AccountReconciler(w.kube, w.ledger, w.clock, w.cfg)
+
+
+def recharge(w: World, name: str, method: str, amount: str, **extra: object) -> dict:
+    spec = {"account": "acme", "method": method, "amount": amount, **extra}
+    return w.kube.add_namespaced(
+        "recharges",
+        {"kind": "Recharge", "metadata": {"name": name, "namespace": NS}, "spec": spec},
+    )
+
+
+def test_account_status(world: World) -> None:
+    w = world
+    w.fund(12_34)
+    acct = w.kube.cluster[("accounts", "acme")]
+    rec(w).refresh_account(acct)
+    st = acct["status"]
+    assert (st["balance"], st["available"], st["currency"], st["state"]) == (
+        "12.34",
+        "12.34",
+        "CNY",
+        "Active",
+    )
+    assert st["runningInstances"] == 0
+    w.ledger.post_entry("acme", EntryKind.CHARGE, -20_00, "c1", at=w.clock.now())
+    rec(w).refresh_account(acct)
+    assert acct["status"]["state"] == "Arrears" and acct["status"]["dataDeletionAt"]
+    assert account_state(100, 50) == "Active" and account_state(100, -1) == "LowBalance"
+
+
+def test_online_recharge_awaits_payment_then_credited(world: World) -> None:
+    w = world
+    rc = recharge(w, "top", "Online", "500.00", online={"provider": "sandbox"})
+    rec(w).reconcile_recharge(rc)
+    st = w.kube.namespaced[("recharges", NS, "top")]["status"]
+    assert st["phase"] == "AwaitingPayment" and st["orderId"] == f"rc-{rc['metadata']['uid']}"
+    assert "amount_minor=50000" in st["paymentURL"] and st["expiresAt"]
+    rec(w).reconcile_recharge(w.kube.namespaced[("recharges", NS, "top")])  # idempotent
+    w.ledger.settle_order(st["orderId"], "txn-1", 500_00, w.clock.now())
+    rec(w).reconcile_recharge(w.kube.namespaced[("recharges", NS, "top")])
+    assert w.kube.namespaced[("recharges", NS, "top")]["status"]["phase"] == "Credited"
+    assert w.ledger.balance("acme") == 500_00
+
+
+def test_online_order_expires(world: World) -> None:
+    w = world
+    rc = recharge(w, "late", "Online", "5.00")
+    rec(w).reconcile_recharge(rc)
+    w.clock.advance(timedelta(seconds=w.cfg.order_ttl_s))
+    rec(w).reconcile_recharge(w.kube.namespaced[("recharges", NS, "late")])
+    assert w.kube.namespaced[("recharges", NS, "late")]["status"]["phase"] == "Expired"
+
+
+def test_bank_transfer_review_credits_exactly_once(world: World) -> None:
+    w = world
+    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-1"}
+    rc = recharge(w, "wire", "BankTransfer", "2000.00", bankTransfer=bt)
+    rec(w).reconcile_recharge(rc)
+    st = w.kube.namespaced[("recharges", NS, "wire")]["status"]
+    assert st["phase"] == "AwaitingReview" and st["orderId"]
+    review = w.kube.add_cluster(
+        "rechargereviews",
+        {
+            "metadata": {"name": "r1"},
+            "spec": {"rechargeRef": {"namespace": NS, "name": "wire"}, "decision": "Approve"},
+        },
+    )
+    rec(w).reconcile_review(review)
+    assert w.kube.cluster[("rechargereviews", "r1")]["status"]["applied"] is True
+    assert w.kube.namespaced[("recharges", NS, "wire")]["status"]["phase"] == "Credited"
+    # a crash before the status patch: the review is replayed, nothing is credited twice
+    review["status"] = {}
+    rec(w).reconcile_review(review)
+    assert w.ledger.balance("acme") == 2000_00
+
+
+def test_recharge_for_a_foreign_account_fails(world: World) -> None:
+    w = world
+    rc = w.kube.add_namespaced(
+        "recharges",
+        {
+            "metadata": {"name": "x", "namespace": "elsewhere"},
+            "spec": {"account": "acme", "method": "Online", "amount": "1.00"},
+        },
+    )
+    rec(w).reconcile_recharge(rc)
+    st = w.kube.namespaced[("recharges", "elsewhere", "x")]["status"]
+    assert st["phase"] == "Failed" and "does not bill" in st["reason"]

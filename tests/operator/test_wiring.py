@@ -1,0 +1,37 @@
+"""The Kopf wiring: every kind has its handlers, timers use the configured intervals,
+and the settings keep Kopf's bookkeeping out of the (schema-pruned) status."""
+
+from __future__ import annotations
+
+import kopf
+from gpucloud_operator.config import OperatorConfig
+from gpucloud_operator.handlers import configure, register
+from gpucloud_operator.main import parse_args
+
+
+def test_handlers_are_registered_for_every_kind() -> None:
+    registry = kopf.OperatorRegistry()
+    cfg = OperatorConfig(tick_interval_s=0.5)
+    register(registry, cfg, object(), object())  # type: ignore[arg-type]
+    handlers = [
+        *registry._spawning.get_all_handlers(),
+        *registry._changing.get_all_handlers(),
+        *registry._watching.get_all_handlers(),
+    ]
+    names = {h.selector.any_name for h in handlers if h.selector is not None}
+    assert {"gpuinstances", "accounts", "recharges", "rechargereviews", "pods"} <= names
+    timers = [h for h in handlers if type(h).__name__ == "TimerHandler"]
+    assert {h.selector.any_name: h.interval for h in timers}["gpuinstances"] == 0.5
+    reasons = {h.reason for h in registry._changing.get_all_handlers()}
+    assert "delete" in {str(r) for r in reasons}  # the release finalizer
+
+
+def test_settings_and_flags() -> None:
+    settings = kopf.OperatorSettings()
+    configure(settings, OperatorConfig())
+    assert settings.persistence.finalizer == "gpucloud.dev/release"
+    assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
+    args, cfg = parse_args(["--standalone", "-n", "a", "-n", "b", "--metering-grace-s", "7"])
+    assert args.standalone and cfg.metering_grace_s == 7
+    assert cfg.serves("a") and cfg.serves("b") and not cfg.serves("c")
+    assert OperatorConfig().serves("anything")
