@@ -452,7 +452,7 @@ def recharge_review() -> Schema:
             "x-kubernetes-validations": [
                 {"rule": "self == oldSelf", "message": "a review is final: spec is immutable"},
                 {
-                    "rule": "self.decision != 'Reject' || (has(self.reason) && size(self.reason) > 0)",
+                    "rule": "self.decision != 'Reject' || (has(self.reason) && size(self.reason) > 0)",  # noqa: E501
                     "message": "reason is required when decision is Reject",
                     "fieldPath": ".reason",
                 },
@@ -727,7 +727,7 @@ def model_deployment() -> Schema:
                 },
                 {
                     "rule": "(self.visibility == 'Public') == has(self.pricing)",
-                    "message": "pricing is required for public models and forbidden for private ones",
+                    "message": "pricing is required for public models and forbidden for private ones",  # noqa: E501
                     "fieldPath": ".pricing",
                 },
             ]
@@ -765,6 +765,92 @@ def model_deployment() -> Schema:
     )
 
 
+# --- cloud disks and images (docs/arrears.md) -----------------------------------------
+def storage_item_status(extra: dict[str, Schema]) -> Schema:
+    return status_base(
+        {
+            "phase": enum("Lifecycle phase.", ["Creating", "Ready", "Failed", "Deleted"]),
+            "message": string("Human-readable detail.", maxLength=4096),
+            "account": string("Account billed."),
+            "volumeId": string("Volume id the agent reports: <namespace>/<name>."),
+            "meterId": string("Ledger meter rating the agent's usage."),
+            "usedBytes": {
+                "type": "integer",
+                "format": "int64",
+                "minimum": 0,
+                "description": "Used capacity last measured by the operator.",
+            },
+            "billedSince": timestamp("Start of billing."),
+            "dataDeletedAt": timestamp("When the data was deleted after arrears."),
+            **extra,
+        }
+    )
+
+
+def cloud_disk() -> Schema:
+    spec = obj(
+        {
+            "capacityGi": integer(
+                "Capacity limit in GiB; billed by the used capacity, not this limit.",
+                minimum=1,
+                maximum=65536,
+            ),
+        },
+        ["capacityGi"],
+    )
+    return crd(
+        "CloudDisk",
+        "clouddisks",
+        "Namespaced",
+        ["cdisk", "cd"],
+        spec,
+        storage_item_status({}),
+        [
+            column("Phase", ".status.phase"),
+            column("Capacity", ".spec.capacityGi", "integer"),
+            column("Used", ".status.usedBytes", "integer"),
+            column("Account", ".status.account", priority=1),
+        ],
+        "A cloud disk attachable to GPUInstances (spec.cloudDisks), billed per GiB-hour used.",
+    )
+
+
+def image() -> Schema:
+    spec = obj(
+        {
+            "sourceInstance": immutable(
+                string(
+                    "GPUInstance in this namespace whose storage is backed up.",
+                    pattern=DNS_LABEL,
+                    maxLength=63,
+                ),
+                "sourceInstance",
+            ),
+        },
+        ["sourceInstance"],
+    )
+    return crd(
+        "Image",
+        "images",
+        "Namespaced",
+        ["img"],
+        spec,
+        storage_item_status(
+            {
+                "readyAt": timestamp("When the copy was complete."),
+                "sourceUID": string("UID of the source instance when copied."),
+            }
+        ),
+        [
+            column("Phase", ".status.phase"),
+            column("Source", ".spec.sourceInstance"),
+            column("Used", ".status.usedBytes", "integer"),
+            column("Account", ".status.account", priority=1),
+        ],
+        "A backup image of a GPUInstance's storage, billed per GiB-hour used.",
+    )
+
+
 KINDS = {
     "pricebooks": price_book,
     "accounts": account,
@@ -772,6 +858,8 @@ KINDS = {
     "rechargereviews": recharge_review,
     "gpuinstances": gpu_instance,
     "modeldeployments": model_deployment,
+    "clouddisks": cloud_disk,
+    "images": image,
 }
 
 

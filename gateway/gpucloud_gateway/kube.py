@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -24,7 +25,8 @@ def _api_client() -> Any:
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        # KUBECONFIG is read now, not when the kubernetes package was first imported.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     return client
 
 

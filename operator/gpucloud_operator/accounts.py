@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from gpucloud.billing import format_money, to_minor
+from gpucloud.billing import BillingError, PriceBook, format_money, to_minor
 from gpucloud.clock import Clock
 from gpucloud.ledger import (
     IdempotencyConflict,
@@ -18,10 +18,12 @@ from gpucloud.ledger import (
     VoucherStatus,
 )
 from gpucloud.recharge import SandboxProvider
+from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import KubeAPI
+from gpucloud_operator.notify import Notifier
 
 log = logging.getLogger("gpucloud.operator.accounts")
 Obj = dict[str, Any]
@@ -42,8 +44,125 @@ def money(minor: int, currency: str) -> str:
 
 
 class AccountReconciler:
-    def __init__(self, kube: KubeAPI, ledger: Ledger, clock: Clock, cfg: OperatorConfig) -> None:
+    def __init__(
+        self,
+        kube: KubeAPI,
+        ledger: Ledger,
+        clock: Clock,
+        cfg: OperatorConfig,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.kube, self.ledger, self.clock, self.cfg = kube, ledger, clock, cfg
+        self.notifier = notifier or Notifier()
+
+    # -- arrears (docs/arrears.md) ----------------------------------------------------
+    def _assess(
+        self,
+        acct: Obj,
+        spec: Obj,
+        balance: int,
+        available: int,
+        currency: str,
+        now: datetime,
+        namespaces: set[str],
+    ) -> ar.Assessment:
+        def mine(plural: str) -> list[Obj]:
+            return [
+                o
+                for o in self.kube.list_cluster_objects(plural, ttl=2.0)
+                if o["metadata"].get("namespace") in namespaces
+            ]
+
+        # stopped runs not yet settled count as owed (see ar.closed_run_estimate); the
+        # ledger, not the (cached, lagging) instance status, says which ones
+        owed = 0
+        recent = now - timedelta(seconds=2 * self.cfg.metering_grace_s + 3600)
+        for m in self.ledger.meters(acct["metadata"]["name"]):
+            if m.kind != "gpu_time" or m.closed_at is None or m.closed_at < recent:
+                continue
+            try:
+                self.ledger.get_entry(f"meter-fallback:{m.meter_id}")
+            except NotFound:
+                owed += ar.closed_run_estimate(m, currency)
+        balance, available = balance - owed, available - owed
+        burn = Decimal(0)
+        pb_obj = self.kube.get_pricebook(self.cfg.pricebook)
+        if pb_obj is not None:
+            try:
+                pb = PriceBook.from_resource(pb_obj)
+                burn = ar.account_burn_rate(
+                    pb, mine("gpuinstances"), mine("clouddisks"), mine("images"), now
+                )
+            except BillingError as exc:  # a bad price book must not stop enforcement
+                log.error("burn rate of %s: %s", acct["metadata"]["name"], exc)
+        status = acct.get("status") or {}
+        return ar.assess(
+            balance_minor=balance,
+            available_minor=available,
+            currency=currency,
+            burn_per_hour=burn,
+            warning_hours=int(spec.get("lowBalanceWarningHours", ar.DEFAULT_WARNING_HOURS)),
+            arrears_since=r.parse(status.get("arrearsSince")),
+            now=now,
+            retention=self.cfg.arrears_retention,
+        )
+
+    def webhook_url(self, acct: Obj) -> str:
+        return ((acct.get("spec") or {}).get("webhook") or {}).get("url") or self.cfg.webhook_url
+
+    def _notify_transitions(
+        self, acct: Obj, status: Obj, verdict: ar.Assessment, new: Obj, now: datetime
+    ) -> list[Obj]:
+        """Event + condition + webhook on entering/leaving arrears and on the low-balance
+        warning; conditions remember what was already sent, so each is sent once."""
+        name = acct["metadata"]["name"]
+        old = {c["type"]: c.get("status") for c in status.get("conditions") or []}
+        conds: list[Obj] = []
+        url = self.webhook_url(acct)
+        figures = {"balance": new["balance"], "available": new["available"]}
+        hours = verdict.hours_left
+        warn = verdict.state in (ar.LOW, ar.ARREARS)
+        if warn and old.get("LowBalanceWarning") != "True":
+            lasts = "nothing left" if hours is None or hours <= 0 else f"about {hours:.1f} h left"
+            msg = (
+                f"balance {new['balance']} {new['currency']} is low: {lasts} at the current "
+                "burn rate; recharge to avoid a shutdown"
+            )
+            conds.append(b.condition("LowBalanceWarning", True, "LowBalance", msg, r.fmt(now)))
+            self.kube.event(acct, "Warning", "LowBalanceWarning", msg)
+            self.notifier.notify(url, ar.payload("LowBalanceWarning", name, msg, now, **figures))
+        elif not warn and old.get("LowBalanceWarning") == "True":
+            conds.append(
+                b.condition(
+                    "LowBalanceWarning", False, "Funded", "balance is sufficient", r.fmt(now)
+                )
+            )
+        if verdict.in_arrears and old.get("Arrears") != "True":
+            msg = (
+                f"account is in arrears (balance {new['balance']} {new['currency']}): running "
+                f"instances are shut down; data is kept until {new['dataDeletionAt']}, then "
+                "deleted unless the debt is cleared"
+            )
+            conds.append(b.condition("Arrears", True, "Arrears", msg, r.fmt(now)))
+            self.kube.event(acct, "Warning", "ArrearsShutdown", msg)
+            self.notifier.notify(
+                url,
+                ar.payload(
+                    "Arrears",
+                    name,
+                    msg,
+                    now,
+                    arrearsSince=new["arrearsSince"],
+                    dataDeletionAt=new["dataDeletionAt"],
+                    **figures,
+                ),
+            )
+        elif not verdict.in_arrears and old.get("Arrears") == "True":
+            msg = "arrears cleared: the data deletion countdown stopped; start instances again"
+            conds.append(b.condition("Arrears", False, "Cleared", msg, r.fmt(now)))
+            self.kube.event(acct, "Normal", "ArrearsCleared", msg)
+            self.notifier.notify(url, ar.payload("ArrearsCleared", name, msg, now, **figures))
+        return conds
 
     # -- Account --------------------------------------------------------------------
     def refresh_account(self, acct: Obj) -> None:
@@ -61,8 +180,10 @@ class AccountReconciler:
             if i["metadata"]["namespace"] in namespaces
             and (i.get("status") or {}).get("phase") in ("Running", "Starting")
         )
-        state = account_state(balance, available)
         status = dict(acct.get("status") or {})
+        # arrears, low-balance warning and their notifications (gpucloud_operator.arrears)
+        verdict = self._assess(acct, spec, balance, available, currency, now, namespaces)
+        state = verdict.state
         new = {
             "balance": money(balance, currency),
             "available": money(available, currency),
@@ -70,22 +191,20 @@ class AccountReconciler:
             "runningInstances": running,
             "state": state,
             "observedGeneration": acct["metadata"].get("generation"),
+            "arrearsSince": r.fmt(verdict.arrears_since) if verdict.arrears_since else None,
+            "dataDeletionAt": r.fmt(verdict.data_deletion_at) if verdict.data_deletion_at else None,
         }
-        if state == "Arrears" and not status.get("arrearsSince"):
-            new["arrearsSince"] = r.fmt(now)
-            new["dataDeletionAt"] = r.fmt(now + timedelta(days=7))
-        elif state != "Arrears" and status.get("arrearsSince"):
-            new["arrearsSince"] = None
-            new["dataDeletionAt"] = None
+        conds: list[Obj] = []
         if state != status.get("state"):
-            cond = b.condition(
-                "Funded",
-                state == "Active",
-                state,
-                f"balance {new['balance']} {currency}",
-                r.fmt(now),
+            conds.append(
+                b.condition(
+                    "Funded",
+                    state == "Active",
+                    state,
+                    f"balance {new['balance']} {currency}",
+                    r.fmt(now),
+                )
             )
-            new["conditions"] = b.merge_conditions(status.get("conditions"), [cond])
             if status.get("state") is not None or state != "Active":
                 self.kube.event(
                     acct,
@@ -94,6 +213,9 @@ class AccountReconciler:
                     f"account is {state}: balance {new['balance']}, available "
                     f"{new['available']} {currency}",
                 )
+        conds += self._notify_transitions(acct, status, verdict, new, now)
+        if conds:
+            new["conditions"] = b.merge_conditions(status.get("conditions"), conds)
         changes = {k: v for k, v in new.items() if status.get(k) != v}
         if changes:
             self.kube.patch_status("accounts", None, name, changes)

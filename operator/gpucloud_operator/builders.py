@@ -23,6 +23,8 @@ MODE_LABEL = "gpucloud.dev/billing-mode"
 RUN_LABEL = "gpucloud.dev/run"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "gpucloud-operator"}
 STORAGE_CLASS = "gpucloud-local"
+# The agent measures <disk-root>/instances/<namespace>/<name> (agent/gpucloud_agent/disk.py)
+# with disk-root /var/lib/gpucloud: the volume path must be exactly that.
 DATA_ROOT = "/var/lib/gpucloud/instances"
 DATA_MOUNT = "/root/data"
 
@@ -155,7 +157,7 @@ def build_local_pv(instance: Manifest, node: str) -> Manifest:
             "persistentVolumeReclaimPolicy": "Retain",
             "storageClassName": STORAGE_CLASS,
             "volumeMode": "Filesystem",
-            "local": {"path": f"{DATA_ROOT}/{meta['namespace']}/{meta['name']}-{meta['uid']}"},
+            "local": {"path": f"{DATA_ROOT}/{meta['namespace']}/{meta['name']}"},
             "claimRef": {
                 "apiVersion": "v1",
                 "kind": "PersistentVolumeClaim",

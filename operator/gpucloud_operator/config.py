@@ -47,9 +47,31 @@ class OperatorConfig:
     order_ttl_s: int = 15 * 60
     pay_base_url: str = "https://sandbox.gpucloud.invalid/pay"
     finalizer: str = "gpucloud.dev/release"
+    # -- arrears, cloud disks and images (docs/arrears.md) --
+    # Clock seconds of continuous arrears after which the account's data is deleted
+    # (the seed: 7 days).
+    arrears_retention_s: int = 7 * 24 * 3600
+    # Default webhook for notifications ("" = none); Account.spec.webhook.url wins.
+    webhook_url: str = ""
+    # Where instance volumes, cloud disks and images live on a node (the agent's disk
+    # root): <data_root>/{instances,disks,images}/<namespace>/<name>.
+    data_root: str = "/var/lib/gpucloud"
+    # Real seconds between checks of each CloudDisk / Image.
+    storage_interval_s: float = 15.0
     # Comma list of namespaces whose instances and recharges this operator serves
     # ("" = all). Cluster-scoped kinds are always served cluster-wide.
     namespaces: str = ""
+    # -- ModelDeployments (gpucloud_operator.models) -------------------------------------
+    # Real seconds between scaling passes of each model (the autoscaler's window: ~10 min).
+    model_interval_s: float = 600.0
+    # Where the gateway's per-model stats come from: "http(s)://.../v1/stats" (production),
+    # "file:PATH" (a JSON file of the same shape, tests) or "none" (no traffic seen).
+    model_stats_url: str = "none"
+    # Clock seconds a model with minReplicas 0 stays idle before going cold, when its
+    # spec.scaling.coldAfterSeconds is not set.
+    model_cold_after_s: int = 600
+    # The operator's own SQLite file of replica online intervals (crash-safe billing).
+    model_billing_db: str = "/var/lib/gpucloud/model-billing.db"
 
     def serves(self, namespace: str | None) -> bool:
         wanted = [n.strip() for n in self.namespaces.split(",") if n.strip()]
@@ -62,6 +84,10 @@ class OperatorConfig:
             PackagePeriod.MONTH: self.package_month_s,
         }[PackagePeriod(period)]
         return timedelta(seconds=seconds)
+
+    @property
+    def arrears_retention(self) -> timedelta:
+        return timedelta(seconds=self.arrears_retention_s)
 
     @property
     def reminder_lead(self) -> timedelta:
@@ -98,7 +124,7 @@ class OperatorConfig:
 def _convert(name: str, kind: str, raw: object) -> object:
     if kind == "str":
         text = str(raw)
-        if not text and name != "namespaces":
+        if not text and name not in ("namespaces", "webhook_url"):
             raise ValueError(f"{name}: must not be empty")
         return text
     number_type = int if kind == "int" else float
@@ -109,6 +135,6 @@ def _convert(name: str, kind: str, raw: object) -> object:
         raise ValueError(f"{name}: {raw!r} is not {what}") from None
     if value < 0 or (name.endswith("_interval_s") and value == 0):
         raise ValueError(f"{name}: must be {'> 0' if name.endswith('_interval_s') else '>= 0'}")
-    if name.startswith("package_") and value == 0:
+    if (name.startswith("package_") or name == "model_cold_after_s") and value == 0:
         raise ValueError(f"{name}: must be > 0")
     return value

@@ -11,11 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
+from gpucloud_gateway.manifests import MODEL_LABEL
 
 from gpucloud_operator.accounts import AccountReconciler
 from gpucloud_operator.builders import GROUP, MANAGED_BY, VERSION
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import InstanceReconciler
+from gpucloud_operator.models import ModelReconciler
+from gpucloud_operator.storage_items import StorageItems
 
 
 def register(
@@ -50,10 +53,18 @@ def register(
 
     acct = (GROUP, VERSION, "accounts")
 
-    @kopf.on.resume(*acct, registry=registry)
-    @kopf.on.create(*acct, registry=registry)
-    @kopf.on.update(*acct, registry=registry)
-    @kopf.timer(*acct, interval=cfg.account_interval_s, registry=registry)
+    # Cluster-scoped kinds: an operator limited to some namespaces serves only the
+    # accounts and reviews of those namespaces (several test operators share one cluster).
+    def account_served(spec: kopf.Spec, **_: Any) -> bool:
+        return any(cfg.serves(ns) for ns in (spec.get("namespaces") or [None]))
+
+    def review_served(spec: kopf.Spec, **_: Any) -> bool:
+        return cfg.serves((spec.get("rechargeRef") or {}).get("namespace"))
+
+    @kopf.on.resume(*acct, registry=registry, when=account_served)
+    @kopf.on.create(*acct, registry=registry, when=account_served)
+    @kopf.on.update(*acct, registry=registry, when=account_served)
+    @kopf.timer(*acct, interval=cfg.account_interval_s, registry=registry, when=account_served)
     def account(body: kopf.Body, **_: Any) -> None:
         accounts.refresh_account(dict(body))
 
@@ -67,11 +78,82 @@ def register(
 
     review = (GROUP, VERSION, "rechargereviews")
 
-    @kopf.on.resume(*review, registry=registry)
-    @kopf.on.create(*review, registry=registry)
-    @kopf.timer(*review, interval=cfg.recharge_interval_s, registry=registry)
+    @kopf.on.resume(*review, registry=registry, when=review_served)
+    @kopf.on.create(*review, registry=registry, when=review_served)
+    @kopf.timer(*review, interval=cfg.recharge_interval_s, registry=registry, when=review_served)
     def recharge_review(body: kopf.Body, **_: Any) -> None:
         accounts.reconcile_review(dict(body))
+
+    register_storage(registry, cfg, instances)
+
+
+# --- arrears, cloud disks and images (docs/arrears.md) ---------------------------------
+def register_storage(
+    registry: kopf.OperatorRegistry, cfg: OperatorConfig, instances: InstanceReconciler
+) -> None:
+    """CloudDisk and Image handlers. Arrears shutdown and deletion of instances run in
+    the instance and account handlers above (they read the Account's status)."""
+    made: list[StorageItems] = []
+
+    def items() -> StorageItems:  # built on first use: shares the instances' clients
+        if not made:
+            made.append(StorageItems(instances.kube, instances.ledger, instances.clock, cfg))
+        return made[0]
+
+    def served(namespace: str | None, **_: Any) -> bool:
+        return cfg.serves(namespace)
+
+    for plural in ("clouddisks", "images"):
+        res = (GROUP, VERSION, plural)
+
+        def changed(body: kopf.Body, plural: str = plural, **_: Any) -> None:
+            items().reconcile(plural, dict(body))
+
+        def deleted(body: kopf.Body, plural: str = plural, **_: Any) -> None:
+            items().delete(plural, dict(body))
+
+        kopf.on.resume(*res, registry=registry, when=served, id=f"{plural}-resume")(changed)
+        kopf.on.create(*res, registry=registry, when=served, id=f"{plural}-create")(changed)
+        kopf.timer(
+            *res,
+            interval=cfg.storage_interval_s,
+            registry=registry,
+            when=served,
+            id=f"{plural}-tick",
+        )(changed)
+        kopf.on.delete(*res, registry=registry, when=served, id=f"{plural}-delete")(deleted)
+
+
+# -- ModelDeployments (gpucloud_operator.models) ----------------------------------------
+def register_models(
+    registry: kopf.OperatorRegistry, cfg: OperatorConfig, models: ModelReconciler
+) -> None:
+    """ModelDeployment handlers: manifests on create/update, a scaling pass every
+    ``model_interval_s``, replica online time billed on pod events, settled on delete."""
+    md = (GROUP, VERSION, "modeldeployments")
+
+    def served(namespace: str | None, **_: Any) -> bool:
+        return cfg.serves(namespace)
+
+    @kopf.on.resume(*md, registry=registry, when=served)
+    @kopf.on.create(*md, registry=registry, when=served)
+    @kopf.on.update(*md, registry=registry, when=served)
+    def model_changed(body: kopf.Body, **_: Any) -> None:
+        models.reconcile(dict(body), ensure=True)
+
+    @kopf.timer(*md, interval=cfg.model_interval_s, registry=registry, when=served)
+    def model_tick(body: kopf.Body, **_: Any) -> None:
+        models.reconcile(dict(body))
+
+    @kopf.on.delete(*md, registry=registry, when=served)
+    def model_deleted(body: kopf.Body, **_: Any) -> None:
+        models.deleted(dict(body))
+
+    @kopf.on.event(
+        "", "v1", "pods", labels={MODEL_LABEL: kopf.PRESENT}, registry=registry, when=served
+    )
+    def model_pod_event(body: kopf.Body, **_: Any) -> None:
+        models.pod_changed(dict(body))
 
 
 def configure(settings: kopf.OperatorSettings, cfg: OperatorConfig) -> None:

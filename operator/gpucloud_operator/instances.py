@@ -10,11 +10,13 @@ included) repeats the same postings with the same keys on restart: the ledger an
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from fractions import Fraction
+from pathlib import Path
 from typing import Any, Protocol
 
 from gpucloud.billing import (
@@ -34,6 +36,7 @@ from gpucloud.billing import (
 )
 from gpucloud.clock import Clock, monotonic
 from gpucloud.ledger import EntryKind, IdempotencyConflict, Ledger, NotFound
+from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
@@ -85,6 +88,7 @@ class Pass:
     pb: PriceBook | None = None
     # changes to send with the pass's next patch (saves an API call per pass)
     deferred: Obj = field(default_factory=dict)
+    acct_status: Obj = field(default_factory=dict)  # the Account's status (arrears)
 
     @property
     def meta(self) -> Obj:
@@ -297,6 +301,7 @@ class InstanceReconciler:
                 )
             return False
         p.account = acct["metadata"]["name"]
+        p.acct_status = acct.get("status") or {}
         p.currency = acct.get("spec", {}).get("currency", "CNY")
         if p.account not in self._ledger_accounts:
             self.ledger.ensure_account(p.account, p.currency)
@@ -342,6 +347,8 @@ class InstanceReconciler:
 
     def _reconcile_resolved(self, p: Pass) -> None:
         self._settle_meters(p)
+        if self._arrears(p):
+            return
         self._settle_storage(p, final=False)
         phase = p.phase
         if phase == "Stopping":  # a stop was interrupted: finish it first
@@ -375,9 +382,9 @@ class InstanceReconciler:
             self._observe_start(p)
         elif phase == "Running":
             self._observe_running(p)
-        elif phase in r.HALTED_PHASES and p.status.get("haltedGeneration") == p.meta.get(
-            "generation"
-        ):
+        elif phase in (*r.HALTED_PHASES, "Stopped") and p.status.get(
+            "haltedGeneration"
+        ) == p.meta.get("generation"):
             return  # stays down until the user changes the spec
         else:
             self._start(p)
@@ -782,6 +789,80 @@ class InstanceReconciler:
             except IdempotencyConflict:
                 log.warning("storage window %s of %s already posted", r.fmt(a), p.resource)
         self._patch(p, {"storageBilledUntil": r.fmt(until)})
+
+    # -- arrears (docs/arrears.md) --------------------------------------------------------
+    def _arrears(self, p: Pass) -> bool:
+        """While the account is in arrears: stop the instance at the arrears instant
+        (data kept, it stays Stopped until the spec changes), keep billing storage, and
+        delete the data when the countdown ends. True: nothing else to do this pass."""
+        acct = p.acct_status
+        if acct.get("state") != "Arrears":
+            return False
+        if (
+            self.ledger.balance(p.account) > 0
+            and self.ledger.available_balance(p.account, p.now) >= 0
+        ):
+            return False  # a recharge the (cached) Account status does not show yet
+        since = r.parse(acct.get("arrearsSince")) or p.now
+        if p.phase in r.ACTIVE_PHASES:
+            began = r.parse(p.status.get("meterSince") or p.status.get("startedAt"))
+            saved, p.now = p.now, min(p.now, max(since, began or since))
+            message = (
+                f"shut down: account {p.account!r} is in arrears since {r.fmt(since)}; "
+                f"data kept until {acct.get('dataDeletionAt')}; recharge, then start it again"
+            )
+            self._stop(p, "Stopped", "ArrearsShutdown", message)
+            p.now = saved
+            self._patch(p, {"haltedGeneration": p.meta.get("generation")})
+        elif p.phase not in ("Stopped", *r.HALTED_PHASES) and p.phase is not None:
+            # e.g. Refused: keep it down with the reason
+            self._patch(p, {"haltedGeneration": p.meta.get("generation")})
+        deletion_at = r.parse(acct.get("dataDeletionAt"))
+        if (
+            deletion_at is not None
+            and p.now >= deletion_at
+            and p.status.get("storageSince")
+            and ar.deletion_confirmed(self.kube, self.ledger, p.account, p.now)
+        ):
+            self._delete_data(p, deletion_at)
+        self._settle_storage(p, final=False)
+        return True
+
+    def _delete_data(self, p: Pass, at: datetime) -> None:
+        """Storage is settled up to ``at`` exactly, then the volume and its data go.
+        Every step is idempotent, so a pass killed midway repeats it."""
+        saved, p.now = p.now, at
+        self._settle_storage(p, final=True)
+        p.now = saved
+        self.kube.delete_pvc(p.ns, b.pvc_name(p.name))
+        self.kube.delete_pv(b.pv_name(p.uid))
+        path = Path(self.cfg.data_root) / "instances" / p.ns / p.name
+        shutil.rmtree(path, ignore_errors=True)
+        message = (
+            f"instance storage deleted at {r.fmt(at)} after "
+            f"{self.cfg.arrears_retention_s // 3600} h of arrears"
+        )
+        self.ledger.record_audit(
+            p.account,
+            "gpucloud-operator",
+            "data.deleted",
+            f"instance:{p.resource}",
+            {"kind": "instance_volume", "resource": p.resource, "path": str(path)},
+            at,
+        )
+        self._patch(
+            p,
+            {
+                "storageSince": None,
+                "storageBilledUntil": None,
+                "volumeNode": None,
+                "message": message,
+                "conditions": self._conditions(
+                    p, ("DataDeleted", True, "ArrearsRetention", message)
+                ),
+            },
+        )
+        self._event(p, "Warning", "DataDeleted", message)
 
     # -- packages ---------------------------------------------------------------------
     def _buy_term(self, p: Pass, period: Any, start: datetime) -> bool:

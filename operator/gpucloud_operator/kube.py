@@ -37,6 +37,7 @@ class Kube:
         self.client = kubernetes.client.ApiClient(cfg)
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
+        self.apps = kubernetes.client.AppsV1Api(self.client)
         self._cache: dict[str, tuple[float, Any]] = {}
         self._cache_lock = threading.Lock()
 
@@ -211,6 +212,53 @@ class Kube:
                     }
                 )
         return out
+
+    # -- model deployments (gpucloud_operator.models) ------------------------------
+    def get_deployment(self, namespace: str, name: str) -> Obj | None:
+        try:
+            return self._raw(self.apps.read_namespaced_deployment, name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def apply_deployment(self, dep: Obj) -> Obj:
+        """Create the Deployment, or merge-patch an existing one to match ``dep``."""
+        ns, name = dep["metadata"]["namespace"], dep["metadata"]["name"]
+        try:
+            return self._raw(self.apps.create_namespaced_deployment, ns, dep)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        return self._raw(self.apps.patch_namespaced_deployment, name, ns, dep)
+
+    def apply_service(self, svc: Obj) -> None:
+        """Create the Service if missing (its spec is fixed by the ModelDeployment's name)."""
+        try:
+            self.core.create_namespaced_service(svc["metadata"]["namespace"], svc)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
+        """Set spec.replicas through the scale subresource (as the gateway's wake does)."""
+        self.apps.patch_namespaced_deployment_scale(
+            name, namespace, {"spec": {"replicas": replicas}}
+        )
+
+    def list_pods(self, namespace: str, selector: str) -> list[Obj]:
+        return list(
+            self._raw(self.core.list_namespaced_pod, namespace, label_selector=selector)["items"]
+        )
+
+    def patch_pod_annotations(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        try:
+            self.core.patch_namespaced_pod(
+                name, namespace, {"metadata": {"annotations": annotations}}
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     # -- events -------------------------------------------------------------------
     def event(

@@ -22,9 +22,10 @@ from gpucloud.clock import clock_from_env
 from gpucloud.ledger import open_ledger
 from gpucloud_operator.accounts import AccountReconciler
 from gpucloud_operator.config import OperatorConfig
-from gpucloud_operator.handlers import configure, register
+from gpucloud_operator.handlers import configure, register, register_models
 from gpucloud_operator.instances import InstanceReconciler
 from gpucloud_operator.kube import Kube
+from gpucloud_operator.models import ModelReconciler
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, OperatorConfig]:
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     accounts = AccountReconciler(kube, ledger, clock, cfg)
     registry = kopf.OperatorRegistry()
     register(registry, cfg, instances, accounts)
+    register_models(registry, cfg, ModelReconciler(kube, ledger, clock, cfg))
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

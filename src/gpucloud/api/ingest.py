@@ -1,8 +1,10 @@
-"""Per-record validation of a usage batch.
+"""Per-record validation of a usage batch (the slow path).
 
-The whole batch is validated in one pass first (the common, all-valid case); only
-when that fails is each record validated on its own, so that the valid rest can be
-stored and every malformed record reported by index, field and rule.
+POST /v1/usage first tries ``gpucloud.ledger.wire.parse_batch`` (strict, straight into
+dicts: the common, all-valid case). Only a batch it refuses comes here: the whole batch
+is validated in one pass through the models first; only when that fails is each record
+validated on its own, so that the valid rest can be stored and every malformed record
+reported by index, field and rule.
 """
 
 from __future__ import annotations

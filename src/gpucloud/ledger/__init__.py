@@ -16,7 +16,7 @@ Typical use::
     ledger.open_meter("pod-uid-1", account="alice", resource="ns/inst-1",
                       kind="gpu_time", subject="pod-uid-1",
                       unit_price=Decimal("9.80"), unit="gpu_hour", opened_at=now)
-    ledger.ingest_usage(records, received_at=now)
+    ledger.ingest_usage(records, received_at=now)  # rate_at=now: rate in the same transaction
     ledger.rate_pending(now)
     ledger.balance("alice")
 
@@ -28,7 +28,9 @@ Rules the ledger keeps (each is tested on SQLite and PostgreSQL):
   balance and is updated under its row lock (SELECT ... FOR UPDATE on PostgreSQL,
   BEGIN IMMEDIATE on SQLite) in the transaction that inserts the entry.
 - Usage: natural key (kind, subject, start); no two records of one subject (GPU or
-  volume) overlap. Meters match usage by (kind, owner): the pod UID for gpu_time, the
+  volume) overlap. ``gpucloud.ledger.wire.parse_batch`` checks a JSON batch straight
+  into a WireBatch that ingest_usage takes as well (the API's fast path). Meters match
+  usage by (kind, owner): the pod UID for gpu_time, the
   volume id otherwise. A meter's window is [floor(opened_at), floor(closed_at)) in
   whole seconds; a record straddling a close is rated up to the close
   (``rated_until``) and its rest by the successor meter, if one covers it. Seconds no

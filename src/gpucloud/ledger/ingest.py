@@ -3,23 +3,29 @@
 No two stored records of one subject overlap (an invariant kept here), so a candidate
 need only be checked against its neighbours in start order: the nearest stored or
 accepted interval starting before it and the nearest starting after it.
+
+This is the hot path of metering (thousands of records a second), so it talks to the
+DB-API cursor directly: SQLAlchemy's statement building and per-row parameter
+processing cost more than the database's own work for batches of small records.
 """
 
 from __future__ import annotations
 
-import hashlib
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, and_, select, text
+from sqlalchemy import Connection
 
 from gpucloud.ledger import schema
 from gpucloud.ledger.types import IngestResult
+from gpucloud.ledger.wire import WireBatch, content_digest
 from gpucloud.usage import MAX_GPU_WINDOW_S, UsageKind, UsageRecord
 
-# Arbitrary constant: PostgreSQL ingest transactions take this advisory lock so two
-# concurrent batches cannot both pass the overlap check for the same GPU.
+# Arbitrary constant: PostgreSQL transactions that write usage rows (ingestion, rating)
+# take this advisory lock, so two batches cannot both pass the overlap check for the
+# same GPU, and a rating pass sees no rows appear between its sum and its update.
 _INGEST_LOCK = 0x6770_7563_6C64_0002
 _GPU = UsageKind.GPU_TIME.value
 
@@ -38,125 +44,218 @@ COLUMNS = (
     "digest",
     "received_at",
     "rated_until",
+    "meter_id",
+    "rated_at",
 )
-_KIND, _SUBJECT, _START, _END, _DIGEST = 0, 1, 2, 3, 11
+# Positions in a row of COLUMNS.
+KIND, SUBJECT, START, END, MEASURE, OWNER, DIGEST = 0, 1, 2, 3, 5, 6, 11
+RATED = slice(13, 16)  # rated_until, meter_id, rated_at
+
+Row = tuple[Any, ...]
+# Rates accepted rows inside the ingest transaction: returns them with RATED filled in
+# for those it rated (see Ledger.ingest_usage's rate_at).
+Rater = Callable[[list[Row]], list[Row]]
 
 
 def digest(record: UsageRecord) -> str:
     """A fingerprint of the whole record: the same natural key with another digest is a
     conflicting re-send. Built from the fields directly (JSON dumping every record costs
     more than the insert); a test pins that every field of UsageRecord is covered."""
-    return _row(record, 0)[_DIGEST]  # type: ignore[return-value]
+    return _row(record, 0)[DIGEST]  # type: ignore[return-value]
 
 
-def _row(r: UsageRecord, received_us: int) -> tuple[object, ...]:
+def _row(r: UsageRecord, received_us: int) -> Row:
     """The record as a row of COLUMNS."""
     kind = r.kind.value
-    gpu, pod = r.gpu, r.pod
-    subject = gpu.uuid if gpu is not None else str(r.volume)
-    content = (kind, r.node, r.start, r.end, r.quantity, subject,
-               gpu.product if gpu else None, pod.namespace if pod else None,
-               pod.name if pod else None, pod.uid if pod else None, r.volume)  # fmt: skip
+    gpu, pod, start, end, quantity, volume = r.gpu, r.pod, r.start, r.end, r.quantity, r.volume
+    if pod is not None:
+        namespace, pod_name, uid = pod.namespace, pod.name, pod.uid
+    else:
+        namespace = pod_name = uid = None
+    if gpu is not None:
+        subject, product = gpu.uuid, gpu.product
+    else:
+        subject, product = str(volume), None
+    # The digest's input is fixed (stored digests of earlier versions must still match).
+    content = (kind, r.node, start, end, quantity, subject, product, namespace, pod_name, uid,
+               volume)  # fmt: skip
+    if kind == _GPU:
+        measure, owner = quantity, (uid if pod is not None else str(volume))
+    else:
+        measure, owner = quantity * (end - start), str(volume)
     return (
         kind,
         subject,
-        r.start,
-        r.end,
-        r.quantity,
-        r.quantity if kind == _GPU else r.quantity * (r.end - r.start),
-        pod.uid if kind == _GPU and pod is not None else str(r.volume),
+        start,
+        end,
+        quantity,
+        measure,
+        owner,
         r.node,
-        pod.namespace if pod else None,
-        pod.name if pod else None,
-        gpu.product if gpu else None,
-        hashlib.blake2b(repr(content).encode(), digest_size=16).hexdigest(),
+        namespace,
+        pod_name,
+        product,
+        content_digest(content),
         received_us,
-        r.start,  # rated_until: nothing rated yet
+        start,  # rated_until: nothing rated yet
+        None,  # meter_id
+        None,  # rated_at
     )
 
 
-def _insert(conn: Connection, rows: list[tuple[object, ...]]) -> None:
-    # Driver-level bulk insert: SQLAlchemy's per-row parameter processing would cost
-    # more than the database's insert itself for batches of thousands of records.
-    table, cols = schema.usage.name, ", ".join(COLUMNS)
-    if conn.dialect.name == "postgresql":
-        dbapi = conn.connection.driver_connection
-        assert dbapi is not None
-        with dbapi.cursor() as cur, cur.copy(f"COPY {table} ({cols}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-        return
-    marks = ", ".join("?" * len(COLUMNS))
-    conn.exec_driver_sql(f"INSERT INTO {table} ({cols}) VALUES ({marks})", rows)
-
-
-def _stored(conn: Connection, kind: str, subject: str, lo: int, hi: int) -> list[tuple]:  # type: ignore[type-arg]
-    """(start, end, digest) of stored records of the subject that may touch [lo, hi)."""
-    t = schema.usage
-    where = [t.c.kind == kind, t.c.subject == subject, t.c.start_s < hi]
-    if kind == _GPU:  # windows are short: a bounded index range
-        where.append(t.c.start_s > lo - MAX_GPU_WINDOW_S)
+def _wire_row(r: dict[str, Any], digest: str, received_us: int) -> Row:
+    """_row of a record of a WireBatch (the same row; its digest computed by the batch)."""
+    kind, node, start, end, quantity = r["kind"], r["node"], r["start"], r["end"], r["quantity"]
+    gpu, pod, volume = r.get("gpu"), r.get("pod"), r.get("volume")
+    if pod is not None:
+        namespace, pod_name, uid = pod["namespace"], pod["name"], pod["uid"]
     else:
-        where.append(t.c.end_s > lo)
-    query = select(t.c.start_s, t.c.end_s, t.c.digest).where(and_(*where))
-    return [tuple(r) for r in conn.execute(query.order_by(t.c.start_s))]
+        namespace = pod_name = uid = None
+    if gpu is not None:
+        subject, product = gpu["uuid"], gpu["product"]
+    else:
+        subject, product = str(volume), None
+    if kind == _GPU:
+        measure, owner = quantity, (uid if pod is not None else str(volume))
+    else:
+        measure, owner = quantity * (end - start), str(volume)
+    return (kind, subject, start, end, quantity, measure, owner, node, namespace, pod_name,
+            product, digest, received_us, start, None, None)  # fmt: skip
 
 
-def ingest(conn: Connection, records: Sequence[UsageRecord], received_at: datetime) -> IngestResult:
-    received_us = schema.to_us(received_at)
-    rejected: list[tuple[int, str]] = []
-    groups: dict[tuple[str, str], list[tuple[int, int, tuple[object, ...]]]] = {}
+def _rows(
+    records: Sequence[UsageRecord] | WireBatch, received_us: int, rejected: list[tuple[int, str]]
+) -> list[tuple[int, Row]]:
+    """(index, row) of each record; anything that is not a record goes to ``rejected``."""
+    if isinstance(records, WireBatch):
+        rows = zip(records.records, records.digests, strict=True)
+        return [(i, _wire_row(r, d, received_us)) for i, (r, d) in enumerate(rows)]
+    out = []
     for index, record in enumerate(records):
-        if not isinstance(record, UsageRecord):
+        if isinstance(record, UsageRecord):
+            out.append((index, _row(record, received_us)))
+        else:
             rejected.append((index, f"not a UsageRecord: {type(record).__name__}"))
-            continue
-        row = _row(record, received_us)
-        key = (row[_KIND], row[_SUBJECT])
-        groups.setdefault(key, []).append((record.start, index, row))  # type: ignore[arg-type]
+    return out
 
+
+def _marks(conn: Connection, n: int) -> str:
+    mark = "%s" if conn.dialect.name == "postgresql" else "?"
+    return ", ".join([mark] * n)
+
+
+def _cursor(conn: Connection) -> Any:
+    dbapi = conn.connection.driver_connection
+    assert dbapi is not None
+    return dbapi.cursor()
+
+
+def lock_usage(conn: Connection) -> None:
+    """On PostgreSQL, serialise the transactions that write usage rows (a no-op on
+    SQLite, whose writers are serialised by BEGIN IMMEDIATE)."""
     if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INGEST_LOCK})
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (_INGEST_LOCK,))
 
+
+def _insert(conn: Connection, rows: list[Row]) -> None:
+    table, cols = schema.usage.name, ", ".join(COLUMNS)
+    cur = _cursor(conn)
+    try:
+        if conn.dialect.name == "postgresql":
+            with cur.copy(f"COPY {table} ({cols}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            cur.executemany(
+                f"INSERT INTO {table} ({cols}) VALUES ({_marks(conn, len(COLUMNS))})", rows
+            )
+    finally:
+        cur.close()
+
+
+def _neighbour_sql(conn: Connection, kind: str) -> str:
+    """(start, end, digest) of stored records of one subject that may touch [lo, hi)."""
+    m = "%s" if conn.dialect.name == "postgresql" else "?"
+    # GPU windows are short: a bounded range of the natural-key index. Other records
+    # may be long: the one that starts before lo may end after it.
+    lower = "start_s" if kind == _GPU else "end_s"
+    return (
+        f"SELECT start_s, end_s, digest FROM {schema.usage.name} "
+        f"WHERE kind = {m} AND subject = {m} AND start_s < {m} AND {lower} > {m} "
+        "ORDER BY start_s"
+    )
+
+
+def ingest(
+    conn: Connection,
+    records: Sequence[UsageRecord] | WireBatch,
+    received_at: datetime,
+    rater: Rater | None = None,
+) -> IngestResult:
+    rejected: list[tuple[int, str]] = []
+    groups: dict[tuple[str, str], list[tuple[int, int, Row]]] = {}
+    for index, row in _rows(records, schema.to_us(received_at), rejected):
+        key = (row[KIND], row[SUBJECT])
+        group = groups.get(key)  # type: ignore[call-overload]
+        if group is None:
+            groups[key] = group = []  # type: ignore[index]
+        group.append((row[START], index, row))  # type: ignore[arg-type]
+
+    lock_usage(conn)
     duplicates = 0
-    accepted: list[tuple[object, ...]] = []
-    for (kind, subject), cands in groups.items():
-        cands.sort()
-        lo = cands[0][0]
-        hi = max(row[_END] for _, _, row in cands)  # type: ignore[type-var]
-        stored = _stored(conn, kind, subject, lo, hi)  # type: ignore[arg-type]
-        starts = [s for s, _, _ in stored]
-        ends = [e for _, e, _ in stored]
-        digests = [d for _, _, d in stored]
-        for start, index, row in cands:
-            end = row[_END]
-            pos = bisect_left(starts, start)
-            natural = f"{kind}:{subject}:{start}"
-            if pos < len(starts) and starts[pos] == start:
-                if digests[pos] == row[_DIGEST]:
-                    duplicates += 1
-                else:
-                    rejected.append((index, f"{natural}: already ingested with other content"))
-                continue
-            clash = None
-            if pos > 0 and ends[pos - 1] > start:
-                clash = pos - 1
-            elif pos < len(starts) and starts[pos] < end:  # type: ignore[operator]
-                clash = pos
-            if clash is not None:
-                rejected.append(
-                    (
-                        index,
-                        f"{natural}: overlaps [{starts[clash]}, {ends[clash]}) of the "
-                        f"same {kind} subject",
+    accepted: list[Row] = []
+    cur = _cursor(conn)
+    sql = {k: _neighbour_sql(conn, k) for k in {k for k, _ in groups}}
+    try:
+        for (kind, subject), cands in groups.items():
+            cands.sort()
+            lo = cands[0][0]
+            hi = max(row[END] for _, _, row in cands)  # type: ignore[type-var]
+            lower = lo - MAX_GPU_WINDOW_S if kind == _GPU else lo
+            cur.execute(sql[kind], (kind, subject, hi, lower))
+            stored = cur.fetchall()
+            starts = [s for s, _, _ in stored]
+            ends = [e for _, e, _ in stored]
+            digests = [d for _, _, d in stored]
+            for start, index, row in cands:
+                end = row[END]
+                pos = bisect_left(starts, start)
+                if pos < len(starts) and starts[pos] == start:
+                    if digests[pos] == row[DIGEST]:
+                        duplicates += 1
+                    else:
+                        natural = f"{kind}:{subject}:{start}"
+                        rejected.append((index, f"{natural}: already ingested with other content"))
+                    continue
+                clash = None
+                if pos > 0 and ends[pos - 1] > start:
+                    clash = pos - 1
+                elif pos < len(starts) and starts[pos] < end:  # type: ignore[operator]
+                    clash = pos
+                if clash is not None:
+                    rejected.append(
+                        (
+                            index,
+                            f"{kind}:{subject}:{start}: overlaps [{starts[clash]}, "
+                            f"{ends[clash]}) of the same {kind} subject",
+                        )
                     )
-                )
-                continue
-            starts.insert(pos, start)
-            ends.insert(pos, end)
-            digests.insert(pos, row[_DIGEST])
-            accepted.append(row)
+                    continue
+                if pos == len(starts):  # the common case: appended in time order
+                    starts.append(start)
+                    ends.append(end)  # type: ignore[arg-type]
+                    digests.append(row[DIGEST])  # type: ignore[arg-type]
+                else:
+                    starts.insert(pos, start)
+                    ends.insert(pos, end)  # type: ignore[arg-type]
+                    digests.insert(pos, row[DIGEST])  # type: ignore[arg-type]
+                accepted.append(row)
+    finally:
+        cur.close()
 
     if accepted:
+        if rater is not None:
+            accepted = rater(accepted)
         _insert(conn, accepted)
     rejected.sort()
     return IngestResult(accepted=len(accepted), duplicates=duplicates, rejected=rejected)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, and_, case, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, and_, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from gpucloud.billing.money import minor_exponent, next_posting
@@ -40,6 +41,7 @@ from gpucloud.ledger.types import (
     Voucher,
     VoucherStatus,
 )
+from gpucloud.ledger.wire import WireBatch
 from gpucloud.usage import UsageKind, UsageRecord
 
 A, E, U, M, ORD, VO, AU = (
@@ -52,6 +54,32 @@ A, E, U, M, ORD, VO, AU = (
     schema.audit,
 )
 _RATE_CHUNK = 20_000  # usage rows rated per transaction and meter
+
+# Statements of the metering hot path, built once: building a statement costs more than
+# running it (compiled forms are cached by SQLAlchemy either way).
+_ENTRY_BY_KEY = select(E).where(E.c.key == bindparam("key"))
+_INSERT_ENTRY = insert(E).returning(E.c.id)
+_SET_BALANCE = update(A).where(A.c.id == bindparam("acct_id")).values(balance_minor=bindparam("b"))
+_LOCK_ACCOUNT = select(A).where(A.c.id == bindparam("acct_id")).with_for_update()
+_LOCK_METERS_OF = (
+    select(M)
+    .where(
+        M.c.kind.in_(bindparam("kinds", expanding=True)),
+        M.c.subject.in_(bindparam("owners", expanding=True)),
+    )
+    .order_by(M.c.opened_at)
+    .with_for_update()
+)
+_SET_METER = (
+    update(M)
+    .where(M.c.meter_id == bindparam("mid"))
+    .values(
+        quantity_rated=bindparam("q"),
+        posted_minor=bindparam("posted"),
+        seq=bindparam("s"),
+        last_usage_end=bindparam("last"),
+    )
+)
 
 
 def open_ledger(url: str, *, clock: Clock | None = None) -> Ledger:
@@ -231,28 +259,27 @@ class Ledger:
     ) -> tuple[Entry, bool, int]:
         """Insert one entry under the account's row lock (already held); returns the
         entry, whether it was created, and the account's new balance."""
-        existing = conn.execute(select(E).where(E.c.key == key)).first()
+        existing = conn.execute(_ENTRY_BY_KEY, {"key": key}).first()
         if existing is not None:
             self._same_entry(conn, existing, acct.id, kind, amount, resource, key)
             return _entry(existing, acct.name), False, acct.balance_minor
         new_balance = acct.balance_minor + amount
         entry_id = conn.execute(
-            insert(E)
-            .values(
-                account_id=acct.id,
-                kind=kind.value,
-                amount_minor=amount,
-                key=key,
-                resource=resource,
-                memo=memo,
-                at=at,
-                meta=meta,
-                balance_after=new_balance,
-                recorded_at=self.clock.now(),
-            )
-            .returning(E.c.id)
+            _INSERT_ENTRY,
+            {
+                "account_id": acct.id,
+                "kind": kind.value,
+                "amount_minor": amount,
+                "key": key,
+                "resource": resource,
+                "memo": memo,
+                "at": at,
+                "meta": meta,
+                "balance_after": new_balance,
+                "recorded_at": self.clock.now(),
+            },
         ).scalar_one()
-        conn.execute(update(A).where(A.c.id == acct.id).values(balance_minor=new_balance))
+        conn.execute(_SET_BALANCE, {"acct_id": acct.id, "b": new_balance})
         entry = Entry(entry_id, acct.name, kind, amount, key, resource, memo, at, meta, new_balance)
         return entry, True, new_balance
 
@@ -430,21 +457,85 @@ class Ledger:
 
     # -- usage ----------------------------------------------------------------------
     def ingest_usage(
-        self, records: Sequence[UsageRecord], *, received_at: datetime
+        self,
+        records: Sequence[UsageRecord] | WireBatch,
+        *,
+        received_at: datetime,
+        rate_at: datetime | None = None,
     ) -> IngestResult:
         """Store a batch of usage records in one transaction.
+
+        ``records``: UsageRecord models, or a WireBatch (``gpucloud.ledger.wire.
+        parse_batch``: JSON checked straight into dicts, the fast path of the API).
 
         Idempotent on ``record.natural_key``: same key and content is a duplicate (no-op),
         same key with other content is rejected. A record that overlaps another record
         of the same subject (a GPU, or a volume) with a different start is rejected, so no
         GPU-second is counted twice. Rejections are reported as (index, reason); the
         rest of the batch is accepted.
+
+        ``rate_at``: also rate, in the same transaction, each accepted record that ends
+        by ``rate_at`` and lies wholly inside the window of the only meter of its
+        subject whose window it touches: exactly what ``rate_pending(rate_at)`` would
+        then do, without writing the record twice. The rest waits for rate_pending.
         """
         v.instant(received_at, "received_at")
+        if rate_at is not None:
+            v.instant(rate_at, "rate_at")
         if not records:
             return IngestResult(0, 0, [])
         with self.engine.begin() as conn:
-            return ingest.ingest(conn, records, received_at)
+            rater = None
+            if rate_at is not None:
+                rater = lambda rows: self._rate_new(conn, rows, rate_at)  # noqa: E731
+            return ingest.ingest(conn, records, received_at, rater)
+
+    def _rate_new(
+        self, conn: Connection, rows: list[ingest.Row], now: datetime
+    ) -> list[ingest.Row]:
+        """The rater of ingest_usage(rate_at=now): rows about to be inserted, returned
+        with their rating columns set where a meter rated them."""
+        now_s = schema.to_us(now) // 1_000_000
+        due = [r for r in rows if r[ingest.END] <= now_s]
+        if not due:
+            return rows
+        kinds = {r[ingest.KIND] for r in due}
+        owners = {r[ingest.OWNER] for r in due}
+        meters: dict[tuple[str, str], list[tuple[Row[Any], int, int | None]]] = {}
+        for m in conn.execute(_LOCK_METERS_OF, {"kinds": list(kinds), "owners": list(owners)}):
+            opened = schema.to_us(m.opened_at) // 1_000_000
+            closed = None if m.closed_at is None else schema.to_us(m.closed_at) // 1_000_000
+            meters.setdefault((m.kind, m.subject), []).append((m, opened, closed))
+        if not meters:
+            return rows
+        # meter_id -> (meter row, indexes of the rows it rates)
+        rated: dict[str, tuple[Row[Any], list[int]]] = {}
+        for i, r in enumerate(rows):
+            start, end = r[ingest.START], r[ingest.END]
+            candidates = meters.get((r[ingest.KIND], r[ingest.OWNER]))
+            if end > now_s or candidates is None:
+                continue
+            if len(candidates) > 1:  # only the one meter it touches, if it touches one
+                candidates = [
+                    (m, o, c) for m, o, c in candidates if end > o and (c is None or start < c)
+                ]
+                if len(candidates) != 1:  # none, or split between meters: rate_pending clips it
+                    continue
+            m, o, c = candidates[0]
+            if o <= start and (c is None or end <= c):  # wholly inside its window
+                rated.setdefault(m.meter_id, (m, []))[1].append(i)
+        if not rated:
+            return rows
+        out = list(rows)
+        rated_at = schema.to_us(now)
+        for meter_id, (m, indexes) in rated.items():
+            # Wholly inside the window: a record's measure is what rating counts for it.
+            quantity = sum(rows[i][ingest.MEASURE] for i in indexes)
+            last_end = max(rows[i][ingest.END] for i in indexes)
+            self._charge(conn, m, quantity, last_end, now)
+            for i in indexes:
+                out[i] = (*rows[i][: ingest.RATED.start], rows[i][ingest.END], meter_id, rated_at)
+        return out
 
     def unrated_usage(self, *, limit: int = 1000) -> list[UnratedUsage]:
         """Usage no meter has rated: no meter for its subject, or outside every
@@ -683,77 +774,71 @@ class Ledger:
                 .scalars()
                 .all()
             )
-        rated = 0
-        for meter_id in meter_ids:
-            while True:
-                n = self._rate_meter(meter_id, now, now_s)
-                rated += n
-                if n < _RATE_CHUNK:
-                    break
+        # Several meters per transaction (fewer commits), up to about _RATE_CHUNK rows; a
+        # meter with a backlog stays at the head of the queue until it is drained.
+        queue, rated = deque(meter_ids), 0
+        while queue:
+            with self.engine.begin() as conn:
+                ingest.lock_usage(conn)  # PostgreSQL: no usage row appears mid-pass
+                in_tx = 0
+                while queue and in_tx < _RATE_CHUNK:
+                    n = self._rate_meter(conn, queue[0], now, now_s)
+                    if n < _RATE_CHUNK:
+                        queue.popleft()
+                    in_tx += n
+            rated += in_tx
         return rated
 
-    def _rate_meter(self, meter_id: str, now: datetime, now_s: int) -> int:
-        with self.engine.begin() as conn:
-            row = self._meter_row(conn, meter_id, lock=True)
-            usage_rows = conn.execute(
-                select(U.c.id, U.c.kind, U.c.rated_until, U.c.end_s, U.c.quantity)
-                .where(self._usage_for_meter(row, now_s))
-                .order_by(U.c.id)
-                .limit(_RATE_CHUNK)
-            ).all()
-            if not usage_rows:
-                return 0
-            acct = conn.execute(select(A).where(A.c.id == row.account_id).with_for_update()).one()
-            meter = _meter(row, acct.name)
-            window = rating.meter_window(meter)
-            added = rating.sum_clipped(((k, s, e, q) for _, k, s, e, q in usage_rows), window)
-            cumulative = meter.quantity_rated + added
-            delta = next_posting(
-                rating.exact_cost(cumulative, meter), meter.posted_minor, acct.currency
+    def _rate_meter(self, conn: Connection, meter_id: str, now: datetime, now_s: int) -> int:
+        """Sum the meter's pending usage in SQL, post the delta of the rounded cumulative
+        charge, mark exactly those rows rated (inside the caller's transaction, which
+        holds the usage lock)."""
+        row = self._meter_row(conn, meter_id, lock=True)
+        opened = schema.to_us(row.opened_at) // 1_000_000
+        closed = None if row.closed_at is None else schema.to_us(row.closed_at) // 1_000_000
+        window = (opened, closed)
+        pending = rating.pending_usage(conn, row.kind, row.subject, window, now_s, _RATE_CHUNK)
+        if pending.count == 0:
+            return 0
+        self._charge(conn, row, pending.quantity, pending.last_end, now)
+        rating.mark_rated(conn, pending, meter_id, closed, schema.to_us(now))
+        return pending.count
+
+    def _charge(
+        self, conn: Connection, row: Row[Any], quantity: int, last_end: int, now: datetime
+    ) -> None:
+        """Add ``quantity`` to the meter (its row locked by the caller) and post the delta
+        of its rounded cumulative charge, key ``meter:{meter_id}:{seq}``."""
+        acct = conn.execute(_LOCK_ACCOUNT, {"acct_id": row.account_id}).one()
+        meter = _meter(row, acct.name)
+        cumulative = meter.quantity_rated + quantity
+        delta = next_posting(
+            rating.exact_cost(cumulative, meter), meter.posted_minor, acct.currency
+        )
+        seq = meter.seq
+        if delta:
+            seq += 1
+            self._post(
+                conn,
+                acct,
+                EntryKind.CHARGE,
+                -delta,
+                f"meter:{meter.meter_id}:{seq}",
+                meter.resource,
+                f"{meter.kind.value} {meter.subject}",
+                now,
+                {"meter_id": meter.meter_id, "seq": seq, "quantity": str(cumulative)},
             )
-            seq = meter.seq
-            if delta:
-                seq += 1
-                self._post(
-                    conn,
-                    acct,
-                    EntryKind.CHARGE,
-                    -delta,
-                    f"meter:{meter_id}:{seq}",
-                    meter.resource,
-                    f"{meter.kind.value} {meter.subject}",
-                    now,
-                    {"meter_id": meter_id, "seq": seq, "quantity": str(cumulative)},
-                )
-            last_end = max(e for _, _, _, e, _ in usage_rows)
-            if window[1] is not None:
-                last_end = min(last_end, window[1])
-            conn.execute(
-                update(M)
-                .where(M.c.meter_id == meter_id)
-                .values(
-                    quantity_rated=str(cumulative),
-                    posted_minor=meter.posted_minor + delta,
-                    seq=seq,
-                    last_usage_end=max(row.last_usage_end or 0, last_end),
-                )
-            )
-            # Rated up to the end, or to the close of the meter: a successor meter rates
-            # the rest of a record that straddles the close.
-            closed_s = window[1]
-            rated_until = (
-                U.c.end_s
-                if closed_s is None
-                else case((U.c.end_s < closed_s, U.c.end_s), else_=closed_s)
-            )
-            ids = [r.id for r in usage_rows]
-            for i in range(0, len(ids), 5000):
-                conn.execute(
-                    update(U)
-                    .where(U.c.id.in_(ids[i : i + 5000]))
-                    .values(meter_id=meter_id, rated_at=now, rated_until=rated_until)
-                )
-        return len(usage_rows)
+        conn.execute(
+            _SET_METER,
+            {
+                "mid": meter.meter_id,
+                "q": str(cumulative),
+                "posted": meter.posted_minor + delta,
+                "s": seq,
+                "last": max(row.last_usage_end or 0, last_end),
+            },
+        )
 
     def accrued_unsettled(self, account: str, now: datetime) -> int:
         """Estimated cost not yet posted, minor units >= 0: for each open gpu_time meter,
@@ -1071,6 +1156,24 @@ class Ledger:
             self._audit(conn, acct.id, reviewer, f"voucher.{status.value}", voucher_id, detail, at)
             row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).one()
         return _voucher(row, acct.name)
+
+    def record_audit(
+        self,
+        account: str,
+        actor: str,
+        action: str,
+        subject: str,
+        detail: dict[str, Any],
+        at: datetime,
+    ) -> None:
+        """Append one record to the audit trail (e.g. the operator deleting an account's
+        data after arrears): a fact without money, so not an entry."""
+        v.text(action, "action")
+        v.text(subject, "subject")
+        v.instant(at, "at")
+        with self.engine.begin() as conn:
+            acct = self._account_row(conn, account)
+            self._audit(conn, acct.id, actor, action, subject, dict(detail), at)
 
     def audit_events(self, account: str | None = None, *, limit: int = 1000) -> list[AuditEvent]:
         """Who did what when (orders, vouchers, manual entries), oldest first."""

@@ -9,7 +9,11 @@ so a meter's charges always sum to its exact total rounded once (ROUND_HALF_EVEN
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
+
+from sqlalchemy import Connection, text
 
 from gpucloud.billing.money import to_minor
 from gpucloud.ledger.schema import to_us
@@ -62,3 +66,96 @@ def rounded_cost(quantity: int, meter: Meter, currency: str) -> int:
 
 def sum_clipped(rows: Iterable[tuple[str, int, int, int]], window: tuple[int, int | None]) -> int:
     return sum(clipped_measure(k, s, e, q, window) for k, s, e, q in rows)
+
+
+# -- set-based rating of one meter's pending usage (SQL) --------------------------------
+# The rows a meter rates in one transaction: unrated, same kind and owner, overlapping
+# its window, ended by now; in a backlog, the earliest ``chunk`` or so of them.
+# The sum and the update below use the same condition inside one transaction whose
+# writes to usage are serialised (BEGIN IMMEDIATE on SQLite, the usage advisory lock
+# on PostgreSQL), so they see exactly the same rows.
+_PENDING = (
+    "rated_until < end_s AND kind = :kind AND owner = :owner AND end_s > :opened AND end_s <= :now"
+)
+
+
+@dataclass(frozen=True)
+class Pending:
+    count: int
+    quantity: int  # GPU-seconds or byte-seconds inside the meter's window
+    last_end: int  # latest end among them, clipped to the close of the meter
+    cond: str  # the SQL condition that selects them
+    params: dict[str, Any]
+
+
+def _measure(
+    conn: Connection, kind: str, window: tuple[int, int | None], cond: str, params: dict[str, Any]
+) -> tuple[int, int, int | None]:
+    """(rows, quantity inside the window, latest end) of the usage selected by cond."""
+    if kind == MeterKind.GPU_TIME.value:
+        # Seconds inside [opened, closed): small integers, summed exactly by SQL.
+        lo = "CASE WHEN rated_until > :opened THEN rated_until ELSE :opened END"
+        hi = "CASE WHEN end_s < :closed THEN end_s ELSE :closed END"
+        if window[1] is None:
+            hi = "end_s"
+        count, quantity, last_end = conn.execute(
+            text(
+                f"SELECT count(*), coalesce(sum({hi} - ({lo})), 0), max(end_s) "
+                f"FROM ledger_usage WHERE {cond}"
+            ),
+            params,
+        ).one()
+        return int(count), int(quantity), last_end
+    # Byte-seconds may exceed 64 bits: summed by Python (few, hourly records).
+    rows = conn.execute(
+        text(f"SELECT kind, rated_until, end_s, quantity FROM ledger_usage WHERE {cond}"), params
+    ).all()
+    return len(rows), sum_clipped(rows, window), max((r[2] for r in rows), default=None)  # type: ignore[arg-type]
+
+
+def pending_usage(
+    conn: Connection, kind: str, owner: str, window: tuple[int, int | None], now_s: int, chunk: int
+) -> Pending:
+    """Count and measure (clipped to ``window``) the usage a meter rates next."""
+    cond = _PENDING
+    params: dict[str, Any] = {"kind": kind, "owner": owner, "opened": window[0], "now": now_s}
+    if window[1] is not None:
+        cond += " AND rated_until < :closed"
+        params["closed"] = window[1]
+    count, quantity, last_end = _measure(conn, kind, window, cond, params)
+    if count > chunk:  # a backlog: rate the earliest chunk (rows of equal start together)
+        params["bound"] = conn.execute(
+            text(
+                f"SELECT start_s FROM ledger_usage WHERE {cond} "
+                "ORDER BY start_s LIMIT 1 OFFSET :skip"
+            ),
+            {**params, "skip": chunk - 1},
+        ).scalar_one()
+        cond += " AND start_s <= :bound"
+        count, quantity, last_end = _measure(conn, kind, window, cond, params)
+    if count == 0:
+        return Pending(0, 0, 0, cond, params)
+    if window[1] is not None:
+        last_end = min(last_end, window[1])
+    return Pending(int(count), quantity, int(last_end), cond, params)
+
+
+def mark_rated(
+    conn: Connection, pending: Pending, meter_id: str, closed_s: int | None, rated_at_us: int
+) -> None:
+    """Mark the pending rows rated by ``meter_id``: up to their end, or to the close of
+    the meter (a successor meter rates the rest of a record that straddles it)."""
+    rated_until = "end_s" if closed_s is None else (
+        "CASE WHEN end_s < :closed THEN end_s ELSE :closed END"
+    )  # fmt: skip
+    result = conn.execute(
+        text(
+            f"UPDATE ledger_usage SET meter_id = :meter_id, rated_at = :rated_at, "
+            f"rated_until = {rated_until} WHERE {pending.cond}"
+        ),
+        {**pending.params, "meter_id": meter_id, "rated_at": rated_at_us},
+    )
+    if result.rowcount != pending.count:  # cannot happen while writers are serialised
+        raise RuntimeError(
+            f"meter {meter_id}: marked {result.rowcount} usage rows rated, summed {pending.count}"
+        )

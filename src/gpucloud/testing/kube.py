@@ -17,6 +17,8 @@ import yaml
 from gpucloud.testing.testbed import REPO, Testbed
 
 CRDS = REPO / "crds"
+# Namespaced kinds the operator puts its finalizer on.
+FINALIZED_KINDS = ("gpuinstances", "modeldeployments", "clouddisks", "images")
 
 
 def install_crds(tb: Testbed) -> None:
@@ -47,6 +49,19 @@ def namespace(testbed: Testbed, request: pytest.FixtureRequest) -> Iterator[str]
     testbed.kubectl("create", "namespace", name)
     yield name
     testbed.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    # The test's operator may be gone already: drop our finalizers so deletion can finish.
+    kinds = ",".join(f"{k}.gpucloud.dev" for k in FINALIZED_KINDS)
+    leftover = testbed.kubectl("get", kinds, "-n", name, "-o", "name", check=False).stdout.split()
+    for obj in leftover:
+        testbed.kubectl(
+            "patch", obj, "-n", name, "--type=json",
+            "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]',
+            check=False,
+        )  # fmt: skip
+    # Wait for it to go: its pods hold GPUs that the next test may count on.
+    testbed.kubectl(
+        "wait", "--for=delete", f"namespace/{name}", "--timeout=90s", check=False, timeout=100
+    )
 
 
 def wait_for(

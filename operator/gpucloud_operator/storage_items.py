@@ -1,0 +1,288 @@
+"""CloudDisk and Image reconciliation: data folders, ledger meters, arrears deletion.
+
+Both kinds are billed every hour by the *used* capacity the agent measures (the seed,
+3.2 and 3.3): the operator opens one ledger meter per object, kind ``cloud_disk`` or
+``image``, subject = the volume id ``<namespace>/<name>`` the agent reports, priced per
+GiB-hour at the PriceBook's ``cloudDiskPerGBHour`` / ``imagePerGBHour``; the ledger rates
+the agent's byte-second usage against it. Data lives on the node's disk root
+(``OperatorConfig.data_root``): ``disks/<ns>/<name>`` and ``images/<ns>/<name>``, the
+layout the agent walks. An Image is a copy of its source instance's data folder, made
+once (into a hidden partial folder, then renamed, so a crash never leaves a half image
+marked Ready). ``status.usedBytes`` is the operator's own measurement of the folder,
+shown to the user and used for the account's burn rate; charges come from the agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+from collections import defaultdict
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from gpucloud.billing import PriceBook, PriceBookError
+from gpucloud.clock import Clock
+from gpucloud.ledger import Ledger, NotFound
+from gpucloud_operator import arrears as ar
+from gpucloud_operator import builders as b
+from gpucloud_operator import rules as r
+from gpucloud_operator.config import OperatorConfig
+from gpucloud_operator.instances import KubeAPI
+
+log = logging.getLogger("gpucloud.operator.storage")
+Obj = dict[str, Any]
+
+KINDS = {
+    # plural: (meter kind, folder under the data root, kind name)
+    "clouddisks": ("cloud_disk", "disks", "CloudDisk"),
+    "images": ("image", "images", "Image"),
+}
+
+
+def du(path: Path) -> int:
+    """Allocated bytes under ``path`` (no symlinks followed), as ``du`` counts them."""
+    if not path.exists():
+        return 0
+    total = path.lstat().st_blocks * 512
+    for root, dirs, files in os.walk(path):
+        for n in dirs + files:
+            try:
+                total += os.lstat(os.path.join(root, n)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total
+
+
+class StorageItems:
+    def __init__(self, kube: KubeAPI, ledger: Ledger, clock: Clock, cfg: OperatorConfig) -> None:
+        self.kube, self.ledger, self.clock, self.cfg = kube, ledger, clock, cfg
+        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._guard = threading.Lock()
+
+    def folder(self, plural: str, namespace: str, name: str) -> Path:
+        return Path(self.cfg.data_root) / KINDS[plural][1] / namespace / name
+
+    def _lock(self, uid: str) -> threading.Lock:
+        with self._guard:
+            return self._locks[uid]
+
+    # -- entry points ---------------------------------------------------------------
+    def reconcile(self, plural: str, obj: Obj) -> None:
+        meta = obj["metadata"]
+        with self._lock(meta["uid"]):
+            fresh = self.kube.get_namespaced_object(plural, meta["namespace"], meta["name"])
+            if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
+                return
+            if fresh["metadata"].get("deletionTimestamp"):
+                return  # the delete handler owns it
+            self._reconcile(plural, fresh)
+
+    def delete(self, plural: str, obj: Obj) -> None:
+        """The object is being deleted: close its meter now, remove its data."""
+        meta = obj["metadata"]
+        with self._lock(meta["uid"]):
+            now = r.second(self.clock.now())
+            self._close(obj, now)
+            shutil.rmtree(self.folder(plural, meta["namespace"], meta["name"]), ignore_errors=True)
+
+    # -- the pass -------------------------------------------------------------------
+    def _account(self, namespace: str) -> Obj | None:
+        return next(
+            (
+                a
+                for a in self.kube.list_cluster_objects("accounts", ttl=2.0)
+                if namespace in ((a.get("spec") or {}).get("namespaces") or [])
+            ),
+            None,
+        )
+
+    def _status(self, plural: str, obj: Obj, changes: Obj) -> None:
+        status = obj.setdefault("status", {})
+        changes = {k: v for k, v in changes.items() if status.get(k) != v}
+        if changes:
+            meta = obj["metadata"]
+            self.kube.patch_status(plural, meta["namespace"], meta["name"], changes)
+            for k, v in changes.items():
+                if v is None:
+                    status.pop(k, None)
+                else:
+                    status[k] = v
+
+    def _cond(self, obj: Obj, type_: str, ok: bool, reason: str, msg: str, now: datetime) -> Obj:
+        cond = b.condition(type_, ok, reason, msg, r.fmt(now))
+        return {
+            "conditions": b.merge_conditions((obj.get("status") or {}).get("conditions"), [cond])
+        }
+
+    def _fail(self, plural: str, obj: Obj, reason: str, msg: str, now: datetime) -> None:
+        if (obj.get("status") or {}).get("message") == msg:
+            return
+        self._status(
+            plural,
+            obj,
+            {
+                "phase": "Failed",
+                "message": msg,
+                **self._cond(obj, "Ready", False, reason, msg, now),
+            },
+        )
+        self.kube.event(obj, "Warning", reason, msg)
+
+    def _reconcile(self, plural: str, obj: Obj) -> None:
+        meta, status = obj["metadata"], obj.get("status") or {}
+        ns, name = meta["namespace"], meta["name"]
+        now = r.second(self.clock.now())
+        if status.get("phase") == "Deleted":
+            return
+        acct = self._account(ns)
+        if acct is None:
+            self._fail(plural, obj, "NoAccount", f"no Account lists namespace {ns!r}", now)
+            return
+        account = acct["metadata"]["name"]
+        ast = acct.get("status") or {}
+        deletion_at = r.parse(ast.get("dataDeletionAt"))
+        if (
+            ast.get("state") == "Arrears"
+            and deletion_at is not None
+            and now >= deletion_at
+            and ar.deletion_confirmed(self.kube, self.ledger, account, now)
+        ):
+            self._delete_data(plural, obj, account, deletion_at)
+            return
+        pb_obj = self.kube.get_pricebook(self.cfg.pricebook)
+        if pb_obj is None:
+            self._fail(
+                plural, obj, "NoPriceBook", f"PriceBook {self.cfg.pricebook!r} is missing", now
+            )
+            return
+        try:
+            pb = PriceBook.from_resource(pb_obj)
+        except PriceBookError as exc:
+            self._fail(plural, obj, "InvalidPriceBook", str(exc), now)
+            return
+        folder = self.folder(plural, ns, name)
+        if plural == "images" and status.get("phase") != "Ready":
+            if not self._make_image(obj, folder, now):
+                return
+        elif plural == "clouddisks":
+            folder.mkdir(parents=True, exist_ok=True)
+        since = r.parse((obj.get("status") or {}).get("billedSince"))
+        if since is None:
+            since = now
+            self._status(plural, obj, {"billedSince": r.fmt(since)})  # persisted first
+        self.ledger.ensure_account(account, pb.currency)
+        price = (
+            pb.storage.cloud_disk_per_gb_hour
+            if plural == "clouddisks"
+            else pb.storage.image_per_gb_hour
+        )
+        meter = self._open(obj, plural, account, Decimal(price), since)
+        used = du(folder)
+        changes: Obj = {
+            "phase": "Ready",
+            "account": account,
+            "meterId": meter,
+            "volumeId": f"{ns}/{name}",
+            "usedBytes": used,
+            "message": f"{used} bytes used, billed per GiB-hour used",
+            "observedGeneration": meta.get("generation"),
+        }
+        cond = ("Ready", True, "Ready", "data available")
+        if plural == "clouddisks":
+            cap = int(obj["spec"]["capacityGi"]) * 2**30
+            if used > cap:
+                cond = ("Ready", False, "OverCapacity", f"{used} bytes used > capacity {cap}")
+        if (obj.get("status") or {}).get("phase") != "Ready":
+            self.kube.event(
+                obj, "Normal", "Ready", f"{KINDS[plural][2]} ready, billing from {r.fmt(since)}"
+            )
+        self._status(plural, obj, {**changes, **self._cond(obj, *cond, now)})
+
+    def _open(self, obj: Obj, plural: str, account: str, price: Decimal, since: datetime) -> str:
+        meta = obj["metadata"]
+        meter_id = f"{KINDS[plural][0]}:{meta['uid']}"
+        volume = f"{meta['namespace']}/{meta['name']}"
+        self.ledger.open_meter(
+            meter_id,
+            account=account,
+            resource=volume,
+            kind=KINDS[plural][0],
+            subject=volume,
+            unit_price=price,
+            unit="gb_hour",
+            opened_at=since,
+            memo=f"{KINDS[plural][2]} {volume}, per GiB-hour used",
+        )
+        return meter_id
+
+    def _close(self, obj: Obj, at: datetime) -> None:
+        meter = (obj.get("status") or {}).get("meterId")
+        if meter:
+            with contextlib.suppress(NotFound):  # never opened: nothing to close
+                self.ledger.close_meter(meter, at)
+
+    def _make_image(self, obj: Obj, folder: Path, now: datetime) -> bool:
+        """Copy the source instance's data; False when it cannot be made (yet)."""
+        meta, spec = obj["metadata"], obj["spec"]
+        ns, source = meta["namespace"], spec["sourceInstance"]
+        inst = self.kube.get_namespaced_object("gpuinstances", ns, source)
+        if inst is None:
+            self._fail(
+                "images",
+                obj,
+                "SourceNotFound",
+                f"spec.sourceInstance: GPUInstance {source!r} not found in {ns!r}",
+                now,
+            )
+            return False
+        src = Path(self.cfg.data_root) / "instances" / ns / source
+        if not src.is_dir():
+            self._fail(
+                "images",
+                obj,
+                "NoSourceData",
+                f"spec.sourceInstance: {source!r} has no data (deleted, or never placed)",
+                now,
+            )
+            return False
+        if not folder.is_dir():
+            partial = folder.with_name(f".{folder.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(src, partial, symlinks=True)
+            partial.rename(folder)
+        self._status("images", obj, {"sourceUID": inst["metadata"]["uid"], "readyAt": r.fmt(now)})
+        self.kube.event(obj, "Normal", "ImageCreated", f"backup of {ns}/{source} copied")
+        return True
+
+    def _delete_data(self, plural: str, obj: Obj, account: str, at: datetime) -> None:
+        meta = obj["metadata"]
+        folder = self.folder(plural, meta["namespace"], meta["name"])
+        self._close(obj, at)
+        shutil.rmtree(folder, ignore_errors=True)
+        volume = f"{meta['namespace']}/{meta['name']}"
+        self.ledger.record_audit(
+            account,
+            "gpucloud-operator",
+            "data.deleted",
+            f"{KINDS[plural][0]}:{volume}",
+            {"kind": KINDS[plural][0], "resource": volume, "path": str(folder)},
+            at,
+        )
+        msg = f"{KINDS[plural][2]} data deleted at {r.fmt(at)} after the arrears retention period"
+        self._status(
+            plural,
+            obj,
+            {
+                "phase": "Deleted",
+                "usedBytes": 0,
+                "message": msg,
+                "dataDeletedAt": r.fmt(at),
+                **self._cond(obj, "Ready", False, "DataDeleted", msg, at),
+            },
+        )
+        self.kube.event(obj, "Warning", "DataDeleted", msg)

@@ -1,0 +1,209 @@
+"""Arrears end to end: the operator process on the test bed, a real SQLite ledger, a file
+clock, real data folders and a real webhook server. A funded account runs an instance
+into arrears: warning, shutdown at the arrears instant, only storage billed after it,
+deletion of instance storage, cloud disk and image exactly at day 7; and a recharge on
+day 6 that saves the data."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opharness import Harness
+
+from gpucloud.billing import to_minor
+from gpucloud.ledger import EntryKind
+from gpucloud.testing.kube import get_json
+from gpucloud.testing.testbed import Testbed
+
+pytestmark = pytest.mark.e2e
+
+L40S = "NVIDIA-L40S"
+WEEK = timedelta(days=7)
+
+
+class Hook(ThreadingHTTPServer):
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), HookHandler)
+        self.received: list[dict[str, Any]] = []
+
+
+class HookHandler(BaseHTTPRequestHandler):
+    server: Hook
+
+    def do_POST(self) -> None:
+        self.server.received.append(
+            json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        )
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hook() -> Iterator[Hook]:
+    server = Hook()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def arrears(testbed: Testbed, namespace: str, tmp_path: Path, hook: Hook) -> Iterator[Harness]:
+    h = Harness(
+        testbed,
+        namespace,
+        tmp_path,
+        data_root=tmp_path / "data",
+        storage_interval_s=0.5,
+        webhook_url=f"http://127.0.0.1:{hook.server_address[1]}/hook",
+    )
+    h.setup()
+    yield h
+    h.close()
+
+
+def account(h: Harness) -> dict[str, Any]:
+    return get_json(h.tb, "account", h.account)
+
+
+def acct_status(h: Harness) -> dict[str, Any]:
+    return account(h).get("status") or {}
+
+
+def item(h: Harness, kind: str, name: str) -> dict[str, Any]:
+    return get_json(h.tb, kind, name, "-n", h.ns).get("status") or {}
+
+
+def run_into_arrears(h: Harness, hook: Hook) -> tuple[Path, str]:
+    """Fund two hours of an L40S (5.20/h GPU + 50 GiB x 0.0004/h storage = 5.22/h), add a
+    cloud disk and an image, and let the money run out."""
+    h.fund(10_44)
+    h.start()
+    h.instance("job", L40S)
+    h.wait_phase("job", "Running")
+    data = h.tmp / "data/instances" / h.ns / "job"
+    (data / "ckpt").mkdir(parents=True)
+    (data / "ckpt/model.pt").write_bytes(b"w" * 100_000)
+    h.tb.apply(
+        [
+            {
+                "apiVersion": "gpucloud.dev/v1alpha1",
+                "kind": "CloudDisk",
+                "metadata": {"name": "scratch", "namespace": h.ns},
+                "spec": {"capacityGi": 10},
+            },
+            {
+                "apiVersion": "gpucloud.dev/v1alpha1",
+                "kind": "Image",
+                "metadata": {"name": "job-backup", "namespace": h.ns},
+                "spec": {"sourceInstance": "job"},
+            },
+        ]
+    )
+    h.wait(lambda: item(h, "image", "job-backup").get("phase") == "Ready", "the image")
+    h.wait(lambda: item(h, "clouddisk", "scratch").get("phase") == "Ready", "the cloud disk")
+    assert (h.tmp / "data/images" / h.ns / "job-backup/ckpt/model.pt").stat().st_size == 100_000
+    # 2 h left < 24 h: warned once, by event, condition and webhook
+    h.wait(lambda: acct_status(h).get("state") == "LowBalance", "the low-balance state")
+    h.wait(lambda: any(m["type"] == "LowBalanceWarning" for m in hook.received), "the webhook")
+    conds = {c["type"]: c["status"] for c in acct_status(h)["conditions"]}
+    assert conds["LowBalanceWarning"] == "True"
+    h.advance(2 * 3600 + 60)
+    st = h.wait(lambda: acct_status(h).get("state") == "Arrears" and acct_status(h), "arrears")
+    since = st["arrearsSince"]
+    assert since == (h.clock.now()).strftime("%Y-%m-%dT%H:%M:%SZ")
+    inst = h.wait_phase("job", "Stopped")
+    assert inst["stoppedAt"] == since and "ArrearsShutdown" in h.events("job")
+    h.wait(lambda: h.pod("job") is None, "the pod to go")
+    assert h.tb.kubectl("get", "pvc", "job-data", "-n", h.ns, check=False).returncode == 0
+    h.wait(lambda: any(m["type"] == "Arrears" for m in hook.received), "the arrears webhook")
+    return data, since
+
+
+def test_arrears_shutdown_then_deletion_exactly_at_day_7(arrears: Harness, hook: Hook) -> None:
+    h = arrears
+    data, _since = run_into_arrears(h, hook)
+    arrears_at = h.clock.now()
+    (gpu_meter,) = [m for m in h.ledger.meters(h.account) if m.kind == "gpu_time"]
+    started = gpu_meter.opened_at
+    h.advance(61)  # the GPU run is settled from control-plane timestamps, to the arrears
+    h.wait(lambda: h.entries("meter-fallback:"), "the GPU settlement")
+    gpu = sum(-e.amount_minor for e in h.entries("meter-fallback:"))
+    assert gpu == to_minor(Decimal("5.20") * int((arrears_at - started).total_seconds()) / 3600)
+    # day 7 minus one second: a pass has run (storage settled to that hour), data is there
+    deletion = arrears_at + WEEK
+    assert acct_status(h)["dataDeletionAt"] == deletion.strftime("%Y-%m-%dT%H:%M:%SZ")
+    h.clock.set(deletion - timedelta(seconds=1))
+    hour = (deletion - timedelta(seconds=1)).replace(minute=0, second=0)
+    h.wait(
+        lambda: h.status("job").get("storageBilledUntil") == hour.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "storage settled up to day 7",
+    )
+    assert data.exists() and item(h, "image", "job-backup")["phase"] == "Ready"
+    after = [e for e in h.ledger.entries(h.account, limit=10_000) if e.at > arrears_at]
+    assert after and {e.key.split(":")[0] for e in after} <= {"storage", "meter-fallback"}
+    # exactly day 7: everything goes, with an event each and an audit record each
+    h.clock.set(deletion)
+    h.wait(lambda: item(h, "image", "job-backup").get("phase") == "Deleted", "image deletion")
+    h.wait(lambda: item(h, "clouddisk", "scratch").get("phase") == "Deleted", "disk deletion")
+    h.wait(lambda: "DataDeleted" in h.events("job"), "instance storage deletion")
+    assert not data.exists() and not (h.tmp / "data/images" / h.ns / "job-backup").exists()
+    assert not (h.tmp / "data/disks" / h.ns / "scratch").exists()
+    h.wait(
+        lambda: h.tb.kubectl("get", "pvc", "job-data", "-n", h.ns, check=False).returncode != 0,
+        "the claim to go",
+    )
+    audit = {
+        a.subject: a.at for a in h.ledger.audit_events(h.account) if a.action == "data.deleted"
+    }
+    assert set(audit) == {
+        f"instance:{h.ns}/job",
+        f"image:{h.ns}/job-backup",
+        f"cloud_disk:{h.ns}/scratch",
+    }
+    assert set(audit.values()) == {deletion}
+
+
+def test_recharge_on_day_6_saves_the_data(arrears: Harness, hook: Hook) -> None:
+    h = arrears
+    data, since = run_into_arrears(h, hook)
+    deletion = h.clock.now() + WEEK
+    h.advance(6 * 24 * 3600)
+    h.wait(lambda: h.status("job").get("storageBilledUntil", "") > since, "storage billing")
+    debt = -h.ledger.balance(h.account)
+    assert debt > 0
+    h.ledger.post_entry(
+        h.account, EntryKind.RECHARGE, debt + 100_00, f"{h.ns}:day6", at=h.clock.now()
+    )
+    h.wait(lambda: acct_status(h).get("state") != "Arrears", "arrears to end")
+    assert "dataDeletionAt" not in acct_status(h)
+    h.wait(lambda: any(m["type"] == "ArrearsCleared" for m in hook.received), "the webhook")
+    h.clock.set(deletion + timedelta(hours=1))
+    hour = deletion.replace(minute=0, second=0) + timedelta(hours=1)
+    try:
+        h.wait(
+            lambda: (
+                h.status("job").get("storageBilledUntil") == hour.strftime("%Y-%m-%dT%H:%M:%SZ")
+            ),
+            "a pass after the old deletion date",
+            timeout=20,
+        )
+    except AssertionError:
+        raise AssertionError((hour, h.clock.now(), h.status("job"), acct_status(h))) from None
+    assert (data / "ckpt/model.pt").exists() and "DataDeleted" not in h.events("job")
+    assert item(h, "image", "job-backup")["phase"] == "Ready"
+    assert h.status("job")["phase"] == "Stopped"  # until the user starts it again
+    h.patch_spec("job", {"state": "Stopped"})
+    h.patch_spec("job", {"state": "Running"})
+    h.wait_phase("job", "Running")
