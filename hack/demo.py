@@ -7,10 +7,12 @@
    signed callback) and a bank transfer approved by an admin's RechargeReview;
 4. instances of every billing mode, a spot instance preempted by a pay-as-you-go one,
    a stop that settles by the second;
-5. a live table of instances, the balance and the newest ledger entries.
+5. a live table of instances and the balance, then the release of everything and the
+   account's statement.
 
-`DEMO_SECONDS` (default 75) sets how long the live table runs. Processes stop at the end;
-the test bed stays up (`make testbed-down` removes it). Logs are in `.demo/`.
+`DEMO_SECONDS` (default 75) sets how long the live table runs. At the end every instance
+is released (settled, then deleted) and the processes stop; the test bed stays up
+(`make testbed-down` removes it). Logs and the ledger are in `.demo/`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from gpucloud.api.testserver import SANDBOX_SECRET, ApiProcess, agent_token, fre
 from gpucloud.billing import format_money
 from gpucloud.ledger import open_ledger
 from gpucloud.recharge.sandbox import SandboxProvider
-from gpucloud.testing.kube import install_crds
+from gpucloud.testing.kube import delete_namespace, install_crds
 from gpucloud.testing.testbed import REPO, Testbed
 
 NS = "acme-research"
@@ -165,9 +167,12 @@ class Demo:
         install_crds(self.tb)
         self.tb.kubectl("apply", "-f", str(REPO / "examples" / "pricebook.yaml"))
         # A fresh tenant each run: the ledger is new, so is the namespace.
-        self.tb.kubectl("delete", "namespace", NS, "--wait=true", "--timeout=60s", check=False)
-        self.tb.kubectl("delete", "account", ACCOUNT, check=False)
-        self.tb.kubectl("delete", "rechargereview", "--all", check=False)
+        delete_namespace(self.tb, NS)
+        for obj in ("account/" + ACCOUNT, "rechargereview/acme-research.transfer-20261126"):
+            # Left by an earlier run; its operator is gone, so drop the finalizer too.
+            self.tb.kubectl("delete", obj, "--wait=false", check=False)
+            drop = '[{"op": "remove", "path": "/metadata/finalizers"}]'
+            self.tb.kubectl("patch", obj, "--type=json", "-p", drop, check=False)
         self.tb.kubectl("create", "namespace", NS)
 
         banner("2. API, operator, agents")
@@ -225,8 +230,15 @@ class Demo:
         banner(f"6. live billing for {seconds:.0f} s (the notebook stops half-way)")
         self.live(seconds)
 
+        banner("7. release: each instance settles to the second, then its pod and volume go")
+        self.tb.kubectl("delete", "gi", "--all", "-n", NS, "--wait=false")
+        wait("every instance to be released", lambda: not self.tb.kubectl(
+            "get", "gi", "-n", NS, "-o", "name").stdout.strip(), timeout=180)  # fmt: skip
+        print(self.tb.kubectl("get", "pods,pvc", "-n", NS).stdout or "no pods, no volumes left")
+
         banner("statement")
         self.statement()
+        self.tb.kubectl("delete", "namespace", NS, "--wait=false")
 
     def live(self, seconds: float) -> None:
         assert self.api is not None

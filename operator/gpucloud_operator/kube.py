@@ -141,6 +141,10 @@ class Kube:
             if exc.status != 409:
                 raise
 
+    def pvc_bound(self, namespace: str, name: str) -> bool:
+        pvc = self._json(self.core.read_namespaced_persistent_volume_claim, name, namespace)
+        return bool(pvc) and (pvc.get("status") or {}).get("phase") == "Bound"
+
     def get_pv(self, name: str) -> Obj | None:
         return self._json(self.core.read_persistent_volume, name)
 

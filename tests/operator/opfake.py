@@ -133,6 +133,10 @@ class FakeKube:
     def ensure_pvc(self, pvc: Obj) -> None:
         self.pvcs.setdefault((pvc["metadata"]["namespace"], pvc["metadata"]["name"]), pvc)
 
+    def pvc_bound(self, namespace: str, name: str) -> bool:
+        """The fake binds a claim as soon as it exists (the pre-bound local volume)."""
+        return (namespace, name) in self.pvcs
+
     def ensure_pv(self, pv: Obj) -> None:
         self.pvs.setdefault(pv["metadata"]["name"], pv)
 

@@ -17,8 +17,8 @@ import yaml
 from gpucloud.testing.testbed import REPO, Testbed
 
 CRDS = REPO / "crds"
-# Namespaced kinds the operator puts its finalizer on.
-FINALIZED_KINDS = ("gpuinstances", "modeldeployments", "clouddisks", "images")
+# Namespaced kinds that carry Kopf's finalizer (deletion handlers or timers).
+FINALIZED_KINDS = ("gpuinstances", "modeldeployments", "recharges", "clouddisks", "images")
 
 
 def install_crds(tb: Testbed) -> None:
@@ -41,6 +41,23 @@ def testbed() -> Iterator[Testbed]:
     yield tb
 
 
+def delete_namespace(tb: Testbed, name: str, timeout_s: int = 90) -> None:
+    """Delete a namespace and wait until it is gone (its pods hold GPUs that whatever runs
+    next may count on). The operator that served it may be gone already, so our
+    finalizers are dropped first: nothing else would ever remove them."""
+    tb.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    kinds = ",".join(f"{k}.gpucloud.dev" for k in FINALIZED_KINDS)
+    for obj in tb.kubectl("get", kinds, "-n", name, "-o", "name", check=False).stdout.split():
+        tb.kubectl(
+            "patch", obj, "-n", name, "--type=json",
+            "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]', check=False,
+        )  # fmt: skip
+    tb.kubectl(
+        "wait", "--for=delete", f"namespace/{name}", f"--timeout={timeout_s}s",
+        check=False, timeout=timeout_s + 10,
+    )  # fmt: skip
+
+
 @pytest.fixture
 def namespace(testbed: Testbed, request: pytest.FixtureRequest) -> Iterator[str]:
     base = request.node.name.lower().replace("_", "-")[:40].strip("-")
@@ -48,20 +65,7 @@ def namespace(testbed: Testbed, request: pytest.FixtureRequest) -> Iterator[str]
     name = "".join(c if c.isalnum() or c == "-" else "-" for c in name)
     testbed.kubectl("create", "namespace", name)
     yield name
-    testbed.kubectl("delete", "namespace", name, "--wait=false", check=False)
-    # The test's operator may be gone already: drop our finalizers so deletion can finish.
-    kinds = ",".join(f"{k}.gpucloud.dev" for k in FINALIZED_KINDS)
-    leftover = testbed.kubectl("get", kinds, "-n", name, "-o", "name", check=False).stdout.split()
-    for obj in leftover:
-        testbed.kubectl(
-            "patch", obj, "-n", name, "--type=json",
-            "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]',
-            check=False,
-        )  # fmt: skip
-    # Wait for it to go: its pods hold GPUs that the next test may count on.
-    testbed.kubectl(
-        "wait", "--for=delete", f"namespace/{name}", "--timeout=90s", check=False, timeout=100
-    )
+    delete_namespace(testbed, name)
 
 
 def wait_for(
