@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,15 +25,11 @@ from pathlib import Path
 import httpx
 from gpucloud_agent.podresources.fake_server import FakePod, fake_device_ids, serve
 
+from gpucloud.testing.net import free_port
+
 NODE = "bench-node"
 GPUS = 8
 PODS = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_receiver() -> tuple[ThreadingHTTPServer, list[int]]:

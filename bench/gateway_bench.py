@@ -19,7 +19,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ from pathlib import Path
 import aiohttp
 import httpx
 import yaml
+
+from gpucloud.testing.net import free_port
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
 PRICEBOOK = {
@@ -49,12 +50,6 @@ PRICEBOOK = {
         },
     },
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_up(url: str, timeout: float = 30) -> None:

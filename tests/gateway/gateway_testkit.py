@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import httpx
 import yaml
 
 from gpucloud.billing import PriceBook
+from gpucloud.testing.net import free_port
 
 PRODUCT = "NVIDIA-A100-SXM4-80GB"
 
@@ -40,12 +40,6 @@ PRICEBOOK_SPEC: dict[str, Any] = {
 
 def pricebook() -> PriceBook:
     return PriceBook.from_spec(PRICEBOOK_SPEC)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from gpucloud.testing.net import free_port
 
 SANDBOX_SECRET = "sandbox-test-secret"
 AGENT_SA = "system:serviceaccount:gpucloud-system:gpucloud-agent"
@@ -31,12 +32,6 @@ DEFAULT_TOKENS: dict[str, dict[str, Any]] = {
 
 def agent_token(node: str) -> str:
     return f"agent-{node}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ApiProcess:

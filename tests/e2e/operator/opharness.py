@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -20,15 +19,10 @@ import yaml
 from gpucloud.clock import FileClock
 from gpucloud.ledger import EntryKind, Ledger, open_ledger
 from gpucloud.testing.kube import get_json, wait_for
+from gpucloud.testing.net import free_port
 from gpucloud.testing.testbed import REPO, Testbed
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Harness:
