@@ -42,6 +42,16 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def product_label(nvml_name: str) -> str:
+    """NVML's device name as the node label `nvidia.com/gpu.product` spells it.
+
+    GPU feature discovery labels a node with the NVML name, spaces turned into dashes
+    ("NVIDIA H100 80GB HBM3" -> "NVIDIA-H100-80GB-HBM3"); price books and node selectors
+    use that label, so the agent reports products the same way (seen on a real H100).
+    """
+    return "-".join(nvml_name.split())
+
+
 class NvmlBackend:
     """The real NVML, through nvidia-ml-py (`pynvml`)."""
 
@@ -68,7 +78,7 @@ class NvmlBackend:
                     GpuDevice(
                         index=index,
                         uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
-                        product=_text(pynvml.nvmlDeviceGetName(handle)),
+                        product=product_label(_text(pynvml.nvmlDeviceGetName(handle))),
                         memory_total_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
                     )
                 )

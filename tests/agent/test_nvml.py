@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from gpucloud_agent.fake_nvml import FakeNvml, fake_gpu_uuid
-from gpucloud_agent.nvml import NvmlBackend, NvmlError
+from gpucloud_agent.nvml import NvmlBackend, NvmlError, product_label
 
 from gpucloud.clock import ManualClock
 
@@ -65,3 +65,16 @@ def test_real_backend_fails_clearly_without_a_gpu() -> None:
     else:  # a GPU machine: the real backend must answer
         assert all(d.uuid.startswith(("GPU-", "MIG-")) for d in nvml.devices())
         nvml.close()
+
+
+@pytest.mark.parametrize(
+    ("nvml_name", "label"),
+    [
+        ("NVIDIA H100 80GB HBM3", "NVIDIA-H100-80GB-HBM3"),  # what a real H100 reports
+        ("NVIDIA A100-SXM4-80GB", "NVIDIA-A100-SXM4-80GB"),
+        ("NVIDIA GeForce RTX 4090", "NVIDIA-GeForce-RTX-4090"),
+        ("Tesla T4", "Tesla-T4"),
+    ],
+)
+def test_product_label_matches_the_node_label(nvml_name: str, label: str) -> None:
+    assert product_label(nvml_name) == label
