@@ -1,7 +1,7 @@
 """Gateway overhead and throughput on loopback.
 
-Starts a fake model server and the gateway (metering and the billing store on, as in
-production, with a SQLite ledger) as real processes, then:
+Starts a fake model server and the gateway (caller authentication, metering and the
+billing store on, as in production, with a SQLite ledger) as real processes, then:
 
 * overhead: sequential requests, alternating a direct call to the model server and the
   same call through the gateway; overhead pN = pN(through gateway) - pN(direct);
@@ -69,7 +69,9 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-HEADERS = {"content-type": "application/json"}
+# The caller authenticates (a static token: the check itself is cached, as TokenReview's).
+TOKEN = "bench-caller-token"
+HEADERS = {"content-type": "application/json", "authorization": f"Bearer {TOKEN}"}
 PAYLOAD = json.dumps(BODY).encode()
 
 
@@ -163,7 +165,13 @@ def main() -> int:
         from gpucloud.ledger import open_ledger
 
         ledger = open_ledger(f"sqlite:///{tmp / 'ledger.db'}")
+        from datetime import UTC, datetime
+
+        from gpucloud.ledger import EntryKind
+
         ledger.ensure_account("bench")
+        ledger.ensure_account("caller")  # pays: it needs a balance
+        ledger.post_entry("caller", EntryKind.RECHARGE, 10**9, "seed:caller", at=datetime.now(UTC))
         ledger.close()
         config = {
             "models": [
@@ -177,6 +185,11 @@ def main() -> int:
                 }
             ],
             "endpoints": {"kind": "file", "path": "endpoints.json"},
+            "auth": {
+                "kind": "static",
+                "tokens": {TOKEN: "system:serviceaccount:callers:default"},
+            },
+            "accounts": {"caller": ["callers"]},
         }
         if not args.no_billing:
             config["billing"] = {

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,12 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def manifests() -> str:
     docs = []
     for i in range(INSTANCES):
@@ -61,18 +68,93 @@ def manifests() -> str:
     return yaml.safe_dump_all(docs)
 
 
+def api_requests(tb: Testbed) -> dict[str, float]:
+    """The API server's request counters by verb and resource (its /metrics)."""
+    text = tb.kubectl("get", "--raw", "/metrics").stdout
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels, value = line[len("apiserver_request_total{") :].rsplit("} ", 1)
+        tags = dict(kv.split("=", 1) for kv in labels.split(",") if "=" in kv)
+        key = f"{tags.get('verb', '').strip(chr(34))} {tags.get('resource', '').strip(chr(34))}"
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def debug_requests(before: dict[str, float], after: dict[str, float]) -> None:
+    """API requests during the burst (all clients; watches count once), busiest first."""
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    top = sorted(((v, k) for k, v in delta.items() if v >= INSTANCES / 4), reverse=True)
+    total = sum(v for v in delta.values() if v > 0)
+    print(f"# API requests during the burst: {total:.0f} in all", file=sys.stderr)
+    for v, k in top:
+        print(f"#   {v:6.0f} {k}", file=sys.stderr)
+
+
+class PhaseWatch:
+    """When each instance was first seen Running, from one ``kubectl get -w``: polling
+    with a kubectl per look would spend much of a small machine's CPU on measuring."""
+
+    def __init__(self, tb: Testbed) -> None:
+        cmd = [str(tb.bin.kubectl), "--kubeconfig", str(tb.kubeconfig), "get", "gpuinstances"]
+        cmd += [
+            "-n",
+            NS,
+            "-w",
+            "--no-headers",
+            "-o",
+            "custom-columns=N:.metadata.name,P:.status.phase",
+        ]
+        self.proc = subprocess.Popen(cmd, env=tb.env(), stdout=subprocess.PIPE, text=True)
+        self.t0 = time.monotonic()
+        self.running: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            name, _, phase = line.strip().partition(" ")
+            if phase.strip() == "Running":
+                self.running.setdefault(name, time.monotonic() - self.t0)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
 def debug_timeline(tb: Testbed, t0_wall: float, running: dict[str, float]) -> None:
     """When each step happened, relative to the apply (stderr; BENCH_DEBUG=1)."""
 
     def stamp(text: str) -> float:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() - t0_wall
 
+    claims = json.loads(
+        tb.kubectl("get", "pvc", "-n", NS, "-o", "json", "--show-managed-fields").stdout
+    )["items"]
+    # when the PV controller wrote the claim's Bound status (its managedFields entry)
+    bound = sorted(
+        stamp(f["time"])
+        for c in claims
+        for f in c["metadata"].get("managedFields") or []
+        if f.get("manager") == "kube-controller-manager" and f.get("subresource") == "status"
+    )
+    claimed = sorted(stamp(c["metadata"]["creationTimestamp"]) for c in claims)
+    instances = json.loads(tb.kubectl("get", "gpuinstances", "-n", NS, "-o", "json").stdout)
+    applied = sorted(stamp(i["metadata"]["creationTimestamp"]) for i in instances["items"])
     out = json.loads(tb.kubectl("get", "pods", "-n", NS, "-o", "json").stdout)
     created = sorted(stamp(p["metadata"]["creationTimestamp"]) for p in out["items"])
     started = sorted(
         stamp(p["status"]["startTime"]) for p in out["items"] if p["status"].get("startTime")
     )
-    for label, values in (("pod created", created), ("pod started", started)):
+    for label, values in (
+        ("instance created", applied),
+        ("claim created", claimed),
+        ("claim bound", bound),
+        ("pod created", created),
+        ("pod started", started),
+    ):
         if values:
             print(
                 f"# {label}: p50 {percentile(values, 50):.1f} s, p95 "
@@ -81,6 +163,18 @@ def debug_timeline(tb: Testbed, t0_wall: float, running: dict[str, float]) -> No
             )
     values = list(running.values())
     print(f"# instance Running: p50 {percentile(values, 50):.1f} s", file=sys.stderr)
+    # the apply itself (one kubectl, object after object) is part of the figure above;
+    # this is the time from each instance's creation (1 s resolution) to its Running
+    since = [
+        running[i["metadata"]["name"]] - stamp(i["metadata"]["creationTimestamp"])
+        for i in instances["items"]
+        if i["metadata"]["name"] in running
+    ]
+    print(
+        f"# instance created -> Running: p50 {percentile(since, 50):.1f} s, "
+        f"p95 {percentile(since, 95):.1f} s",
+        file=sys.stderr,
+    )
 
 
 def main() -> int:
@@ -122,24 +216,33 @@ def main() -> int:
             stderr=subprocess.STDOUT,
         )
         time.sleep(3)  # let the operator list and watch before the burst
+        load_before, cpu_before = os.getloadavg()[0], cpu_s(proc.pid)
+        requests_before = api_requests(tb) if os.environ.get("BENCH_DEBUG") else {}
+        watch = PhaseWatch(tb)
+        time.sleep(1)  # the watch is open (it lists nothing yet)
         t0, t0_wall = time.monotonic(), time.time()
+        watch.t0 = t0
         tb.kubectl("apply", "-f", "-", input=manifests(), timeout=120)
-        running: dict[str, float] = {}
         peak_rss = rss_mib(proc.pid)
         deadline = t0 + 300
-        while len(running) < INSTANCES and time.monotonic() < deadline:
-            out = json.loads(tb.kubectl("get", "gpuinstances", "-n", NS, "-o", "json").stdout)
-            now = time.monotonic()
-            for item in out["items"]:
-                if (item.get("status") or {}).get("phase") == "Running":
-                    running.setdefault(item["metadata"]["name"], now - t0)
+        while len(watch.running) < INSTANCES and time.monotonic() < deadline:
             peak_rss = max(peak_rss, rss_mib(proc.pid))
             time.sleep(0.25)
+        watch.close()
+        running = dict(watch.running)
         if len(running) < INSTANCES:
             print(f"# only {len(running)}/{INSTANCES} instances ran", file=sys.stderr)
             return 1
+        elapsed, cpu_used = time.monotonic() - t0, cpu_s(proc.pid) - cpu_before
         if os.environ.get("BENCH_DEBUG"):
+            debug_requests(requests_before, api_requests(tb))
             debug_timeline(tb, t0_wall, running)
+        # the machine's load says how comparable two runs are
+        print(
+            f"# load average (1 min) {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
+            f"operator CPU {cpu_used:.1f} s over {elapsed:.1f} s",
+            file=sys.stderr,
+        )
         print(f"instances_running_p95_s: {percentile(list(running.values()), 95):.1f}")
         print(f"operator_rss_mib: {peak_rss:.0f}")
         return 0

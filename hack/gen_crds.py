@@ -601,7 +601,10 @@ def gpu_instance() -> Schema:
                 "items": string(
                     "CloudDisk name in this namespace.", pattern=DNS_LABEL, maxLength=63
                 ),
-                "description": "Cloud disks to attach.",
+                "description": (
+                    "Cloud disks to attach, mounted at /root/disks/<name>; each must exist "
+                    "and be Ready when the instance starts (changes apply at the next start)."
+                ),
             },
         },
         ["gpu", "billing"],
@@ -626,7 +629,8 @@ def gpu_instance() -> Schema:
             "gpus": {
                 "type": "array",
                 "items": {"type": "string"},
-                "description": "GPU UUIDs held.",
+                "description": "UUIDs of the GPUs the node agents reported for the "
+                "current run's pod (empty until the first usage arrives).",
             },
             "gpuSummary": string("Product x count, for kubectl get."),
             "billingMode": string("Billing mode in force."),
@@ -804,7 +808,14 @@ def cloud_disk() -> Schema:
         "Namespaced",
         ["cdisk", "cd"],
         spec,
-        storage_item_status({}),
+        storage_item_status(
+            {
+                "claimName": string(
+                    "ReadWriteMany PersistentVolumeClaim of the disk in its namespace, "
+                    "mounted at /root/disks/<name> in the pods of instances that attach it."
+                )
+            }
+        ),
         [
             column("Phase", ".status.phase"),
             column("Capacity", ".spec.capacityGi", "integer"),

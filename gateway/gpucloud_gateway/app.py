@@ -40,6 +40,7 @@ from starlette.routing import Route
 
 from gpucloud.clock import Clock, SystemClock
 from gpucloud_gateway.billing import ModelPlan, Rule
+from gpucloud_gateway.callers import Caller, CallerError, Callers
 from gpucloud_gateway.discovery import EndpointSource, NoScaler, Scaler
 from gpucloud_gateway.metering import UsageEvent, UsageTap
 
@@ -60,8 +61,13 @@ HOP_BY_HOP = frozenset(
     }
 )
 REQUEST_ID_HEADER = "x-gpucloud-request-id"
+# Request headers not forwarded upstream (Accept-Encoding: the gateway reads usage from
+# the body; the caller's credentials never reach a model's code).
+DROP_ALWAYS = HOP_BY_HOP | {"accept-encoding", "content-length"}
+DROP_AUTHENTICATED = DROP_ALWAYS | {"authorization"}
 
-UsageSink = Callable[[ModelPlan, UsageEvent, str | None], Awaitable[None]]
+# Called once per finished request, synchronously (it must not block: queue the event).
+UsageSink = Callable[[ModelPlan, UsageEvent, str | None], None]
 
 
 class WakeTimeout(Exception):
@@ -149,7 +155,8 @@ class Gateway:
         wake_timeout_s: float = 120.0,
         retry_after_s: int = 30,
         window_s: float = 600.0,
-        payer_header: str | None = None,
+        callers: Callers | None = None,
+        peers: Callable[[], list[str]] | None = None,
         upstream_timeout_s: float = 600.0,
     ) -> None:
         self.models: dict[str, ModelPlan] = {}
@@ -162,7 +169,10 @@ class Gateway:
         self.clock = clock or SystemClock()
         self.wake_timeout_s = wake_timeout_s
         self.retry_after_s = retry_after_s
-        self.payer_header = payer_header.lower() if payer_header else None
+        # None: callers are not authenticated (development only; the owner pays).
+        self.callers = callers
+        # The base URLs of every gateway replica (this one included): /v1/stats sums them.
+        self.peers = peers
         self.metrics = Metrics()
         self.replica_in_flight: dict[str, int] = {}
         self._wakes: dict[str, asyncio.Task[list[str]]] = {}
@@ -188,6 +198,8 @@ class Gateway:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+        if self.callers is not None:
+            await self.callers.aclose()
         await self.scaler.close()
 
     def set_models(self, models: list[ModelPlan]) -> None:
@@ -243,7 +255,39 @@ class Gateway:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def stats_endpoint(self, request: Request) -> Response:
-        """What the operator's autoscaler reads: volume, last request, in flight."""
+        """What the operator's autoscaler reads: volume, last request, in flight. With
+        peers, the sum over all gateway replicas (``?scope=local``: this one only)."""
+        if self.peers is not None and request.query_params.get("scope") != "local":
+            return await self._cluster_stats()
+        return JSONResponse(self.local_stats())
+
+    async def _cluster_stats(self) -> Response:
+        urls = self.peers() if self.peers is not None else []
+        if not urls:
+            return self._error(503, "stats: no gateway replica is known yet (peers empty)")
+        session = self.session()
+
+        async def one(url: str) -> dict[str, Any]:
+            async with session.get(
+                url + "/v1/stats?scope=local", timeout=aiohttp.ClientTimeout(total=5)
+            ) as resp:
+                if resp.status != 200:
+                    raise aiohttp.ClientError(f"answered {resp.status}")
+                doc = await resp.json()
+                if not isinstance(doc, dict):
+                    raise aiohttp.ClientError("not a JSON object")
+                return doc
+
+        results = await asyncio.gather(*(one(u) for u in urls), return_exceptions=True)
+        for url, res in zip(urls, results, strict=True):
+            if isinstance(res, BaseException):
+                # A partial sum would scale on a fraction of the load: refuse, the
+                # autoscaler holds on missing stats.
+                return self._error(503, f"stats: gateway replica {url} did not answer: {res}")
+        docs = [r for r in results if isinstance(r, dict)]
+        return JSONResponse(sum_stats(docs), headers={"X-Gpucloud-Gateways": str(len(docs))})
+
+    def local_stats(self) -> dict[str, Any]:
         now = self.clock.now()
         out = {}
         for key, s in self.stats.items():
@@ -261,7 +305,7 @@ class Gateway:
                     for u in self.endpoints.endpoints(plan.namespace, plan.name)
                 },
             }
-        return JSONResponse(out)
+        return out
 
     def _error(self, status: int, message: str, **headers: str) -> Response:
         return JSONResponse({"error": {"message": message, "code": status}}, status, headers)
@@ -271,6 +315,14 @@ class Gateway:
         plan = self.models.get(f"{ns}/{model}")
         if plan is None:
             return self._error(404, f"no model {model!r} in namespace {ns!r}")
+        caller = None
+        if self.callers is not None:
+            try:
+                caller = await self.callers.check(plan, request.headers.get("authorization"))
+            except CallerError as exc:
+                extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+                self.metrics.requests.labels(ns, model, str(exc.status)).inc()
+                return self._error(exc.status, exc.message, **extra)
         stats = self.stats[plan.key]
         arrived = self.clock.now()
         stats.arrive(arrived)
@@ -279,14 +331,16 @@ class Gateway:
         gauge.inc()
         response = None
         try:
-            response = await self._forward(request, plan, arrived)
+            response = await self._forward(request, plan, arrived, caller)
             return response
         finally:
-            if not isinstance(response, StreamingResponse):  # else the relay's finally does it
+            if not isinstance(response, StreamingResponse):  # else the relay's finish does it
                 stats.in_flight -= 1
                 gauge.dec()
 
-    async def _forward(self, request: Request, plan: ModelPlan, arrived: datetime) -> Response:
+    async def _forward(
+        self, request: Request, plan: ModelPlan, arrived: datetime, caller: Caller | None
+    ) -> Response:
         ns, model = plan.namespace, plan.name
         request_id = uuid.uuid4().hex
         path = "/" + request.path_params.get("path", "")
@@ -303,13 +357,11 @@ class Gateway:
                 f"{self.wake_timeout_s:g}s; retry later",
                 **{"Retry-After": str(self.retry_after_s)},
             )
-        headers = [
-            (k, v)
-            for k, v in request.headers.items()
-            if k not in HOP_BY_HOP and k != "accept-encoding" and k != "content-length"
-        ]
+        # The caller's token stays here: a public model runs someone else's code.
+        drop = DROP_AUTHENTICATED if self.callers is not None else DROP_ALWAYS
+        headers = [(k, v) for k, v in request.headers.items() if k not in drop]
         headers.append((REQUEST_ID_HEADER, request_id))
-        payer = request.headers.get(self.payer_header) if self.payer_header else None
+        payer = caller.account if caller is not None else None
         started = time.perf_counter()
         upstream = None
         url = ""
@@ -341,36 +393,51 @@ class Gateway:
         ]
         raw_headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
 
+        finished = False
+
+        def finish() -> None:
+            """Once per request, whichever way it ends (complete, client gone, upstream
+            gone): free the slot and record the usage delivered up to now."""
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            runtime_ms = int((time.perf_counter() - started) * 1000)
+            if upstream.content.is_eof():
+                upstream.release()
+            else:  # cut short: drop the connection so the replica stops generating
+                upstream.close()
+            left = self.replica_in_flight[url] - 1
+            if left:
+                self.replica_in_flight[url] = left
+            else:  # replicas come and go: keep no entry for an idle one
+                del self.replica_in_flight[url]
+            self.stats[plan.key].in_flight -= 1
+            self.metrics.in_flight.labels(ns, model).dec()
+            self._record(plan, request_id, arrived, runtime_ms, upstream, tap, payer)
+
         async def relay() -> AsyncIterator[bytes]:
             try:
                 async for chunk in upstream.content.iter_any():
-                    tap.feed(chunk)
                     yield chunk
+                    tap.feed(chunk)  # after the yield: only what was sent is counted
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # The status line is sent already: all we can do is end the stream early.
                 log.warning("response of request %s broke off: %s", request_id, exc)
             finally:
-                upstream.release()
-                runtime_ms = int((time.perf_counter() - started) * 1000)
-                left = self.replica_in_flight[url] - 1
-                if left:
-                    self.replica_in_flight[url] = left
-                else:  # replicas come and go: keep no entry for an idle one
-                    del self.replica_in_flight[url]
-                self.stats[plan.key].in_flight -= 1
-                self.metrics.in_flight.labels(ns, model).dec()
-                await self._record(plan, request_id, arrived, runtime_ms, upstream, tap, payer)
+                finish()
 
         # A body of known length ends by itself: relay it without Starlette's per-response
         # disconnect watcher (a task group per request). An open-ended stream (SSE,
         # chunked) keeps the watcher, so a client that leaves stops the generation.
         bounded = upstream.content_length is not None and not tap.sse
-        response_class = BoundedRelay if bounded else StreamingResponse
+        response_class = BoundedRelay if bounded else OpenRelay
         response = response_class(relay(), status_code=upstream.status)
+        response.finish = finish  # the relay may never be resumed after a disconnect
         response.raw_headers = raw_headers  # as sent: repeated headers (Set-Cookie) kept
         return response
 
-    async def _record(
+    def _record(
         self,
         plan: ModelPlan,
         request_id: str,
@@ -408,7 +475,7 @@ class Gateway:
             videos=counts.videos,
         )
         try:
-            await self.sink(plan, event, payer)
+            self.sink(plan, event, payer)
         except Exception:  # metering must never break the response already sent
             log.exception("recording usage of request %s failed", request_id)
 
@@ -438,11 +505,59 @@ class Gateway:
         )
 
 
-class BoundedRelay(StreamingResponse):
+class OpenRelay(StreamingResponse):
+    """Streams an open-ended body; ``finish`` runs however the response ends: a client
+    that leaves mid-stream may leave the relay generator suspended for good."""
+
+    finish: Callable[[], None] = staticmethod(lambda: None)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.finish()
+
+
+class BoundedRelay(OpenRelay):
     """Streams a body of known length straight to the client (see ``_forward``)."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.stream_response(send)
+        try:
+            await self.stream_response(send)
+        finally:
+            self.finish()
+
+
+def sum_stats(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``/v1/stats`` of several gateway replicas as one: counts add up, the last
+    request is the latest, in-flight counts per model replica add up."""
+    out: dict[str, dict[str, Any]] = {}
+    for doc in docs:
+        for key, s in doc.items():
+            if not isinstance(s, dict):
+                continue
+            acc = out.setdefault(
+                key,
+                {
+                    "requestsLastWindow": 0,
+                    "requestsTotal": 0,
+                    "lastRequestAt": None,
+                    "inFlight": 0,
+                    "queued": 0,
+                    "replicas": {},
+                },
+            )
+            for field_ in ("requestsLastWindow", "requestsTotal", "inFlight", "queued"):
+                acc[field_] += int(s.get(field_) or 0)
+            last = s.get("lastRequestAt")
+            if last and (
+                acc["lastRequestAt"] is None
+                or datetime.fromisoformat(last) > datetime.fromisoformat(acc["lastRequestAt"])
+            ):
+                acc["lastRequestAt"] = last
+            for url, n in (s.get("replicas") or {}).items():
+                acc["replicas"][url] = acc["replicas"].get(url, 0) + int(n)
+    return out
 
 
 def _ask_for_stream_usage(body: bytes) -> bytes:

@@ -3,7 +3,8 @@
 ``POST /v1/chat/completions`` (``stream: true`` sends server-sent events, with a final
 ``usage`` chunk when ``stream_options.include_usage`` is set), ``POST
 /v1/images/generations`` (``n`` images), ``POST /v1/videos/generations`` (``n`` videos),
-``GET /healthz``. Token counts: ``prompt_tokens`` is the number of whitespace-separated
+``GET /healthz``, ``GET /debug/headers`` (the request headers it got). Token counts:
+``prompt_tokens`` is the number of whitespace-separated
 words in the messages, ``completion_tokens`` is ``max_tokens`` (default 16).
 
 ``--register FILE --key NS/MODEL`` adds this server's URL to a JSON endpoints map once it
@@ -44,7 +45,7 @@ def count_prompt_tokens(body: dict[str, Any]) -> int:
     return words
 
 
-def build_app(model: str, latency_ms: int = 0, token_ms: int = 0) -> Starlette:
+def build_app(model: str, latency_ms: int = 0, token_ms: int = 0, die_after: int = 0) -> Starlette:
     async def body_of(request: Request) -> dict[str, Any]:
         try:
             body = await request.json()
@@ -88,6 +89,9 @@ def build_app(model: str, latency_ms: int = 0, token_ms: int = 0) -> Starlette:
 
         async def events() -> AsyncIterator[bytes]:
             for i in range(completion):
+                if die_after and i == die_after:  # a replica crashing mid-stream
+                    await asyncio.sleep(0.05)  # let the chunks written so far leave
+                    os._exit(1)
                 chunk = {
                     "id": "chatcmpl-fake",
                     "object": "chat.completion.chunk",
@@ -119,6 +123,9 @@ def build_app(model: str, latency_ms: int = 0, token_ms: int = 0) -> Starlette:
     async def videos(request: Request) -> Response:
         return await generations(request, "video")
 
+    async def headers(request: Request) -> Response:
+        return JSONResponse(dict(request.headers))
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True, "model": model, "pid": os.getpid()})
 
@@ -128,6 +135,7 @@ def build_app(model: str, latency_ms: int = 0, token_ms: int = 0) -> Starlette:
             Route("/v1/images/generations", images, methods=["POST"]),
             Route("/v1/videos/generations", videos, methods=["POST"]),
             Route("/healthz", healthz),
+            Route("/debug/headers", headers),
         ]
     )
 
@@ -160,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="fake-model")
     p.add_argument("--latency-ms", type=int, default=0, help="delay before each response")
     p.add_argument("--token-ms", type=int, default=0, help="delay between streamed tokens")
+    p.add_argument(
+        "--die-after", type=int, default=0, help="exit abruptly after streaming N tokens"
+    )
     p.add_argument("--startup-delay", type=float, default=0.0, help="seconds before listening")
     p.add_argument("--register", type=Path, help="JSON endpoints map to add this server to")
     p.add_argument("--key", help="the map key: NAMESPACE/MODEL")
@@ -177,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     sock.listen(1024)
     port = sock.getsockname()[1]
     url = f"http://{args.host}:{port}"
-    app = build_app(args.model, args.latency_ms, args.token_ms)
+    app = build_app(args.model, args.latency_ms, args.token_ms, args.die_after)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)
 

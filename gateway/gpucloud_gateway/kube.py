@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from gpucloud_gateway.billing import ModelPlan
+from gpucloud_gateway.callers import Directory
 from gpucloud_gateway.manifests import GROUP, MODEL_LABEL, MODEL_PORT, VERSION, deployment_name
 
 log = logging.getLogger(__name__)
@@ -130,18 +131,71 @@ def plans_from_cluster(
     return plans
 
 
+def directory_from_accounts(accounts: Iterable[Mapping[str, Any]]) -> Directory:
+    """Namespace -> account (``spec.namespaces``; the first Account listing one wins, as
+    for model owners) and account -> ``status.state`` (Active, LowBalance, Arrears)."""
+    owners: dict[str, str] = {}
+    states: dict[str, str] = {}
+    for acct in accounts:
+        name = acct["metadata"]["name"]
+        for ns in (acct.get("spec") or {}).get("namespaces") or []:
+            owners.setdefault(ns, name)
+        state = (acct.get("status") or {}).get("state")
+        if isinstance(state, str):
+            states[name] = state
+    return Directory(owners, states)
+
+
+class GatewayPeers:
+    """The ready replicas of the gateway's own Service (its EndpointSlices), polled in a
+    thread: ``/v1/stats`` sums their counts."""
+
+    def __init__(self, service: str, namespace: str, port: int, interval: float = 5.0) -> None:
+        self.service, self.namespace, self.port = service, namespace, port
+        self.interval = interval
+        self._urls: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="gateway-peers")
+        self._thread.start()
+
+    def _run(self) -> None:
+        api = _api_client().DiscoveryV1Api()
+        selector = f"kubernetes.io/service-name={self.service}"
+        while not self._stop.is_set():
+            try:
+                slices = api.list_namespaced_endpoint_slice(self.namespace, label_selector=selector)
+                urls = []
+                for sl in slices.items:
+                    for ep in sl.endpoints or []:
+                        if ep.conditions is not None and ep.conditions.ready is False:
+                            continue
+                        host = ep.addresses[0]
+                        host = f"[{host}]" if ":" in host else host
+                        urls.append(f"http://{host}:{self.port}")
+                self._urls = sorted(set(urls))
+            except Exception:  # keep the last good list through API hiccups
+                log.exception("listing the gateway's EndpointSlices failed")
+            self._stop.wait(self.interval)
+
+    def __call__(self) -> list[str]:
+        return list(self._urls)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 class ModelCatalog:
-    """Polls ModelDeployments and Accounts in a thread; hands each changed model list to
-    ``on_change`` on the gateway's event loop."""
+    """Polls ModelDeployments and Accounts in a thread; hands each changed model list and
+    account directory to ``on_change`` on the gateway's event loop."""
 
     def __init__(
         self,
-        on_change: Callable[[list[ModelPlan]], None],
+        on_change: Callable[[list[ModelPlan], Directory], None],
         loop: asyncio.AbstractEventLoop,
         interval: float = 2.0,
     ) -> None:
         self.on_change, self.loop, self.interval = on_change, loop, interval
-        self._last: list[ModelPlan] | None = None
+        self._last: tuple[list[ModelPlan], Directory] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="model-catalog")
         self._thread.start()
@@ -153,9 +207,10 @@ class ModelCatalog:
                 mds = api.list_cluster_custom_object(GROUP, VERSION, "modeldeployments")
                 accts = api.list_cluster_custom_object(GROUP, VERSION, "accounts")
                 plans = plans_from_cluster(mds["items"], accts["items"])
-                if plans != self._last:
-                    self._last = plans
-                    self.loop.call_soon_threadsafe(self.on_change, plans)
+                directory = directory_from_accounts(accts["items"])
+                if (plans, directory) != self._last:
+                    self._last = (plans, directory)
+                    self.loop.call_soon_threadsafe(self.on_change, plans, directory)
             except Exception:  # keep serving the last good list through API hiccups
                 log.exception("listing ModelDeployments failed")
             self._stop.wait(self.interval)

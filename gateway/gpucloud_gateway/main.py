@@ -13,7 +13,18 @@ Config::
     wakeTimeoutSeconds: 120
     retryAfterSeconds: 30
     windowSeconds: 600
-    payerHeader: X-Gpucloud-Account   # caller account of public models (set by an auth proxy)
+    auth:                             # who calls (Authorization: Bearer <token>); default
+      kind: tokenreview               # tokenreview: ServiceAccount tokens checked with the
+      cacheSeconds: 5                 # API server (in-cluster, else $KUBECONFIG);
+      audiences: []                   # {kind: static, tokens: {TOKEN: USERNAME}} (tests);
+                                      # {kind: none}: no checks, the owner pays (dev only)
+    accounts: {bob: [team-b]}         # namespace(s) of callers' accounts, besides the
+                                      # models' owners (with models from the cluster:
+                                      # read from the Accounts)
+    stats:                            # /v1/stats sums every gateway replica's counts
+      peers: {kind: static, urls: [http://10.0.0.1:8080, ...]}   # all replicas, this
+      # one included; or {kind: kubernetes, service: gpucloud-gateway, port: 8080,
+      # namespace: <default: this pod's>}: the ready endpoints of the gateway's Service
     billing:                          # optional
       store: /var/lib/gpucloud/gateway-usage.db
       pricebook: pricebook.yaml       # a PriceBook resource or its spec
@@ -39,6 +50,7 @@ from gpucloud.billing import PriceBook
 from gpucloud.clock import clock_from_env
 from gpucloud_gateway.app import Gateway
 from gpucloud_gateway.billing import BillingStore, ModelPlan
+from gpucloud_gateway.callers import Callers, Directory, directory_from_plans
 from gpucloud_gateway.discovery import (
     CommandScaler,
     EndpointSource,
@@ -108,6 +120,122 @@ def _scaler(cfg: dict[str, Any]) -> Scaler:
     raise ConfigError(f"scaler.kind: {kind!r} is not one of none, command, kubernetes")
 
 
+def _accounts(cfg: Any) -> dict[str, list[str]]:
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(n, str) for n in v)
+        for k, v in cfg.items()
+    ):
+        raise ConfigError("accounts: a map of account name to a list of namespaces")
+    return cfg
+
+
+def _callers(cfg: Any, directory: Directory, ledger: Any) -> Callers | None:
+    cfg = {"kind": "tokenreview"} if cfg is None else cfg
+    if not isinstance(cfg, dict):
+        raise ConfigError("auth: a mapping {kind: tokenreview|static|none, ...}")
+    kind = cfg.get("kind")
+    if kind == "none":
+        return None
+    ttl = cfg.get("cacheSeconds", 5)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl < 0:
+        raise ConfigError(f"auth.cacheSeconds: a number >= 0, got {ttl!r}")
+    from gpucloud.api.auth import Principal, StaticTokenAuthenticator
+
+    checker: Any
+    if kind == "static":
+        tokens = cfg.get("tokens")
+        if not isinstance(tokens, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in tokens.items()
+        ):
+            raise ConfigError("auth.tokens: a map of token to username is required")
+        checker = StaticTokenAuthenticator({t: Principal(u) for t, u in tokens.items()})
+    elif kind == "tokenreview":
+        audiences = cfg.get("audiences") or []
+        if not isinstance(audiences, list):
+            raise ConfigError("auth.audiences: a list of strings")
+        checker = LazyTokenReview(audiences, float(ttl))
+    else:
+        raise ConfigError(f"auth.kind: {kind!r} is not one of tokenreview, static, none")
+    balance = None
+    if ledger is not None:
+
+        def balance(account: str) -> int | None:
+            from gpucloud.ledger import NotFound
+
+            try:
+                return ledger.balance(account)
+            except NotFound:  # no such account in the ledger: nothing to pay with
+                return 0
+            except Exception as exc:  # ledger down: serve; usage is posted once it is back
+                print(f"gpucloud-gateway: balance of {account!r} unknown: {exc}", file=sys.stderr)
+                return None
+
+    return Callers(checker, directory, balance, ttl_s=float(ttl))
+
+
+class LazyTokenReview:
+    """``TokenReviewAuthenticator`` built at the first token: the API server is found then
+    (in a pod, else $KUBECONFIG); none found: every check fails (the caller gets 503)."""
+
+    def __init__(self, audiences: list[str], ttl_s: float) -> None:
+        self.audiences, self.ttl_s = audiences, ttl_s
+        self._inner: Any = None
+
+    async def authenticate(self, token: str) -> Any:
+        if self._inner is None:
+            from gpucloud.api.auth import ClusterAccess, TokenReviewAuthenticator
+
+            if os.environ.get("KUBERNETES_SERVICE_HOST"):
+                access = ClusterAccess.in_cluster()
+            elif os.environ.get("KUBECONFIG"):
+                access = ClusterAccess.from_kubeconfig(os.environ["KUBECONFIG"])
+            else:
+                raise RuntimeError(
+                    "auth kind tokenreview: no cluster (not in a pod, no $KUBECONFIG)"
+                )
+            self._inner = TokenReviewAuthenticator(access, self.audiences, cache_ttl_s=self.ttl_s)
+        return await self._inner.authenticate(token)
+
+    async def aclose(self) -> None:
+        if self._inner is not None:
+            await self._inner.aclose()
+
+
+def _peers(cfg: Any) -> Any:
+    if cfg is None:
+        return None
+    peers = cfg.get("peers") if isinstance(cfg, dict) else None
+    if peers is None:
+        return None
+    kind = peers.get("kind") if isinstance(peers, dict) else None
+    if kind == "static":
+        urls = peers.get("urls")
+        if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+            raise ConfigError("stats.peers.urls: a non-empty list of gateway base URLs")
+        fixed = [u.rstrip("/") for u in urls]
+        return lambda: fixed
+    if kind == "kubernetes":
+        service = peers.get("service")
+        if not isinstance(service, str) or not service:
+            raise ConfigError("stats.peers.service: the gateway's Service name is required")
+        namespace = peers.get("namespace") or _own_namespace()
+        from gpucloud_gateway.kube import GatewayPeers
+
+        return GatewayPeers(service, namespace, int(peers.get("port", 8080)))
+    raise ConfigError(f"stats.peers.kind: {kind!r} is not one of static, kubernetes")
+
+
+def _own_namespace() -> str:
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    if path.exists():
+        return path.read_text().strip()
+    raise ConfigError("stats.peers.namespace: required outside a pod")
+
+
 @dataclass
 class Runtime:
     gateway: Gateway
@@ -123,7 +251,14 @@ def build(config_path: Path) -> Runtime:
     if not from_cluster and not isinstance(models, list):
         raise ConfigError("models: a list of models, or {kind: kubernetes}, is required")
     plans = [] if from_cluster else [_plan(i, m) for i, m in enumerate(models)]
+    if "payerHeader" in cfg:  # trusted a client-set header: gone, never honoured
+        print(
+            "gpucloud-gateway: payerHeader is ignored: callers authenticate with "
+            "Authorization: Bearer <token> and pay for public models (see auth)",
+            file=sys.stderr,
+        )
     sink = None
+    ledger = None
     billing = cfg.get("billing")
     if billing:
         for key in ("store", "pricebook"):
@@ -132,7 +267,6 @@ def build(config_path: Path) -> Runtime:
         pb_doc = yaml.safe_load((base / billing["pricebook"]).read_text())
         pb = PriceBook.from_resource(pb_doc) if "spec" in pb_doc else PriceBook.from_spec(pb_doc)
         store = BillingStore(base / billing["store"], pb)
-        ledger = None
         ledger_url = billing.get("ledger") or os.environ.get("GPUCLOUD_LEDGER_URL")
         if ledger_url:
             from gpucloud.ledger import open_ledger
@@ -148,7 +282,10 @@ def build(config_path: Path) -> Runtime:
         wake_timeout_s=float(cfg.get("wakeTimeoutSeconds", 120)),
         retry_after_s=int(cfg.get("retryAfterSeconds", 30)),
         window_s=float(cfg.get("windowSeconds", 600)),
-        payer_header=cfg.get("payerHeader"),
+        callers=_callers(
+            cfg.get("auth"), directory_from_plans(plans, _accounts(cfg.get("accounts"))), ledger
+        ),
+        peers=_peers(cfg.get("stats")),
     )
     return Runtime(gateway, sink, from_cluster)
 
@@ -162,8 +299,13 @@ def _catalog_hooks(rt: Runtime) -> tuple[list[Any], list[Any]]:
 
     catalogs: list[ModelCatalog] = []
 
+    def apply(plans: list[ModelPlan], directory: Directory) -> None:
+        gateway.set_models(plans)
+        if gateway.callers is not None:
+            gateway.callers.directory = directory
+
     async def start() -> None:
-        catalogs.append(ModelCatalog(gateway.set_models, asyncio.get_running_loop()))
+        catalogs.append(ModelCatalog(apply, asyncio.get_running_loop()))
 
     async def stop() -> None:
         for c in catalogs:

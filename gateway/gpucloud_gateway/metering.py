@@ -6,6 +6,11 @@ stream (OpenAI puts it in the final one). Images are the ``data`` array of an im
 response, videos the ``data`` array of a response on a ``/videos`` path. The tap sees
 the response as it streams past and never delays it: it keeps at most ``MAX_JSON_BYTES``
 of a JSON body and only the current line of an event stream.
+
+A stream cut before its final usage chunk (the client left, the replica died) is read
+as: completion tokens = the content-bearing choice deltas delivered (OpenAI-compatible
+servers send one token per chunk), prompt tokens = 0 (unknown without the server's
+count; the caller's favour). Once any usage object was seen, the last one wins.
 """
 
 from __future__ import annotations
@@ -85,6 +90,8 @@ class UsageTap:
         self._buf = bytearray()
         self._overflow = False
         self._counts = Counts()
+        self._usage_seen = False
+        self._deltas = 0  # content-bearing choice deltas seen (a cut stream's tokens)
 
     def feed(self, chunk: bytes) -> None:
         if self.sse:
@@ -105,15 +112,20 @@ class UsageTap:
         if not line.startswith(b"data:"):
             return
         payload = line[5:].strip()
-        if not payload or payload == b"[DONE]" or b"usage" not in payload:
+        has_usage = b'"usage"' in payload
+        if not payload or payload == b"[DONE]" or not (has_usage or b'"delta"' in payload):
             return
         try:
             doc = json.loads(payload)
         except ValueError:
             return
+        self._deltas += _content_deltas(doc)
+        if not has_usage:
+            return
         found = counts_from_json(doc, self.path)
         # The usage object is cumulative: the last one seen wins.
         if found.prompt_tokens or found.completion_tokens:
+            self._usage_seen = True
             self._counts.prompt_tokens = found.prompt_tokens
             self._counts.completion_tokens = found.completion_tokens
 
@@ -122,6 +134,8 @@ class UsageTap:
             if self._buf:
                 self._line(bytes(self._buf))
                 self._buf = bytearray()
+            if not self._usage_seen:
+                return Counts(completion_tokens=self._deltas)
             return self._counts
         if self.json and not self._overflow and self._buf:
             try:
@@ -129,3 +143,16 @@ class UsageTap:
             except ValueError:
                 return Counts()
         return Counts()
+
+
+def _content_deltas(doc: Any) -> int:
+    """Choices of one stream chunk that carry generated text (one token each)."""
+    choices = doc.get("choices") if isinstance(doc, dict) else None
+    if not isinstance(choices, list):
+        return 0
+    n = 0
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and (delta.get("content") or delta.get("reasoning_content")):
+            n += 1
+    return n

@@ -29,7 +29,8 @@ class LedgerSink:
         self.queue: asyncio.Queue[tuple[ModelPlan, UsageEvent, str | None]] = asyncio.Queue()
         self._task: asyncio.Task[Any] | None = None
 
-    async def __call__(self, plan: ModelPlan, event: UsageEvent, payer: str | None) -> None:
+    def __call__(self, plan: ModelPlan, event: UsageEvent, payer: str | None) -> None:
+        """Queue one request's usage (never blocks: called as the response ends)."""
         self.queue.put_nowait((plan, event, payer))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())

@@ -23,6 +23,7 @@ from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import KubeAPI
+from gpucloud_operator.metrics import AccountMetrics
 from gpucloud_operator.notify import Notifier
 
 log = logging.getLogger("gpucloud.operator.accounts")
@@ -51,9 +52,11 @@ class AccountReconciler:
         clock: Clock,
         cfg: OperatorConfig,
         notifier: Notifier | None = None,
+        metrics: AccountMetrics | None = None,
     ) -> None:
         self.kube, self.ledger, self.clock, self.cfg = kube, ledger, clock, cfg
         self.notifier = notifier or Notifier()
+        self.metrics = metrics
 
     # -- arrears (docs/arrears.md) ----------------------------------------------------
     def _assess(
@@ -65,7 +68,9 @@ class AccountReconciler:
         currency: str,
         now: datetime,
         namespaces: set[str],
-    ) -> ar.Assessment:
+    ) -> tuple[ar.Assessment, Decimal]:
+        """The verdict, and the burn rate (currency units per hour) it was made with."""
+
         def mine(plural: str) -> list[Obj]:
             return [
                 o
@@ -96,7 +101,7 @@ class AccountReconciler:
             except BillingError as exc:  # a bad price book must not stop enforcement
                 log.error("burn rate of %s: %s", acct["metadata"]["name"], exc)
         status = acct.get("status") or {}
-        return ar.assess(
+        verdict = ar.assess(
             balance_minor=balance,
             available_minor=available,
             currency=currency,
@@ -106,6 +111,7 @@ class AccountReconciler:
             now=now,
             retention=self.cfg.arrears_retention,
         )
+        return verdict, burn
 
     def webhook_url(self, acct: Obj) -> str:
         return ((acct.get("spec") or {}).get("webhook") or {}).get("url") or self.cfg.webhook_url
@@ -182,7 +188,17 @@ class AccountReconciler:
         )
         status = dict(acct.get("status") or {})
         # arrears, low-balance warning and their notifications (gpucloud_operator.arrears)
-        verdict = self._assess(acct, spec, balance, available, currency, now, namespaces)
+        verdict, burn = self._assess(acct, spec, balance, available, currency, now, namespaces)
+        if self.metrics is not None:
+            self.metrics.observe(
+                name,
+                currency,
+                balance_minor=balance,
+                available_minor=available,
+                cost_per_hour=burn,
+                in_arrears=verdict.in_arrears,
+                data_deletion_at=verdict.data_deletion_at,
+            )
         state = verdict.state
         new = {
             "balance": money(balance, currency),

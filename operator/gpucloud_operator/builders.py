@@ -7,6 +7,12 @@ allowed) and is deleted by the release finalizer. The test bed runs no storage
 provisioner, so the volume is a *local* PersistentVolume pinned to the node chosen at the
 first placement; the claim is pre-bound to it, which makes the scheduler keep the
 instance on the node that holds its data.
+
+A CloudDisk is network storage under the operator's shared data root
+(``<data_root>/disks/<ns>/<name>``): a ReadWriteMany PersistentVolume without node
+affinity (hostPath of the shared root on the single-host test bed, NFS on a real cluster)
+and a claim pre-bound to it in the tenant's namespace, mounted into the pods of the
+instances that list the disk in ``spec.cloudDisks``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ STORAGE_CLASS = "gpucloud-local"
 # with disk-root /var/lib/gpucloud: the volume path must be exactly that.
 DATA_ROOT = "/var/lib/gpucloud/instances"
 DATA_MOUNT = "/root/data"
+DISK_MOUNT = "/root/disks"  # each attached cloud disk at /root/disks/<name>
+DISK_LABEL = "gpucloud.dev/clouddisk"
+DISK_STORAGE_CLASS = "gpucloud-disk"
 
 Manifest = dict[str, Any]
 
@@ -54,6 +63,20 @@ def pvc_name(instance_name: str) -> str:
 def pv_name(instance_uid: str) -> str:
     """Cluster-unique: instance names repeat across namespaces, UIDs do not."""
     return f"gpucloud-{instance_uid}"
+
+
+def label_value(name: str) -> str:
+    """A label value holds 63 characters and ends alphanumeric; object names may be longer."""
+    return name[:63].rstrip("-.")
+
+
+def disk_pvc_name(disk_name: str) -> str:
+    """ "-clouddisk" never collides with an instance claim ("-data")."""
+    return f"{disk_name}-clouddisk"[:253]
+
+
+def disk_pv_name(disk_uid: str) -> str:
+    return f"gpucloud-disk-{disk_uid}"
 
 
 def instance_labels(instance: Manifest) -> dict[str, str]:
@@ -87,6 +110,17 @@ def build_instance_pod(instance: Manifest, run: int) -> Manifest:
     }
     if spec.get("command"):
         container["command"] = list(spec["command"])
+    volumes: list[Manifest] = [
+        {"name": "data", "persistentVolumeClaim": {"claimName": pvc_name(meta["name"])}}
+    ]
+    # volume names are DNS labels of at most 63 characters: numbered, not named after the disk
+    for i, disk in enumerate(spec.get("cloudDisks") or []):
+        volumes.append(
+            {"name": f"cloud-disk-{i}", "persistentVolumeClaim": {"claimName": disk_pvc_name(disk)}}
+        )
+        container["volumeMounts"].append(
+            {"name": f"cloud-disk-{i}", "mountPath": f"{DISK_MOUNT}/{disk}"}
+        )
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -105,9 +139,7 @@ def build_instance_pod(instance: Manifest, run: int) -> Manifest:
                 {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"},
             ],
             "containers": [container],
-            "volumes": [
-                {"name": "data", "persistentVolumeClaim": {"claimName": pvc_name(meta["name"])}}
-            ],
+            "volumes": volumes,
             "terminationGracePeriodSeconds": 30,
         },
     }
@@ -179,6 +211,72 @@ def build_local_pv(instance: Manifest, node: str) -> Manifest:
                     ]
                 }
             },
+        },
+    }
+
+
+def build_disk_pv(
+    disk: Manifest, *, data_root: str, nfs_server: str = "", nfs_path: str = ""
+) -> Manifest:
+    """The ReadWriteMany volume of a CloudDisk: ``<data_root>/disks/<ns>/<name>`` as a
+    hostPath (the operator's shared data root on a single host), or, with ``nfs_server``,
+    the same folder under the NFS export ``nfs_path`` of that root. No node affinity:
+    network storage attaches on any node. Retain: the operator deletes it with the disk."""
+    meta = disk["metadata"]
+    rel = f"disks/{meta['namespace']}/{meta['name']}"
+    source: Manifest
+    if nfs_server:
+        root = (nfs_path or data_root).rstrip("/")
+        source = {"nfs": {"server": nfs_server, "path": f"{root}/{rel}"}}
+    else:
+        source = {
+            "hostPath": {"path": f"{data_root.rstrip('/')}/{rel}", "type": "DirectoryOrCreate"}
+        }
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {
+            "name": disk_pv_name(meta["uid"]),
+            "labels": {
+                **MANAGED_BY,
+                DISK_LABEL: label_value(meta["name"]),
+                "gpucloud.dev/namespace": meta["namespace"],
+            },
+        },
+        "spec": {
+            "capacity": {"storage": f"{int(disk['spec']['capacityGi'])}Gi"},
+            "accessModes": ["ReadWriteMany"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": DISK_STORAGE_CLASS,
+            "volumeMode": "Filesystem",
+            **source,
+            "claimRef": {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "namespace": meta["namespace"],
+                "name": disk_pvc_name(meta["name"]),
+            },
+        },
+    }
+
+
+def build_disk_pvc(disk: Manifest) -> Manifest:
+    """The tenant's claim on a CloudDisk, pre-bound to its volume and owned by the disk."""
+    meta = disk["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": disk_pvc_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": {**MANAGED_BY, DISK_LABEL: label_value(meta["name"])},
+            "ownerReferences": [owner_reference({"kind": "CloudDisk", **disk})],
+        },
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": DISK_STORAGE_CLASS,
+            "volumeName": disk_pv_name(meta["uid"]),
+            "resources": {"requests": {"storage": f"{int(disk['spec']['capacityGi'])}Gi"}},
         },
     }
 

@@ -58,6 +58,11 @@ class OperatorConfig:
     data_root: str = "/var/lib/gpucloud"
     # Real seconds between checks of each CloudDisk / Image.
     storage_interval_s: float = 15.0
+    # Where cloud disks' PersistentVolumes point: "" = hostPath <data_root>/disks/... (the
+    # data root shared on one host, the test bed); else the NFS server exporting the data
+    # root at disk_nfs_path ("" = the same path as data_root).
+    disk_nfs_server: str = ""
+    disk_nfs_path: str = ""
     # Comma list of namespaces whose instances and recharges this operator serves
     # ("" = all). Cluster-scoped kinds are always served cluster-wide.
     namespaces: str = ""
@@ -72,6 +77,8 @@ class OperatorConfig:
     model_cold_after_s: int = 600
     # The operator's own SQLite file of replica online intervals (crash-safe billing).
     model_billing_db: str = "/var/lib/gpucloud/model-billing.db"
+    # Port of the Prometheus /metrics endpoint (gpucloud_operator.metrics); 0 = off.
+    metrics_port: int = 0
 
     def serves(self, namespace: str | None) -> bool:
         wanted = [n.strip() for n in self.namespaces.split(",") if n.strip()]
@@ -124,7 +131,12 @@ class OperatorConfig:
 def _convert(name: str, kind: str, raw: object) -> object:
     if kind == "str":
         text = str(raw)
-        if not text and name not in ("namespaces", "webhook_url"):
+        if not text and name not in (
+            "namespaces",
+            "webhook_url",
+            "disk_nfs_server",
+            "disk_nfs_path",
+        ):
             raise ValueError(f"{name}: must not be empty")
         return text
     number_type = int if kind == "int" else float
@@ -135,6 +147,8 @@ def _convert(name: str, kind: str, raw: object) -> object:
         raise ValueError(f"{name}: {raw!r} is not {what}") from None
     if value < 0 or (name.endswith("_interval_s") and value == 0):
         raise ValueError(f"{name}: must be {'> 0' if name.endswith('_interval_s') else '>= 0'}")
+    if name == "metrics_port" and value > 65535:
+        raise ValueError(f"{name}: must be a TCP port (0-65535; 0 = off)")
     if (name.startswith("package_") or name == "model_cold_after_s") and value == 0:
         raise ValueError(f"{name}: must be > 0")
     return value

@@ -38,9 +38,16 @@ def register(
     def instance_changed(body: kopf.Body, **_: Any) -> None:
         instances.reconcile(dict(body))
 
-    @kopf.timer(*gi, interval=cfg.tick_interval_s, registry=registry, when=served)
+    # The first tick waits an interval: the create/resume handler makes the first pass.
+    @kopf.timer(
+        *gi,
+        interval=cfg.tick_interval_s,
+        initial_delay=cfg.tick_interval_s,
+        registry=registry,
+        when=served,
+    )
     def instance_tick(body: kopf.Body, **_: Any) -> None:
-        instances.reconcile(dict(body))
+        instances.reconcile(dict(body), wait=False)  # a pass already running covers it
 
     @kopf.on.delete(*gi, registry=registry, when=served)
     def instance_released(body: kopf.Body, **_: Any) -> None:
@@ -50,6 +57,12 @@ def register(
     @kopf.on.event("", "v1", "pods", labels=MANAGED_BY, registry=registry, when=served)
     def pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
         instances.pod_changed(dict(body), deleted=type == "DELETED")
+
+    @kopf.on.event(
+        "", "v1", "persistentvolumeclaims", labels=MANAGED_BY, registry=registry, when=served
+    )
+    def claim_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+        instances.claim_changed(dict(body), deleted=type == "DELETED")
 
     acct = (GROUP, VERSION, "accounts")
 
@@ -110,7 +123,8 @@ def register_storage(
             items().reconcile(plural, dict(body))
 
         def deleted(body: kopf.Body, plural: str = plural, **_: Any) -> None:
-            items().delete(plural, dict(body))
+            if not items().delete(plural, dict(body)):  # a disk still attached: held
+                raise kopf.TemporaryError("attached", delay=cfg.storage_interval_s)
 
         kopf.on.resume(*res, registry=registry, when=served, id=f"{plural}-resume")(changed)
         kopf.on.create(*res, registry=registry, when=served, id=f"{plural}-create")(changed)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from gpucloud.billing import (
     BillingError,
     BillingMode,
+    Decision,
     PackagePeriod,
     PriceBook,
     PriceBookError,
@@ -65,7 +66,8 @@ class KubeAPI(Protocol):
     def create_pod(self, pod: Obj) -> Obj: ...
     def delete_pod(self, namespace: str, name: str, grace_s: int | None = None) -> None: ...
     def patch_pod_labels(self, namespace: str, name: str, labels: dict[str, str]) -> None: ...
-    def ensure_pvc(self, pvc: Obj) -> None: ...
+    def ensure_pvc(self, pvc: Obj) -> Obj | None: ...
+    def annotate_pvc(self, namespace: str, name: str, annotations: dict[str, str]) -> None: ...
     def ensure_pv(self, pv: Obj) -> None: ...
     def pvc_bound(self, namespace: str, name: str) -> bool: ...
     def delete_pvc(self, namespace: str, name: str) -> None: ...
@@ -156,27 +158,46 @@ class InstanceReconciler:
         self._placement_lock = threading.Lock()
         self._pb_cache: tuple[str, PriceBook] | None = None
         self._cost_shown: dict[str, float] = {}  # uid -> monotonic time of the last update
+        # Instances whose pod waits for their claim to bind: the claim's bind event starts
+        # their next pass (claim_changed) instead of the next timer tick.
+        self._awaiting_bind: set[str] = set()
 
     def _lock(self, table: defaultdict[str, threading.Lock], key: str) -> threading.Lock:
         with self._guard:
             return table[key]
 
     # -- entry points ---------------------------------------------------------------
-    def reconcile_named(self, namespace: str, name: str) -> None:
+    def reconcile_named(self, namespace: str, name: str, uid: str | None = None) -> None:
+        """A pass over the instance ``namespace/name`` (only the incarnation ``uid`` when
+        given: then the instance is read once, under its lock)."""
+        if uid is not None:
+            self._reconcile_fresh(namespace, name, uid, wait=True)
+            return
         inst = self.kube.get_namespaced_object(PLURAL, namespace, name)
         if inst is not None:
             self.reconcile(inst)
 
-    def reconcile(self, inst: Obj) -> None:
-        with self._lock(self._locks, inst["metadata"]["uid"]):
-            fresh = self.kube.get_namespaced_object(
-                PLURAL, inst["metadata"]["namespace"], inst["metadata"]["name"]
-            )
-            if fresh is None or fresh["metadata"]["uid"] != inst["metadata"]["uid"]:
+    def reconcile(self, inst: Obj, *, wait: bool = True) -> None:
+        """A pass over ``inst`` as it is now. ``wait=False`` (timer ticks): skip it when a
+        pass over the instance is already running, rather than hold a worker thread on
+        the lock for a pass that repeats it."""
+        meta = inst["metadata"]
+        self._reconcile_fresh(meta["namespace"], meta["name"], meta["uid"], wait=wait)
+
+    def _reconcile_fresh(self, namespace: str, name: str, uid: str, *, wait: bool) -> None:
+        lock = self._lock(self._locks, uid)
+        if not lock.acquire(blocking=wait):
+            return
+        try:
+            # read under the lock: the body of the event may predate the last pass's patches
+            fresh = self.kube.get_namespaced_object(PLURAL, namespace, name)
+            if fresh is None or fresh["metadata"]["uid"] != uid:
                 return
             if fresh["metadata"].get("deletionTimestamp"):
                 return  # the release handler owns it now
             self._reconcile(self._pass(fresh))
+        finally:
+            lock.release()
 
     def pod_changed(self, pod: Obj, deleted: bool) -> None:
         """A pod of an instance changed. Only changes that matter to the instance start
@@ -198,7 +219,25 @@ class InstanceReconciler:
                     c.get("type") == "PodScheduled" and c.get("status") == "False" for c in conds
                 ):
                     return  # still on its way: the Running event follows
-        self.reconcile_named(meta["namespace"], name)
+        self.reconcile_named(meta["namespace"], name, owner)
+
+    def claim_changed(self, pvc: Obj, deleted: bool) -> None:
+        """An instance's claim changed: once it is bound, the pod waiting for it can be
+        created now (the pass that found it unbound asked to be woken up)."""
+        meta = pvc.get("metadata") or {}
+        name = (meta.get("labels") or {}).get(b.INSTANCE_LABEL)
+        owner = next((o["uid"] for o in meta.get("ownerReferences") or []), None)
+        if not name or owner is None:
+            return
+        with self._guard:
+            if deleted or (pvc.get("status") or {}).get("phase") != "Bound":
+                if deleted:
+                    self._awaiting_bind.discard(owner)
+                return
+            if owner not in self._awaiting_bind:
+                return
+            self._awaiting_bind.discard(owner)
+        self.reconcile_named(meta["namespace"], name, owner)
 
     def release(self, inst: Obj) -> bool:
         """Settle everything, then delete pod, claim and volume. False: not done yet
@@ -392,18 +431,33 @@ class InstanceReconciler:
 
     # -- starting -------------------------------------------------------------------
     def _start(self, p: Pass) -> None:
-        """Admission (instance limit, then the money rule) and the claim of a run are
-        serialised per account; placement and object creation happen outside the lock."""
+        """Admission (instance limit, then the money rule) is serialised per account and
+        reserves the instance's slot at once; the claim of the run is written after the
+        lock is let go (a burst of starts on one account would queue on the API call),
+        and placement and object creation happen outside the lock too."""
         assert p.pb is not None
+        if not self._disks_ready(p):  # cloud disks (docs/arrears.md)
+            return
         node = p.status.get("volumeNode")
+        new_volume = node is None
         if node is None:
             with self._placement_lock:
                 node = self._place(p)
+        # the money rule reads the ledger (a query per open meter of the account): before
+        # the lock, as starting a run changes no balance; only the instance limit counts
+        # runs that other passes are claiming
+        money = self._money_decision(p)
         with self._lock(self._account_locks, p.account):
-            if not self._admit(p):
-                with self._placement_lock:
-                    self._assumed.pop(p.uid, None)
-                return
+            admitted = self._admit(p, money)
+            if admitted:
+                with self._guard:
+                    held = (self._phases or {}).get(p.uid)
+                self._note_phase(p.uid, p.ns, "Pending")  # counted by the next admission
+        if not admitted:
+            with self._placement_lock:
+                self._assumed.pop(p.uid, None)
+            return
+        try:
             runs = int(p.status.get("runs") or 0) + 1
             changes: Obj = {
                 "phase": "Pending",
@@ -422,10 +476,27 @@ class InstanceReconciler:
                 changes["volumeNode"] = node
                 changes["storageSince"] = p.status.get("storageSince") or r.fmt(p.now)
             self._patch(p, changes)
-        self._create_run(p)
+        except BaseException:
+            self._note_phase(p.uid, p.ns, held[1] if held else None)  # the slot is free again
+            raise
+        self._create_run(p, new_volume)
 
-    def _admit(self, p: Pass) -> bool:
+    def _money_decision(self, p: Pass) -> Decision | None:
+        """Whether the balance allows the start (None: a paid package term covers it)."""
         assert p.pb is not None
+        key = r.billing_key(p.spec["billing"])
+        mode = r.mode_of(key)
+        if mode is BillingMode.PACKAGE and r.active_term(p.terms, p.now) is not None:
+            return None
+        available = self.ledger.available_balance(p.account, p.now)
+        if mode is BillingMode.PACKAGE:
+            return package_purchase_decision(available, p.product, p.count, r.period_of(key), p.pb)
+        return payg_start_decision(
+            available, p.product, p.count, p.pb, mode=mode, storage_gib=p.quota
+        )
+
+    def _admit(self, p: Pass, money: Decision | None) -> bool:
+        """The instance limit, then the money rule (decided by _money_decision)."""
         acct = next(
             (
                 a
@@ -445,26 +516,18 @@ class InstanceReconciler:
                 f"instanceLimit is {limit}",
             )
             return False
-        key = r.billing_key(p.spec["billing"])
-        mode = r.mode_of(key)
-        available = self.ledger.available_balance(p.account, p.now)
-        if mode is BillingMode.PACKAGE:
-            if r.active_term(p.terms, p.now) is not None:
-                return True
-            decision = package_purchase_decision(
-                available, p.product, p.count, r.period_of(key), p.pb
-            )
-        else:
-            decision = payg_start_decision(
-                available, p.product, p.count, p.pb, mode=mode, storage_gib=p.quota
-            )
-        if not decision.allowed:
-            self._refuse(p, "InsufficientBalance", decision.message)
-        return decision.allowed
+        if money is None:
+            return True
+        if not money.allowed:
+            self._refuse(p, "InsufficientBalance", money.message)
+        return money.allowed
 
-    def _create_run(self, p: Pass) -> None:
-        """The volume (first run only) and the run's pod."""
-        node = self._volume_node(p)
+    def _create_run(self, p: Pass, new_volume: bool = False) -> None:
+        """The volume (first run only) and the run's pod. ``new_volume``: the volume was
+        placed by this pass, so it does not exist yet."""
+        with self._guard:  # before the claim is checked: a bind right after wakes us up
+            self._awaiting_bind.add(p.uid)
+        node, bound = self._volume_node(p, new_volume)
         if node is None:
             message = f"no node offers GPU product {p.product!r}; waiting for one"
             self._patch(
@@ -475,32 +538,55 @@ class InstanceReconciler:
                 },
             )
             return
-        if not self.kube.pvc_bound(p.ns, b.pvc_name(p.name)):
+        if bound is None:
+            bound = self.kube.pvc_bound(p.ns, b.pvc_name(p.name))
+        if not bound:
             # A pod created before its claim binds is parked by the scheduler as
             # "unbound immediate PersistentVolumeClaims" and not retried for minutes, and
-            # that reason hides a real GPU shortage from preemption: wait for the bind.
+            # that reason hides a real GPU shortage from preemption: wait for the bind
+            # (claim_changed starts the next pass when it happens).
             message = f"waiting for the instance volume to bind on {node}"
             self._patch(p, {"message": message})
             return
+        with self._guard:
+            self._awaiting_bind.discard(p.uid)
         runs = int(p.status.get("runs") or 0)
         self.kube.create_pod(b.build_instance_pod(p.inst, runs))
         self._event(p, "Normal", "Starting", f"run {runs}: pod created, pinned to {node}")
 
-    def _volume_node(self, p: Pass) -> str | None:
-        """The node holding the instance's data; chosen (and the volume created) on the
-        first placement."""
+    def _volume_node(self, p: Pass, new: bool) -> tuple[str | None, bool | None]:
+        """The node holding the instance's data, chosen (and the volume created) on the
+        first placement, and whether its claim is bound (None: not known)."""
         node = p.status.get("volumeNode")
         if node is None:
             with self._placement_lock:
                 node = self._place(p)
             if node is None:
-                return None
+                return None, False
         self._patch(
             p, {"volumeNode": node, "storageSince": p.status.get("storageSince") or r.fmt(p.now)}
         )
-        self.kube.ensure_pv(b.build_local_pv(p.inst, node))
-        self.kube.ensure_pvc(b.build_instance_pvc(p.inst))
-        return node
+        # a bound claim has its volume (a later run): nothing to create again
+        if not new and self.kube.pvc_bound(p.ns, b.pvc_name(p.name)):
+            return node, True
+        # The claim first, then its volume bound to the claim's uid: the PV controller
+        # (20 API requests/s by default, shared by all claims) then only records the
+        # binding (3 writes) instead of binding the volume itself (6 or more). A burst of
+        # starts waits on those writes.
+        claim = self.kube.ensure_pvc(b.build_instance_pvc(p.inst))
+        pv = b.build_local_pv(p.inst, node)
+        uid = ((claim or {}).get("metadata") or {}).get("uid")
+        if uid:
+            pv["spec"]["claimRef"]["uid"] = uid
+        self.kube.ensure_pv(pv)
+        if uid:
+            # the PV controller syncs a claim on its own events only (or every 15 s):
+            # an update of the claim once its volume exists has it bound at once
+            volume = {"gpucloud.dev/volume": pv["metadata"]["name"]}
+            self.kube.annotate_pvc(p.ns, b.pvc_name(p.name), volume)
+        if claim is None:
+            return node, None
+        return node, (claim.get("status") or {}).get("phase") == "Bound"
 
     def _place(self, p: Pass) -> str | None:
         nodes = self.kube.gpu_nodes()
@@ -633,16 +719,27 @@ class InstanceReconciler:
             self._stop(p, "Stopped", "PodGone", "the instance's pod ended; billing stopped")
             return
         self._ensure_meter(p, pod)
-        self._update_cost(p, force=False)
+        refreshed = self._update_cost(p, force=False)
+        if refreshed or not p.status.get("gpus"):
+            self._show_gpus(p, pod)
 
-    def _update_cost(self, p: Pass, *, force: bool = True) -> None:
+    def _show_gpus(self, p: Pass, pod: Obj) -> None:
+        """status.gpus: the GPU UUIDs the agents reported for this run's pod (the pod UID
+        is new each run). Refreshed with accruedCost, and every tick until the first
+        usage arrives; patched only when it changes."""
+        gpus = self.ledger.gpus_seen(pod["metadata"]["uid"])
+        if gpus:
+            self._patch(p, {"gpus": gpus})
+
+    def _update_cost(self, p: Pass, *, force: bool = True) -> bool:
         """status.accruedCost: what was posted for the instance plus the unposted part of
         the running meter. On a plain tick it is refreshed at most every
-        cost_refresh_s real seconds (it is for display; the ledger is the record)."""
+        cost_refresh_s real seconds (it is for display; the ledger is the record).
+        True when it was refreshed."""
         assert p.pb is not None
         last = self._cost_shown.get(p.uid)
         if not force and last is not None and monotonic() - last < self.cfg.cost_refresh_s:
-            return
+            return False
         self._cost_shown[p.uid] = monotonic()
         posted = self.ledger.charges_by_resource(p.account).get(p.resource, 0)
         running = 0
@@ -658,6 +755,7 @@ class InstanceReconciler:
                 running = max(0, to_minor(exact, p.pb.currency) - m.posted_minor)
         cost = format_money(posted + running, p.pb.currency).split()[0]
         self._patch(p, {"accruedCost": cost})
+        return True
 
     # -- stopping -------------------------------------------------------------------
     def _stop(self, p: Pass, final: str, reason: str, message: str) -> None:
@@ -682,6 +780,7 @@ class InstanceReconciler:
             "phase": final,
             "stopTarget": None,
             "node": None,
+            "gpus": None,  # the pod and its GPUs are gone
             "preemptAt": None,
             "message": message,
             "conditions": self._conditions(p, ("Ready", False, reason, message)),
@@ -708,55 +807,42 @@ class InstanceReconciler:
 
     # -- settlement -------------------------------------------------------------------
     def _settle_meters(self, p: Pass) -> bool:
-        """Bill closed runs whose agent usage is missing past the grace period from the
-        control plane's timestamps. True when nothing is left waiting."""
+        """Settle closed runs once their grace period is over: the ledger rates the
+        agents' usage, bills the GPU-seconds still missing from the control plane's
+        timestamps (``meter-fallback:<meter>``) and marks the meter settled, in one
+        transaction; usage that arrives later is stored as late, never charged. True
+        when nothing is left waiting."""
         pending = list(p.status.get("unsettledMeters") or [])
         if not pending:
             return True
         grace = timedelta(seconds=self.cfg.metering_grace_s)
         left: list[str] = []
-        rated = False
         for meter_id in pending:
             try:
                 m = self.ledger.get_meter(meter_id)
             except NotFound:
                 continue  # the run never reached the ledger: nothing to bill
+            if m.settled_at is not None:
+                continue  # settled by a pass whose status patch was lost
             if m.closed_at is None or p.now < m.closed_at + grace:
                 left.append(meter_id)
                 continue
-            if not rated:
-                self.ledger.rate_pending(p.now)  # the agents' usage first
-                rated = True
-                m = self.ledger.get_meter(meter_id)
-            assert m.closed_at is not None
-            view = r.MeterView(
-                m.unit_price, m.gpus, m.opened_at, m.closed_at, m.quantity_rated, m.posted_minor
+            memo = (
+                f"GPU time billed from control-plane timestamps "
+                f"({r.fmt(m.opened_at)} -> {r.fmt(m.closed_at)}): no agent usage for part "
+                f"of the run after a {self.cfg.metering_grace_s} s grace period"
             )
-            currency = self.ledger.get_account(m.account).currency
-            amount, missing = r.fallback_charge(view, currency)
-            if amount:
-                memo = (
-                    f"GPU time billed from control-plane timestamps "
-                    f"({r.fmt(m.opened_at)} -> {r.fmt(m.closed_at)}): no agent usage for "
-                    f"{missing} GPU-seconds after a {self.cfg.metering_grace_s} s grace period"
+            m = self.ledger.settle_meter(
+                meter_id, p.now, fallback=True, memo=memo, meta={"source": "control-plane"}
+            )
+            if m.fallback_minor:
+                self._event(
+                    p,
+                    "Warning",
+                    "MeteringFallback",
+                    f"run {meter_id}: {m.fallback_quantity} GPU-seconds had no agent usage; "
+                    "billed from control-plane timestamps",
                 )
-                try:
-                    self.ledger.post_entry(
-                        m.account,
-                        EntryKind.CHARGE,
-                        -amount,
-                        f"meter-fallback:{meter_id}",
-                        resource=m.resource,
-                        memo=memo,
-                        at=p.now,
-                        meta={
-                            "meter_id": meter_id,
-                            "gpu_seconds": missing,
-                            "source": "control-plane",
-                        },
-                    )
-                except IdempotencyConflict:
-                    log.warning("fallback for %s was already posted; keeping it", meter_id)
         self._patch(p, {"unsettledMeters": left or None})
         if len(left) < len(pending) and p.pb is not None and p.account:
             self._update_cost(p)  # the settled run now shows in status.accruedCost
@@ -798,23 +884,54 @@ class InstanceReconciler:
                 log.warning("storage window %s of %s already posted", r.fmt(a), p.resource)
         self._patch(p, {"storageBilledUntil": r.fmt(until)})
 
+    # -- cloud disks (docs/arrears.md) ---------------------------------------------------
+    def _disks_ready(self, p: Pass) -> bool:
+        """Every disk in spec.cloudDisks exists, is Ready and is not being deleted; else
+        the start is refused before anything is charged (no pod, meter or term yet)."""
+        for i, name in enumerate(p.spec.get("cloudDisks") or []):
+            disk = self.kube.get_namespaced_object("clouddisks", p.ns, name)
+            st = (disk or {}).get("status") or {}
+            ready = any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in st.get("conditions") or []
+            )
+            if disk is None:
+                reason, why = "CloudDiskNotFound", f"CloudDisk {name!r} does not exist in {p.ns!r}"
+            elif disk["metadata"].get("deletionTimestamp"):
+                reason, why = "CloudDiskDeleting", f"CloudDisk {name!r} is being deleted"
+            elif st.get("phase") != "Ready" or not ready:
+                detail = st.get("message") or "not reconciled yet"
+                reason, why = "CloudDiskNotReady", f"CloudDisk {name!r} is not Ready ({detail})"
+            else:
+                continue
+            self._refuse(
+                p, reason, f"spec.cloudDisks[{i}]: {why}; an attached disk must exist and be Ready"
+            )
+            return False
+        return True
+
     # -- arrears (docs/arrears.md) --------------------------------------------------------
     def _arrears(self, p: Pass) -> bool:
         """While the account is in arrears: stop the instance at the arrears instant
         (data kept, it stays Stopped until the spec changes), keep billing storage, and
         delete the data when the countdown ends. True: nothing else to do this pass."""
         acct = p.acct_status
-        if acct.get("state") != "Arrears":
-            return False
-        if (
-            self.ledger.balance(p.account) > 0
-            and self.ledger.available_balance(p.account, p.now) >= 0
-        ):
-            return False  # a recharge the (cached) Account status does not show yet
-        since = r.parse(acct.get("arrearsSince")) or p.now
+        # a shutdown whose package refund is posted but whose stop was interrupted is
+        # finished whatever the account shows now (the refund may have paid the debt)
+        refunded_at = self._arrears_refund_at(p)
+        if refunded_at is None:
+            if acct.get("state") != "Arrears":
+                return False
+            if (
+                self.ledger.balance(p.account) > 0
+                and self.ledger.available_balance(p.account, p.now) >= 0
+            ):
+                return False  # a recharge the (cached) Account status does not show yet
+        since = refunded_at or r.parse(acct.get("arrearsSince")) or p.now
         if p.phase in r.ACTIVE_PHASES:
             began = r.parse(p.status.get("meterSince") or p.status.get("startedAt"))
             saved, p.now = p.now, min(p.now, max(since, began or since))
+            self._refund_on_arrears(p)  # before the stop: a pass killed between repeats it
             message = (
                 f"shut down: account {p.account!r} is in arrears since {r.fmt(since)}; "
                 f"data kept until {acct.get('dataDeletionAt')}; recharge, then start it again"
@@ -835,6 +952,35 @@ class InstanceReconciler:
             self._delete_data(p, deletion_at)
         self._settle_storage(p, final=False)
         return True
+
+    def _arrears_refund_at(self, p: Pass) -> datetime | None:
+        """The instant of an arrears refund of the last term if the instance is still
+        active (a pass was killed between the refund and the stop), else None. Cheap for
+        a running package: its last term ends in the future, so no ledger read."""
+        if p.phase not in r.ACTIVE_PHASES or not p.terms:
+            return None
+        last = p.terms[-1]
+        end = r.parse(last["end"])
+        if end is None or end > p.now:
+            return None
+        try:
+            entry = self.ledger.get_entry(f"package-refund:{p.uid}:{last['seq']}")
+        except NotFound:
+            return None
+        return r.parse(entry.meta.get("switched_at")) if entry.meta.get("arrears") else None
+
+    def _refund_on_arrears(self, p: Pass) -> None:
+        """A package instance shut down by arrears gets the unused part of its term back
+        by the mode-switch rule (the time used at the pay-as-you-go rate, the rest
+        refunded, never below zero), which also reduces the debt. The refund key is per
+        term (shared with a mode switch), so a term is refunded at most once."""
+        if not (p.status.get("billingMode") or "").startswith("Package") or not p.terms:
+            return
+        last = p.terms[-1]
+        start, end = r.parse(last["start"]), r.parse(last["end"])
+        assert start is not None and end is not None
+        if end > p.now:  # not over yet, nor left before
+            self._leave_term(p, last, at=max(p.now, start), arrears=True)
 
     def _delete_data(self, p: Pass, at: datetime) -> None:
         """Storage is settled up to ``at`` exactly, then the volume and its data go.
@@ -1012,16 +1158,20 @@ class InstanceReconciler:
         self._patch(p, {"billingMode": new})
         self._event(p, "Normal", "BillingModeChanged", f"{old} -> {new} at {r.fmt(at)}")
 
-    def _leave_term(self, p: Pass, term: Obj) -> datetime:
+    def _leave_term(
+        self, p: Pass, term: Obj, at: datetime | None = None, arrears: bool = False
+    ) -> datetime:
+        """Refund the unused part of ``term`` left at ``at`` (default: now) and end the
+        term there; idempotent per term (the refund key)."""
         assert p.pb is not None
         key = f"package-refund:{p.uid}:{term['seq']}"
         start, end = r.parse(term["start"]), r.parse(term["end"])
         assert start is not None and end is not None
         try:
             entry = self.ledger.get_entry(key)  # a replay: keep the first switch instant
-            at = r.parse(entry.meta.get("switched_at")) or p.now
+            at = r.parse(entry.meta.get("switched_at")) or at or p.now
         except NotFound:
-            at = p.now
+            at = at or p.now
             period = PackagePeriod(term["period"])
             settlement = leave_package(
                 p.pb, p.product, p.count, Term(period, start, end), term["prepaidMinor"], at
@@ -1033,10 +1183,15 @@ class InstanceReconciler:
                     settlement.refund_minor,
                     key,
                     resource=p.resource,
-                    memo=f"package term {term['seq']} left at {r.fmt(at)}: "
+                    memo=f"package term {term['seq']} "
+                    f"{'shut down by arrears' if arrears else 'left'} at {r.fmt(at)}: "
                     f"{settlement.used_seconds} s used at the pay-as-you-go rate",
                     at=at,
-                    meta={"switched_at": r.fmt(at), "used_minor": settlement.used_minor},
+                    meta={
+                        "switched_at": r.fmt(at),
+                        "used_minor": settlement.used_minor,
+                        **({"arrears": True} if arrears else {}),
+                    },
                 )
         terms = [dict(t) for t in p.terms]
         terms[-1]["end"] = r.fmt(at)

@@ -25,6 +25,7 @@ from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.handlers import configure, register, register_models
 from gpucloud_operator.instances import InstanceReconciler
 from gpucloud_operator.kube import Kube
+from gpucloud_operator.metrics import OperatorMetrics
 from gpucloud_operator.models import ModelReconciler
 
 
@@ -69,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     ledger = open_ledger(cfg.ledger_url, clock=clock)
     kube = Kube(args.kubeconfig)
     instances = InstanceReconciler(kube, ledger, clock, cfg)
-    accounts = AccountReconciler(kube, ledger, clock, cfg)
+    metrics = OperatorMetrics(stale_after_s=4 * cfg.account_interval_s + 60)
+    accounts = AccountReconciler(kube, ledger, clock, cfg, metrics=metrics.accounts)
+    if cfg.metrics_port:
+        metrics.count_instances(lambda: kube.list_cluster_objects("gpuinstances", 5.0), cfg.serves)
+        metrics.serve(cfg.metrics_port)
     registry = kopf.OperatorRegistry()
     register(registry, cfg, instances, accounts)
     register_models(registry, cfg, ModelReconciler(kube, ledger, clock, cfg))

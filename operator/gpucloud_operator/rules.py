@@ -4,19 +4,15 @@ storage windows and package terms. No API calls, no clock: ``now`` is passed in.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from fractions import Fraction
 from typing import Any
 
 from gpucloud.billing import (
     BillingMode,
     PackagePeriod,
     PriceBook,
-    elapsed_seconds,
     instance_storage_charge,
-    next_posting,
     to_minor,
 )
 
@@ -68,31 +64,6 @@ def period_of(key: str) -> PackagePeriod:
 def hourly_price(pb: PriceBook, product: str, mode: BillingMode) -> Decimal:
     """Per GPU-hour price of a metered mode."""
     return pb.gpu_price(product).hourly(mode)
-
-
-@dataclass(frozen=True)
-class MeterView:
-    """What the fallback settlement needs to know about a closed meter."""
-
-    unit_price: Decimal
-    gpus: int
-    opened_at: datetime
-    closed_at: datetime
-    quantity_rated: int  # GPU-seconds the agents' usage accounted for
-    posted_minor: int
-
-
-def fallback_charge(meter: MeterView, currency: str) -> tuple[int, int]:
-    """(amount_minor, unmetered GPU-seconds) to post for a closed GPU meter whose agent
-    usage is missing: the run is billed from the control plane's timestamps (opened ->
-    closed, whole seconds) and only the GPU-seconds the meter did not rate are added, as
-    the delta of the rounded cumulative total, so nothing is charged twice."""
-    control_plane_gpu_s = meter.gpus * elapsed_seconds(meter.opened_at, meter.closed_at)
-    missing = control_plane_gpu_s - meter.quantity_rated
-    if missing <= 0:
-        return 0, 0
-    exact = Fraction(meter.unit_price) * control_plane_gpu_s / 3600
-    return next_posting(exact, meter.posted_minor, currency), missing
 
 
 def storage_windows(

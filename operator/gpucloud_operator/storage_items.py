@@ -8,8 +8,11 @@ the agent's byte-second usage against it. Data lives on the node's disk root
 (``OperatorConfig.data_root``): ``disks/<ns>/<name>`` and ``images/<ns>/<name>``, the
 layout the agent walks. An Image is a copy of its source instance's data folder, made
 once (into a hidden partial folder, then renamed, so a crash never leaves a half image
-marked Ready). ``status.usedBytes`` is the operator's own measurement of the folder,
-shown to the user and used for the account's burn rate; charges come from the agent.
+marked Ready). A CloudDisk also gets a ReadWriteMany PersistentVolume and a claim in its
+namespace (``builders.build_disk_pv``/``build_disk_pvc``); it is Ready once the claim is
+bound, and its deletion waits while an active instance has it attached.
+``status.usedBytes`` is the operator's own measurement of the folder, shown to the user
+and used for the account's burn rate; charges come from the agent.
 """
 
 from __future__ import annotations
@@ -82,13 +85,61 @@ class StorageItems:
                 return  # the delete handler owns it
             self._reconcile(plural, fresh)
 
-    def delete(self, plural: str, obj: Obj) -> None:
-        """The object is being deleted: close its meter now, remove its data."""
+    def delete(self, plural: str, obj: Obj) -> bool:
+        """The object is being deleted: close its meter now, remove its volume and data.
+        False (call again later) while a cloud disk is attached to an active instance:
+        the finalizer holds the deletion, and a condition says why."""
         meta = obj["metadata"]
         with self._lock(meta["uid"]):
             now = r.second(self.clock.now())
+            if plural == "clouddisks":
+                users = self.users(obj)
+                if users:
+                    self._hold(obj, users, now)
+                    return False
+                self.kube.delete_pvc(meta["namespace"], b.disk_pvc_name(meta["name"]))
+                self.kube.delete_pv(b.disk_pv_name(meta["uid"]))
             self._close(obj, now)
             shutil.rmtree(self.folder(plural, meta["namespace"], meta["name"]), ignore_errors=True)
+            return True
+
+    def users(self, disk: Obj) -> list[str]:
+        """Active instances the disk is attached to: listed in their spec.cloudDisks, or
+        mounted by their current pod (the spec may have changed since it started)."""
+        ns, name = disk["metadata"]["namespace"], disk["metadata"]["name"]
+        claim = b.disk_pvc_name(name)
+        out = []
+        for inst in self.kube.list_cluster_objects("gpuinstances"):
+            im = inst["metadata"]
+            if im["namespace"] != ns or (inst.get("status") or {}).get("phase") not in (
+                r.ACTIVE_PHASES
+            ):
+                continue
+            if name in ((inst.get("spec") or {}).get("cloudDisks") or []):
+                out.append(im["name"])
+                continue
+            pod = self.kube.get_pod(ns, b.pod_name(im["name"])) or {}
+            volumes = (pod.get("spec") or {}).get("volumes") or []
+            if any(
+                (v.get("persistentVolumeClaim") or {}).get("claimName") == claim for v in volumes
+            ):
+                out.append(im["name"])
+        return sorted(out)
+
+    def _hold(self, obj: Obj, users: list[str], now: datetime) -> None:
+        names = ", ".join(f"{obj['metadata']['namespace']}/{u}" for u in users)
+        msg = (
+            f"deletion held: attached to active instance(s) {names} (spec.cloudDisks); "
+            "stop them and the deletion completes"
+        )
+        if (obj.get("status") or {}).get("message") == msg:
+            return
+        self._status(
+            "clouddisks",
+            obj,
+            {"message": msg, **self._cond(obj, "DeletionHeld", True, "InUse", msg, now)},
+        )
+        self.kube.event(obj, "Warning", "DeletionHeld", msg)
 
     # -- the pass -------------------------------------------------------------------
     def _account(self, namespace: str) -> Obj | None:
@@ -166,11 +217,13 @@ class StorageItems:
             self._fail(plural, obj, "InvalidPriceBook", str(exc), now)
             return
         folder = self.folder(plural, ns, name)
+        bound = True
         if plural == "images" and status.get("phase") != "Ready":
             if not self._make_image(obj, folder, now):
                 return
         elif plural == "clouddisks":
             folder.mkdir(parents=True, exist_ok=True)
+            bound = self._claim(obj)
         since = r.parse((obj.get("status") or {}).get("billedSince"))
         if since is None:
             since = now
@@ -194,14 +247,36 @@ class StorageItems:
         }
         cond = ("Ready", True, "Ready", "data available")
         if plural == "clouddisks":
+            claim = b.disk_pvc_name(name)
+            changes["claimName"] = claim
             cap = int(obj["spec"]["capacityGi"]) * 2**30
             if used > cap:
                 cond = ("Ready", False, "OverCapacity", f"{used} bytes used > capacity {cap}")
+            elif not bound:
+                cond = ("Ready", False, "ClaimPending", f"waiting for claim {claim} to bind")
+            else:
+                cond = ("Ready", True, "Ready", f"data available; attach as claim {claim}")
         if (obj.get("status") or {}).get("phase") != "Ready":
             self.kube.event(
                 obj, "Normal", "Ready", f"{KINDS[plural][2]} ready, billing from {r.fmt(since)}"
             )
         self._status(plural, obj, {**changes, **self._cond(obj, *cond, now)})
+
+    def _claim(self, disk: Obj) -> bool:
+        """The disk's ReadWriteMany volume and the tenant's claim on it; True once bound."""
+        meta = disk["metadata"]
+        claim = b.disk_pvc_name(meta["name"])
+        if self.kube.pvc_bound(meta["namespace"], claim):
+            return True
+        pv = b.build_disk_pv(
+            disk,
+            data_root=self.cfg.data_root,
+            nfs_server=self.cfg.disk_nfs_server,
+            nfs_path=self.cfg.disk_nfs_path,
+        )
+        self.kube.ensure_pv(pv)
+        self.kube.ensure_pvc(b.build_disk_pvc(disk))
+        return self.kube.pvc_bound(meta["namespace"], claim)
 
     def _open(self, obj: Obj, plural: str, account: str, price: Decimal, since: datetime) -> str:
         meta = obj["metadata"]
@@ -263,6 +338,9 @@ class StorageItems:
         meta = obj["metadata"]
         folder = self.folder(plural, meta["namespace"], meta["name"])
         self._close(obj, at)
+        if plural == "clouddisks":  # the instances were shut down by the arrears
+            self.kube.delete_pvc(meta["namespace"], b.disk_pvc_name(meta["name"]))
+            self.kube.delete_pv(b.disk_pv_name(meta["uid"]))
         shutil.rmtree(folder, ignore_errors=True)
         volume = f"{meta['namespace']}/{meta['name']}"
         self.ledger.record_audit(

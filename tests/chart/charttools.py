@@ -1,7 +1,9 @@
-"""Helpers for the chart tests: the real helm binary, rendering, PromQL metric names."""
+"""Helpers for the chart tests: the real helm binary, rendering, installing into the test
+bed, the chart's identities as real tokens, PromQL metric names."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gpucloud.testing.testbed import REPO, Binaries
+from gpucloud.testing.testbed import REPO, Binaries, Testbed
 
 CHART = REPO / "charts" / "gpucloud"
 DASHBOARD = CHART / "dashboards" / "gpucloud-overview.json"
@@ -30,11 +32,7 @@ PROMETHEUS_BUILTIN = {"up"}
 # Names the dashboard and the alerts use that no component exports yet (asked of the
 # lead). test_pending_metrics_are_really_missing fails once one is exported, so that
 # this list only ever shrinks.
-PENDING_METRICS = {
-    "gpucloud_account_balance",  # gauge {account, currency}: balance in currency units
-    "gpucloud_account_in_arrears",  # gauge {account}: 1 while in arrears
-    "gpucloud_account_cost_per_hour",  # gauge {account, currency}: current accrual rate
-}
+PENDING_METRICS: set[str] = set()
 # Suffixes client_python adds to a family's name in the exposition.
 SUFFIXES = ("_total", "_created", "_bucket", "_sum", "_count", "_info")
 
@@ -84,6 +82,102 @@ def find(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[s
         f"expected one {kind} *{name_suffix}, got {[h['metadata'] for h in hits]}"
     )
     return hits[0]
+
+
+# --- the test bed: install, identities -----------------------------------------------------
+KOPF_CRDS = CHART / "crds" / "kopf" / "kopf.dev_peerings.yaml"
+
+
+def ensure_kopf_crds(tb: Testbed) -> None:
+    """The chart installs with --skip-crds into the shared test bed; Kopf's peering CRDs
+    are added if missing (gpucloud's are the `testbed` fixture's) and never deleted."""
+    tb.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(KOPF_CRDS))
+    tb.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s",
+        "crd/clusterkopfpeerings.kopf.dev", "crd/kopfpeerings.kopf.dev", timeout=70,
+    )  # fmt: skip
+
+
+def install(tb: Testbed, release: str, namespace: str, tmp: Path, *set_args: str) -> None:
+    """`helm install` of the chart into the test bed (CRDs skipped: shared)."""
+    ensure_kopf_crds(tb)
+    proc = helm(
+        "install", release, str(CHART), "--namespace", namespace, "--skip-crds", *set_args,
+        tmp=tmp, kubeconfig=tb.kubeconfig, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def uninstall(tb: Testbed, release: str, namespace: str, tmp: Path) -> None:
+    proc = helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "60s",
+                tmp=tmp, kubeconfig=tb.kubeconfig, timeout=90)  # fmt: skip
+    assert proc.returncode == 0 or "not found" in proc.stderr, proc.stderr
+
+
+def mint_token(
+    tb: Testbed,
+    service_account: str,
+    namespace: str,
+    *,
+    audience: str | None = None,
+    bound_pod: str | None = None,
+) -> str:
+    """A real ServiceAccount token from the API server (TokenRequest), as a pod would get
+    it projected: optionally for an audience and bound to a pod (hence to its node: the
+    API server puts the node's name into the token and into TokenReview's answer)."""
+    args = ["create", "token", service_account, "-n", namespace, "--duration=1h"]
+    if audience:
+        args.append(f"--audience={audience}")
+    if bound_pod:
+        args += ["--bound-object-kind=Pod", f"--bound-object-name={bound_pod}"]
+    return tb.kubectl(*args).stdout.strip()
+
+
+class Identity:
+    """One identity as its own kubeconfig: the test bed's API server and CA, a bearer token
+    and nothing else (no client certificate, no impersonation)."""
+
+    def __init__(self, tb: Testbed, name: str, token: str, directory: Path) -> None:
+        self.tb, self.name, self.token = tb, name, token
+        admin = yaml.safe_load(tb.kubeconfig.read_text())
+        cluster = admin["clusters"][0]["cluster"]
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "testbed", "cluster": cluster}],
+            "users": [{"name": name, "user": {"token": token}}],
+            "contexts": [{"name": name, "context": {"cluster": "testbed", "user": name}}],
+            "current-context": name,
+        }
+        self.kubeconfig = directory / f"kubeconfig-{name}.yaml"
+        self.kubeconfig.write_text(yaml.safe_dump(config))
+        self.kubeconfig.chmod(0o600)
+
+    @property
+    def username(self) -> str:
+        """The `sub` of the token (a JWT), e.g. system:serviceaccount:NS:NAME."""
+        payload = self.token.split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sub"]
+
+    def kubectl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = [str(self.tb.bin.kubectl), "--kubeconfig", str(self.kubeconfig), *args]
+        env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+        return subprocess.run(
+            cmd, input=input, env=env, text=True, capture_output=True, timeout=60, check=False
+        )
+
+    def ok(self, *args: str, input: str | None = None) -> str:
+        proc = self.kubectl(*args, input=input)
+        assert proc.returncode == 0, f"{self.name}: kubectl {' '.join(args)}: {proc.stderr}"
+        return proc.stdout
+
+    def forbidden(self, *args: str, input: str | None = None) -> str:
+        """The API server answers 403 (authenticated, not authorized)."""
+        proc = self.kubectl(*args, input=input)
+        assert proc.returncode != 0 and "forbidden" in proc.stderr.lower(), (
+            f"{self.name} was not refused: kubectl {' '.join(args)}: {proc.stdout}{proc.stderr}"
+        )
+        return proc.stderr
 
 
 # --- PromQL ------------------------------------------------------------------------------

@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 import yaml
-from charttools import CHART, helm
+from charttools import helm, install, uninstall
 
 from gpucloud.testing.kube import get_json, wait_for
 from gpucloud.testing.testbed import REPO, Testbed
 
 pytestmark = pytest.mark.e2e
-KOPF_CRDS = CHART / "crds" / "kopf" / "kopf.dev_peerings.yaml"
 CLUSTER_KINDS = {
     "ClusterRole",
     "ClusterRoleBinding",
@@ -37,17 +36,8 @@ def can(tb: Testbed, who: str, verb: str, resource: str, *extra: str) -> bool:
     return proc.stdout.strip() == "yes"
 
 
-def ensure_kopf_crds(tb: Testbed) -> None:
-    tb.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(KOPF_CRDS))
-    tb.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s",
-        "crd/clusterkopfpeerings.kopf.dev", "crd/kopfpeerings.kopf.dev", timeout=70,
-    )  # fmt: skip
-
-
 @pytest.fixture
 def release(testbed: Testbed, namespace: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    ensure_kopf_crds(testbed)
     name = f"gc{uuid.uuid4().hex[:6]}"
     other = f"{namespace}-other"
     testbed.kubectl("create", "namespace", other)
@@ -60,21 +50,18 @@ def release(testbed: Testbed, namespace: str, tmp_path: Path) -> Iterator[dict[s
         "account": f"acct-{name}",
         "tmp": tmp_path,
     }
-    proc = helm(
-        "install", name, str(CHART), "--namespace", namespace, "--skip-crds",
+    install(
+        testbed, name, namespace, tmp_path,
         "--set", f"pricebook.name={name}",
         "--set", f"rbac.billingAdmins.users={{{info['admin']}}}",
         "--set-json",
         f'rbac.accountReaders=[{{"account": "{info["account"]}", "users": ["{info["tenant"]}"]}}]',
         "--set", "agent.nvml=fake",
-        tmp=tmp_path, kubeconfig=testbed.kubeconfig, timeout=180,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     try:
         yield info
     finally:
-        helm("uninstall", name, "--namespace", namespace, "--wait", "--timeout", "60s",
-             tmp=tmp_path, kubeconfig=testbed.kubeconfig, timeout=90)  # fmt: skip
+        uninstall(testbed, name, namespace, tmp_path)
         testbed.kubectl("delete", "namespace", other, "--wait=false", check=False)
 
 
@@ -172,8 +159,8 @@ def check_service_accounts(tb: Testbed, release: dict[str, Any]) -> None:
         (agent, "get", "nodes", None, True),  # fake NVML only (agent.nvml=fake here)
         (agent, "patch", "nodes", None, False),
         (api, "create", "tokenreviews.authentication.k8s.io", None, True),
-        (api, "list", "gpuinstances.gpucloud.dev", None, True),
-        (api, "get", "accounts.gpucloud.dev", None, True),
+        (api, "list", "gpuinstances.gpucloud.dev", None, False),  # it reads the ledger
+        (api, "get", "accounts.gpucloud.dev", None, False),
         (api, "patch", "gpuinstances.gpucloud.dev", other, False),
         (api, "get", "secrets", ns, False),
         (api, "create", "pods", other, False),
@@ -192,6 +179,7 @@ def check_service_accounts(tb: Testbed, release: dict[str, Any]) -> None:
         (operator, "delete", "namespaces", None, False),
         (operator, "patch", "nodes", None, False),
         (gateway, "list", "endpointslices.discovery.k8s.io", None, True),
+        (gateway, "create", "tokenreviews.authentication.k8s.io", None, True),  # callers
         (gateway, "patch", "deployments.apps/scale", other, True),
         (gateway, "list", "modeldeployments.gpucloud.dev", None, True),
         (gateway, "patch", "modeldeployments.gpucloud.dev", other, False),

@@ -1,10 +1,16 @@
 """Every metric the dashboard and the alerts query is one the project exports, and every
-expression parses as PromQL (promtool)."""
+expression parses as PromQL (promtool). The operator's exposition itself is checked here
+too; a real Prometheus scraping the real operator is in test_chart_identities_e2e.py."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
+import pytest
 from charttools import (
     PENDING_METRICS,
     PROMETHEUS_BUILTIN,
@@ -16,6 +22,7 @@ from charttools import (
     promtool_check,
     render,
 )
+from prometheus_client import generate_latest
 
 
 def rule_exprs(tmp: Path) -> tuple[list[dict], list[str]]:
@@ -58,6 +65,9 @@ def test_dashboard_metrics_are_exported() -> None:
         "gpucloud_account_cost_per_hour",
         "gpucloud_account_balance",
         "gpucloud_account_in_arrears",
+        "gpucloud_account_available_balance",
+        "gpucloud_account_data_deletion_timestamp_seconds",
+        "gpucloud_operator_instances",
         "gpucloud_agent_wal_backlog_records",
         "gpucloud_agent_samples_total",
     ):
@@ -67,7 +77,12 @@ def test_dashboard_metrics_are_exported() -> None:
 def test_alert_metrics_are_exported(tmp_path: Path) -> None:
     _, exprs = rule_exprs(tmp_path)
     used = check_known(exprs)
-    assert {"up", "gpucloud_agent_wal_backlog_records", "gpucloud_account_in_arrears"} <= used
+    assert {
+        "up",
+        "gpucloud_agent_wal_backlog_records",
+        "gpucloud_account_in_arrears",
+        "gpucloud_account_data_deletion_timestamp_seconds",
+    } <= used
 
 
 def test_pending_metrics_are_really_missing() -> None:
@@ -91,7 +106,80 @@ def test_prometheus_rule_passes_promtool(tmp_path: Path) -> None:
         "GpucloudAgentDown",
         "GpucloudAgentShippingBacklog",
         "GpucloudAccountInArrears",
+        "GpucloudAccountDataDeletionSoon",
     } <= names
     proc = promtool_check(tmp_path, groups)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS" in proc.stdout
+
+
+def test_operator_exposition() -> None:
+    """The operator's gauges: money in major units, arrears 0/1, the deletion instant only
+    while in arrears, instances by phase (every phase, zeros included), stale accounts
+    dropped; and promtool's linter has nothing to say about it."""
+    from gpucloud_operator.metrics import PHASES, OperatorMetrics
+
+    m = OperatorMetrics(stale_after_s=60)
+    deletion = datetime(2026, 1, 8, tzinfo=UTC)
+    m.accounts.observe(
+        "acme",
+        "CNY",
+        balance_minor=-1234,
+        available_minor=-2000,
+        cost_per_hour=Decimal("5.22"),
+        in_arrears=True,
+        data_deletion_at=deletion,
+    )
+    m.accounts.observe(
+        "lab",
+        "CNY",
+        balance_minor=100_00,
+        available_minor=99_50,
+        cost_per_hour=Decimal(0),
+        in_arrears=False,
+        data_deletion_at=deletion,
+    )
+    instances = [
+        {"metadata": {"namespace": "acme"}, "status": {"phase": "Running"}},
+        {"metadata": {"namespace": "acme"}, "status": {"phase": "Running"}},
+        {"metadata": {"namespace": "acme"}},  # not reconciled yet
+        {"metadata": {"namespace": "elsewhere"}, "status": {"phase": "Running"}},
+    ]
+    m.count_instances(lambda: instances, lambda ns: ns == "acme")
+    text = generate_latest(m.registry).decode()
+    for line in (
+        'gpucloud_account_balance{account="acme",currency="CNY"} -12.34',
+        'gpucloud_account_available_balance{account="lab",currency="CNY"} 99.5',
+        'gpucloud_account_cost_per_hour{account="acme",currency="CNY"} 5.22',
+        'gpucloud_account_in_arrears{account="acme"} 1.0',
+        'gpucloud_account_in_arrears{account="lab"} 0.0',
+        'gpucloud_operator_instances{phase="Running"} 2.0',
+        'gpucloud_operator_instances{phase="Pending"} 1.0',
+        'gpucloud_operator_instances{phase="Stopped"} 0.0',
+    ):
+        assert line in text, (line, text)
+    deletions = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("gpucloud_account_data_deletion_timestamp_seconds{")
+    ]
+    assert deletions == [deletion.timestamp()]  # acme's only: lab is not in arrears
+    assert text.count("gpucloud_operator_instances{") == len(PHASES)
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        out = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
+                             capture_output=True, timeout=30)  # fmt: skip
+        assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
+
+    m.accounts.stale_after_s = 0  # no pass recorded since: the accounts drop out
+    assert "gpucloud_account_balance{" not in generate_latest(m.registry).decode()
+
+
+def test_operator_metrics_port_setting() -> None:
+    from gpucloud_operator.config import OperatorConfig
+
+    assert OperatorConfig().metrics_port == 0  # off unless asked for
+    cfg = OperatorConfig.from_env({"GPUCLOUD_OPERATOR_METRICS_PORT": "9401"})
+    assert cfg.metrics_port == 9401
+    with pytest.raises(ValueError, match="metrics_port: must be a TCP port"):
+        OperatorConfig.from_env({"GPUCLOUD_OPERATOR_METRICS_PORT": "70000"})

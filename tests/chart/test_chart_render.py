@@ -56,6 +56,7 @@ def test_default_objects(defaults: list[dict[str, Any]]) -> None:
         ("DaemonSet", "gpucloud-agent"),
         ("Service", "gpucloud-api"),
         ("Service", "gpucloud-gateway"),
+        ("Service", "gpucloud-operator"),
         ("ClusterKopfPeering", "gpucloud"),
         ("PriceBook", "default"),
         ("ClusterRole", "gpucloud-billing-admin"),
@@ -182,8 +183,17 @@ def test_monitoring_objects(tmp_path: Path) -> None:
         "monitoring.prometheusRule.enabled=true",
     )
     monitors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceMonitor"}
-    assert set(monitors) == {"gpucloud-api", "gpucloud-gateway", "gpucloud-agent"}
+    assert set(monitors) == {
+        "gpucloud-api",
+        "gpucloud-gateway",
+        "gpucloud-agent",
+        "gpucloud-operator",
+    }
     assert monitors["gpucloud-agent"]["spec"]["endpoints"][0]["honorLabels"] is True
+    # Each ServiceMonitor names a port its component's Service really has.
+    for name, monitor in monitors.items():
+        ports = {p["name"] for p in find(docs, "Service", name)["spec"]["ports"]}
+        assert monitor["spec"]["endpoints"][0]["port"] in ports, name
     dash = find(docs, "ConfigMap", "-dashboard")
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert "gpucloud-overview.json" in dash["data"]
@@ -208,6 +218,13 @@ def test_gateway_config_is_accepted_by_the_gateway(tmp_path: Path) -> None:
     config = yaml.safe_load(find(defaults, "ConfigMap", "-gateway")["data"]["gateway.yaml"])
     assert config["models"] == {"kind": "kubernetes"}
     assert config["endpoints"] == {"kind": "kubernetes"} and config["scaler"] == config["endpoints"]
+    # callers authenticate with TokenReview; one replica counts alone, several sum peers
+    assert config["auth"] == {"kind": "tokenreview", "audiences": [], "cacheSeconds": 5}
+    assert "stats" not in config
+    two = render(tmp_path, "--set", "gateway.replicas=2", "--set", "gateway.billing.enabled=false")
+    config = yaml.safe_load(find(two, "ConfigMap", "-gateway")["data"]["gateway.yaml"])
+    service = find(two, "Service", "-gateway")["metadata"]["name"]
+    assert config["stats"]["peers"] == {"kind": "kubernetes", "service": service, "port": 8080}
 
 
 # (values, words the error must contain): the field and the rule.

@@ -39,6 +39,11 @@ def test_operator_reads_the_chart_settings(docs: list[dict[str, Any]]) -> None:
     assert cfg.reminder_lead_s == 7 * 24 * 3600 and cfg.pricebook == "default"
     args, _ = parse_args(c["args"])
     assert args.peering == "gpucloud" and args.all_namespaces and not args.standalone
+    # /metrics on the port the container declares and the Service targets.
+    assert cfg.metrics_port == 9401
+    assert {"name": "metrics", "containerPort": 9401} in c["ports"]
+    service = find(docs, "Service", "-operator")["spec"]["ports"]
+    assert service == [{"name": "metrics", "port": 9401, "targetPort": "metrics"}]
 
 
 def test_api_reads_the_chart_settings(

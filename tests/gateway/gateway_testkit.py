@@ -107,10 +107,16 @@ def start_model_server(tmp: Path, name: str, *extra: str) -> tuple[Proc, str]:
     return proc, url
 
 
-def start_gateway(tmp: Path, config: dict[str, Any]) -> tuple[Proc, str]:
-    cfg = tmp / "gateway.yaml"
+def start_gateway(
+    tmp: Path,
+    config: dict[str, Any],
+    port: int | None = None,
+    name: str = "gateway",
+    env: dict[str, str] | None = None,
+) -> tuple[Proc, str]:
+    cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    port = free_port()
+    port = port or free_port()
     proc = Proc(
         [
             sys.executable,
@@ -121,7 +127,8 @@ def start_gateway(tmp: Path, config: dict[str, Any]) -> tuple[Proc, str]:
             "--port",
             str(port),
         ],
-        tmp / "gateway.log",
+        tmp / f"{name}.log",
+        env,
     )
     url = f"http://127.0.0.1:{port}"
 

@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
 
+import httpx
 import pytest
+import yaml
+from gateway_testkit import PRICEBOOK_SPEC, start_gateway, start_model_server, write_endpoints
+from gateway_testkit import wait_for as await_cond
 from gpucloud_gateway.billing import ModelPlan, Rule
 from gpucloud_gateway.manifests import (
     build_model_deployment,
@@ -15,6 +21,7 @@ from gpucloud_gateway.manifests import (
     deployment_name,
 )
 
+from gpucloud.ledger import EntryKind, open_ledger
 from gpucloud.testing.kube import get_json, wait_for
 from gpucloud.testing.testbed import Testbed as KwokTestbed
 
@@ -26,7 +33,9 @@ async def catalog_for(namespace: str) -> list[ModelPlan]:
     from gpucloud_gateway.kube import ModelCatalog
 
     got: asyncio.Queue[list[ModelPlan]] = asyncio.Queue()
-    catalog = ModelCatalog(got.put_nowait, asyncio.get_running_loop(), interval=0.2)
+    catalog = ModelCatalog(
+        lambda plans, _directory: got.put_nowait(plans), asyncio.get_running_loop(), interval=0.2
+    )
     try:
         while True:
             plans = await asyncio.wait_for(got.get(), 30)
@@ -122,3 +131,60 @@ def test_model_deployment_wakes_and_is_discovered(
         return False
 
     wait_for(gone, timeout=60, what="garbage collection of the Deployment")
+
+
+def test_callers_authenticate_with_service_account_tokens(
+    testbed: KwokTestbed, namespace: str, tmp_path: Path
+) -> None:
+    """TokenReview against the real API server: a ServiceAccount token of a namespace
+    the caller's account lists pays for the call; a made-up token gets 401."""
+    testbed.kubectl("create", "serviceaccount", "caller", "-n", namespace)
+    token = testbed.kubectl("create", "token", "caller", "-n", namespace).stdout.strip()
+    server, server_url = start_model_server(tmp_path, "pub")
+    write_endpoints(tmp_path / "endpoints.json", {"owner-ns/pub": [server_url]})
+    (tmp_path / "pricebook.yaml").write_text(
+        yaml.safe_dump({"kind": "PriceBook", "spec": PRICEBOOK_SPEC})
+    )
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    for acct in ("owner", "caller"):
+        ledger.ensure_account(acct)
+        ledger.post_entry(acct, EntryKind.RECHARGE, 10_000, f"seed:{acct}", at=datetime.now(UTC))
+    model = {
+        "namespace": "owner-ns",
+        "name": "pub",
+        "account": "owner",
+        "visibility": "Public",
+        "publisher": "Official",
+        "task": "TextGeneration",
+    }
+    gateway, url = start_gateway(
+        tmp_path,
+        {
+            "models": [model],
+            "endpoints": {"kind": "file", "path": "endpoints.json"},
+            "auth": {"kind": "tokenreview", "cacheSeconds": 5},
+            "accounts": {"caller": [namespace]},
+            "billing": {
+                "store": "usage.db",
+                "pricebook": "pricebook.yaml",
+                "ledger": f"sqlite:///{tmp_path / 'ledger.db'}",
+            },
+        },
+        env={"KUBECONFIG": str(testbed.kubeconfig)},
+    )
+    try:
+        body = {"messages": [{"role": "user", "content": "a b c"}], "max_tokens": 997}
+        path = url + "/owner-ns/pub/v1/chat/completions"
+        for _ in range(3):  # the first is reviewed, the others hit the cache
+            r = httpx.post(path, json=body, headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 200, r.text
+        r = httpx.post(path, json=body, headers={"Authorization": "Bearer not-a-token"})
+        assert r.status_code == 401 and "invalid or expired" in r.json()["error"]["message"]
+        # 3 x 1000 tokens at 0.0137 per 1K: 4.11 fen, rounded once.
+        charges = lambda: ledger.charges_by_resource("caller").get("model/owner-ns/pub", 0)  # noqa: E731
+        await_cond(lambda: charges() == 4, what="the caller's charge")
+        assert ledger.charges_by_resource("owner").get("model/owner-ns/pub", 0) == 0
+    finally:
+        gateway.stop()
+        server.stop()
+        ledger.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -39,6 +40,21 @@ def model(name: str, **kw: str) -> dict[str, object]:
 
 
 OFFICIAL = {"visibility": "Public", "publisher": "Official"}
+# Static tokens: ServiceAccounts of the namespaces the accounts list (alice owns "team").
+TOKENS = {
+    "tok-alice": "system:serviceaccount:team:default",
+    "tok-bob": "system:serviceaccount:team-b:runner",
+    "tok-carol": "system:serviceaccount:team-c:default",
+    "tok-dave": "system:serviceaccount:team-d:default",
+    "tok-nobody": "system:serviceaccount:elsewhere:default",
+}
+
+
+def bearer(account: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer tok-{account}"}
+
+
+ALICE = bearer("alice")
 MODELS = [
     model("text", **OFFICIAL, task="TextGeneration"),
     model("stream", **OFFICIAL, task="TextGeneration"),
@@ -48,6 +64,11 @@ MODELS = [
     model("private"),
     model("never"),
     model("flaky", **OFFICIAL, task="TextGeneration"),
+    model("paid", **OFFICIAL, task="TextGeneration"),
+    model("cut", **OFFICIAL, task="TextGeneration"),
+    model("pcut", visibility="Public", publisher="Personal"),
+    model("dying", **OFFICIAL, task="TextGeneration"),
+    model("owned"),
 ]
 
 # The wake command: logs each wake, then becomes a model server that registers itself.
@@ -88,6 +109,10 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
             "team/personal": [lazy_url, fast_url],
             "team/private": [],
             "team/flaky": [f"http://127.0.0.1:{free_port()}", fast_url],  # one is down
+            "team/paid": [fast_url],
+            "team/cut": [slow_url],
+            "team/pcut": [slow_url],
+            "team/owned": [fast_url],
         },
     )
     (tmp / "pricebook.yaml").write_text(
@@ -97,6 +122,9 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     for acct in ("alice", "bob"):
         ledger.ensure_account(acct)
         ledger.post_entry(acct, EntryKind.RECHARGE, 1_000_000, f"seed:{acct}", at=T0)
+    ledger.ensure_account("carol")  # never recharged: no balance
+    ledger.ensure_account("dave")  # in arrears
+    ledger.post_entry("dave", EntryKind.CHARGE, -5, "debt:dave", at=T0)
     gateway, url = start_gateway(
         tmp,
         {
@@ -108,7 +136,8 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
             },
             "wakeTimeoutSeconds": 30,
             "retryAfterSeconds": 7,
-            "payerHeader": "X-Gpucloud-Account",
+            "auth": {"kind": "static", "tokens": TOKENS},
+            "accounts": {"bob": ["team-b"], "carol": ["team-c"], "dave": ["team-d"]},
             "billing": {
                 "store": "usage.db",
                 "pricebook": "pricebook.yaml",
@@ -149,7 +178,7 @@ def metric(bed: Bed, name: str, **labels: str) -> float:
 
 def test_routes_counts_and_bills_official_tokens(bed: Bed) -> None:
     sizes = [(3, 10), (40, 200), (7, 1), (120, 64), (1, 16)]
-    with httpx.Client(base_url=bed.url) as c:
+    with httpx.Client(base_url=bed.url, headers=ALICE) as c:
         for words, max_tokens in sizes:
             r = c.post("/team/text/v1/chat/completions", json=chat(words, max_tokens))
             assert r.status_code == 200
@@ -176,7 +205,7 @@ def store_total(bed: Bed, account: str, key: str) -> Decimal:
 def test_streams_sse_through_as_it_is_produced(bed: Bed) -> None:
     async def go() -> tuple[list[tuple[float, bytes]], float]:
         got: list[tuple[float, bytes]] = []
-        async with httpx.AsyncClient(base_url=bed.url, timeout=30) as c:
+        async with httpx.AsyncClient(base_url=bed.url, timeout=30, headers=ALICE) as c:
             t0 = time.perf_counter()
             body = chat(5, 25, stream=True)
             async with c.stream("POST", "/team/stream/v1/chat/completions", json=body) as r:
@@ -205,7 +234,7 @@ def test_streams_sse_through_as_it_is_produced(bed: Bed) -> None:
 
 
 def test_images_and_videos_are_counted_and_billed(bed: Bed) -> None:
-    with httpx.Client(base_url=bed.url) as c:
+    with httpx.Client(base_url=bed.url, headers=ALICE) as c:
         for n in (1, 4, 2):
             r = c.post("/team/img/v1/images/generations", json={"prompt": "a cat", "n": n})
             assert len(r.json()["data"]) == n
@@ -219,13 +248,13 @@ def test_images_and_videos_are_counted_and_billed(bed: Bed) -> None:
 
 def test_personal_model_bills_the_callers_request_runtime(bed: Bed) -> None:
     async def go() -> list[int]:
-        async with httpx.AsyncClient(base_url=bed.url, timeout=30) as c:
+        async with httpx.AsyncClient(base_url=bed.url, timeout=30, headers=ALICE) as c:
             rs = await asyncio.gather(
                 *[
                     c.post(
                         "/team/personal/v1/chat/completions",
                         json=chat(2, 2),
-                        headers={"X-Gpucloud-Account": "bob"},
+                        headers=bearer("bob"),
                     )
                     for _ in range(12)
                 ]
@@ -248,7 +277,7 @@ def test_personal_model_bills_the_callers_request_runtime(bed: Bed) -> None:
 
 def test_cold_private_model_wakes_once_and_loses_no_request(bed: Bed) -> None:
     async def go() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=bed.url, timeout=60) as c:
+        async with httpx.AsyncClient(base_url=bed.url, timeout=60, headers=ALICE) as c:
             return await asyncio.gather(
                 *[c.post("/team/private/v1/chat/completions", json=chat(i, 3)) for i in range(25)]
             )
@@ -264,7 +293,7 @@ def test_cold_private_model_wakes_once_and_loses_no_request(bed: Bed) -> None:
 
 
 def test_a_replica_that_refuses_connections_is_skipped(bed: Bed) -> None:
-    with httpx.Client(base_url=bed.url) as c:
+    with httpx.Client(base_url=bed.url, headers=ALICE) as c:
         codes = [
             c.post("/team/flaky/v1/chat/completions", json=chat(1, 1)).status_code for _ in range(6)
         ]
@@ -274,7 +303,7 @@ def test_a_replica_that_refuses_connections_is_skipped(bed: Bed) -> None:
 
 def test_a_client_leaving_a_stream_frees_its_slot(bed: Bed) -> None:
     async def go() -> None:
-        async with httpx.AsyncClient(base_url=bed.url, timeout=30) as c:
+        async with httpx.AsyncClient(base_url=bed.url, timeout=30, headers=ALICE) as c:
             body = chat(1, 500, stream=True)  # 10 s of tokens
             async with c.stream("POST", "/team/stream/v1/chat/completions", json=body) as r:
                 async for _ in r.aiter_raw():
@@ -305,6 +334,7 @@ def test_wake_timeout_is_a_503_with_retry_after(tmp_path: Path) -> None:
             "endpoints": {"kind": "file", "path": "endpoints.json"},
             "wakeTimeoutSeconds": 0.5,
             "retryAfterSeconds": 7,
+            "auth": {"kind": "none"},
         },
     )
     try:
@@ -316,3 +346,166 @@ def test_wake_timeout_is_a_503_with_retry_after(tmp_path: Path) -> None:
         assert "starting from cold" in r.json()["error"]["message"]
     finally:
         gateway.stop()
+
+
+# -- who pays: the authenticated caller ---------------------------------------------------
+
+
+def test_public_model_is_paid_by_the_authenticated_caller_to_the_fen(bed: Bed) -> None:
+    sizes = [(3, 10), (40, 200), (7, 1), (120, 640), (1, 16), (55, 333)]
+    with httpx.Client(base_url=bed.url, headers=bearer("bob")) as c:
+        for words, max_tokens in sizes:
+            r = c.post("/team/paid/v1/chat/completions", json=chat(words, max_tokens))
+            assert r.status_code == 200, r.text
+    tokens = sum(w + m for w, m in sizes)
+    exact = Decimal("0.0137") * tokens / 1000
+    assert to_minor(exact) == 2
+    rows = wait_for(
+        lambda: len(bed.store.requests("team/paid")) == 6 and bed.store.requests("team/paid")
+    )
+    assert {r["account"] for r in rows} == {"bob"}
+    wait_for(lambda: charged(bed, "bob", "paid") == 2, what="bob's charge")
+    assert store_total(bed, "bob", "team/paid") == exact
+    assert charged(bed, "alice", "paid") == 0, "the owner pays nothing for others' calls"
+    assert store_total(bed, "alice", "team/paid") == 0
+
+
+def test_callers_without_valid_tokens_are_refused_with_401(bed: Bed) -> None:
+    url = bed.url + "/team/paid/v1/chat/completions"
+    for headers in ({}, {"Authorization": "Basic Ym9iOnB3"}, {"Authorization": "Bearer"}):
+        r = httpx.post(url, json=chat(1, 1), headers=headers)
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert "Authorization: Bearer <token>" in r.json()["error"]["message"]
+    r = httpx.post(url, json=chat(1, 1), headers={"Authorization": "Bearer forged"})
+    assert r.status_code == 401 and "invalid or expired token" in r.json()["error"]["message"]
+    # A valid token of a namespace no Account lists: nobody to bill.
+    r = httpx.post(url, json=chat(1, 1), headers=bearer("nobody"))
+    assert r.status_code == 403 and "calls for no account" in r.json()["error"]["message"]
+    assert metric(bed, "gpucloud_gateway_requests_total", model="paid", code="401") == 4
+    # Refused calls reach no replica and count for no autoscaling.
+    stats = httpx.get(bed.url + "/v1/stats").json()["team/paid"]
+    assert stats["requestsTotal"] == 6
+
+
+def test_callers_without_balance_or_in_arrears_get_402(bed: Bed) -> None:
+    url = bed.url + "/team/paid/v1/chat/completions"
+    r = httpx.post(url, json=chat(1, 1), headers=bearer("carol"))
+    assert r.status_code == 402
+    assert "account 'carol' has no balance (0 minor units)" in r.json()["error"]["message"]
+    r = httpx.post(url, json=chat(1, 1), headers=bearer("dave"))
+    assert r.status_code == 402
+    assert "account 'dave' has no balance (-5 minor units)" in r.json()["error"]["message"]
+    assert bed.ledger.balance("carol") == 0 and bed.ledger.balance("dave") == -5
+
+
+def test_private_models_take_only_the_owners_tokens_and_bill_no_request(bed: Bed) -> None:
+    url = bed.url + "/team/owned/v1/chat/completions"
+    r = httpx.post(url, json=chat(1, 1), headers=bearer("bob"))
+    assert r.status_code == 403
+    assert "model team/owned is private" in r.json()["error"]["message"]
+    assert httpx.post(url, json=chat(1, 1)).status_code == 401
+    r = httpx.post(url, json=chat(4, 2), headers=ALICE)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 4
+    rows = wait_for(lambda: bed.store.requests("team/owned"))
+    assert len(rows) == 1 and rows[0]["amount"] is None  # online time pays for it
+    assert charged(bed, "alice", "owned") == 0
+
+
+def test_the_callers_token_is_not_forwarded_to_the_model(bed: Bed) -> None:
+    r = httpx.get(bed.url + "/team/paid/debug/headers", headers={**bearer("bob"), "X-Trace": "7"})
+    assert r.status_code == 200
+    seen = r.json()
+    assert seen["x-trace"] == "7" and len(seen["x-gpucloud-request-id"]) == 32
+    assert "authorization" not in seen, "a model's code must never see the caller's token"
+
+
+# -- partial streams: what was delivered is billed, once ----------------------------------
+
+
+async def read_then_leave(url: str, body: dict[str, object], chunks: int) -> tuple[int, float]:
+    """Stream ``body``, leave after ``chunks`` content chunks: (contents seen, seconds)."""
+    seen = 0
+    t0 = time.perf_counter()
+    async with (
+        httpx.AsyncClient(timeout=30, headers=bearer("bob")) as c,
+        c.stream("POST", url, json=body) as r,
+    ):
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                seen += bool(json.loads(line[6:])["choices"])
+            if seen >= chunks:
+                break  # the client closes the connection mid-stream
+    return seen, time.perf_counter() - t0
+
+
+def test_a_cut_personal_stream_bills_the_runtime_up_to_the_cut(bed: Bed) -> None:
+    # 500 tokens 20 ms apart: 10 s if read to the end; the client leaves after 10.
+    url = bed.url + "/team/pcut/v1/chat/completions"
+    seen, held_s = asyncio.run(read_then_leave(url, chat(2, 500, stream=True), 10))
+    assert seen == 10
+    rows = wait_for(lambda: bed.store.requests("team/pcut"), what="the cut request's row")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["account"] == "bob" and row["status"] == 200
+    # Runtime ends at the cut: at least 10 tokens' time, far from the 10 s of the whole.
+    assert 9 * 20 <= row["runtime_ms"] <= held_s * 1000 + 500 < 5000
+    exact = Decimal("0.0031") * row["runtime_ms"] / 1000
+    assert store_total(bed, "bob", "team/pcut") == exact
+    # Exactly once: a later request is the meter's second row, no duplicate of the first.
+    with httpx.Client(base_url=bed.url, headers=bearer("bob")) as c:
+        assert c.post("/team/pcut/v1/chat/completions", json=chat(1, 1)).status_code == 200
+    rows = wait_for(
+        lambda: len(bed.store.requests("team/pcut")) == 2 and bed.store.requests("team/pcut")
+    )
+    assert len({r["request_id"] for r in rows}) == 2
+    total = Decimal("0.0031") * sum(r["runtime_ms"] for r in rows) / 1000
+    wait_for(lambda: all(r["posted"] for r in bed.store.requests("team/pcut")))
+    assert charged(bed, "bob", "pcut") == to_minor(total)
+
+
+def test_a_cut_official_stream_bills_the_tokens_delivered(bed: Bed) -> None:
+    url = bed.url + "/team/cut/v1/chat/completions"
+    seen, _ = asyncio.run(read_then_leave(url, chat(30, 500, stream=True), 40))
+    assert seen == 40
+    rows = wait_for(lambda: bed.store.requests("team/cut"), what="the cut request's row")
+    assert len(rows) == 1
+    row = rows[0]
+    # No final usage chunk came: the delivered content chunks are the completion tokens
+    # (a few more may have been in flight to the client when it left); prompt unknown.
+    assert 40 <= row["completion_tokens"] < 100
+    assert row["prompt_tokens"] == 0
+    exact = Decimal("0.0137") * row["completion_tokens"] / 1000
+    assert store_total(bed, "bob", "team/cut") == exact
+    assert metric(bed, "gpucloud_gateway_in_flight", model="cut") == 0
+
+
+def test_a_replica_dying_mid_stream_bills_what_it_delivered(bed: Bed) -> None:
+    proc, url = start_model_server(bed.tmp, "dying", "--die-after", "7", "--token-ms", "5")
+    try:
+        endpoints = json.loads((bed.tmp / "endpoints.json").read_text())
+        write_endpoints(bed.tmp / "endpoints.json", {**endpoints, "team/dying": [url]})
+        got: list[str] = []
+
+        async def go() -> None:
+            async with httpx.AsyncClient(timeout=30, headers=bearer("bob")) as c:
+                body = chat(3, 50, stream=True)
+                async with c.stream(
+                    "POST", bed.url + "/team/dying/v1/chat/completions", json=body
+                ) as r:
+                    assert r.status_code == 200
+                    with contextlib.suppress(httpx.HTTPError):
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: {"):
+                                got.append(line)
+
+        asyncio.run(go())
+        proc.popen.wait(10)
+    finally:
+        proc.stop()
+    assert len(got) == 7, "the client got the 7 tokens sent before the replica died"
+    rows = wait_for(lambda: bed.store.requests("team/dying"), what="the broken request's row")
+    assert len(rows) == 1
+    assert (rows[0]["completion_tokens"], rows[0]["prompt_tokens"]) == (7, 0)
+    assert store_total(bed, "bob", "team/dying") == Decimal("0.0137") * 7 / 1000

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from gpucloud_gateway.app import ModelStats
-from gpucloud_gateway.billing import Rule
+from gpucloud_gateway.billing import ModelPlan, Rule
 from gpucloud_gateway.kube import plans_from_cluster
 from gpucloud_gateway.main import main as gateway_main
 from gpucloud_gateway.manifests import (
@@ -18,7 +18,7 @@ from gpucloud_gateway.manifests import (
     build_model_deployment,
     build_model_service,
 )
-from gpucloud_gateway.metering import UsageTap
+from gpucloud_gateway.metering import Counts, UsageTap
 
 from gpucloud.clock import ManualClock
 
@@ -177,6 +177,27 @@ def test_request_volume_counts_the_last_window_only() -> None:
             {"models": [], "endpoints": {"kind": "static"}, "billing": {"store": "x.db"}},
             "billing.pricebook: required",
         ),
+        (
+            {"models": [], "endpoints": {"kind": "static"}, "auth": {"kind": "magic"}},
+            "auth.kind: 'magic' is not one of tokenreview, static, none",
+        ),
+        (
+            {"models": [], "endpoints": {"kind": "static"}, "auth": {"kind": "static"}},
+            "auth.tokens: a map of token to username is required",
+        ),
+        (
+            {"models": [], "endpoints": {"kind": "static"}, "accounts": {"bob": "team-b"}},
+            "accounts: a map of account name to a list of namespaces",
+        ),
+        (
+            {
+                "models": [],
+                "endpoints": {"kind": "static"},
+                "auth": {"kind": "none"},
+                "stats": {"peers": {"kind": "static", "urls": []}},
+            },
+            "stats.peers.urls: a non-empty list of gateway base URLs",
+        ),
     ],
 )
 def test_bad_config_exits_2_naming_the_field(
@@ -186,3 +207,56 @@ def test_bad_config_exits_2_naming_the_field(
     path.write_text(yaml.safe_dump(config))
     assert gateway_main(["--config", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_tap_reads_a_cut_stream_as_the_content_deltas_delivered() -> None:
+    def chunk(content: str | None, usage: dict[str, int] | None = None) -> bytes:
+        doc: dict[str, Any] = {
+            "choices": [] if content is None else [{"delta": {"content": content}}]
+        }
+        if usage:
+            doc["usage"] = usage
+        return f"data: {json.dumps(doc)}\n\n".encode()
+
+    role = b'data: {"choices": [{"delta": {"role": "assistant", "content": ""}}]}\n\n'
+    cut = UsageTap("/v1/chat/completions", "text/event-stream")
+    for data in [role, chunk("a"), chunk("b"), chunk("c")]:
+        cut.feed(data)
+    assert cut.result() == Counts(prompt_tokens=0, completion_tokens=3)
+    whole = UsageTap("/v1/chat/completions", "text/event-stream")
+    usage = {"prompt_tokens": 9, "completion_tokens": 3}
+    for data in [role, chunk("a"), chunk("b"), chunk("c"), chunk(None, usage), b"data: [DONE]\n\n"]:
+        whole.feed(data)
+    assert whole.result() == Counts(prompt_tokens=9, completion_tokens=3)
+
+
+def test_an_account_in_arrears_by_its_status_gets_402_even_with_balance() -> None:
+    import asyncio
+
+    from gpucloud_gateway.callers import CallerError, Callers
+    from gpucloud_gateway.kube import directory_from_accounts
+
+    from gpucloud.api.auth import Principal, StaticTokenAuthenticator
+
+    accounts = [
+        {"metadata": {"name": "ok"}, "spec": {"namespaces": ["a"]}, "status": {"state": "Active"}},
+        {
+            "metadata": {"name": "late"},
+            "spec": {"namespaces": ["b"]},
+            "status": {"state": "Arrears"},
+        },
+    ]
+    directory = directory_from_accounts(accounts)
+    assert directory.owners == {"a": "ok", "b": "late"}
+    tokens = {f"t-{ns}": Principal(f"system:serviceaccount:{ns}:default") for ns in "ab"}
+    callers = Callers(StaticTokenAuthenticator(tokens), directory, balance=lambda _: 500)
+    public = ModelPlan("x", "m", "owner", visibility="Public", publisher="Personal")
+
+    async def check(token: str) -> str:
+        try:
+            return (await callers.check(public, f"Bearer {token}")).account
+        except CallerError as exc:
+            return f"{exc.status}: {exc.message}"
+
+    assert asyncio.run(check("t-a")) == "ok"
+    assert asyncio.run(check("t-b")).startswith("402: account 'late' is in arrears")

@@ -8,11 +8,13 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import yaml
 from gpucloud_operator import arrears as ar
 from gpucloud_operator.accounts import AccountReconciler
 from gpucloud_operator.notify import Notifier
-from opworld import NS, T0, World
+from opworld import NS, ROOT, T0, World
 
+from gpucloud.billing import PackagePeriod, PriceBook, Term, leave_package
 from gpucloud.ledger import EntryKind
 
 WEEK = timedelta(days=7)
@@ -187,3 +189,79 @@ def test_recharge_on_day_6_saves_the_data(world: World, tmp_path: Path) -> None:
     w.kube.update_spec("gpuinstances", NS, "job", {"state": "Running"})
     w.tick()
     assert w.status("job")["phase"] == "Running"
+
+
+def test_arrears_shutdown_refunds_the_unused_package_term_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A day package (L40S 112.00) shut down by arrears 5 h into its term: the 5 h are
+    kept at the pay-as-you-go rate (5 x 5.20 = 26.00), 86.00 comes back and pays the debt.
+    A pass killed right after the refund repeats nothing."""
+    w = world
+    w.fund(112_00)
+    w.instance("pkg", "NVIDIA-L40S", mode="Package", period="Day")
+    w.tick()
+    st = w.status("pkg")
+    assert st["phase"] == "Running" and w.ledger.balance("acme") == 0
+    uid = w.kube.instance(NS, "pkg")["metadata"]["uid"]
+    since = T0 + timedelta(hours=5)
+    w.clock.set(since)
+    w.ledger.post_entry("acme", EntryKind.ADJUSTMENT, -1_00, "late-fee", at=since)
+    rec = accounts(w, Recorder())
+    acct = w.kube.cluster[("accounts", "acme")]
+    rec.refresh_account(acct)
+    assert acct["status"]["state"] == "Arrears"
+    assert acct["status"]["arrearsSince"] == "2026-01-01T05:00:00Z"
+    w.clock.advance(timedelta(seconds=40))  # the instance's pass comes a little later
+
+    class Killed(Exception):
+        pass
+
+    def killed(*_a: object, **_k: object) -> None:
+        raise Killed
+
+    monkeypatch.setattr(w.rec, "_stop", killed)  # SIGKILL right after the refund
+    with pytest.raises(Killed):
+        w.tick("pkg")
+    w.restart()
+    w.tick("pkg")
+    w.tick("pkg")
+    st = w.status("pkg")
+    assert st["phase"] == "Stopped" and "ArrearsShutdown" in w.kube.reasons("pkg")
+    (refund,) = [e for e in w.ledger.entries("acme", limit=1000) if e.kind is EntryKind.REFUND]
+    assert (refund.key, refund.amount_minor, refund.at) == (f"package-refund:{uid}:1", 86_00, since)
+    assert refund.meta["used_minor"] == 26_00 and "shut down by arrears" in refund.memo
+    assert w.ledger.balance("acme") == -1_00 + 86_00  # the refund paid the debt
+    assert st["packageTerms"][0]["end"] == "2026-01-01T05:00:00Z"
+    assert "packageExpiresAt" not in st
+    # storage is billed again from the shutdown (outside the term): 50 GiB x 0.0004/h
+    w.clock.set(since + timedelta(hours=10))
+    w.tick("pkg")
+    storage = [e for e in w.ledger.entries("acme", limit=1000) if e.key.startswith("storage:")]
+    assert sum(-e.amount_minor for e in storage) == 10 * 2  # 0.02/h for 10 h
+    rec.refresh_account(acct)
+    assert acct["status"]["state"] != "Arrears"
+    # starting again costs a new term: 85.00 - 0.20 does not cover 112.00
+    w.kube.update_spec("gpuinstances", NS, "pkg", {"state": "Stopped"})
+    w.tick("pkg")
+    w.kube.update_spec("gpuinstances", NS, "pkg", {"state": "Running"})
+    w.tick("pkg")
+    assert w.status("pkg")["phase"] == "Refused"
+    assert [e.key for e in w.ledger.entries("acme", limit=1000) if e.kind is EntryKind.REFUND] == [
+        f"package-refund:{uid}:1"
+    ]
+
+
+def test_shutdown_refund_reading_of_the_billing_core() -> None:
+    """The rule the arrears shutdown applies (docs/billing.md, reading 10): used time at
+    the pay-as-you-go rate, capped at the prepaid amount, the rest refunded."""
+    pb = PriceBook.from_resource(yaml.safe_load((ROOT / "examples/pricebook.yaml").read_text()))
+    term = Term.starting(T0, PackagePeriod.DAY)
+    early = leave_package(pb, "NVIDIA-L40S", 1, term, 112_00, T0 + timedelta(hours=5))
+    assert (early.used_minor, early.refund_minor, early.capped) == (26_00, 86_00, False)
+    # 2 GPUs, 1 h 00 min 01 s: 10.40 x 3601/3600 = 10.4028.. -> 10.40
+    two = leave_package(pb, "NVIDIA-L40S", 2, term, 224_00, T0 + timedelta(seconds=3601))
+    assert (two.used_minor, two.refund_minor) == (10_40, 213_60)
+    # 22 h at 5.20 = 114.40 > 112.00 prepaid: nothing back, nothing more owed
+    late = leave_package(pb, "NVIDIA-L40S", 1, term, 112_00, T0 + timedelta(hours=22))
+    assert (late.used_minor, late.refund_minor, late.capped) == (112_00, 0, True)

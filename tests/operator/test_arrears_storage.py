@@ -127,3 +127,70 @@ def test_a_stale_arrears_status_never_deletes_paid_data(world: World, tmp_path: 
     s.reconcile("clouddisks", w.kube.namespaced[("clouddisks", NS, "scratch")])
     assert status(w, "clouddisks", "scratch")["phase"] == "Ready"
     assert (tmp_path / "data/disks" / NS / "scratch").is_dir()
+
+
+def test_disk_volume_claim_and_attachment_rules(world: World, tmp_path: Path) -> None:
+    """A disk gets a ReadWriteMany volume + claim; an instance attaching it starts only once
+    it exists and is Ready (refusals name spec.cloudDisks[i], nothing charged), mounts it,
+    and holds the disk's deletion while it is active."""
+    w, s = world, items(world, tmp_path)
+    w.fund(100_00)
+    inst = w.instance("job", "NVIDIA-L40S")
+    w.kube.update_spec("gpuinstances", NS, "job", {"cloudDisks": ["other", "scratch"]})
+    other = add(w, "clouddisks", "other", {"capacityGi": 5})
+    s.reconcile("clouddisks", other)
+    w.tick()
+    st = w.status("job")
+    assert st["phase"] == "Refused" and not w.kube.pods
+    assert st["message"].startswith("spec.cloudDisks[1]: CloudDisk 'scratch' does not exist")
+    ready = {c["type"]: c for c in st["conditions"]}["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "CloudDiskNotFound")
+    assert w.kube.reasons("job").count("CloudDiskNotFound") == 1
+    # created but not reconciled yet: not Ready
+    disk = add(w, "clouddisks", "scratch", {"capacityGi": 10})
+    w.tick()
+    assert w.status("job")["message"].startswith("spec.cloudDisks[1]: CloudDisk 'scratch' is not")
+    # being deleted: refused too
+    w.kube.namespaced[("clouddisks", NS, "scratch")]["metadata"]["deletionTimestamp"] = "x"
+    w.tick()
+    assert "CloudDiskDeleting" in w.kube.reasons("job")
+    del w.kube.namespaced[("clouddisks", NS, "scratch")]["metadata"]["deletionTimestamp"]
+    # nothing charged: no GPU meter, no package, no storage
+    assert w.ledger.balance("acme") == 100_00
+    assert [m.kind for m in w.ledger.meters("acme")] == ["cloud_disk"]  # the other disk's
+    # Ready: a hostPath volume of the shared data root, a claim bound to it
+    s.reconcile("clouddisks", disk)
+    dst = status(w, "clouddisks", "scratch")
+    assert dst["phase"] == "Ready" and dst["claimName"] == "scratch-clouddisk"
+    pv = w.kube.pvs[f"gpucloud-disk-{disk['metadata']['uid']}"]
+    assert pv["spec"]["hostPath"]["path"] == str(tmp_path / "data/disks" / NS / "scratch")
+    assert pv["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert w.kube.pvcs[(NS, "scratch-clouddisk")]["spec"]["volumeName"] == pv["metadata"]["name"]
+    w.tick()
+    assert w.status("job")["phase"] == "Running"
+    pod = w.kube.pods[(NS, "job-gpu")]
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]]
+    assert claims == ["job-data", "other-clouddisk", "scratch-clouddisk"]
+    mounts = [m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]]
+    assert mounts == ["/root/data", "/root/disks/other", "/root/disks/scratch"]
+    # deleting the disk while the instance runs is held, with a condition and one event
+    held = w.kube.namespaced[("clouddisks", NS, "scratch")]
+    assert s.delete("clouddisks", held) is False
+    assert s.delete("clouddisks", held) is False
+    cond = {c["type"]: c for c in status(w, "clouddisks", "scratch")["conditions"]}
+    assert cond["DeletionHeld"]["status"] == "True" and cond["DeletionHeld"]["reason"] == "InUse"
+    assert f"{NS}/job" in cond["DeletionHeld"]["message"]
+    assert w.kube.reasons("scratch").count("DeletionHeld") == 1
+    assert (
+        pv["metadata"]["name"] in w.kube.pvs and (tmp_path / "data/disks" / NS / "scratch").is_dir()
+    )
+    # detached from the spec but still mounted by the running pod: still held
+    w.kube.update_spec("gpuinstances", NS, "job", {"cloudDisks": ["other"]})
+    assert s.users(held) == ["job"]
+    w.kube.update_spec("gpuinstances", NS, "job", {"state": "Stopped"})
+    w.tick()
+    assert w.status("job")["phase"] == "Stopped" and not w.kube.pods
+    assert s.delete("clouddisks", held) is True
+    assert pv["metadata"]["name"] not in w.kube.pvs and (NS, "scratch-clouddisk") not in w.kube.pvcs
+    assert not (tmp_path / "data/disks" / NS / "scratch").exists()
+    assert inst["metadata"]["uid"] == w.kube.instance(NS, "job")["metadata"]["uid"]

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import pytest
 from gpucloud_operator.builders import (
+    build_disk_pv,
+    build_disk_pvc,
     build_instance_pod,
     build_instance_pvc,
     build_local_pv,
@@ -9,6 +12,7 @@ from gpucloud_operator.builders import (
     merge_conditions,
     pv_name,
 )
+from gpucloud_operator.config import OperatorConfig
 
 INST = {
     "apiVersion": "gpucloud.dev/v1alpha1",
@@ -62,3 +66,70 @@ def test_summary_and_conditions() -> None:
     assert same[0]["lastTransitionTime"] == "2026-01-01T00:00:00Z" and same[0]["reason"] == "Other"
     flip = merge_conditions(old, [condition("Ready", True, "Running", "z", "2026-01-02T00:00:00Z")])
     assert flip[0]["lastTransitionTime"] == "2026-01-02T00:00:00Z"
+
+
+DISK = {
+    "apiVersion": "gpucloud.dev/v1alpha1",
+    "kind": "CloudDisk",
+    "metadata": {"name": "scratch", "namespace": "team-a", "uid": "d-1"},
+    "spec": {"capacityGi": 20},
+}
+
+
+def test_attached_disks_are_mounted_under_root_disks() -> None:
+    pod = build_instance_pod({**INST, "spec": {**INST["spec"], "cloudDisks": ["scratch", "ds"]}}, 1)
+    vols = pod["spec"]["volumes"]
+    assert [v["persistentVolumeClaim"]["claimName"] for v in vols] == [
+        "nb-data",
+        "scratch-clouddisk",
+        "ds-clouddisk",
+    ]
+    mounts = {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts == {
+        "data": "/root/data",
+        "cloud-disk-0": "/root/disks/scratch",
+        "cloud-disk-1": "/root/disks/ds",
+    }
+    assert {v["name"] for v in vols} == set(mounts)  # every volume mounted, names unique
+    assert len(build_instance_pod(INST, 1)["spec"]["volumes"]) == 1  # none attached
+
+
+def test_disk_volume_is_shared_hostpath_of_the_data_root_prebound_to_its_claim() -> None:
+    pv = build_disk_pv(DISK, data_root="/srv/gpucloud/")
+    spec = pv["spec"]
+    assert pv["metadata"]["name"] == "gpucloud-disk-d-1"
+    assert spec["hostPath"]["path"] == "/srv/gpucloud/disks/team-a/scratch"
+    assert spec["accessModes"] == ["ReadWriteMany"] and "nodeAffinity" not in spec
+    assert spec["capacity"] == {"storage": "20Gi"}
+    assert spec["persistentVolumeReclaimPolicy"] == "Retain" and "nfs" not in spec
+    assert spec["claimRef"]["namespace"] == "team-a"
+    pvc = build_disk_pvc(DISK)
+    assert spec["claimRef"]["name"] == pvc["metadata"]["name"] == "scratch-clouddisk"
+    assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["storageClassName"] == spec["storageClassName"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    owner = pvc["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"]) == ("CloudDisk", "d-1")
+
+
+def test_disk_volume_on_nfs_and_its_settings() -> None:
+    pv = build_disk_pv(DISK, data_root="/var/lib/gpucloud", nfs_server="10.0.0.5")
+    assert pv["spec"]["nfs"] == {
+        "server": "10.0.0.5",
+        "path": "/var/lib/gpucloud/disks/team-a/scratch",
+    }
+    assert "hostPath" not in pv["spec"]
+    pv = build_disk_pv(DISK, data_root="/x", nfs_server="nas", nfs_path="/export/gpucloud")
+    assert pv["spec"]["nfs"]["path"] == "/export/gpucloud/disks/team-a/scratch"
+    cfg = OperatorConfig.from_env({"GPUCLOUD_OPERATOR_DISK_NFS_SERVER": "nas"})
+    assert (cfg.disk_nfs_server, cfg.disk_nfs_path) == ("nas", "")
+    with pytest.raises(ValueError, match="unknown operator setting"):
+        OperatorConfig().with_overrides({"disk_nfs": "nas"})
+
+
+def test_long_disk_names_make_valid_labels() -> None:
+    long = "a" * 62 + ".b" + "c" * 30
+    pv = build_disk_pv({**DISK, "metadata": {**DISK["metadata"], "name": long}}, data_root="/d")
+    value = pv["metadata"]["labels"]["gpucloud.dev/clouddisk"]
+    assert len(value) <= 63 and value[-1].isalnum()

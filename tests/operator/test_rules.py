@@ -1,49 +1,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal
 
 import pytest
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from gpucloud.billing import to_minor
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def view(seconds: int, rated: int, posted: int, gpus: int = 2) -> r.MeterView:
-    return r.MeterView(
-        Decimal("5.20"),
-        gpus,
-        T0,
-        datetime.fromtimestamp(T0.timestamp() + seconds, UTC),
-        rated,
-        posted,
-    )
-
-
-def test_fallback_bills_only_unmetered_seconds() -> None:
-    assert r.fallback_charge(view(1000, 0, 0), "CNY") == (289, 2000)
-    # half metered and posted by the meter: the rest makes the total the exact one
-    half = to_minor(Decimal("5.20") * 1000 / 3600)
-    amount, missing = r.fallback_charge(view(1000, 1000, half), "CNY")
-    assert missing == 1000 and half + amount == 289
-    assert r.fallback_charge(view(1000, 2000, 289), "CNY") == (0, 0)
-
-
-@settings(max_examples=200)
-@given(st.integers(0, 10**6), st.integers(0, 100), st.integers(1, 8))
-def test_fallback_total_is_the_exact_run_cost_rounded_once(
-    seconds: int, pct: int, gpus: int
-) -> None:
-    total = gpus * seconds
-    rated = total * pct // 100
-    posted = to_minor(Decimal("5.20") * rated / 3600)
-    amount, _ = r.fallback_charge(view(seconds, rated, posted, gpus), "CNY")
-    assert posted + amount == to_minor(Decimal("5.20") * total / 3600)
 
 
 def test_storage_windows_are_aligned_and_clipped() -> None:

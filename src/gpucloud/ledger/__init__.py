@@ -38,6 +38,11 @@ Rules the ledger keeps (each is tested on SQLite and PostgreSQL):
 - Charges: per meter, the exact cumulative quantity is kept; each rating posts
   ``next_posting(quantity x price / unit, posted)`` (gpucloud.billing.money), keyed
   ``meter:{meter_id}:{seq}``, in the transaction that marks the usage rated.
+- Settlement: ``settle_meter`` finalizes a closed meter in one transaction (rates its
+  pending usage, optionally bills the GPU-seconds still missing from control-plane
+  timestamps, key ``meter-fallback:{meter_id}``, marks it settled). Usage of its window
+  that arrives later is stored and counted on the meter (``late_records``,
+  ``late_quantity``; ``meters(late_only=True)``), never charged.
 - Recharges: orders credit with key ``order:{order_id}``, vouchers with
   ``voucher:{voucher_id}``; every state change and refusal goes to the audit trail.
 """

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Row, and_, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from gpucloud.billing.intervals import elapsed_seconds
 from gpucloud.billing.money import minor_exponent, next_posting
 from gpucloud.clock import Clock, SystemClock
 from gpucloud.ledger import db, ingest, rating, schema
@@ -126,6 +127,11 @@ def _meter(row: Row[Any], account: str) -> Meter:
         quantity_rated=int(row.quantity_rated),
         posted_minor=row.posted_minor,
         seq=row.seq,
+        settled_at=row.settled_at,
+        fallback_quantity=int(row.fallback_quantity),
+        fallback_minor=int(row.fallback_minor),
+        late_quantity=int(row.late_quantity),
+        late_records=int(row.late_records),
     )
 
 
@@ -532,7 +538,7 @@ class Ledger:
             # Wholly inside the window: a record's measure is what rating counts for it.
             quantity = sum(rows[i][ingest.MEASURE] for i in indexes)
             last_end = max(rows[i][ingest.END] for i in indexes)
-            self._charge(conn, m, quantity, last_end, now)
+            self._charge(conn, m, quantity, last_end, now, len(indexes))
             for i in indexes:
                 out[i] = (*rows[i][: ingest.RATED.start], rows[i][ingest.END], meter_id, rated_at)
         return out
@@ -710,6 +716,93 @@ class Ledger:
             name = self._names(conn, {row.account_id})[row.account_id]
         return _meter(row, name)
 
+    def settle_meter(
+        self,
+        meter_id: str,
+        at: datetime,
+        *,
+        fallback: bool = False,
+        memo: str = "",
+        meta: dict[str, Any] | None = None,
+    ) -> Meter:
+        """Finalize a closed meter: from now on its usage is never charged again.
+
+        In one transaction: rate the meter's pending usage (ended by ``at``); then, with
+        ``fallback`` (gpu_time meters only), bill the GPU-seconds the agents did not
+        report from the control plane's timestamps (``gpus`` x whole seconds from
+        opened_at to closed_at), as the delta of the rounded cumulative total, key
+        ``meter-fallback:{meter_id}``; and mark the meter settled. Usage of the meter's
+        window that arrives later is stored (idempotently, as any usage) and rated as
+        *late*: counted in ``late_records``/``late_quantity``, not charged. So a run is
+        charged at most once for each second it held its GPUs, whichever source told.
+
+        Idempotent: settling a settled meter returns it unchanged. A fallback entry that
+        already exists (posted by an earlier operator outside this method) is adopted,
+        not posted again. InvalidInput for an open meter.
+        """
+        v.instant(at, "at")
+        v.text(memo, "memo", max_len=4000, empty=True)
+        with self.engine.begin() as conn:
+            ingest.lock_usage(conn)  # PostgreSQL: no usage is rated concurrently
+            row = self._meter_row(conn, meter_id, lock=True)
+            if row.settled_at is None:
+                self._settle(conn, row, at, fallback, memo, dict(meta or {}))
+                row = self._meter_row(conn, meter_id)
+            name = self._names(conn, {row.account_id})[row.account_id]
+        return _meter(row, name)
+
+    def _settle(
+        self,
+        conn: Connection,
+        row: Row[Any],
+        at: datetime,
+        fallback: bool,
+        memo: str,
+        meta: dict[str, Any],
+    ) -> None:
+        meter_id = row.meter_id
+        if row.closed_at is None:
+            raise InvalidInput(f"meter_id: meter {meter_id!r} is still open; close it first")
+        if at < row.closed_at:
+            raise InvalidInput(f"at: {at} is before the meter closed ({row.closed_at})")
+        if fallback and row.kind != MeterKind.GPU_TIME.value:
+            raise InvalidInput(
+                f"fallback: only gpu_time meters are billed from control-plane timestamps, "
+                f"meter {meter_id!r} is {row.kind}"
+            )
+        at_s = schema.to_us(at) // 1_000_000
+        while self._rate_meter(conn, meter_id, at, at_s) >= _RATE_CHUNK:
+            pass  # a backlog: rated in chunks, all inside this transaction
+        row = self._meter_row(conn, meter_id)
+        acct = conn.execute(_LOCK_ACCOUNT, {"acct_id": row.account_id}).one()
+        meter = _meter(row, acct.name)
+        held = row.gpus * elapsed_seconds(row.opened_at, row.closed_at)
+        missing = held - meter.quantity_rated if fallback else 0
+        amount = 0
+        if missing > 0:
+            key = f"meter-fallback:{meter_id}"
+            existing = conn.execute(_ENTRY_BY_KEY, {"key": key}).first()
+            if existing is not None:  # posted before settlement existed: adopt it
+                amount = -existing.amount_minor
+            else:
+                exact = rating.exact_cost(held, meter)
+                amount = next_posting(exact, meter.posted_minor, acct.currency)
+                if amount:
+                    meta = {**meta, "meter_id": meter_id, "gpu_seconds": missing}
+                    self._post(
+                        conn, acct, EntryKind.CHARGE, -amount, key, row.resource, memo, at, meta
+                    )
+        conn.execute(
+            update(M)
+            .where(M.c.meter_id == meter_id)
+            .values(
+                settled_at=at,
+                fallback_quantity=max(missing, 0),
+                fallback_minor=amount,
+                posted_minor=row.posted_minor + amount,
+            )
+        )
+
     def _meter_row(self, conn: Connection, meter_id: str, *, lock: bool = False) -> Row[Any]:
         query = select(M).where(M.c.meter_id == meter_id)
         if lock:
@@ -725,16 +818,39 @@ class Ledger:
             name = self._names(conn, {row.account_id})[row.account_id]
         return _meter(row, name)
 
-    def meters(self, account: str | None = None, *, open_only: bool = False) -> list[Meter]:
+    def meters(
+        self, account: str | None = None, *, open_only: bool = False, late_only: bool = False
+    ) -> list[Meter]:
+        """Meters by opening time. ``late_only``: settled meters that received usage
+        after their settlement (stored, not charged: for operators to look into)."""
         with self._read() as conn:
             query = select(M).order_by(M.c.opened_at, M.c.meter_id)
             if account is not None:
                 query = query.where(M.c.account_id == self._account_row(conn, account).id)
             if open_only:
                 query = query.where(M.c.closed_at.is_(None))
+            if late_only:
+                query = query.where(M.c.late_records > 0)
             rows = conn.execute(query).all()
             names = self._names(conn, {r.account_id for r in rows})
         return [_meter(r, names[r.account_id]) for r in rows]
+
+    def gpus_seen(self, pod_uid: str, *, since: datetime | None = None) -> list[str]:
+        """UUIDs of the GPUs the agents reported for this pod (gpu_time usage whose owner
+        is ``pod_uid``, ending after ``since`` if given), sorted. Rated usage is found
+        through the pod's meters, unrated usage through the unrated index, so the query
+        never scans other pods' usage."""
+        v.text(pod_uid, "pod_uid")
+        gpu = UsageKind.GPU_TIME.value
+        conds = [U.c.kind == gpu, U.c.owner == pod_uid]
+        if since is not None:
+            conds.append(U.c.end_s > v.instant(since, "since").timestamp())
+        pod_meters = select(M.c.meter_id).where(M.c.kind == gpu, M.c.subject == pod_uid)
+        rated = select(U.c.subject).where(U.c.meter_id.in_(pod_meters), *conds)
+        unrated = select(U.c.subject).where(U.c.rated_until < U.c.end_s, *conds)
+        with self._read() as conn:
+            subjects = conn.execute(rated.union(unrated)).scalars().all()
+        return sorted(set(subjects))
 
     def _usage_for_meter(self, row: Row[Any], now_s: int) -> Any:
         """The unrated usage a meter may rate: same kind and owner, overlapping its window,
@@ -800,15 +916,33 @@ class Ledger:
         pending = rating.pending_usage(conn, row.kind, row.subject, window, now_s, _RATE_CHUNK)
         if pending.count == 0:
             return 0
-        self._charge(conn, row, pending.quantity, pending.last_end, now)
+        self._charge(conn, row, pending.quantity, pending.last_end, now, pending.count)
         rating.mark_rated(conn, pending, meter_id, closed, schema.to_us(now))
         return pending.count
 
     def _charge(
-        self, conn: Connection, row: Row[Any], quantity: int, last_end: int, now: datetime
+        self,
+        conn: Connection,
+        row: Row[Any],
+        quantity: int,
+        last_end: int,
+        now: datetime,
+        records: int,
     ) -> None:
-        """Add ``quantity`` to the meter (its row locked by the caller) and post the delta
-        of its rounded cumulative charge, key ``meter:{meter_id}:{seq}``."""
+        """Add ``quantity`` (of ``records`` usage rows) to the meter (its row locked by
+        the caller) and post the delta of its rounded cumulative charge, key
+        ``meter:{meter_id}:{seq}``. A settled meter charges nothing: the run was billed
+        for good, so the usage is only counted as late."""
+        if row.settled_at is not None:
+            conn.execute(
+                update(M)
+                .where(M.c.meter_id == row.meter_id)
+                .values(
+                    late_quantity=str(int(row.late_quantity) + quantity),
+                    late_records=M.c.late_records + records,
+                )
+            )
+            return
         acct = conn.execute(_LOCK_ACCOUNT, {"acct_id": row.account_id}).one()
         meter = _meter(row, acct.name)
         cumulative = meter.quantity_rated + quantity
@@ -856,14 +990,27 @@ class Ledger:
                     M.c.closed_at.is_(None),
                 )
             ).all()
+            # one query for every meter's unrated usage (an admission check runs this for
+            # accounts with many running instances; one query per meter was the cost)
+            by_owner: defaultdict[str, list[Row[Any]]] = defaultdict(list)
+            if rows:
+                for u in conn.execute(
+                    select(U.c.owner, U.c.kind, U.c.rated_until, U.c.end_s, U.c.quantity).where(
+                        U.c.kind == MeterKind.GPU_TIME.value,
+                        U.c.owner.in_({row.subject for row in rows}),
+                        U.c.rated_until < U.c.end_s,
+                    )
+                ):
+                    by_owner[u.owner].append(u)
             for row in rows:
                 meter = _meter(row, account)
                 window = rating.meter_window(meter)
-                unrated = conn.execute(
-                    select(U.c.kind, U.c.rated_until, U.c.end_s, U.c.quantity).where(
-                        self._usage_for_meter(row, 2**62)
-                    )
-                ).all()
+                opened = window[0]
+                unrated = [
+                    (u.kind, u.rated_until, u.end_s, u.quantity)
+                    for u in by_owner[row.subject]
+                    if u.end_s > opened
+                ]
                 quantity = meter.quantity_rated + rating.sum_clipped(unrated, window)
                 ends = [e for _, _, e, _ in unrated]
                 last = max([window[0], row.last_usage_end or window[0], *ends])

@@ -142,6 +142,13 @@ meters = Table(
     Column("posted_minor", BigInteger, nullable=False),
     Column("seq", Integer, nullable=False),
     Column("last_usage_end", BigInteger),  # POSIX s, for accrual estimates
+    # Settlement (settle_meter): the run is billed for good. Usage that arrives later is
+    # stored and counted here as late, never charged (the fallback already billed it).
+    Column("settled_at", Instant),
+    Column("fallback_quantity", BigInteger, nullable=False, server_default="0"),
+    Column("fallback_minor", BigInteger, nullable=False, server_default="0"),
+    Column("late_quantity", Text, nullable=False, server_default="0"),
+    Column("late_records", BigInteger, nullable=False, server_default="0"),
     Index("ix_ledger_meters_subject", "kind", "subject"),
     Index("ix_ledger_meters_account", "account_id"),
 )

@@ -95,8 +95,14 @@ class Meter:
     memo: str
     gpus: int
     quantity_rated: int  # GPU-seconds or byte-seconds rated so far (exact numerator)
-    posted_minor: int  # charged so far, positive minor units
+    posted_minor: int  # charged so far, positive minor units (the fallback included)
     seq: int  # charge entries posted so far
+    # Settlement (Ledger.settle_meter): once settled_at is set nothing more is charged.
+    settled_at: datetime | None = None
+    fallback_quantity: int = 0  # GPU-seconds billed from control-plane timestamps
+    fallback_minor: int = 0  # what the fallback entry charged, positive minor units
+    late_quantity: int = 0  # usage that arrived after settlement: stored, never charged
+    late_records: int = 0
 
 
 @dataclass(frozen=True, slots=True)

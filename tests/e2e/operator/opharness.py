@@ -44,13 +44,17 @@ class Harness:
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp / "operator.log"
+        # Who the operator is: the test bed's admin, or (tests/chart) a ServiceAccount's
+        # kubeconfig with its peering instead of --standalone.
+        self.kubeconfig: Path = tb.kubeconfig
+        self.mode_args: list[str] = ["--standalone"]
 
     # -- the operator process --------------------------------------------------------
     def start(self) -> None:
         port = free_port()
         env = dict(os.environ)
         env |= {
-            "KUBECONFIG": str(self.tb.kubeconfig),
+            "KUBECONFIG": str(self.kubeconfig),
             "GPUCLOUD_LEDGER_URL": self.ledger_url,
             "GPUCLOUD_CLOCK": f"file:{self.clock.path}",
         }
@@ -59,7 +63,7 @@ class Harness:
             sys.executable,
             "-m",
             "gpucloud_operator.main",
-            "--standalone",
+            *self.mode_args,
             "--all-namespaces",
             "--liveness",
             f"http://127.0.0.1:{port}/healthz",

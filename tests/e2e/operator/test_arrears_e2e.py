@@ -1,15 +1,16 @@
 """Arrears end to end: the operator process on the test bed, a real SQLite ledger, a file
 clock, real data folders and a real webhook server. A funded account runs an instance
 into arrears: warning, shutdown at the arrears instant, only storage billed after it,
-deletion of instance storage, cloud disk and image exactly at day 7; and a recharge on
-day 6 that saves the data."""
+deletion of instance storage, cloud disk and image exactly at day 7; a recharge on
+day 6 that saves the data; a package shut down by arrears refunding its unused term; and
+a cloud disk mounted into an instance pod through a Bound ReadWriteMany claim."""
 
 from __future__ import annotations
 
 import json
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -207,3 +208,136 @@ def test_recharge_on_day_6_saves_the_data(arrears: Harness, hook: Hook) -> None:
     h.patch_spec("job", {"state": "Stopped"})
     h.patch_spec("job", {"state": "Running"})
     h.wait_phase("job", "Running")
+
+
+def disk_users(h: Harness) -> dict[str, Any]:
+    return {
+        "apiVersion": "gpucloud.dev/v1alpha1",
+        "kind": "GPUInstance",
+        "metadata": {"name": "job", "namespace": h.ns},
+        "spec": {
+            "gpu": {"product": L40S, "count": 1},
+            "billing": {"mode": "PayAsYouGo"},
+            "storage": {"quotaGi": 50},
+            "state": "Running",
+            "cloudDisks": ["scratch"],
+        },
+    }
+
+
+def test_cloud_disk_is_a_bound_claim_mounted_into_the_pod(arrears: Harness) -> None:
+    """A missing disk refuses the start (nothing charged); once the disk is Ready its
+    ReadWriteMany claim is Bound and the pod mounts it; deleting it waits for the stop."""
+    h = arrears
+    h.fund(100_00)
+    h.start()
+    h.tb.apply([disk_users(h)])
+    st = h.wait_phase("job", "Refused")
+    ready = {c["type"]: c for c in st["conditions"]}["Ready"]
+    assert ready["reason"] == "CloudDiskNotFound"
+    assert ready["message"].startswith("spec.cloudDisks[0]: CloudDisk 'scratch' does not exist")
+    h.wait(lambda: "CloudDiskNotFound" in h.events("job"), "the refusal event")
+    assert h.pod("job") is None and h.charges() == 0 and not h.ledger.meters(h.account)
+    h.tb.apply(
+        [
+            {
+                "apiVersion": "gpucloud.dev/v1alpha1",
+                "kind": "CloudDisk",
+                "metadata": {"name": "scratch", "namespace": h.ns},
+                "spec": {"capacityGi": 10},
+            }
+        ]
+    )
+    disk = h.wait(
+        lambda: (
+            (s := item(h, "clouddisk", "scratch")).get("phase") == "Ready"
+            and any(c["type"] == "Ready" and c["status"] == "True" for c in s["conditions"])
+            and s
+        ),
+        "the disk to be Ready",
+    )
+    assert disk["claimName"] == "scratch-clouddisk"
+    pvc = get_json(h.tb, "pvc", "scratch-clouddisk", "-n", h.ns)
+    assert pvc["status"]["phase"] == "Bound"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    pv = get_json(h.tb, "pv", pvc["spec"]["volumeName"])
+    assert pv["spec"]["hostPath"]["path"] == str(h.tmp / "data/disks" / h.ns / "scratch")
+    assert (h.tmp / "data/disks" / h.ns / "scratch").is_dir()
+    h.wait_phase("job", "Running")
+    pod = h.pod("job")
+    assert pod is not None
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {"data": "job-data", "cloud-disk-0": "scratch-clouddisk"}
+    mounts = {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["cloud-disk-0"] == "/root/disks/scratch"
+    # deleting the disk while the instance runs is held by the finalizer, with a condition
+    h.tb.kubectl("delete", "clouddisk", "scratch", "-n", h.ns, "--wait=false")
+    held = h.wait(
+        lambda: next(
+            (
+                c
+                for c in item(h, "clouddisk", "scratch").get("conditions") or []
+                if c["type"] == "DeletionHeld"
+            ),
+            None,
+        ),
+        "the deletion to be held",
+    )
+    assert held["reason"] == "InUse" and f"{h.ns}/job" in held["message"]
+    assert "DeletionHeld" in h.events("scratch")
+    assert get_json(h.tb, "pv", pv["metadata"]["name"])["metadata"]["name"]
+    h.patch_spec("job", {"state": "Stopped"})
+    h.wait_phase("job", "Stopped")
+    h.wait(
+        lambda: h.tb.kubectl("get", "clouddisk", "scratch", "-n", h.ns, check=False).returncode,
+        "the disk's deletion to complete",
+    )
+    h.wait(
+        lambda: h.tb.kubectl("get", "pv", pv["metadata"]["name"], check=False).returncode,
+        "the disk's volume to go",
+    )
+    assert not (h.tmp / "data/disks" / h.ns / "scratch").exists()
+
+
+def test_arrears_shutdown_refunds_the_unused_package_term(arrears: Harness, hook: Hook) -> None:
+    """A day package (L40S 112.00) shut down by arrears 5 h into its term keeps 5 h at the
+    pay-as-you-go rate (26.00) and refunds 86.00, which pays the debt: arrears end."""
+    h = arrears
+    h.fund(112_00)
+    h.start()
+    h.instance("pkg", L40S, mode="Package", period="Day")
+    st = h.wait_phase("pkg", "Running")
+    start = st["packageTerms"][0]["start"]
+    uid = h.get("pkg")["metadata"]["uid"]
+    assert h.ledger.balance(h.account) == 0
+    h.wait(lambda: acct_status(h).get("state") in ("Active", "LowBalance"), "the account state")
+    h.advance(5 * 3600)
+    arrears_at = h.clock.now()
+    h.ledger.post_entry(h.account, EntryKind.ADJUSTMENT, -1_00, f"{h.ns}:late-fee", at=arrears_at)
+    h.wait(lambda: any(m["type"] == "Arrears" for m in hook.received), "the arrears webhook")
+    st = h.wait_phase("pkg", "Stopped")
+    assert st["stoppedAt"] == arrears_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert "ArrearsShutdown" in h.events("pkg")
+    used_s = int((arrears_at - datetime.fromisoformat(start)).total_seconds())
+    assert used_s == 5 * 3600
+    refund = 112_00 - to_minor(Decimal("5.20") * used_s / 3600)
+    assert refund == 86_00
+    ledger = [
+        (e.kind, e.amount_minor, e.key)
+        for e in sorted(h.ledger.entries(h.account, limit=1000), key=lambda e: e.id)
+    ]
+    assert ledger == [
+        (EntryKind.RECHARGE, 112_00, f"{h.ns}:fund"),
+        (EntryKind.CHARGE, -112_00, f"package:{uid}:1"),
+        (EntryKind.ADJUSTMENT, -1_00, f"{h.ns}:late-fee"),
+        (EntryKind.REFUND, 86_00, f"package-refund:{uid}:1"),
+    ]
+    assert h.ledger.balance(h.account) == 85_00
+    assert h.status("pkg")["packageTerms"][0]["end"] == st["stoppedAt"]
+    h.wait(lambda: acct_status(h).get("state") != "Arrears", "the refund to end the arrears")
+    h.wait(lambda: any(m["type"] == "ArrearsCleared" for m in hook.received), "the webhook")
+    assert h.status("pkg")["phase"] == "Stopped"  # until the user starts it again

@@ -10,6 +10,7 @@ import pytest
 from opharness import Harness
 
 from gpucloud.billing import to_minor
+from gpucloud.usage import GPURef, PodRef, UsageKind, UsageRecord
 
 pytestmark = pytest.mark.e2e
 
@@ -153,3 +154,58 @@ def test_sigkill_during_stop_and_settlement_charges_once(harness: Harness) -> No
     h.wait(lambda: "unsettledMeters" not in h.status("nb"), "the settlement bookkeeping")
     assert h.charges() == to_minor(Decimal("5.20") * 500 / 3600) == 72
     assert len(h.entries("meter-fallback:")) == 1
+
+
+def test_late_agent_usage_after_the_fallback_is_stored_not_charged(harness: Harness) -> None:
+    """The agent's usage for part of a run is missing at the end of the grace period:
+    the rest is billed from the control plane; when the usage arrives after all, it is
+    stored and shown as late on the meter, and the balance does not move."""
+    h = harness
+    h.fund(100_00)
+    h.start()
+    h.instance("nb", L40S, 1)
+    st = h.wait_phase("nb", "Running")
+    pod = h.pod("nb")
+    assert pod is not None
+    meter = h.ledger.get_meter(st["meterId"])
+    t0 = int(meter.opened_at.timestamp())
+
+    def windows(lo: int, hi: int) -> list[UsageRecord]:
+        return [
+            UsageRecord(
+                kind=UsageKind.GPU_TIME,
+                node=pod["spec"]["nodeName"],
+                start=t0 + s,
+                end=t0 + s + 10,
+                quantity=10,
+                gpu=GPURef(uuid="GPU-e2e-0", product=L40S),
+                pod=PodRef(namespace=h.ns, name="nb-gpu", uid=pod["metadata"]["uid"]),
+            )
+            for s in range(lo, hi, 10)
+        ]
+
+    h.ledger.ingest_usage(windows(0, 400), received_at=h.clock.now())
+    h.wait(lambda: h.status("nb").get("gpus") == ["GPU-e2e-0"], "status.gpus from the usage")
+    h.advance(1000)
+    h.patch_spec("nb", {"state": "Stopped"})
+    assert "gpus" not in h.wait_phase("nb", "Stopped")
+    h.advance(61)
+    h.wait(lambda: h.entries("meter-fallback:"), "the control-plane settlement")
+    h.wait(lambda: "unsettledMeters" not in h.status("nb"), "the settlement bookkeeping")
+    whole_run = to_minor(Decimal("5.20") * 1000 / 3600)
+    assert h.charges() == whole_run == 144  # 400 s from the agent, 600 s from the control plane
+    assert h.entries("meter-fallback:")[0].meta["gpu_seconds"] == 600
+    assert "MeteringFallback" in h.events("nb")
+    balance = h.ledger.balance(h.account)
+
+    late = h.ledger.ingest_usage(
+        windows(400, 1000), received_at=h.clock.now(), rate_at=h.clock.now()
+    )
+    assert late.accepted == 60
+    h.ledger.rate_pending(h.clock.now())
+    assert h.ledger.balance(h.account) == balance and h.charges() == 144
+    assert h.status("nb")["accruedCost"] == "1.44"
+    m = h.ledger.get_meter(meter.meter_id)
+    assert m.settled_at is not None
+    assert (m.late_records, m.late_quantity, m.quantity_rated) == (60, 600, 400)
+    assert [x.meter_id for x in h.ledger.meters(h.account, late_only=True)] == [meter.meter_id]
