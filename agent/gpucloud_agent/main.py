@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         _add(p, "wal-segment-bytes", 4 << 20, type=int)
         _add(p, "disk-root", help="root of instances/, disks/, images/ (unset: no disk metering)")
         _add(p, "disk-metrics-interval", 300.0, type=float, help="seconds between disk gauges")
+        _add(
+            p,
+            "wipe-interval",
+            30.0,
+            type=float,
+            help="seconds between fetches of the node's wipes (needs --disk-root)",
+        )
         _add(p, "metrics-address", "0.0.0.0")
         _add(p, "metrics-port", 9400, type=int)
         _add(p, "sample-period", 1.0, type=float, help="seconds between samples")
@@ -110,6 +117,7 @@ def run_agent(args: argparse.Namespace) -> int:
     from gpucloud_agent.pods import DerivedUidResolver, KubeUidResolver, PodUidResolver
     from gpucloud_agent.shipper import Shipper
     from gpucloud_agent.wal import Wal
+    from gpucloud_agent.wipe import WipeCollector, Wiper
 
     if not args.node_name:
         return _fail("--node-name (or GPUCLOUD_AGENT_NODE_NAME) is required")
@@ -175,6 +183,20 @@ def run_agent(args: argparse.Namespace) -> int:
     registry.register(
         AgentCollector(agent.stats, lambda: wal.backlog, lambda: shipper.errors_total)
     )
+    wiper = None
+    if args.disk_root:
+        try:
+            wiper = Wiper(
+                args.node_name,
+                args.api_url,
+                args.disk_root,
+                shipper.client,
+                shipper.headers,
+                args.wipe_interval,
+            )
+        except ValueError as exc:
+            return _fail(str(exc))
+        registry.register(WipeCollector(wiper))
     http = serve_http(
         args.metrics_address, args.metrics_port, registry, agent.ready, agent.debug_state
     )
@@ -182,10 +204,14 @@ def run_agent(args: argparse.Namespace) -> int:
     threading.Thread(target=shipper.run, name="shipper", daemon=True).start()
     loop = threading.Thread(target=agent.run, name="sampler", daemon=True)
     loop.start()
+    if wiper is not None:
+        threading.Thread(target=wiper.run, name="wiper", daemon=True).start()
     log.info("agent for node %s started, metrics on :%d", args.node_name, http.server_port)
     done.wait()
     agent.stop()
     loop.join(timeout=5)
+    if wiper is not None:
+        wiper.stop()
     shipper.stop()
     http.shutdown()
     wal.close()

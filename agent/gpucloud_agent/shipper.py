@@ -52,6 +52,14 @@ class Shipper:
         self._client = httpx.Client(timeout=timeout_s)
         self._stop = threading.Event()
 
+    @property
+    def client(self) -> httpx.Client:
+        """The HTTP client, shared with the wipe loop (one connection pool, one token)."""
+        return self._client
+
+    def headers(self) -> dict[str, str]:
+        return self._headers()
+
     def _headers(self) -> dict[str, str]:
         if not self.token_file:
             return {}

@@ -10,13 +10,11 @@ included) repeats the same postings with the same keys on restart: the ledger an
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from fractions import Fraction
-from pathlib import Path
 from typing import Any, Protocol
 
 from gpucloud.billing import (
@@ -72,6 +70,7 @@ class KubeAPI(Protocol):
     def pvc_bound(self, namespace: str, name: str) -> bool: ...
     def delete_pvc(self, namespace: str, name: str) -> None: ...
     def delete_pv(self, name: str) -> None: ...
+    def get_pv(self, name: str) -> Obj | None: ...
     def gpu_nodes(self) -> list[NodeGPUs]: ...
     def gpu_pods(self, ttl: float = 0.0) -> list[Obj]: ...
     def event(
@@ -387,6 +386,8 @@ class InstanceReconciler:
 
     def _reconcile_resolved(self, p: Pass) -> None:
         self._settle_meters(p)
+        if self._wipe_pending(p):  # a deleted volume's folder is not removed yet
+            return
         if self._arrears(p):
             return
         self._settle_storage(p, final=False)
@@ -983,26 +984,25 @@ class InstanceReconciler:
             self._leave_term(p, last, at=max(p.now, start), arrears=True)
 
     def _delete_data(self, p: Pass, at: datetime) -> None:
-        """Storage is settled up to ``at`` exactly, then the volume and its data go.
-        Every step is idempotent, so a pass killed midway repeats it."""
+        """Storage is settled up to ``at`` exactly, then the volume goes: the agent of the
+        volume's node is asked (through the ledger) to remove the node-local folder, and
+        claim and volume are deleted. DataDeleted stays False (WipePending) until the
+        agent reports the folder gone (``_wipe_pending``). Every step is idempotent, so a
+        pass killed midway repeats it."""
         saved, p.now = p.now, at
         self._settle_storage(p, final=True)
         p.now = saved
+        node = p.status.get("volumeNode") or self._pv_node(p)
+        if node:  # before the PV goes: a pass killed after it still finds the node
+            self.ledger.request_wipe(
+                node, f"instances/{p.ns}/{p.name}", self._wipe_subject(p), p.account, at
+            )
         self.kube.delete_pvc(p.ns, b.pvc_name(p.name))
         self.kube.delete_pv(b.pv_name(p.uid))
-        path = Path(self.cfg.data_root) / "instances" / p.ns / p.name
-        shutil.rmtree(path, ignore_errors=True)
         message = (
             f"instance storage deleted at {r.fmt(at)} after "
-            f"{self.cfg.arrears_retention_s // 3600} h of arrears"
-        )
-        self.ledger.record_audit(
-            p.account,
-            "gpucloud-operator",
-            "data.deleted",
-            f"instance:{p.resource}",
-            {"kind": "instance_volume", "resource": p.resource, "path": str(path)},
-            at,
+            f"{self.cfg.arrears_retention_s // 3600} h of arrears; waiting for the agent of "
+            f"node {node!r} to remove the folder (a start waits for it too)"
         )
         self._patch(
             p,
@@ -1011,12 +1011,94 @@ class InstanceReconciler:
                 "storageBilledUntil": None,
                 "volumeNode": None,
                 "message": message,
+                "conditions": self._conditions(p, ("DataDeleted", False, "WipePending", message)),
+            },
+        )
+        self._wipe_pending(p, deleted_at=at, node=node)
+
+    def _path_being_wiped(self, p: Pass) -> bool:
+        """An instance about to place a new volume where another one's folder (an earlier
+        instance of the same name) is still to be wiped waits: True."""
+        if (
+            p.status.get("volumeNode")
+            or p.phase in r.ACTIVE_PHASES
+            or p.spec.get("state", "Running") != "Running"
+        ):
+            return False
+        other = self.ledger.pending_wipe_at(f"instances/{p.ns}/{p.name}")
+        if other is None:
+            return False
+        self._patch(
+            p,
+            {
+                "message": f"waiting for the agent of node {other.node!r} to remove the "
+                f"folder of a deleted volume of the same name ({other.subject})"
+            },
+        )
+        return True
+
+    def _wipe_subject(self, p: Pass) -> str:
+        # one volume per run count: a new volume is only ever created by a new run
+        return f"instance-volume:{p.uid}:{int(p.status.get('runs') or 0)}"
+
+    def _pv_node(self, p: Pass) -> str | None:
+        """The node of the instance's local volume, from its node affinity."""
+        pv = self.kube.get_pv(b.pv_name(p.uid)) or {}
+        terms = (((pv.get("spec") or {}).get("nodeAffinity") or {}).get("required") or {}).get(
+            "nodeSelectorTerms"
+        ) or []
+        for term in terms:
+            for expr in term.get("matchExpressions") or []:
+                if expr.get("key") == "kubernetes.io/hostname" and expr.get("values"):
+                    return str(expr["values"][0])
+        return None
+
+    def _wipe_pending(
+        self, p: Pass, deleted_at: datetime | None = None, node: str | None = None
+    ) -> bool:
+        """While the agent has not removed a deleted volume's folder: True (the pass
+        stops here, so no new volume is placed at that path). Once it reports the wipe
+        done: DataDeleted=True, the event and the audit record."""
+        cond = next(
+            (c for c in p.status.get("conditions") or [] if c.get("type") == "DataDeleted"), None
+        )
+        if cond is None or cond.get("reason") != "WipePending":
+            return self._path_being_wiped(p)
+        wipe = self.ledger.get_wipe(self._wipe_subject(p))
+        if wipe is not None and wipe.done_at is None:
+            return True
+        at = wipe.requested_at if wipe is not None else (deleted_at or p.now)
+        freed = (wipe.bytes_freed or 0) if wipe is not None else 0
+        where = f" on node {wipe.node}" if wipe is not None else " (no node held it)"
+        message = (
+            f"instance storage deleted at {r.fmt(at)} after "
+            f"{self.cfg.arrears_retention_s // 3600} h of arrears; {freed} bytes freed{where}"
+        )
+        self.ledger.record_audit(
+            p.account,
+            "gpucloud-operator",
+            "data.deleted",
+            f"instance:{p.resource}",
+            {
+                "kind": "instance_volume",
+                "resource": p.resource,
+                "path": f"instances/{p.ns}/{p.name}",
+                "node": wipe.node if wipe is not None else node,
+                "bytes_freed": freed,
+            },
+            at,
+        )
+        self._patch(
+            p,
+            {
+                "message": message,
                 "conditions": self._conditions(
                     p, ("DataDeleted", True, "ArrearsRetention", message)
                 ),
             },
         )
         self._event(p, "Warning", "DataDeleted", message)
+        return False
 
     # -- packages ---------------------------------------------------------------------
     def _buy_term(self, p: Pass, period: Any, start: datetime) -> bool:
@@ -1283,17 +1365,26 @@ class InstanceReconciler:
                 self._patch(p, {"message": "released: waiting for the last usage to settle"})
                 return False
         self.kube.delete_pod(p.ns, b.pod_name(p.name), grace_s=0)
+        # the data: the agent of the volume's node removes the folder (durable request in
+        # the ledger, so it is done even if that agent is down now; a new instance of the
+        # same name waits for it before placing a volume at that path)
+        node = p.status.get("volumeNode") or self._pv_node(p)
+        if node and p.account:
+            self.ledger.request_wipe(
+                node, f"instances/{p.ns}/{p.name}", self._wipe_subject(p), p.account, p.now
+            )
         self.kube.delete_pvc(p.ns, b.pvc_name(p.name))
         self.kube.delete_pv(b.pv_name(p.uid))
+        data = f"the agent of node {node!r} removes the data" if node else "no data was held"
         self._patch(
             p,
             {
                 "phase": "Released",
-                "message": "released: settled, pod, volume and data deleted",
+                "message": f"released: settled, pod and volume deleted; {data}",
                 "conditions": self._conditions(p, ("Ready", False, "Released", "released")),
             },
         )
-        self._event(p, "Normal", "Released", "settled; pod, volume and data deleted")
+        self._event(p, "Normal", "Released", f"settled; pod and volume deleted; {data}")
         self._note_phase(p.uid, p.ns, None)
         with self._placement_lock:
             self._assumed.pop(p.uid, None)

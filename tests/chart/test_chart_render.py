@@ -97,11 +97,18 @@ def test_agent_daemonset(defaults: list[dict[str, Any]]) -> None:
     assert mounts["pod-resources"]["readOnly"] is True
     assert volumes["data"]["hostPath"]["path"] == "/var/lib/gpucloud"
     assert mounts["data"]["readOnly"] is True
+    # only instances/ is writable: the agent removes the instance folders to wipe
+    assert volumes["instances"]["hostPath"]["path"] == "/var/lib/gpucloud/instances"
+    assert mounts["instances"]["mountPath"] == "/var/lib/gpucloud/instances"
+    assert not mounts["instances"].get("readOnly")
     token = volumes["api-token"]["projected"]["sources"][0]["serviceAccountToken"]
     assert token["audience"] == "gpucloud-api"
     assert env["GPUCLOUD_AGENT_TOKEN_FILE"] == "/var/run/secrets/gpucloud/token"
     sc = c["securityContext"]
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["DAC_READ_SEARCH"]}
+    assert sc["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["DAC_READ_SEARCH", "DAC_OVERRIDE", "FOWNER"],
+    }
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
     # The API only accepts usage from this ServiceAccount, with this audience.
     api_env = env_of(containers(find(defaults, "Deployment", "-api"))[0])

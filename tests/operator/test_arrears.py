@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from gpucloud_agent.wipe import remove, resolve
 from gpucloud_operator import arrears as ar
 from gpucloud_operator.accounts import AccountReconciler
 from gpucloud_operator.notify import Notifier
@@ -142,16 +143,32 @@ def test_arrears_shutdown_storage_only_then_deletion_at_day_7(world: World, tmp_
     rec.refresh_account(acct)
     w.tick()
     assert w.kube.pvs and (tmp_path / "data/instances" / NS / "job").exists()
+    node = w.status("job")["volumeNode"]
     w.clock.set(since + WEEK + timedelta(minutes=30))
     rec.refresh_account(acct)
     w.tick()
     st = w.status("job")
-    assert not w.kube.pvs and not w.kube.pvcs
-    assert not (tmp_path / "data/instances" / NS / "job").exists()
-    assert "DataDeleted" in w.kube.reasons("job") and "volumeNode" not in st
-    assert any(c["type"] == "DataDeleted" and c["status"] == "True" for c in st["conditions"])
+    assert not w.kube.pvs and not w.kube.pvcs and "volumeNode" not in st
+    # the folder is node-local: the node's agent removes it, asked through the ledger
+    folder = tmp_path / "data/instances" / NS / "job"
+    (wipe,) = w.ledger.pending_wipes(node)
+    assert wipe.path == f"instances/{NS}/job" and wipe.requested_at == since + WEEK
+    assert folder.exists() and "DataDeleted" not in w.kube.reasons("job")
+    (cond,) = [c for c in st["conditions"] if c["type"] == "DataDeleted"]
+    assert (cond["status"], cond["reason"]) == ("False", "WipePending")
+    w.tick()  # still pending: nothing changes
+    assert w.status("job")["conditions"] == st["conditions"]
+    freed = remove(resolve(tmp_path / "data", wipe.path))  # what the agent does
+    assert freed is not None and freed >= 10_000 and not folder.exists()
+    w.ledger.complete_wipe(wipe.id, node, freed, w.clock.now())
+    w.tick()
+    st = w.status("job")
+    assert "DataDeleted" in w.kube.reasons("job")
+    (cond,) = [c for c in st["conditions"] if c["type"] == "DataDeleted"]
+    assert cond["status"] == "True" and f"{freed} bytes freed on node {node}" in cond["message"]
     audit = [a for a in w.ledger.audit_events("acme") if a.action == "data.deleted"]
     assert [(a.subject, a.at) for a in audit] == [(f"instance:{NS}/job", since + WEEK)]
+    assert audit[0].detail["bytes_freed"] == freed
     # storage billed exactly up to the deletion instant, not a second more
     last = max(
         (e for e in w.ledger.entries("acme", limit=10_000) if e.key.startswith("storage:")),
@@ -163,6 +180,24 @@ def test_arrears_shutdown_storage_only_then_deletion_at_day_7(world: World, tmp_
     before = w.ledger.balance("acme")
     w.tick()
     assert w.ledger.balance("acme") == before  # nothing left to bill
+
+
+def test_a_start_waits_until_a_pending_wipe_of_its_path_is_done(world: World) -> None:
+    """An instance re-created under a deleted one's name would place its volume at the
+    folder the agent is about to remove: it waits for the wipe."""
+    w = world
+    w.fund(100_00)
+    old = w.ledger.request_wipe(
+        "gpu-node-x", f"instances/{NS}/job", "instance-volume:old-uid:1", "acme", w.clock.now()
+    )
+    w.instance("job", "NVIDIA-L40S")
+    w.tick()
+    st = w.status("job")
+    assert st.get("phase") is None and not w.kube.pods and not w.kube.pvs
+    assert "waiting for the agent of node 'gpu-node-x'" in st["message"]
+    w.ledger.complete_wipe(old.id, "gpu-node-x", 0, w.clock.now())
+    w.tick()
+    assert w.status("job")["phase"] == "Running"
 
 
 def test_recharge_on_day_6_saves_the_data(world: World, tmp_path: Path) -> None:

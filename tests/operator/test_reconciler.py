@@ -191,6 +191,7 @@ def test_release_settles_then_deletes_everything(world: World) -> None:
     w.fund(100_00)
     w.instance("nb", L40S, 1)
     w.tick()
+    node = w.status("nb")["node"]
     w.clock.advance(1800)
     inst = w.kube.instance(NS, "nb")
     assert w.rec.release(inst) is False  # the last run waits for agents' usage
@@ -201,7 +202,20 @@ def test_release_settles_then_deletes_everything(world: World) -> None:
     gpu = to_minor(Decimal("5.20") * 1800 / 3600)
     storage = to_minor(Decimal("0.0004") * 50 * Decimal(1800) / 3600)  # 0.01
     assert charges(w) == gpu + storage
-    assert w.status("nb")["phase"] == "Released"
+    st = w.status("nb")
+    assert st["phase"] == "Released"
+    # the data: the agent of the volume's node is asked to remove the folder
+    (wipe,) = w.ledger.pending_wipes(node)
+    assert wipe.path == "instances/team-a/nb" and node in st["message"]
+    # a new instance of the same name waits for that wipe before placing a volume there
+    del w.kube.namespaced[("gpuinstances", NS, "nb")]
+    w.instance("nb", L40S, 1)
+    w.tick()
+    assert ("team-a", "nb-gpu") not in w.kube.pods and not w.kube.pvs
+    assert "waiting for the agent" in w.status("nb")["message"]
+    w.ledger.complete_wipe(wipe.id, wipe.node, 0, w.clock.now())
+    w.tick()
+    assert ("team-a", "nb-gpu") in w.kube.pods
 
 
 def test_restart_while_running_reopens_the_same_meter(world: World) -> None:

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from gpucloud.api import routes_accounts, routes_recharge, routes_usage
+from gpucloud.api import routes_accounts, routes_recharge, routes_usage, routes_wipes
 from gpucloud.api.deps import AppState, State
 from gpucloud.api.gate import FairLock
 from gpucloud.api.metrics import ApiMetrics
@@ -65,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_usage.router)
     app.include_router(routes_accounts.router)
     app.include_router(routes_recharge.router)
+    app.include_router(routes_wipes.router)
     _add_ops_routes(app)
     _add_error_handlers(app)
     _add_latency_middleware(app, metrics)

@@ -173,3 +173,27 @@ class AuditEventOut(BaseModel):
 class AuditOut(BaseModel):
     account: str
     events: list[AuditEventOut]
+
+
+class WipeOut(BaseModel):
+    id: int
+    path: str = Field(description="relative to the node's data root, e.g. instances/<ns>/<name>")
+    subject: str
+    requested_at: datetime
+    done_at: datetime | None = None
+    bytes_freed: int | None = None
+
+
+class WipesOut(BaseModel):
+    node: str
+    wipes: list[WipeOut]
+
+
+class WipeDoneIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bytes_freed: int = Field(
+        ge=0,
+        le=2**63 - 1,
+        strict=True,
+        description="bytes the removed folder held (0: already gone)",
+    )

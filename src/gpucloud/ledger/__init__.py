@@ -45,6 +45,8 @@ Rules the ledger keeps (each is tested on SQLite and PostgreSQL):
   ``late_quantity``; ``meters(late_only=True)``), never charged.
 - Recharges: orders credit with key ``order:{order_id}``, vouchers with
   ``voucher:{voucher_id}``; every state change and refusal goes to the audit trail.
+- Node wipes (``request_wipe``, ``pending_wipes``, ``complete_wipe``): folders on a
+  node's local disk that the node's agent removes; one request per subject.
 """
 
 from gpucloud.ledger.errors import (
@@ -54,6 +56,7 @@ from gpucloud.ledger.errors import (
     NotFound,
     OrderRefused,
     ReviewRefused,
+    WrongNode,
 )
 from gpucloud.ledger.ledger import Ledger, open_ledger
 from gpucloud.ledger.types import (
@@ -65,6 +68,7 @@ from gpucloud.ledger.types import (
     Meter,
     MeterKind,
     MeterUnit,
+    NodeWipe,
     Order,
     OrderStatus,
     PostResult,
@@ -87,6 +91,7 @@ __all__ = [
     "Meter",
     "MeterKind",
     "MeterUnit",
+    "NodeWipe",
     "NotFound",
     "Order",
     "OrderRefused",
@@ -97,5 +102,6 @@ __all__ = [
     "UsageSummaryRow",
     "Voucher",
     "VoucherStatus",
+    "WrongNode",
     "open_ledger",
 ]

@@ -45,3 +45,7 @@ class ReviewRefused(LedgerError):
         self.voucher_id = voucher_id
         self.reason = reason
         super().__init__(f"voucher {voucher_id!r} review refused ({reason}): {detail}")
+
+
+class WrongNode(LedgerError, PermissionError):
+    """A node's agent reported a wipe that belongs to another node."""

@@ -42,6 +42,7 @@ from gpucloud.ledger.types import (
     Voucher,
     VoucherStatus,
 )
+from gpucloud.ledger.wipes import WipesMixin
 from gpucloud.ledger.wire import WireBatch
 from gpucloud.usage import UsageKind, UsageRecord
 
@@ -185,7 +186,7 @@ def _check_sign(kind: EntryKind, amount: int) -> None:
         raise InvalidInput(f"amount_minor: a {kind.value} entry must be {rule}, got {amount}")
 
 
-class Ledger:
+class Ledger(WipesMixin):
     """The durable record of accounts, entries, usage, meters, orders and vouchers.
 
     Thread-safe and process-safe: share one Ledger between threads, open one per process.

@@ -202,3 +202,20 @@ audit = Table(
     Column("detail", JSON, nullable=False),
     Index("ix_ledger_audit_account", "account_id", "id"),
 )
+
+# Folders a node's agent must remove (node-local instance volumes deleted after arrears):
+# the operator requests, the agent of that node polls and reports (docs/arrears.md).
+node_wipes = Table(
+    "ledger_node_wipes",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("node", String(253), nullable=False),
+    Column("path", String(1024), nullable=False),  # relative to the node's data root
+    Column("subject", String(255), nullable=False),  # one request per subject
+    Column("account_id", ID, ForeignKey("ledger_accounts.id"), nullable=False),
+    Column("requested_at", Instant, nullable=False),
+    Column("done_at", Instant),
+    Column("bytes_freed", BigInteger),
+    UniqueConstraint("subject", name="uq_ledger_node_wipes_subject"),
+    Index("ix_ledger_node_wipes_node", "node", "done_at"),
+)

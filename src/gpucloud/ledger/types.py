@@ -169,3 +169,17 @@ class AuditEvent:
     action: str  # e.g. order.created, order.settled, voucher.approved, entry.posted
     subject: str  # the order id, voucher id or entry key
     detail: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeWipe:
+    """A folder the agent of ``node`` must remove (``path`` relative to its data root)."""
+
+    id: int
+    node: str
+    path: str
+    subject: str  # what it wipes, unique (e.g. instance-volume:<uid>:<run>)
+    account: str
+    requested_at: datetime
+    done_at: datetime | None  # None: pending
+    bytes_freed: int | None

@@ -8,8 +8,11 @@ a cloud disk mounted into an instance pod through a Bound ReadWriteMany claim.""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,9 +22,11 @@ from typing import Any
 import pytest
 from opharness import Harness
 
+from gpucloud.api.testserver import ApiProcess, agent_token
 from gpucloud.billing import to_minor
 from gpucloud.ledger import EntryKind
 from gpucloud.testing.kube import get_json
+from gpucloud.testing.net import free_port
 from gpucloud.testing.testbed import Testbed
 
 pytestmark = pytest.mark.e2e
@@ -72,6 +77,41 @@ def arrears(testbed: Testbed, namespace: str, tmp_path: Path, hook: Hook) -> Ite
     h.setup()
     yield h
     h.close()
+
+
+@contextmanager
+def node_agent(h: Harness, node: str) -> Iterator[ApiProcess]:
+    """The metering API on the operator's ledger and a real agent process for ``node``
+    whose disk root is the data root: it removes the node-local instance folders the
+    operator asks for. Started late in a test: it meters no GPU (no pod-resources
+    socket) and records disk use only once a system-clock hour ends."""
+    api = ApiProcess(h.tmp / "api", database_url=h.ledger_url, nodes=[node]).start()
+    token = h.tmp / "agent-token"
+    token.write_text(agent_token(node))
+    log = (h.tmp / "agent.log").open("ab")
+    # fmt: off
+    agent = subprocess.Popen(
+        [
+            sys.executable, "-m", "gpucloud_agent.main", "run", "--node-name", node,
+            "--nvml", "fake", "--fake-from-kube", "--kubeconfig", str(h.tb.kubeconfig),
+            "--pod-uid-source", "derived",
+            "--pod-resources-socket", str(h.tmp / "no-pod-resources.sock"),
+            "--api-url", api.url, "--token-file", str(token),
+            "--wal-dir", str(h.tmp / "agent-wal"), "--disk-root", str(h.tmp / "data"),
+            "--wipe-interval", "0.5",
+            "--metrics-address", "127.0.0.1", "--metrics-port", str(free_port()),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    # fmt: on
+    try:
+        yield api
+    finally:
+        agent.terminate()
+        agent.wait(10)
+        log.close()
+        api.stop()
 
 
 def account(h: Harness) -> dict[str, Any]:
@@ -154,11 +194,24 @@ def test_arrears_shutdown_then_deletion_exactly_at_day_7(arrears: Harness, hook:
     assert data.exists() and item(h, "image", "job-backup")["phase"] == "Ready"
     after = [e for e in h.ledger.entries(h.account, limit=10_000) if e.at > arrears_at]
     assert after and {e.key.split(":")[0] for e in after} <= {"storage", "meter-fallback"}
-    # exactly day 7: everything goes, with an event each and an audit record each
+    # exactly day 7: everything goes, with an event each and an audit record each; the
+    # instance folder is node-local, removed by the agent of its node
+    node = h.status("job")["volumeNode"]
     h.clock.set(deletion)
     h.wait(lambda: item(h, "image", "job-backup").get("phase") == "Deleted", "image deletion")
     h.wait(lambda: item(h, "clouddisk", "scratch").get("phase") == "Deleted", "disk deletion")
-    h.wait(lambda: "DataDeleted" in h.events("job"), "instance storage deletion")
+    wipe = h.wait(lambda: h.ledger.get_wipe(wipe_subject(h)), "the wipe request")
+    assert (wipe.node, wipe.path) == (node, f"instances/{h.ns}/job")
+    cond = h.wait(lambda: data_deleted(h), "the WipePending condition")
+    assert (cond["status"], cond["reason"]) == ("False", "WipePending")
+    assert data.exists() and "DataDeleted" not in h.events("job")  # no agent yet
+    with node_agent(h, node):
+        h.wait(lambda: "DataDeleted" in h.events("job"), "instance storage deletion")
+    cond = data_deleted(h)
+    assert cond is not None and cond["status"] == "True"
+    done = h.ledger.get_wipe(wipe_subject(h))
+    assert done is not None and done.bytes_freed is not None and done.bytes_freed >= 100_000
+    assert f"{done.bytes_freed} bytes freed on node {node}" in cond["message"]
     assert not data.exists() and not (h.tmp / "data/images" / h.ns / "job-backup").exists()
     assert not (h.tmp / "data/disks" / h.ns / "scratch").exists()
     h.wait(
@@ -174,6 +227,16 @@ def test_arrears_shutdown_then_deletion_exactly_at_day_7(arrears: Harness, hook:
         f"cloud_disk:{h.ns}/scratch",
     }
     assert set(audit.values()) == {deletion}
+
+
+def wipe_subject(h: Harness) -> str:
+    st = h.get("job")
+    return f"instance-volume:{st['metadata']['uid']}:{st['status']['runs']}"
+
+
+def data_deleted(h: Harness) -> dict[str, Any] | None:
+    conds = h.status("job").get("conditions") or []
+    return next((c for c in conds if c["type"] == "DataDeleted"), None)
 
 
 def test_recharge_on_day_6_saves_the_data(arrears: Harness, hook: Hook) -> None:
