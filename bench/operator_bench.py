@@ -181,7 +181,14 @@ def main() -> int:
     name = os.environ.get("GPUCLOUD_TESTBED_NAME", "gpucloud-opbench")
     tmp = Path(tempfile.mkdtemp(prefix="opbench-"))
     kubeconfig = Path(os.environ.get("GPUCLOUD_TESTBED_KUBECONFIG", tmp / "kubeconfig"))
-    tb = Testbed(name=name, kubeconfig=kubeconfig, binaries=Binaries.from_cache())
+    # BENCH_CONTROLLER_QPS: kube-controller-manager's client rate (default: its own 20/s)
+    qps = os.environ.get("BENCH_CONTROLLER_QPS")
+    tb = Testbed(
+        name=name,
+        kubeconfig=kubeconfig,
+        binaries=Binaries.from_cache(),
+        controller_qps=int(qps) if qps else None,
+    )
     proc: subprocess.Popen[bytes] | None = None
     try:
         tb.up(nodes=parse_node_mix(NODES))

@@ -165,9 +165,26 @@ def build_node(spec: NodeSpec) -> dict:
     }
 
 
-def kwokctl_config(b: Binaries) -> dict:
+def kwokctl_config(b: Binaries, controller_qps: int | None = None) -> dict:
+    """kwokctl's configuration. ``controller_qps`` raises kube-controller-manager's client
+    rate limit (default 20 requests/s, burst 30), as large clusters do; None keeps it."""
     v = versions()
-    return {
+    patches = []
+    if controller_qps is not None:
+        patches.append(
+            {
+                "name": "kube-controller-manager",
+                "extraArgs": [
+                    {"key": "kube-api-qps", "value": str(controller_qps), "override": True},
+                    {
+                        "key": "kube-api-burst",
+                        "value": str(controller_qps * 3 // 2),
+                        "override": True,
+                    },
+                ],
+            }
+        )
+    config: dict = {
         "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
         "kind": "KwokctlConfiguration",
         "options": {
@@ -186,6 +203,9 @@ def kwokctl_config(b: Binaries) -> dict:
             "quietPull": True,
         },
     }
+    if patches:
+        config["componentsPatches"] = patches
+    return config
 
 
 class Testbed:
@@ -194,11 +214,16 @@ class Testbed:
     __test__ = False  # not a pytest test class, despite the name
 
     def __init__(
-        self, name: str = CLUSTER, kubeconfig: Path = KUBECONFIG, binaries: Binaries | None = None
+        self,
+        name: str = CLUSTER,
+        kubeconfig: Path = KUBECONFIG,
+        binaries: Binaries | None = None,
+        controller_qps: int | None = None,
     ) -> None:
         self.name = name
         self.kubeconfig = kubeconfig
         self.bin = binaries or Binaries.from_cache()
+        self.controller_qps = controller_qps
 
     # -- processes ---------------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -258,7 +283,7 @@ class Testbed:
         if not self.healthy():
             self.kwokctl("delete", "cluster", check=False)
             with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-                yaml.safe_dump(kwokctl_config(self.bin), f)
+                yaml.safe_dump(kwokctl_config(self.bin, self.controller_qps), f)
                 config = f.name
             try:
                 proc = self.kwokctl(
