@@ -174,13 +174,10 @@ def kwokctl_config(b: Binaries, controller_qps: int | None = None) -> dict:
         patches.append(
             {
                 "name": "kube-controller-manager",
+                # appended (kwokctl sets neither flag; "override" only replaces a set one)
                 "extraArgs": [
-                    {"key": "kube-api-qps", "value": str(controller_qps), "override": True},
-                    {
-                        "key": "kube-api-burst",
-                        "value": str(controller_qps * 3 // 2),
-                        "override": True,
-                    },
+                    {"key": "kube-api-qps", "value": str(controller_qps)},
+                    {"key": "kube-api-burst", "value": str(controller_qps * 3 // 2)},
                 ],
             }
         )
