@@ -412,6 +412,8 @@ def test_prometheus_scrapes_the_operator(bed: Bed, instance: dict[str, Any]) -> 
                 )
             except httpx.TransportError:  # Prometheus is still starting
                 return []
+            if r.status_code == 503:  # listening, but its storage is not ready yet
+                return []
             return r.json()["data"]["result"]
 
         def value(q: str) -> float | None:
