@@ -145,74 +145,111 @@ def build_instance_pod(instance: Manifest, run: int) -> Manifest:
     }
 
 
-def build_instance_pvc(instance: Manifest) -> Manifest:
-    """The claim on the instance's storage quota, pre-bound to its local volume."""
-    meta, spec = instance["metadata"], instance["spec"]
-    quota = int(spec.get("storage", {}).get("quotaGi", 50))
+def _prebound_pvc(
+    name: str,
+    namespace: str,
+    labels: Manifest,
+    owner: Manifest,
+    *,
+    pv: str,
+    gi: int,
+    mode: str,
+    storage_class: str,
+) -> Manifest:
+    """A claim pre-bound to the volume ``pv`` (the operator makes both, no provisioner)."""
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
         "metadata": {
-            "name": pvc_name(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": {**MANAGED_BY, INSTANCE_LABEL: meta["name"]},
-            "ownerReferences": [owner_reference(instance)],
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            "ownerReferences": [owner],
         },
         "spec": {
-            "accessModes": ["ReadWriteOnce"],
-            "storageClassName": STORAGE_CLASS,
-            "volumeName": pv_name(meta["uid"]),
-            "resources": {"requests": {"storage": f"{quota}Gi"}},
+            "accessModes": [mode],
+            "storageClassName": storage_class,
+            "volumeName": pv,
+            "resources": {"requests": {"storage": f"{gi}Gi"}},
         },
     }
+
+
+def _prebound_pv(
+    name: str,
+    labels: Manifest,
+    source: Manifest,
+    *,
+    claim: tuple[str, str],
+    gi: int,
+    mode: str,
+    storage_class: str,
+) -> Manifest:
+    """A Retain volume of ``gi`` GiB reserved for the claim ``(namespace, name)``;
+    ``source`` holds the volume source (and node affinity, for local volumes)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "capacity": {"storage": f"{gi}Gi"},
+            "accessModes": [mode],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": storage_class,
+            "volumeMode": "Filesystem",
+            **source,
+            "claimRef": {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "namespace": claim[0],
+                "name": claim[1],
+            },
+        },
+    }
+
+
+def _quota_gi(instance: Manifest) -> int:
+    return int(instance["spec"].get("storage", {}).get("quotaGi", 50))
+
+
+def build_instance_pvc(instance: Manifest) -> Manifest:
+    """The claim on the instance's storage quota, pre-bound to its local volume."""
+    meta = instance["metadata"]
+    return _prebound_pvc(
+        pvc_name(meta["name"]),
+        meta["namespace"],
+        {**MANAGED_BY, INSTANCE_LABEL: meta["name"]},
+        owner_reference(instance),
+        pv=pv_name(meta["uid"]),
+        gi=_quota_gi(instance),
+        mode="ReadWriteOnce",
+        storage_class=STORAGE_CLASS,
+    )
 
 
 def build_local_pv(instance: Manifest, node: str) -> Manifest:
     """A local PersistentVolume of the quota on ``node``, reserved for the instance's
     claim. Retain: the operator deletes it (and the data) only on release."""
-    meta, spec = instance["metadata"], instance["spec"]
-    quota = int(spec.get("storage", {}).get("quotaGi", 50))
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {
-            "name": pv_name(meta["uid"]),
-            "labels": {
-                **MANAGED_BY,
-                INSTANCE_LABEL: meta["name"],
-                "gpucloud.dev/namespace": meta["namespace"],
-            },
-        },
-        "spec": {
-            "capacity": {"storage": f"{quota}Gi"},
-            "accessModes": ["ReadWriteOnce"],
-            "persistentVolumeReclaimPolicy": "Retain",
-            "storageClassName": STORAGE_CLASS,
-            "volumeMode": "Filesystem",
-            "local": {"path": f"{DATA_ROOT}/{meta['namespace']}/{meta['name']}"},
-            "claimRef": {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "namespace": meta["namespace"],
-                "name": pvc_name(meta["name"]),
-            },
-            "nodeAffinity": {
-                "required": {
-                    "nodeSelectorTerms": [
-                        {
-                            "matchExpressions": [
-                                {
-                                    "key": "kubernetes.io/hostname",
-                                    "operator": "In",
-                                    "values": [node],
-                                }
-                            ]
-                        }
-                    ]
-                }
-            },
-        },
+    meta = instance["metadata"]
+    on_node = {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}
+    source = {
+        "local": {"path": f"{DATA_ROOT}/{meta['namespace']}/{meta['name']}"},
+        "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [on_node]}]}},
     }
+    labels = {
+        **MANAGED_BY,
+        INSTANCE_LABEL: meta["name"],
+        "gpucloud.dev/namespace": meta["namespace"],
+    }
+    return _prebound_pv(
+        pv_name(meta["uid"]),
+        labels,
+        source,
+        claim=(meta["namespace"], pvc_name(meta["name"])),
+        gi=_quota_gi(instance),
+        mode="ReadWriteOnce",
+        storage_class=STORAGE_CLASS,
+    )
 
 
 def build_disk_pv(
@@ -232,53 +269,35 @@ def build_disk_pv(
         source = {
             "hostPath": {"path": f"{data_root.rstrip('/')}/{rel}", "type": "DirectoryOrCreate"}
         }
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {
-            "name": disk_pv_name(meta["uid"]),
-            "labels": {
-                **MANAGED_BY,
-                DISK_LABEL: label_value(meta["name"]),
-                "gpucloud.dev/namespace": meta["namespace"],
-            },
-        },
-        "spec": {
-            "capacity": {"storage": f"{int(disk['spec']['capacityGi'])}Gi"},
-            "accessModes": ["ReadWriteMany"],
-            "persistentVolumeReclaimPolicy": "Retain",
-            "storageClassName": DISK_STORAGE_CLASS,
-            "volumeMode": "Filesystem",
-            **source,
-            "claimRef": {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "namespace": meta["namespace"],
-                "name": disk_pvc_name(meta["name"]),
-            },
-        },
+    labels = {
+        **MANAGED_BY,
+        DISK_LABEL: label_value(meta["name"]),
+        "gpucloud.dev/namespace": meta["namespace"],
     }
+    return _prebound_pv(
+        disk_pv_name(meta["uid"]),
+        labels,
+        source,
+        claim=(meta["namespace"], disk_pvc_name(meta["name"])),
+        gi=int(disk["spec"]["capacityGi"]),
+        mode="ReadWriteMany",
+        storage_class=DISK_STORAGE_CLASS,
+    )
 
 
 def build_disk_pvc(disk: Manifest) -> Manifest:
     """The tenant's claim on a CloudDisk, pre-bound to its volume and owned by the disk."""
     meta = disk["metadata"]
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {
-            "name": disk_pvc_name(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": {**MANAGED_BY, DISK_LABEL: label_value(meta["name"])},
-            "ownerReferences": [owner_reference({"kind": "CloudDisk", **disk})],
-        },
-        "spec": {
-            "accessModes": ["ReadWriteMany"],
-            "storageClassName": DISK_STORAGE_CLASS,
-            "volumeName": disk_pv_name(meta["uid"]),
-            "resources": {"requests": {"storage": f"{int(disk['spec']['capacityGi'])}Gi"}},
-        },
-    }
+    return _prebound_pvc(
+        disk_pvc_name(meta["name"]),
+        meta["namespace"],
+        {**MANAGED_BY, DISK_LABEL: label_value(meta["name"])},
+        owner_reference({"kind": "CloudDisk", **disk}),
+        pv=disk_pv_name(meta["uid"]),
+        gi=int(disk["spec"]["capacityGi"]),
+        mode="ReadWriteMany",
+        storage_class=DISK_STORAGE_CLASS,
+    )
 
 
 def condition(type_: str, status: bool | str, reason: str, message: str, now_iso: str) -> Manifest:

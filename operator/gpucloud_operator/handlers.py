@@ -21,6 +21,15 @@ from gpucloud_operator.models import ModelReconciler
 from gpucloud_operator.storage_items import StorageItems
 
 
+def namespace_filter(cfg: OperatorConfig) -> Any:
+    """Kopf ``when=`` filter: the object's namespace is one this operator serves."""
+
+    def served(namespace: str | None, **_: Any) -> bool:
+        return cfg.serves(namespace)
+
+    return served
+
+
 def register(
     registry: kopf.OperatorRegistry,
     cfg: OperatorConfig,
@@ -29,8 +38,7 @@ def register(
 ) -> None:
     gi = (GROUP, VERSION, "gpuinstances")
 
-    def served(namespace: str | None, **_: Any) -> bool:
-        return cfg.serves(namespace)
+    served = namespace_filter(cfg)
 
     @kopf.on.resume(*gi, registry=registry, when=served)
     @kopf.on.create(*gi, registry=registry, when=served)
@@ -113,8 +121,7 @@ def register_storage(
             made.append(StorageItems(instances.kube, instances.ledger, instances.clock, cfg))
         return made[0]
 
-    def served(namespace: str | None, **_: Any) -> bool:
-        return cfg.serves(namespace)
+    served = namespace_filter(cfg)
 
     for plural in ("clouddisks", "images"):
         res = (GROUP, VERSION, plural)
@@ -146,8 +153,7 @@ def register_models(
     ``model_interval_s``, replica online time billed on pod events, settled on delete."""
     md = (GROUP, VERSION, "modeldeployments")
 
-    def served(namespace: str | None, **_: Any) -> bool:
-        return cfg.serves(namespace)
+    served = namespace_filter(cfg)
 
     @kopf.on.resume(*md, registry=registry, when=served)
     @kopf.on.create(*md, registry=registry, when=served)
