@@ -72,3 +72,11 @@ def require_account(account: AccountName, caller: Caller, state: State) -> str:
 
 
 Account = Annotated[str, Depends(require_account)]
+
+
+def agent_node(caller: Principal, state: AppState) -> str:
+    """The node whose agent ``caller`` is (401/403 from the policy otherwise)."""
+    try:
+        return state.settings.policy.agent_node(caller)
+    except AuthError as exc:
+        raise HTTPException(exc.status, exc.detail) from None

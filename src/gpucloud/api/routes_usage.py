@@ -9,8 +9,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from gpucloud.api.auth import AuthError, Principal
-from gpucloud.api.deps import Caller, State
+from gpucloud.api.deps import Caller, State, agent_node
 from gpucloud.api.ingest import BatchShapeError, NotJSON, RecordError, validate_body
 from gpucloud.api.schemas import IngestOut, Problem
 from gpucloud.ledger.wire import WireBatch, parse_batch
@@ -47,7 +46,7 @@ async def post_usage(request: Request, caller: Caller, state: State) -> Any:
     refused (see ``errors``: index, field, rule). 422: nothing stored. Re-sending a
     batch is a no-op for the records already stored.
     """
-    node = _agent_node(caller, state)
+    node = agent_node(caller, state)
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise HTTPException(413, f"body: larger than {MAX_BODY_BYTES} bytes; send smaller batches")
@@ -57,13 +56,6 @@ async def post_usage(request: Request, caller: Caller, state: State) -> Any:
     if out.errors:
         status = 207 if out.accepted + out.duplicates > 0 else 422
     return JSONResponse(out.model_dump(), status_code=status)
-
-
-def _agent_node(caller: Principal, state: State) -> str:
-    try:
-        return state.settings.policy.agent_node(caller)
-    except AuthError as exc:
-        raise HTTPException(exc.status, exc.detail) from None
 
 
 def _validate(raw: bytes) -> tuple[WireBatch | list[UsageRecord], list[int], list[RecordError]]:

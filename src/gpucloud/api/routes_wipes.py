@@ -10,8 +10,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
-from gpucloud.api.auth import AuthError
-from gpucloud.api.deps import Caller, State
+from gpucloud.api.deps import Caller, State, agent_node
 from gpucloud.api.schemas import Problem, WipeDoneIn, WipeOut, WipesOut
 from gpucloud.ledger import NodeWipe, NotFound, WrongNode
 
@@ -27,10 +26,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _own_node(node: str, caller: Caller, state: State) -> str:
-    try:
-        mine = state.settings.policy.agent_node(caller)
-    except AuthError as exc:
-        raise HTTPException(exc.status, exc.detail) from None
+    mine = agent_node(caller, state)
     if mine != node:
         raise HTTPException(403, f"node: the caller is the agent of node {mine!r}, not of {node!r}")
     return node
