@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -39,6 +40,7 @@ from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
+from gpucloud_operator.later import Later
 from gpucloud_operator.placement import (
     NodeGPUs,
     PodGPUs,
@@ -91,6 +93,10 @@ class Pass:
     # changes to send with the pass's next patch (saves an API call per pass)
     deferred: Obj = field(default_factory=dict)
     acct_status: Obj = field(default_factory=dict)  # the Account's status (arrears)
+    # What the watch event that started the pass said, so the pass need not ask again:
+    # the instance's pod as the event showed it, or that its claim is Bound.
+    pod_seen: Obj | None = None
+    claim_bound: bool = False
 
     @property
     def meta(self) -> Obj:
@@ -137,6 +143,10 @@ class Pass:
         return list(self.status.get("packageTerms") or [])
 
 
+def _bind_wait(node: str | None) -> str:
+    return f"waiting for the instance volume to bind on {node}"
+
+
 class InstanceReconciler:
     def __init__(self, kube: KubeAPI, ledger: Ledger, clock: Clock, cfg: OperatorConfig) -> None:
         self.kube = kube
@@ -160,17 +170,24 @@ class InstanceReconciler:
         # Instances whose pod waits for their claim to bind: the claim's bind event starts
         # their next pass (claim_changed) instead of the next timer tick.
         self._awaiting_bind: set[str] = set()
+        # account -> (second, monotonic time computed, minor units): see _accrued
+        self._accrual_memo: dict[str, tuple[datetime, float, int]] = {}
+        self._later = Later()
+        self.claim_recheck_s = 1.0  # see _nudge_claim
 
     def _lock(self, table: defaultdict[str, threading.Lock], key: str) -> threading.Lock:
         with self._guard:
             return table[key]
 
     # -- entry points ---------------------------------------------------------------
-    def reconcile_named(self, namespace: str, name: str, uid: str | None = None) -> None:
+    def reconcile_named(
+        self, namespace: str, name: str, uid: str | None = None, **seen: Any
+    ) -> None:
         """A pass over the instance ``namespace/name`` (only the incarnation ``uid`` when
-        given: then the instance is read once, under its lock)."""
+        given: then the instance is read once, under its lock). ``seen``: what the event
+        that asked for the pass showed (``Pass.pod_seen``, ``Pass.claim_bound``)."""
         if uid is not None:
-            self._reconcile_fresh(namespace, name, uid, wait=True)
+            self._reconcile_fresh(namespace, name, uid, wait=True, **seen)
             return
         inst = self.kube.get_namespaced_object(PLURAL, namespace, name)
         if inst is not None:
@@ -181,20 +198,32 @@ class InstanceReconciler:
         pass over the instance is already running, rather than hold a worker thread on
         the lock for a pass that repeats it."""
         meta = inst["metadata"]
-        self._reconcile_fresh(meta["namespace"], meta["name"], meta["uid"], wait=wait)
+        # no status yet: no pass has patched it (the first pass is the one a creation
+        # starts), so the body is as fresh as a read would be
+        body = None if inst.get("status") else inst
+        self._reconcile_fresh(meta["namespace"], meta["name"], meta["uid"], wait=wait, body=body)
 
-    def _reconcile_fresh(self, namespace: str, name: str, uid: str, *, wait: bool) -> None:
+    def _reconcile_fresh(
+        self,
+        namespace: str,
+        name: str,
+        uid: str,
+        *,
+        wait: bool,
+        body: Obj | None = None,
+        **seen: Any,
+    ) -> None:
         lock = self._lock(self._locks, uid)
         if not lock.acquire(blocking=wait):
             return
         try:
             # read under the lock: the body of the event may predate the last pass's patches
-            fresh = self.kube.get_namespaced_object(PLURAL, namespace, name)
+            fresh = body or self.kube.get_namespaced_object(PLURAL, namespace, name)
             if fresh is None or fresh["metadata"]["uid"] != uid:
                 return
             if fresh["metadata"].get("deletionTimestamp"):
                 return  # the release handler owns it now
-            self._reconcile(self._pass(fresh))
+            self._reconcile(self._pass(fresh, **seen))
         finally:
             lock.release()
 
@@ -218,7 +247,7 @@ class InstanceReconciler:
                     c.get("type") == "PodScheduled" and c.get("status") == "False" for c in conds
                 ):
                     return  # still on its way: the Running event follows
-        self.reconcile_named(meta["namespace"], name, owner)
+        self.reconcile_named(meta["namespace"], name, owner, pod_seen=None if deleted else pod)
 
     def claim_changed(self, pvc: Obj, deleted: bool) -> None:
         """An instance's claim changed: once it is bound, the pod waiting for it can be
@@ -236,7 +265,7 @@ class InstanceReconciler:
             if owner not in self._awaiting_bind:
                 return
             self._awaiting_bind.discard(owner)
-        self.reconcile_named(meta["namespace"], name, owner)
+        self.reconcile_named(meta["namespace"], name, owner, claim_bound=True)
 
     def release(self, inst: Obj) -> bool:
         """Settle everything, then delete pod, claim and volume. False: not done yet
@@ -247,9 +276,12 @@ class InstanceReconciler:
             )
             return self._release(self._pass(fresh or inst))
 
-    def _pass(self, inst: Obj) -> Pass:
+    def _pass(self, inst: Obj, **seen: Any) -> Pass:
         return Pass(
-            inst=inst, now=r.second(self.clock.now()), status=dict(inst.get("status") or {})
+            inst=inst,
+            now=r.second(self.clock.now()),
+            status=dict(inst.get("status") or {}),
+            **seen,
         )
 
     # -- status and events ----------------------------------------------------------
@@ -460,10 +492,12 @@ class InstanceReconciler:
             return
         try:
             runs = int(p.status.get("runs") or 0) + 1
+            # a new volume's claim cannot be bound yet: say so now, not in a second patch
+            waiting = node is not None and new_volume
             changes: Obj = {
                 "phase": "Pending",
                 "runs": runs,
-                "message": f"placing run {runs}",
+                "message": _bind_wait(node) if waiting else f"placing run {runs}",
                 "haltedGeneration": None,
                 "preemptAt": None,
                 "conditions": self._conditions(
@@ -489,12 +523,28 @@ class InstanceReconciler:
         mode = r.mode_of(key)
         if mode is BillingMode.PACKAGE and r.active_term(p.terms, p.now) is not None:
             return None
-        available = self.ledger.available_balance(p.account, p.now)
+        available = self.ledger.balance(p.account) - self._accrued(p.account, p.now)
         if mode is BillingMode.PACKAGE:
             return package_purchase_decision(available, p.product, p.count, r.period_of(key), p.pb)
         return payg_start_decision(
             available, p.product, p.count, p.pb, mode=mode, storage_gib=p.quota
         )
+
+    def _accrued(self, account: str, now: datetime) -> int:
+        """The ledger's estimate of the account's unposted accrual at ``now`` (whole
+        seconds), computed once per account and second: it walks every open meter of
+        the account, and a burst of starts on a big account asked for the same second's
+        figure over and over. A start changes no accrual (a new run starts at zero); the
+        figure is reused for one second of real time at most, as usage the agents send
+        meanwhile refines it (an injected clock may stand still)."""
+        with self._guard:
+            hit = self._accrual_memo.get(account)
+        if hit is not None and hit[0] == now and time.monotonic() - hit[1] < 1.0:
+            return hit[2]
+        value = self.ledger.accrued_unsettled(account, now)
+        with self._guard:
+            self._accrual_memo[account] = (now, time.monotonic(), value)
+        return value
 
     def _admit(self, p: Pass, money: Decision | None) -> bool:
         """The instance limit, then the money rule (decided by _money_decision)."""
@@ -546,8 +596,7 @@ class InstanceReconciler:
             # "unbound immediate PersistentVolumeClaims" and not retried for minutes, and
             # that reason hides a real GPU shortage from preemption: wait for the bind
             # (claim_changed starts the next pass when it happens).
-            message = f"waiting for the instance volume to bind on {node}"
-            self._patch(p, {"message": message})
+            self._patch(p, {"message": _bind_wait(node)})
             return
         with self._guard:
             self._awaiting_bind.discard(p.uid)
@@ -568,7 +617,7 @@ class InstanceReconciler:
             p, {"volumeNode": node, "storageSince": p.status.get("storageSince") or r.fmt(p.now)}
         )
         # a bound claim has its volume (a later run): nothing to create again
-        if not new and self.kube.pvc_bound(p.ns, b.pvc_name(p.name)):
+        if not new and (p.claim_bound or self.kube.pvc_bound(p.ns, b.pvc_name(p.name))):
             return node, True
         # The claim first, then its volume bound to the claim's uid: the PV controller
         # (20 API requests/s by default, shared by all claims) then only records the
@@ -585,13 +634,43 @@ class InstanceReconciler:
             # an update of the claim once its volume exists has it bound at once
             volume = {"gpucloud.dev/volume": pv["metadata"]["name"]}
             self.kube.annotate_pvc(p.ns, b.pvc_name(p.name), volume)
+            self._nudge_claim(p.ns, p.name, p.uid)
         if claim is None:
             return node, None
         return node, (claim.get("status") or {}).get("phase") == "Bound"
 
+    def _nudge_claim(
+        self, namespace: str, name: str, uid: str, delay_s: float | None = None
+    ) -> None:
+        """Look again after ``delay_s`` (then twice, four and eight times that) while the
+        claim is unbound. The update above makes the PV controller sync the claim; when
+        that sync comes before the new volume reaches the controller's cache, the claim
+        (which names its volume) waits for the controller's next resync, 15 s later:
+        that was the slowest twentieth of a burst of starts. The volume's own sync marks
+        it Bound without touching the claim, so a Bound volume beside an unbound claim
+        is that case: touch the claim again. Otherwise the controller is only behind
+        (its client rate), and another update would just add work."""
+        delay_s = self.claim_recheck_s if delay_s is None else delay_s
+
+        def again() -> None:
+            with self._guard:
+                if uid not in self._awaiting_bind:
+                    return  # bound (or the instance went away)
+            pv = self.kube.get_pv(b.pv_name(uid))
+            if ((pv or {}).get("status") or {}).get("phase") == "Bound":
+                # a new value, or the patch changes nothing and no sync follows
+                touch = {"gpucloud.dev/volume-sync": f"{delay_s:g}"}
+                self.kube.annotate_pvc(namespace, b.pvc_name(name), touch)
+            if delay_s < 8 * self.claim_recheck_s:
+                self._nudge_claim(namespace, name, uid, delay_s * 2)
+
+        self._later.call(delay_s, again)
+
     def _place(self, p: Pass) -> str | None:
         nodes = self.kube.gpu_nodes()
-        listed = self.kube.gpu_pods(ttl=1.0)
+        # a few seconds stale at most: this pass's own placements are in _assumed until
+        # the list shows them, and the scheduler has the last word on every pod
+        listed = self.kube.gpu_pods(ttl=5.0)
         seen = {(x["namespace"], x["name"]) for x in listed}
         pods = [self._pod_gpus(x, {}) for x in listed]
         for uid, (ns, pod, node, gpus) in list(self._assumed.items()):
@@ -609,11 +688,11 @@ class InstanceReconciler:
         return node
 
     def _observe_start(self, p: Pass) -> None:
-        pod = self.kube.get_pod(p.ns, b.pod_name(p.name))
         runs = int(p.status.get("runs") or 0)
         if runs == 0:
             self._start(p)
             return
+        pod = self._pod_now(p, runs)
         if pod is None:
             # not created yet (no node, or an interrupted pass), or deleted by someone
             self._create_run(p)
@@ -628,6 +707,22 @@ class InstanceReconciler:
             self.kube.delete_pod(p.ns, b.pod_name(p.name), grace_s=0)
         else:
             self._pending(p, pod)
+
+    def _pod_now(self, p: Pass, runs: int) -> Obj | None:
+        """The run's pod. A pass started by the pod's Running event or by its claim's
+        bind skips the read (a burst of starts made it one request per step): the event
+        showed the pod, or the pod waited for the bind and was not created yet (should a
+        concurrent pass have created it meanwhile, creating it again finds it)."""
+        seen = p.pod_seen
+        if seen is not None and not seen["metadata"].get("deletionTimestamp"):
+            labels = seen["metadata"].get("labels") or {}
+            if labels.get(b.RUN_LABEL) == str(runs) and seen.get("status", {}).get("phase") == (
+                "Running"
+            ):
+                return seen
+        if p.claim_bound:
+            return None
+        return self.kube.get_pod(p.ns, b.pod_name(p.name))
 
     def _pending(self, p: Pass, pod: Obj) -> None:
         """Not placed yet: show the scheduler's reason; a pay-as-you-go or package

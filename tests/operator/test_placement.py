@@ -3,12 +3,14 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
 from gpucloud_operator import builders as b
 from gpucloud_operator.instances import InstanceReconciler
 from gpucloud_operator.kube import Kube
+from gpucloud_operator.later import Later
 from gpucloud_operator.placement import (
     NodeGPUs,
     PodGPUs,
@@ -79,6 +81,7 @@ class SerialKube:
         self.inner = inner
         self.bound = bound  # claims bound so far (None: bound as soon as created)
         self.reads = 0
+        self.calls: Counter[str] = Counter()
         self._lock = threading.RLock()
 
     def __getattr__(self, name: str) -> Any:
@@ -88,6 +91,7 @@ class SerialKube:
             if name == "patch_status":
                 time.sleep(0.01)
             with self._lock:
+                self.calls[name] += 1
                 if name == "get_namespaced_object":
                     self.reads += 1
                 return attr(*args, **kwargs)
@@ -95,6 +99,7 @@ class SerialKube:
         return call if callable(attr) else attr
 
     def pvc_bound(self, namespace: str, name: str) -> bool:
+        self.calls["pvc_bound"] += 1
         if self.bound is None:
             return self.inner.pvc_bound(namespace, name)
         return name in self.bound
@@ -145,6 +150,31 @@ def test_claim_bind_event_creates_the_pod(world: World) -> None:
     assert kube.reads == reads  # nobody waits for that claim any more
 
 
+def test_a_start_asks_the_api_server_only_what_its_events_did_not_say(world: World) -> None:
+    """A burst of starts is bound by API requests: the bind wait goes out with the
+    Pending patch, and the passes the claim's bind and the pod's Running events start
+    read neither the claim nor the pod again."""
+    world.fund(10**9)
+    kube = SerialKube(world.kube, bound=set())
+    rec = InstanceReconciler(kube, world.ledger, world.clock, world.cfg)  # type: ignore[arg-type]
+    world.instance("a", "NVIDIA-A100-SXM4-80GB")
+    rec.reconcile_named(NS, "a")
+    assert kube.calls["patch_status"] == 1
+    assert world.status("a")["phase"] == "Pending"
+    assert world.status("a")["message"].startswith("waiting for the instance volume to bind")
+    asked = kube.calls["pvc_bound"]  # the fake's new claim has no status: asked once
+    claim = copy.deepcopy(world.kube.pvcs[(NS, b.pvc_name("a"))])
+    kube.bound.add(b.pvc_name("a"))
+    rec.claim_changed(claim | {"status": {"phase": "Bound"}}, deleted=False)
+    assert (NS, b.pod_name("a")) in world.kube.pods
+    world.kube.schedule()
+    pod = copy.deepcopy(world.kube.pods[(NS, b.pod_name("a"))])
+    rec.pod_changed(pod, deleted=False)
+    assert world.status("a")["phase"] == "Running"
+    assert kube.calls["get_pod"] == 0 and kube.calls["pvc_bound"] == asked
+    assert kube.calls["patch_status"] == 2
+
+
 def test_cached_loads_once_for_concurrent_callers() -> None:
     kube = Kube.__new__(Kube)  # only the cache: no cluster needed
     kube._cache, kube._cache_lock, kube._loading = {}, threading.Lock(), {}
@@ -166,3 +196,115 @@ def test_cached_loads_once_for_concurrent_callers() -> None:
     assert len(loads) == 1 and got == [[1]] * 8
     time.sleep(0.01)
     assert kube._cached("k", 0.005, load) == [2]  # expired: loaded again
+
+
+class ClaimKube(SerialKube):
+    """Claims that get a uid and stay unbound; their volume shows ``pv_phase``."""
+
+    def __init__(self, inner: FakeKube, pv_phase: str) -> None:
+        super().__init__(inner, bound=set())
+        self.pv_phase = pv_phase
+        self.touched: list[dict[str, str]] = []
+        self.looks = 0
+
+    def ensure_pvc(self, pvc: Any) -> Any:
+        with self._lock:
+            self.inner.ensure_pvc(pvc)
+        return {**pvc, "metadata": {**pvc["metadata"], "uid": "claim-uid"}, "status": {}}
+
+    def annotate_pvc(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        with self._lock:
+            self.touched.append(annotations)
+
+    def get_pv(self, name: str) -> Any:
+        with self._lock:
+            self.looks += 1
+            pv = self.inner.pvs.get(name)
+            return pv and {**pv, "status": {"phase": self.pv_phase}}
+
+
+def wait_for(check: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def start_and_look(world: World, pv_phase: str) -> tuple[ClaimKube, InstanceReconciler]:
+    """Start instance ``a`` (its claim stays unbound) and wait for the 4 looks."""
+    world.fund(10**9)
+    kube = ClaimKube(world.kube, pv_phase=pv_phase)
+    rec = InstanceReconciler(kube, world.ledger, world.clock, world.cfg)  # type: ignore[arg-type]
+    rec.claim_recheck_s = 0.01
+    world.instance("a", "NVIDIA-A100-SXM4-80GB")
+    rec.reconcile_named(NS, "a")
+    wait_for(lambda: rec._later.ran == 4)
+    return kube, rec
+
+
+def test_a_claim_the_volume_controller_missed_is_touched_again(world: World) -> None:
+    """The volume is Bound but its claim is not: the PV controller synced the claim
+    before it knew the volume. The claim is updated again (1, 2, 4, 8 x the recheck
+    delay) until it binds."""
+    kube, _ = start_and_look(world, pv_phase="Bound")
+    uid = world.kube.namespaced[("gpuinstances", NS, "a")]["metadata"]["uid"]
+    assert kube.touched[0] == {"gpucloud.dev/volume": b.pv_name(uid)}
+    syncs = [t["gpucloud.dev/volume-sync"] for t in kube.touched[1:]]
+    assert syncs == ["0.01", "0.02", "0.04", "0.08"]  # each a new value: a real update
+
+
+def test_a_claim_waiting_on_a_busy_volume_controller_is_left_alone(world: World) -> None:
+    """The volume is not Bound yet: the controller has not got to it (its client rate),
+    so another update would only add work. Once the claim binds, nobody looks again."""
+    kube, rec = start_and_look(world, pv_phase="Available")
+    assert len(kube.touched) == 1  # only the first update, right after the volume
+
+    rec.claim_recheck_s = 0.5  # the bind below comes well before the first look
+    world.instance("b", "NVIDIA-A100-SXM4-80GB")
+    kube.pv_phase = "Bound"
+    rec.reconcile_named(NS, "b")
+    claim = copy.deepcopy(world.kube.pvcs[(NS, b.pvc_name("b"))])
+    kube.bound.add(b.pvc_name("b"))
+    rec.claim_changed(claim | {"status": {"phase": "Bound"}}, deleted=False)
+    wait_for(lambda: rec._later.ran == 5)
+    assert kube.looks == 4 and len(kube.touched) == 2  # bound before the first look
+
+
+def test_later_runs_calls_in_due_order_past_a_failing_one() -> None:
+    later = Later()
+    order: list[str] = []
+
+    def fail() -> None:
+        raise RuntimeError("boom")
+
+    later.call(0.06, lambda: order.append("c"))
+    later.call(0.02, fail)
+    later.call(0.0, lambda: order.append("a"))
+    later.call(0.04, lambda: order.append("b"))
+    wait_for(lambda: later.ran == 4)
+    assert order == ["a", "b", "c"]
+
+
+def test_the_accrual_estimate_is_computed_once_per_account_and_second(
+    world: World, monkeypatch: Any
+) -> None:
+    """It walks every open meter of the account; a burst of starts asks for the same
+    second's figure. A new second (or a second of real time) computes it again."""
+    world.fund(10**9)
+    asked: list[object] = []
+    real = world.ledger.accrued_unsettled
+
+    def counted(account: str, now: Any) -> int:
+        asked.append(now)
+        return real(account, now)
+
+    monkeypatch.setattr(world.ledger, "accrued_unsettled", counted)
+    for name in ("a", "b", "c"):
+        world.instance(name, "NVIDIA-A100-SXM4-80GB")
+        world.rec.reconcile_named(NS, name)
+    assert len(asked) == 1
+    world.clock.advance(1)
+    world.instance("d", "NVIDIA-A100-SXM4-80GB")
+    world.rec.reconcile_named(NS, "d")
+    assert len(asked) == 2
+    assert all(world.status(n)["phase"] == "Pending" for n in "abc")
