@@ -312,6 +312,9 @@ def main() -> int:
         elapsed, cpu_used = time.monotonic() - t0, cpu_s(proc.pid) - cpu_before
         if os.environ.get("BENCH_DEBUG"):
             debug_cpu(cpu_all_before, process_cpu())
+            for what in ("nodes", "pods"):  # what every list of them costs to decode
+                size = len(tb.kubectl("get", "--raw", f"/api/v1/{what}").stdout)
+                print(f"# one list of all {what}: {size / 1024:.0f} KiB of JSON", file=sys.stderr)
             debug_requests(requests_before, api_requests(tb))
             debug_timeline(tb, t0_wall, dict(watch.seen), running)
         # the machine's load says how comparable two runs are

@@ -143,6 +143,9 @@ class Pass:
         return list(self.status.get("packageTerms") or [])
 
 
+_RECHECKS = (1, 1, 1, 2, 4, 8)  # claim checks, in claim_recheck_s: see _nudge_claim
+
+
 def _bind_wait(node: str | None) -> str:
     return f"waiting for the instance volume to bind on {node}"
 
@@ -640,31 +643,33 @@ class InstanceReconciler:
         return node, (claim.get("status") or {}).get("phase") == "Bound"
 
     def _nudge_claim(
-        self, namespace: str, name: str, uid: str, delay_s: float | None = None
+        self, namespace: str, name: str, uid: str, step: int = 0, touches: int = 0
     ) -> None:
-        """Look again after ``delay_s`` (then twice, four and eight times that) while the
-        claim is unbound. The update above makes the PV controller sync the claim; when
-        that sync comes before the new volume reaches the controller's cache, the claim
-        (which names its volume) waits for the controller's next resync, 15 s later:
-        that was the slowest twentieth of a burst of starts. The volume's own sync marks
-        it Bound without touching the claim, so a Bound volume beside an unbound claim
-        is that case: touch the claim again. Otherwise the controller is only behind
-        (its client rate), and another update would just add work."""
-        delay_s = self.claim_recheck_s if delay_s is None else delay_s
+        """Look again while the claim is unbound (after 1, 1, 1, 2, 4, 8 x
+        ``claim_recheck_s``). The update above makes the PV controller sync the claim;
+        when that sync comes before the new volume reaches the controller's cache, the
+        claim (which names its volume) waits for the controller's next resync, 15 s
+        later: that was the slowest twentieth of a burst of starts. The volume's own
+        sync marks it Bound without touching the claim, so a Bound volume beside an
+        unbound claim is that case: touch the claim again, then look less often (the
+        sync waits in the controller's queue). Otherwise the controller is only behind
+        (its client rate), and an update would just add work."""
 
         def again() -> None:
             with self._guard:
                 if uid not in self._awaiting_bind:
                     return  # bound (or the instance went away)
             pv = self.kube.get_pv(b.pv_name(uid))
+            after, done = step + 1, touches
             if ((pv or {}).get("status") or {}).get("phase") == "Bound":
-                # a new value, or the patch changes nothing and no sync follows
-                touch = {"gpucloud.dev/volume-sync": f"{delay_s:g}"}
+                done += 1  # a new value each time, or the patch is a no-op: no sync
+                touch = {"gpucloud.dev/volume-sync": str(done)}
                 self.kube.annotate_pvc(namespace, b.pvc_name(name), touch)
-            if delay_s < 8 * self.claim_recheck_s:
-                self._nudge_claim(namespace, name, uid, delay_s * 2)
+                after = max(after, _RECHECKS.index(2))
+            if after < len(_RECHECKS):
+                self._nudge_claim(namespace, name, uid, after, done)
 
-        self._later.call(delay_s, again)
+        self._later.call(self.claim_recheck_s * _RECHECKS[step], again)
 
     def _place(self, p: Pass) -> str | None:
         nodes = self.kube.gpu_nodes()
