@@ -13,8 +13,10 @@ from gpucloud_agent.metrics import AgentCollector, GpuReading, Stats
 from gpucloud_agent.podresources.fake_server import FakePod, fake_device_ids, serve
 from prometheus_client import CollectorRegistry, generate_latest
 
+from gpucloud.testing import prometheus
+from gpucloud.testing.prometheus import Prometheus
+
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 NODE = "node-metrics"
 
 
@@ -94,7 +96,7 @@ def running_agent(tmp_path: Path) -> Iterator[AgentProcess]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="prometheus not installed")
+@pytest.mark.skipif(prometheus.BINARY is None, reason="prometheus not installed")
 def test_prometheus_scrapes_the_running_agent(tmp_path: Path, running_agent: AgentProcess) -> None:
     # the live endpoint also passes promtool
     wait_for(lambda: "gpucloud_disk_used_bytes{" in httpx.get(running_agent.url("/metrics")).text,
@@ -105,28 +107,8 @@ def test_prometheus_scrapes_the_running_agent(tmp_path: Path, running_agent: Age
     )
     assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
 
-    port = free_port()
-    (tmp_path / "prom.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n"
-        "  - job_name: agent\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{running_agent.metrics_port}']\n"
-    )
-    prom = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={tmp_path / 'prom.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "prom.log", "wb"),  # noqa: SIM115
-    )
-    try:
-
-        def query(q: str) -> list[dict]:  # type: ignore[type-arg]
-            r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": q}, timeout=5)
-            return r.json()["data"]["result"]
-
+    with Prometheus(tmp_path, {"agent": f"127.0.0.1:{running_agent.metrics_port}"}) as prom:
+        query = prom.query
         result = wait_for(
             lambda: query('gpucloud_gpu_allocated_seconds_total{pod="trainer"} > 0'), 90,
             "Prometheus to have scraped the allocated-seconds counter",
@@ -142,6 +124,3 @@ def test_prometheus_scrapes_the_running_agent(tmp_path: Path, running_agent: Age
         assert float(disk[0]["value"][1]) >= 100_000
         up = json.dumps(query("up"))
         assert '"1"' in up
-    finally:
-        prom.terminate()
-        prom.wait(30)

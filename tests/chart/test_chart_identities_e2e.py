@@ -14,7 +14,6 @@ TokenReview answers with that pod's node, and the API refuses usage for other no
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import uuid
@@ -31,8 +30,10 @@ from charttools import Identity, install, mint_token, uninstall
 from gpucloud.api.testserver import ApiProcess
 from gpucloud.billing import from_minor
 from gpucloud.ledger import open_ledger
+from gpucloud.testing import prometheus
 from gpucloud.testing.kube import delete_namespace, get_json, wait_for
 from gpucloud.testing.net import free_port
+from gpucloud.testing.prometheus import Prometheus
 from gpucloud.testing.testbed import REPO, Testbed
 
 sys.path.insert(0, str(REPO / "tests" / "e2e" / "operator"))
@@ -41,7 +42,6 @@ from opharness import Harness
 pytestmark = pytest.mark.e2e
 L40S = "NVIDIA-L40S"
 AUDIENCE = "gpucloud-api"  # the chart's api.tokenAudience
-PROMETHEUS = shutil.which("prometheus")
 
 
 @dataclass
@@ -380,46 +380,15 @@ def test_api_and_agent_on_their_own_tokens(bed: Bed, instance: dict[str, Any]) -
     bed.operator_log_clean()
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (make system-deps)")
+@pytest.mark.skipif(
+    prometheus.BINARY is None, reason="prometheus is not installed (make system-deps)"
+)
 def test_prometheus_scrapes_the_operator(bed: Bed, instance: dict[str, Any]) -> None:
     """A real Prometheus scrapes the operator (on its SA token); the balance it reports is
     the ledger's, and the cost per hour is the running instance's price plus storage."""
-    assert PROMETHEUS is not None
-    port = free_port()
-    config = bed.tmp / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n"
-        "  - job_name: operator\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{bed.metrics_port}']\n"
-    )
-    prom = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={bed.tmp / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(bed.tmp / "prometheus.log").open("wb"),
-    )
     account = bed.op.account
-    try:
-
-        def query(q: str) -> list[dict[str, Any]]:
-            try:
-                r = httpx.get(
-                    f"http://127.0.0.1:{port}/api/v1/query", params={"query": q}, timeout=5
-                )
-            except httpx.TransportError:  # Prometheus is still starting
-                return []
-            if r.status_code == 503:  # listening, but its storage is not ready yet
-                return []
-            return r.json()["data"]["result"]
-
-        def value(q: str) -> float | None:
-            result = query(q)
-            return float(result[0]["value"][1]) if len(result) == 1 else None
-
+    with Prometheus(bed.tmp / "prometheus", {"operator": f"127.0.0.1:{bed.metrics_port}"}) as prom:
+        value, query = prom.value, prom.query
         ledger_balance = float(from_minor(bed.op.ledger.balance(account), "CNY"))
         q = f'gpucloud_account_balance{{account="{account}", currency="CNY"}}'
         wait_for(lambda: value(q) == ledger_balance, timeout=60,
@@ -434,6 +403,3 @@ def test_prometheus_scrapes_the_operator(bed: Bed, instance: dict[str, Any]) -> 
         running = value('gpucloud_operator_instances{phase="Running"}')
         assert running is not None and running >= 1
         assert value('up{job="operator"}') == 1
-    finally:
-        prom.terminate()
-        prom.wait(30)
