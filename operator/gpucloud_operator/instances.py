@@ -175,8 +175,14 @@ class InstanceReconciler:
         self._awaiting_bind: set[str] = set()
         # account -> (second, monotonic time computed, minor units): see _accrued
         self._accrual_memo: dict[str, tuple[datetime, float, int]] = {}
+        self.accrual_reuse_s = 1.0  # see _accrued
         self._later = Later()
         self.claim_recheck_s = 1.0  # see _nudge_claim
+        self._nudging: set[str] = set()  # instances with a claim check chain running
+        # instances whose status this process has patched (an event body without a status
+        # is then out of date), and the uid of the pod each one's current run got
+        self._status_written: set[str] = set()
+        self._run_pods: dict[str, str] = {}
 
     def _lock(self, table: defaultdict[str, threading.Lock], key: str) -> threading.Lock:
         with self._guard:
@@ -201,8 +207,8 @@ class InstanceReconciler:
         pass over the instance is already running, rather than hold a worker thread on
         the lock for a pass that repeats it."""
         meta = inst["metadata"]
-        # no status yet: no pass has patched it (the first pass is the one a creation
-        # starts), so the body is as fresh as a read would be
+        # no status yet: unless a pass of this process patched it (checked under the
+        # lock), nothing has, and the body is as fresh as a read would be
         body = None if inst.get("status") else inst
         self._reconcile_fresh(meta["namespace"], meta["name"], meta["uid"], wait=wait, body=body)
 
@@ -217,9 +223,15 @@ class InstanceReconciler:
         **seen: Any,
     ) -> None:
         lock = self._lock(self._locks, uid)
-        if not lock.acquire(blocking=wait):
-            return
+        if not lock.acquire(blocking=False):
+            if not wait:
+                return
+            lock.acquire()
+            seen = {}  # another pass ran meanwhile: what the event showed may be out of date
         try:
+            with self._guard:
+                if uid in self._status_written:
+                    body = None
             # read under the lock: the body of the event may predate the last pass's patches
             fresh = body or self.kube.get_namespaced_object(PLURAL, namespace, name)
             if fresh is None or fresh["metadata"]["uid"] != uid:
@@ -295,6 +307,8 @@ class InstanceReconciler:
         if not changes:
             return
         self.kube.patch_status(PLURAL, p.ns, p.name, changes)
+        with self._guard:
+            self._status_written.add(p.uid)
         if "phase" in changes:
             self._note_phase(p.uid, p.ns, changes["phase"])
         for k, v in changes.items():
@@ -542,7 +556,7 @@ class InstanceReconciler:
         meanwhile refines it (an injected clock may stand still)."""
         with self._guard:
             hit = self._accrual_memo.get(account)
-        if hit is not None and hit[0] == now and time.monotonic() - hit[1] < 1.0:
+        if hit is not None and hit[0] == now and time.monotonic() - hit[1] < self.accrual_reuse_s:
             return hit[2]
         value = self.ledger.accrued_unsettled(account, now)
         with self._guard:
@@ -604,7 +618,9 @@ class InstanceReconciler:
         with self._guard:
             self._awaiting_bind.discard(p.uid)
         runs = int(p.status.get("runs") or 0)
-        self.kube.create_pod(b.build_instance_pod(p.inst, runs))
+        pod = self.kube.create_pod(b.build_instance_pod(p.inst, runs))
+        with self._guard:
+            self._run_pods[p.uid] = (pod.get("metadata") or {}).get("uid", "")
         self._event(p, "Normal", "Starting", f"run {runs}: pod created, pinned to {node}")
 
     def _volume_node(self, p: Pass, new: bool) -> tuple[str | None, bool | None]:
@@ -642,32 +658,41 @@ class InstanceReconciler:
             return node, None
         return node, (claim.get("status") or {}).get("phase") == "Bound"
 
-    def _nudge_claim(
-        self, namespace: str, name: str, uid: str, step: int = 0, touches: int = 0
-    ) -> None:
+    def _nudge_claim(self, namespace: str, name: str, uid: str, step: int = 0) -> None:
         """Look again while the claim is unbound (after 1, 1, 1, 2, 4, 8 x
-        ``claim_recheck_s``). The update above makes the PV controller sync the claim;
-        when that sync comes before the new volume reaches the controller's cache, the
-        claim (which names its volume) waits for the controller's next resync, 15 s
-        later: that was the slowest twentieth of a burst of starts. The volume's own
-        sync marks it Bound without touching the claim, so a Bound volume beside an
-        unbound claim is that case: touch the claim again, then look less often (the
-        sync waits in the controller's queue). Otherwise the controller is only behind
-        (its client rate), and an update would just add work."""
+        ``claim_recheck_s``; one chain per instance). The update above makes the PV
+        controller sync the claim; when that sync comes before the new volume reaches the
+        controller's cache, the claim (which names its volume) waits for the controller's
+        next resync, 15 s later: that was the slowest twentieth of a burst of starts.
+        The volume's own sync marks it Bound without touching the claim, so a Bound
+        volume beside an unbound claim is that case: touch the claim again, then look
+        less often (the sync waits in the controller's queue). Otherwise the controller
+        is only behind (its client rate), and an update would just add work."""
+        if step == 0:
+            with self._guard:
+                if uid in self._nudging:
+                    return  # a chain runs already
+                self._nudging.add(uid)
 
         def again() -> None:
-            with self._guard:
-                if uid not in self._awaiting_bind:
-                    return  # bound (or the instance went away)
-            pv = self.kube.get_pv(b.pv_name(uid))
-            after, done = step + 1, touches
-            if ((pv or {}).get("status") or {}).get("phase") == "Bound":
-                done += 1  # a new value each time, or the patch is a no-op: no sync
-                touch = {"gpucloud.dev/volume-sync": str(done)}
-                self.kube.annotate_pvc(namespace, b.pvc_name(name), touch)
-                after = max(after, _RECHECKS.index(2))
-            if after < len(_RECHECKS):
-                self._nudge_claim(namespace, name, uid, after, done)
+            after = len(_RECHECKS)  # the chain ends unless set below
+            try:
+                with self._guard:
+                    if uid not in self._awaiting_bind:
+                        return  # bound (or the instance went away)
+                after = step + 1
+                pv = self.kube.get_pv(b.pv_name(uid))
+                if ((pv or {}).get("status") or {}).get("phase") == "Bound":
+                    # a new value each time, or the patch changes nothing and no sync follows
+                    touch = {"gpucloud.dev/volume-sync": str(time.monotonic_ns())}
+                    self.kube.annotate_pvc(namespace, b.pvc_name(name), touch)
+                    after = max(after, _RECHECKS.index(2))
+            finally:
+                if after < len(_RECHECKS):
+                    self._nudge_claim(namespace, name, uid, after)
+                else:
+                    with self._guard:
+                        self._nudging.discard(uid)
 
         self._later.call(self.claim_recheck_s * _RECHECKS[step], again)
 
@@ -720,10 +745,11 @@ class InstanceReconciler:
         concurrent pass have created it meanwhile, creating it again finds it)."""
         seen = p.pod_seen
         if seen is not None and not seen["metadata"].get("deletionTimestamp"):
+            with self._guard:  # the very pod this run created, not one of the same name
+                ours = self._run_pods.get(p.uid) == seen["metadata"].get("uid")
             labels = seen["metadata"].get("labels") or {}
-            if labels.get(b.RUN_LABEL) == str(runs) and seen.get("status", {}).get("phase") == (
-                "Running"
-            ):
+            running = seen.get("status", {}).get("phase") == "Running"
+            if ours and running and labels.get(b.RUN_LABEL) == str(runs):
                 return seen
         if p.claim_bound:
             return None
@@ -1488,4 +1514,8 @@ class InstanceReconciler:
         self._note_phase(p.uid, p.ns, None)
         with self._placement_lock:
             self._assumed.pop(p.uid, None)
+        with self._guard:
+            self._awaiting_bind.discard(p.uid)
+            self._status_written.discard(p.uid)
+            self._run_pods.pop(p.uid, None)
         return True

@@ -115,6 +115,56 @@ def test_http_ingest_recharge_and_balance(
         assert c.get("/openapi.json").json()["paths"]["/v1/usage"]
 
 
+def test_meters_show_the_open_run_then_usage_that_came_after_its_settlement(
+    api: ApiProcess, db_url: str
+) -> None:
+    """``/meters?state=open`` lists the running meter; after the run is settled, agent
+    usage for it is stored but not charged, and ``/meters?state=late`` shows it."""
+    opened = T0 + timedelta(hours=1)
+    start = T0_S + 3600
+
+    def windows(first: int, last: int) -> dict:
+        recs = [
+            gpu_record(node="node-0", gpu=g, pod_uid="pod-late", start=start + 10 * w)
+            for w in range(first, last)
+            for g in range(8)
+        ]
+        return {"records": recs}
+
+    with _ledger(db_url) as lg:
+        open_gpu_meter(lg, "late", "pod-late", opened)
+    meter = "meter-pod-late"
+    with httpx.Client(base_url=api.url, timeout=10) as c:
+        agent = auth(agent_token("node-0"))
+        assert c.post("/v1/usage", json=windows(0, 3), headers=agent).json()["accepted"] == 24
+        url = "/v1/accounts/late/meters"
+        running = c.get(url, params={"state": "open"}, headers=ADMIN).json()["meters"]
+        assert [(m["meter_id"], m["closed_at"]) for m in running] == [(meter, None)]
+        assert running[0]["quantity_rated"] == 240
+        with _ledger(db_url) as lg:
+            lg.close_meter(meter, opened + timedelta(seconds=60))
+            lg.settle_meter(meter, NOW, fallback=True)
+        balance = c.get("/v1/accounts/late/balance", headers=ADMIN).json()["balance_minor"]
+        assert c.get(url, params={"state": "open"}, headers=ADMIN).json()["meters"] == []
+        assert c.post("/v1/usage", json=windows(3, 6), headers=agent).json()["accepted"] == 24
+
+        def late() -> list[dict]:
+            got = c.get(url, params={"state": "late"}, headers=ADMIN).json()["meters"]
+            return [m for m in got if m["late_records"] == 24]
+
+        (m,) = wait_for(late, 5.0, "the late usage on the settled meter")
+        assert m["late_quantity"] == 240 and m["settled_at"] is not None
+        assert c.get("/v1/accounts/late/balance", headers=ADMIN).json()["balance_minor"] == (
+            balance
+        )
+        again = c.get(url, params={"state": "late", "limit": 1}, headers=ADMIN).json()
+        assert [x["meter_id"] for x in again["meters"]] == [meter]
+        bad = c.get(url, params={"state": "closed"}, headers=ADMIN)
+        assert bad.status_code == 422 and "state" in bad.text
+        other = c.get(url, params={"state": "late"}, headers=TENANT)  # acme's tenant
+        assert other.status_code == 403
+
+
 class _ledger:
     """A context manager around open_ledger (the Ledger has close(), not __exit__)."""
 

@@ -133,6 +133,16 @@ def test_open_meter_rules(ledger: Ledger) -> None:
     assert [m.meter_id for m in ledger.meters("alice", open_only=True)] == ["m1"]
 
 
+def test_meters_newest_first_up_to_a_limit(ledger: Ledger) -> None:
+    for n in range(3):
+        opened = T0 + timedelta(minutes=n)
+        _gpu_meter(ledger, f"m{n}", subject=f"pod-{n}", opened_at=opened)
+    assert [m.meter_id for m in ledger.meters("alice")] == ["m0", "m1", "m2"]
+    assert [m.meter_id for m in ledger.meters("alice", newest=2)] == ["m2", "m1"]
+    with pytest.raises(InvalidInput, match="newest"):
+        ledger.meters("alice", newest=0)
+
+
 def test_accrued_unsettled_and_available_balance(ledger: Ledger) -> None:
     _gpu_meter(ledger, price="36", gpus=2)  # 1 fen per GPU-second, 2 GPUs
     ledger.post_entry("alice", "recharge", 100_000, "r", at=T0)

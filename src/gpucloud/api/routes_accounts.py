@@ -1,4 +1,5 @@
-"""Account queries: balance, statement, usage, charges per resource, audit trail."""
+"""Account queries: balance, statement, usage, charges per resource, meters, audit
+trail."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from gpucloud.api.schemas import (
     ChargeOut,
     ChargesOut,
     EntryOut,
+    MeterOut,
+    MetersOut,
     Problem,
     StatementOut,
     UsageOut,
@@ -113,6 +116,28 @@ def get_charges(account: Account, state: State) -> ChargesOut:
             ChargeOut(resource=res, amount_minor=amt, amount=format_money(amt, acct.currency))
             for res, amt in sorted(charges.items(), key=lambda kv: kv[0] or "")
         ],
+    )
+
+
+@router.get("/meters", response_model=MetersOut)
+def get_meters(
+    account: Account,
+    state: State,
+    which: Annotated[str, Query(alias="state", pattern=r"^(open|late)$")],
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> MetersOut:
+    """``state=open``: the meters running now. ``state=late``: settled meters that got
+    agent usage after their settlement (stored, never charged), for an admin to look
+    into: an agent that was down past the grace period, or a clock out of step. The
+    ``limit`` most recently opened, newest first."""
+    acct = state.ledger.get_account(account)
+    meters = state.ledger.meters(
+        account, open_only=which == "open", late_only=which == "late", newest=limit
+    )
+    return MetersOut(
+        account=account,
+        currency=acct.currency,
+        meters=[MeterOut.model_validate(m) for m in meters],
     )
 
 

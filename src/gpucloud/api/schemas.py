@@ -87,6 +87,33 @@ class ChargesOut(BaseModel):
     charges: list[ChargeOut]
 
 
+class MeterOut(BaseModel):
+    """A billing meter (one run of an instance, one replica, one disk...). Quantities are
+    GPU-seconds (gpu_time) or byte-seconds. Read from the ledger's ``Meter``."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    meter_id: str
+    resource: str
+    kind: str
+    opened_at: datetime
+    closed_at: datetime | None
+    settled_at: datetime | None
+    gpus: int
+    quantity_rated: int
+    posted_minor: int
+    fallback_quantity: int  # billed from control-plane timestamps (no agent usage)
+    fallback_minor: int
+    late_records: int  # usage that arrived after the settlement: stored, never charged
+    late_quantity: int
+
+
+class MetersOut(BaseModel):
+    account: str
+    currency: str
+    meters: list[MeterOut]
+
+
 class OnlineRechargeIn(_In):
     amount_minor: AmountMinor
     provider: Annotated[str, Field(min_length=1, max_length=64)] = "sandbox"

@@ -820,12 +820,21 @@ class Ledger(WipesMixin):
         return _meter(row, name)
 
     def meters(
-        self, account: str | None = None, *, open_only: bool = False, late_only: bool = False
+        self,
+        account: str | None = None,
+        *,
+        open_only: bool = False,
+        late_only: bool = False,
+        newest: int | None = None,
     ) -> list[Meter]:
         """Meters by opening time. ``late_only``: settled meters that received usage
-        after their settlement (stored, not charged: for operators to look into)."""
+        after their settlement (stored, not charged: for operators to look into).
+        ``newest``: only that many, the most recently opened first."""
         with self._read() as conn:
             query = select(M).order_by(M.c.opened_at, M.c.meter_id)
+            if newest is not None:
+                query = select(M).order_by(M.c.opened_at.desc(), M.c.meter_id.desc())
+                query = query.limit(v.positive(newest, "newest"))
             if account is not None:
                 query = query.where(M.c.account_id == self._account_row(conn, account).id)
             if open_only:
