@@ -80,7 +80,6 @@ class SerialKube:
     def __init__(self, inner: FakeKube, bound: set[str] | None = None) -> None:
         self.inner = inner
         self.bound = bound  # claims bound so far (None: bound as soon as created)
-        self.reads = 0
         self.calls: Counter[str] = Counter()
         self._lock = threading.RLock()
 
@@ -92,11 +91,13 @@ class SerialKube:
                 time.sleep(0.01)
             with self._lock:
                 self.calls[name] += 1
-                if name == "get_namespaced_object":
-                    self.reads += 1
                 return attr(*args, **kwargs)
 
         return call if callable(attr) else attr
+
+    @property
+    def reads(self) -> int:
+        return self.calls["get_namespaced_object"]
 
     def pvc_bound(self, namespace: str, name: str) -> bool:
         self.calls["pvc_bound"] += 1

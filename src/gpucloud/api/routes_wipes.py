@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gpucloud.api.deps import Caller, State, agent_node
 from gpucloud.api.schemas import Problem, WipeDoneIn, WipeOut, WipesOut
-from gpucloud.ledger import NodeWipe, NotFound, WrongNode
+from gpucloud.ledger import NotFound, WrongNode
 
 router = APIRouter(prefix="/v1", tags=["wipes"])
 NodeName = Annotated[
@@ -32,24 +32,13 @@ def _own_node(node: str, caller: Caller, state: State) -> str:
     return node
 
 
-def _out(w: NodeWipe) -> WipeOut:
-    return WipeOut(
-        id=w.id,
-        path=w.path,
-        subject=w.subject,
-        requested_at=w.requested_at,
-        done_at=w.done_at,
-        bytes_freed=w.bytes_freed,
-    )
-
-
 @router.get("/nodes/{node}/wipes", response_model=WipesOut, responses=_ERRORS)
 async def list_wipes(node: NodeName, caller: Caller, state: State) -> WipesOut:
     """The folders the agent of ``node`` must remove, oldest first (at most 100). Each
     ``path`` is relative to the node's data root."""
     _own_node(node, caller, state)
     wipes = await run_in_threadpool(state.ledger.pending_wipes, node)
-    return WipesOut(node=node, wipes=[_out(w) for w in wipes])
+    return WipesOut(node=node, wipes=[WipeOut.model_validate(w) for w in wipes])
 
 
 @router.post(
@@ -76,4 +65,4 @@ async def wipe_done(
         raise HTTPException(404, str(exc)) from None
     except WrongNode as exc:
         raise HTTPException(403, str(exc)) from None
-    return _out(done)
+    return WipeOut.model_validate(done)

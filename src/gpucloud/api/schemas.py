@@ -203,6 +203,10 @@ class AuditOut(BaseModel):
 
 
 class WipeOut(BaseModel):
+    """Read from the ledger's ``NodeWipe``."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     path: str = Field(description="relative to the node's data root, e.g. instances/<ns>/<name>")
     subject: str
