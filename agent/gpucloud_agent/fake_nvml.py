@@ -40,19 +40,28 @@ def fake_memory_used_bytes(total: int, index: int, second: int) -> int:
 
 class FakeNvml:
     def __init__(
-        self, node: str, count: int, product: str, memory_mib: int, clock: Clock | None = None
+        self,
+        node: str,
+        count: int,
+        product: str,
+        memory_mib: int,
+        clock: Clock | None = None,
+        uuids: list[str] | None = None,
     ) -> None:
+        """``uuids``: the node's device plugin's own (kind tier); else derived."""
         if not node:
             raise ValueError("fake nvml: node must not be empty")
         if count < 0:
             raise ValueError(f"fake nvml: count must be >= 0, got {count}")
         if memory_mib <= 0:
             raise ValueError(f"fake nvml: memory_mib must be > 0, got {memory_mib}")
+        if uuids is None:
+            uuids = [fake_gpu_uuid(node, i) for i in range(count)]
+        elif len(uuids) != count or len(set(uuids)) != count:
+            raise ValueError(f"fake nvml: uuids must be {count} distinct UUIDs, got {uuids}")
         self.node = node
         self._clock = clock or SystemClock()
-        self._devices = [
-            GpuDevice(i, fake_gpu_uuid(node, i), product, memory_mib * MIB) for i in range(count)
-        ]
+        self._devices = [GpuDevice(i, u, product, memory_mib * MIB) for i, u in enumerate(uuids)]
 
     @classmethod
     def from_node_labels(
@@ -61,6 +70,7 @@ class FakeNvml:
         labels: Mapping[str, str],
         capacity: Mapping[str, str | int],
         clock: Clock | None = None,
+        uuids: list[str] | None = None,
     ) -> FakeNvml:
         try:
             count = int(capacity.get(GPU_RESOURCE, 0))
@@ -73,17 +83,24 @@ class FakeNvml:
             memory_mib = int(labels.get(MEMORY_LABEL, ""))
         except ValueError as exc:
             raise ValueError(f"label {MEMORY_LABEL}: must be an integer number of MiB") from exc
-        return cls(node, count, product, memory_mib, clock)
+        return cls(node, count, product, memory_mib, clock, uuids)
 
     @classmethod
     def from_config(cls, path: str | Path, clock: Clock | None = None) -> FakeNvml:
-        """A JSON or YAML file: {node, labels: {...}, capacity: {nvidia.com/gpu: N}}."""
+        """A JSON or YAML file: {node, labels: {...}, capacity: {nvidia.com/gpu: N}},
+        optionally with the device UUIDs (``uuids``), as the kind tier's fake device plugin
+        writes it for its node: the agent then answers for exactly the plugin's GPUs."""
         text = Path(path).read_text()
         data: Any = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
         if not isinstance(data, dict) or "node" not in data:
             raise ValueError(f"fake nvml config {path}: must be a mapping with a 'node' field")
+        uuids = data.get("uuids")
+        if uuids is not None and not (
+            isinstance(uuids, list) and all(isinstance(u, str) for u in uuids)
+        ):
+            raise ValueError(f"fake nvml config {path}: uuids must be a list of strings")
         return cls.from_node_labels(
-            str(data["node"]), data.get("labels") or {}, data.get("capacity") or {}, clock
+            str(data["node"]), data.get("labels") or {}, data.get("capacity") or {}, clock, uuids
         )
 
     def _second(self) -> int:

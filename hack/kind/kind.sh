@@ -1,52 +1,129 @@
 #!/usr/bin/env bash
-# `make kind`: a kind cluster with kwok's fake GPU nodes (the test bed's products and
-# labels), the four images built and loaded, and the chart installed.
-# Needs docker, kind, kubectl and helm. NOT exercised by CI: the kwok test bed
-# (`make testbed`, tests/chart) is the tested path.
+# `make kind` / `make kind-down`: the kind tier, a real Kubernetes cluster in Docker
+# containers with fake GPU devices, built offline (see docs/install.md, "kind").
 #
-#   hack/kind/kind.sh            # create or reuse the cluster, build, load, install
-#   hack/kind/kind.sh down       # delete the cluster
+#   hack/kind/kind.sh up      # node image, registry, cluster, fake GPUs, our images pushed
+#   hack/kind/kind.sh down    # delete the cluster and stop the registry (its data is kept)
+#   hack/kind/kind.sh env     # print KUBECONFIG=... for a shell
+#
+# The cluster is reused while its node image is current and its nodes run; a stale or
+# stopped one (dockerd restarted) is recreated.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+source "$(dirname "$0")/lib.sh"
 CLUSTER=${KIND_CLUSTER:-gpucloud}
-TAG=${TAG:-dev}
-NAMESPACE=${NAMESPACE:-gpucloud-system}
-PY=${PY:-.venv/bin/python}
-# shellcheck disable=SC1091
-KWOK_VERSION=$(source hack/testbed/versions.env && echo "$KWOK_VERSION")
-KWOK_RELEASE=https://github.com/kubernetes-sigs/kwok/releases/download/$KWOK_VERSION
+KUBECONFIG_FILE=${KIND_KUBECONFIG:-$KIND_CACHE/$CLUSTER.kubeconfig}
+export KUBECONFIG=$KUBECONFIG_FILE
+# kind calls `docker`: our wrapper first (hack/kind/bin/docker, the --privileged quirk)
+export GPUCLOUD_REAL_DOCKER=$DOCKER
+kind() { PATH=$KIND_DIR/bin:$PATH "$KIND_BIN" "$@"; }
+kubectl() { "$KUBECTL" "$@"; }
 
-if [[ ${1:-up} == down ]]; then
-  exec kind delete cluster --name "$CLUSTER"
-fi
+cluster_exists() { kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; }
 
-kind get clusters | grep -qx "$CLUSTER" || kind create cluster --name "$CLUSTER" --wait 120s
-kubectl config use-context "kind-$CLUSTER"
+down() {
+  [[ -x $KIND_BIN ]] || { log "kind is not built: nothing to delete"; return 0; }
+  ensure_docker
+  if cluster_exists; then kind delete cluster --name "$CLUSTER"; fi
+  "$DOCKER" rm -f "$REGISTRY_NAME" >/dev/null 2>&1 || true
+  rm -f "$KUBECONFIG_FILE"
+}
 
-# kwok's controller plays the kubelet of every Node annotated kwok.x-k8s.io/node=fake.
-kubectl apply -f "$KWOK_RELEASE/kwok.yaml"
-kubectl apply -f "$KWOK_RELEASE/stage-fast.yaml"
-"$PY" hack/kind/nodes.py | kubectl apply -f -
+# The registry runs beside the cluster (it outlives cluster re-creation; its blobs live
+# in a Docker volume), on the kind network for the nodes and on 127.0.0.1 for pushes.
+ensure_registry() {
+  local image
+  image=gpucloud.local/kind/registry:$REGISTRY_VERSION-$(inputs_hash "$KIND_DIR/registry")
+  if ! image_exists "$image"; then
+    local d; d=$(mktemp -d)
+    cp "$CACHE/registry-$REGISTRY_VERSION/registry" "$KIND_DIR/registry/config.yml" "$d/"
+    "$DOCKER" build -q -f "$KIND_DIR/registry/Dockerfile" -t "$image" "$d" >/dev/null
+    rm -rf "$d"
+  fi
+  local state
+  state=$("$DOCKER" inspect -f '{{.State.Running}} {{.Config.Image}}' "$REGISTRY_NAME" 2>/dev/null || true)
+  if [[ $state != "true $image" ]]; then
+    "$DOCKER" rm -f "$REGISTRY_NAME" >/dev/null 2>&1 || true
+    if (exec 3<>"/dev/tcp/127.0.0.1/$REGISTRY_PORT") 2>/dev/null; then
+      die "port $REGISTRY_PORT on 127.0.0.1 is in use: free it, or choose another with GPUCLOUD_KIND_REGISTRY_PORT=PORT (then make kind-down first)"
+    fi
+    "$DOCKER" run -d --restart=always --name "$REGISTRY_NAME" -p "127.0.0.1:$REGISTRY_PORT:5000" \
+      -v gpucloud-registry:/var/lib/registry "$image" >/dev/null
+  fi
+  if [[ $("$DOCKER" inspect -f '{{if index .NetworkSettings.Networks "kind"}}on{{end}}' "$REGISTRY_NAME") != on ]]; then
+    "$DOCKER" network connect kind "$REGISTRY_NAME"
+  fi
+}
 
-# The control plane runs on kind's real node; only the agent goes to the fake GPU nodes
-# (where kwok fakes its pods: there is no NVML there).
-REAL_NODE=$(kubectl get nodes -l '!type' -o jsonpath='{.items[0].metadata.name}')
-kubectl label node "$REAL_NODE" gpucloud.dev/control-plane=true --overwrite
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: until COMMAND succeeds
+  local limit=$1 what=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "timed out after ${limit}s waiting for $what"
+    sleep 1
+  done
+}
 
-for component in operator agent gateway api; do
-  dockerfile=$component/Dockerfile
-  [[ $component == api ]] && dockerfile=Dockerfile.api
-  docker build -f "$dockerfile" -t "gpucloud/$component:$TAG" .
-  kind load docker-image --name "$CLUSTER" "gpucloud/$component:$TAG"
-done
+gpu_capacity_ready() {  # every node labelled with fake GPUs reports them allocatable
+  local want have
+  while read -r node want; do
+    have=$(kubectl get node "$node" -o jsonpath='{.status.allocatable.nvidia\.com/gpu}')
+    [[ $have == "$want" ]] || return 1
+  done < <(kubectl get nodes -l gpucloud.dev/fake-gpu.count \
+             -o jsonpath='{range .items[*]}{.metadata.name} {.metadata.labels.gpucloud\.dev/fake-gpu\.count}{"\n"}{end}')
+}
 
-"$PY" hack/sync_chart_crds.py --check
-sel='gpucloud\.dev/control-plane'
-helm upgrade --install gpucloud charts/gpucloud --namespace "$NAMESPACE" --create-namespace \
-  --set operator.image.tag="$TAG" --set api.image.tag="$TAG" \
-  --set gateway.image.tag="$TAG" --set agent.image.tag="$TAG" \
-  --set "operator.nodeSelector.$sel=true" --set "api.nodeSelector.$sel=true" \
-  --set "gateway.nodeSelector.$sel=true" \
-  --set agent.nvml=fake --wait --timeout 5m
-kubectl get nodes -L nvidia.com/gpu.product
-kubectl -n "$NAMESPACE" get pods -o wide
+up() {
+  local t0=$SECONDS
+  ensure_docker
+  local node_image
+  node_image=$(bash "$KIND_DIR/node-image.sh")
+  local config
+  config=$(sed -e "s#@K8S_REPO@#$K8S_REPO#g" -e "s#@REGISTRY_PORT@#$REGISTRY_PORT#g" \
+               -e "s#@REGISTRY_NAME@#$REGISTRY_NAME#g" "$KIND_DIR/cluster.yaml")
+  if cluster_exists; then
+    local current stopped
+    current=$("$DOCKER" inspect -f '{{.Config.Image}}' "$CLUSTER-control-plane" 2>/dev/null || true)
+    stopped=$("$DOCKER" ps -a --filter "label=io.x-k8s.kind.cluster=$CLUSTER" --filter status=exited -q)
+    if [[ $current != "$node_image" ]]; then
+      log "cluster $CLUSTER runs node image ${current:-?}, not $node_image: recreating it"
+      kind delete cluster --name "$CLUSTER"
+    elif [[ -n $stopped ]]; then
+      log "cluster $CLUSTER has stopped nodes (dockerd restarted?): recreating it"
+      kind delete cluster --name "$CLUSTER"
+    elif [[ $config != "$(cat "$KIND_CACHE/$CLUSTER.yaml" 2>/dev/null)" ]]; then
+      log "hack/kind/cluster.yaml changed since cluster $CLUSTER was created: recreating it"
+      kind delete cluster --name "$CLUSTER"
+    fi
+  fi
+  if ! cluster_exists; then
+    local t1=$SECONDS
+    printf '%s\n' "$config" >"$KIND_CACHE/$CLUSTER.yaml"
+    kind create cluster --name "$CLUSTER" --image "$node_image" \
+      --config "$KIND_CACHE/$CLUSTER.yaml" --kubeconfig "$KUBECONFIG_FILE" --retain >&2 ||
+      die "kind create cluster failed; node logs: kind export logs --name $CLUSTER (the nodes were kept: make kind-down removes them)"
+    echo $((SECONDS - t1)) >"$KIND_CACHE/create-seconds"
+  else
+    kind export kubeconfig --name "$CLUSTER" --kubeconfig "$KUBECONFIG_FILE" >/dev/null 2>&1
+  fi
+  ensure_registry
+  # The fake GPU device plugin's manifest travels in the node image (its image tag too).
+  "$DOCKER" exec "$CLUSTER-control-plane" cat /kind/manifests/fake-gpu-device-plugin.yaml |
+    kubectl apply -f - >/dev/null
+  wait_for 180 "every node Ready" kubectl wait --for=condition=Ready nodes --all --timeout=5s
+  wait_for 120 "fake GPUs allocatable on the GPU nodes" gpu_capacity_ready
+  wait_for 120 "CoreDNS" kubectl -n kube-system rollout status deploy/coredns --timeout=5s
+  wait_for 120 "the local-path provisioner" kubectl -n local-path-storage rollout status deploy/local-path-provisioner --timeout=5s
+  if [[ ${GPUCLOUD_KIND_SKIP_IMAGES:-} != 1 ]]; then
+    bash "$REPO/hack/images.sh" --push "$REGISTRY"
+  fi
+  echo $((SECONDS - t0)) >"$KIND_CACHE/up-seconds"
+  log "cluster $CLUSTER ready in $((SECONDS - t0)) s: export KUBECONFIG=$KUBECONFIG_FILE"
+  kubectl get nodes -L nvidia.com/gpu.product -L nvidia.com/gpu.count >&2
+}
+
+case ${1:-up} in
+  up) up ;;
+  down) down ;;
+  env) echo "export KUBECONFIG=$KUBECONFIG_FILE" ;;
+  *) die "usage: $0 up|down|env" ;;
+esac

@@ -2,7 +2,8 @@
 # Builds the test bed's binaries from Go modules (no release downloads exist here)
 # into a cache outside the repo, keyed by version, so a warm machine builds nothing.
 # Each tool is built in its own throwaway module so dependency graphs never mix.
-#   usage: build.sh [all|kwok|etcd|kubernetes|helm]...
+#   usage: build.sh [all|kind-all|kwok|etcd|kubernetes|helm|kind|kubernetes-node|coredns|local-path|registry]...
+# `all` is the kwok tier's tools; `kind-all` adds what the kind tier's node image needs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -69,11 +70,32 @@ GO
   rm -rf "$d"
 }
 
-do_kubernetes() {
+do_kind() {
+  GOBIN=$1 go install "sigs.k8s.io/kind@$KIND_VERSION"
+}
+
+do_coredns() {
+  GOBIN=$1 go install -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
+}
+
+do_registry() {
+  GOBIN=$1 go install -ldflags "-s -w" "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION"
+}
+
+do_local_path() {
+  GOBIN=$1 go install -ldflags "-s -w" \
+    "github.com/rancher/local-path-provisioner@$LOCAL_PATH_PROVISIONER_VERSION"
+}
+
+# The control plane and kubectl (kwok tier), or the node's binaries (kind tier).
+do_kubernetes() { build_kubernetes "$1" kube-apiserver kube-controller-manager kube-scheduler kubectl; }
+do_kubernetes_node() { build_kubernetes "$1" kubelet kubeadm kube-proxy; }
+
+build_kubernetes() {
   # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with
   # local paths; a consumer replaces each with the published v0.x of the same name.
-  local out=$1 d; d=$(scratch_module gpucloud.local/kubernetes)
-  local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+  local out=$1 d; shift; d=$(scratch_module gpucloud.local/kubernetes)
+  local cmds=("$@")
   (
     cd "$d"
     go mod edit -go=1.24.0 -require="k8s.io/kubernetes@$K8S_VERSION"
@@ -108,8 +130,14 @@ do_kubernetes() {
 }
 
 targets=("$@"); [[ ${#targets[@]} -eq 0 || ${targets[0]} == all ]] && targets=(kwok etcd kubernetes helm)
+[[ ${targets[0]} == kind-all ]] && targets=(etcd kubernetes helm kind kubernetes-node coredns local-path registry)
 for t in "${targets[@]}"; do
   case $t in
+    kind) build_into "$CACHE/kind-$KIND_VERSION" do_kind ;;
+    kubernetes-node) build_into "$CACHE/kubernetes-node-$K8S_VERSION" do_kubernetes_node ;;
+    coredns) build_into "$CACHE/coredns-$COREDNS_VERSION" do_coredns ;;
+    registry) build_into "$CACHE/registry-$REGISTRY_VERSION" do_registry ;;
+    local-path) build_into "$CACHE/local-path-provisioner-$LOCAL_PATH_PROVISIONER_VERSION" do_local_path ;;
     kwok) build_into "$CACHE/kwok-$KWOK_VERSION" do_kwok ;;
     etcd) build_into "$CACHE/etcd-$ETCD_VERSION" do_etcd ;;
     kubernetes) build_into "$CACHE/kubernetes-$K8S_VERSION" do_kubernetes ;;

@@ -44,6 +44,23 @@ def test_fake_from_json_and_yaml(tmp_path: Path) -> None:
     assert FakeNvml.from_config(tmp_path / "c.yaml").devices()[0].product == "T4"
 
 
+def test_fake_answers_for_the_device_plugins_uuids(tmp_path: Path) -> None:
+    # the kind tier's fake device plugin writes its node's GPUs; the agent takes them as is
+    uuids = ["GPU-11111111-2222-5333-8444-555555555555", "GPU-aaaaaaaa-bbbb-5ccc-8ddd-eeeeeeeeeeee"]
+    cfg = {"node": "n1", "labels": LABELS, "capacity": {"nvidia.com/gpu": 2}, "uuids": uuids}
+    (tmp_path / "devices.json").write_text(json.dumps(cfg))
+    assert [d.uuid for d in FakeNvml.from_config(tmp_path / "devices.json").devices()] == uuids
+    for bad in (uuids[:1], [uuids[0], uuids[0]], "GPU-1"):
+        (tmp_path / "bad.json").write_text(json.dumps({**cfg, "uuids": bad}))
+        with pytest.raises(ValueError, match="uuids"):
+            FakeNvml.from_config(tmp_path / "bad.json")
+
+
+def test_fake_uuid_matches_the_kind_device_plugin() -> None:
+    # hack/kind/kindagents/cmd/fake-gpu-device-plugin/spec_test.go pins the same value
+    assert fake_gpu_uuid("node-a", 0) == "GPU-74d34b24-f5bb-52be-a451-b36458e5e9a8"
+
+
 @pytest.mark.parametrize(
     ("labels", "capacity", "match"),
     [
