@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps testbed-build testbed testbed-down crds lint test test-unit test-e2e bench demo kind kind-down clean
+.PHONY: setup system-deps testbed-build testbed testbed-down crds lint test test-unit test-e2e test-kind bench demo images kind-build kind kind-down clean
 
 setup: $(VENV)/.installed
 
@@ -39,14 +39,18 @@ lint: setup
 	$(PY) hack/gen_crds.py --check
 	$(PY) hack/sync_chart_crds.py --check
 
-test: setup system-deps testbed-build
+# Everything, the kind tier included (its cluster is created or reused first).
+test: setup system-deps testbed-build kind
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-unit: setup
-	$(VENV)/bin/pytest -m "not e2e" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not e2e and not kind" $(PYTEST_ARGS)
 
 test-e2e: setup system-deps testbed-build
-	$(VENV)/bin/pytest -m e2e $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "e2e and not kind" $(PYTEST_ARGS)
+
+test-kind: setup system-deps kind
+	$(VENV)/bin/pytest tests/kind $(PYTEST_ARGS)
 
 bench: setup system-deps testbed-build
 	$(PY) bench/run_all.py
@@ -54,11 +58,20 @@ bench: setup system-deps testbed-build
 demo: setup system-deps testbed-build
 	$(PY) hack/demo.py
 
-# For users with Docker: a kind cluster with kwok's fake GPU nodes and the chart
-# installed. Not runnable on the development machines (no container engine); the kwok
-# test bed above is the tested path.
-kind: setup
-	bash hack/kind/kind.sh
+# Our images (operator, api, gateway, agent, fake-model-server) from the root
+# Dockerfile on a Debian base built here; build/images.env names the content tag.
+images: setup system-deps
+	bash hack/images.sh
+
+# The kind tier: a real cluster in Docker (control plane, two GPU workers with fake
+# GPU device plugins, one CPU worker), everything built offline and cached in
+# ~/.cache/gpucloud; our images pushed to its local registry (localhost:5001).
+kind-build: setup system-deps testbed-build
+	bash hack/testbed/build.sh kind-all
+	bash hack/kind/node-image.sh >/dev/null
+
+kind: kind-build
+	bash hack/kind/kind.sh up
 
 kind-down:
 	bash hack/kind/kind.sh down

@@ -10,7 +10,8 @@ import pytest
 from apihelpers import T0, TOKENS
 from fastapi.testclient import TestClient
 
-from gpucloud.api import Settings, create_app
+from gpucloud.api import Settings
+from gpucloud.api.app import create_app
 from gpucloud.api.auth import AuthPolicy, StaticTokenAuthenticator
 from gpucloud.api.testserver import SANDBOX_SECRET
 from gpucloud.clock import ManualClock

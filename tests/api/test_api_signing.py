@@ -12,13 +12,12 @@ from hypothesis import strategies as st
 
 from gpucloud.recharge import (
     SignatureError,
-    qr_png,
-    qr_text,
     sign_body,
     signature_header,
     verify_signature,
 )
 from gpucloud.recharge.provider import CallbackError, parse_notice
+from gpucloud.recharge.qr import qr_png, qr_text
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 T = int(NOW.timestamp())

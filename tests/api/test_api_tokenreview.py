@@ -18,7 +18,8 @@ import yaml
 from apihelpers import auth, gpu_record
 from fastapi.testclient import TestClient
 
-from gpucloud.api import Settings, create_app
+from gpucloud.api import Settings
+from gpucloud.api.app import create_app
 from gpucloud.api.auth import (
     DEFAULT_AGENT_SA,
     NODE_NAME_EXTRA,

@@ -1,6 +1,10 @@
-"""The metering/billing HTTP API (FastAPI). See docs/api.md."""
+"""The metering/billing HTTP API (FastAPI). See docs/api.md.
 
-from gpucloud.api.app import create_app
+The package exports what other components share (authentication, settings); the FastAPI
+app is ``gpucloud.api.app.create_app``, imported only where the API runs: the gateway's
+image authenticates callers with ``gpucloud.api.auth`` and carries no FastAPI.
+"""
+
 from gpucloud.api.auth import (
     Authenticator,
     AuthPolicy,
@@ -19,5 +23,4 @@ __all__ = [
     "Settings",
     "StaticTokenAuthenticator",
     "TokenReviewAuthenticator",
-    "create_app",
 ]

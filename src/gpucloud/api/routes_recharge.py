@@ -24,7 +24,8 @@ from gpucloud.api.schemas import (
 )
 from gpucloud.billing.money import format_money
 from gpucloud.ledger import NotFound, Order, OrderStatus, Voucher
-from gpucloud.recharge import CallbackError, PaymentNotice, SignatureError, qr_png
+from gpucloud.recharge import CallbackError, PaymentNotice, SignatureError
+from gpucloud.recharge.qr import qr_png
 
 router = APIRouter(tags=["recharge"])
 

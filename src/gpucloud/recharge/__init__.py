@@ -3,6 +3,8 @@
 Online recharges create a payment order; the provider later calls back with an
 HMAC-SHA256 signed notice (see :mod:`gpucloud.recharge.signing`) which the API
 verifies before crediting. ``sandbox`` is a built-in provider for demos and tests.
+QR codes are drawn by :mod:`gpucloud.recharge.qr` (the API's and the CLI's extra: the
+operator's image has no qrcode).
 """
 
 from gpucloud.recharge.provider import (
@@ -12,7 +14,6 @@ from gpucloud.recharge.provider import (
     PaymentRequest,
     ProviderRegistry,
 )
-from gpucloud.recharge.qr import qr_png, qr_text
 from gpucloud.recharge.sandbox import SandboxProvider
 from gpucloud.recharge.signing import (
     SIGNATURE_HEADER,
@@ -31,8 +32,6 @@ __all__ = [
     "ProviderRegistry",
     "SandboxProvider",
     "SignatureError",
-    "qr_png",
-    "qr_text",
     "sign_body",
     "signature_header",
     "verify_signature",

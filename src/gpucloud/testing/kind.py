@@ -1,0 +1,151 @@
+"""The kind tier: a real Kubernetes cluster in Docker with fake GPU devices.
+
+``hack/kind/kind.sh up`` builds (or reuses) the node image, the local registry and the
+cluster, and pushes our images; this module drives it for tests and demos, with the
+same ``kubectl``/``apply`` surface as :class:`gpucloud.testing.testbed.Testbed`.
+
+    python -m gpucloud.testing.kind up      # start or reuse; prints the kubeconfig path
+    python -m gpucloud.testing.kind down
+
+Nodes (hack/kind/cluster.yaml): a control plane, ``gpucloud-worker`` with 8 fake H100s,
+``gpucloud-worker2`` with 4 fake L40S, ``gpucloud-worker3`` without GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from gpucloud.testing.testbed import REPO, Binaries
+
+KIND_SCRIPT = REPO / "hack" / "kind" / "kind.sh"
+IMAGES_ENV = REPO / "build" / "images.env"
+CLUSTER = os.environ.get("KIND_CLUSTER", "gpucloud")
+KIND_CACHE = Path(
+    os.environ.get("GPUCLOUD_KIND_CACHE", Path.home() / ".cache" / "gpucloud" / "kind")
+)
+# Where the fake device plugin writes its node's GPUs (hack/kind/manifests).
+DEVICES_FILE = "/run/gpucloud-fake-gpu/devices.json"
+COMPONENTS = ("operator", "api", "gateway", "agent")
+
+
+@dataclass(frozen=True)
+class Images:
+    """Our images as ``make images`` pushed them: registry and content tag."""
+
+    registry: str
+    tag: str
+
+    def ref(self, component: str) -> str:
+        return f"{self.registry}/gpucloud/{component}:{self.tag}"
+
+    def helm_values(self) -> dict:
+        """Chart values that install exactly these images."""
+        values: dict = {"global": {"imageRegistry": self.registry}}
+        for c in COMPONENTS:
+            values[c] = {"image": {"tag": self.tag}}
+        return values
+
+
+class KindCluster:
+    """Start or reuse the kind cluster; run kubectl, helm and docker against it."""
+
+    def __init__(self, name: str = CLUSTER) -> None:
+        self.name = name
+        self.kubeconfig = KIND_CACHE / f"{name}.kubeconfig"
+        self.bin = Binaries.from_cache()
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        env["KIND_CLUSTER"] = self.name
+        return env
+
+    def up(self, timeout: float = 3600) -> Path:
+        """Build what is missing, create or reuse the cluster, push our images. A cold
+        machine builds for many minutes; the log goes to the kind cache."""
+        KIND_CACHE.mkdir(parents=True, exist_ok=True)
+        log = KIND_CACHE / f"{self.name}-up.log"
+        with log.open("w") as out:
+            proc = subprocess.run(
+                ["bash", str(KIND_SCRIPT), "up"],
+                env=self.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
+        if proc.returncode != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+            raise RuntimeError(f"hack/kind/kind.sh up failed (full log: {log}):\n{tail}")
+        return self.kubeconfig
+
+    def down(self) -> None:
+        subprocess.run(["bash", str(KIND_SCRIPT), "down"], env=self.env(), check=True)
+
+    def images(self) -> Images:
+        values = dict(line.split("=", 1) for line in IMAGES_ENV.read_text().split() if "=" in line)
+        return Images(values["GPUCLOUD_IMAGE_REGISTRY"], values["GPUCLOUD_IMAGE_TAG"])
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [str(self.bin.kubectl), "--kubeconfig", str(self.kubeconfig), *args]
+        proc = subprocess.run(
+            cmd, input=input, env=self.env(), text=True, capture_output=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+        return proc
+
+    def apply(self, manifests: list[dict] | str, *extra: str) -> str:
+        text = manifests if isinstance(manifests, str) else yaml.safe_dump_all(manifests)
+        return self.kubectl("apply", "-f", "-", *extra, input=text).stdout
+
+    def get_json(self, *args: str) -> dict:
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def docker_exec(self, node: str, *cmd: str, timeout: float = 60) -> str:
+        """Run a command in a node's container (the node's own filesystem)."""
+        return subprocess.run(
+            ["docker", "exec", node, *cmd],
+            text=True,
+            capture_output=True,
+            check=True,
+            timeout=timeout,
+        ).stdout
+
+    def node_devices(self, node: str) -> dict:
+        """The fake device plugin's view of a node: product, count and GPU UUIDs."""
+        return json.loads(self.docker_exec(node, "cat", DEVICES_FILE))
+
+    def gpu_nodes(self) -> dict[str, int]:
+        """Node name -> allocatable nvidia.com/gpu, for nodes that have GPUs."""
+        out = {}
+        for node in self.get_json("nodes")["items"]:
+            gpus = int(node["status"].get("allocatable", {}).get("nvidia.com/gpu", "0"))
+            if gpus:
+                out[node["metadata"]["name"]] = gpus
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=["up", "down"])
+    args = p.parse_args(argv)
+    cluster = KindCluster()
+    if args.command == "up":
+        print(cluster.up())
+    else:
+        cluster.down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Our agent, in our image, as the chart installs it: it reads the kubelet's real
+pod-resources socket and ships per-pod GPU-seconds to the metering API's pod."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from conftest import ledger_rows
+
+from gpucloud.testing.kind import KindCluster
+from gpucloud.testing.kube import wait_for
+
+
+def test_agent_meters_a_gpu_pod_through_pod_resources(
+    kind: KindCluster, gpucloud_release: str, kind_namespace: str
+) -> None:
+    script = (
+        "import os, time\nprint(os.environ['NVIDIA_VISIBLE_DEVICES'], flush=True)\ntime.sleep(20)\n"
+    )
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "metered"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "main", "image": kind.images().ref("agent"),
+                "command": ["python3", "-c", script],
+                "resources": {"limits": {"nvidia.com/gpu": "2"}},
+            }],
+        },
+    }  # fmt: skip
+    kind.apply([pod], "-n", kind_namespace)
+
+    def finished() -> bool:
+        status = kind.get_json("pod", "metered", "-n", kind_namespace)["status"]
+        return status.get("phase") == "Succeeded"
+
+    wait_for(finished, timeout=120, what="the metered pod to finish")
+    got = kind.get_json("pod", "metered", "-n", kind_namespace)
+    uid, node = got["metadata"]["uid"], got["spec"]["nodeName"]
+    allocated = set(
+        kind.kubectl("logs", "metered", "-n", kind_namespace).stdout.split()[0].split(",")
+    )
+    running = got["status"]["containerStatuses"][0]["state"]["terminated"]
+    sql = (
+        "SELECT subject, node, namespace, pod_name, SUM(measure) FROM ledger_usage "
+        f"WHERE kind = 'gpu_time' AND owner = '{uid}' GROUP BY subject, node, namespace, pod_name"
+    )
+
+    def shipped() -> list[list]:
+        rows = ledger_rows(kind, sql)
+        # the agent ships every few seconds: wait until both GPUs cover the run
+        return rows if len(rows) == 2 and all(r[4] >= 20 for r in rows) else []
+
+    rows = wait_for(shipped, timeout=90, interval=2, what="the agent's usage in the ledger")
+    assert {r[0] for r in rows} == allocated  # the UUIDs the device plugin handed out
+    assert {(r[1], r[2], r[3]) for r in rows} == {(node, kind_namespace, "metered")}
+    # no more GPU-seconds than the container lived (1 s sampling granularity each side)
+    lived = (
+        datetime.fromisoformat(running["finishedAt"]) - datetime.fromisoformat(running["startedAt"])
+    ).total_seconds()
+    for r in rows:
+        assert 20 <= r[4] <= lived + 2, (r, lived)
