@@ -87,6 +87,9 @@ subst() {
 subst "$KIND_DIR/manifests/podnet.yaml" >"$node_ctx/manifests/default-cni.yaml"
 subst "$KIND_DIR/manifests/local-path-storage.yaml" >"$node_ctx/manifests/default-storage.yaml"
 subst "$KIND_DIR/manifests/fake-gpu-device-plugin.yaml" >"$node_ctx/manifests/fake-gpu-device-plugin.yaml"
+# which preloaded image is which, for tests (e.g. busybox as a tenant's root image)
+printf 'BUSYBOX_IMAGE=%s\nKINDAGENTS_IMAGE=%s\nLOCAL_PATH_IMAGE=%s\n' \
+  "$busybox_image" "$agents_image" "$lpp_image" >"$node_ctx/manifests/images.env"
 "$DOCKER" build -q -f "$KIND_DIR/node/Dockerfile" --build-arg "BASE=$node_base" \
   --build-arg "K8S_VERSION=$K8S_VERSION" --build-arg "SANDBOX_IMAGE=$sandbox_image" \
   -t "$NODE_IMAGE-stage" "$node_ctx" >/dev/null

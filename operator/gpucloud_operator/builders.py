@@ -228,12 +228,20 @@ def build_instance_pvc(instance: Manifest) -> Manifest:
 
 
 def build_local_pv(instance: Manifest, node: str) -> Manifest:
-    """A local PersistentVolume of the quota on ``node``, reserved for the instance's
-    claim. Retain: the operator deletes it (and the data) only on release."""
+    """A node-local PersistentVolume of the quota on ``node``, reserved for the instance's
+    claim. Retain: the operator deletes it (and the data) only on release.
+
+    A hostPath volume pinned to the node, not a ``local`` one: the kubelet creates the
+    folder on the first mount (DirectoryOrCreate), where a ``local`` volume needs it to
+    exist already and nothing of ours runs on the node before the pod to make it. Only
+    the operator creates PersistentVolumes; tenants cannot name a host path."""
     meta = instance["metadata"]
     on_node = {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}
     source = {
-        "local": {"path": f"{DATA_ROOT}/{meta['namespace']}/{meta['name']}"},
+        "hostPath": {
+            "path": f"{DATA_ROOT}/{meta['namespace']}/{meta['name']}",
+            "type": "DirectoryOrCreate",
+        },
         "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [on_node]}]}},
     }
     labels = {

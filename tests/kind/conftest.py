@@ -18,9 +18,47 @@ from gpucloud.testing.testbed import REPO
 
 CHART = REPO / "charts" / "gpucloud"
 RELEASE_NAMESPACE = "gpucloud-system"
-# What the chart needs to run on the kind tier: the agents' fake NVML reads the fake
-# device plugin's device list on each node.
-KIND_VALUES = {"agent": {"nvml": "fake", "fakeDevicesFile": "/run/gpucloud-fake-gpu/devices.json"}}
+SANDBOX_SECRET = "kind-sandbox-secret"
+# The chart on the kind tier: the agents' fake NVML reads the fake device plugin's device
+# list on each node; prices that do not divide evenly; checks every second or two, so
+# that the flows run in seconds; the sandbox payment provider on.
+KIND_VALUES = {
+    "agent": {"nvml": "fake", "fakeDevicesFile": "/run/gpucloud-fake-gpu/devices.json"},
+    "api": {"sandboxPayments": {"existingSecret": "gpucloud-sandbox"}},
+    "operator": {
+        "config": {
+            "tick_interval_s": 1,
+            "account_interval_s": 2,
+            "recharge_interval_s": 1,
+            "cost_refresh_s": 5,
+            "metering_grace_s": 30,
+            "preemption_grace_s": 20,
+        }
+    },
+    "pricebook": {
+        "gpus": [
+            {
+                "product": "NVIDIA-H100-80GB-HBM3",
+                "payAsYouGoPerHour": "19.80",
+                "spotPerHour": "9.90",
+                "packages": {"day": "421.37", "week": "2660.00", "month": "10800.00"},
+                "modelOnlinePerHour": "19.80",
+            },
+            {
+                "product": "NVIDIA-L40S",
+                "payAsYouGoPerHour": "5.17",
+                "spotPerHour": "2.59",
+                "packages": {"day": "112.37", "week": "700.00", "month": "2800.00"},
+                "modelOnlinePerHour": "5.17",
+            },
+        ],
+        "storage": {
+            "instancePerGBHour": "0.0005",
+            "cloudDiskPerGBHour": "0.0003",
+            "imagePerGBHour": "0.0002",
+        },
+    },
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -74,6 +112,12 @@ def install_release(
 ) -> None:
     """helm upgrade --install of our chart with our images and the kind values."""
     merged = deep_merge(deep_merge(kind.images().helm_values(), KIND_VALUES), values or {})
+    kind.apply(
+        [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": RELEASE_NAMESPACE}},
+         {"apiVersion": "v1", "kind": "Secret",
+          "metadata": {"name": "gpucloud-sandbox", "namespace": RELEASE_NAMESPACE},
+          "stringData": {"secret": SANDBOX_SECRET}}]
+    )  # fmt: skip
     path = tmp / f"{release}-values.yaml"
     path.write_text(yaml.safe_dump(merged))
     helm(

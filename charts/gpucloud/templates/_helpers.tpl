@@ -194,3 +194,24 @@ toString would print as 2.592e+06; whole numbers are printed as integers. */}}
 {{- toString . | quote -}}
 {{- end -}}
 {{- end -}}
+
+{{/* Tests and demos: billing time from a file on the node (testing.fileClock). */}}
+{{- define "gpucloud.clockEnv" -}}
+{{- with .Values.testing.fileClock }}
+- name: GPUCLOUD_CLOCK
+  value: {{ printf "file:/var/run/gpucloud-clock/%s" (base .) | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "gpucloud.clockMount" -}}
+{{- if .Values.testing.fileClock }}
+- {name: clock, mountPath: /var/run/gpucloud-clock, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{- define "gpucloud.clockVolume" -}}
+{{- with .Values.testing.fileClock }}
+- name: clock
+  hostPath: {path: {{ dir . }}, type: DirectoryOrCreate}
+{{- end }}
+{{- end -}}

@@ -121,6 +121,15 @@ class KindCluster:
             timeout=timeout,
         ).stdout
 
+    def preloaded_image(self, key: str) -> str:
+        """An image the node image carries (hack/kind/node-image.sh writes the list)."""
+        text = self.docker_exec(f"{self.name}-control-plane", "cat", "/kind/manifests/images.env")
+        return dict(line.split("=", 1) for line in text.split())[key]
+
+    def busybox_image(self) -> str:
+        """Debian's busybox, preloaded on every node: a tenant's root image in tests."""
+        return self.preloaded_image("BUSYBOX_IMAGE")
+
     def node_devices(self, node: str) -> dict:
         """The fake device plugin's view of a node: product, count and GPU UUIDs."""
         return json.loads(self.docker_exec(node, "cat", DEVICES_FILE))
