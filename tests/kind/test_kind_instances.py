@@ -122,3 +122,40 @@ def test_online_recharge_then_a_payg_instance_metered_by_its_nodes_agent(h: Kind
     runs = sum(m[1] for m in meters)
     assert h.charges() == runs + expected
     assert h.balance() == 100_00 - h.charges()
+
+
+def test_spot_is_preempted_for_payg_with_notice_and_grace_and_keeps_its_data(
+    h: KindHarness,
+) -> None:
+    h.pay_online("topup", "100.00")
+    script = "echo spot-data > /root/data/kept; exec sleep 3600"
+    h.instance("spot", L40S, 4, ["sh", "-c", script], mode="Spot")  # the whole L40S node
+    spot = h.wait_phase(GI, "spot", "Running")
+    h.wait(lambda: h.pod("spot") and h.pod("spot")["status"].get("phase") == "Running",
+           "the spot pod to run")  # fmt: skip
+    h.instance("payg", L40S, 2, ["sleep", "3600"])
+    noticed = h.wait(lambda: h.status(GI, "spot").get("preemptAt"), "the preemption notice")
+    assert "PreemptionNotice" in h.events("spot")
+    conds = {c["type"]: c for c in h.status(GI, "spot")["conditions"]}
+    assert conds["Preempting"]["status"] == "True"
+    # within the grace period the spot instance still runs and holds the GPUs
+    assert h.status(GI, "spot")["phase"] == "Running"
+    assert h.status(GI, "payg")["phase"] == "Pending"
+    stopped = h.wait_phase(GI, "spot", "Preempted", timeout=90)
+    h.wait(lambda: h.pod("spot") is None, "the spot pod to be deleted")
+    payg = h.wait_phase(GI, "payg", "Running")
+    assert payg["node"] == spot["node"]
+    # never billed past the notice's stop time, and at the spot price
+    assert _seconds(stopped["stoppedAt"], noticed) >= 0
+    h.wait(lambda: not h.status(GI, "spot").get("unsettledMeters"), "the spot run's settlement")
+    [(gpu_seconds, posted)] = h.sql(
+        "SELECT quantity_rated, posted_minor FROM ledger_meters WHERE resource = ?",
+        f"{h.ns}/spot",
+    )
+    assert int(gpu_seconds) <= 4 * (_seconds(spot["startedAt"], noticed) + 2)
+    assert posted == to_minor(PRICES[L40S]["spot"] * int(gpu_seconds) / 3600)
+    # its data is kept: the volume is still there and bound to the claim
+    pvc = h.kind.get_json("pvc", "spot-data", "-n", h.ns)
+    assert pvc["status"]["phase"] == "Bound"
+    files = h.kind.docker_exec(spot["node"], "cat", f"/var/lib/gpucloud/instances/{h.ns}/spot/kept")
+    assert files.strip() == "spot-data"

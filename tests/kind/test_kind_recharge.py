@@ -1,0 +1,59 @@
+"""Recharges through the real API and operator pods: a corporate bank transfer with its
+voucher, approved by an admin's RechargeReview, credited exactly once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from kindharness import KindHarness
+
+from gpucloud.testing.kind import KindCluster
+
+
+@pytest.fixture
+def h(kind: KindCluster, gpucloud_release: str, kind_namespace: str) -> Iterator[KindHarness]:
+    harness = KindHarness(kind, kind_namespace, gpucloud_release)
+    harness.setup()
+    yield harness
+    harness.close()
+
+
+def test_bank_transfer_with_voucher_is_credited_once_after_review(h: KindHarness) -> None:
+    h.apply(
+        "Recharge",
+        "transfer",
+        {
+            "account": h.account,
+            "method": "BankTransfer",
+            "amount": "1234.56",
+            "bankTransfer": {
+                "payer": "ACME Research Co., Ltd.",
+                "bank": "Bank of Example",
+                "transferNumber": f"TRF-{h.ns}",
+                "voucherRef": "sha256:" + "ab" * 32,
+            },
+        },
+    )
+    st = h.wait_phase("recharges", "transfer", "AwaitingReview")
+    assert st["orderId"] and h.balance() == 0
+    review = {
+        "apiVersion": "gpucloud.dev/v1alpha1",
+        "kind": "RechargeReview",
+        "metadata": {"name": f"{h.ns}.transfer"},
+        "spec": {
+            "rechargeRef": {"namespace": h.ns, "name": "transfer"},
+            "decision": "Approve",
+            "reason": "matched on the bank statement",
+        },
+    }
+    h.kind.apply([review])
+    h.wait_phase("recharges", "transfer", "Credited")
+    assert h.balance() == 1234_56
+    assert [e["amount"] for e in h.entries() if e["kind"] == "recharge"] == [1234_56]
+    # the review applied twice (re-applied, operator resync) credits nothing more
+    h.kind.kubectl("annotate", "rechargereview", f"{h.ns}.transfer", "again=1")
+    h.wait(lambda: h.kind.get_json("rechargereview", f"{h.ns}.transfer").get("status"),
+           "the review's status")  # fmt: skip
+    assert h.balance() == 1234_56
+    h.kind.kubectl("delete", "rechargereview", f"{h.ns}.transfer", "--wait=false")
