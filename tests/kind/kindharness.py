@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -157,9 +158,10 @@ class KindHarness:
             if e["amount"] < 0 and (resource is None or e["resource"] == resource)
         )
 
-    def pay_online(self, name: str, amount: str) -> dict[str, Any]:
+    def pay_online(self, name: str, amount: str, now: datetime | None = None) -> dict[str, Any]:
         """A tenant's online recharge, paid: the provider's signed callback reaches the
-        API through its Service (sent from inside the cluster, as a provider's would)."""
+        API through its Service (sent from inside the cluster, as a provider's would),
+        signed at ``now`` (the test's file clock, when the release runs on one)."""
         self.apply(
             "Recharge",
             name,
@@ -172,13 +174,15 @@ class KindHarness:
         script = (
             "import sys\nfrom datetime import UTC, datetime\n"
             "from gpucloud.recharge.sandbox import SandboxProvider\n"
+            "now = datetime.fromtimestamp(int(sys.argv[5]), UTC)\n"
             "r = SandboxProvider(sys.argv[1].encode()).pay(sys.argv[2], sys.argv[3],"
-            " int(sys.argv[4]), 'CNY', datetime.now(UTC))\n"
+            " int(sys.argv[4]), 'CNY', now)\n"
             "print(r.status_code, r.text)\n"
         )
         out = self.kind.kubectl(
             "exec", "-n", self.release_ns, API, "--", "python3", "-c", script,
             SANDBOX_SECRET, API_URL, order, str(to_minor(Decimal(amount))),
+            str(int((now or datetime.now(UTC)).timestamp())),
         ).stdout  # fmt: skip
         assert out.startswith("200 "), out
         return self.wait_phase("recharges", name, "Credited")

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import yaml
@@ -142,6 +143,36 @@ class KindCluster:
             if gpus:
                 out[node["metadata"]["name"]] = gpus
         return out
+
+
+class KindFileClock:
+    """The chart's ``testing.fileClock`` on the kind tier: one file of POSIX seconds at the
+    same path on every node, which the operator, API and gateway pods mount. Writing it
+    on every node means it does not matter where those pods were scheduled."""
+
+    def __init__(self, cluster: KindCluster, path: str = "/var/lib/gpucloud-testing/clock"):
+        self.cluster, self.path = cluster, path
+        self._now: datetime | None = None
+
+    def _nodes(self) -> list[str]:
+        return [n["metadata"]["name"] for n in self.cluster.get_json("nodes")["items"]]
+
+    def set(self, when: datetime) -> datetime:
+        seconds = int(when.timestamp())
+        folder = self.path.rsplit("/", 1)[0]
+        tmp = f"{self.path}.tmp"
+        script = f"mkdir -p {folder} && echo {seconds} > {tmp} && mv {tmp} {self.path}"
+        for node in self._nodes():
+            self.cluster.docker_exec(node, "sh", "-c", script)
+        self._now = datetime.fromtimestamp(seconds, UTC)
+        return self._now
+
+    def now(self) -> datetime:
+        assert self._now is not None, "set the clock first"
+        return self._now
+
+    def advance(self, seconds: float) -> datetime:
+        return self.set(self.now() + timedelta(seconds=seconds))
 
 
 def main(argv: list[str] | None = None) -> int:
