@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps testbed-build testbed testbed-down crds lint test test-unit test-e2e test-kind bench demo images kind-build kind kind-down clean
+.PHONY: setup system-deps testbed-build testbed testbed-down crds lint test test-unit test-e2e test-kind bench demo demo-kind images kind-build kind kind-down clean
 
 setup: $(VENV)/.installed
 
@@ -57,6 +57,10 @@ bench: setup system-deps testbed-build
 
 demo: setup system-deps testbed-build
 	$(PY) hack/demo.py
+
+# The same tenant story on the kind tier: the chart installed from our images, real pods.
+demo-kind: kind
+	$(PY) hack/demo_kind.py
 
 # Our images (operator, api, gateway, agent, fake-model-server) from the root
 # Dockerfile on a Debian base built here; build/images.env names the content tag.

@@ -22,6 +22,7 @@ mkdir -p build
 req_key=$("$PY" hack/image_requirements.py --key)
 wheels_cache=$HOME/.cache/gpucloud/wheels/$req_key
 if [[ ! -f $wheels_cache/.complete ]]; then
+  t0=$SECONDS
   log "pip wheel: the images' dependencies ($req_key)"
   rm -rf "$wheels_cache".tmp.*
   tmp=$wheels_cache.tmp.$$; mkdir -p "$tmp"
@@ -31,6 +32,7 @@ if [[ ! -f $wheels_cache/.complete ]]; then
   mv "$tmp"/pip/pip-*.whl "$tmp/pip.whl"; rmdir "$tmp/pip"
   "$PY" hack/image_requirements.py --pin "$tmp"   # pin every line to the wheel we have
   touch "$tmp/.complete"; rm -rf "$wheels_cache"; mv "$tmp" "$wheels_cache"
+  echo $((SECONDS - t0)) >"$KIND_CACHE/build-seconds-wheels"
 fi
 rm -rf build/wheels build/dist
 cp -al "$wheels_cache" build/wheels 2>/dev/null || cp -a "$wheels_cache" build/wheels
@@ -44,6 +46,9 @@ for c in "${COMPONENTS[@]}"; do
     -t "gpucloud/$c:$TAG" -t "gpucloud/$c:$CONTENT_TAG" . >/dev/null
 done
 log "built ${COMPONENTS[*]} (gpucloud/*:$TAG and :$CONTENT_TAG) in $((SECONDS - t0)) s"
+# a build that reused every layer says nothing about a cold one: keep the slowest seen
+prev=$(cat "$KIND_CACHE/build-seconds-images" 2>/dev/null || echo 0)
+((SECONDS - t0 > prev)) && echo $((SECONDS - t0)) >"$KIND_CACHE/build-seconds-images"
 for c in "${COMPONENTS[@]}"; do
   printf '  gpucloud/%s:%s %s\n' "$c" "$TAG" "$("$DOCKER" image inspect -f '{{.Size}}' "gpucloud/$c:$TAG" | numfmt --to=iec)" >&2
 done

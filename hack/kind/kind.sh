@@ -72,12 +72,24 @@ gpu_capacity_ready() {  # every node labelled with fake GPUs reports them alloca
              -o jsonpath='{range .items[*]}{.metadata.name} {.metadata.labels.gpucloud\.dev/fake-gpu\.count}{"\n"}{end}')
 }
 
+# Images the tests deploy beside the chart (not ours to ship): PostgreSQL from Debian.
+push_test_images() {
+  local base image
+  base=$(bash "$KIND_DIR/debian-images.sh" postgresql)
+  image=$REGISTRY/gpucloud-testing/postgresql:$(inputs_hash "$base" "$KIND_DIR/postgresql")
+  if ! image_exists "$image"; then
+    "$DOCKER" build -q --build-arg "BASE=$base" -t "$image" "$KIND_DIR/postgresql" >/dev/null
+  fi
+  "$DOCKER" push -q "$image" >/dev/null
+  printf 'GPUCLOUD_TEST_POSTGRESQL_IMAGE=%s\n' "$image" >>"$REPO/build/images.env"
+}
+
 up() {
   local t0=$SECONDS
   ensure_docker
   local node_image
   node_image=$(bash "$KIND_DIR/node-image.sh")
-  local config
+  local config created=0
   config=$(sed -e "s#@K8S_REPO@#$K8S_REPO#g" -e "s#@REGISTRY_PORT@#$REGISTRY_PORT#g" \
                -e "s#@REGISTRY_NAME@#$REGISTRY_NAME#g" "$KIND_DIR/cluster.yaml")
   if cluster_exists; then
@@ -102,6 +114,7 @@ up() {
       --config "$KIND_CACHE/$CLUSTER.yaml" --kubeconfig "$KUBECONFIG_FILE" --retain >&2 ||
       die "kind create cluster failed; node logs: kind export logs --name $CLUSTER (the nodes were kept: make kind-down removes them)"
     echo $((SECONDS - t1)) >"$KIND_CACHE/create-seconds"
+    created=1
   else
     kind export kubeconfig --name "$CLUSTER" --kubeconfig "$KUBECONFIG_FILE" >/dev/null 2>&1
   fi
@@ -115,8 +128,10 @@ up() {
   wait_for 120 "the local-path provisioner" kubectl -n local-path-storage rollout status deploy/local-path-provisioner --timeout=5s
   if [[ ${GPUCLOUD_KIND_SKIP_IMAGES:-} != 1 ]]; then
     bash "$REPO/hack/images.sh" --push "$REGISTRY"
+    push_test_images
   fi
-  echo $((SECONDS - t0)) >"$KIND_CACHE/up-seconds"
+  # up to every node Ready, GPUs allocatable, DNS and storage serving, images pushed
+  ((created)) && echo $((SECONDS - t0)) >"$KIND_CACHE/up-seconds"
   log "cluster $CLUSTER ready in $((SECONDS - t0)) s: export KUBECONFIG=$KUBECONFIG_FILE"
   kubectl get nodes -L nvidia.com/gpu.product -L nvidia.com/gpu.count >&2
 }

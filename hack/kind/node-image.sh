@@ -14,7 +14,7 @@ KUBE_NODE_BIN=$CACHE/kubernetes-node-$K8S_VERSION
 KUBE_BIN=$CACHE/kubernetes-$K8S_VERSION
 
 key=$(inputs_hash "$node_base" "$netutils_base" "$REPO/hack/testbed/versions.env" \
-  "$KIND_DIR/lib.sh" "$0" "$KIND_DIR/node" "$KIND_DIR/images" "$KIND_DIR/manifests" "$KIND_DIR/kindagents")
+  "$0" "$KIND_DIR/node" "$KIND_DIR/images" "$KIND_DIR/manifests" "$KIND_DIR/kindagents")
 NODE_IMAGE=gpucloud.local/kind-node:$K8S_VERSION-$key
 if image_exists "$NODE_IMAGE"; then echo "$NODE_IMAGE"; exit 0; fi
 log "building $NODE_IMAGE"
@@ -109,6 +109,6 @@ trap '"$DOCKER" rm -f "$cid" >/dev/null 2>&1; rm -rf "$ctx"' EXIT
   --change 'CMD []' "$cid" "$NODE_IMAGE" >/dev/null
 "$DOCKER" rm -f "$cid" >/dev/null
 "$DOCKER" rmi "$NODE_IMAGE-stage" >/dev/null
-echo $((SECONDS - t0)) >"$KIND_CACHE/node-image-build-seconds"
+echo $((SECONDS - t0)) >"$KIND_CACHE/build-seconds-node-image"
 log "built $NODE_IMAGE in $((SECONDS - t0)) s ($("$DOCKER" image inspect -f '{{.Size}}' "$NODE_IMAGE" | numfmt --to=iec))"
 echo "$NODE_IMAGE"

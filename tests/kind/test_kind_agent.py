@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from conftest import ledger_rows
-
 from gpucloud.testing.kind import KindCluster
+from gpucloud.testing.kindrelease import ledger_sql
 from gpucloud.testing.kube import wait_for
 
 
@@ -45,11 +44,11 @@ def test_agent_meters_a_gpu_pod_through_pod_resources(
     running = got["status"]["containerStatuses"][0]["state"]["terminated"]
     sql = (
         "SELECT subject, node, namespace, pod_name, SUM(measure) FROM ledger_usage "
-        f"WHERE kind = 'gpu_time' AND owner = '{uid}' GROUP BY subject, node, namespace, pod_name"
+        "WHERE kind = 'gpu_time' AND owner = ? GROUP BY subject, node, namespace, pod_name"
     )
 
     def shipped() -> list[list]:
-        rows = ledger_rows(kind, sql)
+        rows = ledger_sql(kind, sql, uid)
         # the agent ships every few seconds: wait until both GPUs cover the run
         return rows if len(rows) == 2 and all(r[4] >= 20 for r in rows) else []
 

@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from kindharness import PRICES, STORAGE_PER_GIB_HOUR, KindHarness
 
 from gpucloud.billing import to_minor
 from gpucloud.testing.kind import KindCluster
+from gpucloud.testing.kindrelease import PRICES, STORAGE_PER_GIB_HOUR, KindHarness
 
 L40S = "NVIDIA-L40S"
 H100 = "NVIDIA-H100-80GB-HBM3"

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from kindharness import KindHarness
 
 from gpucloud.testing.kind import KindCluster
+from gpucloud.testing.kindrelease import KindHarness
 
 
 @pytest.fixture

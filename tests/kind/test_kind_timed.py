@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import install_release
-from kindharness import KindHarness
 
 from gpucloud.testing.kind import KindCluster, KindFileClock
+from gpucloud.testing.kindrelease import KindHarness, install_release
 
 L40S = "NVIDIA-L40S"
 GI = "gpuinstances"

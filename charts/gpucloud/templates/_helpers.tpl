@@ -53,7 +53,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if $img.digest -}}
 {{- printf "%s@%s" $repo $img.digest -}}
 {{- else -}}
-{{- printf "%s:%s" $repo (default $root.Chart.AppVersion $img.tag) -}}
+{{- printf "%s:%s" $repo (default (default $root.Chart.AppVersion $root.Values.global.imageTag) $img.tag) -}}
 {{- end -}}
 {{- end -}}
 
@@ -214,4 +214,11 @@ toString would print as 2.592e+06; whole numbers are printed as integers. */}}
 - name: clock
   hostPath: {path: {{ dir . }}, type: DirectoryOrCreate}
 {{- end }}
+{{- end -}}
+
+{{/* A component's container securityContext: non-root, read-only root, no capabilities,
+     with the component's own securityContext value merged over it. */}}
+{{- define "gpucloud.containerSecurityContext" -}}
+{{- $default := dict "allowPrivilegeEscalation" false "readOnlyRootFilesystem" true "capabilities" (dict "drop" (list "ALL")) -}}
+{{- toYaml (mergeOverwrite $default (deepCopy (default dict .))) -}}
 {{- end -}}

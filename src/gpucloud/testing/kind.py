@@ -34,7 +34,6 @@ KIND_CACHE = Path(
 )
 # Where the fake device plugin writes its node's GPUs (hack/kind/manifests).
 DEVICES_FILE = "/run/gpucloud-fake-gpu/devices.json"
-COMPONENTS = ("operator", "api", "gateway", "agent")
 
 
 @dataclass(frozen=True)
@@ -49,10 +48,7 @@ class Images:
 
     def helm_values(self) -> dict:
         """Chart values that install exactly these images."""
-        values: dict = {"global": {"imageRegistry": self.registry}}
-        for c in COMPONENTS:
-            values[c] = {"image": {"tag": self.tag}}
-        return values
+        return {"global": {"imageRegistry": self.registry, "imageTag": self.tag}}
 
 
 class KindCluster:
@@ -90,8 +86,12 @@ class KindCluster:
     def down(self) -> None:
         subprocess.run(["bash", str(KIND_SCRIPT), "down"], env=self.env(), check=True)
 
+    def images_env(self) -> dict[str, str]:
+        """build/images.env: our images' registry and tag, and the test images'."""
+        return dict(line.split("=", 1) for line in IMAGES_ENV.read_text().split() if "=" in line)
+
     def images(self) -> Images:
-        values = dict(line.split("=", 1) for line in IMAGES_ENV.read_text().split() if "=" in line)
+        values = self.images_env()
         return Images(values["GPUCLOUD_IMAGE_REGISTRY"], values["GPUCLOUD_IMAGE_TAG"])
 
     def kubectl(

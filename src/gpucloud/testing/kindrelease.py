@@ -1,23 +1,143 @@
-"""A tenant's view of gpucloud on the kind tier: custom resources through kubectl, money
-read back from the ledger the API pod writes, payments sent as the provider would."""
+"""gpucloud as users run it on the kind tier: our chart installed from our images, and a
+tenant's view of it (custom resources through kubectl, money read back from the ledger
+the API pod uses, payments sent as the payment provider would). Shared by tests/kind and
+``make demo-kind``.
+
+    release = install_release(cluster, workdir)         # helm upgrade --install, --wait
+    tenant = KindHarness(cluster, "acme-research", RELEASE_NAMESPACE)
+    tenant.setup(); tenant.pay_online("topup", "100.00"); tenant.instance(...)
+"""
 
 from __future__ import annotations
 
+import base64
 import json
+import re
+import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import KIND_VALUES, SANDBOX_SECRET
 
 from gpucloud.billing import to_minor
 from gpucloud.testing.kind import KindCluster
 from gpucloud.testing.kube import wait_for
+from gpucloud.testing.testbed import REPO
 
-API = "deploy/gpucloud-api"
-API_URL = "http://gpucloud-api.gpucloud-system.svc:8080"
+CHART = REPO / "charts" / "gpucloud"
+RELEASE_NAMESPACE = "gpucloud-system"
+API = "deploy/gpucloud-api"  # the release is named gpucloud
+API_URL = f"http://gpucloud-api.{RELEASE_NAMESPACE}.svc:8080"
+SANDBOX_SECRET = "kind-sandbox-secret"
+# The chart on the kind tier: the agents' fake NVML reads the fake device plugin's device
+# list on each node; prices that do not divide evenly; checks every second or two, so
+# that the flows run in seconds; the sandbox payment provider on.
+KIND_VALUES = {
+    "agent": {"nvml": "fake", "fakeDevicesFile": "/run/gpucloud-fake-gpu/devices.json"},
+    "api": {"sandboxPayments": {"existingSecret": "gpucloud-sandbox"}},
+    "operator": {
+        "config": {
+            "tick_interval_s": 1,
+            "account_interval_s": 2,
+            "recharge_interval_s": 1,
+            "cost_refresh_s": 5,
+            "metering_grace_s": 30,
+            "preemption_grace_s": 20,
+        }
+    },
+    "pricebook": {
+        "gpus": [
+            {
+                "product": "NVIDIA-H100-80GB-HBM3",
+                "payAsYouGoPerHour": "19.80",
+                "spotPerHour": "9.90",
+                "packages": {"day": "421.37", "week": "2660.00", "month": "10800.00"},
+                "modelOnlinePerHour": "19.80",
+            },
+            {
+                "product": "NVIDIA-L40S",
+                "payAsYouGoPerHour": "5.17",
+                "spotPerHour": "2.59",
+                "packages": {"day": "112.37", "week": "700.00", "month": "2800.00"},
+                "modelOnlinePerHour": "5.17",
+            },
+        ],
+        "storage": {
+            "instancePerGBHour": "0.0005",
+            "cloudDiskPerGBHour": "0.0003",
+            "imagePerGBHour": "0.0002",
+        },
+    },
+}
+
+
+def helm(kind: KindCluster, *args: str, timeout: float = 600) -> str:
+    """Our helm (built from its Go module) on the kind cluster; fails with its output."""
+    proc = subprocess.run(
+        [str(kind.bin.helm), "--kubeconfig", str(kind.kubeconfig), *args],
+        env=kind.env(),
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = (
+            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
+
+
+def install_release(
+    kind: KindCluster, tmp: Path, values: dict | None = None, release: str = "gpucloud"
+) -> None:
+    """helm upgrade --install of our chart with our images and the kind values."""
+    merged = deep_merge(deep_merge(kind.images().helm_values(), KIND_VALUES), values or {})
+    kind.apply(
+        [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": RELEASE_NAMESPACE}},
+         {"apiVersion": "v1", "kind": "Secret",
+          "metadata": {"name": "gpucloud-sandbox", "namespace": RELEASE_NAMESPACE},
+          "stringData": {"secret": SANDBOX_SECRET}}]
+    )  # fmt: skip
+    path = tmp / f"{release}-values.yaml"
+    path.write_text(yaml.safe_dump(merged))
+    helm(
+        kind, "upgrade", "--install", release, str(CHART), "--namespace", RELEASE_NAMESPACE,
+        "--create-namespace", "-f", str(path), "--wait", "--timeout", "5m",
+    )  # fmt: skip
+
+
+def ledger_sql(
+    kind: KindCluster, query: str, *params: object, namespace: str = RELEASE_NAMESPACE
+) -> list[list]:
+    """Rows of a query on the ledger (``?`` placeholders), run inside the API's pod with
+    the API's own database URL: what the API really stored, on SQLite or PostgreSQL."""
+    script = (
+        "import json, os, sys\n"
+        "from sqlalchemy import create_engine, text\n"
+        "params = {f'p{i}': v for i, v in enumerate(json.loads(sys.argv[2]))}\n"
+        "with create_engine(os.environ['GPUCLOUD_DATABASE_URL']).connect() as c:\n"
+        "    rows = c.execute(text(sys.argv[1]), params).fetchall()\n"
+        "print(json.dumps([list(r) for r in rows], default=str))\n"
+    )
+    counter = iter(range(len(params)))
+    named = re.sub(r"\?", lambda _: f":p{next(counter)}", query)
+    out = kind.kubectl(
+        "exec", "-n", namespace, API, "--",
+        "python3", "-c", script, named, json.dumps(list(params)),
+    ).stdout  # fmt: skip
+    return json.loads(out)
+
+
 # The kind release's prices (tests/kind/conftest.py): none divides evenly.
 PRICES = {
     g["product"]: {"payg": Decimal(g["payAsYouGoPerHour"]), "spot": Decimal(g["spotPerHour"])}
@@ -26,15 +146,13 @@ PRICES = {
 STORAGE_PER_GIB_HOUR = Decimal(KIND_VALUES["pricebook"]["storage"]["instancePerGBHour"])
 
 
-def per_second(price_per_hour: Decimal, gpus: int, seconds: int) -> int:
-    """What a run of ``seconds`` costs, rounded once to the fen."""
-    return to_minor(price_per_hour * gpus * seconds / 3600)
-
-
 class KindHarness:
-    def __init__(self, kind: KindCluster, namespace: str, release_ns: str) -> None:
+    def __init__(
+        self, kind: KindCluster, namespace: str, release_ns: str, account: str = ""
+    ) -> None:
         self.kind, self.ns, self.release_ns = kind, namespace, release_ns
-        self.account = namespace  # one Account per test, named after its namespace
+        # tests: one Account per test, named after its namespace
+        self.account = account or namespace
 
     # -- the tenant's objects -------------------------------------------------------
     def setup(self, instance_limit: int = 5) -> None:
@@ -120,18 +238,8 @@ class KindHarness:
 
     # -- money ----------------------------------------------------------------------
     def sql(self, query: str, *params: object) -> list[list[Any]]:
-        """A read-only query on the ledger, inside the API's pod (SQLite: its volume)."""
-        script = (
-            "import json, sqlite3, sys\n"
-            "db = sqlite3.connect('file:/var/lib/gpucloud/ledger/ledger.db?mode=ro', uri=True)\n"
-            "rows = db.execute(sys.argv[1], json.loads(sys.argv[2])).fetchall()\n"
-            "print(json.dumps([list(r) for r in rows]))\n"
-        )
-        out = self.kind.kubectl(
-            "exec", "-n", self.release_ns, API, "--",
-            "python3", "-c", script, query, json.dumps(list(params)),
-        ).stdout  # fmt: skip
-        return json.loads(out)
+        """A query on the ledger the API pod uses (``?`` placeholders)."""
+        return ledger_sql(self.kind, query, *params, namespace=self.release_ns)
 
     def entries(self, prefix: str = "") -> list[dict[str, Any]]:
         rows = self.sql(
@@ -168,6 +276,10 @@ class KindHarness:
             {"account": self.account, "method": "Online", "amount": amount,
              "online": {"provider": "sandbox"}},
         )  # fmt: skip
+        return self.pay_order(name, amount, now)
+
+    def pay_order(self, name: str, amount: str, now: datetime | None = None) -> dict[str, Any]:
+        """Pay the order of the online Recharge ``name`` as the payment provider does."""
         order = self.wait(
             lambda: self.status("recharges", name).get("orderId"), f"recharge {name}'s order"
         )
@@ -179,9 +291,16 @@ class KindHarness:
             " int(sys.argv[4]), 'CNY', now)\n"
             "print(r.status_code, r.text)\n"
         )
+        # the provider's key: what the API was given (api.sandboxPayments.existingSecret)
+        key = base64.b64decode(
+            self.kind.kubectl(
+                "get", "secret", "gpucloud-sandbox", "-n", self.release_ns,
+                "-o", "jsonpath={.data.secret}",
+            ).stdout
+        ).decode()  # fmt: skip
         out = self.kind.kubectl(
             "exec", "-n", self.release_ns, API, "--", "python3", "-c", script,
-            SANDBOX_SECRET, API_URL, order, str(to_minor(Decimal(amount))),
+            key, API_URL, order, str(to_minor(Decimal(amount))),
             str(int((now or datetime.now(UTC)).timestamp())),
         ).stdout  # fmt: skip
         assert out.startswith("200 "), out
