@@ -14,7 +14,7 @@ from the page and run as written (so the page cannot drift from what works):
 4. ``upgrade``: a changed value rolls the operator.
 
 Re-runs tolerate objects that exist already (``kubectl create`` of the namespace or the
-Secret answers AlreadyExists; anything else stops the demo).
+Secret says it exists already; anything else stops the demo).
 
 `DEMO_SECONDS` (default 45) sets how long the instance runs. The cluster and the release
 stay up afterwards (`make kind-down` removes them).
@@ -62,15 +62,15 @@ def run_block(name: str) -> None:
         lines.append(f"echo {shlex.quote('$ ' + ' '.join(command.split()))}")
         if re.match(r"^kubectl\b.*\bcreate\b", command):
             body = command.split("#")[0]
-            lines.append(
-                f'out=$({body} 2>&1) || {{ echo "$out"; grep -q AlreadyExists <<<"$out"; }}'
-            )
+            lines.append(f"out=$({body} 2>&1) || grep -qi 'already exists' <<<\"$out\"")
             lines.append('echo "$out"')
         else:
             lines.append(command)
     b = Binaries.from_cache()
     env = dict(os.environ)
     env["PATH"] = f"{b.kubectl.parent}:{b.helm.parent}:{env['PATH']}"
+    # the shell of section 3's `export KUBECONFIG=...`, kept for the later blocks
+    env["KUBECONFIG"] = str(KindCluster().kubeconfig)
     subprocess.run(["bash", "-c", "\n".join(lines)], env=env, check=True, timeout=900)
 
 
