@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
-from charttools import CHART, find, helm, render
+from charttools import CHART, ensure_kopf_crds, find, helm, render
 
-from gpucloud.testing.testbed import REPO
+from gpucloud.testing.testbed import REPO, Testbed
 
 
 def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -299,3 +299,71 @@ def test_every_operator_setting_is_a_value() -> None:
     # set by the chart from other values: the database, the price book, the metrics port
     chart_owned = {"ledger_url", "pricebook", "metrics_port", "finalizer"}
     assert listed == {f.name for f in fields(OperatorConfig)} - chart_owned
+
+
+def test_optional_objects_for_production(tmp_path: Path) -> None:
+    """Ingress, PodDisruptionBudgets, NetworkPolicies, one tag for every image, workload
+    identity annotations and a tightened securityContext, as install.md documents them."""
+    docs = render(
+        tmp_path,
+        "--set", "database.type=postgresql", "--set", "database.existingSecret=db",
+        "--set", "api.replicas=2", "--set", "gateway.replicas=2",
+        "--set", "api.ingress.enabled=true", "--set", "api.ingress.className=nginx",
+        "--set", "api.ingress.hosts[0]=billing.example.com",
+        "--set", "networkPolicy.enabled=true",
+        "--set", "global.imageRegistry=registry.example.com/team",
+        "--set", "global.imageTag=0.1.0-abc", "--set", "agent.image.tag=0.1.1",
+        "--set", "operator.serviceAccount.annotations.iam\\.gke\\.io/gcp-service-account=op@x",
+        "--set", "api.securityContext.runAsUser=2000",
+    )  # fmt: skip
+    ingress = find(docs, "Ingress", "-api")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    rule = ingress["spec"]["rules"][0]
+    assert rule["host"] == "billing.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"]["name"] == "gpucloud-api"
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"} == {
+        "gpucloud-api",
+        "gpucloud-gateway",
+    }
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    assert set(policies) == {f"gpucloud-{c}" for c in ("api", "gateway", "operator", "agent")}
+    assert policies["gpucloud-operator"]["spec"]["ingress"] is None  # nothing may connect
+    images = {
+        c["image"]
+        for d in docs
+        if d["kind"] in ("Deployment", "DaemonSet")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    assert images == {
+        "registry.example.com/team/gpucloud/operator:0.1.0-abc",
+        "registry.example.com/team/gpucloud/api:0.1.0-abc",
+        "registry.example.com/team/gpucloud/gateway:0.1.0-abc",
+        "registry.example.com/team/gpucloud/agent:0.1.1",  # its own tag wins
+    }
+    sa = find(docs, "ServiceAccount", "-operator")
+    assert sa["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": "op@x"}
+    api = find(docs, "Deployment", "-api")["spec"]["template"]["spec"]["containers"][0]
+    assert api["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsUser": 2000,
+    }
+    for d in docs:
+        if d["kind"] in ("Deployment", "DaemonSet"):  # no Service env vars over our own
+            assert d["spec"]["template"]["spec"]["enableServiceLinks"] is False
+
+
+@pytest.mark.e2e
+def test_notes_tell_how_to_reach_the_api(testbed: Testbed, tmp_path: Path) -> None:
+    """NOTES.txt renders only on install: a client-side dry run against the test bed."""
+    ensure_kopf_crds(testbed)
+    proc = helm(
+        "install", "notes", str(CHART), "--namespace", "notes-dry-run",
+        "--dry-run=client", tmp=tmp_path, kubeconfig=testbed.kubeconfig,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "http://notes-gpucloud-api.notes-dry-run.svc:8080" in notes
+    assert "port-forward svc/notes-gpucloud-api 8080:8080" in notes
+    assert "examples/account.yaml" in notes
