@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gpucloud.testing.kind import KindCluster
-from gpucloud.testing.kindrelease import RELEASE_NAMESPACE, install_release
+from gpucloud.testing.kindrelease import RELEASE_NAMESPACE, KindHarness, install_release
 from gpucloud.testing.kube import delete_namespace
 
 
@@ -43,3 +43,13 @@ def gpucloud_release(kind: KindCluster, tmp_path_factory: pytest.TempPathFactory
     """The chart installed with its defaults (SQLite ledger) and our images."""
     install_release(kind, tmp_path_factory.mktemp("helm"))
     return RELEASE_NAMESPACE
+
+
+@pytest.fixture
+def h(kind: KindCluster, gpucloud_release: str, kind_namespace: str) -> Iterator[KindHarness]:
+    """A tenant of the session's release (an Account for the test's namespace), as the
+    e2e tests name their harness."""
+    harness = KindHarness(kind, kind_namespace, gpucloud_release)
+    harness.setup()
+    yield harness
+    harness.close()

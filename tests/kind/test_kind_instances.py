@@ -5,14 +5,10 @@ ledger the API pod writes."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 
-import pytest
-
 from gpucloud.billing import to_minor
-from gpucloud.testing.kind import KindCluster
 from gpucloud.testing.kindrelease import PRICES, STORAGE_PER_GIB_HOUR, KindHarness
 
 L40S = "NVIDIA-L40S"
@@ -20,19 +16,13 @@ H100 = "NVIDIA-H100-80GB-HBM3"
 GI = "gpuinstances"
 
 
-@pytest.fixture
-def h(kind: KindCluster, gpucloud_release: str, kind_namespace: str) -> Iterator[KindHarness]:
-    harness = KindHarness(kind, kind_namespace, gpucloud_release)
-    harness.setup()
-    yield harness
-    harness.close()
-
-
 def _seconds(a: str, b: str) -> float:
     return (datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds()
 
 
-def test_online_recharge_then_a_payg_instance_metered_by_its_nodes_agent(h: KindHarness) -> None:
+def test_online_recharge_then_a_payg_instance_metered_by_its_nodes_agent(
+    h: KindHarness,
+) -> None:
     # 1. online recharge: an order, the provider's signed callback, the credit
     rc = h.pay_online("topup", "100.00")
     assert rc["orderId"] and h.balance() == 100_00

@@ -3,20 +3,7 @@ voucher, approved by an admin's RechargeReview, credited exactly once."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
-from gpucloud.testing.kind import KindCluster
 from gpucloud.testing.kindrelease import KindHarness
-
-
-@pytest.fixture
-def h(kind: KindCluster, gpucloud_release: str, kind_namespace: str) -> Iterator[KindHarness]:
-    harness = KindHarness(kind, kind_namespace, gpucloud_release)
-    harness.setup()
-    yield harness
-    harness.close()
 
 
 def test_bank_transfer_with_voucher_is_credited_once_after_review(h: KindHarness) -> None:

@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import yaml
-
-from gpucloud.testing.testbed import REPO, Binaries
+from gpucloud.testing.testbed import REPO, Binaries, KubectlClient
 
 KIND_SCRIPT = REPO / "hack" / "kind" / "kind.sh"
 IMAGES_ENV = REPO / "build" / "images.env"
@@ -51,7 +49,7 @@ class Images:
         return {"global": {"imageRegistry": self.registry, "imageTag": self.tag}}
 
 
-class KindCluster:
+class KindCluster(KubectlClient):
     """Start or reuse the kind cluster; run kubectl, helm and docker against it."""
 
     def __init__(self, name: str = CLUSTER) -> None:
@@ -93,21 +91,6 @@ class KindCluster:
     def images(self) -> Images:
         values = self.images_env()
         return Images(values["GPUCLOUD_IMAGE_REGISTRY"], values["GPUCLOUD_IMAGE_TAG"])
-
-    def kubectl(
-        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        cmd = [str(self.bin.kubectl), "--kubeconfig", str(self.kubeconfig), *args]
-        proc = subprocess.run(
-            cmd, input=input, env=self.env(), text=True, capture_output=True, timeout=timeout
-        )
-        if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
-        return proc
-
-    def apply(self, manifests: list[dict] | str, *extra: str) -> str:
-        text = manifests if isinstance(manifests, str) else yaml.safe_dump_all(manifests)
-        return self.kubectl("apply", "-f", "-", *extra, input=text).stdout
 
     def get_json(self, *args: str) -> dict:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)

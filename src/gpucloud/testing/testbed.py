@@ -205,7 +205,33 @@ def kwokctl_config(b: Binaries, controller_qps: int | None = None) -> dict:
     return config
 
 
-class Testbed:
+class KubectlClient:
+    """kubectl against one cluster: ``bin`` (our built binaries), ``kubeconfig`` and
+    ``env()`` are the cluster's (the kwok test bed, the kind tier)."""
+
+    bin: Binaries
+    kubeconfig: Path
+
+    def env(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [str(self.bin.kubectl), "--kubeconfig", str(self.kubeconfig), *args]
+        proc = subprocess.run(
+            cmd, input=input, env=self.env(), text=True, capture_output=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+        return proc
+
+    def apply(self, manifests: list[dict] | str, *extra: str) -> str:
+        text = manifests if isinstance(manifests, str) else yaml.safe_dump_all(manifests)
+        return self.kubectl("apply", "-f", "-", *extra, input=text).stdout
+
+
+class Testbed(KubectlClient):
     """Start, reuse and stop the kwok cluster; run kubectl against it."""
 
     __test__ = False  # not a pytest test class, despite the name
@@ -241,21 +267,6 @@ class Testbed:
             check=check,
             timeout=timeout,
         )
-
-    def kubectl(
-        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        cmd = [str(self.bin.kubectl), "--kubeconfig", str(self.kubeconfig), *args]
-        proc = subprocess.run(
-            cmd, input=input, env=self.env(), text=True, capture_output=True, timeout=timeout
-        )
-        if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
-        return proc
-
-    def apply(self, manifests: list[dict] | str, *extra: str) -> str:
-        text = manifests if isinstance(manifests, str) else yaml.safe_dump_all(manifests)
-        return self.kubectl("apply", "-f", "-", *extra, input=text).stdout
 
     # -- lifecycle ---------------------------------------------------------------
     def ensure_binaries(self, *, with_helm: bool = False) -> None:

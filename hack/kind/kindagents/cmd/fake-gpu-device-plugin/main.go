@@ -41,12 +41,12 @@ const (
 
 func main() {
 	log.SetFlags(log.LstdFlags | log.LUTC)
-	node := os.Getenv("NODE_NAME")
-	if node == "" {
-		log.Fatal("NODE_NAME is not set (the DaemonSet passes spec.nodeName through the downward API)")
+	node, err := kubeapi.NodeName()
+	if err != nil {
+		log.Fatal(err)
 	}
-	devicesFile := envOr("FAKE_GPU_DEVICES_FILE", "/run/gpucloud-fake-gpu/devices.json")
-	pluginDir := envOr("DEVICE_PLUGIN_DIR", pluginapi.DevicePluginPath)
+	devicesFile := kubeapi.EnvOr("FAKE_GPU_DEVICES_FILE", "/run/gpucloud-fake-gpu/devices.json")
+	pluginDir := kubeapi.EnvOr("DEVICE_PLUGIN_DIR", pluginapi.DevicePluginPath)
 
 	api, err := kubeapi.InCluster()
 	if err != nil {
@@ -82,13 +82,6 @@ func main() {
 			}
 		}
 	}
-}
-
-func envOr(name, fallback string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return fallback
 }
 
 // serveOnce serves the plugin on a new socket, registers it and returns when the

@@ -30,11 +30,11 @@ const routeProtocol = netlink.RouteProtocol(99)
 
 func main() {
 	log.SetFlags(log.LstdFlags | log.LUTC)
-	self := os.Getenv("NODE_NAME")
-	if self == "" {
-		log.Fatal("NODE_NAME is not set (the DaemonSet passes spec.nodeName through the downward API)")
+	self, err := kubeapi.NodeName()
+	if err != nil {
+		log.Fatal(err)
 	}
-	confPath := envOr("CNI_CONFIG", "/etc/cni/net.d/10-gpucloud-podnet.conflist")
+	confPath := kubeapi.EnvOr("CNI_CONFIG", "/etc/cni/net.d/10-gpucloud-podnet.conflist")
 	period := 5 * time.Second
 	api, err := kubeapi.InCluster()
 	if err != nil {
@@ -52,13 +52,6 @@ func main() {
 		case <-time.After(period):
 		}
 	}
-}
-
-func envOr(name, fallback string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return fallback
 }
 
 func sync(ctx context.Context, api *kubeapi.Client, self, confPath string) error {

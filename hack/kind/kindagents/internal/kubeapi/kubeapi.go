@@ -18,6 +18,23 @@ import (
 
 const saDir = "/var/run/secrets/kubernetes.io/serviceaccount"
 
+// NodeName is the pod's node, which a DaemonSet passes in NODE_NAME (downward API).
+func NodeName() (string, error) {
+	node := os.Getenv("NODE_NAME")
+	if node == "" {
+		return "", fmt.Errorf("NODE_NAME is not set (the DaemonSet passes spec.nodeName through the downward API)")
+	}
+	return node, nil
+}
+
+// EnvOr is the environment variable name, or fallback when it is empty.
+func EnvOr(name, fallback string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return fallback
+}
+
 // Client talks to the API server of the cluster the pod runs in.
 type Client struct {
 	base   string
