@@ -164,8 +164,10 @@ def register(path: Path, key: str, url: str, add: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="0: any free port")
-    p.add_argument("--model", default="fake-model")
+    # PORT and MODEL_NAME: what the operator's model Deployments pass every replica
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "0")),
+                   help="0: any free port")  # fmt: skip
+    p.add_argument("--model", default=os.environ.get("MODEL_NAME", "fake-model"))
     p.add_argument("--latency-ms", type=int, default=0, help="delay before each response")
     p.add_argument("--token-ms", type=int, default=0, help="delay between streamed tokens")
     p.add_argument(
