@@ -497,8 +497,19 @@ def operator_bookkeeping() -> dict[str, Schema]:
             "description": "Closed meters whose missing agent usage is still to be billed.",
         },
         "volumeNode": string("Node holding the instance's local volume."),
-        "storageSince": timestamp("Start of storage billing (creation)."),
+        "storageSince": timestamp("Start of storage billing (the first run of the pod)."),
         "storageBilledUntil": timestamp("End of the last settled storage window."),
+        "storageExact": string(
+            "Exact storage charge up to storageBilledUntil, a fraction num/den in currency "
+            "units: the postings are its delta of rounded cumulative totals.",
+            pattern=r"^[0-9]+/[1-9][0-9]*$",
+        ),
+        "storagePostedMinor": {
+            "type": "integer",
+            "format": "int64",
+            "minimum": 0,
+            "description": "Minor units posted for storage up to storageBilledUntil.",
+        },
         "releasedAt": timestamp("When the release began."),
         "stopTarget": string("Phase an interrupted stop ends in."),
         "preemptAt": timestamp("When a preempted spot instance is stopped."),

@@ -25,10 +25,12 @@ from gpucloud.billing import (
     PackagePeriod,
     PriceBook,
     PriceBookError,
+    RunningTotal,
     Term,
     UnknownProduct,
     format_money,
     leave_package,
+    minor_exponent,
     package_price,
     package_purchase_decision,
     payg_start_decision,
@@ -524,9 +526,7 @@ class InstanceReconciler:
                 ),
             }
             if node is not None:
-                # storage is billed from the moment the volume exists until the release
                 changes["volumeNode"] = node
-                changes["storageSince"] = p.status.get("storageSince") or r.fmt(p.now)
             self._patch(p, changes)
         except BaseException:
             self._note_phase(p.uid, p.ns, held[1] if held else None)  # the slot is free again
@@ -632,9 +632,7 @@ class InstanceReconciler:
                 node = self._place(p)
             if node is None:
                 return None, False
-        self._patch(
-            p, {"volumeNode": node, "storageSince": p.status.get("storageSince") or r.fmt(p.now)}
-        )
+        self._patch(p, {"volumeNode": node})
         # a bound claim has its volume (a later run): nothing to create again
         if not new and (p.claim_bound or self.kube.pvc_bound(p.ns, b.pvc_name(p.name))):
             return node, True
@@ -783,6 +781,11 @@ class InstanceReconciler:
         changes: Obj = {
             "phase": "Running",
             "startedAt": r.fmt(p.now),
+            # Instance storage is billed from the first time the pod runs: the volume is
+            # bound and mounted and the instance exists for the user. Before that it is a
+            # request waiting for GPUs (its volume holds no data), and charging it
+            # storage would bill a wait the seed never bills (docs/operator.md).
+            "storageSince": p.status.get("storageSince") or r.fmt(p.now),
             "node": node,
             "billingMode": key,
             "message": f"running on {node}",
@@ -978,7 +981,11 @@ class InstanceReconciler:
     def _settle_storage(self, p: Pass, final: bool) -> None:
         """Instance storage by quota, one posting per settlement window (clock hours by
         default), running or not, minus the seconds covered by package terms. Only whole
-        windows are settled, except the last one at release."""
+        windows are settled, except the last one at release. The windows add up in a
+        ``RunningTotal`` kept in status (``storageExact``, ``storagePostedMinor``): each
+        posts the delta of the rounded cumulative totals, so the instance's storage
+        postings are its exact storage total rounded once. A pass killed before the patch
+        repeats the same windows from the same total: same keys, same amounts."""
         assert p.pb is not None
         since = r.parse(p.status.get("storageSince"))
         if since is None:
@@ -992,24 +999,61 @@ class InstanceReconciler:
             until = datetime.fromtimestamp(ts - ts % window, p.now.tzinfo)
         if until <= start:
             return
+        total = RunningTotal.decode(
+            p.status.get("storageExact"), p.status.get("storagePostedMinor")
+        )
         for a, z in r.storage_windows(start, until, window):
-            amount = r.storage_window_charge(p.pb, p.quota, (a, z), p.terms)
+            exact = r.storage_window_exact(p.pb, p.quota, (a, z), p.terms)
+            total, amount = total.add(exact, p.pb.currency)
             if amount <= 0:
                 continue
+            key = f"storage:{p.uid}:{int(a.timestamp())}"
             try:
                 self.ledger.post_entry(
                     p.account,
                     EntryKind.CHARGE,
                     -amount,
-                    f"storage:{p.uid}:{int(a.timestamp())}",
+                    key,
                     resource=p.resource,
                     memo=f"instance storage {p.quota} GiB quota, {r.fmt(a)} -> {r.fmt(z)}",
                     at=p.now,
-                    meta={"quota_gib": p.quota, "start": r.fmt(a), "end": r.fmt(z)},
+                    meta={
+                        "quota_gib": p.quota,
+                        "start": r.fmt(a),
+                        "end": r.fmt(z),
+                        "exact_total": total.encode(),
+                        "posted_total_minor": total.posted_minor,
+                    },
                 )
             except IdempotencyConflict:
-                log.warning("storage window %s of %s already posted", r.fmt(a), p.resource)
-        self._patch(p, {"storageBilledUntil": r.fmt(until)})
+                # posted before with other figures (the price or quota changed between a
+                # killed pass and its repeat): the ledger's entry is the record, go on
+                # from the total it recorded
+                total = self._adopt_storage_entry(p, key, total, amount)
+        self._patch(
+            p,
+            {
+                "storageBilledUntil": r.fmt(until),
+                "storageExact": total.encode(),
+                "storagePostedMinor": total.posted_minor,
+            },
+        )
+
+    def _adopt_storage_entry(
+        self, p: Pass, key: str, total: RunningTotal, amount: int
+    ) -> RunningTotal:
+        """The running total after a window the ledger already holds under ``key`` with
+        other figures than ``amount``: the ledger's entry is the record."""
+        entry = self.ledger.get_entry(key)
+        log.warning("storage window %s of %s was posted with other figures", key, p.resource)
+        if "exact_total" in entry.meta:
+            return RunningTotal.decode(entry.meta["exact_total"], entry.meta["posted_total_minor"])
+        # posted by an older operator, window by window: keep our exact total, count what
+        # was really posted, and never let the total fall below it (no credit follows)
+        posted = total.posted_minor - amount - entry.amount_minor
+        assert p.pb is not None
+        floor = Fraction(posted, 10 ** minor_exponent(p.pb.currency))
+        return RunningTotal(max(total.exact, floor), posted)
 
     # -- cloud disks (docs/arrears.md) ---------------------------------------------------
     def _disks_ready(self, p: Pass) -> bool:
@@ -1135,6 +1179,8 @@ class InstanceReconciler:
             {
                 "storageSince": None,
                 "storageBilledUntil": None,
+                "storageExact": None,
+                "storagePostedMinor": None,
                 "volumeNode": None,
                 "message": message,
                 "conditions": self._conditions(p, ("DataDeleted", False, "WipePending", message)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 from gpucloud.billing import (
@@ -13,7 +14,6 @@ from gpucloud.billing import (
     PackagePeriod,
     PriceBook,
     instance_storage_charge,
-    to_minor,
 )
 
 # Phases that hold (or are about to hold) GPUs: they count against the instance limit.
@@ -82,20 +82,21 @@ def storage_windows(
         cursor = nxt
 
 
-def storage_window_charge(
+def storage_window_exact(
     pb: PriceBook,
     quota_gib: int,
     window: tuple[datetime, datetime],
     terms: list[dict[str, Any]],
-) -> int:
-    """Minor units for one storage window, excluding the seconds inside package terms."""
+) -> Fraction:
+    """The exact charge of one storage window, excluding the seconds inside package terms.
+    Not rounded: the windows of an instance add up in a ``RunningTotal``, which posts the
+    delta of rounded cumulative totals (rounding each hour lost money)."""
     intervals = []
     for t in terms:
         a, b = parse(t["start"]), parse(t["end"])
         if a is not None and b is not None and b > a:
             intervals.append((a, b))
-    exact = instance_storage_charge(pb, quota_gib, window[0], window[1], intervals)
-    return to_minor(exact, pb.currency)
+    return Fraction(instance_storage_charge(pb, quota_gib, window[0], window[1], intervals))
 
 
 def active_term(terms: list[dict[str, Any]], now: datetime) -> dict[str, Any] | None:

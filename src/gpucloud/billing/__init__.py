@@ -72,6 +72,7 @@ from gpucloud.billing.rating import (
     official_model_charge,
     personal_model_charge,
 )
+from gpucloud.billing.recurring import RunningTotal
 
 __all__ = [
     "CURRENCY_EXPONENTS",
@@ -97,6 +98,7 @@ __all__ = [
     "PriceBook",
     "PriceBookError",
     "PriceError",
+    "RunningTotal",
     "StoragePrices",
     "SwitchSettlement",
     "Term",
