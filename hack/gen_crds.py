@@ -318,7 +318,9 @@ def account() -> Schema:
         {
             "state": enum("Account state.", ["Active", "LowBalance", "Arrears"]),
             "balance": string("Balance in the account currency."),
-            "available": string("Balance minus what running resources accrued."),
+            "available": string(
+                "Balance minus what running resources accrued and stopped runs still owe."
+            ),
             "currency": string("Currency."),
             "runningInstances": integer("Instances running now.", minimum=0),
             "arrearsSince": timestamp("Start of the current arrears."),

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from gpucloud.billing import BillingError, PriceBook, format_money, to_minor
+from gpucloud.billing import BillingError, PriceBook, available_balance, format_money, to_minor
 from gpucloud.clock import Clock
 from gpucloud.ledger import (
     IdempotencyConflict,
@@ -65,6 +65,7 @@ class AccountReconciler:
         spec: Obj,
         balance: int,
         available: int,
+        owed: int,
         currency: str,
         now: datetime,
         namespaces: set[str],
@@ -78,18 +79,10 @@ class AccountReconciler:
                 if o["metadata"].get("namespace") in namespaces
             ]
 
-        # stopped runs not yet settled count as owed (see ar.closed_run_estimate); the
-        # ledger, not the (cached, lagging) instance status, says which ones
-        owed = 0
-        recent = now - timedelta(seconds=2 * self.cfg.metering_grace_s + 3600)
-        for m in self.ledger.meters(acct["metadata"]["name"]):
-            if m.kind != "gpu_time" or m.closed_at is None or m.closed_at < recent:
-                continue
-            try:
-                self.ledger.get_entry(f"meter-fallback:{m.meter_id}")
-            except NotFound:
-                owed += ar.closed_run_estimate(m, currency)
-        balance, available = balance - owed, available - owed
+        # stopped runs not yet settled count as owed (``Ledger.unposted``; the ledger, not
+        # the cached, lagging instance status, says which ones): the available balance
+        # already deducts them, the balance the rules judge does too
+        balance -= owed
         burn = Decimal(0)
         pb_obj = self.kube.get_pricebook(self.cfg.pricebook)
         if pb_obj is not None:
@@ -178,7 +171,8 @@ class AccountReconciler:
         self.ledger.ensure_account(name, currency)
         now = r.second(self.clock.now())
         balance = self.ledger.balance(name)
-        available = self.ledger.available_balance(name, now)
+        unposted = self.ledger.unposted(name, now)
+        available = available_balance(balance, [unposted.open_minor], [unposted.closed_minor])
         namespaces = set(spec.get("namespaces") or [])
         running = sum(
             1
@@ -188,7 +182,9 @@ class AccountReconciler:
         )
         status = dict(acct.get("status") or {})
         # arrears, low-balance warning and their notifications (gpucloud_operator.arrears)
-        verdict, burn = self._assess(acct, spec, balance, available, currency, now, namespaces)
+        verdict, burn = self._assess(
+            acct, spec, balance, available, unposted.closed_minor, currency, now, namespaces
+        )
         if self.metrics is not None:
             self.metrics.observe(
                 name,

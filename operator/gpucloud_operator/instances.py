@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from fractions import Fraction
@@ -28,6 +29,7 @@ from gpucloud.billing import (
     RunningTotal,
     Term,
     UnknownProduct,
+    available_balance,
     format_money,
     leave_package,
     minor_exponent,
@@ -37,7 +39,7 @@ from gpucloud.billing import (
     to_minor,
 )
 from gpucloud.clock import Clock, monotonic
-from gpucloud.ledger import EntryKind, IdempotencyConflict, Ledger, NotFound
+from gpucloud.ledger import EntryKind, IdempotencyConflict, Ledger, NotFound, Unposted
 from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
@@ -175,9 +177,12 @@ class InstanceReconciler:
         # Instances whose pod waits for their claim to bind: the claim's bind event starts
         # their next pass (claim_changed) instead of the next timer tick.
         self._awaiting_bind: set[str] = set()
-        # account -> (second, monotonic time computed, minor units): see _accrued
-        self._accrual_memo: dict[str, tuple[datetime, float, int]] = {}
-        self.accrual_reuse_s = 1.0  # see _accrued
+        # account -> (second, monotonic time computed, figures): see _unposted
+        self._accrual_memo: dict[str, tuple[datetime, float, Unposted]] = {}
+        # uid -> (account, minor units) of package starts this process admitted whose
+        # term is not charged yet: see _reserved
+        self._reservations: dict[str, tuple[str, int]] = {}
+        self.accrual_reuse_s = 1.0  # see _unposted
         self._later = Later()
         self.claim_recheck_s = 1.0  # see _nudge_claim
         self._nudging: set[str] = set()  # instances with a claim check chain running
@@ -321,6 +326,8 @@ class InstanceReconciler:
 
     def _note_phase(self, uid: str, namespace: str, phase: str | None) -> None:
         with self._guard:
+            if phase not in r.ADMITTED_PHASES:
+                self._reservations.pop(uid, None)  # charged, refused or gone
             if self._phases is not None:
                 if phase is None:
                     self._phases.pop(uid, None)
@@ -495,16 +502,23 @@ class InstanceReconciler:
         if node is None:
             with self._placement_lock:
                 node = self._place(p)
-        # the money rule reads the ledger (a query per open meter of the account): before
-        # the lock, as starting a run changes no balance; only the instance limit counts
-        # runs that other passes are claiming
-        money = self._money_decision(p)
+        # the money rule reads the ledger (a query per meter of the account) and the
+        # instance list: before the lock, as starting a run changes no balance; under
+        # it, the instance limit counts runs that other passes are claiming and the money
+        # rule deducts what other admissions reserved (a package term is charged only
+        # when its pod runs: two package starts must not both count on the same balance)
+        money = self._money_rule(p)
+        listed = self._listed_reservations(p) if money is not None else {}
         with self._lock(self._account_locks, p.account):
-            admitted = self._admit(p, money)
+            decision = None if money is None else money(self._reserved(p, listed))
+            admitted = self._admit(p, decision)
             if admitted:
                 with self._guard:
                     held = (self._phases or {}).get(p.uid)
                 self._note_phase(p.uid, p.ns, "Pending")  # counted by the next admission
+                mode = r.mode_of(r.billing_key(p.spec["billing"]))
+                if decision is not None and mode is BillingMode.PACKAGE:
+                    self._reserve(p, decision)
         if not admitted:
             with self._placement_lock:
                 self._assumed.pop(p.uid, None)
@@ -533,46 +547,103 @@ class InstanceReconciler:
             raise
         self._create_run(p, new_volume)
 
-    def _money_decision(self, p: Pass) -> Decision | None:
-        """Whether the balance allows the start (None: a paid package term covers it)."""
+    def _money_rule(self, p: Pass) -> Callable[[int], Decision] | None:
+        """The money rule of a start, to be applied to the amount other admissions have
+        reserved (None: a paid package term covers the start). The available balance
+        is the balance minus what open meters accrued and stopped runs still owe
+        (``Ledger.unposted``) minus the reserved amount (``billing.available_balance``)."""
         assert p.pb is not None
+        pb = p.pb
         key = r.billing_key(p.spec["billing"])
         mode = r.mode_of(key)
         if mode is BillingMode.PACKAGE and r.active_term(p.terms, p.now) is not None:
             return None
-        available = self.ledger.balance(p.account) - self._accrued(p.account, p.now)
-        if mode is BillingMode.PACKAGE:
-            return package_purchase_decision(available, p.product, p.count, r.period_of(key), p.pb)
-        return payg_start_decision(
-            available, p.product, p.count, p.pb, mode=mode, storage_gib=p.quota
-        )
+        balance, unposted = self.ledger.balance(p.account), self._unposted(p.account, p.now)
 
-    def _accrued(self, account: str, now: datetime) -> int:
-        """The ledger's estimate of the account's unposted accrual at ``now`` (whole
-        seconds), computed once per account and second: it walks every open meter of
-        the account, and a burst of starts on a big account asked for the same second's
-        figure over and over. A start changes no accrual (a new run starts at zero); the
-        figure is reused for one second of real time at most, as usage the agents send
-        meanwhile refines it (an injected clock may stand still)."""
+        def decide(reserved: int) -> Decision:
+            available = available_balance(
+                balance, [unposted.open_minor], [unposted.closed_minor], [reserved]
+            )
+            if mode is BillingMode.PACKAGE:
+                return package_purchase_decision(
+                    available, p.product, p.count, r.period_of(key), pb
+                )
+            return payg_start_decision(
+                available, p.product, p.count, pb, mode=mode, storage_gib=p.quota
+            )
+
+        return decide
+
+    # -- reservations: admitted package terms and renewals due, not charged yet ----------
+    def _listed_reservations(self, p: Pass) -> dict[str, r.Reservation]:
+        """The account's reservations as the (cached) instance list shows them, less
+        those the ledger has charged meanwhile."""
+        assert p.pb is not None
+        acct = self._account_obj(p.account)
+        namespaces = set((acct.get("spec") or {}).get("namespaces") or [])
+        listed = r.reservations(
+            self.kube.list_cluster_objects(PLURAL, ttl=2.0), namespaces, p.pb, p.now
+        )
+        out = {}
+        for uid, res in listed.items():
+            try:
+                self.ledger.get_entry(res.key)
+            except NotFound:
+                out[uid] = res
+        return out
+
+    def _reserved(self, p: Pass, listed: dict[str, r.Reservation]) -> int:
+        """Minor units other instances of the account have reserved: those this process
+        admitted (in memory, until their phase moves on) and those the list shows (an
+        earlier process's admissions, renewals due), each once."""
+        with self._guard:
+            mine = {u: m for u, (a, m) in self._reservations.items() if a == p.account}
+            phases = dict(self._phases or {})
+        total = sum(m for u, m in mine.items() if u != p.uid)
+        for uid, res in listed.items():
+            if uid == p.uid or uid in mine:
+                continue
+            known = phases.get(uid, ("", res.phase))[1]
+            if res.phase in r.ADMITTED_PHASES and known not in r.ADMITTED_PHASES:
+                continue  # the list is older than this process's own patch
+            total += res.minor
+        return total
+
+    def _reserve(self, p: Pass, decision: Decision) -> None:
+        """An admitted package start reserves its term until the term is charged (the
+        phase leaves Pending/Starting: _note_phase lets it go)."""
+        with self._guard:
+            self._reservations[p.uid] = (p.account, decision.needed_minor)
+
+    def _unposted(self, account: str, now: datetime) -> Unposted:
+        """The ledger's estimate of what the account's runs owe beyond their postings at
+        ``now`` (whole seconds), computed once per account and second: it walks every
+        unsettled meter of the account, and a burst of starts on a big account asked for
+        the same second's figure over and over. A start changes no accrual (a new run
+        starts at zero); the figure is reused for one second of real time at most, as
+        usage the agents send meanwhile refines it (an injected clock may stand still)."""
         with self._guard:
             hit = self._accrual_memo.get(account)
         if hit is not None and hit[0] == now and time.monotonic() - hit[1] < self.accrual_reuse_s:
             return hit[2]
-        value = self.ledger.accrued_unsettled(account, now)
+        value = self.ledger.unposted(account, now)
         with self._guard:
             self._accrual_memo[account] = (now, time.monotonic(), value)
         return value
 
-    def _admit(self, p: Pass, money: Decision | None) -> bool:
-        """The instance limit, then the money rule (decided by _money_decision)."""
-        acct = next(
+    def _account_obj(self, account: str) -> Obj:
+        return next(
             (
                 a
                 for a in self.kube.list_cluster_objects("accounts", ttl=2.0)
-                if a["metadata"]["name"] == p.account
+                if a["metadata"]["name"] == account
             ),
             {},
         )
+
+    def _admit(self, p: Pass, money: Decision | None) -> bool:
+        """The instance limit, then the money rule (decided by _money_rule)."""
+        acct = self._account_obj(p.account)
         limit = int(acct.get("spec", {}).get("instanceLimit", 5))
         namespaces = set(acct.get("spec", {}).get("namespaces") or [])
         active = self._active_count(namespaces, p.uid)
@@ -1286,7 +1357,8 @@ class InstanceReconciler:
         except NotFound:
             replay = False
         if not replay:
-            available = self.ledger.available_balance(p.account, p.now)
+            reserved = self._reserved(p, self._listed_reservations(p))
+            available = self.ledger.available_balance(p.account, p.now, reserved_minor=reserved)
             decision = package_purchase_decision(available, p.product, p.count, period, p.pb)
             if not decision.allowed:
                 self._event(p, "Warning", "InsufficientBalance", decision.message)

@@ -3,17 +3,20 @@ storage windows and package terms. No API calls, no clock: ``now`` is passed in.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 from gpucloud.billing import (
+    BillingError,
     BillingMode,
     PackagePeriod,
     PriceBook,
     instance_storage_charge,
+    package_price,
+    to_minor,
 )
 
 # Phases that hold (or are about to hold) GPUs: they count against the instance limit.
@@ -107,6 +110,52 @@ def active_term(terms: list[dict[str, Any]], now: datetime) -> dict[str, Any] | 
     start, end = parse(last["start"]), parse(last["end"])
     assert start is not None and end is not None
     return last if start <= now < end else None
+
+
+# Phases of an admitted start whose package term is charged once the pod runs.
+ADMITTED_PHASES = frozenset({"Pending", "Starting"})
+
+
+class Reservation(NamedTuple):
+    minor: int  # the price the term will be posted at
+    key: str  # the ledger key it will be posted under
+    phase: str  # the instance's phase when it was seen
+
+
+def reservations(
+    instances: Iterable[dict[str, Any]], namespaces: set[str], pb: PriceBook, now: datetime
+) -> dict[str, Reservation]:
+    """uid -> what an account has committed but not been charged yet, which the one-hour
+    rule and package purchases deduct (docs/billing.md): the term of a package start
+    that was admitted (Pending/Starting, no term covering ``now``: the term is charged
+    when the pod runs), and the next term of a running auto-renewing package whose term
+    has ended (the renewal the next pass charges)."""
+    out: dict[str, Reservation] = {}
+    for inst in instances:
+        meta, spec, st = inst["metadata"], inst.get("spec") or {}, inst.get("status") or {}
+        if meta.get("namespace") not in namespaces or meta.get("deletionTimestamp"):
+            continue
+        terms = st.get("packageTerms") or []
+        phase = st.get("phase")
+        key = billing_key(spec.get("billing") or {})
+        if phase in ADMITTED_PHASES and key.startswith("Package"):
+            if active_term(terms, now) is not None:
+                continue  # a paid term covers the start
+        elif phase == "Running" and (spec.get("billing") or {}).get("autoRenew") and terms:
+            key = st.get("billingMode") or ""
+            end = parse(terms[-1]["end"])
+            if not key.startswith("Package") or end is None or end > now:
+                continue
+        else:
+            continue
+        gpu = spec.get("gpu") or {}
+        try:
+            price = package_price(pb, gpu["product"], period_of(key), int(gpu.get("count", 1)))
+        except (BillingError, KeyError):
+            continue  # a product or period no longer offered: nothing will be charged
+        key = f"package:{meta['uid']}:{len(terms) + 1}"  # as _buy_term posts it
+        out[meta["uid"]] = Reservation(to_minor(price, pb.currency), key, phase)
+    return out
 
 
 def reminder_due(now: datetime, expiry: datetime, lead: timedelta) -> bool:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from ledger_helpers import T0, T0_S, disk_record, gpu_record
 
 from gpucloud.billing.money import to_minor
-from gpucloud.ledger import IdempotencyConflict, InvalidInput, Ledger, NotFound
+from gpucloud.ledger import IdempotencyConflict, InvalidInput, Ledger, NotFound, Unposted
 from gpucloud.usage import UsageKind
 
 LATER = T0 + timedelta(days=1)
@@ -158,7 +158,14 @@ def test_accrued_unsettled_and_available_balance(ledger: Ledger) -> None:
     assert ledger.accrued_unsettled("alice", now) == 100
     assert ledger.available_balance("alice", now) == 100_000 - 200
     ledger.close_meter("m1", now)
-    assert ledger.accrued_unsettled("alice", now + timedelta(hours=1)) == 0
+    # a stopped run owes its window until it is settled, however late it is asked
+    later = now + timedelta(hours=1)
+    assert ledger.unposted("alice", later) == Unposted(open_minor=0, closed_minor=100)
+    assert ledger.available_balance("alice", later) == 100_000 - 200
+    ledger.settle_meter("m1", later, fallback=True)
+    assert ledger.balance("alice") == 100_000 - 200
+    assert ledger.accrued_unsettled("alice", later) == 0
+    assert ledger.available_balance("alice", later, reserved_minor=50) == 100_000 - 250
 
 
 @settings(

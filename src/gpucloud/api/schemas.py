@@ -39,7 +39,10 @@ class BalanceOut(BaseModel):
     account: str
     currency: str
     balance_minor: int
-    available_minor: int = Field(description="balance minus accrued, not yet posted usage")
+    available_minor: int = Field(
+        description="balance minus accrued, not yet posted usage and what stopped runs "
+        "owe until settled"
+    )
     balance: str
     available: str
 

@@ -256,13 +256,14 @@ def test_one_hour_rule_against_exact_comparison(
     hour = hourly(pb, mode) * gpus + Fraction(pb.storage.instance_per_gb_hour) * quota
     exp = {"CNY": 2, "USD": 2, "EUR": 2, "JPY": 0}[pb.currency]
     d = payg_start_decision(available, A100, gpus, pb, mode=mode, storage_gib=quota)
-    assert d.allowed == (Fraction(available, 10**exp) >= hour)
-    # at the threshold it is allowed, one minor unit below it is not
+    # the seed: "the balance is greater than the usage cost of one hour"
+    assert d.allowed == (Fraction(available, 10**exp) > hour)
+    # needed_minor is the least balance greater than the hour; one minor unit less is not
+    assert Fraction(d.needed_minor, 10**exp) > hour >= Fraction(d.needed_minor - 1, 10**exp)
     assert payg_start_decision(d.needed_minor, A100, gpus, pb, mode=mode, storage_gib=quota).allowed
-    if d.needed_minor > 0:
-        assert not payg_start_decision(
-            d.needed_minor - 1, A100, gpus, pb, mode=mode, storage_gib=quota
-        ).allowed
+    assert not payg_start_decision(
+        d.needed_minor - 1, A100, gpus, pb, mode=mode, storage_gib=quota
+    ).allowed
 
 
 @PROPS
