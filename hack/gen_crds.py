@@ -393,9 +393,16 @@ def recharge() -> Schema:
             ]
         },
     )
-    spec["properties"]["amount"]["x-kubernetes-validations"].append(
-        {"rule": "double(self) <= 1000000.0", "message": "must be at most 1000000"}
-    )
+    spec["properties"]["amount"]["x-kubernetes-validations"] += [
+        {"rule": "double(self) <= 1000000.0", "message": "must be at most 1000000"},
+        {
+            # the finest minor unit of the supported currencies (a fen, a cent); the
+            # operator refuses amounts finer than the account currency's own (JPY: 0)
+            "rule": "self.matches('^[0-9]+([.][0-9]{1,2})?$')",
+            "message": "must not be finer than the currency's minor unit: at most 2 decimal "
+            "places (0.01 CNY); amounts are never rounded",
+        },
+    ]
     status = status_base(
         {
             "phase": enum(

@@ -7,7 +7,14 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from gpucloud.billing import BillingError, PriceBook, available_balance, format_money, to_minor
+from gpucloud.billing import (
+    BillingError,
+    PriceBook,
+    available_balance,
+    format_money,
+    parse_amount,
+    to_minor,
+)
 from gpucloud.clock import Clock
 from gpucloud.ledger import (
     IdempotencyConflict,
@@ -259,7 +266,14 @@ class AccountReconciler:
             return
         currency = acct.get("spec", {}).get("currency", "CNY")
         self.ledger.ensure_account(account, currency)
-        amount = to_minor(Decimal(spec["amount"]), currency)
+        try:  # never rounded: 10.123 is refused, not credited as 10.12
+            amount = parse_amount(spec["amount"], currency, "spec.amount")
+        except BillingError as exc:
+            if not status.get("orderId"):
+                self._recharge_status(rc, {"phase": "Failed", "reason": str(exc)})
+                return
+            # submitted to the ledger before amounts were checked: finish it as it was
+            amount = to_minor(Decimal(spec["amount"]), currency)
         if spec["method"] == "Online":
             self._online(rc, account, amount, currency, now)
         else:

@@ -16,6 +16,7 @@ from gpucloud.recharge import SIGNATURE_HEADER, SandboxProvider, signature_heade
 TENANT = auth("tenant-token")
 ADMIN = auth("admin-token")
 CALLBACK = "/v1/payments/sandbox/callback"
+RECEIPT = {"name": "receipt.pdf", "content_base64": base64.b64encode(b"%PDF-1.4 receipt").decode()}
 
 
 def _balance(client: TestClient) -> int:
@@ -184,3 +185,26 @@ def test_accounts_are_private(client: TestClient) -> None:
     )
     assert bad.status_code == 422 and "content_base64" in bad.text
     assert json.loads(client.get("/v1/vouchers", headers=TENANT).text)["detail"]
+
+
+def test_amounts_finer_than_the_minor_unit_are_refused_never_rounded(
+    client: TestClient,
+) -> None:
+    """10.123 is not 10.12: the API refuses it, naming the field and the rule, for an
+    online order and a bank transfer alike; 10.12 as text is 1012 fen."""
+    online = "/v1/accounts/acme/recharges/online"
+    bank = "/v1/accounts/acme/recharges/bank-transfer"
+    transfer = {"payer": "p", "bank": "b", "transfer_no": "TX-9", "file": RECEIPT}
+    for url, extra in ((online, {}), (bank, transfer)):
+        resp = client.post(url, json={"amount": "10.123", **extra}, headers=TENANT)
+        assert resp.status_code == 422, resp.text
+        assert "amount: '10.123' is finer than the minor unit of CNY" in resp.text
+        assert "at most 2 decimal places" in resp.text
+    resp = client.post(online, json={"amount_minor": 1012.3}, headers=TENANT)
+    assert resp.status_code == 422 and "amount_minor" in resp.text
+    both = client.post(online, json={"amount": "1", "amount_minor": 100}, headers=TENANT)
+    assert both.status_code == 422 and "exactly one" in both.text
+    ok = client.post(online, json={"amount": "10.12"}, headers=TENANT)
+    assert ok.status_code == 201 and ok.json()["amount_minor"] == 1012
+    assert _balance(client) == 0
+    assert client.get("/v1/vouchers", headers=ADMIN).json()["vouchers"] == []

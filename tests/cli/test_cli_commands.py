@@ -121,7 +121,8 @@ def test_bank_transfer_review_and_statement(api: ApiProcess, tmp_path: Path) -> 
 
 def test_cli_errors_are_readable(api: ApiProcess) -> None:
     code, out = cli(api, "tenant-token", "recharge", "online", "1.001")
-    assert code == 1 and "amount: at most 2 decimal places" in out
+    assert code == 1 and "amount: '1.001' is finer than the minor unit of CNY" in out
+    assert "at most 2 decimal places" in out
     code, out = cli(api, "stranger-token", "balance")
     assert code == 1 and "403" in out
     code, out = cli(None, "x", "balance")

@@ -169,6 +169,11 @@ INVALID: list[tuple[str, dict[str, object], list[str]]] = [
     ("recharge-online.yaml", {"spec.amount": "2000000.00"}, ["spec.amount", "at most 1000000"]),
     ("recharge-online.yaml", {"spec.method": "Cash"}, ["spec.method", "Unsupported value"]),
     (
+        "recharge-online.yaml",
+        {"spec.amount": "10.123"},
+        ["spec.amount", "must not be finer than the currency's minor unit"],
+    ),
+    (
         "recharge-bank-transfer.yaml",
         {"spec.bankTransfer": DELETE},
         ["spec.bankTransfer", "required when method is BankTransfer"],

@@ -9,6 +9,8 @@ from opworld import NS, World
 
 from gpucloud.ledger import EntryKind
 
+VOUCHER = "sha256:" + "ab" * 32
+
 
 def rec(w: World) -> AccountReconciler:
     return AccountReconciler(w.kube, w.ledger, w.clock, w.cfg)
@@ -99,3 +101,39 @@ def test_recharge_for_a_foreign_account_fails(world: World) -> None:
     rec(w).reconcile_recharge(rc)
     st = w.kube.namespaced[("recharges", "elsewhere", "x")]["status"]
     assert st["phase"] == "Failed" and "does not bill" in st["reason"]
+
+
+def test_a_recharge_finer_than_the_minor_unit_fails_and_credits_nothing(world: World) -> None:
+    """The CRD refuses 10.123 (CEL); should one get past it (a JPY account, whose minor
+    unit is 1 yen, or an object stored before the rule), the operator refuses it too,
+    naming the field: it never rounds it into the ledger."""
+    w = world
+    rc = recharge(w, "odd", "Online", "10.123")
+    rec(w).reconcile_recharge(rc)
+    st = w.kube.namespaced[("recharges", NS, "odd")]["status"]
+    assert st["phase"] == "Failed"
+    assert st["reason"] == (
+        "spec.amount: '10.123' is finer than the minor unit of CNY (at most 2 decimal "
+        "places); amounts are never rounded"
+    )
+    assert not w.ledger.entries("acme") and "rc-" not in str(w.ledger.audit_events("acme"))
+    w.kube.add_cluster(  # an account in yen, whose minor unit is the yen itself
+        "accounts", {"metadata": {"name": "yen"}, "spec": {"namespaces": [NS], "currency": "JPY"}}
+    )
+    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-9", "voucherRef": VOUCHER}
+    rc = w.kube.add_namespaced(
+        "recharges",
+        {
+            "kind": "Recharge",
+            "metadata": {"name": "yen", "namespace": NS},
+            "spec": {"account": "yen", "method": "BankTransfer", "amount": "100.50",
+                     "bankTransfer": bt},
+        },
+    )  # fmt: skip
+    rec(w).reconcile_recharge(rc)
+    st = w.kube.namespaced[("recharges", NS, "yen")]["status"]
+    assert (
+        st["phase"] == "Failed"
+        and "finer than the minor unit of JPY (whole units)" in (st["reason"])
+    )
+    assert w.ledger.vouchers() == []

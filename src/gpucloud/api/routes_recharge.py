@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gpucloud.api.deps import Account, Admin, Caller, State
 from gpucloud.api.schemas import (
+    MAX_AMOUNT_MINOR,
     BankTransferIn,
     CallbackOut,
     OnlineRechargeIn,
@@ -22,7 +23,7 @@ from gpucloud.api.schemas import (
     VoucherOut,
     VouchersOut,
 )
-from gpucloud.billing.money import format_money
+from gpucloud.billing.money import format_money, parse_amount
 from gpucloud.ledger import NotFound, Order, OrderStatus, Voucher
 from gpucloud.recharge import CallbackError, PaymentNotice, SignatureError
 from gpucloud.recharge.qr import qr_png
@@ -40,6 +41,18 @@ def _currency(state: State, account: str) -> str:
         return state.ledger.get_account(account).currency
     except NotFound:
         return state.ledger.ensure_account(account, state.settings.currency).currency
+
+
+def _minor(body: OnlineRechargeIn | BankTransferIn, currency: str) -> int:
+    """The amount in minor units; ``amount`` is checked against the account's currency
+    (a 422 naming the field when it is finer than the minor unit: never rounded)."""
+    if body.amount_minor is not None:
+        return body.amount_minor
+    assert body.amount is not None
+    minor = parse_amount(body.amount, currency, "amount")
+    if minor > MAX_AMOUNT_MINOR:
+        raise HTTPException(422, f"amount: at most {format_money(MAX_AMOUNT_MINOR, currency)}")
+    return minor
 
 
 def _payment_url(state: State, order: Order, currency: str) -> str:
@@ -90,10 +103,10 @@ def create_online_recharge(
     if state.settings.providers.get(body.provider) is None:
         known = ", ".join(state.settings.providers.names()) or "none"
         raise HTTPException(422, f"provider: {body.provider!r} is not configured (known: {known})")
-    _currency(state, account)
+    amount = _minor(body, _currency(state, account))
     expires_at = state.settings.clock.now() + timedelta(seconds=state.settings.order_ttl_s)
     order = state.ledger.create_order(
-        account, body.amount_minor, body.provider, expires_at, order_id=body.order_id
+        account, amount, body.provider, expires_at, order_id=body.order_id
     )
     return _order_out(state, request, order)
 
@@ -192,6 +205,7 @@ def _voucher_out(state: State, v: Voucher) -> VoucherOut:
 def submit_bank_transfer(account: Account, body: BankTransferIn, state: State) -> VoucherOut:
     """A bank-transfer voucher, pending an admin's review. Only the file's SHA-256 goes
     into the ledger; the file itself is kept under the configured voucher directory."""
+    amount = _minor(body, _currency(state, account))  # before the file is kept
     digest = None
     if body.file is not None:
         try:
@@ -204,10 +218,9 @@ def submit_bank_transfer(account: Account, body: BankTransferIn, state: State) -
         if state.settings.voucher_dir is not None:
             state.settings.voucher_dir.mkdir(parents=True, exist_ok=True)
             (state.settings.voucher_dir / digest).write_bytes(content)
-    _currency(state, account)
     voucher = state.ledger.submit_voucher(
         account,
-        body.amount_minor,
+        amount,
         body.payer,
         body.bank,
         body.transfer_no,
