@@ -364,11 +364,12 @@ def recharge() -> Schema:
                         "Bank transfer reference number.", minLength=1, maxLength=128
                     ),
                     "voucherRef": string(
-                        "Reference of the uploaded voucher file (sha256:<hex>).",
+                        "Reference of the uploaded transfer voucher (sha256:<hex> of the "
+                        "file): required, the admin reviews it before crediting.",
                         pattern=r"^sha256:[0-9a-f]{64}$",
                     ),
                 },
-                ["payer", "bank", "transferNumber"],
+                ["payer", "bank", "transferNumber", "voucherRef"],
             ),
         },
         ["account", "method", "amount"],
@@ -473,6 +474,7 @@ def recharge_review() -> Schema:
             "applied": boolean("Whether the decision was carried out.", False),
             "appliedAt": timestamp("When it was carried out."),
             "reviewer": string("Who reviewed it."),
+            "voucherRef": string("The voucher file the decision was made on (sha256:<hex>)."),
         }
     )
     return crd(

@@ -340,18 +340,34 @@ class AccountReconciler:
         self._recharge_status(rc, changes)
 
     def _bank_transfer(self, rc: Obj, account: str, amount: int, now: Any) -> None:
+        """Submit the voucher once (its id goes to status.orderId), then follow it. The
+        voucher reference is required (the CRD says so too): without it nothing is
+        submitted and the Recharge fails naming the field."""
         bt = rc["spec"]["bankTransfer"]
-        ref = bt.get("voucherRef")
+        submitted = (rc.get("status") or {}).get("orderId")
         try:
-            voucher = self.ledger.submit_voucher(
-                account,
-                amount,
-                bt["payer"],
-                bt["bank"],
-                bt["transferNumber"],
-                ref.removeprefix("sha256:") if ref else None,
-                now,
-            )
+            if submitted:
+                voucher = self.ledger.get_voucher(submitted)
+            elif not bt.get("voucherRef"):
+                self._recharge_status(
+                    rc,
+                    {
+                        "phase": "Failed",
+                        "reason": "spec.bankTransfer.voucherRef: required: upload the transfer "
+                        "voucher and give its sha256:<hex> reference for the admin to review",
+                    },
+                )
+                return
+            else:
+                voucher = self.ledger.submit_voucher(
+                    account,
+                    amount,
+                    bt["payer"],
+                    bt["bank"],
+                    bt["transferNumber"],
+                    bt["voucherRef"].removeprefix("sha256:"),
+                    now,
+                )
         except IdempotencyConflict as exc:
             self._recharge_status(rc, {"phase": "Failed", "reason": str(exc)})
             return
@@ -390,9 +406,12 @@ class AccountReconciler:
             voucher = self.ledger.review_voucher(
                 voucher_id, approve, reviewer, spec.get("reason") or "", now
             )
-        except ReviewRefused:
+        except ReviewRefused as exc:
             voucher = self.ledger.get_voucher(voucher_id)
             wanted = VoucherStatus.APPROVED if approve else VoucherStatus.REJECTED
+            if voucher.status is VoucherStatus.PENDING:  # e.g. no voucher file to approve
+                self._review_status(review, False, str(exc))
+                return
             if voucher.status is not wanted:
                 self._review_status(
                     review, False, f"the voucher was already {voucher.status.value}"
@@ -406,6 +425,8 @@ class AccountReconciler:
                 "applied": True,
                 "appliedAt": r.fmt(voucher.reviewed_at or now),
                 "reviewer": voucher.reviewer or reviewer,
+                # the voucher file the decision was made on (the ledger's record of it)
+                "voucherRef": f"sha256:{voucher.file_sha256}" if voucher.file_sha256 else None,
             },
         )
         self.kube.event(review, "Normal", "Applied", f"voucher {voucher_id} {voucher.status.value}")

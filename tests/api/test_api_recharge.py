@@ -17,6 +17,7 @@ TENANT = auth("tenant-token")
 ADMIN = auth("admin-token")
 CALLBACK = "/v1/payments/sandbox/callback"
 RECEIPT = {"name": "receipt.pdf", "content_base64": base64.b64encode(b"%PDF-1.4 receipt").decode()}
+FILE = {"file": RECEIPT}
 
 
 def _balance(client: TestClient) -> int:
@@ -123,6 +124,12 @@ def test_voucher_approve_credits_once(client: TestClient) -> None:
     assert _balance(client) == 0
     pending = client.get("/v1/vouchers?status=pending", headers=ADMIN).json()["vouchers"]
     assert [v["voucher_id"] for v in pending] == [voucher["voucher_id"]]
+    assert pending[0]["file_sha256"] == voucher["file_sha256"]
+    # the reviewing admin reads the very file (tenants cannot reach the admin route)
+    file_url = f"/v1/vouchers/{voucher['voucher_id']}/file"
+    got = client.get(file_url, headers=ADMIN)
+    assert got.status_code == 200 and got.content == content
+    assert client.get(file_url, headers=TENANT).status_code == 403
     review = f"/v1/vouchers/{voucher['voucher_id']}/review"
     assert client.post(review, json={"decision": "approve"}, headers=TENANT).status_code == 403
     ok = client.post(review, json={"decision": "approve"}, headers=ADMIN)
@@ -148,7 +155,20 @@ def test_voucher_reject_needs_a_reason(client: TestClient) -> None:
         json={"amount_minor": 700, "payer": "p", "bank": "b", "transfer_no": "TX-2"},
         headers=TENANT,
     )
-    assert resp.status_code == 201 and resp.json()["file_sha256"] is None
+    assert resp.status_code == 422 and "file" in resp.text  # the voucher is required
+    assert client.get("/v1/vouchers", headers=ADMIN).json()["vouchers"] == []
+    resp = client.post(
+        "/v1/accounts/acme/recharges/bank-transfer",
+        json={
+            "amount_minor": 700,
+            "payer": "p",
+            "bank": "b",
+            "transfer_no": "TX-2",
+            "file": RECEIPT,
+        },
+        headers=TENANT,
+    )
+    assert resp.status_code == 201 and resp.json()["file_sha256"]
     review = f"/v1/vouchers/{resp.json()['voucher_id']}/review"
     no_reason = client.post(review, json={"decision": "reject", "reason": "  "}, headers=ADMIN)
     assert no_reason.status_code == 422 and "reason" in no_reason.text

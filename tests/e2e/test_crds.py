@@ -184,6 +184,11 @@ INVALID: list[tuple[str, dict[str, object], list[str]]] = [
         ["spec.bankTransfer.voucherRef"],
     ),
     (
+        "recharge-bank-transfer.yaml",
+        {"spec.bankTransfer.voucherRef": DELETE},
+        ["spec.bankTransfer.voucherRef", "Required value"],
+    ),
+    (
         "rechargereview.yaml",
         {"spec.decision": "Reject", "spec.reason": DELETE},
         ["spec.reason", "reason is required when decision is Reject"],

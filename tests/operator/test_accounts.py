@@ -68,7 +68,7 @@ def test_online_order_expires(world: World) -> None:
 
 def test_bank_transfer_review_credits_exactly_once(world: World) -> None:
     w = world
-    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-1"}
+    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-1", "voucherRef": VOUCHER}
     rc = recharge(w, "wire", "BankTransfer", "2000.00", bankTransfer=bt)
     rec(w).reconcile_recharge(rc)
     st = w.kube.namespaced[("recharges", NS, "wire")]["status"]
@@ -81,7 +81,8 @@ def test_bank_transfer_review_credits_exactly_once(world: World) -> None:
         },
     )
     rec(w).reconcile_review(review)
-    assert w.kube.cluster[("rechargereviews", "r1")]["status"]["applied"] is True
+    applied = w.kube.cluster[("rechargereviews", "r1")]["status"]
+    assert applied["applied"] is True and applied["voucherRef"] == VOUCHER  # what was reviewed
     assert w.kube.namespaced[("recharges", NS, "wire")]["status"]["phase"] == "Credited"
     # a crash before the status patch: the review is replayed, nothing is credited twice
     review["status"] = {}
@@ -135,5 +136,19 @@ def test_a_recharge_finer_than_the_minor_unit_fails_and_credits_nothing(world: W
     assert (
         st["phase"] == "Failed"
         and "finer than the minor unit of JPY (whole units)" in (st["reason"])
+    )
+    assert w.ledger.vouchers() == []
+
+
+def test_a_bank_transfer_without_its_voucher_fails_naming_the_field(world: World) -> None:
+    """The CRD requires spec.bankTransfer.voucherRef; an object stored before that rule
+    is not submitted: nothing for an admin to approve without the voucher."""
+    w = world
+    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-2"}
+    rc = recharge(w, "novoucher", "BankTransfer", "2000.00", bankTransfer=bt)
+    rec(w).reconcile_recharge(rc)
+    st = w.kube.namespaced[("recharges", NS, "novoucher")]["status"]
+    assert st["phase"] == "Failed" and st["reason"].startswith(
+        "spec.bankTransfer.voucherRef: required"
     )
     assert w.ledger.vouchers() == []

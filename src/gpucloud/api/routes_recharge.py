@@ -203,21 +203,23 @@ def _voucher_out(state: State, v: Voucher) -> VoucherOut:
     responses={**_AUTH, 409: {"model": Problem}, 413: {"model": Problem}},
 )
 def submit_bank_transfer(account: Account, body: BankTransferIn, state: State) -> VoucherOut:
-    """A bank-transfer voucher, pending an admin's review. Only the file's SHA-256 goes
-    into the ledger; the file itself is kept under the configured voucher directory."""
+    """A bank-transfer voucher, pending an admin's review. The voucher file is required
+    (the seed has the payer upload it). Only its SHA-256 goes into the ledger; the file
+    itself is kept under the configured voucher directory, where the reviewing admin
+    reads it (``GET /v1/vouchers/{id}/file``)."""
     amount = _minor(body, _currency(state, account))  # before the file is kept
-    digest = None
-    if body.file is not None:
-        try:
-            content = base64.b64decode(body.file.content_base64, validate=True)
-        except (binascii.Error, ValueError):
-            raise HTTPException(422, "file.content_base64: not valid base64") from None
-        if len(content) > state.settings.max_voucher_bytes:
-            raise HTTPException(413, f"file: larger than {state.settings.max_voucher_bytes} bytes")
-        digest = hashlib.sha256(content).hexdigest()
-        if state.settings.voucher_dir is not None:
-            state.settings.voucher_dir.mkdir(parents=True, exist_ok=True)
-            (state.settings.voucher_dir / digest).write_bytes(content)
+    try:
+        content = base64.b64decode(body.file.content_base64, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(422, "file.content_base64: not valid base64") from None
+    if not content:
+        raise HTTPException(422, "file.content_base64: the voucher file is empty")
+    if len(content) > state.settings.max_voucher_bytes:
+        raise HTTPException(413, f"file: larger than {state.settings.max_voucher_bytes} bytes")
+    digest = hashlib.sha256(content).hexdigest()
+    if state.settings.voucher_dir is not None:
+        state.settings.voucher_dir.mkdir(parents=True, exist_ok=True)
+        (state.settings.voucher_dir / digest).write_bytes(content)
     voucher = state.ledger.submit_voucher(
         account,
         amount,
@@ -252,6 +254,31 @@ def get_voucher(voucher_id: VoucherId, caller: Caller, state: State) -> VoucherO
     if not state.settings.policy.can_access_account(caller, voucher.account):
         raise NotFound(f"voucher {voucher_id!r} not found")
     return _voucher_out(state, voucher)
+
+
+@router.get(
+    "/v1/vouchers/{voucher_id}/file",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        **_AUTH,
+        404: {"model": Problem},
+    },
+)
+def get_voucher_file(voucher_id: VoucherId, _: Admin, state: State) -> Response:
+    """Admins: the uploaded voucher file, to check before approving. Its SHA-256 is the
+    one recorded in the ledger (checked again here)."""
+    voucher = state.ledger.get_voucher(voucher_id)
+    folder = state.settings.voucher_dir
+    if not voucher.file_sha256 or folder is None:
+        raise NotFound(f"voucher {voucher_id!r} has no file kept by this API")
+    path = folder / voucher.file_sha256
+    if not path.is_file():
+        raise NotFound(f"voucher {voucher_id!r}: file {voucher.file_sha256} is not kept here")
+    content = path.read_bytes()
+    if hashlib.sha256(content).hexdigest() != voucher.file_sha256:
+        raise HTTPException(409, f"voucher {voucher_id!r}: the kept file does not match its hash")
+    return Response(content, media_type="application/octet-stream")
 
 
 @router.post(

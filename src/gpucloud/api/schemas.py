@@ -177,7 +177,10 @@ class BankTransferIn(_AmountIn):
     payer: Text
     bank: Text
     transfer_no: Annotated[str, Field(min_length=1, max_length=100)]
-    file: VoucherFileIn | None = None
+    file: VoucherFileIn = Field(
+        description="the transfer voucher (receipt) the admin reviews: required, as the "
+        "seed has the payer upload it"
+    )
 
 
 class VoucherOut(BaseModel):

@@ -235,8 +235,11 @@ def recharge_bank_transfer(
     bank: Annotated[str, typer.Option(help="the paying bank")],
     transfer_no: Annotated[str, typer.Option(help="the bank's transfer number")],
     voucher: Annotated[
-        Path | None, typer.Option(exists=True, dir_okay=False, help="receipt file to upload")
-    ] = None,
+        Path,
+        typer.Option(
+            exists=True, dir_okay=False, help="the transfer voucher (receipt) to upload: required"
+        ),
+    ],
 ) -> None:
     """Submit a bank-transfer voucher for an admin to review."""
     c: Ctx = ctx.obj
@@ -245,12 +248,11 @@ def recharge_bank_transfer(
         "payer": payer,
         "bank": bank,
         "transfer_no": transfer_no,
-    }
-    if voucher is not None:
-        body["file"] = {
+        "file": {
             "name": voucher.name,
             "content_base64": base64.b64encode(voucher.read_bytes()).decode(),
-        }
+        },
+    }
     v = call(c.client().post, f"/v1/accounts/{c.need_account()}/recharges/bank-transfer", body)
     console.print(f"voucher: {v['voucher_id']} ({v['status']}), {v['amount']}")
     if v["file_sha256"]:
@@ -262,13 +264,28 @@ def review_list(ctx: typer.Context, status: str = "pending") -> None:
     """Vouchers waiting for review."""
     c: Ctx = ctx.obj
     body = call(c.client().get, "/v1/vouchers", params={"status": status})
-    table = _table("voucher", "account", "amount", "payer", "bank", "transfer", "submitted")
+    table = _table(
+        "voucher", "account", "amount", "payer", "bank", "transfer", "submitted", "file sha256"
+    )
     for v in body["vouchers"]:
         table.add_row(
             v["voucher_id"], v["account"], v["amount"], v["payer"], v["bank"],
-            v["transfer_no"], v["submitted_at"],
+            v["transfer_no"], v["submitted_at"], v["file_sha256"] or "(none)",
         )  # fmt: skip
     console.print(table)
+
+
+@review_app.command("file")
+def review_file(
+    ctx: typer.Context,
+    voucher_id: str,
+    out: Annotated[Path, typer.Option("-o", "--out", help="where to write the voucher file")],
+) -> None:
+    """Download a voucher's uploaded file, to check it before approving."""
+    c: Ctx = ctx.obj
+    resp = call(c.client().request, "GET", f"/v1/vouchers/{voucher_id}/file")
+    out.write_bytes(resp.content)
+    console.print(f"voucher {voucher_id}: {len(resp.content)} bytes written to {out}")
 
 
 def _review(ctx: typer.Context, voucher_id: str, decision: str, reason: str) -> None:

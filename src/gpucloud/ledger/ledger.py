@@ -1226,16 +1226,22 @@ class Ledger(WipesMixin):
         payer: str,
         bank: str,
         transfer_no: str,
-        file_sha256: str | None,
+        file_sha256: str,
         at: datetime,
     ) -> Voucher:
-        """A bank-transfer voucher pending review. (bank, transfer_no) is unique: the
-        same submission again returns the voucher; other content raises
-        IdempotencyConflict."""
+        """A bank-transfer voucher pending review. The seed has the payer upload the
+        voucher: ``file_sha256`` (the uploaded file's SHA-256) is required, and it is
+        what the reviewer checks. (bank, transfer_no) is unique: the same submission
+        again returns the voucher; other content raises IdempotencyConflict."""
         amount = v.positive(amount_minor, "amount_minor")
         v.text(payer, "payer")
         v.text(bank, "bank")
         v.text(transfer_no, "transfer_no", max_len=128)
+        if file_sha256 is None:
+            raise InvalidInput(
+                "file_sha256: a bank transfer needs its voucher (the SHA-256 of the uploaded "
+                "transfer receipt); the seed has the payer upload it for review"
+            )
         v.sha256_hex(file_sha256, "file_sha256")
         v.instant(at, "at")
         with self.engine.begin() as conn:
@@ -1265,7 +1271,12 @@ class Ledger(WipesMixin):
                     submitted_at=at,
                 )
             )
-            detail = {"amount_minor": amount, "bank": bank, "transfer_no": transfer_no}
+            detail = {
+                "amount_minor": amount,
+                "bank": bank,
+                "transfer_no": transfer_no,
+                "file_sha256": file_sha256,
+            }
             self._audit(
                 conn, acct.id, f"user:{account}", "voucher.submitted", voucher_id, detail, at
             )
@@ -1313,6 +1324,13 @@ class Ledger(WipesMixin):
                     "already_reviewed",
                     f"{row.status} by {row.reviewer} at {row.reviewed_at.isoformat()}",
                 )
+            if approve and not row.file_sha256:
+                raise ReviewRefused(
+                    voucher_id,
+                    "no_voucher_file",
+                    "the voucher has no uploaded file to check (submitted before vouchers "
+                    "were required); reject it and ask the payer to submit it with the file",
+                )
             acct = conn.execute(select(A).where(A.c.id == row.account_id).with_for_update()).one()
             entry_id = None
             if approve:
@@ -1340,7 +1358,11 @@ class Ledger(WipesMixin):
                     entry_id=entry_id,
                 )
             )
-            detail = {"reason": reason, "amount_minor": row.amount_minor}
+            detail = {
+                "reason": reason,
+                "amount_minor": row.amount_minor,
+                "file_sha256": row.file_sha256,  # what the reviewer saw
+            }
             self._audit(conn, acct.id, reviewer, f"voucher.{status.value}", voucher_id, detail, at)
             row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).one()
         return _voucher(row, acct.name)
