@@ -206,25 +206,35 @@ def price_book() -> Schema:
                 "GPU product (nvidia.com/gpu.product label value).", pattern=GPU_PRODUCT_PATTERN
             ),
             "payAsYouGoPerHour": decimal("Pay-as-you-go price per GPU-hour.", positive=True),
-            "spotPerHour": decimal("Spot price per GPU-hour.", positive=True),
+            "spotPerHour": decimal(
+                "Spot price per GPU-hour; omitted: no spot instances of this product.",
+                positive=True,
+            ),
             "packages": obj(
                 {
-                    p: decimal(f"Price of one {p} package per GPU.", positive=True)
+                    p: decimal(
+                        f"Price of one {p} package per GPU; omitted: no {p} package.",
+                        positive=True,
+                    )
                     for p in ("day", "week", "month")
                 },
-                ["day", "week", "month"],
                 description="Prepaid package prices per GPU (day 24 h, week 7x24 h, "
-                "month 30x24 h); they include the instance storage.",
+                "month 30x24 h); they include the instance storage. Omitted: the product "
+                "is sold by the hour only.",
             ),
             "modelOnlinePerHour": decimal(
-                "Private model / deployment price per GPU-hour online.", positive=True
+                "Private model / deployment price per GPU-hour online; omitted: payAsYouGoPerHour.",
+                positive=True,
             ),
         },
-        ["product", "payAsYouGoPerHour", "spotPerHour", "packages", "modelOnlinePerHour"],
+        # what the billing core requires (docs/billing.md): spot, packages and the model
+        # price are optional ("not offered", or the pay-as-you-go price for models)
+        ["product", "payAsYouGoPerHour"],
         **{
             "x-kubernetes-validations": [
                 {
-                    "rule": "double(self.spotPerHour) <= double(self.payAsYouGoPerHour)",
+                    "rule": "!has(self.spotPerHour) || "
+                    "double(self.spotPerHour) <= double(self.payAsYouGoPerHour)",
                     "message": "spotPerHour must not exceed payAsYouGoPerHour",
                     "fieldPath": ".spotPerHour",
                 }

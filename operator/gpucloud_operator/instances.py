@@ -455,6 +455,10 @@ class InstanceReconciler:
             return
         if phase == "Running":
             switched = p.status.get("billingMode") != r.billing_key(p.spec["billing"])
+            why = r.not_offered(p.pb, p.product, r.billing_key(p.spec["billing"]))
+            if switched and why is not None:
+                self._keep_mode(p, why)  # stays billed as it is, says why
+                switched = False
             if switched and not self._switch_mode(p):
                 return
             if self._preemption_due(p) or self._package_rules(p):
@@ -495,6 +499,10 @@ class InstanceReconciler:
         lock is let go (a burst of starts on one account would queue on the API call),
         and placement and object creation happen outside the lock too."""
         assert p.pb is not None
+        why = r.not_offered(p.pb, p.product, r.billing_key(p.spec["billing"]))
+        if why is not None:  # the PriceBook leaves this mode out for the product
+            self._refuse(p, "NotOffered", why)
+            return
         if not self._disks_ready(p):  # cloud disks (docs/arrears.md)
             return
         node = p.status.get("volumeNode")
@@ -1471,6 +1479,18 @@ class InstanceReconciler:
         )
         self._event(p, "Normal", "BillingModeChanged", f"{old} -> {new} at {r.fmt(at)}")
         return True
+
+    def _keep_mode(self, p: Pass, why: str) -> None:
+        """A switch to a mode the PriceBook does not offer for the product: the instance
+        keeps running in the mode in force; the Billing condition and an event say why."""
+        key = p.status.get("billingMode") or ""
+        message = f"{why}; still billed as {key}"
+        cond = next((c for c in p.status.get("conditions") or [] if c["type"] == "Billing"), {})
+        if cond.get("message") == message:
+            return
+        conds = self._conditions(p, ("Billing", False, "NotOffered", message))
+        self._patch(p, {"conditions": conds})
+        self._event(p, "Warning", "NotOffered", message)
 
     def _leave_idle_package(self, p: Pass) -> None:
         """A stopped instance whose billing leaves a package mid-term gets the unused

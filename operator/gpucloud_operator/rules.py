@@ -112,6 +112,20 @@ def active_term(terms: list[dict[str, Any]], now: datetime) -> dict[str, Any] | 
     return last if start <= now < end else None
 
 
+def not_offered(pb: PriceBook, product: str, key: str) -> str | None:
+    """Why the billing mode ``key`` cannot be used for ``product`` (the PriceBook leaves
+    spot or a package period out: not offered), or None."""
+    price = pb.gpu_price(product)
+    try:
+        if mode_of(key) is BillingMode.SPOT:
+            price.hourly(BillingMode.SPOT)
+        elif mode_of(key) is BillingMode.PACKAGE:
+            price.package_price(period_of(key))
+    except BillingError as exc:
+        return f"spec.billing: {exc}"
+    return None
+
+
 # Phases of an admitted start whose package term is charged once the pod runs.
 ADMITTED_PHASES = frozenset({"Pending", "Starting"})
 
