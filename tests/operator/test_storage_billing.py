@@ -166,3 +166,31 @@ def test_storage_postings_follow_the_exact_total_at_every_moment(
             assert w.storage_charges() == to_minor(_exact(quota, price, life))
         finally:
             w.ledger.close()
+
+
+def test_a_repeated_pass_after_a_price_change_adopts_what_was_posted(world: World) -> None:
+    """A pass killed after its postings but before its status patch repeats the same
+    windows. Should the price change in between, the window's key is already posted
+    with other figures: the ledger's entry (and the running total it recorded) wins,
+    nothing is charged twice."""
+    w = world
+    w.price("storage", "instancePerGBHour", "0.0005")
+    _running(w, "nb", 50)
+    before = dict(w.status("nb"))
+    w.clock.advance(timedelta(hours=2))
+    w.tick("nb")
+    assert w.storage_charges() == 5  # 0.05
+    st = w.kube.instance(NS, "nb")["status"]
+    for key in ("storageBilledUntil", "storageExact", "storagePostedMinor"):  # patch lost
+        st.pop(key, None)
+        if key in before:
+            st[key] = before[key]
+    w.restart()
+    w.price("storage", "instancePerGBHour", "0.0004")
+    w.tick("nb")
+    assert w.storage_charges() == 5  # the two hours were not charged again
+    assert w.status("nb")["storagePostedMinor"] == 5
+    assert w.status("nb")["storageExact"] == "1/20"
+    w.clock.advance(timedelta(hours=1))
+    w.tick("nb")  # the new price from the next hour on: 0.05 + 0.02
+    assert w.storage_charges() == 7
