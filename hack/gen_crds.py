@@ -206,25 +206,35 @@ def price_book() -> Schema:
                 "GPU product (nvidia.com/gpu.product label value).", pattern=GPU_PRODUCT_PATTERN
             ),
             "payAsYouGoPerHour": decimal("Pay-as-you-go price per GPU-hour.", positive=True),
-            "spotPerHour": decimal("Spot price per GPU-hour.", positive=True),
+            "spotPerHour": decimal(
+                "Spot price per GPU-hour; omitted: no spot instances of this product.",
+                positive=True,
+            ),
             "packages": obj(
                 {
-                    p: decimal(f"Price of one {p} package per GPU.", positive=True)
+                    p: decimal(
+                        f"Price of one {p} package per GPU; omitted: no {p} package.",
+                        positive=True,
+                    )
                     for p in ("day", "week", "month")
                 },
-                ["day", "week", "month"],
                 description="Prepaid package prices per GPU (day 24 h, week 7x24 h, "
-                "month 30x24 h); they include the instance storage.",
+                "month 30x24 h); they include the instance storage. Omitted: the product "
+                "is sold by the hour only.",
             ),
             "modelOnlinePerHour": decimal(
-                "Private model / deployment price per GPU-hour online.", positive=True
+                "Private model / deployment price per GPU-hour online; omitted: payAsYouGoPerHour.",
+                positive=True,
             ),
         },
-        ["product", "payAsYouGoPerHour", "spotPerHour", "packages", "modelOnlinePerHour"],
+        # what the billing core requires (docs/billing.md): spot, packages and the model
+        # price are optional ("not offered", or the pay-as-you-go price for models)
+        ["product", "payAsYouGoPerHour"],
         **{
             "x-kubernetes-validations": [
                 {
-                    "rule": "double(self.spotPerHour) <= double(self.payAsYouGoPerHour)",
+                    "rule": "!has(self.spotPerHour) || "
+                    "double(self.spotPerHour) <= double(self.payAsYouGoPerHour)",
                     "message": "spotPerHour must not exceed payAsYouGoPerHour",
                     "fieldPath": ".spotPerHour",
                 }
@@ -318,7 +328,9 @@ def account() -> Schema:
         {
             "state": enum("Account state.", ["Active", "LowBalance", "Arrears"]),
             "balance": string("Balance in the account currency."),
-            "available": string("Balance minus what running resources accrued."),
+            "available": string(
+                "Balance minus what running resources accrued and stopped runs still owe."
+            ),
             "currency": string("Currency."),
             "runningInstances": integer("Instances running now.", minimum=0),
             "arrearsSince": timestamp("Start of the current arrears."),
@@ -362,11 +374,12 @@ def recharge() -> Schema:
                         "Bank transfer reference number.", minLength=1, maxLength=128
                     ),
                     "voucherRef": string(
-                        "Reference of the uploaded voucher file (sha256:<hex>).",
+                        "Reference of the uploaded transfer voucher (sha256:<hex> of the "
+                        "file): required, the admin reviews it before crediting.",
                         pattern=r"^sha256:[0-9a-f]{64}$",
                     ),
                 },
-                ["payer", "bank", "transferNumber"],
+                ["payer", "bank", "transferNumber", "voucherRef"],
             ),
         },
         ["account", "method", "amount"],
@@ -391,9 +404,16 @@ def recharge() -> Schema:
             ]
         },
     )
-    spec["properties"]["amount"]["x-kubernetes-validations"].append(
-        {"rule": "double(self) <= 1000000.0", "message": "must be at most 1000000"}
-    )
+    spec["properties"]["amount"]["x-kubernetes-validations"] += [
+        {"rule": "double(self) <= 1000000.0", "message": "must be at most 1000000"},
+        {
+            # the finest minor unit of the supported currencies (a fen, a cent); the
+            # operator refuses amounts finer than the account currency's own (JPY: 0)
+            "rule": "self.matches('^[0-9]+([.][0-9]{1,2})?$')",
+            "message": "must not be finer than the currency's minor unit: at most 2 decimal "
+            "places (0.01 CNY); amounts are never rounded",
+        },
+    ]
     status = status_base(
         {
             "phase": enum(
@@ -464,6 +484,7 @@ def recharge_review() -> Schema:
             "applied": boolean("Whether the decision was carried out.", False),
             "appliedAt": timestamp("When it was carried out."),
             "reviewer": string("Who reviewed it."),
+            "voucherRef": string("The voucher file the decision was made on (sha256:<hex>)."),
         }
     )
     return crd(
@@ -497,8 +518,19 @@ def operator_bookkeeping() -> dict[str, Schema]:
             "description": "Closed meters whose missing agent usage is still to be billed.",
         },
         "volumeNode": string("Node holding the instance's local volume."),
-        "storageSince": timestamp("Start of storage billing (creation)."),
+        "storageSince": timestamp("Start of storage billing (the first run of the pod)."),
         "storageBilledUntil": timestamp("End of the last settled storage window."),
+        "storageExact": string(
+            "Exact storage charge up to storageBilledUntil, a fraction num/den in currency "
+            "units: the postings are its delta of rounded cumulative totals.",
+            pattern=r"^[0-9]+/[1-9][0-9]*$",
+        ),
+        "storagePostedMinor": {
+            "type": "integer",
+            "format": "int64",
+            "minimum": 0,
+            "description": "Minor units posted for storage up to storageBilledUntil.",
+        },
         "releasedAt": timestamp("When the release began."),
         "stopTarget": string("Phase an interrupted stop ends in."),
         "preemptAt": timestamp("When a preempted spot instance is stopped."),

@@ -7,7 +7,14 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from gpucloud.billing import BillingError, PriceBook, format_money, to_minor
+from gpucloud.billing import (
+    BillingError,
+    PriceBook,
+    available_balance,
+    format_money,
+    parse_amount,
+    to_minor,
+)
 from gpucloud.clock import Clock
 from gpucloud.ledger import (
     IdempotencyConflict,
@@ -65,6 +72,7 @@ class AccountReconciler:
         spec: Obj,
         balance: int,
         available: int,
+        owed: int,
         currency: str,
         now: datetime,
         namespaces: set[str],
@@ -78,18 +86,10 @@ class AccountReconciler:
                 if o["metadata"].get("namespace") in namespaces
             ]
 
-        # stopped runs not yet settled count as owed (see ar.closed_run_estimate); the
-        # ledger, not the (cached, lagging) instance status, says which ones
-        owed = 0
-        recent = now - timedelta(seconds=2 * self.cfg.metering_grace_s + 3600)
-        for m in self.ledger.meters(acct["metadata"]["name"]):
-            if m.kind != "gpu_time" or m.closed_at is None or m.closed_at < recent:
-                continue
-            try:
-                self.ledger.get_entry(f"meter-fallback:{m.meter_id}")
-            except NotFound:
-                owed += ar.closed_run_estimate(m, currency)
-        balance, available = balance - owed, available - owed
+        # stopped runs not yet settled count as owed (``Ledger.unposted``; the ledger, not
+        # the cached, lagging instance status, says which ones): the available balance
+        # already deducts them, the balance the rules judge does too
+        balance -= owed
         burn = Decimal(0)
         pb_obj = self.kube.get_pricebook(self.cfg.pricebook)
         if pb_obj is not None:
@@ -178,7 +178,8 @@ class AccountReconciler:
         self.ledger.ensure_account(name, currency)
         now = r.second(self.clock.now())
         balance = self.ledger.balance(name)
-        available = self.ledger.available_balance(name, now)
+        unposted = self.ledger.unposted(name, now)
+        available = available_balance(balance, [unposted.open_minor], [unposted.closed_minor])
         namespaces = set(spec.get("namespaces") or [])
         running = sum(
             1
@@ -188,7 +189,9 @@ class AccountReconciler:
         )
         status = dict(acct.get("status") or {})
         # arrears, low-balance warning and their notifications (gpucloud_operator.arrears)
-        verdict, burn = self._assess(acct, spec, balance, available, currency, now, namespaces)
+        verdict, burn = self._assess(
+            acct, spec, balance, available, unposted.closed_minor, currency, now, namespaces
+        )
         if self.metrics is not None:
             self.metrics.observe(
                 name,
@@ -263,7 +266,14 @@ class AccountReconciler:
             return
         currency = acct.get("spec", {}).get("currency", "CNY")
         self.ledger.ensure_account(account, currency)
-        amount = to_minor(Decimal(spec["amount"]), currency)
+        try:  # never rounded: 10.123 is refused, not credited as 10.12
+            amount = parse_amount(spec["amount"], currency, "spec.amount")
+        except BillingError as exc:
+            if not status.get("orderId"):
+                self._recharge_status(rc, {"phase": "Failed", "reason": str(exc)})
+                return
+            # submitted to the ledger before amounts were checked: finish it as it was
+            amount = to_minor(Decimal(spec["amount"]), currency)
         if spec["method"] == "Online":
             self._online(rc, account, amount, currency, now)
         else:
@@ -330,18 +340,34 @@ class AccountReconciler:
         self._recharge_status(rc, changes)
 
     def _bank_transfer(self, rc: Obj, account: str, amount: int, now: Any) -> None:
+        """Submit the voucher once (its id goes to status.orderId), then follow it. The
+        voucher reference is required (the CRD says so too): without it nothing is
+        submitted and the Recharge fails naming the field."""
         bt = rc["spec"]["bankTransfer"]
-        ref = bt.get("voucherRef")
+        submitted = (rc.get("status") or {}).get("orderId")
         try:
-            voucher = self.ledger.submit_voucher(
-                account,
-                amount,
-                bt["payer"],
-                bt["bank"],
-                bt["transferNumber"],
-                ref.removeprefix("sha256:") if ref else None,
-                now,
-            )
+            if submitted:
+                voucher = self.ledger.get_voucher(submitted)
+            elif not bt.get("voucherRef"):
+                self._recharge_status(
+                    rc,
+                    {
+                        "phase": "Failed",
+                        "reason": "spec.bankTransfer.voucherRef: required: upload the transfer "
+                        "voucher and give its sha256:<hex> reference for the admin to review",
+                    },
+                )
+                return
+            else:
+                voucher = self.ledger.submit_voucher(
+                    account,
+                    amount,
+                    bt["payer"],
+                    bt["bank"],
+                    bt["transferNumber"],
+                    bt["voucherRef"].removeprefix("sha256:"),
+                    now,
+                )
         except IdempotencyConflict as exc:
             self._recharge_status(rc, {"phase": "Failed", "reason": str(exc)})
             return
@@ -380,9 +406,12 @@ class AccountReconciler:
             voucher = self.ledger.review_voucher(
                 voucher_id, approve, reviewer, spec.get("reason") or "", now
             )
-        except ReviewRefused:
+        except ReviewRefused as exc:
             voucher = self.ledger.get_voucher(voucher_id)
             wanted = VoucherStatus.APPROVED if approve else VoucherStatus.REJECTED
+            if voucher.status is VoucherStatus.PENDING:  # e.g. no voucher file to approve
+                self._review_status(review, False, str(exc))
+                return
             if voucher.status is not wanted:
                 self._review_status(
                     review, False, f"the voucher was already {voucher.status.value}"
@@ -396,6 +425,8 @@ class AccountReconciler:
                 "applied": True,
                 "appliedAt": r.fmt(voucher.reviewed_at or now),
                 "reviewer": voucher.reviewer or reviewer,
+                # the voucher file the decision was made on (the ledger's record of it)
+                "voucherRef": f"sha256:{voucher.file_sha256}" if voucher.file_sha256 else None,
             },
         )
         self.kube.event(review, "Normal", "Applied", f"voucher {voucher_id} {voucher.status.value}")

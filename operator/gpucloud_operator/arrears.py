@@ -21,7 +21,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from fractions import Fraction
 from typing import Any
 
 from gpucloud.billing import (
@@ -31,9 +30,7 @@ from gpucloud.billing import (
     burn_rate_per_hour,
     from_minor,
     hours_affordable,
-    to_minor,
 )
-from gpucloud.ledger import Meter
 from gpucloud_operator import rules as r
 
 Obj = dict[str, Any]
@@ -127,18 +124,6 @@ def account_burn_rate(
     return burn_rate_per_hour(
         pb, loads, cloud_disk_bytes=used_bytes(disks), image_bytes=used_bytes(images)
     )
-
-
-def closed_run_estimate(meter: Meter, currency: str) -> int:
-    """What a stopped run still owes while it waits for the agents' usage (the metering
-    grace period), in minor units: its whole window at the meter's price, minus what was
-    posted. Without it the balance would look healthier between the stop and the
-    settlement, and arrears would flicker off and on again."""
-    if meter.closed_at is None:
-        return 0
-    seconds = int(meter.closed_at.timestamp()) - int(meter.opened_at.timestamp())
-    exact = Fraction(meter.unit_price) * meter.gpus * max(seconds, 0) / 3600
-    return max(0, to_minor(exact, currency) - meter.posted_minor)
 
 
 def deletion_confirmed(kube: Any, ledger: Any, account: str, now: datetime) -> bool:

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from fractions import Fraction
@@ -25,17 +26,20 @@ from gpucloud.billing import (
     PackagePeriod,
     PriceBook,
     PriceBookError,
+    RunningTotal,
     Term,
     UnknownProduct,
+    available_balance,
     format_money,
     leave_package,
+    minor_exponent,
     package_price,
     package_purchase_decision,
     payg_start_decision,
     to_minor,
 )
 from gpucloud.clock import Clock, monotonic
-from gpucloud.ledger import EntryKind, IdempotencyConflict, Ledger, NotFound
+from gpucloud.ledger import EntryKind, IdempotencyConflict, Ledger, NotFound, Unposted
 from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
@@ -173,9 +177,12 @@ class InstanceReconciler:
         # Instances whose pod waits for their claim to bind: the claim's bind event starts
         # their next pass (claim_changed) instead of the next timer tick.
         self._awaiting_bind: set[str] = set()
-        # account -> (second, monotonic time computed, minor units): see _accrued
-        self._accrual_memo: dict[str, tuple[datetime, float, int]] = {}
-        self.accrual_reuse_s = 1.0  # see _accrued
+        # account -> (second, monotonic time computed, figures): see _unposted
+        self._accrual_memo: dict[str, tuple[datetime, float, Unposted]] = {}
+        # uid -> (account, minor units) of package starts this process admitted whose
+        # term is not charged yet: see _reserved
+        self._reservations: dict[str, tuple[str, int]] = {}
+        self.accrual_reuse_s = 1.0  # see _unposted
         self._later = Later()
         self.claim_recheck_s = 1.0  # see _nudge_claim
         self._nudging: set[str] = set()  # instances with a claim check chain running
@@ -319,6 +326,8 @@ class InstanceReconciler:
 
     def _note_phase(self, uid: str, namespace: str, phase: str | None) -> None:
         with self._guard:
+            if phase not in r.ADMITTED_PHASES:
+                self._reservations.pop(uid, None)  # charged, refused or gone
             if self._phases is not None:
                 if phase is None:
                     self._phases.pop(uid, None)
@@ -446,6 +455,10 @@ class InstanceReconciler:
             return
         if phase == "Running":
             switched = p.status.get("billingMode") != r.billing_key(p.spec["billing"])
+            why = r.not_offered(p.pb, p.product, r.billing_key(p.spec["billing"]))
+            if switched and why is not None:
+                self._keep_mode(p, why)  # stays billed as it is, says why
+                switched = False
             if switched and not self._switch_mode(p):
                 return
             if self._preemption_due(p) or self._package_rules(p):
@@ -486,6 +499,10 @@ class InstanceReconciler:
         lock is let go (a burst of starts on one account would queue on the API call),
         and placement and object creation happen outside the lock too."""
         assert p.pb is not None
+        why = r.not_offered(p.pb, p.product, r.billing_key(p.spec["billing"]))
+        if why is not None:  # the PriceBook leaves this mode out for the product
+            self._refuse(p, "NotOffered", why)
+            return
         if not self._disks_ready(p):  # cloud disks (docs/arrears.md)
             return
         node = p.status.get("volumeNode")
@@ -493,16 +510,23 @@ class InstanceReconciler:
         if node is None:
             with self._placement_lock:
                 node = self._place(p)
-        # the money rule reads the ledger (a query per open meter of the account): before
-        # the lock, as starting a run changes no balance; only the instance limit counts
-        # runs that other passes are claiming
-        money = self._money_decision(p)
+        # the money rule reads the ledger (a query per meter of the account) and the
+        # instance list: before the lock, as starting a run changes no balance; under
+        # it, the instance limit counts runs that other passes are claiming and the money
+        # rule deducts what other admissions reserved (a package term is charged only
+        # when its pod runs: two package starts must not both count on the same balance)
+        money = self._money_rule(p)
+        listed = self._listed_reservations(p) if money is not None else {}
         with self._lock(self._account_locks, p.account):
-            admitted = self._admit(p, money)
+            decision = None if money is None else money(self._reserved(p, listed))
+            admitted = self._admit(p, decision)
             if admitted:
                 with self._guard:
                     held = (self._phases or {}).get(p.uid)
                 self._note_phase(p.uid, p.ns, "Pending")  # counted by the next admission
+                mode = r.mode_of(r.billing_key(p.spec["billing"]))
+                if decision is not None and mode is BillingMode.PACKAGE:
+                    self._reserve(p, decision)
         if not admitted:
             with self._placement_lock:
                 self._assumed.pop(p.uid, None)
@@ -524,55 +548,110 @@ class InstanceReconciler:
                 ),
             }
             if node is not None:
-                # storage is billed from the moment the volume exists until the release
                 changes["volumeNode"] = node
-                changes["storageSince"] = p.status.get("storageSince") or r.fmt(p.now)
             self._patch(p, changes)
         except BaseException:
             self._note_phase(p.uid, p.ns, held[1] if held else None)  # the slot is free again
             raise
         self._create_run(p, new_volume)
 
-    def _money_decision(self, p: Pass) -> Decision | None:
-        """Whether the balance allows the start (None: a paid package term covers it)."""
+    def _money_rule(self, p: Pass) -> Callable[[int], Decision] | None:
+        """The money rule of a start, to be applied to the amount other admissions have
+        reserved (None: a paid package term covers the start). The available balance
+        is the balance minus what open meters accrued and stopped runs still owe
+        (``Ledger.unposted``) minus the reserved amount (``billing.available_balance``)."""
         assert p.pb is not None
+        pb = p.pb
         key = r.billing_key(p.spec["billing"])
         mode = r.mode_of(key)
         if mode is BillingMode.PACKAGE and r.active_term(p.terms, p.now) is not None:
             return None
-        available = self.ledger.balance(p.account) - self._accrued(p.account, p.now)
-        if mode is BillingMode.PACKAGE:
-            return package_purchase_decision(available, p.product, p.count, r.period_of(key), p.pb)
-        return payg_start_decision(
-            available, p.product, p.count, p.pb, mode=mode, storage_gib=p.quota
-        )
+        balance, unposted = self.ledger.balance(p.account), self._unposted(p.account, p.now)
 
-    def _accrued(self, account: str, now: datetime) -> int:
-        """The ledger's estimate of the account's unposted accrual at ``now`` (whole
-        seconds), computed once per account and second: it walks every open meter of
-        the account, and a burst of starts on a big account asked for the same second's
-        figure over and over. A start changes no accrual (a new run starts at zero); the
-        figure is reused for one second of real time at most, as usage the agents send
-        meanwhile refines it (an injected clock may stand still)."""
+        def decide(reserved: int) -> Decision:
+            available = available_balance(
+                balance, [unposted.open_minor], [unposted.closed_minor], [reserved]
+            )
+            if mode is BillingMode.PACKAGE:
+                return package_purchase_decision(
+                    available, p.product, p.count, r.period_of(key), pb
+                )
+            return payg_start_decision(
+                available, p.product, p.count, pb, mode=mode, storage_gib=p.quota
+            )
+
+        return decide
+
+    # -- reservations: admitted package terms and renewals due, not charged yet ----------
+    def _listed_reservations(self, p: Pass) -> dict[str, r.Reservation]:
+        """The account's reservations as the (cached) instance list shows them, less
+        those the ledger has charged meanwhile."""
+        assert p.pb is not None
+        acct = self._account_obj(p.account)
+        namespaces = set((acct.get("spec") or {}).get("namespaces") or [])
+        listed = r.reservations(
+            self.kube.list_cluster_objects(PLURAL, ttl=2.0), namespaces, p.pb, p.now
+        )
+        out = {}
+        for uid, res in listed.items():
+            try:
+                self.ledger.get_entry(res.key)
+            except NotFound:
+                out[uid] = res
+        return out
+
+    def _reserved(self, p: Pass, listed: dict[str, r.Reservation]) -> int:
+        """Minor units other instances of the account have reserved: those this process
+        admitted (in memory, until their phase moves on) and those the list shows (an
+        earlier process's admissions, renewals due), each once."""
+        with self._guard:
+            mine = {u: m for u, (a, m) in self._reservations.items() if a == p.account}
+            phases = dict(self._phases or {})
+        total = sum(m for u, m in mine.items() if u != p.uid)
+        for uid, res in listed.items():
+            if uid == p.uid or uid in mine:
+                continue
+            known = phases.get(uid, ("", res.phase))[1]
+            if res.phase in r.ADMITTED_PHASES and known not in r.ADMITTED_PHASES:
+                continue  # the list is older than this process's own patch
+            total += res.minor
+        return total
+
+    def _reserve(self, p: Pass, decision: Decision) -> None:
+        """An admitted package start reserves its term until the term is charged (the
+        phase leaves Pending/Starting: _note_phase lets it go)."""
+        with self._guard:
+            self._reservations[p.uid] = (p.account, decision.needed_minor)
+
+    def _unposted(self, account: str, now: datetime) -> Unposted:
+        """The ledger's estimate of what the account's runs owe beyond their postings at
+        ``now`` (whole seconds), computed once per account and second: it walks every
+        unsettled meter of the account, and a burst of starts on a big account asked for
+        the same second's figure over and over. A start changes no accrual (a new run
+        starts at zero); the figure is reused for one second of real time at most, as
+        usage the agents send meanwhile refines it (an injected clock may stand still)."""
         with self._guard:
             hit = self._accrual_memo.get(account)
         if hit is not None and hit[0] == now and time.monotonic() - hit[1] < self.accrual_reuse_s:
             return hit[2]
-        value = self.ledger.accrued_unsettled(account, now)
+        value = self.ledger.unposted(account, now)
         with self._guard:
             self._accrual_memo[account] = (now, time.monotonic(), value)
         return value
 
-    def _admit(self, p: Pass, money: Decision | None) -> bool:
-        """The instance limit, then the money rule (decided by _money_decision)."""
-        acct = next(
+    def _account_obj(self, account: str) -> Obj:
+        return next(
             (
                 a
                 for a in self.kube.list_cluster_objects("accounts", ttl=2.0)
-                if a["metadata"]["name"] == p.account
+                if a["metadata"]["name"] == account
             ),
             {},
         )
+
+    def _admit(self, p: Pass, money: Decision | None) -> bool:
+        """The instance limit, then the money rule (decided by _money_rule)."""
+        acct = self._account_obj(p.account)
         limit = int(acct.get("spec", {}).get("instanceLimit", 5))
         namespaces = set(acct.get("spec", {}).get("namespaces") or [])
         active = self._active_count(namespaces, p.uid)
@@ -632,9 +711,7 @@ class InstanceReconciler:
                 node = self._place(p)
             if node is None:
                 return None, False
-        self._patch(
-            p, {"volumeNode": node, "storageSince": p.status.get("storageSince") or r.fmt(p.now)}
-        )
+        self._patch(p, {"volumeNode": node})
         # a bound claim has its volume (a later run): nothing to create again
         if not new and (p.claim_bound or self.kube.pvc_bound(p.ns, b.pvc_name(p.name))):
             return node, True
@@ -783,6 +860,11 @@ class InstanceReconciler:
         changes: Obj = {
             "phase": "Running",
             "startedAt": r.fmt(p.now),
+            # Instance storage is billed from the first time the pod runs: the volume is
+            # bound and mounted and the instance exists for the user. Before that it is a
+            # request waiting for GPUs (its volume holds no data), and charging it
+            # storage would bill a wait the seed never bills (docs/operator.md).
+            "storageSince": p.status.get("storageSince") or r.fmt(p.now),
             "node": node,
             "billingMode": key,
             "message": f"running on {node}",
@@ -978,7 +1060,11 @@ class InstanceReconciler:
     def _settle_storage(self, p: Pass, final: bool) -> None:
         """Instance storage by quota, one posting per settlement window (clock hours by
         default), running or not, minus the seconds covered by package terms. Only whole
-        windows are settled, except the last one at release."""
+        windows are settled, except the last one at release. The windows add up in a
+        ``RunningTotal`` kept in status (``storageExact``, ``storagePostedMinor``): each
+        posts the delta of the rounded cumulative totals, so the instance's storage
+        postings are its exact storage total rounded once. A pass killed before the patch
+        repeats the same windows from the same total: same keys, same amounts."""
         assert p.pb is not None
         since = r.parse(p.status.get("storageSince"))
         if since is None:
@@ -992,24 +1078,61 @@ class InstanceReconciler:
             until = datetime.fromtimestamp(ts - ts % window, p.now.tzinfo)
         if until <= start:
             return
+        total = RunningTotal.decode(
+            p.status.get("storageExact"), p.status.get("storagePostedMinor")
+        )
         for a, z in r.storage_windows(start, until, window):
-            amount = r.storage_window_charge(p.pb, p.quota, (a, z), p.terms)
+            exact = r.storage_window_exact(p.pb, p.quota, (a, z), p.terms)
+            total, amount = total.add(exact, p.pb.currency)
             if amount <= 0:
                 continue
+            key = f"storage:{p.uid}:{int(a.timestamp())}"
             try:
                 self.ledger.post_entry(
                     p.account,
                     EntryKind.CHARGE,
                     -amount,
-                    f"storage:{p.uid}:{int(a.timestamp())}",
+                    key,
                     resource=p.resource,
                     memo=f"instance storage {p.quota} GiB quota, {r.fmt(a)} -> {r.fmt(z)}",
                     at=p.now,
-                    meta={"quota_gib": p.quota, "start": r.fmt(a), "end": r.fmt(z)},
+                    meta={
+                        "quota_gib": p.quota,
+                        "start": r.fmt(a),
+                        "end": r.fmt(z),
+                        "exact_total": total.encode(),
+                        "posted_total_minor": total.posted_minor,
+                    },
                 )
             except IdempotencyConflict:
-                log.warning("storage window %s of %s already posted", r.fmt(a), p.resource)
-        self._patch(p, {"storageBilledUntil": r.fmt(until)})
+                # posted before with other figures (the price or quota changed between a
+                # killed pass and its repeat): the ledger's entry is the record, go on
+                # from the total it recorded
+                total = self._adopt_storage_entry(p, key, total, amount)
+        self._patch(
+            p,
+            {
+                "storageBilledUntil": r.fmt(until),
+                "storageExact": total.encode(),
+                "storagePostedMinor": total.posted_minor,
+            },
+        )
+
+    def _adopt_storage_entry(
+        self, p: Pass, key: str, total: RunningTotal, amount: int
+    ) -> RunningTotal:
+        """The running total after a window the ledger already holds under ``key`` with
+        other figures than ``amount``: the ledger's entry is the record."""
+        entry = self.ledger.get_entry(key)
+        log.warning("storage window %s of %s was posted with other figures", key, p.resource)
+        if "exact_total" in entry.meta:
+            return RunningTotal.decode(entry.meta["exact_total"], entry.meta["posted_total_minor"])
+        # posted by an older operator, window by window: keep our exact total, count what
+        # was really posted, and never let the total fall below it (no credit follows)
+        posted = total.posted_minor - amount - entry.amount_minor
+        assert p.pb is not None
+        floor = Fraction(posted, 10 ** minor_exponent(p.pb.currency))
+        return RunningTotal(max(total.exact, floor), posted)
 
     # -- cloud disks (docs/arrears.md) ---------------------------------------------------
     def _disks_ready(self, p: Pass) -> bool:
@@ -1135,6 +1258,8 @@ class InstanceReconciler:
             {
                 "storageSince": None,
                 "storageBilledUntil": None,
+                "storageExact": None,
+                "storagePostedMinor": None,
                 "volumeNode": None,
                 "message": message,
                 "conditions": self._conditions(p, ("DataDeleted", False, "WipePending", message)),
@@ -1240,7 +1365,8 @@ class InstanceReconciler:
         except NotFound:
             replay = False
         if not replay:
-            available = self.ledger.available_balance(p.account, p.now)
+            reserved = self._reserved(p, self._listed_reservations(p))
+            available = self.ledger.available_balance(p.account, p.now, reserved_minor=reserved)
             decision = package_purchase_decision(available, p.product, p.count, period, p.pb)
             if not decision.allowed:
                 self._event(p, "Warning", "InsufficientBalance", decision.message)
@@ -1353,6 +1479,18 @@ class InstanceReconciler:
         )
         self._event(p, "Normal", "BillingModeChanged", f"{old} -> {new} at {r.fmt(at)}")
         return True
+
+    def _keep_mode(self, p: Pass, why: str) -> None:
+        """A switch to a mode the PriceBook does not offer for the product: the instance
+        keeps running in the mode in force; the Billing condition and an event say why."""
+        key = p.status.get("billingMode") or ""
+        message = f"{why}; still billed as {key}"
+        cond = next((c for c in p.status.get("conditions") or [] if c["type"] == "Billing"), {})
+        if cond.get("message") == message:
+            return
+        conds = self._conditions(p, ("Billing", False, "NotOffered", message))
+        self._patch(p, {"conditions": conds})
+        self._event(p, "Warning", "NotOffered", message)
 
     def _leave_idle_package(self, p: Pass) -> None:
         """A stopped instance whose billing leaves a package mid-term gets the unused

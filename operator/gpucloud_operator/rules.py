@@ -3,16 +3,19 @@ storage windows and package terms. No API calls, no clock: ``now`` is passed in.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from fractions import Fraction
+from typing import Any, NamedTuple
 
 from gpucloud.billing import (
+    BillingError,
     BillingMode,
     PackagePeriod,
     PriceBook,
     instance_storage_charge,
+    package_price,
     to_minor,
 )
 
@@ -82,20 +85,21 @@ def storage_windows(
         cursor = nxt
 
 
-def storage_window_charge(
+def storage_window_exact(
     pb: PriceBook,
     quota_gib: int,
     window: tuple[datetime, datetime],
     terms: list[dict[str, Any]],
-) -> int:
-    """Minor units for one storage window, excluding the seconds inside package terms."""
+) -> Fraction:
+    """The exact charge of one storage window, excluding the seconds inside package terms.
+    Not rounded: the windows of an instance add up in a ``RunningTotal``, which posts the
+    delta of rounded cumulative totals (rounding each hour lost money)."""
     intervals = []
     for t in terms:
         a, b = parse(t["start"]), parse(t["end"])
         if a is not None and b is not None and b > a:
             intervals.append((a, b))
-    exact = instance_storage_charge(pb, quota_gib, window[0], window[1], intervals)
-    return to_minor(exact, pb.currency)
+    return Fraction(instance_storage_charge(pb, quota_gib, window[0], window[1], intervals))
 
 
 def active_term(terms: list[dict[str, Any]], now: datetime) -> dict[str, Any] | None:
@@ -106,6 +110,66 @@ def active_term(terms: list[dict[str, Any]], now: datetime) -> dict[str, Any] | 
     start, end = parse(last["start"]), parse(last["end"])
     assert start is not None and end is not None
     return last if start <= now < end else None
+
+
+def not_offered(pb: PriceBook, product: str, key: str) -> str | None:
+    """Why the billing mode ``key`` cannot be used for ``product`` (the PriceBook leaves
+    spot or a package period out: not offered), or None."""
+    price = pb.gpu_price(product)
+    try:
+        if mode_of(key) is BillingMode.SPOT:
+            price.hourly(BillingMode.SPOT)
+        elif mode_of(key) is BillingMode.PACKAGE:
+            price.package_price(period_of(key))
+    except BillingError as exc:
+        return f"spec.billing: {exc}"
+    return None
+
+
+# Phases of an admitted start whose package term is charged once the pod runs.
+ADMITTED_PHASES = frozenset({"Pending", "Starting"})
+
+
+class Reservation(NamedTuple):
+    minor: int  # the price the term will be posted at
+    key: str  # the ledger key it will be posted under
+    phase: str  # the instance's phase when it was seen
+
+
+def reservations(
+    instances: Iterable[dict[str, Any]], namespaces: set[str], pb: PriceBook, now: datetime
+) -> dict[str, Reservation]:
+    """uid -> what an account has committed but not been charged yet, which the one-hour
+    rule and package purchases deduct (docs/billing.md): the term of a package start
+    that was admitted (Pending/Starting, no term covering ``now``: the term is charged
+    when the pod runs), and the next term of a running auto-renewing package whose term
+    has ended (the renewal the next pass charges)."""
+    out: dict[str, Reservation] = {}
+    for inst in instances:
+        meta, spec, st = inst["metadata"], inst.get("spec") or {}, inst.get("status") or {}
+        if meta.get("namespace") not in namespaces or meta.get("deletionTimestamp"):
+            continue
+        terms = st.get("packageTerms") or []
+        phase = st.get("phase")
+        key = billing_key(spec.get("billing") or {})
+        if phase in ADMITTED_PHASES and key.startswith("Package"):
+            if active_term(terms, now) is not None:
+                continue  # a paid term covers the start
+        elif phase == "Running" and (spec.get("billing") or {}).get("autoRenew") and terms:
+            key = st.get("billingMode") or ""
+            end = parse(terms[-1]["end"])
+            if not key.startswith("Package") or end is None or end > now:
+                continue
+        else:
+            continue
+        gpu = spec.get("gpu") or {}
+        try:
+            price = package_price(pb, gpu["product"], period_of(key), int(gpu.get("count", 1)))
+        except (BillingError, KeyError):
+            continue  # a product or period no longer offered: nothing will be charged
+        key = f"package:{meta['uid']}:{len(terms) + 1}"  # as _buy_term posts it
+        out[meta["uid"]] = Reservation(to_minor(price, pb.currency), key, phase)
+    return out
 
 
 def reminder_due(now: datetime, expiry: datetime, lead: timedelta) -> bool:

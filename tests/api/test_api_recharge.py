@@ -16,6 +16,8 @@ from gpucloud.recharge import SIGNATURE_HEADER, SandboxProvider, signature_heade
 TENANT = auth("tenant-token")
 ADMIN = auth("admin-token")
 CALLBACK = "/v1/payments/sandbox/callback"
+RECEIPT = {"name": "receipt.pdf", "content_base64": base64.b64encode(b"%PDF-1.4 receipt").decode()}
+FILE = {"file": RECEIPT}
 
 
 def _balance(client: TestClient) -> int:
@@ -122,6 +124,12 @@ def test_voucher_approve_credits_once(client: TestClient) -> None:
     assert _balance(client) == 0
     pending = client.get("/v1/vouchers?status=pending", headers=ADMIN).json()["vouchers"]
     assert [v["voucher_id"] for v in pending] == [voucher["voucher_id"]]
+    assert pending[0]["file_sha256"] == voucher["file_sha256"]
+    # the reviewing admin reads the very file (tenants cannot reach the admin route)
+    file_url = f"/v1/vouchers/{voucher['voucher_id']}/file"
+    got = client.get(file_url, headers=ADMIN)
+    assert got.status_code == 200 and got.content == content
+    assert client.get(file_url, headers=TENANT).status_code == 403
     review = f"/v1/vouchers/{voucher['voucher_id']}/review"
     assert client.post(review, json={"decision": "approve"}, headers=TENANT).status_code == 403
     ok = client.post(review, json={"decision": "approve"}, headers=ADMIN)
@@ -147,7 +155,20 @@ def test_voucher_reject_needs_a_reason(client: TestClient) -> None:
         json={"amount_minor": 700, "payer": "p", "bank": "b", "transfer_no": "TX-2"},
         headers=TENANT,
     )
-    assert resp.status_code == 201 and resp.json()["file_sha256"] is None
+    assert resp.status_code == 422 and "file" in resp.text  # the voucher is required
+    assert client.get("/v1/vouchers", headers=ADMIN).json()["vouchers"] == []
+    resp = client.post(
+        "/v1/accounts/acme/recharges/bank-transfer",
+        json={
+            "amount_minor": 700,
+            "payer": "p",
+            "bank": "b",
+            "transfer_no": "TX-2",
+            "file": RECEIPT,
+        },
+        headers=TENANT,
+    )
+    assert resp.status_code == 201 and resp.json()["file_sha256"]
     review = f"/v1/vouchers/{resp.json()['voucher_id']}/review"
     no_reason = client.post(review, json={"decision": "reject", "reason": "  "}, headers=ADMIN)
     assert no_reason.status_code == 422 and "reason" in no_reason.text
@@ -184,3 +205,26 @@ def test_accounts_are_private(client: TestClient) -> None:
     )
     assert bad.status_code == 422 and "content_base64" in bad.text
     assert json.loads(client.get("/v1/vouchers", headers=TENANT).text)["detail"]
+
+
+def test_amounts_finer_than_the_minor_unit_are_refused_never_rounded(
+    client: TestClient,
+) -> None:
+    """10.123 is not 10.12: the API refuses it, naming the field and the rule, for an
+    online order and a bank transfer alike; 10.12 as text is 1012 fen."""
+    online = "/v1/accounts/acme/recharges/online"
+    bank = "/v1/accounts/acme/recharges/bank-transfer"
+    transfer = {"payer": "p", "bank": "b", "transfer_no": "TX-9", "file": RECEIPT}
+    for url, extra in ((online, {}), (bank, transfer)):
+        resp = client.post(url, json={"amount": "10.123", **extra}, headers=TENANT)
+        assert resp.status_code == 422, resp.text
+        assert "amount: '10.123' is finer than the minor unit of CNY" in resp.text
+        assert "at most 2 decimal places" in resp.text
+    resp = client.post(online, json={"amount_minor": 1012.3}, headers=TENANT)
+    assert resp.status_code == 422 and "amount_minor" in resp.text
+    both = client.post(online, json={"amount": "1", "amount_minor": 100}, headers=TENANT)
+    assert both.status_code == 422 and "exactly one" in both.text
+    ok = client.post(online, json={"amount": "10.12"}, headers=TENANT)
+    assert ok.status_code == 201 and ok.json()["amount_minor"] == 1012
+    assert _balance(client) == 0
+    assert client.get("/v1/vouchers", headers=ADMIN).json()["vouchers"] == []

@@ -111,6 +111,10 @@ def test_bank_transfer_review_and_statement(api: ApiProcess, tmp_path: Path) -> 
     assert code == 1 and "403" in out  # tenants cannot review
     code, out = cli(api, "admin-token", "review", "list")
     assert code == 0 and voucher_id in out
+    assert hashlib.sha256(receipt.read_bytes()).hexdigest() in out  # the admin sees the file
+    copy = tmp_path / "check.pdf"
+    code, out = cli(api, "admin-token", "review", "file", voucher_id, "-o", str(copy))
+    assert code == 0 and copy.read_bytes() == receipt.read_bytes(), out
     code, out = cli(api, "admin-token", "review", "approve", voucher_id)
     assert code == 0 and "approved by alice-admin" in out
     code, out = cli(api, "admin-token", "review", "reject", voucher_id, "--reason", "twice")
@@ -119,9 +123,18 @@ def test_bank_transfer_review_and_statement(api: ApiProcess, tmp_path: Path) -> 
     assert code == 0 and "5000.00 CNY" in out, out
 
 
+def test_a_bank_transfer_needs_its_voucher(api: ApiProcess) -> None:
+    code, out = cli(
+        api, "tenant-token", "recharge", "bank-transfer", "5000.00",
+        "--payer", "ACME Ltd", "--bank", "ICBC", "--transfer-no", "TX-2",
+    )  # fmt: skip
+    assert code == 2 and "--voucher" in out
+
+
 def test_cli_errors_are_readable(api: ApiProcess) -> None:
     code, out = cli(api, "tenant-token", "recharge", "online", "1.001")
-    assert code == 1 and "amount: at most 2 decimal places" in out
+    assert code == 1 and "amount: '1.001' is finer than the minor unit of CNY" in out
+    assert "at most 2 decimal places" in out
     code, out = cli(api, "stranger-token", "balance")
     assert code == 1 and "403" in out
     code, out = cli(None, "x", "balance")

@@ -169,6 +169,11 @@ INVALID: list[tuple[str, dict[str, object], list[str]]] = [
     ("recharge-online.yaml", {"spec.amount": "2000000.00"}, ["spec.amount", "at most 1000000"]),
     ("recharge-online.yaml", {"spec.method": "Cash"}, ["spec.method", "Unsupported value"]),
     (
+        "recharge-online.yaml",
+        {"spec.amount": "10.123"},
+        ["spec.amount", "must not be finer than the currency's minor unit"],
+    ),
+    (
         "recharge-bank-transfer.yaml",
         {"spec.bankTransfer": DELETE},
         ["spec.bankTransfer", "required when method is BankTransfer"],
@@ -177,6 +182,11 @@ INVALID: list[tuple[str, dict[str, object], list[str]]] = [
         "recharge-bank-transfer.yaml",
         {"spec.bankTransfer.voucherRef": "md5:abc"},
         ["spec.bankTransfer.voucherRef"],
+    ),
+    (
+        "recharge-bank-transfer.yaml",
+        {"spec.bankTransfer.voucherRef": DELETE},
+        ["spec.bankTransfer.voucherRef", "Required value"],
     ),
     (
         "rechargereview.yaml",
@@ -246,3 +256,24 @@ def test_submitted_recharge_cannot_be_edited(testbed: Testbed, namespace: str) -
     doc["spec"]["amount"] = "900.00"
     proc = apply(testbed, doc)
     assert proc.returncode != 0 and "spec is immutable once submitted" in proc.stderr
+
+
+def test_pricebook_products_may_leave_out_spot_packages_and_model_prices(
+    testbed: Testbed,
+) -> None:
+    """A GPU sold only by the hour, or not offered for models, is a normal product: the
+    CRD accepts what the billing core accepts (docs/billing.md), a single package period
+    too, and still checks a spot price when one is given."""
+    doc = localise(load("pricebook.yaml"), "unused")
+    gpus = doc["spec"]["gpus"]
+    gpus[0] = {"product": gpus[0]["product"], "payAsYouGoPerHour": "19.80"}
+    gpus[1] = {**gpus[1], "packages": {"day": "210.00"}}
+    del gpus[1]["modelOnlinePerHour"]
+    proc = apply(testbed, doc)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        gpus[1]["spotPerHour"] = "99.00"
+        proc = apply(testbed, doc)
+        assert proc.returncode != 0 and "spotPerHour must not exceed" in proc.stderr
+    finally:
+        delete(testbed, doc)

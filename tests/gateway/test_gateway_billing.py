@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 from gateway_testkit import PRODUCT, pricebook
 from gpucloud_gateway.billing import BillingError, BillingStore, ModelPlan, Rule
 from gpucloud_gateway.metering import UsageEvent
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpucloud.billing import model_online_charge, to_minor
 from gpucloud.ledger import EntryKind, Ledger, open_ledger
@@ -154,3 +158,36 @@ def test_bad_plans_name_the_field() -> None:
             plan(visibility="Public", publisher="Personal"),
             T0,
         )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    gpus=st.integers(1, 4),
+    online=st.lists(st.tuples(st.integers(0, 7200), st.integers(1, 7200)), min_size=1, max_size=4),
+    settles=st.lists(st.integers(1, 4 * 3600), min_size=1, max_size=12),
+)
+def test_online_time_settled_at_any_instants_is_the_exact_total_rounded_once(
+    gpus: int, online: list[tuple[int, int]], settles: list[int]
+) -> None:
+    """A private model's online time (7.21 per GPU-hour: a fen is 4.99... GPU-seconds)
+    settled at any sequence of instants: after each settlement the ledger holds the
+    exact charge of the online seconds so far rounded once, never drifting."""
+    with tempfile.TemporaryDirectory() as tmp:
+        led = open_ledger(f"sqlite:///{Path(tmp) / 'ledger.db'}")
+        s = BillingStore(Path(tmp) / "usage.db", PB)
+        try:
+            led.ensure_account("owner")
+            p = plan(gpus_per_replica=gpus)
+            for i, (begin, length) in enumerate(online):
+                s.replica_online(p, f"r{i}", T0 + timedelta(seconds=begin))
+                s.replica_offline(p, f"r{i}", T0 + timedelta(seconds=begin + length))
+            at = 0
+            for step in settles:
+                at += step
+                s.settle_online(led, p, T0 + timedelta(seconds=at))
+                seconds = sum(max(0, min(b + n, at) - b) for b, n in online)
+                exact = Fraction("7.21") * gpus * seconds / 3600  # the oracle
+                assert charged(led, "owner", "model/ns/m#online") == to_minor(exact)
+        finally:
+            s.close()
+            led.close()

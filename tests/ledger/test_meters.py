@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from ledger_helpers import T0, T0_S, disk_record, gpu_record
 
 from gpucloud.billing.money import to_minor
-from gpucloud.ledger import IdempotencyConflict, InvalidInput, Ledger, NotFound
+from gpucloud.ledger import IdempotencyConflict, InvalidInput, Ledger, NotFound, Unposted
+from gpucloud.usage import UsageKind
 
 LATER = T0 + timedelta(days=1)
 
@@ -157,7 +158,14 @@ def test_accrued_unsettled_and_available_balance(ledger: Ledger) -> None:
     assert ledger.accrued_unsettled("alice", now) == 100
     assert ledger.available_balance("alice", now) == 100_000 - 200
     ledger.close_meter("m1", now)
-    assert ledger.accrued_unsettled("alice", now + timedelta(hours=1)) == 0
+    # a stopped run owes its window until it is settled, however late it is asked
+    later = now + timedelta(hours=1)
+    assert ledger.unposted("alice", later) == Unposted(open_minor=0, closed_minor=100)
+    assert ledger.available_balance("alice", later) == 100_000 - 200
+    ledger.settle_meter("m1", later, fallback=True)
+    assert ledger.balance("alice") == 100_000 - 200
+    assert ledger.accrued_unsettled("alice", later) == 0
+    assert ledger.available_balance("alice", later, reserved_minor=50) == 100_000 - 250
 
 
 @settings(
@@ -194,3 +202,51 @@ def test_any_rating_schedule_posts_the_total_rounded_once(
     ledger.rate_pending(LATER)
     total = sum(length for length, _ in windows)
     assert ledger.balance(meter_id) == -to_minor(Fraction(total) * Fraction(price) / 3600)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kind=st.sampled_from(["cloud_disk", "image"]),
+    price=st.sampled_from(["0.0005", "0.0003", "0.000333"]),
+    hours=st.lists(
+        st.tuples(st.integers(0, 300 * 2**30), st.integers(1, 3600), st.booleans()),
+        min_size=1,
+        max_size=24,
+    ),
+)
+def test_disk_and_image_hours_post_the_exact_total_rounded_once(
+    ledger: Ledger, kind: str, price: str, hours: list[tuple[int, int, bool]]
+) -> None:
+    """Cloud disks and images are measured hour by hour (used bytes); whichever hours are
+    rated when, the postings after each rating are the exact charge of the usage rated so
+    far rounded once: never a fen lost per hour, never drifting (0.0005/GiB-h)."""
+    meter_id = f"{kind}-{abs(hash((price, tuple(hours))))}"
+    ledger.ensure_account(meter_id)
+    ledger.open_meter(
+        meter_id,
+        account=meter_id,
+        resource=f"team-a/{meter_id}",
+        kind=kind,
+        subject=meter_id,
+        unit_price=Decimal(price),
+        unit="gb_hour",
+        opened_at=T0,
+    )
+    start, rated = T0_S, Fraction(0)
+    usage = UsageKind.CLOUD_DISK if kind == "cloud_disk" else UsageKind.IMAGE
+    for used, seconds, rate_now in hours:
+        ledger.ingest_usage(
+            [disk_record(start, seconds, used, volume=meter_id, kind=usage)], received_at=T0
+        )
+        start += seconds
+        if rate_now:
+            ledger.rate_pending(LATER)
+            rated = Fraction(ledger.get_meter(meter_id).quantity_rated)
+            exact = rated * Fraction(price) / (3600 * 2**30)
+            assert -ledger.balance(meter_id) == to_minor(exact)
+    ledger.rate_pending(LATER)
+    byte_seconds = sum(used * seconds for used, seconds, _ in hours)
+    exact = Fraction(byte_seconds) * Fraction(price) / (3600 * 2**30)
+    assert -ledger.balance(meter_id) == to_minor(exact)

@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import pytest
 from ledger_helpers import T0
+from sqlalchemy import update
 
 from gpucloud.ledger import (
     IdempotencyConflict,
@@ -16,6 +17,7 @@ from gpucloud.ledger import (
     OrderStatus,
     ReviewRefused,
     VoucherStatus,
+    schema,
 )
 
 EXPIRES = T0 + timedelta(minutes=15)
@@ -94,7 +96,7 @@ def test_voucher_approval_credits_once(ledger: Ledger, alice: str) -> None:
     assert v.status is VoucherStatus.PENDING
     assert ledger.submit_voucher(alice, 100_000, "ACME Ltd", "ICBC", "TX-1", SHA, T0) == v
     with pytest.raises(IdempotencyConflict, match="TX-1"):
-        ledger.submit_voucher(alice, 99_000, "ACME Ltd", "ICBC", "TX-1", None, T0)
+        ledger.submit_voucher(alice, 99_000, "ACME Ltd", "ICBC", "TX-1", SHA, T0)
     assert [x.voucher_id for x in ledger.vouchers(status="pending")] == [v.voucher_id]
     done = ledger.review_voucher(v.voucher_id, True, "admin:bob", "", T0 + timedelta(hours=1))
     assert done.status is VoucherStatus.APPROVED and done.reviewer == "admin:bob"
@@ -108,7 +110,7 @@ def test_voucher_approval_credits_once(ledger: Ledger, alice: str) -> None:
 
 
 def test_voucher_rejection_needs_a_reason(ledger: Ledger, alice: str) -> None:
-    v = ledger.submit_voucher(alice, 500, "Bob", "BOC", "TX-2", None, T0)
+    v = ledger.submit_voucher(alice, 500, "Bob", "BOC", "TX-2", SHA, T0)
     with pytest.raises(InvalidInput, match="reason: must not be empty"):
         ledger.review_voucher(v.voucher_id, False, "admin:bob", "  ", T0)
     rejected = ledger.review_voucher(v.voucher_id, False, "admin:bob", "no such transfer", T0)
@@ -120,3 +122,25 @@ def test_voucher_rejection_needs_a_reason(ledger: Ledger, alice: str) -> None:
         ledger.review_voucher("nope", True, "admin", "", T0)
     trail = [(e.actor, e.action) for e in ledger.audit_events(alice)]
     assert trail == [("user:alice", "voucher.submitted"), ("admin:bob", "voucher.rejected")]
+
+
+def test_a_voucher_needs_its_file(ledger: Ledger, alice: str) -> None:
+    """The seed has the payer upload the voucher: no file, no voucher; a voucher stored
+    without one (before it was required) cannot be approved, only rejected."""
+    with pytest.raises(InvalidInput, match=r"^file_sha256: a bank transfer needs its voucher"):
+        ledger.submit_voucher(alice, 500, "Bob", "BOC", "TX-9", None, T0)  # type: ignore[arg-type]
+    assert ledger.vouchers() == []
+    v = ledger.submit_voucher(alice, 500, "Bob", "BOC", "TX-9", SHA, T0)
+    submitted = ledger.audit_events(alice)[-1]
+    assert submitted.action == "voucher.submitted" and submitted.detail["file_sha256"] == SHA
+    with ledger.engine.begin() as conn:  # as an older version stored it
+        conn.execute(
+            update(schema.vouchers)
+            .where(schema.vouchers.c.voucher_id == v.voucher_id)
+            .values(file_sha256=None)
+        )
+    with pytest.raises(ReviewRefused, match="no_voucher_file"):
+        ledger.review_voucher(v.voucher_id, True, "admin:bob", "", T0)
+    assert ledger.balance(alice) == 0
+    rejected = ledger.review_voucher(v.voucher_id, False, "admin:bob", "no voucher", T0)
+    assert rejected.status is VoucherStatus.REJECTED

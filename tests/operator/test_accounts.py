@@ -9,6 +9,8 @@ from opworld import NS, World
 
 from gpucloud.ledger import EntryKind
 
+VOUCHER = "sha256:" + "ab" * 32
+
 
 def rec(w: World) -> AccountReconciler:
     return AccountReconciler(w.kube, w.ledger, w.clock, w.cfg)
@@ -66,7 +68,7 @@ def test_online_order_expires(world: World) -> None:
 
 def test_bank_transfer_review_credits_exactly_once(world: World) -> None:
     w = world
-    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-1"}
+    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-1", "voucherRef": VOUCHER}
     rc = recharge(w, "wire", "BankTransfer", "2000.00", bankTransfer=bt)
     rec(w).reconcile_recharge(rc)
     st = w.kube.namespaced[("recharges", NS, "wire")]["status"]
@@ -79,7 +81,8 @@ def test_bank_transfer_review_credits_exactly_once(world: World) -> None:
         },
     )
     rec(w).reconcile_review(review)
-    assert w.kube.cluster[("rechargereviews", "r1")]["status"]["applied"] is True
+    applied = w.kube.cluster[("rechargereviews", "r1")]["status"]
+    assert applied["applied"] is True and applied["voucherRef"] == VOUCHER  # what was reviewed
     assert w.kube.namespaced[("recharges", NS, "wire")]["status"]["phase"] == "Credited"
     # a crash before the status patch: the review is replayed, nothing is credited twice
     review["status"] = {}
@@ -99,3 +102,53 @@ def test_recharge_for_a_foreign_account_fails(world: World) -> None:
     rec(w).reconcile_recharge(rc)
     st = w.kube.namespaced[("recharges", "elsewhere", "x")]["status"]
     assert st["phase"] == "Failed" and "does not bill" in st["reason"]
+
+
+def test_a_recharge_finer_than_the_minor_unit_fails_and_credits_nothing(world: World) -> None:
+    """The CRD refuses 10.123 (CEL); should one get past it (a JPY account, whose minor
+    unit is 1 yen, or an object stored before the rule), the operator refuses it too,
+    naming the field: it never rounds it into the ledger."""
+    w = world
+    rc = recharge(w, "odd", "Online", "10.123")
+    rec(w).reconcile_recharge(rc)
+    st = w.kube.namespaced[("recharges", NS, "odd")]["status"]
+    assert st["phase"] == "Failed"
+    assert st["reason"] == (
+        "spec.amount: '10.123' is finer than the minor unit of CNY (at most 2 decimal "
+        "places); amounts are never rounded"
+    )
+    assert not w.ledger.entries("acme") and "rc-" not in str(w.ledger.audit_events("acme"))
+    w.kube.add_cluster(  # an account in yen, whose minor unit is the yen itself
+        "accounts", {"metadata": {"name": "yen"}, "spec": {"namespaces": [NS], "currency": "JPY"}}
+    )
+    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-9", "voucherRef": VOUCHER}
+    rc = w.kube.add_namespaced(
+        "recharges",
+        {
+            "kind": "Recharge",
+            "metadata": {"name": "yen", "namespace": NS},
+            "spec": {"account": "yen", "method": "BankTransfer", "amount": "100.50",
+                     "bankTransfer": bt},
+        },
+    )  # fmt: skip
+    rec(w).reconcile_recharge(rc)
+    st = w.kube.namespaced[("recharges", NS, "yen")]["status"]
+    assert (
+        st["phase"] == "Failed"
+        and "finer than the minor unit of JPY (whole units)" in (st["reason"])
+    )
+    assert w.ledger.vouchers() == []
+
+
+def test_a_bank_transfer_without_its_voucher_fails_naming_the_field(world: World) -> None:
+    """The CRD requires spec.bankTransfer.voucherRef; an object stored before that rule
+    is not submitted: nothing for an admin to approve without the voucher."""
+    w = world
+    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-2"}
+    rc = recharge(w, "novoucher", "BankTransfer", "2000.00", bankTransfer=bt)
+    rec(w).reconcile_recharge(rc)
+    st = w.kube.namespaced[("recharges", NS, "novoucher")]["status"]
+    assert st["phase"] == "Failed" and st["reason"].startswith(
+        "spec.bankTransfer.voucherRef: required"
+    )
+    assert w.ledger.vouchers() == []

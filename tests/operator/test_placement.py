@@ -314,17 +314,17 @@ def test_later_runs_calls_in_due_order_past_a_failing_one() -> None:
 def test_the_accrual_estimate_is_computed_once_per_account_and_second(
     world: World, monkeypatch: Any
 ) -> None:
-    """It walks every open meter of the account; a burst of starts asks for the same
+    """It walks every unsettled meter of the account; a burst of starts asks for the same
     second's figure. A new second (or a second of real time) computes it again."""
     world.fund(10**9)
     asked: list[object] = []
-    real = world.ledger.accrued_unsettled
+    real = world.ledger.unposted
 
-    def counted(account: str, now: Any) -> int:
+    def counted(account: str, now: Any) -> Any:
         asked.append(now)
         return real(account, now)
 
-    monkeypatch.setattr(world.ledger, "accrued_unsettled", counted)
+    monkeypatch.setattr(world.ledger, "unposted", counted)
     world.rec.accrual_reuse_s = 600.0  # however slow the machine, the second is the key
     for name in ("a", "b", "c"):
         world.instance(name, "NVIDIA-A100-SXM4-80GB")

@@ -244,3 +244,33 @@ def test_switch_of_a_stopped_package_refunds_at_once(world: World) -> None:
     refund = next(e for e in w.ledger.entries("acme") if e.key.startswith("package-refund:"))
     assert refund.amount_minor == 112_00 - 5_20  # one hour used, at the pay-as-you-go rate
     assert w.status("pkg")["billingMode"] == "Spot" and w.status("pkg")["phase"] == "Stopped"
+
+
+def test_modes_a_product_is_not_offered_in_are_refused_not_crashed(world: World) -> None:
+    """PriceBook products may leave out spot, packages and the model price (docs and
+    CRD agree): a start in a mode not offered is refused naming the rule; a switch to
+    one leaves the running instance billed as it was, saying why."""
+    w = world
+    pb = w.kube.cluster[("pricebooks", "default")]
+    l40s = next(g for g in pb["spec"]["gpus"] if g["product"] == L40S)
+    for field in ("spotPerHour", "packages", "modelOnlinePerHour"):
+        del l40s[field]
+    w.fund(1000_00)
+    w.instance("spot", L40S, 1, mode="Spot")
+    w.instance("pkg", L40S, 1, mode="Package", period="Week")
+    w.instance("nb", L40S, 1)
+    w.tick()
+    assert w.status("spot")["phase"] == "Refused"
+    assert w.status("spot")["message"] == (
+        "spec.billing: spot is not offered for GPU product 'NVIDIA-L40S'"
+    )
+    assert w.status("pkg")["phase"] == "Refused"
+    assert "a week package is not offered" in w.status("pkg")["message"]
+    assert w.status("nb")["phase"] == "Running"
+    w.kube.update_spec("gpuinstances", NS, "nb", {"billing": {"mode": "Spot"}})
+    w.tick()
+    st = w.status("nb")
+    assert st["phase"] == "Running" and st["billingMode"] == "PayAsYouGo"
+    billing = next(c for c in st["conditions"] if c["type"] == "Billing")
+    assert billing["status"] == "False" and billing["reason"] == "NotOffered"
+    assert w.kube.reasons("nb").count("NotOffered") == 1  # said once

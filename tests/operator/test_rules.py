@@ -1,10 +1,16 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
+import yaml
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opworld import ROOT
+
+from gpucloud.billing import PriceBook
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -49,3 +55,67 @@ def test_config_from_env_and_errors() -> None:
         OperatorConfig().with_overrides({"tick_interval_s": "0"})
     with pytest.raises(ValueError, match="unknown operator setting"):
         OperatorConfig().with_overrides({"nope": 1})
+
+
+PRICES = {"Day": 112_00, "Week": 700_00, "Month": 2800_00}  # L40S, examples/pricebook.yaml
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["Pending", "Starting", "Running", "Stopped", "Refused", None]),
+            st.sampled_from(["PayAsYouGo", "Spot", "Day", "Week", "Month"]),
+            st.booleans(),  # autoRenew
+            st.lists(st.integers(-100, 100), max_size=3),  # term ends, hours from now
+            st.integers(1, 4),  # GPUs
+            st.booleans(),  # in the account's namespace
+        ),
+        max_size=8,
+    )
+)
+def test_reservations_against_a_plain_oracle(instances: list[tuple]) -> None:
+    """What an account has committed but not been charged: an admitted package start
+    without a term covering now (its term), a running auto-renewing package whose term
+    ended (its renewal). Nothing else, and only the account's own namespaces."""
+    pb = PriceBook.from_resource(yaml.safe_load((ROOT / "examples/pricebook.yaml").read_text()))
+    objs, expected = [], 0
+    for i, (phase, mode, renew, ends, gpus, mine) in enumerate(instances):
+        package = mode in PRICES
+        billing = {"mode": "Package", "period": mode} if package else {"mode": mode}
+        terms = [
+            {
+                "seq": n + 1,
+                "period": mode,
+                "start": r.fmt(T0 + timedelta(hours=e - 24)),
+                "end": r.fmt(T0 + timedelta(hours=e)),
+                "prepaidMinor": 1,
+            }
+            for n, e in enumerate(sorted(ends))
+        ]
+        status = {"phase": phase, "packageTerms": terms} if phase else {}
+        if package and phase == "Running":
+            status["billingMode"] = f"Package/{mode}"
+        objs.append(
+            {
+                "metadata": {"uid": f"u{i}", "namespace": "team-a" if mine else "other"},
+                "spec": {
+                    "gpu": {"product": "NVIDIA-L40S", "count": gpus},
+                    "billing": {**billing, "autoRenew": renew and package},
+                },
+                "status": status,
+            }
+        )
+        last = sorted(ends)[-1] if ends else None
+        covered = last is not None and last - 24 <= 0 < last
+        if not (mine and package):
+            continue
+        if (phase in ("Pending", "Starting") and not covered) or (
+            phase == "Running" and renew and last is not None and last <= 0
+        ):
+            expected += PRICES[mode] * gpus
+    got = r.reservations(objs, {"team-a"}, pb, T0)
+    assert sum(res.minor for res in got.values()) == expected
+    for uid, res in got.items():
+        seq = len(next(o for o in objs if o["metadata"]["uid"] == uid)["status"]["packageTerms"])
+        assert res.key == f"package:{uid}:{seq + 1}"

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gpucloud.api.deps import Account, Admin, Caller, State
 from gpucloud.api.schemas import (
+    MAX_AMOUNT_MINOR,
     BankTransferIn,
     CallbackOut,
     OnlineRechargeIn,
@@ -22,7 +23,7 @@ from gpucloud.api.schemas import (
     VoucherOut,
     VouchersOut,
 )
-from gpucloud.billing.money import format_money
+from gpucloud.billing.money import format_money, parse_amount
 from gpucloud.ledger import NotFound, Order, OrderStatus, Voucher
 from gpucloud.recharge import CallbackError, PaymentNotice, SignatureError
 from gpucloud.recharge.qr import qr_png
@@ -40,6 +41,18 @@ def _currency(state: State, account: str) -> str:
         return state.ledger.get_account(account).currency
     except NotFound:
         return state.ledger.ensure_account(account, state.settings.currency).currency
+
+
+def _minor(body: OnlineRechargeIn | BankTransferIn, currency: str) -> int:
+    """The amount in minor units; ``amount`` is checked against the account's currency
+    (a 422 naming the field when it is finer than the minor unit: never rounded)."""
+    if body.amount_minor is not None:
+        return body.amount_minor
+    assert body.amount is not None
+    minor = parse_amount(body.amount, currency, "amount")
+    if minor > MAX_AMOUNT_MINOR:
+        raise HTTPException(422, f"amount: at most {format_money(MAX_AMOUNT_MINOR, currency)}")
+    return minor
 
 
 def _payment_url(state: State, order: Order, currency: str) -> str:
@@ -90,10 +103,10 @@ def create_online_recharge(
     if state.settings.providers.get(body.provider) is None:
         known = ", ".join(state.settings.providers.names()) or "none"
         raise HTTPException(422, f"provider: {body.provider!r} is not configured (known: {known})")
-    _currency(state, account)
+    amount = _minor(body, _currency(state, account))
     expires_at = state.settings.clock.now() + timedelta(seconds=state.settings.order_ttl_s)
     order = state.ledger.create_order(
-        account, body.amount_minor, body.provider, expires_at, order_id=body.order_id
+        account, amount, body.provider, expires_at, order_id=body.order_id
     )
     return _order_out(state, request, order)
 
@@ -190,24 +203,26 @@ def _voucher_out(state: State, v: Voucher) -> VoucherOut:
     responses={**_AUTH, 409: {"model": Problem}, 413: {"model": Problem}},
 )
 def submit_bank_transfer(account: Account, body: BankTransferIn, state: State) -> VoucherOut:
-    """A bank-transfer voucher, pending an admin's review. Only the file's SHA-256 goes
-    into the ledger; the file itself is kept under the configured voucher directory."""
-    digest = None
-    if body.file is not None:
-        try:
-            content = base64.b64decode(body.file.content_base64, validate=True)
-        except (binascii.Error, ValueError):
-            raise HTTPException(422, "file.content_base64: not valid base64") from None
-        if len(content) > state.settings.max_voucher_bytes:
-            raise HTTPException(413, f"file: larger than {state.settings.max_voucher_bytes} bytes")
-        digest = hashlib.sha256(content).hexdigest()
-        if state.settings.voucher_dir is not None:
-            state.settings.voucher_dir.mkdir(parents=True, exist_ok=True)
-            (state.settings.voucher_dir / digest).write_bytes(content)
-    _currency(state, account)
+    """A bank-transfer voucher, pending an admin's review. The voucher file is required
+    (the seed has the payer upload it). Only its SHA-256 goes into the ledger; the file
+    itself is kept under the configured voucher directory, where the reviewing admin
+    reads it (``GET /v1/vouchers/{id}/file``)."""
+    amount = _minor(body, _currency(state, account))  # before the file is kept
+    try:
+        content = base64.b64decode(body.file.content_base64, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(422, "file.content_base64: not valid base64") from None
+    if not content:
+        raise HTTPException(422, "file.content_base64: the voucher file is empty")
+    if len(content) > state.settings.max_voucher_bytes:
+        raise HTTPException(413, f"file: larger than {state.settings.max_voucher_bytes} bytes")
+    digest = hashlib.sha256(content).hexdigest()
+    if state.settings.voucher_dir is not None:
+        state.settings.voucher_dir.mkdir(parents=True, exist_ok=True)
+        (state.settings.voucher_dir / digest).write_bytes(content)
     voucher = state.ledger.submit_voucher(
         account,
-        body.amount_minor,
+        amount,
         body.payer,
         body.bank,
         body.transfer_no,
@@ -239,6 +254,31 @@ def get_voucher(voucher_id: VoucherId, caller: Caller, state: State) -> VoucherO
     if not state.settings.policy.can_access_account(caller, voucher.account):
         raise NotFound(f"voucher {voucher_id!r} not found")
     return _voucher_out(state, voucher)
+
+
+@router.get(
+    "/v1/vouchers/{voucher_id}/file",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        **_AUTH,
+        404: {"model": Problem},
+    },
+)
+def get_voucher_file(voucher_id: VoucherId, _: Admin, state: State) -> Response:
+    """Admins: the uploaded voucher file, to check before approving. Its SHA-256 is the
+    one recorded in the ledger (checked again here)."""
+    voucher = state.ledger.get_voucher(voucher_id)
+    folder = state.settings.voucher_dir
+    if not voucher.file_sha256 or folder is None:
+        raise NotFound(f"voucher {voucher_id!r} has no file kept by this API")
+    path = folder / voucher.file_sha256
+    if not path.is_file():
+        raise NotFound(f"voucher {voucher_id!r}: file {voucher.file_sha256} is not kept here")
+    content = path.read_bytes()
+    if hashlib.sha256(content).hexdigest() != voucher.file_sha256:
+        raise HTTPException(409, f"voucher {voucher_id!r}: the kept file does not match its hash")
+    return Response(content, media_type="application/octet-stream")
 
 
 @router.post(

@@ -5,11 +5,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_AMOUNT_MINOR = 10**12  # a sanity bound on one recharge (10 billion yuan)
 
 AmountMinor = Annotated[int, Field(gt=0, le=MAX_AMOUNT_MINOR, description="minor units (fen)")]
+AmountText = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=24,
+        description='a decimal string in the account currency, e.g. "100.00"; nothing finer '
+        "than its minor unit (never rounded)",
+    ),
+]
 Text = Annotated[str, Field(min_length=1, max_length=200)]
 
 
@@ -39,7 +48,10 @@ class BalanceOut(BaseModel):
     account: str
     currency: str
     balance_minor: int
-    available_minor: int = Field(description="balance minus accrued, not yet posted usage")
+    available_minor: int = Field(
+        description="balance minus accrued, not yet posted usage and what stopped runs "
+        "owe until settled"
+    )
     balance: str
     available: str
 
@@ -114,8 +126,21 @@ class MetersOut(BaseModel):
     meters: list[MeterOut]
 
 
-class OnlineRechargeIn(_In):
-    amount_minor: AmountMinor
+class _AmountIn(_In):
+    """A recharge amount: exactly one of ``amount`` (decimal text, checked against the
+    account's currency) or ``amount_minor``."""
+
+    amount_minor: AmountMinor | None = None
+    amount: AmountText | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> _AmountIn:
+        if (self.amount_minor is None) == (self.amount is None):
+            raise ValueError("amount, amount_minor: give exactly one of them")
+        return self
+
+
+class OnlineRechargeIn(_AmountIn):
     provider: Annotated[str, Field(min_length=1, max_length=64)] = "sandbox"
     order_id: Annotated[
         str | None,
@@ -148,12 +173,14 @@ class VoucherFileIn(_In):
     content_base64: Annotated[str, Field(min_length=1, description="the file, base64")]
 
 
-class BankTransferIn(_In):
-    amount_minor: AmountMinor
+class BankTransferIn(_AmountIn):
     payer: Text
     bank: Text
     transfer_no: Annotated[str, Field(min_length=1, max_length=100)]
-    file: VoucherFileIn | None = None
+    file: VoucherFileIn = Field(
+        description="the transfer voucher (receipt) the admin reviews: required, as the "
+        "seed has the payer upload it"
+    )
 
 
 class VoucherOut(BaseModel):

@@ -31,6 +31,7 @@ from gpucloud.billing.money import (
     from_minor,
     minor_exponent,
     next_posting,
+    parse_amount,
     parse_price,
     to_decimal,
     to_minor,
@@ -72,6 +73,7 @@ from gpucloud.billing.rating import (
     official_model_charge,
     personal_model_charge,
 )
+from gpucloud.billing.recurring import RunningTotal
 
 __all__ = [
     "CURRENCY_EXPONENTS",
@@ -97,6 +99,7 @@ __all__ = [
     "PriceBook",
     "PriceBookError",
     "PriceError",
+    "RunningTotal",
     "StoragePrices",
     "SwitchSettlement",
     "Term",
@@ -126,6 +129,7 @@ __all__ = [
     "official_model_charge",
     "package_price",
     "package_purchase_decision",
+    "parse_amount",
     "parse_price",
     "payg_start_decision",
     "personal_model_charge",

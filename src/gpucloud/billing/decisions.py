@@ -9,7 +9,14 @@ from fractions import Fraction
 
 from gpucloud.billing.errors import BillingError
 from gpucloud.billing.modes import BillingMode, PackagePeriod
-from gpucloud.billing.money import Exact, format_money, minor_exponent, to_minor
+from gpucloud.billing.money import (
+    Exact,
+    format_money,
+    format_price,
+    minor_exponent,
+    to_decimal,
+    to_minor,
+)
 from gpucloud.billing.pricebook import PriceBook
 from gpucloud.billing.rating import count, gpu_hourly_exact, quantity
 
@@ -27,12 +34,25 @@ class Decision:
         return max(0, self.needed_minor - self.available_minor)
 
 
-def available_balance(balance_minor: int, accrued_minor: Iterable[int] = ()) -> int:
-    """The balance after deducting what running pay-as-you-go/spot instances have accrued
-    but not yet posted (the seed's one-hour rule counts them)."""
-    return count_signed(balance_minor, "balance_minor") - sum(
-        count(a, "accrued_minor") for a in accrued_minor
-    )
+def available_balance(
+    balance_minor: int,
+    accrued_minor: Iterable[int] = (),
+    owed_minor: Iterable[int] = (),
+    reserved_minor: Iterable[int] = (),
+) -> int:
+    """The balance the one-hour rule (and a package purchase) is judged on: the balance
+    minus what running pay-as-you-go/spot instances have accrued but not yet posted (the
+    seed: "the balance will deduct the costs of the running instances"), minus what
+    stopped runs still owe until they are settled, minus amounts already committed but
+    not yet charged (admitted package terms, renewals due). Each is >= 0."""
+    deducted = 0
+    for what, amounts in (
+        ("accrued_minor", accrued_minor),
+        ("owed_minor", owed_minor),
+        ("reserved_minor", reserved_minor),
+    ):
+        deducted += sum(count(a, what) for a in amounts)
+    return count_signed(balance_minor, "balance_minor") - deducted
 
 
 def count_signed(value: int, what: str) -> int:
@@ -63,16 +83,27 @@ def payg_start_decision(
     storage_gib: Exact = 0,
 ) -> Decision:
     """The one-hour rule: a pay-as-you-go (or spot) instance may start only while the
-    available balance covers one hour of it: its GPUs at the hourly price of ``mode``,
-    plus its storage quota for an hour when ``storage_gib`` is given. The threshold is
-    the exact hour cost rounded *up* to the minor unit (the least balance that covers it);
-    it is a comparison, not a posting."""
+    available balance is *greater than* (the seed's words) one hour of it: its GPUs at
+    the hourly price of ``mode``, plus its storage quota for an hour when ``storage_gib``
+    is given. A balance exactly equal to the hour is refused. ``needed_minor`` is the
+    least balance that is greater than the exact hour cost (a comparison, not a posting:
+    nothing is rounded to the even neighbour here)."""
     count_signed(available_balance_minor, "available_balance_minor")
     hour = gpu_hourly_exact(pricebook, product, gpu_count, mode)
     hour += Fraction(pricebook.storage.instance_per_gb_hour) * quantity(storage_gib, "storage_gib")
-    needed = math.ceil(hour * 10 ** minor_exponent(pricebook.currency))
-    what = f"{mode} start of {gpu_count} x {product} (one hour)"
-    return _decide(needed, available_balance_minor, pricebook.currency, what)
+    currency = pricebook.currency
+    needed = math.floor(hour * 10 ** minor_exponent(currency)) + 1
+    ok = available_balance_minor > hour * 10 ** minor_exponent(currency)
+    message = (
+        f"{mode} start of {gpu_count} x {product} (one hour) "
+        f"{'allowed' if ok else 'refused'}: the available balance must be greater than "
+        f"one hour's cost, {format_price(to_decimal(hour), currency)}; available "
+        f"{format_money(available_balance_minor, currency)}"
+    )
+    if not ok:
+        short = needed - available_balance_minor
+        message += f" (short by {format_money(short, currency)})"
+    return Decision(ok, needed, available_balance_minor, currency, message)
 
 
 def package_purchase_decision(

@@ -129,6 +129,37 @@ def parse_price(text: str, field: str = "price") -> Decimal:
         raise PriceError(f"{field}: {text!r} is not a decimal number") from None
 
 
+def parse_amount(text: str, currency: str = DEFAULT_CURRENCY, field: str = "amount") -> int:
+    """An amount of money a person typed ("100.00", a recharge) as integer minor units.
+
+    Refuses floats, signs, exponents, zero, and anything finer than the currency's minor
+    unit: "10.123" is refused for CNY (at most 2 decimal places), never rounded to 10.12;
+    "100.5" is refused for JPY (no decimal places). The rule is on the digits written, so
+    "10.120" is refused too (the same rule as the Recharge CRD's)."""
+    if isinstance(text, float):
+        raise PriceError(
+            f"{field}: {text!r} is a floating-point number; write amounts as quoted decimal "
+            f'strings, e.g. "{text}"'
+        )
+    if isinstance(text, bool) or not isinstance(text, str):
+        raise PriceError(f"{field}: expected a decimal string, got {type(text).__name__}")
+    match = _PRICE_RE.match(text.strip())
+    if match is None:
+        raise PriceError(f'{field}: {text!r} is not a positive decimal such as "100.00"')
+    places = minor_exponent(currency)
+    written = len(match.group("frac") or "")
+    if written > places:
+        unit = "whole units" if places == 0 else f"at most {places} decimal places"
+        raise PriceError(
+            f"{field}: {text!r} is finer than the minor unit of {currency} ({unit}); "
+            "amounts are never rounded"
+        )
+    minor = int(match.group("int") + (match.group("frac") or "").ljust(places, "0"))
+    if minor <= 0:
+        raise PriceError(f"{field}: must be greater than zero, got {text!r}")
+    return minor
+
+
 # Exact rationals become Decimals here. A quotient that does not terminate (a price per
 # hour divided by 3600 s has a factor 1/9) is rounded at 80 significant digits. The
 # denominators the core produces are at most 3600 * 10**6 (microseconds) * 2**30 (GiB)

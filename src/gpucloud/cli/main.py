@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from gpucloud.billing.errors import BillingError
-from gpucloud.billing.money import format_money, format_price, minor_exponent
+from gpucloud.billing.money import format_money, format_price
+from gpucloud.billing.money import parse_amount as billing_parse_amount
 from gpucloud.billing.pricebook import PriceBook
 from gpucloud.cli.client import ApiClient, ApiError
 from gpucloud.cli.estimate import (
@@ -93,17 +94,12 @@ def _global(
 
 
 def parse_amount(text: str, currency: str) -> int:
-    """ "100.00" -> 10000 minor units; refuses fractions of a minor unit and non-positive."""
+    """ "100.00" -> 10000 minor units (the billing core's rule: nothing finer than the
+    currency's minor unit, never rounded); an error names the argument."""
     try:
-        value = Decimal(text)
-    except InvalidOperation:
-        fail(f"amount: {text!r} is not a decimal number")
-    places = minor_exponent(currency)
-    if not value.is_finite() or value <= 0:
-        fail("amount: must be a positive number")
-    if -value.as_tuple().exponent > places:  # type: ignore[operator]
-        fail(f"amount: at most {places} decimal places for {currency}")
-    return int(value.scaleb(places))
+        return billing_parse_amount(text, currency, "amount")
+    except BillingError as exc:
+        fail(str(exc))
 
 
 @app.command()
@@ -195,7 +191,8 @@ def recharge_online(
     c: Ctx = ctx.obj
     client = c.client()
     account = c.need_account()
-    body = {"amount_minor": parse_amount(amount, c.currency), "provider": provider}
+    # the decimal text: the API checks it against the account's own currency
+    body = {"amount": amount, "provider": provider}
     order = call(client.post, f"/v1/accounts/{account}/recharges/online", body)
     typer.echo(qr_text(order["payment_url"]))
     qr = call(client.request, "GET", f"/v1/accounts/{account}/orders/{order['order_id']}/qr.png")
@@ -238,22 +235,24 @@ def recharge_bank_transfer(
     bank: Annotated[str, typer.Option(help="the paying bank")],
     transfer_no: Annotated[str, typer.Option(help="the bank's transfer number")],
     voucher: Annotated[
-        Path | None, typer.Option(exists=True, dir_okay=False, help="receipt file to upload")
-    ] = None,
+        Path,
+        typer.Option(
+            exists=True, dir_okay=False, help="the transfer voucher (receipt) to upload: required"
+        ),
+    ],
 ) -> None:
     """Submit a bank-transfer voucher for an admin to review."""
     c: Ctx = ctx.obj
     body: dict[str, Any] = {
-        "amount_minor": parse_amount(amount, c.currency),
+        "amount": amount,  # checked against the account's currency by the API
         "payer": payer,
         "bank": bank,
         "transfer_no": transfer_no,
-    }
-    if voucher is not None:
-        body["file"] = {
+        "file": {
             "name": voucher.name,
             "content_base64": base64.b64encode(voucher.read_bytes()).decode(),
-        }
+        },
+    }
     v = call(c.client().post, f"/v1/accounts/{c.need_account()}/recharges/bank-transfer", body)
     console.print(f"voucher: {v['voucher_id']} ({v['status']}), {v['amount']}")
     if v["file_sha256"]:
@@ -265,13 +264,28 @@ def review_list(ctx: typer.Context, status: str = "pending") -> None:
     """Vouchers waiting for review."""
     c: Ctx = ctx.obj
     body = call(c.client().get, "/v1/vouchers", params={"status": status})
-    table = _table("voucher", "account", "amount", "payer", "bank", "transfer", "submitted")
+    table = _table(
+        "voucher", "account", "amount", "payer", "bank", "transfer", "submitted", "file sha256"
+    )
     for v in body["vouchers"]:
         table.add_row(
             v["voucher_id"], v["account"], v["amount"], v["payer"], v["bank"],
-            v["transfer_no"], v["submitted_at"],
+            v["transfer_no"], v["submitted_at"], v["file_sha256"] or "(none)",
         )  # fmt: skip
     console.print(table)
+
+
+@review_app.command("file")
+def review_file(
+    ctx: typer.Context,
+    voucher_id: str,
+    out: Annotated[Path, typer.Option("-o", "--out", help="where to write the voucher file")],
+) -> None:
+    """Download a voucher's uploaded file, to check it before approving."""
+    c: Ctx = ctx.obj
+    resp = call(c.client().request, "GET", f"/v1/vouchers/{voucher_id}/file")
+    out.write_bytes(resp.content)
+    console.print(f"voucher {voucher_id}: {len(resp.content)} bytes written to {out}")
 
 
 def _review(ctx: typer.Context, voucher_id: str, decision: str, reason: str) -> None:

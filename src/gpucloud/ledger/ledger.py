@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Row, and_, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from gpucloud.billing.decisions import available_balance
 from gpucloud.billing.intervals import elapsed_seconds
 from gpucloud.billing.money import minor_exponent, next_posting
 from gpucloud.clock import Clock, SystemClock
@@ -37,6 +38,7 @@ from gpucloud.ledger.types import (
     Order,
     OrderStatus,
     PostResult,
+    Unposted,
     UnratedUsage,
     UsageSummaryRow,
     Voucher,
@@ -984,20 +986,28 @@ class Ledger(WipesMixin):
             },
         )
 
-    def accrued_unsettled(self, account: str, now: datetime) -> int:
-        """Estimated cost not yet posted, minor units >= 0: for each open gpu_time meter,
-        ingested-but-unrated usage plus ``gpus`` x the time from the end of its last
-        usage (or opened_at) to ``now``, rounded once per meter."""
+    def unposted(self, account: str, now: datetime) -> Unposted:
+        """What the account's GPU runs owe beyond their postings, minor units >= 0:
+
+        * an open meter: its ingested-but-unrated usage plus ``gpus`` x the time from the
+          end of its last usage (or opened_at) to ``now``;
+        * a closed meter not settled yet (a stopped run in its metering grace period):
+          what its settlement will post, ``gpus`` x its whole window or the usage the
+          agents reported, whichever is more (``settle_meter``'s rule).
+
+        Each meter is rounded once (the delta of its rounded cumulative total). Without
+        the second part a stopped run was invisible to the one-hour rule and to arrears
+        for the whole grace period."""
         v.instant(now, "now")
         now_s = schema.to_us(now) // 1_000_000
-        total = 0
+        open_minor = closed_minor = 0
         with self._read() as conn:
             acct = self._account_row(conn, account)
             rows = conn.execute(
                 select(M).where(
                     M.c.account_id == acct.id,
                     M.c.kind == MeterKind.GPU_TIME.value,
-                    M.c.closed_at.is_(None),
+                    M.c.settled_at.is_(None),
                 )
             ).all()
             # one query for every meter's unrated usage (an admission check runs this for
@@ -1015,23 +1025,44 @@ class Ledger(WipesMixin):
             for row in rows:
                 meter = _meter(row, account)
                 window = rating.meter_window(meter)
-                opened = window[0]
                 unrated = [
                     (u.kind, u.rated_until, u.end_s, u.quantity)
                     for u in by_owner[row.subject]
-                    if u.end_s > opened
+                    if u.end_s > window[0] and (window[1] is None or u.rated_until < window[1])
                 ]
                 quantity = meter.quantity_rated + rating.sum_clipped(unrated, window)
-                ends = [e for _, _, e, _ in unrated]
-                last = max([window[0], row.last_usage_end or window[0], *ends])
-                quantity += meter.gpus * max(0, now_s - last)
+                if window[1] is None:
+                    ends = [e for _, _, e, _ in unrated]
+                    last = max([window[0], row.last_usage_end or window[0], *ends])
+                    quantity += meter.gpus * max(0, now_s - last)
+                else:
+                    assert meter.closed_at is not None
+                    held = meter.gpus * elapsed_seconds(meter.opened_at, meter.closed_at)
+                    quantity = max(quantity, held)
                 estimate = rating.rounded_cost(quantity, meter, acct.currency)
-                total += max(0, estimate - meter.posted_minor)
-        return total
+                owed = max(0, estimate - meter.posted_minor)
+                if window[1] is None:
+                    open_minor += owed
+                else:
+                    closed_minor += owed
+        return Unposted(open_minor, closed_minor)
 
-    def available_balance(self, account: str, now: datetime) -> int:
-        """balance - accrued_unsettled: what the one-hour start rule checks."""
-        return self.balance(account) - self.accrued_unsettled(account, now)
+    def accrued_unsettled(self, account: str, now: datetime) -> int:
+        """Everything the account's GPU runs owe beyond their postings (``unposted``)."""
+        return self.unposted(account, now).total_minor
+
+    def available_balance(self, account: str, now: datetime, reserved_minor: int = 0) -> int:
+        """What the one-hour start rule checks (``gpucloud.billing.available_balance``):
+        the balance minus what open meters accrued, what closed but unsettled runs owe,
+        and ``reserved_minor`` (amounts the caller has committed but not charged yet:
+        admitted package terms, renewals due)."""
+        unposted = self.unposted(account, now)
+        return available_balance(
+            self.balance(account),
+            accrued_minor=[unposted.open_minor],
+            owed_minor=[unposted.closed_minor],
+            reserved_minor=[reserved_minor],
+        )
 
     # -- recharge: online orders ------------------------------------------------------
     def create_order(
@@ -1195,16 +1226,22 @@ class Ledger(WipesMixin):
         payer: str,
         bank: str,
         transfer_no: str,
-        file_sha256: str | None,
+        file_sha256: str,
         at: datetime,
     ) -> Voucher:
-        """A bank-transfer voucher pending review. (bank, transfer_no) is unique: the
-        same submission again returns the voucher; other content raises
-        IdempotencyConflict."""
+        """A bank-transfer voucher pending review. The seed has the payer upload the
+        voucher: ``file_sha256`` (the uploaded file's SHA-256) is required, and it is
+        what the reviewer checks. (bank, transfer_no) is unique: the same submission
+        again returns the voucher; other content raises IdempotencyConflict."""
         amount = v.positive(amount_minor, "amount_minor")
         v.text(payer, "payer")
         v.text(bank, "bank")
         v.text(transfer_no, "transfer_no", max_len=128)
+        if file_sha256 is None:
+            raise InvalidInput(
+                "file_sha256: a bank transfer needs its voucher (the SHA-256 of the uploaded "
+                "transfer receipt); the seed has the payer upload it for review"
+            )
         v.sha256_hex(file_sha256, "file_sha256")
         v.instant(at, "at")
         with self.engine.begin() as conn:
@@ -1234,7 +1271,12 @@ class Ledger(WipesMixin):
                     submitted_at=at,
                 )
             )
-            detail = {"amount_minor": amount, "bank": bank, "transfer_no": transfer_no}
+            detail = {
+                "amount_minor": amount,
+                "bank": bank,
+                "transfer_no": transfer_no,
+                "file_sha256": file_sha256,
+            }
             self._audit(
                 conn, acct.id, f"user:{account}", "voucher.submitted", voucher_id, detail, at
             )
@@ -1282,6 +1324,13 @@ class Ledger(WipesMixin):
                     "already_reviewed",
                     f"{row.status} by {row.reviewer} at {row.reviewed_at.isoformat()}",
                 )
+            if approve and not row.file_sha256:
+                raise ReviewRefused(
+                    voucher_id,
+                    "no_voucher_file",
+                    "the voucher has no uploaded file to check (submitted before vouchers "
+                    "were required); reject it and ask the payer to submit it with the file",
+                )
             acct = conn.execute(select(A).where(A.c.id == row.account_id).with_for_update()).one()
             entry_id = None
             if approve:
@@ -1309,7 +1358,11 @@ class Ledger(WipesMixin):
                     entry_id=entry_id,
                 )
             )
-            detail = {"reason": reason, "amount_minor": row.amount_minor}
+            detail = {
+                "reason": reason,
+                "amount_minor": row.amount_minor,
+                "file_sha256": row.file_sha256,  # what the reviewer saw
+            }
             self._audit(conn, acct.id, reviewer, f"voucher.{status.value}", voucher_id, detail, at)
             row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).one()
         return _voucher(row, acct.name)

@@ -121,6 +121,18 @@ class UnratedUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class Unposted:
+    """What an account's GPU runs owe beyond their postings (``Ledger.unposted``)."""
+
+    open_minor: int  # accrued by open meters (running instances)
+    closed_minor: int  # owed by closed, not yet settled meters (stopped runs in grace)
+
+    @property
+    def total_minor(self) -> int:
+        return self.open_minor + self.closed_minor
+
+
+@dataclass(frozen=True, slots=True)
 class UsageSummaryRow:
     resource: str | None  # None: usage no meter has rated (yet)
     kind: str

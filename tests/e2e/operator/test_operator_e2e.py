@@ -89,6 +89,9 @@ def test_refusals_cost_nothing_and_too_big_stays_pending(harness: Harness) -> No
     assert "instanceLimit is 2" in st["message"]
     h.advance(30)
     assert h.entries("meter") == [] and h.entries("package") == [] and h.charges() == 0
+    # waiting for GPUs is not an instance yet: no storage billing starts (docs/operator.md)
+    assert h.status("huge")["phase"] == "Pending" and "storageSince" not in h.status("huge")
+    assert h.status("one")["storageSince"]
 
 
 def test_package_purchase_reminder_expiry_and_auto_renew(harness: Harness) -> None:

@@ -13,6 +13,7 @@ from gpucloud.billing import (
     format_price,
     from_minor,
     next_posting,
+    parse_amount,
     parse_price,
     to_decimal,
     to_minor,
@@ -140,3 +141,35 @@ def test_parse_price_roundtrip(units: int, places: int) -> None:
 @given(st.integers(-(10**15), 10**15), st.sampled_from(["CNY", "JPY"]))
 def test_from_minor_roundtrip(minor: int, currency: str) -> None:
     assert to_minor(from_minor(minor, currency), currency) == minor
+
+
+@pytest.mark.parametrize(
+    ("text", "currency", "minor"),
+    [("10.12", "CNY", 1012), ("10.1", "CNY", 1010), ("10", "CNY", 1000), ("100", "JPY", 100)],
+)
+def test_parse_amount(text: str, currency: str, minor: int) -> None:
+    assert parse_amount(text, currency) == minor
+
+
+@pytest.mark.parametrize(
+    ("text", "currency", "message"),
+    [
+        ("10.123", "CNY", "finer than the minor unit of CNY (at most 2 decimal places)"),
+        ("10.120", "CNY", "finer than the minor unit of CNY"),  # the digits written count
+        ("100.5", "JPY", "finer than the minor unit of JPY (whole units)"),
+        ("0.00", "CNY", "must be greater than zero"),
+        ("-5", "CNY", "not a positive decimal"),
+        ("1e3", "CNY", "not a positive decimal"),
+        (10.5, "CNY", "floating-point"),
+    ],
+)
+def test_parse_amount_refuses_and_never_rounds(text: object, currency: str, message: str) -> None:
+    with pytest.raises(PriceError, match=r"^spec\.amount: ") as err:
+        parse_amount(text, currency, "spec.amount")  # type: ignore[arg-type]
+    assert message in str(err.value)
+
+
+@PROPS
+@given(st.integers(1, 10**12), st.sampled_from(["CNY", "USD", "JPY"]))
+def test_parse_amount_roundtrip(minor: int, currency: str) -> None:
+    assert parse_amount(str(from_minor(minor, currency)), currency) == minor

@@ -9,6 +9,7 @@ from gpucloud.billing import (
     BillingMode,
     NotOffered,
     PackagePeriod,
+    PriceBook,
     Term,
     TermError,
     enter_package,
@@ -103,20 +104,55 @@ def test_enter_package_settles_the_meter_first() -> None:
 
 
 def test_payg_start_one_hour_rule() -> None:
-    # 2 x A100 need 19.60 for one hour
+    # 2 x A100 cost 19.60 for one hour: the balance must be greater than that (the seed)
     d = payg_start_decision(1960, A100, 2, PB)
-    assert d.allowed and d.needed_minor == 1960
-    d = payg_start_decision(1959, A100, 2, PB)
-    assert not d.allowed and d.shortfall_minor == 1
+    assert not d.allowed and d.needed_minor == 1961 and d.shortfall_minor == 1
     assert d.message == (
-        "payAsYouGo start of 2 x NVIDIA-A100-SXM4-80GB (one hour) refused: needs 19.60 CNY, "
-        "available 19.59 CNY (short by 0.01 CNY)"
+        "payAsYouGo start of 2 x NVIDIA-A100-SXM4-80GB (one hour) refused: the available "
+        "balance must be greater than one hour's cost, 19.60 CNY; available 19.60 CNY "
+        "(short by 0.01 CNY)"
     )
-    # with a 100 GiB quota the hour costs 19.64; spot needs 7.80
-    assert payg_start_decision(1963, A100, 2, PB, storage_gib=100).needed_minor == 1964
-    assert payg_start_decision(780, A100, 2, PB, mode=BillingMode.SPOT).allowed
-    # a threshold is rounded up: 0.0004 x 1 GiB for an hour needs 0.01 of balance
-    assert payg_start_decision(0, A100, 1, PB, storage_gib=1).needed_minor == 981
+    assert payg_start_decision(1961, A100, 2, PB).allowed
+    assert not payg_start_decision(1959, A100, 2, PB).allowed
+    # with a 100 GiB quota the hour costs 19.64; spot needs more than 7.80
+    assert payg_start_decision(1963, A100, 2, PB, storage_gib=100).needed_minor == 1965
+    assert not payg_start_decision(780, A100, 2, PB, mode=BillingMode.SPOT).allowed
+    assert payg_start_decision(781, A100, 2, PB, mode=BillingMode.SPOT).allowed
+    # an hour that is not a whole fen: 9.80 + 0.0004 x 1 GiB = 9.8004, so 9.81 is enough
+    d = payg_start_decision(980, A100, 1, PB, storage_gib=1)
+    assert not d.allowed and d.needed_minor == 981
+    assert "one hour's cost, 9.8004 CNY; available 9.80 CNY" in d.message
+
+
+def test_one_hour_rule_at_the_seed_boundary_with_ragged_prices() -> None:
+    """19.80/h and 9.90/h (spot), 0.0005/GiB-h storage: a balance equal to the hour is
+    refused, one minor unit more is allowed."""
+    pb = PriceBook.from_spec(
+        {
+            "currency": "CNY",
+            "gpus": [{"product": H100, "payAsYouGoPerHour": "19.80", "spotPerHour": "9.90"}],
+            "storage": {
+                "instancePerGBHour": "0.0005",
+                "cloudDiskPerGBHour": "0.0005",
+                "imagePerGBHour": "0.0005",
+            },
+            "models": {
+                "per1KTokens": "0",
+                "perImage": "0",
+                "perVideo": "0",
+                "personalPerRequestSecond": "0",
+            },
+        }
+    )
+    assert not payg_start_decision(1980, H100, 1, pb).allowed
+    assert payg_start_decision(1981, H100, 1, pb).allowed
+    spot = BillingMode.SPOT
+    assert not payg_start_decision(990, H100, 1, pb, mode=spot).allowed
+    assert payg_start_decision(991, H100, 1, pb, mode=spot).allowed
+    # 19.80 + 50 GiB x 0.0005 = 19.825: 19.82 is not greater, 19.83 is
+    d = payg_start_decision(1982, H100, 1, pb, storage_gib=50)
+    assert not d.allowed and "19.825 CNY" in d.message and "short by 0.01 CNY" in d.message
+    assert payg_start_decision(1983, H100, 1, pb, storage_gib=50).allowed
 
 
 def test_package_purchase_decision() -> None:

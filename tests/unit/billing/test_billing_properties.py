@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 
+import pytest
 from billing_oracles import A100, PROPS, assert_exact, minor_of, pricebooks
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -14,6 +15,8 @@ from gpucloud.billing import (
     BillingMode,
     PackagePeriod,
     PriceBook,
+    PriceError,
+    RunningTotal,
     Term,
     cloud_disk_charge,
     expires_at,
@@ -253,13 +256,14 @@ def test_one_hour_rule_against_exact_comparison(
     hour = hourly(pb, mode) * gpus + Fraction(pb.storage.instance_per_gb_hour) * quota
     exp = {"CNY": 2, "USD": 2, "EUR": 2, "JPY": 0}[pb.currency]
     d = payg_start_decision(available, A100, gpus, pb, mode=mode, storage_gib=quota)
-    assert d.allowed == (Fraction(available, 10**exp) >= hour)
-    # at the threshold it is allowed, one minor unit below it is not
+    # the seed: "the balance is greater than the usage cost of one hour"
+    assert d.allowed == (Fraction(available, 10**exp) > hour)
+    # needed_minor is the least balance greater than the hour; one minor unit less is not
+    assert Fraction(d.needed_minor, 10**exp) > hour >= Fraction(d.needed_minor - 1, 10**exp)
     assert payg_start_decision(d.needed_minor, A100, gpus, pb, mode=mode, storage_gib=quota).allowed
-    if d.needed_minor > 0:
-        assert not payg_start_decision(
-            d.needed_minor - 1, A100, gpus, pb, mode=mode, storage_gib=quota
-        ).allowed
+    assert not payg_start_decision(
+        d.needed_minor - 1, A100, gpus, pb, mode=mode, storage_gib=quota
+    ).allowed
 
 
 @PROPS
@@ -284,3 +288,39 @@ def test_hours_affordable(balance_minor: int, rate_num: int, rate_den: int) -> N
     assert hours is not None
     assume(balance > 0 or hours == 0)
     assert abs(Fraction(hours) * rate - max(balance, Fraction(0))) < Fraction(1, 10**40)
+
+
+# -- recurring charges: any sequence of windows ------------------------------------------
+
+
+@PROPS
+@given(
+    st.sampled_from(["CNY", "JPY"]),
+    st.lists(
+        st.tuples(st.integers(0, 10**9), st.integers(1, 3600 * 10**6)).map(
+            lambda t: Fraction(t[0], t[1])
+        ),
+        max_size=60,
+    ),
+)
+def test_running_total_never_drifts(currency: str, windows: list[Fraction]) -> None:
+    """Over any sequence of window charges, what was posted after each window is the exact
+    total so far rounded once: never more than half a minor unit from it."""
+    unit = Fraction(1, 10 ** {"CNY": 2, "JPY": 0}[currency])
+    total, exact, posted = RunningTotal(), Fraction(0), 0
+    for amount in windows:
+        total, delta = total.add(amount, currency)
+        exact += amount
+        posted += delta
+        assert delta >= 0
+        assert posted == total.posted_minor == minor_of(exact, currency)
+        assert abs(posted * unit - exact) <= unit / 2
+        assert RunningTotal.decode(total.encode(), total.posted_minor) == total
+
+
+def test_running_total_refuses_a_negative_window_and_a_bad_encoding() -> None:
+    with pytest.raises(PriceError, match="window charge"):
+        RunningTotal().add(Fraction(-1, 100))
+    with pytest.raises(PriceError, match="running total"):
+        RunningTotal.decode("0.1x", 0)
+    assert RunningTotal.decode(None, None) == RunningTotal()
