@@ -83,7 +83,7 @@ def run_backend(name: str, db_url: str, args: argparse.Namespace) -> tuple[float
         lg.open_meter(
             f"m-{node}", account="probe" if node == "probe-node" else "bench",
             resource=f"bench/{node}", kind="gpu_time", subject=f"pod-{node}",
-            unit_price=PRICE, unit="gpu_hour", opened_at=opened, gpus=GPUS,
+            unit_price=PRICE, unit="gpu_hour", opened_at=opened, gpus=GPUS, node=node,
         )  # fmt: skip
     lg.close()
     batches = make_batches(nodes, args.windows, args.batch_windows, t0)

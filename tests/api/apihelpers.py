@@ -43,7 +43,15 @@ def gpu_record(
     }
 
 
-def open_gpu_meter(ledger: Ledger, account: str, pod_uid: str, opened_at: datetime) -> None:
+def open_gpu_meter(
+    ledger: Ledger,
+    account: str,
+    pod_uid: str,
+    opened_at: datetime,
+    gpus: int = 1,
+    node: str | None = None,
+) -> None:
+    """A meter for a pod holding ``gpus`` GPUs (on ``node``, when given)."""
     ledger.ensure_account(account)
     ledger.open_meter(
         f"meter-{pod_uid}",
@@ -54,6 +62,8 @@ def open_gpu_meter(ledger: Ledger, account: str, pod_uid: str, opened_at: dateti
         unit_price=PRICE,
         unit="gpu_hour",
         opened_at=opened_at,
+        gpus=gpus,
+        node=node,
     )
 
 

@@ -64,6 +64,7 @@ def test_concurrent_ingest_and_rating_never_double_charge(ledger: Ledger) -> Non
         unit_price=price,
         unit="gpu_hour",
         opened_at=T0,
+        gpus=2,
     )
     windows = 150
     batches = [

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from gpucloud.billing.intervals import elapsed_seconds
 from gpucloud.billing.money import minor_exponent, next_posting
 from gpucloud.clock import Clock, SystemClock
-from gpucloud.ledger import db, ingest, rating, schema
+from gpucloud.ledger import admission, db, ingest, rating, schema
 from gpucloud.ledger import validate as v
 from gpucloud.ledger.errors import (
     IdempotencyConflict,
@@ -133,6 +133,9 @@ def _meter(row: Row[Any], account: str) -> Meter:
         fallback_minor=int(row.fallback_minor),
         late_quantity=int(row.late_quantity),
         late_records=int(row.late_records),
+        node=row.node,
+        gpu_uuids=tuple(admission.uuids_of(row.gpu_uuids)),
+        max_bytes=row.max_bytes,
     )
 
 
@@ -492,24 +495,76 @@ class Ledger(WipesMixin):
         if not records:
             return IngestResult(0, 0, [])
         with self.engine.begin() as conn:
+            loaded: list[Row[Any]] = []
             rater = None
             if rate_at is not None:
-                rater = lambda rows: self._rate_new(conn, rows, rate_at)  # noqa: E731
-            return ingest.ingest(conn, records, received_at, rater)
+                rater = lambda rows: self._rate_new(conn, rows, rate_at, loaded)  # noqa: E731
+            guard = lambda rows, rejected, rules: self._admit(  # noqa: E731
+                conn, rows, rejected, rules, loaded, received_at
+            )
+            return ingest.ingest(conn, records, received_at, rater, guard)
+
+    def _admit(
+        self,
+        conn: Connection,
+        rows: list[tuple[int, ingest.Row]],
+        rejected: list[tuple[int, str]],
+        rules: dict[int, str],
+        loaded: list[Row[Any]],
+        at: datetime,
+    ) -> list[tuple[int, ingest.Row]]:
+        """Refuse the records their meters may not be charged for (gpucloud.ledger.
+        admission): another node's, a GPU beyond the pod's count, more bytes than the
+        volume holds. Loads (and locks) the batch's meters into ``loaded`` for the rater;
+        binds first reports; one audit event per meter and rule refused."""
+        if not rows:
+            return rows
+        kinds = list({r[ingest.KIND] for _, r in rows})
+        owners = list({r[ingest.OWNER] for _, r in rows})
+        loaded.extend(conn.execute(_LOCK_METERS_OF, {"kinds": kinds, "owners": owners}))
+        if not loaded:
+            return rows
+        meters: dict[tuple[str, str], list[admission.Terms]] = {}
+        for m in loaded:
+            meters.setdefault((m.kind, m.subject), []).append(admission.Terms.of(m))
+        guard = admission.Guard(meters)
+        kept = []
+        at_ = ingest  # row positions
+        for i, r in rows:
+            refusal = guard.check(
+                r[at_.KIND], r[at_.OWNER], r[at_.NODE], r[at_.SUBJECT],
+                r[at_.START], r[at_.END], r[at_.QUANTITY],
+            )  # fmt: skip
+            if refusal is None:
+                kept.append((i, r))
+            else:
+                rules[i], reason = refusal
+                rejected.append((i, reason))
+        admission.save(conn, guard.all_terms())
+        for meter_id, refusals in guard.refused.items():
+            by_rule: dict[str, list[tuple[str, str, str]]] = {}
+            for item in refusals:
+                by_rule.setdefault(item[0], []).append(item)
+            for rule, items in by_rule.items():
+                detail = {"rule": rule, "records": len(items), "first": items[0][1]}
+                actor = f"node:{items[0][2]}"
+                account_id = guard.account_of(meter_id)
+                self._audit(conn, account_id, actor, "usage.refused", meter_id, detail, at)
+        return kept
 
     def _rate_new(
-        self, conn: Connection, rows: list[ingest.Row], now: datetime
+        self, conn: Connection, rows: list[ingest.Row], now: datetime, loaded: list[Row[Any]]
     ) -> list[ingest.Row]:
         """The rater of ingest_usage(rate_at=now): rows about to be inserted, returned
-        with their rating columns set where a meter rated them."""
+        with their rating columns set where a meter rated them. ``loaded``: the batch's
+        meters, locked (by _admit)."""
         now_s = schema.to_us(now) // 1_000_000
         due = [r for r in rows if r[ingest.END] <= now_s]
         if not due:
             return rows
-        kinds = {r[ingest.KIND] for r in due}
-        owners = {r[ingest.OWNER] for r in due}
         meters: dict[tuple[str, str], list[tuple[Row[Any], int, int | None]]] = {}
-        for m in conn.execute(_LOCK_METERS_OF, {"kinds": list(kinds), "owners": list(owners)}):
+        # (_admit's bindings changed only node and gpu_uuids, which rating does not read)
+        for m in loaded:
             opened = schema.to_us(m.opened_at) // 1_000_000
             closed = None if m.closed_at is None else schema.to_us(m.closed_at) // 1_000_000
             meters.setdefault((m.kind, m.subject), []).append((m, opened, closed))
@@ -633,13 +688,19 @@ class Ledger(WipesMixin):
         opened_at: datetime,
         memo: str = "",
         gpus: int = 1,
+        node: str | None = None,
+        max_bytes: int | None = None,
     ) -> Meter:
         """Start rating usage of ``subject`` (a pod UID for gpu_time, else a volume id)
         against ``account`` at ``unit_price`` per GPU-hour or per GiB-hour.
 
         Idempotent: the same meter_id with the same terms returns the meter (other terms
-        raise IdempotencyConflict). ``gpus`` (GPUs the pod holds) is used only for
-        accrual estimates. One open meter per (kind, subject) at a time.
+        raise IdempotencyConflict). One open meter per (kind, subject) at a time.
+
+        What it may be charged for (gpucloud.ledger.admission): usage reported by
+        ``node`` only (None: the node of the first report), for at most ``gpus`` GPU
+        UUIDs (the first ones reported), and for a volume at most ``max_bytes`` bytes
+        (its quota or capacity; None: no cap). ``gpus`` also drives accrual estimates.
         """
         v.text(meter_id, "meter_id")
         v.text(resource, "resource")
@@ -655,6 +716,10 @@ class Ledger(WipesMixin):
         v.instant(opened_at, "opened_at")
         v.text(memo, "memo", max_len=4000, empty=True)
         v.positive(gpus, "gpus")
+        if node is not None:
+            v.text(node, "node")
+        if max_bytes is not None:
+            v.positive(max_bytes, "max_bytes")
         with self.engine.begin() as conn:
             acct = self._account_row(conn, account, lock=True)
             row = conn.execute(select(M).where(M.c.meter_id == meter_id)).first()
@@ -698,6 +763,8 @@ class Ledger(WipesMixin):
                     posted_minor=0,
                     seq=0,
                     last_usage_end=None,
+                    node=node,
+                    max_bytes=max_bytes,
                 )
             )
             row = conn.execute(select(M).where(M.c.meter_id == meter_id)).one()
@@ -923,7 +990,13 @@ class Ledger(WipesMixin):
         opened = schema.to_us(row.opened_at) // 1_000_000
         closed = None if row.closed_at is None else schema.to_us(row.closed_at) // 1_000_000
         window = (opened, closed)
-        pending = rating.pending_usage(conn, row.kind, row.subject, window, now_s, _RATE_CHUNK)
+        # Only what the meter may be charged for: usage stored before it opened was not
+        # checked at ingestion (gpucloud.ledger.admission); the rest stays unrated.
+        cond, params = rating.pending_condition(row.kind, row.subject, window, now_s)
+        terms = admission.terms_sql(admission.bind_pending(conn, row, cond, params))
+        pending = rating.pending_usage(
+            conn, row.kind, row.subject, window, now_s, _RATE_CHUNK, terms
+        )
         if pending.count == 0:
             return 0
         self._charge(conn, row, pending.quantity, pending.last_end, now, pending.count)
@@ -1005,7 +1078,9 @@ class Ledger(WipesMixin):
             by_owner: defaultdict[str, list[Row[Any]]] = defaultdict(list)
             if rows:
                 for u in conn.execute(
-                    select(U.c.owner, U.c.kind, U.c.rated_until, U.c.end_s, U.c.quantity).where(
+                    select(
+                        U.c.owner, U.c.kind, U.c.rated_until, U.c.end_s, U.c.quantity, U.c.node
+                    ).where(
                         U.c.kind == MeterKind.GPU_TIME.value,
                         U.c.owner.in_({row.subject for row in rows}),
                         U.c.rated_until < U.c.end_s,
@@ -1019,7 +1094,7 @@ class Ledger(WipesMixin):
                 unrated = [
                     (u.kind, u.rated_until, u.end_s, u.quantity)
                     for u in by_owner[row.subject]
-                    if u.end_s > opened
+                    if u.end_s > opened and (row.node is None or u.node == row.node)
                 ]
                 quantity = meter.quantity_rated + rating.sum_clipped(unrated, window)
                 ends = [e for _, _, e, _ in unrated]
