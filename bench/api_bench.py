@@ -214,6 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-probes", type=int, default=20)
     p.add_argument("--probe-interval", type=float, default=0.1)
     p.add_argument("--backends", default="sqlite,postgres")
+    p.add_argument(
+        "--pg-durable",
+        action="store_true",
+        help="PostgreSQL with fsync on, as in production (default: the test server's fsync off)",
+    )
     args = p.parse_args(argv)
     results: dict[str, float] = {}
     p95s: list[float] = []
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
                 Path(f"{db}{suffix}").unlink(missing_ok=True)
             rate, lat = run_backend("sqlite", f"sqlite:///{db}", args)
         else:
-            with postgres_server() as url:
+            with postgres_server(durable=args.pg_durable) as url:
                 rate, lat = run_backend("postgres", url, args)
         results[backend] = rate
         p95s.append(p95(lat))
