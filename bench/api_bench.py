@@ -165,7 +165,7 @@ def probe_loop(
 
 def log_stages(api: ApiProcess, name: str, elapsed: float) -> None:
     """Where the API process spent its time, from its own stage histogram."""
-    text = httpx.get(f"{api.url}/metrics", timeout=30).text
+    text = httpx.get(f"{api.ops_url}/metrics", timeout=30).text
     sums = {}
     for line in text.splitlines():
         if line.startswith("gpucloud_api_stage_seconds_sum"):

@@ -8,6 +8,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from fastapi.testclient import TestClient
+
+from gpucloud.api.app import ops_app
 from gpucloud.api.auth import Principal
 from gpucloud.api.testserver import AGENT_SA
 from gpucloud.ledger import Ledger
@@ -65,6 +68,11 @@ def open_gpu_meter(
         gpus=gpus,
         node=node,
     )
+
+
+def ops_client(client: TestClient) -> TestClient:
+    """The operational port (/metrics) of the app ``client`` talks to."""
+    return TestClient(ops_app(client.app))  # type: ignore[arg-type]
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:

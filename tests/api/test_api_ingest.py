@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from apihelpers import PRICE, T0, T0_S, auth, gpu_record, open_gpu_meter, wait_for
+from apihelpers import PRICE, T0, T0_S, auth, gpu_record, open_gpu_meter, ops_client, wait_for
 from fastapi.testclient import TestClient
 
 from gpucloud.billing.money import to_minor
@@ -114,6 +114,6 @@ def test_usage_is_rated_into_the_balance_within_2s(
     assert sum(c["amount_minor"] for c in charges["charges"]) == -expected
     usage = client.get("/v1/accounts/acme/usage", headers=auth("tenant-token")).json()
     assert sum(r["gpu_seconds"] for r in usage["rows"]) == 3600
-    metrics = client.get("/metrics").text
+    metrics = ops_client(client).get("/metrics").text
     assert "gpucloud_usage_records_ingested_total 360.0" in metrics
     assert "gpucloud_rating_lag_seconds_count" in metrics

@@ -12,6 +12,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from gpucloud.api.deps import Account, Admin, Caller, State
+from gpucloud.api.guard import StrictRoute
 from gpucloud.api.schemas import (
     BankTransferIn,
     CallbackOut,
@@ -27,7 +28,7 @@ from gpucloud.ledger import NotFound, Order, OrderStatus, Voucher
 from gpucloud.recharge import CallbackError, PaymentNotice, SignatureError
 from gpucloud.recharge.qr import qr_png
 
-router = APIRouter(tags=["recharge"])
+router = APIRouter(route_class=StrictRoute, tags=["recharge"])
 
 _AUTH = {401: {"model": Problem}, 403: {"model": Problem}}
 OrderId = Annotated[str, Path(min_length=1, max_length=64)]
@@ -133,8 +134,12 @@ async def payment_callback(provider: ProviderName, request: Request, state: Stat
     impl = state.settings.providers.get(provider)
     if impl is None:
         raise HTTPException(404, f"provider {provider!r} is not configured")
-    body = await request.body()
     now = state.settings.clock.now()
+    try:
+        impl.check_headers(request.headers, now)  # before a byte of the body is read
+    except SignatureError as exc:
+        raise HTTPException(401, str(exc)) from None
+    body = await request.body()  # at most the RequestGuard's limit
     try:
         notice = impl.verify_callback(request.headers, body, now)
     except SignatureError as exc:

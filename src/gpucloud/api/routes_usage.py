@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from gpucloud.api.deps import Caller, State, agent_node
+from gpucloud.api.guard import StrictRoute
 from gpucloud.api.ingest import BatchShapeError, NotJSON, RecordError, validate_body
 from gpucloud.api.schemas import IngestOut, Problem
 from gpucloud.ledger import admission
@@ -17,7 +18,7 @@ from gpucloud.ledger.admission import WRONG_NODE
 from gpucloud.ledger.wire import WireBatch, parse_batch
 from gpucloud.usage import UsageRecord
 
-router = APIRouter(prefix="/v1", tags=["usage"])
+router = APIRouter(route_class=StrictRoute, prefix="/v1", tags=["usage"])
 MAX_BODY_BYTES = 16 * 1024 * 1024  # 10,000 records fit in a few MB
 
 _BODY = {
