@@ -58,6 +58,7 @@ def _order_out(state: State, request: Request, order: Order) -> OrderOut:
     qr = request.url_for("get_order_qr", account=order.account, order_id=order.order_id)
     return OrderOut(
         order_id=order.order_id,
+        client_order_id=order.client_ref,
         account=order.account,
         amount_minor=order.amount_minor,
         amount=format_money(order.amount_minor, currency),
@@ -85,7 +86,7 @@ def _account_order(state: State, account: str, order_id: str) -> Order:
     responses={**_AUTH, 404: {"model": Problem}},
 )
 def create_online_recharge(
-    account: Account, body: OnlineRechargeIn, state: State, request: Request
+    account: Account, body: OnlineRechargeIn, caller: Caller, state: State, request: Request
 ) -> OrderOut:
     """A payment order: open ``payment_url`` or scan the QR code at ``qr_png_url``."""
     if state.settings.providers.get(body.provider) is None:
@@ -94,7 +95,12 @@ def create_online_recharge(
     _currency(state, account)
     expires_at = state.settings.clock.now() + timedelta(seconds=state.settings.order_ttl_s)
     order = state.ledger.create_order(
-        account, body.amount_minor, body.provider, expires_at, order_id=body.order_id
+        account,
+        body.amount_minor,
+        body.provider,
+        expires_at,
+        client_ref=body.client_order_id,
+        actor=caller.username,
     )
     return _order_out(state, request, order)
 
@@ -182,6 +188,7 @@ def _voucher_out(state: State, v: Voucher) -> VoucherOut:
         file_sha256=v.file_sha256,
         status=str(v.status),
         submitted_at=v.submitted_at,
+        submitter=v.submitter,
         reviewer=v.reviewer,
         reason=v.reason,
         reviewed_at=v.reviewed_at,
@@ -194,7 +201,9 @@ def _voucher_out(state: State, v: Voucher) -> VoucherOut:
     response_model=VoucherOut,
     responses={**_AUTH, 409: {"model": Problem}, 413: {"model": Problem}},
 )
-def submit_bank_transfer(account: Account, body: BankTransferIn, state: State) -> VoucherOut:
+def submit_bank_transfer(
+    account: Account, body: BankTransferIn, caller: Caller, state: State
+) -> VoucherOut:
     """A bank-transfer voucher, pending an admin's review. Only the file's SHA-256 goes
     into the ledger; the file itself is kept under the configured voucher directory."""
     digest = None
@@ -218,6 +227,7 @@ def submit_bank_transfer(account: Account, body: BankTransferIn, state: State) -
         body.transfer_no,
         digest,
         state.settings.clock.now(),
+        submitter=caller.username,
     )
     return _voucher_out(state, voucher)
 
@@ -252,7 +262,9 @@ def get_voucher(voucher_id: VoucherId, caller: Caller, state: State) -> VoucherO
     responses={**_AUTH, 404: {"model": Problem}, 409: {"model": Problem}},
 )
 def review_voucher(voucher_id: VoucherId, body: ReviewIn, admin: Admin, state: State) -> VoucherOut:
-    """Admins: approve (credits exactly once) or reject (a reason is required)."""
+    """Admins: approve (credits exactly once) or reject (a reason is required). 409 for
+    a voucher already reviewed, one the caller submitted (``own_voucher``), or a transfer
+    already credited to an account (``transfer_credited``)."""
     if body.decision == "reject" and not body.reason.strip():
         raise HTTPException(422, "reason: required when rejecting a voucher")
     voucher = state.ledger.review_voucher(

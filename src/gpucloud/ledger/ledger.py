@@ -151,6 +151,7 @@ def _order(row: Row[Any], account: str) -> Order:
         provider_txn=row.provider_txn,
         paid_at=row.paid_at,
         entry_id=row.entry_id,
+        client_ref=row.client_ref,
     )
 
 
@@ -169,6 +170,7 @@ def _voucher(row: Row[Any], account: str) -> Voucher:
         reason=row.reason,
         reviewed_at=row.reviewed_at,
         entry_id=row.entry_id,
+        submitter=row.submitter,
     )
 
 
@@ -1115,23 +1117,35 @@ class Ledger(WipesMixin):
         amount_minor: int,
         provider: str,
         expires_at: datetime,
-        order_id: str | None = None,
+        client_ref: str | None = None,
+        *,
+        actor: str | None = None,
     ) -> Order:
-        """A pending online payment order (idempotent on ``order_id`` if given: the same
-        order again returns it, other content raises IdempotencyConflict)."""
+        """A pending online payment order. Its ``order_id``, what the payment provider is
+        given, is always the ledger's own (a tenant cannot take another's). The request
+        is idempotent per account on ``client_ref`` if given: the same terms again return
+        the order, other terms raise IdempotencyConflict (another account's equal
+        ``client_ref`` is another order). ``actor``: who asked, for the audit trail."""
         amount = v.positive(amount_minor, "amount_minor")
         v.text(provider, "provider", max_len=64)
         v.instant(expires_at, "expires_at")
-        order_id = order_id if order_id is not None else uuid.uuid4().hex
-        v.text(order_id, "order_id", max_len=64)
+        if client_ref is not None:
+            v.text(client_ref, "client_ref", max_len=64)
+        actor = v.text(actor, "actor") if actor is not None else f"user:{account}"
+        order_id = uuid.uuid4().hex
         now = self.clock.now()
         with self.engine.begin() as conn:
             acct = self._account_row(conn, account, lock=True)
-            row = conn.execute(select(ORD).where(ORD.c.order_id == order_id)).first()
-            if row is not None:
-                if (row.account_id, row.amount_minor, row.provider) != (acct.id, amount, provider):
-                    raise IdempotencyConflict(f"order:{order_id}", "order exists with other terms")
-                return _order(row, account)
+            if client_ref is not None:
+                row = conn.execute(
+                    select(ORD).where(ORD.c.account_id == acct.id, ORD.c.client_ref == client_ref)
+                ).first()
+                if row is not None:
+                    if (row.amount_minor, row.provider) != (amount, provider):
+                        raise IdempotencyConflict(
+                            f"order:{client_ref}", "order exists with other terms"
+                        )
+                    return _order(row, account)
             conn.execute(
                 insert(ORD).values(
                     order_id=order_id,
@@ -1141,12 +1155,22 @@ class Ledger(WipesMixin):
                     status=OrderStatus.PENDING.value,
                     created_at=now,
                     expires_at=expires_at,
+                    client_ref=client_ref,
                 )
             )
-            detail = {"amount_minor": amount, "provider": provider}
-            self._audit(conn, acct.id, f"user:{account}", "order.created", order_id, detail, now)
+            detail = {"amount_minor": amount, "provider": provider, "client_ref": client_ref}
+            self._audit(conn, acct.id, actor, "order.created", order_id, detail, now)
             row = conn.execute(select(ORD).where(ORD.c.order_id == order_id)).one()
         return _order(row, account)
+
+    def find_order(self, account: str, client_ref: str) -> Order | None:
+        """The account's order with this client reference, if any."""
+        with self._read() as conn:
+            acct = self._account_row(conn, account)
+            row = conn.execute(
+                select(ORD).where(ORD.c.account_id == acct.id, ORD.c.client_ref == client_ref)
+            ).first()
+        return None if row is None else _order(row, account)
 
     def get_order(self, order_id: str) -> Order:
         with self._read() as conn:
@@ -1272,23 +1296,31 @@ class Ledger(WipesMixin):
         transfer_no: str,
         file_sha256: str | None,
         at: datetime,
+        *,
+        submitter: str | None = None,
     ) -> Voucher:
-        """A bank-transfer voucher pending review. (bank, transfer_no) is unique: the
-        same submission again returns the voucher; other content raises
-        IdempotencyConflict."""
+        """A bank-transfer voucher pending review. (bank, transfer_no) is unique per
+        account: the same submission again returns the voucher; other content raises
+        IdempotencyConflict (naming nothing of any other account: another account's
+        voucher for the same transfer is a voucher of its own, and approval credits a
+        transfer once). ``submitter``: who submitted it (the audit trail's actor; they may
+        never review it)."""
         amount = v.positive(amount_minor, "amount_minor")
         v.text(payer, "payer")
         v.text(bank, "bank")
         v.text(transfer_no, "transfer_no", max_len=128)
         v.sha256_hex(file_sha256, "file_sha256")
         v.instant(at, "at")
+        submitter = v.text(submitter, "submitter") if submitter is not None else None
         with self.engine.begin() as conn:
             acct = self._account_row(conn, account, lock=True)
             row = conn.execute(
-                select(VO).where(VO.c.bank == bank, VO.c.transfer_no == transfer_no)
+                select(VO).where(
+                    VO.c.account_id == acct.id, VO.c.bank == bank, VO.c.transfer_no == transfer_no
+                )
             ).first()
             if row is not None:
-                if (row.account_id, row.amount_minor, row.payer) != (acct.id, amount, payer):
+                if (row.amount_minor, row.payer) != (amount, payer):
                     raise IdempotencyConflict(
                         f"voucher:{bank}:{transfer_no}",
                         f"transfer {transfer_no!r} at {bank!r} was already submitted as voucher "
@@ -1307,12 +1339,12 @@ class Ledger(WipesMixin):
                     file_sha256=file_sha256,
                     status=VoucherStatus.PENDING.value,
                     submitted_at=at,
+                    submitter=submitter,
                 )
             )
             detail = {"amount_minor": amount, "bank": bank, "transfer_no": transfer_no}
-            self._audit(
-                conn, acct.id, f"user:{account}", "voucher.submitted", voucher_id, detail, at
-            )
+            actor = submitter or f"user:{account}"
+            self._audit(conn, acct.id, actor, "voucher.submitted", voucher_id, detail, at)
             row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).one()
         return _voucher(row, account)
 
@@ -1336,21 +1368,40 @@ class Ledger(WipesMixin):
         return [_voucher(r, names[r.account_id]) for r in rows]
 
     def review_voucher(
-        self, voucher_id: str, approve: bool, reviewer: str, reason: str, at: datetime
+        self,
+        voucher_id: str,
+        approve: bool,
+        reviewer: str,
+        reason: str,
+        at: datetime,
+        *,
+        expect_amount: int | None = None,
     ) -> Voucher:
         """Approve (credits exactly once, key ``voucher:{voucher_id}``) or reject (needs
-        a non-empty reason). A second review raises ReviewRefused."""
+        a non-empty reason). ReviewRefused: a second review (``already_reviewed``), the
+        voucher's submitter reviewing it (``own_voucher``), an approval of a transfer
+        already credited to any account (``transfer_credited``), or ``expect_amount``
+        (what the reviewer saw) other than the voucher's (``amount_mismatch``). Every
+        refusal is in the audit trail."""
         if not isinstance(approve, bool):
             raise InvalidInput(f"approve: must be a bool, got {type(approve).__name__}")
         v.text(reviewer, "reviewer")
         v.text(reason, "reason", max_len=4000, empty=approve)
         v.instant(at, "at")
+        refusal: ReviewRefused | None = None
         with self.engine.begin() as conn:
-            row = conn.execute(
-                select(VO).where(VO.c.voucher_id == voucher_id).with_for_update()
-            ).first()
+            row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).first()
             if row is None:
                 raise NotFound(f"voucher {voucher_id!r} does not exist")
+            # Every voucher of the same transfer, in one order (this one among them): two
+            # approvals of one transfer in two accounts run one after the other.
+            conn.execute(
+                select(VO.c.voucher_id)
+                .where(VO.c.bank == row.bank, VO.c.transfer_no == row.transfer_no)
+                .order_by(VO.c.voucher_id)
+                .with_for_update()
+            ).all()
+            row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).one()
             if row.status != VoucherStatus.PENDING.value:
                 raise ReviewRefused(
                     voucher_id,
@@ -1358,36 +1409,92 @@ class Ledger(WipesMixin):
                     f"{row.status} by {row.reviewer} at {row.reviewed_at.isoformat()}",
                 )
             acct = conn.execute(select(A).where(A.c.id == row.account_id).with_for_update()).one()
-            entry_id = None
-            if approve:
-                entry, _, _ = self._post(
-                    conn,
-                    acct,
-                    EntryKind.RECHARGE,
-                    row.amount_minor,
-                    f"voucher:{voucher_id}",
-                    None,
-                    f"bank transfer {row.transfer_no} from {row.payer}",
-                    at,
-                    {"voucher_id": voucher_id, "reviewer": reviewer},
-                )
-                entry_id = entry.id
-            status = VoucherStatus.APPROVED if approve else VoucherStatus.REJECTED
-            conn.execute(
-                update(VO)
-                .where(VO.c.voucher_id == voucher_id)
-                .values(
-                    status=status.value,
-                    reviewer=reviewer,
-                    reason=reason,
-                    reviewed_at=at,
-                    entry_id=entry_id,
-                )
-            )
-            detail = {"reason": reason, "amount_minor": row.amount_minor}
-            self._audit(conn, acct.id, reviewer, f"voucher.{status.value}", voucher_id, detail, at)
-            row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).one()
+            refusal = self._review_refusal(conn, row, approve, reviewer, expect_amount)
+            if refusal is not None:
+                detail = {"reason": refusal.reason, "amount_minor": row.amount_minor}
+                self._audit(conn, acct.id, reviewer, "voucher.review_refused", voucher_id,
+                            detail, at)  # fmt: skip
+            else:
+                row = self._apply_review(conn, row, acct, approve, reviewer, reason, at)
+        if refusal is not None:
+            raise refusal  # after the commit, so the refusal stays in the audit trail
         return _voucher(row, acct.name)
+
+    def _apply_review(
+        self,
+        conn: Connection,
+        row: Row[Any],
+        acct: Row[Any],
+        approve: bool,
+        reviewer: str,
+        reason: str,
+        at: datetime,
+    ) -> Row[Any]:
+        voucher_id = row.voucher_id
+        entry_id = None
+        if approve:
+            entry, _, _ = self._post(
+                conn,
+                acct,
+                EntryKind.RECHARGE,
+                row.amount_minor,
+                f"voucher:{voucher_id}",
+                None,
+                f"bank transfer {row.transfer_no} from {row.payer}",
+                at,
+                {"voucher_id": voucher_id, "reviewer": reviewer},
+            )
+            entry_id = entry.id
+        status = VoucherStatus.APPROVED if approve else VoucherStatus.REJECTED
+        conn.execute(
+            update(VO)
+            .where(VO.c.voucher_id == voucher_id)
+            .values(
+                status=status.value,
+                reviewer=reviewer,
+                reason=reason,
+                reviewed_at=at,
+                entry_id=entry_id,
+            )
+        )
+        detail = {"reason": reason, "amount_minor": row.amount_minor}
+        self._audit(conn, acct.id, reviewer, f"voucher.{status.value}", voucher_id, detail, at)
+        return conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).one()
+
+    def _review_refusal(
+        self,
+        conn: Connection,
+        row: Row[Any],
+        approve: bool,
+        reviewer: str,
+        expect_amount: int | None,
+    ) -> ReviewRefused | None:
+        if row.submitter is not None and row.submitter == reviewer:
+            return ReviewRefused(
+                row.voucher_id, "own_voucher", f"{reviewer!r} submitted it: another must review"
+            )
+        if expect_amount is not None and expect_amount != row.amount_minor:
+            return ReviewRefused(
+                row.voucher_id,
+                "amount_mismatch",
+                f"the review is for {expect_amount}, the voucher is for {row.amount_minor}",
+            )
+        if approve:
+            credited = conn.execute(
+                select(VO.c.voucher_id).where(
+                    VO.c.bank == row.bank,
+                    VO.c.transfer_no == row.transfer_no,
+                    VO.c.status == VoucherStatus.APPROVED.value,
+                )
+            ).first()
+            if credited is not None:
+                return ReviewRefused(
+                    row.voucher_id,
+                    "transfer_credited",
+                    f"transfer {row.transfer_no!r} at {row.bank!r} was already credited "
+                    f"(voucher {credited[0]!r})",
+                )
+        return None
 
     def record_audit(
         self,
