@@ -294,8 +294,9 @@ def test_api_and_agent_on_their_own_tokens(bed: Bed, instance: dict[str, Any]) -
             "gpu": {"uuid": "GPU-0", "product": L40S},
             "pod": {"namespace": bed.tenant_ns, "name": "nb-gpu", "uid": "x"},
         }  # fmt: skip
-        refused = post(agent_api_token, [foreign])
-        assert refused.status_code == 403 and node in refused.text, refused.text
+        refused = post(agent_api_token, [foreign])  # refused on its own, naming the node
+        assert refused.status_code == 422 and node in refused.text, refused.text
+        assert refused.json()["errors"][0]["rule"] == "wrong_node"
         # The tenant's token for the right audience: authenticated, not an agent.
         tenant_api = mint_token(tb, "tenant", bed.tenant_ns, audience=AUDIENCE)
         assert post(tenant_api, []).status_code == 403
