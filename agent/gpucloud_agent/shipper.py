@@ -87,9 +87,15 @@ class Shipper:
     _headers = headers
 
     def _next_batch(self) -> Batch:
+        """The next records in WAL order, past the parked ones; a parked record whose
+        backoff is over travels alone (it would fail the batch it joined)."""
         now = time.monotonic()
         candidates = self.wal.pending(self._limit + len(self._parked))
-        ready = [(i, r) for i, r in candidates if self._parked.get(i, (0.0, 0))[0] <= now]
+        for rid, record in candidates:
+            parked = self._parked.get(rid)
+            if parked is not None and parked[0] <= now:
+                return [(rid, record)]
+        ready = [(i, r) for i, r in candidates if i not in self._parked]
         return ready[: self._limit]
 
     def ship_once(self) -> bool | None:

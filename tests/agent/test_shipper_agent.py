@@ -107,10 +107,17 @@ def test_a_record_that_makes_the_api_fail_does_not_hold_back_the_rest(
     assert sorted(r["start"] for r in receiver.snapshot()) == [i for i in range(16) if i != 5]
     assert [r["start"] for _, r in wal.pending(10)] == [5]
     assert shipper.dead_letters.read() == []
+    # once its backoff is over it is retried alone, never failing the others' batches
+    wal.append([gpu_record(i) for i in range(16, 20)])
+    shipper._parked = {rid: (0.0, n) for rid, (_, n) in shipper._parked.items()}
+    before = len(receiver.batches)
+    _drain(shipper)
+    assert receiver.batches[before] == 1  # the parked record, alone
+    assert len(receiver.snapshot()) == 19 and [r["start"] for _, r in wal.pending(10)] == [5]
     receiver.poison = lambda r: False  # fixed on the API side
     shipper._parked.clear()  # its backoff is over
     _drain(shipper)
-    assert wal.backlog == 0 and len(receiver.snapshot()) == 16
+    assert wal.backlog == 0 and len(receiver.snapshot()) == 20
     shipper.close()
 
 
