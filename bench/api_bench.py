@@ -83,7 +83,7 @@ def run_backend(name: str, db_url: str, args: argparse.Namespace) -> tuple[float
         lg.open_meter(
             f"m-{node}", account="probe" if node == "probe-node" else "bench",
             resource=f"bench/{node}", kind="gpu_time", subject=f"pod-{node}",
-            unit_price=PRICE, unit="gpu_hour", opened_at=opened, gpus=GPUS,
+            unit_price=PRICE, unit="gpu_hour", opened_at=opened, gpus=GPUS, node=node,
         )  # fmt: skip
     lg.close()
     batches = make_batches(nodes, args.windows, args.batch_windows, t0)
@@ -165,7 +165,7 @@ def probe_loop(
 
 def log_stages(api: ApiProcess, name: str, elapsed: float) -> None:
     """Where the API process spent its time, from its own stage histogram."""
-    text = httpx.get(f"{api.url}/metrics", timeout=30).text
+    text = httpx.get(f"{api.ops_url}/metrics", timeout=30).text
     sums = {}
     for line in text.splitlines():
         if line.startswith("gpucloud_api_stage_seconds_sum"):
@@ -214,6 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-probes", type=int, default=20)
     p.add_argument("--probe-interval", type=float, default=0.1)
     p.add_argument("--backends", default="sqlite,postgres")
+    p.add_argument(
+        "--pg-durable",
+        action="store_true",
+        help="PostgreSQL with fsync on, as in production (default: the test server's fsync off)",
+    )
     args = p.parse_args(argv)
     results: dict[str, float] = {}
     p95s: list[float] = []
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
                 Path(f"{db}{suffix}").unlink(missing_ok=True)
             rate, lat = run_backend("sqlite", f"sqlite:///{db}", args)
         else:
-            with postgres_server() as url:
+            with postgres_server(durable=args.pg_durable) as url:
                 rate, lat = run_backend("postgres", url, args)
         results[backend] = rate
         p95s.append(p95(lat))

@@ -209,6 +209,8 @@ def main() -> int:
                     str(tmp / "gateway.yaml"),
                     "--port",
                     str(gport),
+                    "--ops-port",
+                    str(free_port()),
                 ],
                 start_new_session=True,
             )

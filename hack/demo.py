@@ -199,7 +199,12 @@ class Demo:
              == "Credited")  # fmt: skip
         wait("the transfer to await review", lambda: self.status(
             "recharge", "transfer-20261126").get("phase") == "AwaitingReview")  # fmt: skip
-        self.apply(yaml.safe_load((REPO / "examples" / "rechargereview.yaml").read_text()))
+        # The admin pins what they checked: the Recharge's uid, amount and voucher.
+        seen = self.get("recharge", "transfer-20261126")
+        review = yaml.safe_load((REPO / "examples" / "rechargereview.yaml").read_text())
+        review["spec"]["rechargeRef"]["uid"] = seen["metadata"]["uid"]
+        review["spec"] |= {"amount": seen["spec"]["amount"], "voucherId": seen["status"]["orderId"]}
+        self.apply(review)
         wait("the approved transfer", lambda: self.status(
             "recharge", "transfer-20261126").get("phase") == "Credited")  # fmt: skip
         print(self.tb.kubectl("get", "recharges", "-n", NS).stdout)

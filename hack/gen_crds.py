@@ -459,15 +459,30 @@ def recharge_review() -> Schema:
                 {
                     "namespace": string("Namespace of the Recharge.", pattern=DNS_LABEL),
                     "name": string("Name of the Recharge.", maxLength=253),
+                    "uid": string(
+                        "metadata.uid of the Recharge the admin looked at: a Recharge "
+                        "deleted and created again under the same name is refused.",
+                        minLength=1,
+                        maxLength=64,
+                    ),
                 },
-                ["namespace", "name"],
+                ["namespace", "name", "uid"],
+            ),
+            "amount": decimal(
+                "The Recharge's amount as the admin saw it (refused if it differs).",
+                positive=True,
+            ),
+            "voucherId": string(
+                "The voucher the admin checked (the Recharge's status.orderId).",
+                minLength=1,
+                maxLength=64,
             ),
             "decision": enum(
                 "Approve credits the amount once; Reject needs a reason.", ["Approve", "Reject"]
             ),
             "reason": string("Why (required to reject).", maxLength=1024),
         },
-        ["rechargeRef", "decision"],
+        ["rechargeRef", "amount", "voucherId", "decision"],
         **{
             "x-kubernetes-validations": [
                 {"rule": "self == oldSelf", "message": "a review is final: spec is immutable"},
@@ -497,6 +512,7 @@ def recharge_review() -> Schema:
         [
             column("Namespace", ".spec.rechargeRef.namespace"),
             column("Recharge", ".spec.rechargeRef.name"),
+            column("Amount", ".spec.amount"),
             column("Decision", ".spec.decision"),
             column("Applied", ".status.applied", "boolean"),
         ],

@@ -181,7 +181,12 @@ def run_agent(args: argparse.Namespace) -> int:
     )
     registry = CollectorRegistry()
     registry.register(
-        AgentCollector(agent.stats, lambda: wal.backlog, lambda: shipper.errors_total)
+        AgentCollector(
+            agent.stats,
+            lambda: wal.backlog,
+            lambda: shipper.errors_total,
+            shipper.dead_letters.snapshot,
+        )
     )
     wiper = None
     if args.disk_root:

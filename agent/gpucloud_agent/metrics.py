@@ -76,11 +76,16 @@ class Stats:
 
 class AgentCollector(Collector):
     def __init__(
-        self, stats: Stats, wal_backlog: Callable[[], int], shipping_errors: Callable[[], int]
+        self,
+        stats: Stats,
+        wal_backlog: Callable[[], int],
+        shipping_errors: Callable[[], int],
+        dead_lettered: Callable[[], dict[str, int]] = dict,
     ):
         self.stats = stats
         self.wal_backlog = wal_backlog
         self.shipping_errors = shipping_errors
+        self.dead_lettered = dead_lettered
 
     def collect(self) -> Iterable[Metric]:
         s = self.stats
@@ -133,6 +138,13 @@ class AgentCollector(Collector):
             "gpucloud_agent_shipping_errors", "Failed attempts to ship usage records."
         )
         ship_err.add_metric([], self.shipping_errors())
+        dead = CounterMetricFamily(
+            "gpucloud_agent_dead_letter_records",
+            "Usage records the API refused, moved to the dead-letter file, by rule.",
+            labels=["rule"],
+        )
+        for rule, n in sorted(self.dead_lettered().items()):
+            dead.add_metric([rule], n)
         samples_fam = CounterMetricFamily("gpucloud_agent_samples", "Samples taken.")
         samples_fam.add_metric([], samples)
         errs = CounterMetricFamily(
@@ -140,7 +152,7 @@ class AgentCollector(Collector):
         )
         errs.add_metric([], sample_errors)
         yield from (util, used, total, alloc, disk_fam, duration, lateness, backlog, ship_err)
-        yield from (samples_fam, errs)
+        yield from (samples_fam, errs, dead)
 
 
 def quantile(values: list[float], q: float) -> float | None:

@@ -2,8 +2,8 @@
 (an instance volume deleted after 7 days of arrears; docs/arrears.md).
 
 Every ``interval_s`` it fetches ``GET {api}/v1/nodes/{node}/wipes``, and for each one
-checks that the path resolves (symlinks followed) to ``<disk-root>/instances/<ns>/<name>``
-and nothing else, measures what it holds, removes it and reports
+checks that the path is ``instances/<ns>/<name>`` with no symlink anywhere on it (and
+that it resolves inside ``<disk-root>/instances``), measures what it holds, removes it and reports
 ``POST .../wipes/{id}/done {"bytes_freed": N}``. A path that is missing counts as
 already gone (0 bytes): a wipe killed after the removal repeats only the report. A
 refused path is logged and counted, never removed, and stays pending for a human.
@@ -35,9 +35,18 @@ class Refused(ValueError):
 
 def resolve(disk_root: str | os.PathLike[str], path: str) -> Path:
     """The real path of ``path`` (relative to ``disk_root``), which must be an instance
-    folder ``<disk-root>/instances/<ns>/<name>``; anything else raises Refused."""
+    folder ``<disk-root>/instances/<ns>/<name>`` reached without any symlink (a link
+    inside instances/ could lead to another tenant's folder); anything else raises
+    Refused."""
     if not path or os.path.isabs(path):
         raise Refused(f"path {path!r}: must be relative to the data root")
+    parts = Path(path).parts
+    if len(parts) != 3 or parts[0] != "instances" or {".", ".."} & set(parts):
+        raise Refused(f"path {path!r}: must be instances/<namespace>/<name>")
+    for depth in range(1, 4):
+        step = os.path.join(disk_root, *parts[:depth])
+        if os.path.islink(step):
+            raise Refused(f"path {path!r}: {os.path.join(*parts[:depth])!r} is a symlink")
     base = os.path.realpath(os.path.join(disk_root, "instances"))
     target = os.path.realpath(os.path.join(disk_root, path))
     inside = os.path.commonpath([base, target]) == base

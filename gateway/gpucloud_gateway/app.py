@@ -497,11 +497,21 @@ class Gateway:
         return Starlette(
             routes=[
                 Route("/healthz", self.healthz),
-                Route("/metrics", self.metrics_endpoint),
-                Route("/v1/stats", self.stats_endpoint),
                 Route("/{namespace}/{model}/{path:path}", self.proxy, methods=methods),
             ],
             lifespan=lifespan,
+        )
+
+    def ops_app(self) -> Starlette:
+        """``/metrics`` and ``/v1/stats`` (model names, traffic, replica pod IPs) for the
+        operator, the other replicas and Prometheus, on their own port: not on the port
+        tenants and the internet reach (gpucloud.serving)."""
+        return Starlette(
+            routes=[
+                Route("/healthz", self.healthz),
+                Route("/metrics", self.metrics_endpoint),
+                Route("/v1/stats", self.stats_endpoint),
+            ]
         )
 
 

@@ -22,9 +22,10 @@ Config::
                                       # models' owners (with models from the cluster:
                                       # read from the Accounts)
     stats:                            # /v1/stats sums every gateway replica's counts
-      peers: {kind: static, urls: [http://10.0.0.1:8080, ...]}   # all replicas, this
-      # one included; or {kind: kubernetes, service: gpucloud-gateway, port: 8080,
-      # namespace: <default: this pod's>}: the ready endpoints of the gateway's Service
+      peers: {kind: static, urls: [http://10.0.0.1:9091, ...]}   # all replicas, this
+      # one included, at their --ops-port; or {kind: kubernetes, service:
+      # gpucloud-gateway, port: 9091, namespace: <default: this pod's>}: the ready
+      # endpoints of the gateway's Service, at the operational port
     billing:                          # optional
       store: /var/lib/gpucloud/gateway-usage.db
       pricebook: pricebook.yaml       # a PriceBook resource or its spec
@@ -315,12 +316,14 @@ def _catalog_hooks(rt: Runtime) -> tuple[list[Any], list[Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
+    from gpucloud.serving import serve
 
     p = argparse.ArgumentParser(description="The gpucloud model gateway")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--ops-host", help="address of /metrics and /v1/stats (default: --host)")
+    p.add_argument("--ops-port", type=int, default=9091, help="port of /metrics and /v1/stats")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
     try:
@@ -331,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     starts, stops = _catalog_hooks(rt)
     drain = [rt.sink.drain] if rt.sink is not None else []
     app = rt.gateway.app(on_shutdown=[*stops, *drain], on_startup=starts)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    serve(
+        app, args.host, args.port, rt.gateway.ops_app(), args.ops_host or args.host,
+        args.ops_port, args.log_level,
+    )  # fmt: skip
     return 0
 
 

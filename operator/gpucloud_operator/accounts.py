@@ -19,7 +19,6 @@ from gpucloud.clock import Clock
 from gpucloud.ledger import (
     IdempotencyConflict,
     Ledger,
-    NotFound,
     OrderStatus,
     ReviewRefused,
     VoucherStatus,
@@ -49,6 +48,45 @@ def account_state(balance_minor: int, available_minor: int) -> str:
 
 def money(minor: int, currency: str) -> str:
     return format_money(minor, currency).split()[0]
+
+
+REVIEWER = "gpucloud.dev/reviewer"
+SUBMITTER = "gpucloud.dev/submitter"
+
+
+def submitter(rc: Obj) -> str:
+    """Who submitted a Recharge, for the audit trail: the annotation the chart's
+    admission policy makes equal to the creating user, else the Recharge itself."""
+    meta = rc["metadata"]
+    user = (meta.get("annotations") or {}).get(SUBMITTER)
+    return str(user) if user else f"recharge:{meta['namespace']}/{meta['name']}"
+
+
+def review_mismatch(review: Obj, rc: Obj) -> str | None:
+    """What differs between what the admin saw (pinned in the review) and the Recharge
+    and voucher now; None when they match."""
+    spec = review["spec"]
+    pinned = spec["rechargeRef"].get("uid")
+    if pinned != rc["metadata"].get("uid"):
+        return (
+            f"spec.rechargeRef.uid: the review is for Recharge {pinned!r}, "
+            f"{spec['rechargeRef']['name']!r} is now {rc['metadata'].get('uid')!r}"
+        )
+    try:
+        same_amount = Decimal(str(spec.get("amount"))) == Decimal(str(rc["spec"]["amount"]))
+    except ArithmeticError:
+        same_amount = False
+    if not same_amount:
+        return (
+            f"spec.amount: the review is for {spec.get('amount')}, the Recharge is for "
+            f"{rc['spec']['amount']}"
+        )
+    if spec.get("voucherId") != (rc.get("status") or {}).get("orderId"):
+        return (
+            f"spec.voucherId: the review is for voucher {spec.get('voucherId')!r}, the "
+            f"Recharge's is {(rc.get('status') or {}).get('orderId')!r}"
+        )
+    return None
 
 
 class AccountReconciler:
@@ -306,20 +344,20 @@ class AccountReconciler:
                 )
 
     def _online(self, rc: Obj, account: str, amount: int, currency: str, now: Any) -> None:
-        order_id = f"rc-{rc['metadata']['uid']}"
-        try:
-            order = self.ledger.get_order(order_id)
-        except NotFound:
+        ref = f"rc-{rc['metadata']['uid']}"  # one order per Recharge, whatever its name
+        order = self.ledger.find_order(account, ref)
+        if order is None:
             order = self.ledger.create_order(
                 account,
                 amount,
                 (rc["spec"].get("online") or {}).get("provider", "sandbox"),
                 now + timedelta(seconds=self.cfg.order_ttl_s),
-                order_id=order_id,
+                client_ref=ref,
+                actor=submitter(rc),
             )
         if order.status is OrderStatus.PENDING and now >= order.expires_at:
             self.ledger.expire_orders(now)
-            order = self.ledger.get_order(order_id)
+            order = self.ledger.get_order(order.order_id)
         # The URL encodes no secret: the sandbox provider only signs callbacks.
         url = (
             SandboxProvider(b"unused-for-urls", self.cfg.pay_base_url)
@@ -367,6 +405,7 @@ class AccountReconciler:
                     bt["transferNumber"],
                     bt["voucherRef"].removeprefix("sha256:"),
                     now,
+                    submitter=submitter(rc),
                 )
         except IdempotencyConflict as exc:
             self._recharge_status(rc, {"phase": "Failed", "reason": str(exc)})
@@ -382,9 +421,15 @@ class AccountReconciler:
 
     # -- RechargeReview -------------------------------------------------------------
     def reconcile_review(self, review: Obj) -> None:
-        """Carry out an admin's decision exactly once: the ledger refuses a second review,
-        and a refusal that matches this decision means it was already applied (an
-        interrupted earlier pass)."""
+        """Carry out an admin's decision exactly once, on exactly what the admin saw: the
+        review pins the Recharge's UID, amount and voucher id (``spec.rechargeRef.uid``,
+        ``spec.amount``, ``spec.voucherId``) and is refused on any mismatch (a Recharge
+        deleted and recreated under the same name is another Recharge). The reviewer is
+        the annotation ``gpucloud.dev/reviewer``, which the chart's admission policy
+        makes equal to the Kubernetes user who created the review; a review without it
+        is refused, and so is one by the Recharge's submitter. The ledger refuses a
+        second review; a refusal that matches this decision means it was already
+        applied (an interrupted earlier pass)."""
         status = review.get("status") or {}
         if status.get("applied"):
             return
@@ -396,26 +441,34 @@ class AccountReconciler:
         if rc["spec"]["method"] != "BankTransfer":
             self._review_status(review, False, "only bank transfers are reviewed")
             return
+        reviewer = (review["metadata"].get("annotations") or {}).get(REVIEWER)
+        problem = review_mismatch(review, rc)
+        if problem is None and not reviewer:
+            problem = f"metadata.annotations[{REVIEWER!r}]: required (the reviewing user)"
+        if problem is None and reviewer == submitter(rc):
+            problem = f"{reviewer!r} submitted this recharge: another admin must review it"
+        if problem is not None:
+            if status.get("conditions") is None or all(
+                c.get("message") != problem for c in status["conditions"]
+            ):
+                self._review_status(review, False, problem)
+                self.kube.event(review, "Warning", "Refused", problem)
+            return
+        assert reviewer is not None
         approve = spec["decision"] == "Approve"
-        reviewer = (review["metadata"].get("annotations") or {}).get(
-            "gpucloud.dev/reviewer", "cluster-admin"
-        )
         now = r.second(self.clock.now())
         voucher_id = rc["status"]["orderId"]
+        currency = self._currency_of(rc)
+        expect = to_minor(Decimal(spec["amount"]), currency)
         try:
             voucher = self.ledger.review_voucher(
-                voucher_id, approve, reviewer, spec.get("reason") or "", now
+                voucher_id, approve, reviewer, spec.get("reason") or "", now, expect_amount=expect
             )
         except ReviewRefused as exc:
             voucher = self.ledger.get_voucher(voucher_id)
             wanted = VoucherStatus.APPROVED if approve else VoucherStatus.REJECTED
-            if voucher.status is VoucherStatus.PENDING:  # e.g. no voucher file to approve
+            if exc.reason != "already_reviewed" or voucher.status is not wanted:
                 self._review_status(review, False, str(exc))
-                return
-            if voucher.status is not wanted:
-                self._review_status(
-                    review, False, f"the voucher was already {voucher.status.value}"
-                )
                 return
         self.kube.patch_status(
             "rechargereviews",
@@ -431,6 +484,10 @@ class AccountReconciler:
         )
         self.kube.event(review, "Normal", "Applied", f"voucher {voucher_id} {voucher.status.value}")
         self.reconcile_recharge(rc)
+
+    def _currency_of(self, rc: Obj) -> str:
+        acct = self.kube_account(rc["spec"]["account"]) or {}
+        return str((acct.get("spec") or {}).get("currency", "CNY"))
 
     def _review_status(self, review: Obj, applied: bool, message: str) -> None:
         now = r.fmt(r.second(self.clock.now()))

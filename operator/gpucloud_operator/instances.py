@@ -913,6 +913,8 @@ class InstanceReconciler:
             opened_at=since,
             memo=f"{mode} {b.gpu_summary(p.product, p.count)}",
             gpus=p.count,
+            # only this node's agent may report the pod's usage (gpucloud.ledger.admission)
+            node=(pod.get("spec") or {}).get("nodeName"),
         )
         self._open_meters.add(meter_id)
 

@@ -234,8 +234,8 @@ class StorageItems:
             if plural == "clouddisks"
             else pb.storage.image_per_gb_hour
         )
-        meter = self._open(obj, plural, account, Decimal(price), since)
         used = du(folder)
+        meter = self._open(obj, plural, account, Decimal(price), since, self._cap(obj, used))
         changes: Obj = {
             "phase": "Ready",
             "account": account,
@@ -278,7 +278,19 @@ class StorageItems:
         self.kube.ensure_pvc(b.build_disk_pvc(disk))
         return self.kube.pvc_bound(meta["namespace"], claim)
 
-    def _open(self, obj: Obj, plural: str, account: str, price: Decimal, since: datetime) -> str:
+    @staticmethod
+    def _cap(obj: Obj, used: int) -> int:
+        """The most bytes the agent may report for the volume (gpucloud.ledger.admission):
+        a cloud disk's capacity; an image, a copy made once, its size when made (whole
+        GiB up, so the agent's block count of the same files always fits)."""
+        if "capacityGi" in obj.get("spec", {}):
+            return int(obj["spec"]["capacityGi"]) * 2**30
+        made = int((obj.get("status") or {}).get("usedBytes") or used)
+        return max(1, -(-made // 2**30)) * 2**30
+
+    def _open(
+        self, obj: Obj, plural: str, account: str, price: Decimal, since: datetime, cap: int
+    ) -> str:
         meta = obj["metadata"]
         meter_id = f"{KINDS[plural][0]}:{meta['uid']}"
         volume = f"{meta['namespace']}/{meta['name']}"
@@ -292,6 +304,7 @@ class StorageItems:
             unit="gb_hour",
             opened_at=since,
             memo=f"{KINDS[plural][2]} {volume}, per GiB-hour used",
+            max_bytes=cap,
         )
         return meter_id
 

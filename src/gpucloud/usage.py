@@ -19,8 +19,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_GPU_WINDOW_S = 10
 HOUR_S = 3600
+# Bounds that keep every stored integer inside 64 bits (issue 16): POSIX seconds up to
+# the year 4147, at most 1 PiB per volume, volume windows of at most an hour (the agent
+# reports hourly), so bytes x seconds < 2^62.
+MAX_POSIX_S = 2**36
+MAX_VOLUME_BYTES = 2**50
+MAX_VOLUME_WINDOW_S = HOUR_S
+# No control characters (PostgreSQL refuses NUL in text; none belongs in a name).
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
-Name = Annotated[str, Field(min_length=1, max_length=253)]
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=TEXT_PATTERN)]
+Seconds = Annotated[int, Field(ge=0, le=MAX_POSIX_S)]
+Quantity = Annotated[int, Field(ge=0, le=MAX_VOLUME_BYTES)]
 
 
 class UsageKind(StrEnum):
@@ -42,7 +52,7 @@ class PodRef(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     namespace: Name
     name: Name
-    uid: Annotated[str, Field(min_length=1, max_length=64)]
+    uid: Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)]
 
 
 class UsageRecord(BaseModel):
@@ -50,12 +60,13 @@ class UsageRecord(BaseModel):
 
     kind: UsageKind
     node: Name
-    start: Annotated[int, Field(ge=0, description="POSIX seconds, inclusive")]
-    end: Annotated[int, Field(ge=0, description="POSIX seconds, exclusive")]
-    quantity: Annotated[int, Field(ge=0)]
+    start: Annotated[Seconds, Field(description="POSIX seconds, inclusive")]
+    end: Annotated[Seconds, Field(description="POSIX seconds, exclusive")]
+    quantity: Annotated[Quantity, Field(description="GPU-seconds, or bytes used")]
     gpu: GPURef | None = None
     pod: PodRef | None = None
-    volume: Annotated[str | None, Field(default=None, min_length=1, max_length=253)] = None
+    volume: Annotated[str | None, Field(default=None, min_length=1, max_length=253,
+                                        pattern=TEXT_PATTERN)] = None  # fmt: skip
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -70,6 +81,8 @@ class UsageRecord(BaseModel):
                 raise ValueError("gpu_time quantity must equal end - start (one GPU)")
         elif self.volume is None:
             raise ValueError(f"{self.kind} records need volume")
+        elif self.end - self.start > MAX_VOLUME_WINDOW_S:
+            raise ValueError(f"{self.kind} windows are at most {MAX_VOLUME_WINDOW_S} s")
         return self
 
     @property

@@ -39,7 +39,10 @@ def wait_for(cond: Callable[[], Any], timeout: float = 30, what: str = "conditio
 class Receiver:
     """A minimal stand-in for `POST /v1/usage`: records by natural key, duplicates counted.
 
-    Modes: "ok" (200), "unavailable" (503), "down" (the port refuses connections)."""
+    Modes: "ok" (200), "unavailable" (503), "down" (the port refuses connections).
+    ``refuse(record) -> rule | None`` refuses records one by one as the API does (207,
+    or 422 when none is stored); ``poison(record) -> bool`` answers 500 to any batch that
+    holds such a record (a bug the record triggers)."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -49,6 +52,9 @@ class Receiver:
         self.requests = 0
         self.tokens: set[str] = set()
         self.mode = "ok"
+        self.refuse: Callable[[dict[str, Any]], str | None] = lambda _: None
+        self.poison: Callable[[dict[str, Any]], bool] = lambda _: False
+        self.batches: list[int] = []  # size of each batch received
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._start()
@@ -70,11 +76,25 @@ class Receiver:
                     self.end_headers()
                     return
                 batch = UsageBatch.model_validate_json(body)  # the shared wire format
+                dumped = [rec.model_dump(mode="json") for rec in batch.records]
+                receiver.batches.append(len(dumped))
+                if any(receiver.poison(d) for d in dumped):
+                    self.send_response(500)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 accepted = duplicate = 0
+                errors = []
                 with receiver.lock:
                     receiver.tokens.add(self.headers.get("Authorization", ""))
-                    for rec in batch.records:
-                        data = rec.model_dump(mode="json")
+                    for index, rec in enumerate(batch.records):
+                        data = dumped[index]
+                        rule = receiver.refuse(data)
+                        if rule is not None:
+                            errors.append(
+                                {"index": index, "field": "node", "rule": rule, "message": rule}
+                            )
+                            continue
                         old = receiver.records.get(rec.natural_key)
                         if old is None:
                             receiver.records[rec.natural_key] = data
@@ -84,8 +104,11 @@ class Receiver:
                             receiver.duplicates += 1
                         else:
                             receiver.conflicts.append((old, data))
-                out = json.dumps({"accepted": accepted, "duplicate": duplicate}).encode()
-                self.send_response(200)
+                out = json.dumps(
+                    {"accepted": accepted, "duplicates": duplicate, "errors": errors}
+                ).encode()
+                stored = accepted + duplicate
+                self.send_response(200 if not errors else 207 if stored else 422)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(out)))
                 self.end_headers()

@@ -1,17 +1,17 @@
 from __future__ import annotations
 
-import random
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from agent_testkit import Receiver
+from agent_testkit import Receiver, wait_for
 from gpucloud_agent.agent import Agent, AgentConfig
 from gpucloud_agent.fake_nvml import FakeNvml
 from gpucloud_agent.podresources.client import DeviceHolder
 from gpucloud_agent.pods import DerivedUidResolver
-from gpucloud_agent.shipper import Shipper, full_jitter
+from gpucloud_agent.shipper import Shipper
 from gpucloud_agent.wal import Wal
 
 from gpucloud.clock import ManualClock
@@ -37,11 +37,88 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
-def test_full_jitter_is_bounded_by_the_exponential_cap() -> None:
-    rng = random.Random(1)
-    for attempt in range(1, 40):
-        v = full_jitter(attempt, 0.5, 30, rng)
-        assert 0 <= v <= min(30, 0.5 * 2 ** (attempt - 1))
+def test_run_backs_off_with_full_jitter_while_the_api_fails(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    wal = Wal(tmp_path / "wal")
+    wal.append([gpu_record(i) for i in range(3)])
+    waits: list[float] = []
+    shipper = Shipper(
+        wal, receiver.url, None, backoff_base_s=0.5, backoff_cap_s=4.0, sleep=waits.append
+    )
+    receiver.set_mode("unavailable")
+    thread = threading.Thread(target=shipper.run, daemon=True)
+    thread.start()
+    wait_for(lambda: len(waits) >= 8, 10, "eight backoffs")
+    shipper.stop()
+    thread.join(10)
+    for attempt, wait in enumerate(waits[:8], start=1):
+        assert 0 <= wait <= min(4.0, 0.5 * 2 ** (attempt - 1))
+    assert max(waits[:8]) > 0.5  # it grows
+    assert wal.backlog == 3  # nothing lost, nothing dead-lettered
+    assert shipper.dead_letters.read() == []
+    shipper.close()
+
+
+def _drain(shipper: Shipper, rounds: int = 200) -> None:
+    """ship_once until nothing is left to send or progress stops (parked records)."""
+    for _ in range(rounds):
+        if shipper.ship_once() is None:
+            return
+
+
+def test_refused_records_are_dead_lettered_and_never_block_the_rest(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A 207 (or 422) naming refused records: the rest is acked, the refused ones go to
+    the dead-letter file with a metric, and the records behind them are shipped."""
+    wal = Wal(tmp_path / "wal")
+    wal.append([gpu_record(i) for i in range(10)])
+    receiver.refuse = lambda r: "wrong_node" if r["start"] in (3, 7) else None
+    shipper = Shipper(wal, receiver.url, None, batch_size=4)
+    _drain(shipper)
+    assert wal.backlog == 0
+    assert sorted(r["start"] for r in receiver.snapshot()) == [0, 1, 2, 4, 5, 6, 8, 9]
+    dead = shipper.dead_letters.read()
+    assert [(d["record"]["start"], d["status"], d["rule"]) for d in dead] == [
+        (3, 207, "wrong_node"),
+        (7, 207, "wrong_node"),
+    ]
+    assert shipper.dead_letters.snapshot() == {"wrong_node": 2}
+    # a batch that holds only refused records (422) is dead-lettered as well
+    wal.append([gpu_record(20)])
+    receiver.refuse = lambda r: "unbound_gpu"
+    _drain(shipper)
+    assert wal.backlog == 0 and shipper.dead_letters.read()[-1]["status"] == 422
+    shipper.close()
+
+
+def test_a_record_that_makes_the_api_fail_does_not_hold_back_the_rest(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """500 for any batch that holds one record: the batch is halved until that record
+    travels alone, the others are shipped, and it stays in the WAL (parked, retried
+    later, never dropped)."""
+    wal = Wal(tmp_path / "wal")
+    wal.append([gpu_record(i) for i in range(16)])
+    receiver.poison = lambda r: r["start"] == 5
+    shipper = Shipper(wal, receiver.url, None, batch_size=8, backoff_base_s=30)
+    _drain(shipper)
+    assert sorted(r["start"] for r in receiver.snapshot()) == [i for i in range(16) if i != 5]
+    assert [r["start"] for _, r in wal.pending(10)] == [5]
+    assert shipper.dead_letters.read() == []
+    # once its backoff is over it is retried alone, never failing the others' batches
+    wal.append([gpu_record(i) for i in range(16, 20)])
+    shipper._parked = {rid: (0.0, n) for rid, (_, n) in shipper._parked.items()}
+    before = len(receiver.batches)
+    _drain(shipper)
+    assert receiver.batches[before] == 1  # the parked record, alone
+    assert len(receiver.snapshot()) == 19 and [r["start"] for _, r in wal.pending(10)] == [5]
+    receiver.poison = lambda r: False  # fixed on the API side
+    shipper._parked.clear()  # its backoff is over
+    _drain(shipper)
+    assert wal.backlog == 0 and len(receiver.snapshot()) == 20
+    shipper.close()
 
 
 def test_ships_with_bearer_token_and_acks_only_after_200(

@@ -42,6 +42,20 @@ def test_resolve_accepts_only_instance_folders(tmp_path: Path) -> None:
             resolve(root, bad)
 
 
+def test_resolve_refuses_any_symlink_on_the_path(tmp_path: Path) -> None:
+    """instances/ns1/link -> ../ns2/inst2 resolves inside instances/ and has the right
+    depth, but wiping it would remove another tenant's folder (issue 16, finding 9)."""
+    root = tmp_path / "root"
+    (root / "instances/ns2/inst2").mkdir(parents=True)
+    (root / "instances/ns1").mkdir(parents=True)
+    (root / "instances/ns1/link").symlink_to("../ns2/inst2")
+    (root / "instances/alias").symlink_to("ns2")  # a symlinked namespace
+    for path in ("instances/ns1/link", "instances/alias/inst2", "instances/ns1/../ns2/inst2"):
+        with pytest.raises(Refused):
+            resolve(root, path)
+    assert resolve(root, "instances/ns2/inst2") == (root / "instances/ns2/inst2").resolve()
+
+
 def test_wipe_interval_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert build_parser().parse_args([]).wipe_interval == 30.0
     monkeypatch.setenv("GPUCLOUD_AGENT_WIPE_INTERVAL", "2.5")

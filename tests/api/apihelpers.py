@@ -8,6 +8,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from fastapi.testclient import TestClient
+
+from gpucloud.api.app import ops_app
 from gpucloud.api.auth import Principal
 from gpucloud.api.testserver import AGENT_SA
 from gpucloud.ledger import Ledger
@@ -43,7 +46,15 @@ def gpu_record(
     }
 
 
-def open_gpu_meter(ledger: Ledger, account: str, pod_uid: str, opened_at: datetime) -> None:
+def open_gpu_meter(
+    ledger: Ledger,
+    account: str,
+    pod_uid: str,
+    opened_at: datetime,
+    gpus: int = 1,
+    node: str | None = None,
+) -> None:
+    """A meter for a pod holding ``gpus`` GPUs (on ``node``, when given)."""
     ledger.ensure_account(account)
     ledger.open_meter(
         f"meter-{pod_uid}",
@@ -54,7 +65,14 @@ def open_gpu_meter(ledger: Ledger, account: str, pod_uid: str, opened_at: dateti
         unit_price=PRICE,
         unit="gpu_hour",
         opened_at=opened_at,
+        gpus=gpus,
+        node=node,
     )
+
+
+def ops_client(client: TestClient) -> TestClient:
+    """The operational port (/metrics) of the app ``client`` talks to."""
+    return TestClient(ops_app(client.app))  # type: ignore[arg-type]
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:

@@ -78,7 +78,7 @@ def test_http_ingest_recharge_and_balance(
     api: ApiProcess, db_url: str, file_clock: FileClock
 ) -> None:
     with _ledger(db_url) as lg:
-        open_gpu_meter(lg, "acme", "pod-node-0", T0)
+        open_gpu_meter(lg, "acme", "pod-node-0", T0, gpus=8)
     with httpx.Client(base_url=api.url, timeout=10) as c:
         batch = node_batches("node-0", 1, windows=3)[0]
         first = c.post("/v1/usage", json=batch, headers=auth(agent_token("node-0")))
@@ -132,7 +132,7 @@ def test_meters_show_the_open_run_then_usage_that_came_after_its_settlement(
         return {"records": recs}
 
     with _ledger(db_url) as lg:
-        open_gpu_meter(lg, "late", "pod-late", opened)
+        open_gpu_meter(lg, "late", "pod-late", opened, gpus=8)
     meter = "meter-pod-late"
     with httpx.Client(base_url=api.url, timeout=10) as c:
         agent = auth(agent_token("node-0"))
@@ -186,7 +186,7 @@ def test_sigkill_during_ingestion_loses_nothing_counts_nothing_twice(
     n_batches = 30  # per node; 40 records (400 GPU-seconds) each
     with _ledger(db_url) as lg:
         for node in nodes:
-            open_gpu_meter(lg, "crash", f"pod-{node}", T0)
+            open_gpu_meter(lg, "crash", f"pod-{node}", T0, gpus=8)
     work = [(node, i, b) for node in nodes for i, b in enumerate(node_batches(node, n_batches))]
     acked: set[tuple[str, int]] = set()
     unsure: list[tuple[str, int]] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from apihelpers import PRICE, T0, T0_S, auth, gpu_record, open_gpu_meter, wait_for
+from apihelpers import PRICE, T0, T0_S, auth, gpu_record, open_gpu_meter, ops_client, wait_for
 from fastapi.testclient import TestClient
 
 from gpucloud.billing.money import to_minor
@@ -80,18 +80,21 @@ def test_authentication_and_node_authorization(client: TestClient, ledger: Ledge
     assert client.post("/v1/usage", json=batch).status_code == 401
     assert client.post("/v1/usage", json=batch, headers=auth("forged")).status_code == 401
     assert client.post("/v1/usage", json=batch, headers=auth("tenant-token")).status_code == 403
+    # A record naming another node is refused on its own; the caller's own is stored.
     mixed = {"records": [gpu_record(node="node-b", gpu=1), gpu_record(node="node-a")]}
     resp = client.post("/v1/usage", json=mixed, headers=AGENT)
-    assert resp.status_code == 403 and "node-b" in resp.text
-    # Nothing of the refused batch was stored: node-a's record is new afterwards.
-    ok = client.post("/v1/usage", json=batch, headers=AGENT)
-    assert ok.json()["accepted"] == 1
+    assert resp.status_code == 207, resp.text
+    assert resp.json()["accepted"] == 1
+    [error] = resp.json()["errors"]
+    assert (error["index"], error["field"], error["rule"]) == (0, "node", "wrong_node")
+    assert "node-b" in error["message"]
+    assert client.post("/v1/usage", json=batch, headers=AGENT).json()["duplicates"] == 1
 
 
 def test_usage_is_rated_into_the_balance_within_2s(
     client: TestClient, ledger: Ledger, clock: ManualClock
 ) -> None:
-    open_gpu_meter(ledger, "acme", "pod-1", T0)
+    open_gpu_meter(ledger, "acme", "pod-1", T0, gpus=2)
     clock.set(T0 + timedelta(hours=1))
     # 2 GPUs x 30 min, in 10 s windows: 3600 GPU-seconds = 1 GPU-hour.
     records = [gpu_record(gpu=g, start=T0_S + 10 * w) for g in range(2) for w in range(180)]
@@ -111,6 +114,6 @@ def test_usage_is_rated_into_the_balance_within_2s(
     assert sum(c["amount_minor"] for c in charges["charges"]) == -expected
     usage = client.get("/v1/accounts/acme/usage", headers=auth("tenant-token")).json()
     assert sum(r["gpu_seconds"] for r in usage["rows"]) == 3600
-    metrics = client.get("/metrics").text
+    metrics = ops_client(client).get("/metrics").text
     assert "gpucloud_usage_records_ingested_total 360.0" in metrics
     assert "gpucloud_rating_lag_seconds_count" in metrics

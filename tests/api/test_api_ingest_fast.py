@@ -18,7 +18,7 @@ AGENT = auth("agent-node-a")
 def test_the_charge_is_in_the_balance_when_the_batch_is_acknowledged(
     client: TestClient, ledger: Ledger, clock: ManualClock
 ) -> None:
-    open_gpu_meter(ledger, "acme", "pod-1", T0)
+    open_gpu_meter(ledger, "acme", "pod-1", T0, gpus=2)
     clock.set(T0 + timedelta(hours=1))
     records = [gpu_record(gpu=g, start=T0_S + 10 * w) for g in range(2) for w in range(180)]
     resp = client.post("/v1/usage", json={"records": records}, headers=AGENT)

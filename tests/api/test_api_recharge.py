@@ -228,3 +228,60 @@ def test_amounts_finer_than_the_minor_unit_are_refused_never_rounded(
     assert ok.status_code == 201 and ok.json()["amount_minor"] == 1012
     assert _balance(client) == 0
     assert client.get("/v1/vouchers", headers=ADMIN).json()["vouchers"] == []
+
+
+def _transfer(client: TestClient, headers: dict[str, str], account: str = "acme", **kw: object):  # type: ignore[no-untyped-def]
+    body = {
+        "amount_minor": 10**12, "payer": "ACME", "bank": "ICBC", "transfer_no": "TX-77",
+        "file": RECEIPT,
+    }  # fmt: skip
+    return client.post(
+        f"/v1/accounts/{account}/recharges/bank-transfer", json={**body, **kw}, headers=headers
+    )
+
+
+def test_one_person_cannot_submit_and_approve_a_voucher(client: TestClient) -> None:
+    """Issue 16, finding 4: an admin (who may act on any account) submitted 10^12 minor
+    units and approved them; the audit trail named the tenant as the submitter."""
+    voucher = _transfer(client, ADMIN).json()
+    assert voucher["submitter"] == "alice-admin"
+    resp = client.post(
+        f"/v1/vouchers/{voucher['voucher_id']}/review", json={"decision": "approve"}, headers=ADMIN
+    )
+    assert resp.status_code == 409 and resp.json()["reason"] == "own_voucher", resp.text
+    assert _balance(client) == 0
+    audit = client.get("/v1/accounts/acme/audit", headers=ADMIN).json()["events"]
+    assert [(e["actor"], e["action"]) for e in audit] == [
+        ("alice-admin", "voucher.submitted"),
+        ("alice-admin", "voucher.review_refused"),
+    ]
+
+
+def test_order_ids_and_transfer_numbers_are_per_account(client: TestClient) -> None:
+    """Issue 16, finding 7: one tenant squatted another's order id, and a duplicate
+    transfer number revealed another tenant's voucher id."""
+    mallory = auth("stranger-token")
+    squat = client.post(
+        "/v1/accounts/evil/recharges/online",
+        json={"amount_minor": 1, "client_order_id": "acme-2026-11"},
+        headers=mallory,
+    )
+    assert squat.status_code == 201, squat.text
+    mine = client.post(
+        "/v1/accounts/acme/recharges/online",
+        json={"amount_minor": 10_000, "client_order_id": "acme-2026-11"},
+        headers=TENANT,
+    )
+    assert mine.status_code == 201, mine.text
+    assert mine.json()["order_id"] != squat.json()["order_id"]
+    assert mine.json()["client_order_id"] == "acme-2026-11"
+    # the other tenant's order is not found through this account, and says nothing
+    other = client.get(f"/v1/accounts/acme/orders/{squat.json()['order_id']}", headers=TENANT)
+    assert other.status_code == 404 and "evil" not in other.text
+    theirs = _transfer(client, mallory, account="evil", amount_minor=5)
+    assert theirs.status_code == 201
+    own = _transfer(client, TENANT, amount_minor=500)
+    assert own.status_code == 201 and own.json()["voucher_id"] != theirs.json()["voucher_id"]
+    again = _transfer(client, TENANT, amount_minor=501)
+    assert again.status_code == 409
+    assert theirs.json()["voucher_id"] not in again.text and "evil" not in again.text

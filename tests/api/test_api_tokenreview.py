@@ -149,9 +149,10 @@ def test_usage_only_for_the_token_node(kubeconfig: Path, db_url: str) -> None:
             "/v1/usage", json={"records": [gpu_record(node=node)]}, headers=auth(token)
         )
         assert post("bound-agent", "gpu-node-1").status_code == 200
-        assert post("bound-agent", "gpu-node-2").status_code == 403
+        # another node's record: refused on its own (422: nothing else in the batch)
+        assert post("bound-agent", "gpu-node-2").json()["errors"][0]["rule"] == "wrong_node"
         assert post("unbound-agent", "gpu-node-2").status_code == 200  # via the SA->node map
-        assert post("unbound-agent", "gpu-node-1").status_code == 403
+        assert post("unbound-agent", "gpu-node-1").status_code == 422
         assert post("other-sa", "gpu-node-1").status_code == 403
         assert post("nope", "gpu-node-1").status_code == 401
 

@@ -88,7 +88,9 @@ def test_tokenreview_against_the_test_bed(
             "/v1/usage", json={"records": [gpu_record(node=n)]}, headers=auth(token)
         )
         assert post(bound, node).status_code == 200  # the node claim of the pod-bound token
-        assert post(bound, "some-other-node").status_code == 403
+        # a record of another node: refused on its own (422, nothing else in the batch)
+        other = post(bound, "some-other-node")
+        assert other.status_code == 422 and other.json()["errors"][0]["rule"] == "wrong_node"
         assert post(unbound, "gpu-other").status_code == 200  # via the SA->node mapping
-        assert post(unbound, node).status_code == 403
+        assert post(unbound, node).status_code == 422
         assert post("not-a-token", node).status_code == 401

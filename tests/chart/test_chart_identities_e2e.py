@@ -166,7 +166,12 @@ def test_operator_reconciles_on_its_own_token(bed: Bed, instance: dict[str, Any]
 
     # A bank-transfer recharge: the tenant files it, cannot approve it; the billing admin can.
     recharge = yaml.safe_load((REPO / "examples" / "recharge-bank-transfer.yaml").read_text())
-    recharge["metadata"] = {"name": "transfer", "namespace": tenant_ns}
+    recharge["metadata"] = {
+        "name": "transfer",
+        "namespace": tenant_ns,
+        # the chart's admission policy: the submitter is the user creating it
+        "annotations": {"gpucloud.dev/submitter": bed.ids["tenant"].username},
+    }
     recharge["spec"] |= {"account": h.account, "amount": "50.00"}
     bed.ids["tenant"].ok("create", "-f", "-", input=yaml.safe_dump(recharge))
 
@@ -175,18 +180,31 @@ def test_operator_reconciles_on_its_own_token(bed: Bed, instance: dict[str, Any]
         return (got.get("status") or {}).get("phase")
 
     h.wait(lambda: recharge_phase() == "AwaitingReview", "the recharge to await review")
+    seen = get_json(tb, "recharge", "transfer", "-n", tenant_ns)
     review = {
         "apiVersion": "gpucloud.dev/v1alpha1",
         "kind": "RechargeReview",
-        "metadata": {"name": f"{tenant_ns}.transfer"},
-        "spec": {
-            "rechargeRef": {"namespace": tenant_ns, "name": "transfer"},
+        "metadata": {
+            "name": f"{tenant_ns}.transfer",
+            "annotations": {"gpucloud.dev/reviewer": bed.ids["billing"].username},
+        },
+        "spec": {  # exactly what the admin looked at
+            "rechargeRef": {
+                "namespace": tenant_ns, "name": "transfer", "uid": seen["metadata"]["uid"]
+            },
+            "amount": seen["spec"]["amount"],
+            "voucherId": seen["status"]["orderId"],
             "decision": "Approve",
             "reason": "matched on the bank statement",
         },
-    }
+    }  # fmt: skip
     bed.ids["tenant"].forbidden("create", "-f", "-", input=yaml.safe_dump(review))
     bed.ids["operator"].forbidden("create", "-f", "-", input=yaml.safe_dump(review))
+    # The billing admin cannot name someone else as the reviewer (admission policy).
+    forged = {**review, "metadata": {**review["metadata"], "annotations": {
+        "gpucloud.dev/reviewer": "someone-else"}}}  # fmt: skip
+    proc = bed.ids["billing"].kubectl("create", "-f", "-", input=yaml.safe_dump(forged))
+    assert proc.returncode != 0 and "gpucloud.dev/reviewer" in proc.stderr, proc.stderr
     bed.ids["billing"].ok("create", "-f", "-", input=yaml.safe_dump(review))
     h.wait(lambda: recharge_phase() == "Credited", "the approved recharge to be credited")
     assert h.ledger.balance(h.account) == 150_00
@@ -276,8 +294,9 @@ def test_api_and_agent_on_their_own_tokens(bed: Bed, instance: dict[str, Any]) -
             "gpu": {"uuid": "GPU-0", "product": L40S},
             "pod": {"namespace": bed.tenant_ns, "name": "nb-gpu", "uid": "x"},
         }  # fmt: skip
-        refused = post(agent_api_token, [foreign])
-        assert refused.status_code == 403 and node in refused.text, refused.text
+        refused = post(agent_api_token, [foreign])  # refused on its own, naming the node
+        assert refused.status_code == 422 and node in refused.text, refused.text
+        assert refused.json()["errors"][0]["rule"] == "wrong_node"
         # The tenant's token for the right audience: authenticated, not an agent.
         tenant_api = mint_token(tb, "tenant", bed.tenant_ns, audience=AUDIENCE)
         assert post(tenant_api, []).status_code == 403

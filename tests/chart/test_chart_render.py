@@ -72,7 +72,7 @@ def test_default_objects(defaults: list[dict[str, Any]]) -> None:
             {"kind": "ServiceAccount", "name": f"gpucloud-{sa}", "namespace": "gpucloud-system"}
         ]
     # Monitoring CRs only on request (the Prometheus Operator may be absent).
-    assert not {"ServiceMonitor", "PrometheusRule"} & {d["kind"] for d in defaults}
+    assert not {"ServiceMonitor", "PodMonitor", "PrometheusRule"} & {d["kind"] for d in defaults}
 
 
 def test_pricebook_matches_the_example(defaults: list[dict[str, Any]]) -> None:
@@ -191,12 +191,16 @@ def test_monitoring_objects(tmp_path: Path) -> None:
         "monitoring.prometheusRule.enabled=true",
     )
     monitors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceMonitor"}
-    assert set(monitors) == {
-        "gpucloud-api",
-        "gpucloud-gateway",
-        "gpucloud-agent",
-        "gpucloud-operator",
-    }
+    assert set(monitors) == {"gpucloud-agent", "gpucloud-operator"}
+    # The API's and gateway's metrics: scraped on the pods' ops port, which their
+    # Services do not publish (issue 16, finding 8).
+    pods = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PodMonitor"}
+    assert set(pods) == {"gpucloud-api", "gpucloud-gateway"}
+    for name, monitor in pods.items():
+        c = find(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "ops"
+        assert "ops" in {p["name"] for p in c["ports"]}
+        assert {p["name"] for p in find(docs, "Service", name)["spec"]["ports"]} == {"http"}
     assert monitors["gpucloud-agent"]["spec"]["endpoints"][0]["honorLabels"] is True
     # Each ServiceMonitor names a port its component's Service really has.
     for name, monitor in monitors.items():
@@ -232,7 +236,11 @@ def test_gateway_config_is_accepted_by_the_gateway(tmp_path: Path) -> None:
     two = render(tmp_path, "--set", "gateway.replicas=2", "--set", "gateway.billing.enabled=false")
     config = yaml.safe_load(find(two, "ConfigMap", "-gateway")["data"]["gateway.yaml"])
     service = find(two, "Service", "-gateway")["metadata"]["name"]
-    assert config["stats"]["peers"] == {"kind": "kubernetes", "service": service, "port": 8080}
+    assert config["stats"]["peers"] == {
+        "kind": "kubernetes",
+        "service": service,
+        "port": 9091,
+    }  # replicas' ops port
 
 
 # (values, words the error must contain): the field and the rule.

@@ -55,7 +55,8 @@ def test_api_reads_the_chart_settings(
     for key, value in plain_env(c).items():
         monkeypatch.setenv(key, value)
     args = parse_args(c["args"])
-    assert (args.host, args.port) == ("0.0.0.0", 8080)
+    assert (args.host, args.port, args.ops_port) == ("0.0.0.0", 8080, 9090)
+    assert {"name": "ops", "containerPort": 9090} in c["ports"]
     assert args.database_url == "sqlite:////var/lib/gpucloud/ledger/ledger.db"
     assert args.token_audiences == "gpucloud-api"
     assert args.agent_sa == "system:serviceaccount:gpucloud-system:gpucloud-agent"

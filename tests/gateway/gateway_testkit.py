@@ -59,6 +59,8 @@ def wait_for(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condit
 class Proc:
     """A child process in its own session, killed with its children at the end."""
 
+    ops_url = ""  # a gateway's operational port (/metrics, /v1/stats)
+
     def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         self._fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
@@ -113,10 +115,13 @@ def start_gateway(
     port: int | None = None,
     name: str = "gateway",
     env: dict[str, str] | None = None,
+    ops_port: int | None = None,
 ) -> tuple[Proc, str]:
+    """The gateway's process (``proc.ops_url``: its /metrics and /v1/stats) and URL."""
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     port = port or free_port()
+    ops_port = ops_port or free_port()
     proc = Proc(
         [
             sys.executable,
@@ -126,11 +131,14 @@ def start_gateway(
             str(cfg),
             "--port",
             str(port),
+            "--ops-port",
+            str(ops_port),
         ],
         tmp / f"{name}.log",
         env,
     )
     url = f"http://127.0.0.1:{port}"
+    proc.ops_url = f"http://127.0.0.1:{ops_port}"
 
     def up() -> bool:
         if proc.popen.poll() is not None:

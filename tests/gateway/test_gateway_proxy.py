@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -91,6 +92,11 @@ class Bed:
     gateway: Proc
 
 
+def _stats(bed: Bed) -> dict[str, Any]:
+    """The gateway's /v1/stats (on its operational port)."""
+    return httpx.get(bed.gateway.ops_url + "/v1/stats").json()  # type: ignore[no-any-return]
+
+
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     tmp = tmp_path_factory.mktemp("gw")
@@ -168,7 +174,7 @@ def charged(bed: Bed, account: str, model: str) -> int:
 
 
 def metric(bed: Bed, name: str, **labels: str) -> float:
-    text = httpx.get(bed.url + "/metrics").text
+    text = httpx.get(bed.gateway.ops_url + "/metrics").text
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     for line in text.splitlines():
         if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
@@ -194,7 +200,7 @@ def test_routes_counts_and_bills_official_tokens(bed: Bed) -> None:
     assert metric(bed, "gpucloud_gateway_tokens_total", model="text", type="completion") == 291
     assert metric(bed, "gpucloud_gateway_requests_total", model="text", code="200") == 5
     assert metric(bed, "gpucloud_gateway_request_duration_seconds_count", model="text") == 5
-    stats = httpx.get(bed.url + "/v1/stats").json()["team/text"]
+    stats = httpx.get(bed.gateway.ops_url + "/v1/stats").json()["team/text"]
     assert stats["requestsLastWindow"] == 5 and stats["inFlight"] == 0
 
 
@@ -308,12 +314,12 @@ def test_a_client_leaving_a_stream_frees_its_slot(bed: Bed) -> None:
             async with c.stream("POST", "/team/stream/v1/chat/completions", json=body) as r:
                 async for _ in r.aiter_raw():
                     break
-                assert httpx.get(bed.url + "/v1/stats").json()["team/stream"]["inFlight"] == 1
+                assert _stats(bed)["team/stream"]["inFlight"] == 1
 
     t0 = time.monotonic()
     asyncio.run(go())
     stats = wait_for(
-        lambda: httpx.get(bed.url + "/v1/stats").json()["team/stream"]["inFlight"] == 0,
+        lambda: _stats(bed)["team/stream"]["inFlight"] == 0,
         timeout=5,
         what="in-flight back to 0",
     )
@@ -384,7 +390,7 @@ def test_callers_without_valid_tokens_are_refused_with_401(bed: Bed) -> None:
     assert r.status_code == 403 and "calls for no account" in r.json()["error"]["message"]
     assert metric(bed, "gpucloud_gateway_requests_total", model="paid", code="401") == 4
     # Refused calls reach no replica and count for no autoscaling.
-    stats = httpx.get(bed.url + "/v1/stats").json()["team/paid"]
+    stats = httpx.get(bed.gateway.ops_url + "/v1/stats").json()["team/paid"]
     assert stats["requestsTotal"] == 6
 
 
@@ -509,3 +515,13 @@ def test_a_replica_dying_mid_stream_bills_what_it_delivered(bed: Bed) -> None:
     assert len(rows) == 1
     assert (rows[0]["completion_tokens"], rows[0]["prompt_tokens"]) == (7, 0)
     assert store_total(bed, "bob", "team/dying") == Decimal("0.0137") * 7 / 1000
+
+
+def test_operational_endpoints_are_not_on_the_main_port(bed: Bed) -> None:
+    """/metrics and /v1/stats name models, traffic and replica pod IPs: only on the
+    operational port, which the chart does not publish (issue 16, finding 8)."""
+    for path in ("/metrics", "/v1/stats", "/v1/stats?scope=local"):
+        r = httpx.get(bed.url + path, follow_redirects=True)
+        assert r.status_code == 404 and "team/" not in r.text, path
+    assert "team/text" in httpx.get(bed.gateway.ops_url + "/v1/stats").text
+    assert "gpucloud_gateway" in httpx.get(bed.gateway.ops_url + "/metrics").text

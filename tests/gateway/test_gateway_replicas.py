@@ -34,10 +34,12 @@ SPEC = {
 
 @pytest.fixture
 def gateways(tmp_path: Path) -> Iterator[tuple[list[Proc], list[str]]]:
+    """Two gateways; yields their processes and main URLs (``proc.ops_url``: stats)."""
     server, server_url = start_model_server(tmp_path, "m")
     write_endpoints(tmp_path / "endpoints.json", {"team/m": [server_url]})
     ports = [free_port(), free_port()]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    ops_ports = [free_port(), free_port()]
+    urls = [f"http://127.0.0.1:{p}" for p in ops_ports]  # peers read each other's stats
     config = {
         "models": [{"namespace": "team", "name": "m", "account": "alice", "product": PRODUCT}],
         "endpoints": {"kind": "file", "path": "endpoints.json"},
@@ -46,9 +48,11 @@ def gateways(tmp_path: Path) -> Iterator[tuple[list[Proc], list[str]]]:
     }
     procs = []
     try:
-        for i, port in enumerate(ports):
-            procs.append(start_gateway(tmp_path, config, port=port, name=f"gateway{i}")[0])
-        yield procs, urls
+        for i, (port, ops) in enumerate(zip(ports, ops_ports, strict=True)):
+            procs.append(
+                start_gateway(tmp_path, config, port=port, name=f"gateway{i}", ops_port=ops)[0]
+            )
+        yield procs, [f"http://127.0.0.1:{p}" for p in ports]
     finally:
         for p in procs:
             p.stop()
@@ -78,9 +82,10 @@ def desired_for(requests: int, last: datetime | None) -> int:
 def test_scaling_sees_the_load_of_every_gateway_replica(
     gateways: tuple[list[Proc], list[str]],
 ) -> None:
-    procs, (g0, g1) = gateways
-    send(g0, 37)
-    send(g1, 24)
+    procs, (main0, main1) = gateways
+    send(main0, 37)
+    send(main1, 24)
+    g0, g1 = procs[0].ops_url, procs[1].ops_url  # /v1/stats is on the operational port
     local = [httpx.get(u + "/v1/stats?scope=local").json()["team/m"] for u in (g0, g1)]
     assert [s["requestsLastWindow"] for s in local] == [37, 24]
     for url in (g0, g1):  # whichever replica the operator's request lands on

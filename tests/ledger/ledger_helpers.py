@@ -92,7 +92,7 @@ def crash_worker(url: str, windows: int, batch: int, progress: Any = None) -> No
     ledger.ensure_account("acct")
     ledger.open_meter(
         "m", account="acct", resource="r", kind="gpu_time", subject="pod-1",
-        unit_price=Decimal(CRASH_PRICE), unit="gpu_hour", opened_at=T0,
+        unit_price=Decimal(CRASH_PRICE), unit="gpu_hour", opened_at=T0, gpus=len(CRASH_GPUS),
     )  # fmt: skip
     later = T0 + timedelta(days=1)
     for first in range(0, windows, batch):

@@ -64,6 +64,7 @@ def test_concurrent_ingest_and_rating_never_double_charge(ledger: Ledger) -> Non
         unit_price=price,
         unit="gpu_hour",
         opened_at=T0,
+        gpus=2,
     )
     windows = 150
     batches = [
@@ -94,11 +95,11 @@ def test_concurrent_ingest_and_rating_never_double_charge(ledger: Ledger) -> Non
 
 def test_concurrent_settlement_credits_once(ledger: Ledger) -> None:
     ledger.ensure_account("acct")
-    ledger.create_order("acct", 999, "alipay", T0 + timedelta(hours=1), order_id="o")
+    oid = ledger.create_order("acct", 999, "alipay", T0 + timedelta(hours=1)).order_id
 
     def settle(i: int) -> str:
         try:
-            return ledger.settle_order("o", "txn" if i % 2 else f"other-{i}", 999, T0).status
+            return ledger.settle_order(oid, "txn" if i % 2 else f"other-{i}", 999, T0).status
         except OrderRefused as exc:
             return exc.reason
 

@@ -26,12 +26,13 @@ def _setup(lg: Ledger, pod2_close_s: int = 25, pod1_open_s: int = 0) -> None:
     for meter_id, subject, opened in [("m1", "pod-1", pod1_opened), ("m2", "pod-2", T0)]:
         lg.open_meter(
             meter_id, account="acct", resource=f"r/{subject}", kind="gpu_time", subject=subject,
-            unit_price=Decimal("9.87"), unit="gpu_hour", opened_at=opened,
+            unit_price=Decimal("9.87"), unit="gpu_hour", opened_at=opened, gpus=2,
         )  # fmt: skip
     lg.close_meter("m2", T0 + timedelta(seconds=pod2_close_s))
     lg.open_meter(
         "m3", account="acct", resource="r/pod-2", kind="gpu_time", subject="pod-2",
         unit_price=Decimal("3.33"), unit="gpu_hour", opened_at=T0 + timedelta(seconds=pod2_close_s),
+        gpus=2,
     )  # fmt: skip
     lg.open_meter(
         "d1", account="acct", resource="r/disk", kind="cloud_disk", subject="disk-1",

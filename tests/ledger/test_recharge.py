@@ -31,54 +31,68 @@ def alice(ledger: Ledger) -> str:
 
 
 def test_order_settles_exactly_once_however_often_replayed(ledger: Ledger, alice: str) -> None:
-    order = ledger.create_order(alice, 5_000, "alipay", EXPIRES, order_id="o-1")
+    order = ledger.create_order(alice, 5_000, "alipay", EXPIRES, client_ref="o-1")
     assert order.status is OrderStatus.PENDING and order.entry_id is None
-    assert ledger.create_order(alice, 5_000, "alipay", EXPIRES, order_id="o-1") == order
+    assert ledger.create_order(alice, 5_000, "alipay", EXPIRES, client_ref="o-1") == order
     with pytest.raises(IdempotencyConflict, match="order:o-1"):
-        ledger.create_order(alice, 6_000, "alipay", EXPIRES, order_id="o-1")
+        ledger.create_order(alice, 6_000, "alipay", EXPIRES, client_ref="o-1")
+    oid = order.order_id
     at = T0 + timedelta(minutes=1)
-    paid = ledger.settle_order("o-1", "txn-9", 5_000, at)
+    paid = ledger.settle_order(oid, "txn-9", 5_000, at)
     assert paid.status is OrderStatus.PAID and paid.provider_txn == "txn-9"
     for _ in range(3):
-        assert ledger.settle_order("o-1", "txn-9", 5_000, at + timedelta(seconds=5)) == paid
+        assert ledger.settle_order(oid, "txn-9", 5_000, at + timedelta(seconds=5)) == paid
     assert ledger.balance(alice) == 5_000
-    assert [e.key for e in ledger.entries(alice)] == ["order:o-1"]
+    assert [e.key for e in ledger.entries(alice)] == [f"order:{oid}"]
     with pytest.raises(OrderRefused, match="already_settled") as err:
-        ledger.settle_order("o-1", "txn-10", 5_000, at)
+        ledger.settle_order(oid, "txn-10", 5_000, at)
     assert err.value.reason == "already_settled"
     assert ledger.balance(alice) == 5_000
 
 
+def test_client_order_refs_are_per_account(ledger: Ledger, alice: str) -> None:
+    """One tenant cannot squat another's order id (issue 16, finding 7): the order id the
+    provider sees is the ledger's own; a client's reference is scoped to its account."""
+    ledger.ensure_account("mallory")
+    squat = ledger.create_order("mallory", 1, "alipay", EXPIRES, client_ref="pay-2026-001")
+    mine = ledger.create_order(alice, 5_000, "alipay", EXPIRES, client_ref="pay-2026-001")
+    assert mine.order_id != squat.order_id and (mine.account, mine.amount_minor) == (alice, 5_000)
+    assert ledger.find_order(alice, "pay-2026-001") == mine
+    assert ledger.find_order("mallory", "pay-2026-001") == squat
+    ledger.settle_order(mine.order_id, "txn-1", 5_000, T0)
+    assert (ledger.balance(alice), ledger.balance("mallory")) == (5_000, 0)
+
+
 def test_order_refusals_are_clear_and_audited(ledger: Ledger, alice: str) -> None:
-    ledger.create_order(alice, 5_000, "wechat", EXPIRES, order_id="o-2")
+    o2 = ledger.create_order(alice, 5_000, "wechat", EXPIRES).order_id
     with pytest.raises(OrderRefused, match=r"amount_mismatch.*order is for 5000, paid 4999"):
-        ledger.settle_order("o-2", "t1", 4_999, T0)
+        ledger.settle_order(o2, "t1", 4_999, T0)
     with pytest.raises(OrderRefused, match="expired"):
-        ledger.settle_order("o-2", "t1", 5_000, EXPIRES + timedelta(seconds=1))
+        ledger.settle_order(o2, "t1", 5_000, EXPIRES + timedelta(seconds=1))
     with pytest.raises(NotFound, match="order 'nope'"):
         ledger.settle_order("nope", "t1", 5_000, T0)
-    ledger.create_order(alice, 100, "wechat", EXPIRES, order_id="o-3")
-    ledger.settle_order("o-3", "t-shared", 100, T0)
-    ledger.create_order(alice, 100, "wechat", EXPIRES, order_id="o-4")
+    o3 = ledger.create_order(alice, 100, "wechat", EXPIRES).order_id
+    ledger.settle_order(o3, "t-shared", 100, T0)
+    o4 = ledger.create_order(alice, 100, "wechat", EXPIRES).order_id
     with pytest.raises(OrderRefused, match="txn_reused"):
-        ledger.settle_order("o-4", "t-shared", 100, T0)
+        ledger.settle_order(o4, "t-shared", 100, T0)
     assert ledger.balance(alice) == 100
     actions = [(e.action, e.subject, e.detail.get("reason")) for e in ledger.audit_events(alice)]
-    assert ("order.refused", "o-2", "amount_mismatch") in actions
-    assert ("order.refused", "o-2", "expired") in actions
-    assert ("order.paid", "o-3", None) in actions
-    assert ("order.refused", "o-4", "txn_reused") in actions
+    assert ("order.refused", o2, "amount_mismatch") in actions
+    assert ("order.refused", o2, "expired") in actions
+    assert ("order.paid", o3, None) in actions
+    assert ("order.refused", o4, "txn_reused") in actions
 
 
 def test_expire_orders_then_settlement_is_refused(ledger: Ledger, alice: str) -> None:
-    ledger.create_order(alice, 100, "alipay", EXPIRES, order_id="late")
-    ledger.create_order(alice, 100, "alipay", EXPIRES + timedelta(hours=1), order_id="fresh")
-    assert ledger.expire_orders(EXPIRES) == ["late"]
+    late = ledger.create_order(alice, 100, "alipay", EXPIRES).order_id
+    fresh = ledger.create_order(alice, 100, "alipay", EXPIRES + timedelta(hours=1)).order_id
+    assert ledger.expire_orders(EXPIRES) == [late]
     assert ledger.expire_orders(EXPIRES) == []
-    assert ledger.get_order("late").status is OrderStatus.EXPIRED
+    assert ledger.get_order(late).status is OrderStatus.EXPIRED
     with pytest.raises(OrderRefused, match="expired"):
-        ledger.settle_order("late", "t", 100, T0)  # in time by the clock, but expired
-    assert ledger.settle_order("fresh", "t", 100, EXPIRES).status is OrderStatus.PAID
+        ledger.settle_order(late, "t", 100, T0)  # in time by the clock, but expired
+    assert ledger.settle_order(fresh, "t", 100, EXPIRES).status is OrderStatus.PAID
     assert ledger.balance(alice) == 100
 
 
@@ -144,3 +158,32 @@ def test_a_voucher_needs_its_file(ledger: Ledger, alice: str) -> None:
     assert ledger.balance(alice) == 0
     rejected = ledger.review_voucher(v.voucher_id, False, "admin:bob", "no voucher", T0)
     assert rejected.status is VoucherStatus.REJECTED
+
+
+def test_a_submitter_never_reviews_their_own_voucher(ledger: Ledger, alice: str) -> None:
+    """Issue 16, finding 4: one person submitted and approved 10^12 minor units."""
+    v = ledger.submit_voucher(alice, 10**12, "ACME", "ICBC", "TX-5", SHA, T0, submitter="eve")
+    with pytest.raises(ReviewRefused, match="own_voucher") as err:
+        ledger.review_voucher(v.voucher_id, True, "eve", "", T0)
+    assert err.value.reason == "own_voucher" and ledger.balance(alice) == 0
+    trail = [(e.actor, e.action) for e in ledger.audit_events(alice)]
+    assert trail == [("eve", "voucher.submitted"), ("eve", "voucher.review_refused")]
+    assert ledger.review_voucher(v.voucher_id, True, "bob", "", T0).reviewer == "bob"
+    assert ledger.balance(alice) == 10**12
+
+
+def test_transfer_numbers_are_per_account_and_credited_once(ledger: Ledger, alice: str) -> None:
+    """Issue 16, finding 7: another tenant's voucher for the same transfer number is its
+    own (the error revealed the other voucher's id); a transfer is credited once."""
+    ledger.ensure_account("mallory")
+    theirs = ledger.submit_voucher("mallory", 9_000, "M", "ICBC", "TX-6", SHA, T0)
+    mine = ledger.submit_voucher(alice, 7_000, "ACME", "ICBC", "TX-6", SHA, T0)
+    assert mine.voucher_id != theirs.voucher_id
+    with pytest.raises(IdempotencyConflict) as err:
+        ledger.submit_voucher(alice, 7_001, "ACME", "ICBC", "TX-6", SHA, T0)
+    assert theirs.voucher_id not in str(err.value) and "mallory" not in str(err.value)
+    ledger.review_voucher(mine.voucher_id, True, "bob", "", T0)
+    with pytest.raises(ReviewRefused, match="transfer_credited"):
+        ledger.review_voucher(theirs.voucher_id, True, "bob", "", T0)
+    assert (ledger.balance(alice), ledger.balance("mallory")) == (7_000, 0)
+    ledger.review_voucher(theirs.voucher_id, False, "bob", "transfer already credited", T0)

@@ -93,6 +93,19 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> None:
     ledger.close()
 
 
+def test_commits_are_durable_on_power_loss(ledger_url: str) -> None:
+    """SQLite fsyncs the WAL at every commit (synchronous=FULL = 2; NORMAL = 1 loses the
+    last commits on power loss); PostgreSQL sessions commit synchronously even where the
+    server's default is off (as on the test server)."""
+    ledger = open_ledger(ledger_url)
+    with ledger.engine.connect() as conn:
+        if ledger.dialect == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+        else:
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+    ledger.close()
+
+
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_postgres_helper_starts_and_removes_a_server(postgres_url: str) -> None:

@@ -179,7 +179,7 @@ def test_a_fallback_posted_before_settlement_existed_is_adopted(ledger: Ledger) 
 
 
 def test_gpus_seen_for_a_pod(ledger: Ledger) -> None:
-    _meter(ledger, pod="pod-1")
+    _meter(ledger, pod="pod-1", gpus=2)
     ledger.ingest_usage(
         _windows(0, 30, gpu="GPU-b") + _windows(0, 30, gpu="GPU-other", pod="pod-2"),
         received_at=T0,

@@ -16,12 +16,35 @@ def rec(w: World) -> AccountReconciler:
     return AccountReconciler(w.kube, w.ledger, w.clock, w.cfg)
 
 
-def recharge(w: World, name: str, method: str, amount: str, **extra: object) -> dict:
+def recharge(
+    w: World, name: str, method: str, amount: str, submitter: str = "bob", **extra: object
+) -> dict:
     spec = {"account": "acme", "method": method, "amount": amount, **extra}
-    return w.kube.add_namespaced(
-        "recharges",
-        {"kind": "Recharge", "metadata": {"name": name, "namespace": NS}, "spec": spec},
-    )
+    meta = {"name": name, "namespace": NS, "annotations": {"gpucloud.dev/submitter": submitter}}
+    return w.kube.add_namespaced("recharges", {"kind": "Recharge", "metadata": meta, "spec": spec})
+
+
+def review_of(
+    w: World, name: str, recharge_name: str, reviewer: str | None = "alice", **spec: object
+) -> dict:
+    """An admin's review of what they saw of the Recharge now (uid, amount, voucher)."""
+    rc = w.kube.namespaced[("recharges", NS, recharge_name)]
+    meta: dict = {"name": name}
+    if reviewer is not None:
+        meta["annotations"] = {"gpucloud.dev/reviewer": reviewer}
+    pinned = {
+        "rechargeRef": {"namespace": NS, "name": recharge_name, "uid": rc["metadata"]["uid"]},
+        "amount": rc["spec"]["amount"],
+        "voucherId": rc["status"]["orderId"],
+        "decision": "Approve",
+    }
+    return w.kube.add_cluster("rechargereviews", {"metadata": meta, "spec": {**pinned, **spec}})
+
+
+def review_message(w: World, name: str) -> str:
+    review = w.kube.cluster[("rechargereviews", name)]
+    assert review["status"]["applied"] is False
+    return " ".join(c["message"] for c in review["status"]["conditions"])
 
 
 def test_account_status(world: World) -> None:
@@ -48,7 +71,9 @@ def test_online_recharge_awaits_payment_then_credited(world: World) -> None:
     rc = recharge(w, "top", "Online", "500.00", online={"provider": "sandbox"})
     rec(w).reconcile_recharge(rc)
     st = w.kube.namespaced[("recharges", NS, "top")]["status"]
-    assert st["phase"] == "AwaitingPayment" and st["orderId"] == f"rc-{rc['metadata']['uid']}"
+    order = w.ledger.find_order("acme", f"rc-{rc['metadata']['uid']}")
+    assert order is not None and st["orderId"] == order.order_id
+    assert st["phase"] == "AwaitingPayment"
     assert "amount_minor=50000" in st["paymentURL"] and st["expiresAt"]
     rec(w).reconcile_recharge(w.kube.namespaced[("recharges", NS, "top")])  # idempotent
     w.ledger.settle_order(st["orderId"], "txn-1", 500_00, w.clock.now())
@@ -73,13 +98,7 @@ def test_bank_transfer_review_credits_exactly_once(world: World) -> None:
     rec(w).reconcile_recharge(rc)
     st = w.kube.namespaced[("recharges", NS, "wire")]["status"]
     assert st["phase"] == "AwaitingReview" and st["orderId"]
-    review = w.kube.add_cluster(
-        "rechargereviews",
-        {
-            "metadata": {"name": "r1"},
-            "spec": {"rechargeRef": {"namespace": NS, "name": "wire"}, "decision": "Approve"},
-        },
-    )
+    review = review_of(w, "r1", "wire")
     rec(w).reconcile_review(review)
     applied = w.kube.cluster[("rechargereviews", "r1")]["status"]
     assert applied["applied"] is True and applied["voucherRef"] == VOUCHER  # what was reviewed
@@ -88,6 +107,47 @@ def test_bank_transfer_review_credits_exactly_once(world: World) -> None:
     review["status"] = {}
     rec(w).reconcile_review(review)
     assert w.ledger.balance("acme") == 2000_00
+    trail = [(e.actor, e.action) for e in w.ledger.audit_events("acme")]
+    assert ("bob", "voucher.submitted") in trail and ("alice", "voucher.approved") in trail
+
+
+def test_an_approval_lands_only_on_the_recharge_the_admin_saw(world: World) -> None:
+    """The tenant deletes the 100.00 transfer the admin looked at and recreates it under
+    the same name for 1,000,000.00: the approval credits nothing (issue 16, finding 2)."""
+    w = world
+    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-7"}
+    rec(w).reconcile_recharge(recharge(w, "wire", "BankTransfer", "100.00", bankTransfer=bt))
+    seen = review_of(w, "r-seen", "wire")  # pinned now; applied once the admin creates it
+    del w.kube.cluster[("rechargereviews", "r-seen")]
+    del w.kube.namespaced[("recharges", NS, "wire")]
+    bigger = {**bt, "transferNumber": "TRF-8"}
+    rec(w).reconcile_recharge(
+        recharge(w, "wire", "BankTransfer", "1000000.00", bankTransfer=bigger)
+    )
+    review = w.kube.add_cluster("rechargereviews", seen)
+    rec(w).reconcile_review(review)
+    assert w.ledger.balance("acme") == 0
+    assert "spec.rechargeRef.uid" in review_message(w, "r-seen")
+    assert w.kube.namespaced[("recharges", NS, "wire")]["status"]["phase"] == "AwaitingReview"
+    # the amount and the voucher are pinned too
+    for name, spec in (("r-amount", {"amount": "100.00"}), ("r-voucher", {"voucherId": "v0"})):
+        rec(w).reconcile_review(review_of(w, name, "wire", **spec))
+        assert spec.popitem()[0] in review_message(w, name)
+    assert w.ledger.balance("acme") == 0
+
+
+def test_reviews_need_a_reviewer_other_than_the_submitter(world: World) -> None:
+    w = world
+    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-9"}
+    rc = recharge(w, "wire", "BankTransfer", "250.00", submitter="alice", bankTransfer=bt)
+    rec(w).reconcile_recharge(rc)
+    rec(w).reconcile_review(review_of(w, "r-none", "wire", reviewer=None))
+    assert "gpucloud.dev/reviewer" in review_message(w, "r-none")
+    rec(w).reconcile_review(review_of(w, "r-self", "wire", reviewer="alice"))
+    assert "submitted" in review_message(w, "r-self")
+    assert w.ledger.balance("acme") == 0
+    rec(w).reconcile_review(review_of(w, "r-ok", "wire", reviewer="carol"))
+    assert w.ledger.balance("acme") == 250_00
 
 
 def test_recharge_for_a_foreign_account_fails(world: World) -> None:

@@ -94,10 +94,12 @@ def test_a_fully_metered_run_is_settled_without_a_fallback(world: World) -> None
     m = w.ledger.get_meter(meter_id)
     assert m.settled_at == w.clock.now() and (m.quantity_rated, m.fallback_minor) == (1000, 0)
     assert gpu_charges(w) == 144 and "MeteringFallback" not in w.kube.reasons("nb")
-    # a straggler after the settlement changes nothing
-    w.ledger.ingest_usage(straggler, received_at=w.clock.now())
+    # a straggler after the settlement changes nothing: a second GPU of a 1-GPU run is
+    # refused outright (the run's one GPU is bound to its meter)
+    result = w.ledger.ingest_usage(straggler, received_at=w.clock.now())
+    assert set(result.rules.values()) == {"unbound_gpu"} and result.accepted == 0
     w.ledger.rate_pending(w.clock.now())
-    assert gpu_charges(w) == 144 and w.ledger.get_meter(meter_id).late_records == 3
+    assert gpu_charges(w) == 144 and w.ledger.get_meter(meter_id).late_records == 0
 
 
 def test_status_gpus_lists_what_the_agents_saw(world: World) -> None:

@@ -13,13 +13,17 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import Route
 
 from gpucloud.api import routes_accounts, routes_recharge, routes_usage, routes_wipes
 from gpucloud.api.deps import AppState, State
 from gpucloud.api.gate import FairLock
+from gpucloud.api.guard import SMALL_BODY, RequestGuard
 from gpucloud.api.metrics import ApiMetrics
 from gpucloud.api.rating import RatingLoop
+from gpucloud.api.schemas import Problem
 from gpucloud.api.settings import Settings
 from gpucloud.billing.errors import BillingError
 from gpucloud.billing.pricebook import PriceBook
@@ -32,6 +36,7 @@ from gpucloud.ledger import (
     ReviewRefused,
     open_ledger,
 )
+from gpucloud.recharge.provider import MAX_NOTICE_BYTES
 from gpucloud.usage import UsageBatch
 
 API_VERSION = "1.0.0"
@@ -69,8 +74,57 @@ def create_app(settings: Settings) -> FastAPI:
     _add_ops_routes(app)
     _add_error_handlers(app)
     _add_latency_middleware(app, metrics)
+    voucher_body = settings.max_voucher_bytes * 4 // 3 + SMALL_BODY  # base64 + the fields
+    app.add_middleware(
+        RequestGuard,
+        limits=[
+            (r"/v1/usage", "POST", routes_usage.MAX_BODY_BYTES),
+            (r"/v1/accounts/[^/]+/recharges/bank-transfer", "POST", voucher_body),
+            (r"/v1/payments/[^/]+/callback", "POST", MAX_NOTICE_BYTES),
+        ],
+        open_paths=[
+            r"/healthz", r"/readyz", r"/openapi\.json", r"/docs.*", r"/v1/pricebook",
+            r"/v1/payments/[^/]+/callback",
+        ],
+    )  # fmt: skip
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _ready(state: AppState | None) -> JSONResponse:
+    if state is None:
+        return JSONResponse({"detail": "starting"}, status_code=503)
+    try:
+        with state.ledger.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        return JSONResponse({"detail": f"database: {type(exc).__name__}"}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+def ops_app(app: FastAPI) -> Starlette:
+    """The operational endpoints of ``app``, for its own port (gpucloud.serving):
+    ``/metrics`` (Prometheus), ``/healthz``, ``/readyz``. Not on the main port: the
+    metrics name accounts, routes and volumes, for operators only."""
+
+    def state() -> AppState | None:
+        return getattr(app.state, "gpucloud", None)
+
+    async def metrics(_: Request) -> Response:
+        s = state()
+        if s is None:
+            return Response("starting\n", status_code=503)
+        return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(_: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> JSONResponse:
+        return await run_in_threadpool(_ready, state())
+
+    return Starlette(
+        routes=[Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz)]
+    )
 
 
 def _add_ops_routes(app: FastAPI) -> None:
@@ -79,19 +133,10 @@ def _add_ops_routes(app: FastAPI) -> None:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"])
-    def readyz(state: State) -> dict[str, str]:
+    @app.get("/readyz", tags=["ops"], responses={503: {"model": Problem}})
+    def readyz(state: State) -> JSONResponse:
         """The database answers."""
-        try:
-            with state.ledger.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        except Exception as exc:
-            raise HTTPException(503, f"database: {type(exc).__name__}") from None
-        return {"status": "ready"}
-
-    @app.get("/metrics", tags=["ops"], response_class=Response)
-    def metrics(state: State) -> Response:
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return _ready(state)
 
     @app.get("/v1/pricebook", tags=["pricing"])
     def pricebook(state: State) -> dict[str, Any]:

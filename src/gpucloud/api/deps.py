@@ -36,6 +36,9 @@ State = Annotated[AppState, Depends(get_state)]
 
 
 async def get_principal(request: Request, state: State) -> Principal:
+    checked = getattr(request.state, "principal", None)  # by the RequestGuard, before the body
+    if checked is not None:
+        return checked  # type: ignore[no-any-return]
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():

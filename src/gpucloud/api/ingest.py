@@ -9,10 +9,10 @@ reported by index, field and rule.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+import pydantic_core
 from pydantic import TypeAdapter, ValidationError
 
 from gpucloud.usage import UsageBatch, UsageRecord
@@ -55,8 +55,8 @@ def validate_body(raw: bytes) -> tuple[list[tuple[int, UsageRecord]], list[Recor
         return list(enumerate(batch.records)), []
     except ValidationError:
         pass
-    try:
-        payload = json.loads(raw)
+    try:  # strict: no NaN or Infinity, bounded nesting (json.loads recursed into a 500)
+        payload = pydantic_core.from_json(raw, allow_inf_nan=False)
     except ValueError as exc:
         raise NotJSON(f"body: not valid JSON ({exc})") from None
     return validate_batch(payload, whole_first=False)

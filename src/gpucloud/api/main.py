@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 import yaml
 
-from gpucloud.api.app import create_app
+from gpucloud.api.app import create_app, ops_app
 from gpucloud.api.auth import (
     DEFAULT_AGENT_SA,
     Authenticator,
@@ -29,6 +28,7 @@ from gpucloud.api.auth import (
 from gpucloud.api.settings import Settings
 from gpucloud.clock import clock_from_env
 from gpucloud.recharge import ProviderRegistry, SandboxProvider
+from gpucloud.serving import serve
 
 
 def _csv(value: str | None) -> frozenset[str]:
@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gpucloud-api", description=__doc__)
     p.add_argument("--host", default=env("GPUCLOUD_API_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("GPUCLOUD_API_PORT", "8080")))
+    p.add_argument(
+        "--ops-host",
+        default=env("GPUCLOUD_API_OPS_HOST"),
+        help="address of /metrics, /healthz, /readyz (default: --host)",
+    )
+    p.add_argument("--ops-port", type=int, default=int(env("GPUCLOUD_API_OPS_PORT", "9090")))
     p.add_argument("--database-url", default=env("GPUCLOUD_DATABASE_URL", "sqlite:///ledger.db"))
     p.add_argument("--clock", default=env("GPUCLOUD_CLOCK", "system"), help="system | file:PATH")
     p.add_argument("--kubeconfig", default=env("GPUCLOUD_KUBECONFIG"))
@@ -146,7 +152,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     app = create_app(settings_from_args(args))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    serve(
+        app, args.host, args.port, ops_app(app), args.ops_host or args.host, args.ops_port,
+        args.log_level,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from gpucloud.api.deps import Account, State
+from gpucloud.api.guard import StrictRoute
 from gpucloud.api.schemas import (
     AuditEventOut,
     AuditOut,
@@ -26,6 +27,7 @@ from gpucloud.api.schemas import (
 from gpucloud.billing.money import format_money
 
 router = APIRouter(
+    route_class=StrictRoute,
     prefix="/v1/accounts/{account}",
     tags=["accounts"],
     responses={401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Problem}},

@@ -12,6 +12,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from gpucloud.api.deps import Account, Admin, Caller, State
+from gpucloud.api.guard import StrictRoute
 from gpucloud.api.schemas import (
     MAX_AMOUNT_MINOR,
     BankTransferIn,
@@ -28,7 +29,7 @@ from gpucloud.ledger import NotFound, Order, OrderStatus, Voucher
 from gpucloud.recharge import CallbackError, PaymentNotice, SignatureError
 from gpucloud.recharge.qr import qr_png
 
-router = APIRouter(tags=["recharge"])
+router = APIRouter(route_class=StrictRoute, tags=["recharge"])
 
 _AUTH = {401: {"model": Problem}, 403: {"model": Problem}}
 OrderId = Annotated[str, Path(min_length=1, max_length=64)]
@@ -70,6 +71,7 @@ def _order_out(state: State, request: Request, order: Order) -> OrderOut:
     qr = request.url_for("get_order_qr", account=order.account, order_id=order.order_id)
     return OrderOut(
         order_id=order.order_id,
+        client_order_id=order.client_ref,
         account=order.account,
         amount_minor=order.amount_minor,
         amount=format_money(order.amount_minor, currency),
@@ -97,7 +99,7 @@ def _account_order(state: State, account: str, order_id: str) -> Order:
     responses={**_AUTH, 404: {"model": Problem}},
 )
 def create_online_recharge(
-    account: Account, body: OnlineRechargeIn, state: State, request: Request
+    account: Account, body: OnlineRechargeIn, caller: Caller, state: State, request: Request
 ) -> OrderOut:
     """A payment order: open ``payment_url`` or scan the QR code at ``qr_png_url``."""
     if state.settings.providers.get(body.provider) is None:
@@ -106,7 +108,12 @@ def create_online_recharge(
     amount = _minor(body, _currency(state, account))
     expires_at = state.settings.clock.now() + timedelta(seconds=state.settings.order_ttl_s)
     order = state.ledger.create_order(
-        account, amount, body.provider, expires_at, order_id=body.order_id
+        account,
+        amount,
+        body.provider,
+        expires_at,
+        client_ref=body.client_order_id,
+        actor=caller.username,
     )
     return _order_out(state, request, order)
 
@@ -146,8 +153,12 @@ async def payment_callback(provider: ProviderName, request: Request, state: Stat
     impl = state.settings.providers.get(provider)
     if impl is None:
         raise HTTPException(404, f"provider {provider!r} is not configured")
-    body = await request.body()
     now = state.settings.clock.now()
+    try:
+        impl.check_headers(request.headers, now)  # before a byte of the body is read
+    except SignatureError as exc:
+        raise HTTPException(401, str(exc)) from None
+    body = await request.body()  # at most the RequestGuard's limit
     try:
         notice = impl.verify_callback(request.headers, body, now)
     except SignatureError as exc:
@@ -190,6 +201,7 @@ def _voucher_out(state: State, v: Voucher) -> VoucherOut:
         file_sha256=v.file_sha256,
         status=str(v.status),
         submitted_at=v.submitted_at,
+        submitter=v.submitter,
         reviewer=v.reviewer,
         reason=v.reason,
         reviewed_at=v.reviewed_at,
@@ -202,7 +214,9 @@ def _voucher_out(state: State, v: Voucher) -> VoucherOut:
     response_model=VoucherOut,
     responses={**_AUTH, 409: {"model": Problem}, 413: {"model": Problem}},
 )
-def submit_bank_transfer(account: Account, body: BankTransferIn, state: State) -> VoucherOut:
+def submit_bank_transfer(
+    account: Account, body: BankTransferIn, caller: Caller, state: State
+) -> VoucherOut:
     """A bank-transfer voucher, pending an admin's review. The voucher file is required
     (the seed has the payer upload it). Only its SHA-256 goes into the ledger; the file
     itself is kept under the configured voucher directory, where the reviewing admin
@@ -228,6 +242,7 @@ def submit_bank_transfer(account: Account, body: BankTransferIn, state: State) -
         body.transfer_no,
         digest,
         state.settings.clock.now(),
+        submitter=caller.username,
     )
     return _voucher_out(state, voucher)
 
@@ -287,7 +302,9 @@ def get_voucher_file(voucher_id: VoucherId, _: Admin, state: State) -> Response:
     responses={**_AUTH, 404: {"model": Problem}, 409: {"model": Problem}},
 )
 def review_voucher(voucher_id: VoucherId, body: ReviewIn, admin: Admin, state: State) -> VoucherOut:
-    """Admins: approve (credits exactly once) or reject (a reason is required)."""
+    """Admins: approve (credits exactly once) or reject (a reason is required). 409 for
+    a voucher already reviewed, one the caller submitted (``own_voucher``), or a transfer
+    already credited to an account (``transfer_credited``)."""
     if body.decision == "reject" and not body.reason.strip():
         raise HTTPException(422, "reason: required when rejecting a voucher")
     voucher = state.ledger.review_voucher(

@@ -10,12 +10,15 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from gpucloud.api.deps import Caller, State, agent_node
+from gpucloud.api.guard import StrictRoute
 from gpucloud.api.ingest import BatchShapeError, NotJSON, RecordError, validate_body
 from gpucloud.api.schemas import IngestOut, Problem
+from gpucloud.ledger import admission
+from gpucloud.ledger.admission import WRONG_NODE
 from gpucloud.ledger.wire import WireBatch, parse_batch
 from gpucloud.usage import UsageRecord
 
-router = APIRouter(prefix="/v1", tags=["usage"])
+router = APIRouter(route_class=StrictRoute, prefix="/v1", tags=["usage"])
 MAX_BODY_BYTES = 16 * 1024 * 1024  # 10,000 records fit in a few MB
 
 _BODY = {
@@ -34,7 +37,7 @@ _BODY = {
         207: {"model": IngestOut, "description": "some records stored, some refused"},
         400: {"model": Problem, "description": "body is not JSON"},
         401: {"model": Problem},
-        403: {"model": Problem, "description": "not the agent, or a record of another node"},
+        403: {"model": Problem, "description": "not the agent of a node"},
         413: {"model": Problem, "description": "body larger than 16 MiB"},
         422: {"model": IngestOut, "description": "no record stored; errors per record"},
     },
@@ -74,21 +77,36 @@ def _validate(raw: bytes) -> tuple[WireBatch | list[UsageRecord], list[int], lis
     return [r for _, r in valid], [i for i, _ in valid], errors
 
 
+def _own_records(
+    records: WireBatch | list[UsageRecord], indexes: list[int], node: str
+) -> tuple[WireBatch | list[UsageRecord], list[int], list[RecordError]]:
+    """The records of the caller's node; each record naming another node is refused on
+    its own (a node reports only for what it ran)."""
+    nodes = records.nodes if isinstance(records, WireBatch) else [r.node for r in records]
+    keep = [pos for pos, other in enumerate(nodes) if other == node]
+    if len(keep) == len(nodes):
+        return records, indexes, []
+    errors = [
+        RecordError(
+            indexes[pos], "node", WRONG_NODE, f"{nodes[pos]!r} is not the caller's node {node!r}"
+        )
+        for pos in range(len(nodes))
+        if nodes[pos] != node
+    ]
+    if isinstance(records, WireBatch):
+        return records.subset(keep), [indexes[p] for p in keep], errors
+    return [records[p] for p in keep], [indexes[p] for p in keep], errors
+
+
 def _ingest(state: State, node: str, raw: bytes) -> IngestOut:
     stage = state.metrics.stage_seconds
     with stage.labels("validate").time():
         records, indexes, errors = _validate(raw)
-        nodes = records.nodes if isinstance(records, WireBatch) else [r.node for r in records]
-        foreign = [(i, other) for i, other in zip(indexes, nodes, strict=True) if other != node]
-    if foreign:
-        i, other = foreign[0]
-        raise HTTPException(
-            403,
-            f"records[{i}].node: {other!r} is not the caller's node {node!r} "
-            f"({len(foreign)} such records; nothing stored)",
-        )
+        records, indexes, foreign = _own_records(records, indexes, node)
     metrics = state.metrics
     metrics.rejected.labels("invalid").inc(len({e.index for e in errors}))
+    metrics.rejected.labels(WRONG_NODE).inc(len(foreign))
+    errors += foreign
     accepted = duplicates = 0
     if len(records):
         waited = time.perf_counter()
@@ -101,8 +119,9 @@ def _ingest(state: State, node: str, raw: bytes) -> IngestOut:
                 result = state.ledger.ingest_usage(records, received_at=now, rate_at=now)
         accepted, duplicates = result.accepted, result.duplicates
         for pos, reason in result.rejected:
-            rule = _rule_of(reason)
-            errors.append(RecordError(indexes[pos], "", rule, reason))
+            rule = result.rules.get(pos, "conflict")
+            field = reason.split(":", 1)[0] if rule in admission.RULES else ""
+            errors.append(RecordError(indexes[pos], field, rule, reason))
             metrics.rejected.labels(rule).inc()
     metrics.ingested.inc(accepted)
     metrics.duplicates.inc(duplicates)
@@ -113,7 +132,3 @@ def _ingest(state: State, node: str, raw: bytes) -> IngestOut:
         rejected=len({e.index for e in errors}),
         errors=[e.as_dict() for e in errors],
     )
-
-
-def _rule_of(reason: str) -> str:
-    return "overlap" if "overlap" in reason else "conflict"

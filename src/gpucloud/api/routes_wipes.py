@@ -11,10 +11,11 @@ from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
 from gpucloud.api.deps import Caller, State, agent_node
+from gpucloud.api.guard import StrictRoute
 from gpucloud.api.schemas import Problem, WipeDoneIn, WipeOut, WipesOut
 from gpucloud.ledger import NotFound, WrongNode
 
-router = APIRouter(prefix="/v1", tags=["wipes"])
+router = APIRouter(route_class=StrictRoute, prefix="/v1", tags=["wipes"])
 NodeName = Annotated[
     str, PathParam(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 ]

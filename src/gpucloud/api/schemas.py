@@ -142,20 +142,22 @@ class _AmountIn(_In):
 
 class OnlineRechargeIn(_AmountIn):
     provider: Annotated[str, Field(min_length=1, max_length=64)] = "sandbox"
-    order_id: Annotated[
+    client_order_id: Annotated[
         str | None,
         Field(
             default=None,
             min_length=1,
             max_length=64,
             pattern=r"^[A-Za-z0-9_.-]+$",
-            description="optional client-chosen id: makes the request idempotent",
+            description="optional id of the client's: makes the request idempotent within "
+            "the account (the order_id is the ledger's own)",
         ),
     ] = None
 
 
 class OrderOut(BaseModel):
-    order_id: str
+    order_id: str = Field(description="the ledger's id of the order, what the provider sees")
+    client_order_id: str | None = None
     account: str
     amount_minor: int
     amount: str
@@ -194,6 +196,7 @@ class VoucherOut(BaseModel):
     file_sha256: str | None
     status: str
     submitted_at: datetime
+    submitter: str | None
     reviewer: str | None
     reason: str | None
     reviewed_at: datetime | None

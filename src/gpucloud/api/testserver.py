@@ -53,6 +53,7 @@ class ApiProcess:
         self.database_url = database_url or f"sqlite:///{self.workdir / 'ledger.db'}"
         self.clock = clock
         self.port = free_port()
+        self.ops_port = free_port()
         self.extra_args = extra_args or []
         self.extra_env = extra_env or {}
         tokens = dict(DEFAULT_TOKENS)
@@ -68,10 +69,16 @@ class ApiProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def ops_url(self) -> str:
+        """/metrics, /healthz, /readyz (the operational port)."""
+        return f"http://127.0.0.1:{self.ops_port}"
+
     def start(self, timeout_s: float = 30.0) -> ApiProcess:
         cmd = [
             sys.executable, "-m", "gpucloud.api.main",
             "--port", str(self.port),
+            "--ops-port", str(self.ops_port),
             "--database-url", self.database_url,
             "--clock", self.clock,
             "--sandbox-secret", SANDBOX_SECRET,
@@ -88,7 +95,8 @@ class ApiProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"API exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                ok = httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
+                if ok and httpx.get(f"{self.ops_url}/readyz", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -48,13 +48,17 @@ COLUMNS = (
     "rated_at",
 )
 # Positions in a row of COLUMNS.
-KIND, SUBJECT, START, END, MEASURE, OWNER, DIGEST = 0, 1, 2, 3, 5, 6, 11
+KIND, SUBJECT, START, END, QUANTITY, MEASURE, OWNER, NODE, DIGEST = 0, 1, 2, 3, 4, 5, 6, 7, 11
 RATED = slice(13, 16)  # rated_until, meter_id, rated_at
 
 Row = tuple[Any, ...]
 # Rates accepted rows inside the ingest transaction: returns them with RATED filled in
 # for those it rated (see Ledger.ingest_usage's rate_at).
 Rater = Callable[[list[Row]], list[Row]]
+# Admits (index, row) pairs before the overlap check: returns those it keeps, and adds
+# (index, reason) of the others to the list and their rule to the dict (ledger.admission).
+Indexed = list[tuple[int, Row]]
+Guard = Callable[[Indexed, list[tuple[int, str]], dict[int, str]], Indexed]
 
 
 def digest(record: UsageRecord) -> str:
@@ -191,17 +195,22 @@ def ingest(
     records: Sequence[UsageRecord] | WireBatch,
     received_at: datetime,
     rater: Rater | None = None,
+    guard: Guard | None = None,
 ) -> IngestResult:
     rejected: list[tuple[int, str]] = []
+    rules: dict[int, str] = {}
+    lock_usage(conn)
+    indexed = _rows(records, schema.to_us(received_at), rejected)
+    if guard is not None:
+        indexed = guard(indexed, rejected, rules)
     groups: dict[tuple[str, str], list[tuple[int, int, Row]]] = {}
-    for index, row in _rows(records, schema.to_us(received_at), rejected):
+    for index, row in indexed:
         key = (row[KIND], row[SUBJECT])
         group = groups.get(key)  # type: ignore[call-overload]
         if group is None:
             groups[key] = group = []  # type: ignore[index]
         group.append((row[START], index, row))  # type: ignore[arg-type]
 
-    lock_usage(conn)
     duplicates = 0
     accepted: list[Row] = []
     cur = _cursor(conn)
@@ -226,6 +235,7 @@ def ingest(
                     else:
                         natural = f"{kind}:{subject}:{start}"
                         rejected.append((index, f"{natural}: already ingested with other content"))
+                        rules[index] = "conflict"
                     continue
                 clash = None
                 if pos > 0 and ends[pos - 1] > start:
@@ -240,6 +250,7 @@ def ingest(
                             f"{ends[clash]}) of the same {kind} subject",
                         )
                     )
+                    rules[index] = "overlap"
                     continue
                 if pos == len(starts):  # the common case: appended in time order
                     starts.append(start)
@@ -258,4 +269,4 @@ def ingest(
             accepted = rater(accepted)
         _insert(conn, accepted)
     rejected.sort()
-    return IngestResult(accepted=len(accepted), duplicates=duplicates, rejected=rejected)
+    return IngestResult(len(accepted), duplicates, rejected, rules)

@@ -17,7 +17,7 @@ from gpucloud.billing.decisions import available_balance
 from gpucloud.billing.intervals import elapsed_seconds
 from gpucloud.billing.money import minor_exponent, next_posting
 from gpucloud.clock import Clock, SystemClock
-from gpucloud.ledger import db, ingest, rating, schema
+from gpucloud.ledger import admission, db, ingest, rating, schema
 from gpucloud.ledger import validate as v
 from gpucloud.ledger.errors import (
     IdempotencyConflict,
@@ -135,6 +135,9 @@ def _meter(row: Row[Any], account: str) -> Meter:
         fallback_minor=int(row.fallback_minor),
         late_quantity=int(row.late_quantity),
         late_records=int(row.late_records),
+        node=row.node,
+        gpu_uuids=tuple(admission.uuids_of(row.gpu_uuids)),
+        max_bytes=row.max_bytes,
     )
 
 
@@ -150,6 +153,7 @@ def _order(row: Row[Any], account: str) -> Order:
         provider_txn=row.provider_txn,
         paid_at=row.paid_at,
         entry_id=row.entry_id,
+        client_ref=row.client_ref,
     )
 
 
@@ -168,6 +172,7 @@ def _voucher(row: Row[Any], account: str) -> Voucher:
         reason=row.reason,
         reviewed_at=row.reviewed_at,
         entry_id=row.entry_id,
+        submitter=row.submitter,
     )
 
 
@@ -494,24 +499,76 @@ class Ledger(WipesMixin):
         if not records:
             return IngestResult(0, 0, [])
         with self.engine.begin() as conn:
+            loaded: list[Row[Any]] = []
             rater = None
             if rate_at is not None:
-                rater = lambda rows: self._rate_new(conn, rows, rate_at)  # noqa: E731
-            return ingest.ingest(conn, records, received_at, rater)
+                rater = lambda rows: self._rate_new(conn, rows, rate_at, loaded)  # noqa: E731
+            guard = lambda rows, rejected, rules: self._admit(  # noqa: E731
+                conn, rows, rejected, rules, loaded, received_at
+            )
+            return ingest.ingest(conn, records, received_at, rater, guard)
+
+    def _admit(
+        self,
+        conn: Connection,
+        rows: list[tuple[int, ingest.Row]],
+        rejected: list[tuple[int, str]],
+        rules: dict[int, str],
+        loaded: list[Row[Any]],
+        at: datetime,
+    ) -> list[tuple[int, ingest.Row]]:
+        """Refuse the records their meters may not be charged for (gpucloud.ledger.
+        admission): another node's, a GPU beyond the pod's count, more bytes than the
+        volume holds. Loads (and locks) the batch's meters into ``loaded`` for the rater;
+        binds first reports; one audit event per meter and rule refused."""
+        if not rows:
+            return rows
+        kinds = list({r[ingest.KIND] for _, r in rows})
+        owners = list({r[ingest.OWNER] for _, r in rows})
+        loaded.extend(conn.execute(_LOCK_METERS_OF, {"kinds": kinds, "owners": owners}))
+        if not loaded:
+            return rows
+        meters: dict[tuple[str, str], list[admission.Terms]] = {}
+        for m in loaded:
+            meters.setdefault((m.kind, m.subject), []).append(admission.Terms.of(m))
+        guard = admission.Guard(meters)
+        kept = []
+        at_ = ingest  # row positions
+        for i, r in rows:
+            refusal = guard.check(
+                r[at_.KIND], r[at_.OWNER], r[at_.NODE], r[at_.SUBJECT],
+                r[at_.START], r[at_.END], r[at_.QUANTITY],
+            )  # fmt: skip
+            if refusal is None:
+                kept.append((i, r))
+            else:
+                rules[i], reason = refusal
+                rejected.append((i, reason))
+        admission.save(conn, guard.all_terms())
+        for meter_id, refusals in guard.refused.items():
+            by_rule: dict[str, list[tuple[str, str, str]]] = {}
+            for item in refusals:
+                by_rule.setdefault(item[0], []).append(item)
+            for rule, items in by_rule.items():
+                detail = {"rule": rule, "records": len(items), "first": items[0][1]}
+                actor = f"node:{items[0][2]}"
+                account_id = guard.account_of(meter_id)
+                self._audit(conn, account_id, actor, "usage.refused", meter_id, detail, at)
+        return kept
 
     def _rate_new(
-        self, conn: Connection, rows: list[ingest.Row], now: datetime
+        self, conn: Connection, rows: list[ingest.Row], now: datetime, loaded: list[Row[Any]]
     ) -> list[ingest.Row]:
         """The rater of ingest_usage(rate_at=now): rows about to be inserted, returned
-        with their rating columns set where a meter rated them."""
+        with their rating columns set where a meter rated them. ``loaded``: the batch's
+        meters, locked (by _admit)."""
         now_s = schema.to_us(now) // 1_000_000
         due = [r for r in rows if r[ingest.END] <= now_s]
         if not due:
             return rows
-        kinds = {r[ingest.KIND] for r in due}
-        owners = {r[ingest.OWNER] for r in due}
         meters: dict[tuple[str, str], list[tuple[Row[Any], int, int | None]]] = {}
-        for m in conn.execute(_LOCK_METERS_OF, {"kinds": list(kinds), "owners": list(owners)}):
+        # (_admit's bindings changed only node and gpu_uuids, which rating does not read)
+        for m in loaded:
             opened = schema.to_us(m.opened_at) // 1_000_000
             closed = None if m.closed_at is None else schema.to_us(m.closed_at) // 1_000_000
             meters.setdefault((m.kind, m.subject), []).append((m, opened, closed))
@@ -635,13 +692,19 @@ class Ledger(WipesMixin):
         opened_at: datetime,
         memo: str = "",
         gpus: int = 1,
+        node: str | None = None,
+        max_bytes: int | None = None,
     ) -> Meter:
         """Start rating usage of ``subject`` (a pod UID for gpu_time, else a volume id)
         against ``account`` at ``unit_price`` per GPU-hour or per GiB-hour.
 
         Idempotent: the same meter_id with the same terms returns the meter (other terms
-        raise IdempotencyConflict). ``gpus`` (GPUs the pod holds) is used only for
-        accrual estimates. One open meter per (kind, subject) at a time.
+        raise IdempotencyConflict). One open meter per (kind, subject) at a time.
+
+        What it may be charged for (gpucloud.ledger.admission): usage reported by
+        ``node`` only (None: the node of the first report), for at most ``gpus`` GPU
+        UUIDs (the first ones reported), and for a volume at most ``max_bytes`` bytes
+        (its quota or capacity; None: no cap). ``gpus`` also drives accrual estimates.
         """
         v.text(meter_id, "meter_id")
         v.text(resource, "resource")
@@ -657,6 +720,10 @@ class Ledger(WipesMixin):
         v.instant(opened_at, "opened_at")
         v.text(memo, "memo", max_len=4000, empty=True)
         v.positive(gpus, "gpus")
+        if node is not None:
+            v.text(node, "node")
+        if max_bytes is not None:
+            v.positive(max_bytes, "max_bytes")
         with self.engine.begin() as conn:
             acct = self._account_row(conn, account, lock=True)
             row = conn.execute(select(M).where(M.c.meter_id == meter_id)).first()
@@ -700,6 +767,8 @@ class Ledger(WipesMixin):
                     posted_minor=0,
                     seq=0,
                     last_usage_end=None,
+                    node=node,
+                    max_bytes=max_bytes,
                 )
             )
             row = conn.execute(select(M).where(M.c.meter_id == meter_id)).one()
@@ -925,7 +994,13 @@ class Ledger(WipesMixin):
         opened = schema.to_us(row.opened_at) // 1_000_000
         closed = None if row.closed_at is None else schema.to_us(row.closed_at) // 1_000_000
         window = (opened, closed)
-        pending = rating.pending_usage(conn, row.kind, row.subject, window, now_s, _RATE_CHUNK)
+        # Only what the meter may be charged for: usage stored before it opened was not
+        # checked at ingestion (gpucloud.ledger.admission); the rest stays unrated.
+        cond, params = rating.pending_condition(row.kind, row.subject, window, now_s)
+        terms = admission.terms_sql(admission.bind_pending(conn, row, cond, params))
+        pending = rating.pending_usage(
+            conn, row.kind, row.subject, window, now_s, _RATE_CHUNK, terms
+        )
         if pending.count == 0:
             return 0
         self._charge(conn, row, pending.quantity, pending.last_end, now, pending.count)
@@ -1015,7 +1090,9 @@ class Ledger(WipesMixin):
             by_owner: defaultdict[str, list[Row[Any]]] = defaultdict(list)
             if rows:
                 for u in conn.execute(
-                    select(U.c.owner, U.c.kind, U.c.rated_until, U.c.end_s, U.c.quantity).where(
+                    select(
+                        U.c.owner, U.c.kind, U.c.rated_until, U.c.end_s, U.c.quantity, U.c.node
+                    ).where(
                         U.c.kind == MeterKind.GPU_TIME.value,
                         U.c.owner.in_({row.subject for row in rows}),
                         U.c.rated_until < U.c.end_s,
@@ -1028,7 +1105,9 @@ class Ledger(WipesMixin):
                 unrated = [
                     (u.kind, u.rated_until, u.end_s, u.quantity)
                     for u in by_owner[row.subject]
-                    if u.end_s > window[0] and (window[1] is None or u.rated_until < window[1])
+                    if u.end_s > window[0]
+                    and (window[1] is None or u.rated_until < window[1])
+                    and (row.node is None or u.node == row.node)
                 ]
                 quantity = meter.quantity_rated + rating.sum_clipped(unrated, window)
                 if window[1] is None:
@@ -1071,23 +1150,35 @@ class Ledger(WipesMixin):
         amount_minor: int,
         provider: str,
         expires_at: datetime,
-        order_id: str | None = None,
+        client_ref: str | None = None,
+        *,
+        actor: str | None = None,
     ) -> Order:
-        """A pending online payment order (idempotent on ``order_id`` if given: the same
-        order again returns it, other content raises IdempotencyConflict)."""
+        """A pending online payment order. Its ``order_id``, what the payment provider is
+        given, is always the ledger's own (a tenant cannot take another's). The request
+        is idempotent per account on ``client_ref`` if given: the same terms again return
+        the order, other terms raise IdempotencyConflict (another account's equal
+        ``client_ref`` is another order). ``actor``: who asked, for the audit trail."""
         amount = v.positive(amount_minor, "amount_minor")
         v.text(provider, "provider", max_len=64)
         v.instant(expires_at, "expires_at")
-        order_id = order_id if order_id is not None else uuid.uuid4().hex
-        v.text(order_id, "order_id", max_len=64)
+        if client_ref is not None:
+            v.text(client_ref, "client_ref", max_len=64)
+        actor = v.text(actor, "actor") if actor is not None else f"user:{account}"
+        order_id = uuid.uuid4().hex
         now = self.clock.now()
         with self.engine.begin() as conn:
             acct = self._account_row(conn, account, lock=True)
-            row = conn.execute(select(ORD).where(ORD.c.order_id == order_id)).first()
-            if row is not None:
-                if (row.account_id, row.amount_minor, row.provider) != (acct.id, amount, provider):
-                    raise IdempotencyConflict(f"order:{order_id}", "order exists with other terms")
-                return _order(row, account)
+            if client_ref is not None:
+                row = conn.execute(
+                    select(ORD).where(ORD.c.account_id == acct.id, ORD.c.client_ref == client_ref)
+                ).first()
+                if row is not None:
+                    if (row.amount_minor, row.provider) != (amount, provider):
+                        raise IdempotencyConflict(
+                            f"order:{client_ref}", "order exists with other terms"
+                        )
+                    return _order(row, account)
             conn.execute(
                 insert(ORD).values(
                     order_id=order_id,
@@ -1097,12 +1188,22 @@ class Ledger(WipesMixin):
                     status=OrderStatus.PENDING.value,
                     created_at=now,
                     expires_at=expires_at,
+                    client_ref=client_ref,
                 )
             )
-            detail = {"amount_minor": amount, "provider": provider}
-            self._audit(conn, acct.id, f"user:{account}", "order.created", order_id, detail, now)
+            detail = {"amount_minor": amount, "provider": provider, "client_ref": client_ref}
+            self._audit(conn, acct.id, actor, "order.created", order_id, detail, now)
             row = conn.execute(select(ORD).where(ORD.c.order_id == order_id)).one()
         return _order(row, account)
+
+    def find_order(self, account: str, client_ref: str) -> Order | None:
+        """The account's order with this client reference, if any."""
+        with self._read() as conn:
+            acct = self._account_row(conn, account)
+            row = conn.execute(
+                select(ORD).where(ORD.c.account_id == acct.id, ORD.c.client_ref == client_ref)
+            ).first()
+        return None if row is None else _order(row, account)
 
     def get_order(self, order_id: str) -> Order:
         with self._read() as conn:
@@ -1228,11 +1329,17 @@ class Ledger(WipesMixin):
         transfer_no: str,
         file_sha256: str,
         at: datetime,
+        *,
+        submitter: str | None = None,
     ) -> Voucher:
         """A bank-transfer voucher pending review. The seed has the payer upload the
         voucher: ``file_sha256`` (the uploaded file's SHA-256) is required, and it is
-        what the reviewer checks. (bank, transfer_no) is unique: the same submission
-        again returns the voucher; other content raises IdempotencyConflict."""
+        what the reviewer checks. (bank, transfer_no) is unique per account: the same
+        submission again returns the voucher; other content raises IdempotencyConflict
+        (naming nothing of any other account: another account's voucher for the same
+        transfer is a voucher of its own, and approval credits a transfer once).
+        ``submitter``: who submitted it (the audit trail's actor; they may never review
+        it)."""
         amount = v.positive(amount_minor, "amount_minor")
         v.text(payer, "payer")
         v.text(bank, "bank")
@@ -1244,13 +1351,16 @@ class Ledger(WipesMixin):
             )
         v.sha256_hex(file_sha256, "file_sha256")
         v.instant(at, "at")
+        submitter = v.text(submitter, "submitter") if submitter is not None else None
         with self.engine.begin() as conn:
             acct = self._account_row(conn, account, lock=True)
             row = conn.execute(
-                select(VO).where(VO.c.bank == bank, VO.c.transfer_no == transfer_no)
+                select(VO).where(
+                    VO.c.account_id == acct.id, VO.c.bank == bank, VO.c.transfer_no == transfer_no
+                )
             ).first()
             if row is not None:
-                if (row.account_id, row.amount_minor, row.payer) != (acct.id, amount, payer):
+                if (row.amount_minor, row.payer) != (amount, payer):
                     raise IdempotencyConflict(
                         f"voucher:{bank}:{transfer_no}",
                         f"transfer {transfer_no!r} at {bank!r} was already submitted as voucher "
@@ -1269,6 +1379,7 @@ class Ledger(WipesMixin):
                     file_sha256=file_sha256,
                     status=VoucherStatus.PENDING.value,
                     submitted_at=at,
+                    submitter=submitter,
                 )
             )
             detail = {
@@ -1277,9 +1388,8 @@ class Ledger(WipesMixin):
                 "transfer_no": transfer_no,
                 "file_sha256": file_sha256,
             }
-            self._audit(
-                conn, acct.id, f"user:{account}", "voucher.submitted", voucher_id, detail, at
-            )
+            actor = submitter or f"user:{account}"
+            self._audit(conn, acct.id, actor, "voucher.submitted", voucher_id, detail, at)
             row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).one()
         return _voucher(row, account)
 
@@ -1303,21 +1413,40 @@ class Ledger(WipesMixin):
         return [_voucher(r, names[r.account_id]) for r in rows]
 
     def review_voucher(
-        self, voucher_id: str, approve: bool, reviewer: str, reason: str, at: datetime
+        self,
+        voucher_id: str,
+        approve: bool,
+        reviewer: str,
+        reason: str,
+        at: datetime,
+        *,
+        expect_amount: int | None = None,
     ) -> Voucher:
         """Approve (credits exactly once, key ``voucher:{voucher_id}``) or reject (needs
-        a non-empty reason). A second review raises ReviewRefused."""
+        a non-empty reason). ReviewRefused: a second review (``already_reviewed``), the
+        voucher's submitter reviewing it (``own_voucher``), an approval of a transfer
+        already credited to any account (``transfer_credited``), or ``expect_amount``
+        (what the reviewer saw) other than the voucher's (``amount_mismatch``). Every
+        refusal is in the audit trail."""
         if not isinstance(approve, bool):
             raise InvalidInput(f"approve: must be a bool, got {type(approve).__name__}")
         v.text(reviewer, "reviewer")
         v.text(reason, "reason", max_len=4000, empty=approve)
         v.instant(at, "at")
+        refusal: ReviewRefused | None = None
         with self.engine.begin() as conn:
-            row = conn.execute(
-                select(VO).where(VO.c.voucher_id == voucher_id).with_for_update()
-            ).first()
+            row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).first()
             if row is None:
                 raise NotFound(f"voucher {voucher_id!r} does not exist")
+            # Every voucher of the same transfer, in one order (this one among them): two
+            # approvals of one transfer in two accounts run one after the other.
+            conn.execute(
+                select(VO.c.voucher_id)
+                .where(VO.c.bank == row.bank, VO.c.transfer_no == row.transfer_no)
+                .order_by(VO.c.voucher_id)
+                .with_for_update()
+            ).all()
+            row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).one()
             if row.status != VoucherStatus.PENDING.value:
                 raise ReviewRefused(
                     voucher_id,
@@ -1332,40 +1461,96 @@ class Ledger(WipesMixin):
                     "were required); reject it and ask the payer to submit it with the file",
                 )
             acct = conn.execute(select(A).where(A.c.id == row.account_id).with_for_update()).one()
-            entry_id = None
-            if approve:
-                entry, _, _ = self._post(
-                    conn,
-                    acct,
-                    EntryKind.RECHARGE,
-                    row.amount_minor,
-                    f"voucher:{voucher_id}",
-                    None,
-                    f"bank transfer {row.transfer_no} from {row.payer}",
-                    at,
-                    {"voucher_id": voucher_id, "reviewer": reviewer},
-                )
-                entry_id = entry.id
-            status = VoucherStatus.APPROVED if approve else VoucherStatus.REJECTED
-            conn.execute(
-                update(VO)
-                .where(VO.c.voucher_id == voucher_id)
-                .values(
-                    status=status.value,
-                    reviewer=reviewer,
-                    reason=reason,
-                    reviewed_at=at,
-                    entry_id=entry_id,
-                )
-            )
-            detail = {
-                "reason": reason,
-                "amount_minor": row.amount_minor,
-                "file_sha256": row.file_sha256,  # what the reviewer saw
-            }
-            self._audit(conn, acct.id, reviewer, f"voucher.{status.value}", voucher_id, detail, at)
-            row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).one()
+            refusal = self._review_refusal(conn, row, approve, reviewer, expect_amount)
+            if refusal is not None:
+                detail = {"reason": refusal.reason, "amount_minor": row.amount_minor}
+                self._audit(conn, acct.id, reviewer, "voucher.review_refused", voucher_id,
+                            detail, at)  # fmt: skip
+            else:
+                row = self._apply_review(conn, row, acct, approve, reviewer, reason, at)
+        if refusal is not None:
+            raise refusal  # after the commit, so the refusal stays in the audit trail
         return _voucher(row, acct.name)
+
+    def _apply_review(
+        self,
+        conn: Connection,
+        row: Row[Any],
+        acct: Row[Any],
+        approve: bool,
+        reviewer: str,
+        reason: str,
+        at: datetime,
+    ) -> Row[Any]:
+        voucher_id = row.voucher_id
+        entry_id = None
+        if approve:
+            entry, _, _ = self._post(
+                conn,
+                acct,
+                EntryKind.RECHARGE,
+                row.amount_minor,
+                f"voucher:{voucher_id}",
+                None,
+                f"bank transfer {row.transfer_no} from {row.payer}",
+                at,
+                {"voucher_id": voucher_id, "reviewer": reviewer},
+            )
+            entry_id = entry.id
+        status = VoucherStatus.APPROVED if approve else VoucherStatus.REJECTED
+        conn.execute(
+            update(VO)
+            .where(VO.c.voucher_id == voucher_id)
+            .values(
+                status=status.value,
+                reviewer=reviewer,
+                reason=reason,
+                reviewed_at=at,
+                entry_id=entry_id,
+            )
+        )
+        detail = {
+            "reason": reason,
+            "amount_minor": row.amount_minor,
+            "file_sha256": row.file_sha256,  # what the reviewer saw
+        }
+        self._audit(conn, acct.id, reviewer, f"voucher.{status.value}", voucher_id, detail, at)
+        return conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).one()
+
+    def _review_refusal(
+        self,
+        conn: Connection,
+        row: Row[Any],
+        approve: bool,
+        reviewer: str,
+        expect_amount: int | None,
+    ) -> ReviewRefused | None:
+        if row.submitter is not None and row.submitter == reviewer:
+            return ReviewRefused(
+                row.voucher_id, "own_voucher", f"{reviewer!r} submitted it: another must review"
+            )
+        if expect_amount is not None and expect_amount != row.amount_minor:
+            return ReviewRefused(
+                row.voucher_id,
+                "amount_mismatch",
+                f"the review is for {expect_amount}, the voucher is for {row.amount_minor}",
+            )
+        if approve:
+            credited = conn.execute(
+                select(VO.c.voucher_id).where(
+                    VO.c.bank == row.bank,
+                    VO.c.transfer_no == row.transfer_no,
+                    VO.c.status == VoucherStatus.APPROVED.value,
+                )
+            ).first()
+            if credited is not None:
+                return ReviewRefused(
+                    row.voucher_id,
+                    "transfer_credited",
+                    f"transfer {row.transfer_no!r} at {row.bank!r} was already credited "
+                    f"(voucher {credited[0]!r})",
+                )
+        return None
 
     def record_audit(
         self,

@@ -113,15 +113,32 @@ def _measure(
     return len(rows), sum_clipped(rows, window), max((r[2] for r in rows), default=None)  # type: ignore[arg-type]
 
 
-def pending_usage(
-    conn: Connection, kind: str, owner: str, window: tuple[int, int | None], now_s: int, chunk: int
-) -> Pending:
-    """Count and measure (clipped to ``window``) the usage a meter rates next."""
+def pending_condition(
+    kind: str, owner: str, window: tuple[int, int | None], now_s: int
+) -> tuple[str, dict[str, Any]]:
+    """The SQL condition of the unrated usage a meter's window may rate."""
     cond = _PENDING
     params: dict[str, Any] = {"kind": kind, "owner": owner, "opened": window[0], "now": now_s}
     if window[1] is not None:
         cond += " AND rated_until < :closed"
         params["closed"] = window[1]
+    return cond, params
+
+
+def pending_usage(
+    conn: Connection,
+    kind: str,
+    owner: str,
+    window: tuple[int, int | None],
+    now_s: int,
+    chunk: int,
+    terms: tuple[str, dict[str, Any]] = ("", {}),
+) -> Pending:
+    """Count and measure (clipped to ``window``) the usage a meter rates next; ``terms``
+    (gpucloud.ledger.admission.terms_sql) restricts it to what the meter may charge."""
+    cond, params = pending_condition(kind, owner, window, now_s)
+    cond += terms[0]
+    params.update(terms[1])
     count, quantity, last_end = _measure(conn, kind, window, cond, params)
     if count > chunk:  # a backlog: rate the earliest chunk (rows of equal start together)
         params["bound"] = conn.execute(

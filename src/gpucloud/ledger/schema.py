@@ -149,6 +149,13 @@ meters = Table(
     Column("fallback_minor", BigInteger, nullable=False, server_default="0"),
     Column("late_quantity", Text, nullable=False, server_default="0"),
     Column("late_records", BigInteger, nullable=False, server_default="0"),
+    # What the meter was opened for (docs/api.md, "What a node may report"): usage is
+    # charged only from this node (bound at open, or by the first report), for at most
+    # ``gpus`` GPU UUIDs (a JSON list, bound by the first reports) and, for volumes, at
+    # most ``max_bytes`` bytes (the quota or capacity).
+    Column("node", String(253)),
+    Column("gpu_uuids", Text),
+    Column("max_bytes", BigInteger),
     Index("ix_ledger_meters_subject", "kind", "subject"),
     Index("ix_ledger_meters_account", "account_id"),
 )
@@ -166,7 +173,11 @@ orders = Table(
     Column("provider_txn", String(128)),
     Column("paid_at", Instant),
     Column("entry_id", ID),
+    # The client's idempotency key, unique per account; order_id (what the provider
+    # sees) is always the ledger's own.
+    Column("client_ref", String(64)),
     UniqueConstraint("provider", "provider_txn", name="uq_ledger_orders_txn"),
+    UniqueConstraint("account_id", "client_ref", name="uq_ledger_orders_client_ref"),
     Index("ix_ledger_orders_status", "status", "expires_at"),
 )
 
@@ -186,7 +197,10 @@ vouchers = Table(
     Column("reason", Text),
     Column("reviewed_at", Instant),
     Column("entry_id", ID),
-    UniqueConstraint("bank", "transfer_no", name="uq_ledger_vouchers_transfer"),
+    Column("submitter", String(253)),  # who submitted it: never its reviewer
+    # Per account: another tenant's transfer number reveals nothing; approval refuses a
+    # transfer already credited to any account.
+    UniqueConstraint("account_id", "bank", "transfer_no", name="uq_ledger_vouchers_transfer"),
     Index("ix_ledger_vouchers_status", "status"),
 )
 

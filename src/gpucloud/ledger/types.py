@@ -79,6 +79,9 @@ class IngestResult:
     accepted: int
     duplicates: int
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (index in batch, reason)
+    # index -> the rule a refused record broke: conflict, overlap, or what the reporting
+    # node may not report (wrong_node, unbound_gpu, over_capacity; gpucloud.ledger.admission)
+    rules: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,12 @@ class Meter:
     fallback_minor: int = 0  # what the fallback entry charged, positive minor units
     late_quantity: int = 0  # usage that arrived after settlement: stored, never charged
     late_records: int = 0
+    # What it was opened for: usage is charged only from ``node``, for the GPUs in
+    # ``gpu_uuids`` (at most ``gpus``, bound by the first reports), and for volumes up to
+    # ``max_bytes``. None: not bound yet (bound by the first report) or no cap.
+    node: str | None = None
+    gpu_uuids: tuple[str, ...] = ()
+    max_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +162,7 @@ class Order:
     provider_txn: str | None
     paid_at: datetime | None
     entry_id: int | None
+    client_ref: str | None = None  # the client's idempotency key, unique per account
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +180,7 @@ class Voucher:
     reason: str | None
     reviewed_at: datetime | None
     entry_id: int | None
+    submitter: str | None = None  # who submitted it (never its reviewer)
 
 
 @dataclass(frozen=True, slots=True)

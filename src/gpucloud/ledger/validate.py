@@ -40,6 +40,8 @@ def text(value: object, field: str, *, max_len: int = 253, empty: bool = False) 
         raise InvalidInput(f"{field}: must not be empty")
     if len(value) > max_len:
         raise InvalidInput(f"{field}: at most {max_len} characters, got {len(value)}")
+    if "\x00" in value:  # PostgreSQL cannot store it; nothing legitimate holds one
+        raise InvalidInput(f"{field}: must not contain NUL characters")
     return value
 
 

@@ -19,13 +19,21 @@ from typing import Annotated, Any, Literal, NotRequired
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict
 
-from gpucloud.usage import MAX_GPU_WINDOW_S, GPURef, Name, PodRef, UsageKind, UsageRecord
+from gpucloud.usage import (
+    MAX_GPU_WINDOW_S,
+    MAX_VOLUME_WINDOW_S,
+    GPURef,
+    Name,
+    PodRef,
+    Quantity,
+    Seconds,
+    UsageKind,
+    UsageRecord,
+)
 
 _GPU = UsageKind.GPU_TIME.value
-_MAX_INT = 2**62  # larger integers are left to the slow path (and the ledger's errors)
 _STRICT = ConfigDict(extra="forbid", strict=True)
 Kind = Literal["gpu_time", "instance_volume", "cloud_disk", "image"]
-Count = Annotated[int, Field(ge=0, lt=_MAX_INT)]
 
 
 @with_config(_STRICT)
@@ -45,12 +53,12 @@ class _Pod(TypedDict):
 class _Record(TypedDict):
     kind: Kind
     node: Name
-    start: Count
-    end: Count
-    quantity: Count
+    start: Seconds
+    end: Seconds
+    quantity: Quantity
     gpu: NotRequired[_Gpu | None]
     pod: NotRequired[_Pod | None]
-    volume: NotRequired[Annotated[str | None, Field(min_length=1, max_length=253)]]
+    volume: NotRequired[Annotated[str | None, *UsageRecord.model_fields["volume"].metadata]]
 
 
 @with_config(_STRICT)
@@ -98,6 +106,13 @@ class WireBatch:
     def __len__(self) -> int:
         return len(self.records)
 
+    def subset(self, keep: list[int]) -> WireBatch:
+        """The records at positions ``keep`` (their digests are not computed again)."""
+        out = WireBatch([], _TOKEN)
+        out.records = [self.records[i] for i in keep]
+        out.digests = [self.digests[i] for i in keep]
+        return out
+
     @property
     def nodes(self) -> list[str]:
         return [r["node"] for r in self.records]
@@ -115,7 +130,7 @@ def _valid(r: dict[str, Any]) -> bool:
             and end - start <= MAX_GPU_WINDOW_S
             and r["quantity"] == end - start
         )
-    return r.get("volume") is not None
+    return r.get("volume") is not None and end - start <= MAX_VOLUME_WINDOW_S
 
 
 def parse_batch(raw: bytes | str) -> WireBatch | None:

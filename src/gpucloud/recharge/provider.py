@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
 
+import pydantic_core
+
 from gpucloud.recharge.signing import (
     DEFAULT_TOLERANCE_S,
     SIGNATURE_HEADER,
+    check_header,
     verify_signature,
 )
+
+MAX_NOTICE_BYTES = 16 * 1024  # a notice is a few hundred bytes
+_LIMITS = {"order_id": 64, "status": 16, "currency": 8, "provider_txn_id": 128}
 
 
 class CallbackError(ValueError):
@@ -44,6 +49,11 @@ class PaymentProvider(Protocol):
         self, order_id: str, amount_minor: int, currency: str, expires_at: datetime
     ) -> PaymentRequest: ...
 
+    def check_headers(self, headers: Mapping[str, str], now: datetime) -> None:
+        """Before the body is read: raise SignatureError (-> 401) when the request cannot
+        be a genuine callback (no signature, malformed, stale)."""
+        ...
+
     def verify_callback(
         self, headers: Mapping[str, str], body: bytes, now: datetime
     ) -> PaymentNotice:
@@ -53,8 +63,8 @@ class PaymentProvider(Protocol):
 
 def parse_notice(body: bytes) -> PaymentNotice:
     """The JSON notice format shared by the built-in providers."""
-    try:
-        data = json.loads(body)
+    try:  # strict: no NaN or Infinity, bounded nesting
+        data = pydantic_core.from_json(body, allow_inf_nan=False)
     except ValueError as exc:
         raise CallbackError(f"body: not JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -69,10 +79,14 @@ def parse_notice(body: bytes) -> PaymentNotice:
         value = data.get(field)
         if not isinstance(value, typ) or isinstance(value, bool):
             raise CallbackError(f"{field}: required, must be {typ.__name__}")
+        if isinstance(value, str) and not (
+            0 < len(value) <= _LIMITS[field] and value.isprintable() and value.isascii()
+        ):
+            raise CallbackError(f"{field}: 1 to {_LIMITS[field]} printable ASCII characters")
     if data["status"] not in ("paid", "failed"):
         raise CallbackError("status: must be 'paid' or 'failed'")
-    if data["amount_minor"] <= 0:
-        raise CallbackError("amount_minor: must be > 0")
+    if not 0 < data["amount_minor"] <= 10**15:
+        raise CallbackError("amount_minor: must be in 1..10^15")
     return PaymentNotice(
         order_id=data["order_id"],
         status=data["status"],
@@ -92,6 +106,9 @@ class HmacJsonProvider:
             raise ValueError("secret: must not be empty")
         self.secret = secret
         self.tolerance_s = tolerance_s
+
+    def check_headers(self, headers: Mapping[str, str], now: datetime) -> None:
+        check_header(_get_header(headers, SIGNATURE_HEADER), now, self.tolerance_s)
 
     def verify_callback(
         self, headers: Mapping[str, str], body: bytes, now: datetime

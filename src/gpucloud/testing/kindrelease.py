@@ -102,6 +102,12 @@ def install_release(
 ) -> None:
     """helm upgrade --install of our chart with our images and the kind values."""
     merged = deep_merge(deep_merge(kind.images().helm_values(), KIND_VALUES), values or {})
+    # Helm installs CRDs only on a first install: after a CRD change the admin applies
+    # them (docs/install.md, "Upgrade"); so do we, before every install or upgrade
+    kind.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-R", "-f", str(CHART / "crds"),
+        timeout=120,
+    )  # fmt: skip
     kind.apply(
         [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": RELEASE_NAMESPACE}},
          {"apiVersion": "v1", "kind": "Secret",

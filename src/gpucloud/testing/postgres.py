@@ -64,8 +64,9 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 @contextmanager
-def postgres_server(database: str = "gpucloud") -> Iterator[str]:
-    """Start a throwaway server; yield its SQLAlchemy URL; stop and delete it on exit."""
+def postgres_server(database: str = "gpucloud", durable: bool = False) -> Iterator[str]:
+    """Start a throwaway server; yield its SQLAlchemy URL; stop and delete it on exit.
+    ``durable``: fsync on (as in production; benchmarks), else off (tests: faster)."""
     bindir = find_bindir()
     user = "postgres" if os.geteuid() == 0 else None
     root = Path(tempfile.mkdtemp(prefix="gpucloud-pg-"))
@@ -94,10 +95,9 @@ def postgres_server(database: str = "gpucloud") -> Iterator[str]:
             ],
             "initdb",
         )
-        opts = (
-            f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-        )
+        opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c max_connections=200"
+        if not durable:
+            opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         _run(
             [
                 *_as_user(user),
