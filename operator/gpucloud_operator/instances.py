@@ -1385,6 +1385,8 @@ class InstanceReconciler:
             at=p.now,
             meta={"seq": seq, "period": str(period)},
         )
+        with self._guard:
+            self._reservations.pop(p.uid, None)  # charged now: no longer reserved
         term = {
             "seq": seq,
             "period": str(period),
