@@ -3,6 +3,8 @@ voucher, approved by an admin's RechargeReview, credited exactly once."""
 
 from __future__ import annotations
 
+import json
+
 from gpucloud.testing.kindrelease import KindHarness
 
 
@@ -24,23 +26,25 @@ def test_bank_transfer_with_voucher_is_credited_once_after_review(h: KindHarness
     )
     st = h.wait_phase("recharges", "transfer", "AwaitingReview")
     assert st["orderId"] and h.balance() == 0
-    review = {
-        "apiVersion": "gpucloud.dev/v1alpha1",
-        "kind": "RechargeReview",
-        "metadata": {"name": f"{h.ns}.transfer"},
-        "spec": {
-            "rechargeRef": {"namespace": h.ns, "name": "transfer"},
-            "decision": "Approve",
-            "reason": "matched on the bank statement",
-        },
-    }
-    h.kind.apply([review])
+    # the tenant cannot review (RBAC), and nobody can review under another's name (the
+    # chart's admission policy): both refused by the real API server, naming the rule
+    forged = {
+        "apiVersion": "gpucloud.dev/v1alpha1", "kind": "RechargeReview",
+        "metadata": {"name": "forged", "annotations": {"gpucloud.dev/reviewer": "someone"}},
+        "spec": {"rechargeRef": {"namespace": h.ns, "name": "transfer"}, "decision": "Approve"},
+    }  # fmt: skip
+    tenant = h.kind.kubectl(f"--as={h.user}", "create", "-f", "-", input=json.dumps(forged),
+                            check=False)  # fmt: skip
+    assert tenant.returncode != 0 and "forbidden" in tenant.stderr.lower()
+    admin = h.kind.kubectl("create", "-f", "-", input=json.dumps(forged), check=False)
+    assert admin.returncode != 0 and "gpucloud.dev/reviewer" in admin.stderr
+    review = h.review("transfer")
     h.wait_phase("recharges", "transfer", "Credited")
     assert h.balance() == 1234_56
     assert [e["amount"] for e in h.entries() if e["kind"] == "recharge"] == [1234_56]
     # the review applied twice (re-applied, operator resync) credits nothing more
-    h.kind.kubectl("annotate", "rechargereview", f"{h.ns}.transfer", "again=1")
-    h.wait(lambda: h.kind.get_json("rechargereview", f"{h.ns}.transfer").get("status"),
+    h.kind.kubectl("annotate", "rechargereview", review, "again=1")
+    h.wait(lambda: h.kind.get_json("rechargereview", review).get("status"),
            "the review's status")  # fmt: skip
     assert h.balance() == 1234_56
-    h.kind.kubectl("delete", "rechargereview", f"{h.ns}.transfer", "--wait=false")
+    h.kind.kubectl("delete", "rechargereview", review, "--wait=false")

@@ -115,7 +115,7 @@ def test_an_approval_lands_only_on_the_recharge_the_admin_saw(world: World) -> N
     """The tenant deletes the 100.00 transfer the admin looked at and recreates it under
     the same name for 1,000,000.00: the approval credits nothing (issue 16, finding 2)."""
     w = world
-    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-7"}
+    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-7", "voucherRef": VOUCHER}
     rec(w).reconcile_recharge(recharge(w, "wire", "BankTransfer", "100.00", bankTransfer=bt))
     seen = review_of(w, "r-seen", "wire")  # pinned now; applied once the admin creates it
     del w.kube.cluster[("rechargereviews", "r-seen")]
@@ -138,7 +138,7 @@ def test_an_approval_lands_only_on_the_recharge_the_admin_saw(world: World) -> N
 
 def test_reviews_need_a_reviewer_other_than_the_submitter(world: World) -> None:
     w = world
-    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-9"}
+    bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-9", "voucherRef": VOUCHER}
     rc = recharge(w, "wire", "BankTransfer", "250.00", submitter="alice", bankTransfer=bt)
     rec(w).reconcile_recharge(rc)
     rec(w).reconcile_review(review_of(w, "r-none", "wire", reviewer=None))

@@ -161,7 +161,18 @@ class KindHarness:
         self.account = account or namespace
 
     # -- the tenant's objects -------------------------------------------------------
+    @property
+    def user(self) -> str:
+        """The tenant's Kubernetes user: everything of theirs is created as them
+        (``kubectl --as``), with the RBAC the chart gives ``edit`` in their namespace."""
+        return f"tenant@{self.ns}"
+
+    def tenant_kubectl(self, *args: str, input: str | None = None) -> str:
+        return self.kind.kubectl(f"--as={self.user}", *args, input=input).stdout
+
     def setup(self, instance_limit: int = 5) -> None:
+        """The admin's part: the Account, and the tenant bound to ``edit`` in the
+        namespace (docs/install.md, "First tenant")."""
         self.kind.apply(
             [
                 {
@@ -169,21 +180,52 @@ class KindHarness:
                     "kind": "Account",
                     "metadata": {"name": self.account},
                     "spec": {"namespaces": [self.ns], "instanceLimit": instance_limit},
-                }
+                },
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "RoleBinding",
+                    "metadata": {"name": "tenant-edit", "namespace": self.ns},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io",
+                                "kind": "ClusterRole", "name": "edit"},
+                    "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                                  "name": self.user}],
+                },
             ]
-        )
+        )  # fmt: skip
 
     def close(self) -> None:
         self.kind.kubectl("delete", "account", self.account, "--wait=false", check=False)
 
     def apply(self, kind: str, name: str, spec: dict[str, Any]) -> None:
-        doc = {
-            "apiVersion": "gpucloud.dev/v1alpha1",
-            "kind": kind,
-            "metadata": {"name": name, "namespace": self.ns},
-            "spec": spec,
-        }
-        self.kind.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
+        """The tenant creates or changes one of their objects. A Recharge names its
+        submitter, as the chart's admission policy requires (the tenant's user)."""
+        meta: dict[str, Any] = {"name": name, "namespace": self.ns}
+        if kind == "Recharge":
+            meta["annotations"] = {"gpucloud.dev/submitter": self.user}
+        doc = {"apiVersion": "gpucloud.dev/v1alpha1", "kind": kind, "metadata": meta, "spec": spec}
+        self.tenant_kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
+
+    def review(self, recharge: str, decision: str = "Approve", reason: str = "") -> str:
+        """The billing admin (the cluster's admin user) reviews a bank transfer, pinning
+        the Recharge, its amount and its voucher as they see them now."""
+        rc = self.kind.get_json("recharge", recharge, "-n", self.ns)
+        admin = self.kind.kubectl(
+            "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"
+        ).stdout
+        name = f"{self.ns}.{recharge}"
+        self.kind.apply(
+            [{
+                "apiVersion": "gpucloud.dev/v1alpha1", "kind": "RechargeReview",
+                "metadata": {"name": name, "annotations": {"gpucloud.dev/reviewer": admin}},
+                "spec": {
+                    "rechargeRef": {"namespace": self.ns, "name": recharge,
+                                    "uid": rc["metadata"]["uid"]},
+                    "amount": rc["spec"]["amount"], "voucherId": rc["status"]["orderId"],
+                    "decision": decision, "reason": reason or "matched on the bank statement",
+                },
+            }]
+        )  # fmt: skip
+        return name
 
     def instance(
         self,
@@ -210,7 +252,7 @@ class KindHarness:
         )
 
     def patch_spec(self, kind: str, name: str, spec: dict[str, Any]) -> None:
-        self.kind.kubectl(
+        self.tenant_kubectl(
             "patch", kind, name, "-n", self.ns, "--type=merge", "-p", json.dumps({"spec": spec})
         )
 
