@@ -5,6 +5,8 @@
 #   usage: debian-images.sh python|netutils|node|postgresql
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+# image_exists below reads "not there" when dockerd is down: start it first
+ensure_docker
 
 case ${1:?python, netutils, node or postgresql} in
   # the runtime of our Python images (operator, API, gateway, agent, fake model server)

@@ -6,6 +6,8 @@
 # The tag is a hash of every input, so a warm machine reuses it.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+# image_exists below reads "not there" when dockerd is down: start it first
+ensure_docker
 
 build_go_tools
 node_base=$(bash "$KIND_DIR/debian-images.sh" node)

@@ -28,10 +28,13 @@ def test_bank_transfer_with_voucher_is_credited_once_after_review(h: KindHarness
     assert st["orderId"] and h.balance() == 0
     # the tenant cannot review (RBAC), and nobody can review under another's name (the
     # chart's admission policy): both refused by the real API server, naming the rule
+    rc = h.kind.get_json("recharge", "transfer", "-n", h.ns)
     forged = {
         "apiVersion": "gpucloud.dev/v1alpha1", "kind": "RechargeReview",
         "metadata": {"name": "forged", "annotations": {"gpucloud.dev/reviewer": "someone"}},
-        "spec": {"rechargeRef": {"namespace": h.ns, "name": "transfer"}, "decision": "Approve"},
+        "spec": {"rechargeRef": {"namespace": h.ns, "name": "transfer",
+                                 "uid": rc["metadata"]["uid"]},
+                 "amount": "1234.56", "voucherId": st["orderId"], "decision": "Approve"},
     }  # fmt: skip
     tenant = h.kind.kubectl(f"--as={h.user}", "create", "-f", "-", input=json.dumps(forged),
                             check=False)  # fmt: skip

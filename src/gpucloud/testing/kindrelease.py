@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shlex
 import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -236,8 +237,11 @@ class KindHarness:
         quota_gi: int = 50,
         **billing: Any,
     ) -> None:
-        """A GPUInstance running ``command`` in busybox as root (a tenant's image)."""
+        """A GPUInstance running ``command`` in busybox as root (a tenant's image), which
+        exits on SIGTERM as a well-behaved workload does (a shell as PID 1 would ignore
+        it and hold every stop for the pod's whole grace period)."""
         billing.setdefault("mode", "PayAsYouGo")
+        command = ["sh", "-c", f'trap "exit 0" TERM; {shlex.join(command)} & wait']
         self.apply(
             "GPUInstance",
             name,
