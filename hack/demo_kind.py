@@ -104,6 +104,8 @@ def main() -> int:
     tenant.wait_phase("recharges", "transfer-20261126", "Credited")
     show(cluster, "get", "recharges", "-n", NS)
     print(f"balance: {money(tenant.balance())}", flush=True)
+    banner("a tenant's script reads its balance with its own token (docs/install.md, section 5)")
+    run_block("tenant-api")
 
     banner("a pay-as-you-go H100 instance in a real pod")
     script = 'echo "my GPUs: $NVIDIA_VISIBLE_DEVICES"; exec sleep 86400'

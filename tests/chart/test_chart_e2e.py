@@ -160,7 +160,11 @@ def check_service_accounts(tb: Testbed, release: dict[str, Any]) -> None:
         (agent, "patch", "nodes", None, False),
         (api, "create", "tokenreviews.authentication.k8s.io", None, True),
         (api, "list", "gpuinstances.gpucloud.dev", None, False),  # it reads the ledger
-        (api, "get", "accounts.gpucloud.dev", None, False),
+        # who may use an account: the Account's namespaces and a SubjectAccessReview
+        (api, "get", "accounts.gpucloud.dev", None, True),
+        (api, "list", "accounts.gpucloud.dev", None, False),
+        (api, "patch", "accounts.gpucloud.dev", None, False),
+        (api, "create", "subjectaccessreviews.authorization.k8s.io", None, True),
         (api, "patch", "gpuinstances.gpucloud.dev", other, False),
         (api, "get", "secrets", ns, False),
         (api, "create", "pods", other, False),

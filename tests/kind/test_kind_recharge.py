@@ -51,3 +51,12 @@ def test_bank_transfer_with_voucher_is_credited_once_after_review(h: KindHarness
            "the review's status")  # fmt: skip
     assert h.balance() == 1234_56
     h.kind.kubectl("delete", "rechargereview", review, "--wait=false")
+
+    # the tenant's own ServiceAccount reads the balance through the API: its account
+    # because the Account lists its namespace and RBAC lets it create Recharges there
+    balance_path = f"/v1/accounts/{h.account}/balance"
+    code, body = h.api_get(balance_path, h.token())
+    assert (code, body["balance_minor"]) == (200, 1234_56), body
+    # a ServiceAccount with no right to pay in that namespace does not, and is told why
+    code, body = h.api_get(balance_path, h.token("default", "kube-system"))
+    assert code == 403 and "Recharges" in body["detail"], body

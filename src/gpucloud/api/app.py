@@ -57,6 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await rating.stop()
             await settings.authenticator.aclose()
+            await settings.membership.aclose()
             ledger.close()
 
     app = FastAPI(

@@ -219,8 +219,6 @@ class AuthPolicy:
     sa_node_map: Mapping[str, str] = field(default_factory=dict)
     admin_users: frozenset[str] = frozenset()
     admin_groups: frozenset[str] = frozenset({"gpucloud:admins"})
-    # Tenants: username -> accounts they may read and recharge.
-    user_accounts: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def is_admin(self, p: Principal) -> bool:
         return p.username in self.admin_users or bool(p.groups & self.admin_groups)
@@ -237,6 +235,6 @@ class AuthPolicy:
         return node
 
     def can_access_account(self, p: Principal, account: str) -> bool:
-        if self.is_admin(p) or account in p.accounts:
-            return True
-        return account in self.user_accounts.get(p.username, frozenset())
+        """Admins, and static tokens' own accounts; everyone else is asked of the
+        cluster (``membership.ClusterMembership``)."""
+        return self.is_admin(p) or account in p.accounts

@@ -68,9 +68,22 @@ def require_admin(caller: Caller, state: State) -> Principal:
 Admin = Annotated[Principal, Depends(require_admin)]
 
 
-def require_account(account: AccountName, caller: Caller, state: State) -> str:
-    if not state.settings.policy.can_access_account(caller, account):
-        raise HTTPException(403, f"{caller.username!r} may not access account {account!r}")
+async def may_access_account(state: AppState, caller: Principal, account: str) -> bool:
+    if state.settings.policy.can_access_account(caller, account):
+        return True
+    try:
+        return await state.settings.membership.is_member(caller, account)
+    except AuthError as exc:
+        raise HTTPException(exc.status, exc.detail) from None
+
+
+async def require_account(account: AccountName, caller: Caller, state: State) -> str:
+    if not await may_access_account(state, caller, account):
+        raise HTTPException(
+            403,
+            f"{caller.username!r} may not access account {account!r}: it may create "
+            "Recharges in none of the namespaces the Account lists",
+        )
     return account
 
 

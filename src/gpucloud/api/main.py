@@ -3,7 +3,9 @@
 Authentication: ``--kubeconfig``/``GPUCLOUD_KUBECONFIG`` (or in-cluster config when
 ``KUBERNETES_SERVICE_HOST`` is set) selects TokenReview; ``--static-tokens`` selects
 the demo/test-only static token table (a YAML mapping token -> {username, groups,
-node, accounts}).
+node, accounts}). With TokenReview, a tenant's accounts are those whose
+``spec.namespaces`` include one where RBAC lets them create Recharges
+(``gpucloud.api.membership``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from gpucloud.api.auth import (
     StaticTokenAuthenticator,
     TokenReviewAuthenticator,
 )
+from gpucloud.api.membership import ClusterMembership, Membership, NoMembership
 from gpucloud.api.settings import Settings
 from gpucloud.clock import clock_from_env
 from gpucloud.recharge import ProviderRegistry, SandboxProvider
@@ -79,9 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--admin-groups", default=env("GPUCLOUD_ADMIN_GROUPS", "gpucloud:admins"))
     p.add_argument("--admin-users", default=env("GPUCLOUD_ADMIN_USERS", ""))
     p.add_argument(
-        "--user-accounts",
-        default=env("GPUCLOUD_USER_ACCOUNTS", ""),
-        help="USERNAME=ACCOUNT,... tenants and the accounts they may use",
+        "--membership-cache-s",
+        type=float,
+        default=float(env("GPUCLOUD_MEMBERSHIP_CACHE_S", "10")),
+        help="how long an account-membership verdict is kept (RBAC changes wait this long)",
     )
     p.add_argument(
         "--sandbox-secret",
@@ -110,35 +114,44 @@ def load_static_tokens(path: str) -> StaticTokenAuthenticator:
     return StaticTokenAuthenticator(table)
 
 
-def _authenticator(args: argparse.Namespace) -> Authenticator:
+def _cluster_access(args: argparse.Namespace) -> ClusterAccess | None:
+    """The API server to ask about tokens and accounts (none with static tokens)."""
     if args.static_tokens:
-        return load_static_tokens(args.static_tokens)
-    audiences = sorted(_csv(args.token_audiences))
+        return None
     if args.kubeconfig:
-        return TokenReviewAuthenticator(ClusterAccess.from_kubeconfig(args.kubeconfig), audiences)
+        return ClusterAccess.from_kubeconfig(args.kubeconfig)
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        return TokenReviewAuthenticator(ClusterAccess.in_cluster(), audiences)
+        return ClusterAccess.in_cluster()
     raise SystemExit("no authentication configured: give --kubeconfig or --static-tokens")
 
 
+def _authenticator(args: argparse.Namespace, access: ClusterAccess | None) -> Authenticator:
+    if access is None:
+        return load_static_tokens(args.static_tokens)
+    return TokenReviewAuthenticator(access, sorted(_csv(args.token_audiences)))
+
+
+def _membership(args: argparse.Namespace, access: ClusterAccess | None) -> Membership:
+    if access is None:
+        return NoMembership()
+    return ClusterMembership(access, cache_ttl_s=args.membership_cache_s)
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    user_accounts: dict[str, set[str]] = {}
-    for item in _csv(args.user_accounts):
-        user, _, account = item.rpartition("=")
-        user_accounts.setdefault(user, set()).add(account)
+    access = _cluster_access(args)
     policy = AuthPolicy(
         agent_users=_csv(args.agent_sa),
         sa_node_map=_pairs(args.sa_node_map, "--sa-node-map"),
         admin_groups=_csv(args.admin_groups),
         admin_users=_csv(args.admin_users),
-        user_accounts={u: frozenset(a) for u, a in user_accounts.items()},
     )
     providers = ProviderRegistry()
     if args.sandbox_secret:
         providers.add(SandboxProvider(args.sandbox_secret.encode()))
     return Settings(
         database_url=args.database_url,
-        authenticator=_authenticator(args),
+        authenticator=_authenticator(args, access),
+        membership=_membership(args, access),
         policy=policy,
         clock=clock_from_env(args.clock),
         providers=providers,

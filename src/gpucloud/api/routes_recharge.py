@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from gpucloud.api.deps import Account, Admin, Caller, State
+from gpucloud.api.deps import Account, Admin, Caller, State, may_access_account
 from gpucloud.api.guard import StrictRoute
 from gpucloud.api.schemas import (
     MAX_AMOUNT_MINOR,
@@ -264,9 +264,9 @@ def list_vouchers(
     response_model=VoucherOut,
     responses={**_AUTH, 404: {"model": Problem}},
 )
-def get_voucher(voucher_id: VoucherId, caller: Caller, state: State) -> VoucherOut:
-    voucher = state.ledger.get_voucher(voucher_id)
-    if not state.settings.policy.can_access_account(caller, voucher.account):
+async def get_voucher(voucher_id: VoucherId, caller: Caller, state: State) -> VoucherOut:
+    voucher = await run_in_threadpool(state.ledger.get_voucher, voucher_id)
+    if not await may_access_account(state, caller, voucher.account):
         raise NotFound(f"voucher {voucher_id!r} not found")
     return _voucher_out(state, voucher)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpucloud.api.auth import Authenticator, AuthPolicy
+from gpucloud.api.membership import Membership, NoMembership
 from gpucloud.clock import Clock, SystemClock
 from gpucloud.recharge.provider import ProviderRegistry
 
@@ -15,6 +16,8 @@ class Settings:
     database_url: str
     authenticator: Authenticator
     policy: AuthPolicy = field(default_factory=AuthPolicy)
+    # Tenants' accounts: from Account.spec.namespaces and the cluster's RBAC.
+    membership: Membership = field(default_factory=NoMembership)
     clock: Clock = field(default_factory=SystemClock)
     providers: ProviderRegistry = field(default_factory=ProviderRegistry)
     currency: str = "CNY"

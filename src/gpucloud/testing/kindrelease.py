@@ -189,10 +189,38 @@ class KindHarness:
                     "roleRef": {"apiGroup": "rbac.authorization.k8s.io",
                                 "kind": "ClusterRole", "name": "edit"},
                     "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
-                                  "name": self.user}],
+                                  "name": self.user},
+                                 {"kind": "ServiceAccount", "name": "tenant",
+                                  "namespace": self.ns}],
                 },
+                {"apiVersion": "v1", "kind": "ServiceAccount",
+                 "metadata": {"name": "tenant", "namespace": self.ns}},
             ]
         )  # fmt: skip
+
+    def token(self, service_account: str = "tenant", namespace: str = "") -> str:
+        """A real token of a ServiceAccount (the tenant's own by default), as a script
+        or CI job of theirs would use with the API."""
+        ns = namespace or self.ns
+        return self.kind.kubectl("create", "token", service_account, "-n", ns).stdout.strip()
+
+    def api_get(self, path: str, token: str) -> tuple[int, Any]:
+        """GET on the API's Service from inside the cluster with ``token``: TokenReview and
+        the account check run as the chart's API ServiceAccount, on the real RBAC."""
+        script = (
+            "import json, sys, urllib.request, urllib.error\n"
+            "req = urllib.request.Request(sys.argv[1] + sys.argv[2],"
+            " headers={'Authorization': 'Bearer ' + sys.argv[3]})\n"
+            "try:\n    r = urllib.request.urlopen(req, timeout=20); code = r.status\n"
+            "except urllib.error.HTTPError as e:\n    r = e; code = e.code\n"
+            "print(json.dumps([code, json.loads(r.read() or b'null')]))\n"
+        )
+        out = self.kind.kubectl(
+            "exec", "-n", self.release_ns, API, "--", "python3", "-c", script,
+            API_URL, path, token,
+        ).stdout  # fmt: skip
+        code, body = json.loads(out)
+        return code, body
 
     def close(self) -> None:
         self.kind.kubectl("delete", "account", self.account, "--wait=false", check=False)

@@ -1,0 +1,116 @@
+"""Who may read and recharge an account: decided by Kubernetes, not by our own list.
+
+An Account resource names the namespaces that bill to it (``spec.namespaces``). A caller
+is a member of the account when the API server's RBAC lets them create Recharges in one
+of those namespaces (a SubjectAccessReview for the caller's user and groups): the same
+right that lets them recharge with ``kubectl apply``, so the API and kubectl never
+disagree about who pays for what. Admins and static demo tokens are decided by
+``AuthPolicy`` before this is asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Protocol
+
+import httpx
+
+from gpucloud.api.auth import AuthError, ClusterAccess, Principal
+
+GROUP = "gpucloud.dev"
+VERSION = "v1alpha1"
+# The verb and resource that make a caller a member: paying into the account.
+MEMBER_VERB = "create"
+MEMBER_RESOURCE = "recharges"
+
+
+class Membership(Protocol):
+    async def is_member(self, principal: Principal, account: str) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+class NoMembership:
+    """No cluster to ask (static tokens): only admins and tokens' own accounts."""
+
+    async def is_member(self, principal: Principal, account: str) -> bool:
+        return False
+
+    async def aclose(self) -> None:
+        return None
+
+
+class ClusterMembership:
+    """Reads ``Account.spec.namespaces`` and asks SubjectAccessReview for each namespace.
+
+    Verdicts (yes and no) are cached for ``cache_ttl_s`` per user, groups and account,
+    like TokenReview verdicts: a RoleBinding removed takes effect within that time.
+    """
+
+    def __init__(
+        self, access: ClusterAccess, cache_ttl_s: float = 10.0, timeout_s: float = 5.0
+    ) -> None:
+        self.access = access
+        self.cache_ttl_s = cache_ttl_s
+        self._cache: dict[tuple[str, frozenset[str], str], tuple[float, bool]] = {}
+        self._client = httpx.AsyncClient(
+            base_url=access.server, verify=access.verify, timeout=timeout_s
+        )
+
+    async def is_member(self, principal: Principal, account: str) -> bool:
+        key = (principal.username, principal.groups, account)
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        namespaces = await self._namespaces(account)
+        verdicts = await asyncio.gather(*(self._may_pay(principal, ns) for ns in namespaces))
+        member = any(verdicts)
+        if len(self._cache) > 10000:
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+        self._cache[key] = (now + self.cache_ttl_s, member)
+        return member
+
+    async def _namespaces(self, account: str) -> list[str]:
+        path = f"/apis/{GROUP}/{VERSION}/accounts/{account}"
+        resp = await self._request("GET", path)
+        if resp.status_code == 404:
+            return []  # no such Account: nobody but admins (and no hint that it is missing)
+        if resp.status_code >= 300:
+            raise AuthError(503, f"Account {account!r}: API server answered {resp.status_code}")
+        spec = resp.json().get("spec") or {}
+        return [ns for ns in spec.get("namespaces") or [] if isinstance(ns, str)]
+
+    async def _may_pay(self, principal: Principal, namespace: str) -> bool:
+        body = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": principal.username,
+                "groups": sorted(principal.groups),
+                "resourceAttributes": {
+                    "namespace": namespace,
+                    "verb": MEMBER_VERB,
+                    "group": GROUP,
+                    "resource": MEMBER_RESOURCE,
+                },
+            },
+        }
+        path = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+        resp = await self._request("POST", path, json=body)
+        if resp.status_code >= 300:
+            raise AuthError(503, f"SubjectAccessReview: API server answered {resp.status_code}")
+        return bool((resp.json().get("status") or {}).get("allowed"))
+
+    async def _request(self, method: str, path: str, json: Any = None) -> httpx.Response:
+        headers = {}
+        if self.access.bearer_token:
+            headers["Authorization"] = f"Bearer {self.access.bearer_token}"
+        try:
+            return await self._client.request(method, path, json=json, headers=headers)
+        except httpx.HTTPError as exc:
+            raise AuthError(503, f"account membership: API server unreachable ({exc})") from exc
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
