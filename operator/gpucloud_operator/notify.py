@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import tenacity
 
 log = logging.getLogger("gpucloud.operator.notify")
 
@@ -92,27 +93,38 @@ class Notifier:
                     self._queue.task_done()
 
     def _deliver(self, client: httpx.Client, item: Delivery) -> None:
-        delay = self.backoff_s
-        while True:
-            item.attempts += 1
-            try:
-                resp = client.post(item.url, json=item.payload)
-                if 200 <= resp.status_code < 300:
-                    self.delivered += 1
-                    return
-                problem = f"HTTP {resp.status_code}"
-            except httpx.HTTPError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            if item.attempts >= self.attempts:
-                self.failed += 1
-                log.error(
-                    "webhook %s gave up after %d attempts (%s): %s",
-                    item.url,
-                    item.attempts,
-                    problem,
-                    item.payload.get("type"),
-                )
-                return
-            log.warning("webhook %s attempt %d failed (%s)", item.url, item.attempts, problem)
-            self.sleep(delay)
-            delay = min(delay * 2, self.max_backoff_s)
+        # tenacity, as the agent's shipper: exponential backoff, capped, on our sleep
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_result(lambda problem: problem is not None),
+            wait=tenacity.wait_exponential(
+                multiplier=self.backoff_s, exp_base=2, min=self.backoff_s, max=self.max_backoff_s
+            ),
+            stop=tenacity.stop_after_attempt(self.attempts),
+            sleep=self.sleep,
+            before_sleep=lambda state: log.warning(
+                "webhook %s attempt %d failed (%s)",
+                item.url,
+                state.attempt_number,
+                state.outcome.result() if state.outcome else None,
+            ),
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+        )
+        problem = retrying(self._post, client, item)
+        if problem is None:
+            self.delivered += 1
+            return
+        self.failed += 1
+        log.error(
+            "webhook %s gave up after %d attempts (%s): %s",
+            item.url, item.attempts, problem, item.payload.get("type"),
+        )  # fmt: skip
+
+    @staticmethod
+    def _post(client: httpx.Client, item: Delivery) -> str | None:
+        """One attempt: None when delivered, else what went wrong."""
+        item.attempts += 1
+        try:
+            resp = client.post(item.url, json=item.payload)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None if 200 <= resp.status_code < 300 else f"HTTP {resp.status_code}"
