@@ -12,13 +12,11 @@ same rules apply whichever authenticator is plugged in.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import os
 import ssl
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any, Protocol
 
 import httpx
 import yaml
+from cachetools import TTLCache
 
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 DEFAULT_AGENT_SA = "system:serviceaccount:gpucloud-system:gpucloud-agent"
@@ -156,8 +155,8 @@ class TokenReviewAuthenticator:
         self.access = access
         self.audiences = audiences or []
         self.cache_ttl_s = cache_ttl_s
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
-        self._lock = asyncio.Lock()
+        # verdicts by token hash; asyncio only (one thread), so no lock around it
+        self._cache: TTLCache[str, Principal | None] = TTLCache(10000, cache_ttl_s)
         # Client certificates, if any, are loaded into the SSL context (``verify``).
         self._client = httpx.AsyncClient(
             base_url=access.server, verify=access.verify, timeout=timeout_s
@@ -165,14 +164,10 @@ class TokenReviewAuthenticator:
 
     async def authenticate(self, token: str) -> Principal | None:
         key = hashlib.sha256(token.encode()).hexdigest()  # never keep raw tokens around
-        hit = self._cache.get(key)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        if key in self._cache:
+            return self._cache[key]
         principal = await self._review(token)
-        if len(self._cache) > 10000:
-            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
-        self._cache[key] = (now + self.cache_ttl_s, principal)
+        self._cache[key] = principal
         return principal
 
     async def _review(self, token: str) -> Principal | None:

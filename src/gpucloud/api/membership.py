@@ -11,10 +11,10 @@ disagree about who pays for what. Admins and static demo tokens are decided by
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any, Protocol
 
 import httpx
+from cachetools import TTLCache
 
 from gpucloud.api.auth import AuthError, ClusterAccess, Principal
 
@@ -53,23 +53,19 @@ class ClusterMembership:
     ) -> None:
         self.access = access
         self.cache_ttl_s = cache_ttl_s
-        self._cache: dict[tuple[str, frozenset[str], str], tuple[float, bool]] = {}
+        # asyncio only (one thread), so no lock around it
+        self._cache: TTLCache[tuple[str, frozenset[str], str], bool] = TTLCache(10000, cache_ttl_s)
         self._client = httpx.AsyncClient(
             base_url=access.server, verify=access.verify, timeout=timeout_s
         )
 
     async def is_member(self, principal: Principal, account: str) -> bool:
         key = (principal.username, principal.groups, account)
-        now = time.monotonic()
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        if key in self._cache:
+            return self._cache[key]
         namespaces = await self._namespaces(account)
         verdicts = await asyncio.gather(*(self._may_pay(principal, ns) for ns in namespaces))
-        member = any(verdicts)
-        if len(self._cache) > 10000:
-            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
-        self._cache[key] = (now + self.cache_ttl_s, member)
+        self._cache[key] = member = any(verdicts)
         return member
 
     async def _namespaces(self, account: str) -> list[str]:
