@@ -24,8 +24,8 @@ Config::
     stats:                            # /v1/stats sums every gateway replica's counts
       peers: {kind: static, urls: [http://10.0.0.1:9091, ...]}   # all replicas, this
       # one included, at their --ops-port; or {kind: kubernetes, service:
-      # gpucloud-gateway, port: 9091, namespace: <default: this pod's>}: the ready
-      # endpoints of the gateway's Service, at the operational port
+      # gpucloud-gateway, port: 9091, namespace: <default: this pod's>}: the endpoints
+      # of the gateway's Service not terminating (ready or not), at the operational port
     billing:                          # optional
       store: /var/lib/gpucloud/gateway-usage.db
       pricebook: pricebook.yaml       # a PriceBook resource or its spec
