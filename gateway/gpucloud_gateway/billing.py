@@ -231,12 +231,14 @@ class BillingStore:
     The ``requests`` table is the gateway's outbox: a row is written (committed) before
     the caller gets the last bytes of its response, and posted to the ledger later by
     :meth:`post_pending`. It lives in its own SQLite file, so recording never waits on
-    the ledger's write lock. ``fsync``: ``True`` syncs every commit to disk (survives a
-    power loss; ~3 ms a commit here); ``False`` (WAL, synchronous=NORMAL) survives a
-    killed process, and :meth:`checkpoint` bounds what a host crash can take.
+    the ledger's write lock. ``fsync``: ``True`` (the default, as the operator's replica
+    intervals need) syncs every commit to disk (survives a power loss; ~3 ms a commit
+    here); ``False`` (WAL, synchronous=NORMAL: the gateway's default) survives a killed
+    process, and :meth:`checkpoint`, run every second by the poster, bounds what a host
+    crash can take.
     """
 
-    def __init__(self, path: str | Path, pricebook: PriceBook, *, fsync: bool = False) -> None:
+    def __init__(self, path: str | Path, pricebook: PriceBook, *, fsync: bool = True) -> None:
         self.pricebook = pricebook
         self.path = str(path)
         self._lock = threading.Lock()
