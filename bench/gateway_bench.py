@@ -139,6 +139,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--no-billing", action="store_true", help="metering without the store")
+    ap.add_argument("--fsync", action="store_true", help="sync every usage commit to disk")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gwbench-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -197,6 +198,8 @@ def main() -> int:
                 "pricebook": "pricebook.yaml",
                 "ledger": f"sqlite:///{tmp / 'ledger.db'}",
             }
+            if args.fsync:
+                config["billing"]["fsync"] = True
         (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
         gport = free_port()
         procs.append(

@@ -2,9 +2,10 @@
 
 For every request it counts the arrival (the autoscaler's request volume), picks the
 replica with the fewest requests in flight, streams the response back untouched while a
-:class:`~gpucloud_gateway.metering.UsageTap` reads usage from it, and, once the last byte
-is sent, records a :class:`~gpucloud_gateway.metering.UsageEvent` (runtime, tokens,
-images, videos) under a request id the gateway generates. A request to a model without
+:class:`~gpucloud_gateway.metering.UsageTap` reads usage from it, and records a
+:class:`~gpucloud_gateway.metering.UsageEvent` (runtime, tokens, images, videos) under a
+request id the gateway generates: durably, before the caller gets the response's last
+bytes (see ``gpucloud_gateway.outbox``). A request to a model without
 ready replicas triggers one wake per model (all requests arriving meanwhile wait on the
 same wake, none is dropped) and gets a 503 with Retry-After if no replica is ready within
 the wake timeout.
@@ -22,7 +23,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from prometheus_client import (
@@ -66,8 +67,15 @@ REQUEST_ID_HEADER = "x-gpucloud-request-id"
 DROP_ALWAYS = HOP_BY_HOP | {"accept-encoding", "content-length"}
 DROP_AUTHENTICATED = DROP_ALWAYS | {"authorization"}
 
-# Called once per finished request, synchronously (it must not block: queue the event).
-UsageSink = Callable[[ModelPlan, UsageEvent, str | None], None]
+
+class Recorder(Protocol):
+    """Where usage goes (``gpucloud_gateway.outbox.Outbox``)."""
+
+    async def record(self, plan: ModelPlan, event: UsageEvent, payer: str | None) -> None:
+        """Return once the record is durable."""
+
+    def record_later(self, plan: ModelPlan, event: UsageEvent, payer: str | None) -> None:
+        """Record without waiting (a cut response)."""
 
 
 class WakeTimeout(Exception):
@@ -150,7 +158,7 @@ class Gateway:
         endpoints: EndpointSource,
         *,
         scaler: Scaler | None = None,
-        sink: UsageSink | None = None,
+        recorder: Recorder | None = None,
         clock: Clock | None = None,
         wake_timeout_s: float = 120.0,
         retry_after_s: int = 30,
@@ -165,7 +173,7 @@ class Gateway:
         self.set_models(models)
         self.endpoints = endpoints
         self.scaler = scaler or NoScaler()
-        self.sink = sink
+        self.recorder = recorder
         self.clock = clock or SystemClock()
         self.wake_timeout_s = wake_timeout_s
         self.retry_after_s = retry_after_s
@@ -201,6 +209,20 @@ class Gateway:
         if self.callers is not None:
             await self.callers.aclose()
         await self.scaler.close()
+
+    def restore_stats(
+        self,
+        arrivals: list[tuple[str, datetime]],
+        totals: dict[str, tuple[int, datetime | None]],
+    ) -> None:
+        """Rebuild the request counts from durable usage (at startup: a restarted gateway
+        must not report a busy model as idle). ``arrivals`` oldest first."""
+        for key, at in arrivals:
+            self.stats.setdefault(key, ModelStats(self.window_s)).arrive(at)
+        for key, (total, last) in totals.items():
+            s = self.stats.setdefault(key, ModelStats(self.window_s))
+            s.total = total
+            s.last_request_at = last
 
     def set_models(self, models: list[ModelPlan]) -> None:
         """Replace the served models (from the config, or the cluster's ModelDeployments).
@@ -393,16 +415,27 @@ class Gateway:
         ]
         raw_headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
 
+        bounded = upstream.content_length is not None and not tap.sse
+        event: UsageEvent | None = None  # recorded (durably) before the last bytes
         finished = False
+
+        async def settle() -> None:
+            """The response is complete upstream: record its usage durably before the
+            caller gets the last bytes. If that fails the caller gets no complete
+            answer (the response is cut): no answer goes out unbilled."""
+            nonlocal event
+            runtime_ms = int((time.perf_counter() - started) * 1000)
+            event = self._event(plan, request_id, arrived, runtime_ms, upstream.status, tap)
+            if self.recorder is not None:
+                await self.recorder.record(plan, event, payer)
 
         def finish() -> None:
             """Once per request, whichever way it ends (complete, client gone, upstream
-            gone): free the slot and record the usage delivered up to now."""
+            gone): free the slot; a cut response records the usage delivered up to now."""
             nonlocal finished
             if finished:
                 return
             finished = True
-            runtime_ms = int((time.perf_counter() - started) * 1000)
             if upstream.content.is_eof():
                 upstream.release()
             else:  # cut short: drop the connection so the replica stops generating
@@ -414,13 +447,31 @@ class Gateway:
                 del self.replica_in_flight[url]
             self.stats[plan.key].in_flight -= 1
             self.metrics.in_flight.labels(ns, model).dec()
-            self._record(plan, request_id, arrived, runtime_ms, upstream, tap, payer)
+            if event is None:  # cut: nobody waits for this record
+                runtime_ms = int((time.perf_counter() - started) * 1000)
+                cut = self._event(plan, request_id, arrived, runtime_ms, upstream.status, tap)
+                if self.recorder is not None:
+                    self.recorder.record_later(plan, cut, payer)
 
         async def relay() -> AsyncIterator[bytes]:
+            sent = 0
             try:
                 async for chunk in upstream.content.iter_any():
+                    sent += len(chunk)
+                    last = (
+                        sent >= (upstream.content_length or 0)
+                        if bounded
+                        else tap.ends_stream(chunk)
+                    )
+                    if last and event is None:
+                        tap.feed(chunk)  # about to be sent: its usage is the rest's
+                        await settle()
+                        yield chunk
+                        continue
                     yield chunk
                     tap.feed(chunk)  # after the yield: only what was sent is counted
+                if event is None:  # a chunked body: settle before its terminating chunk
+                    await settle()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # The status line is sent already: all we can do is end the stream early.
                 log.warning("response of request %s broke off: %s", request_id, exc)
@@ -430,27 +481,26 @@ class Gateway:
         # A body of known length ends by itself: relay it without Starlette's per-response
         # disconnect watcher (a task group per request). An open-ended stream (SSE,
         # chunked) keeps the watcher, so a client that leaves stops the generation.
-        bounded = upstream.content_length is not None and not tap.sse
         response_class = BoundedRelay if bounded else OpenRelay
         response = response_class(relay(), status_code=upstream.status)
         response.finish = finish  # the relay may never be resumed after a disconnect
         response.raw_headers = raw_headers  # as sent: repeated headers (Set-Cookie) kept
         return response
 
-    def _record(
+    def _event(
         self,
         plan: ModelPlan,
         request_id: str,
         arrived: datetime,
         runtime_ms: int,
-        upstream: aiohttp.ClientResponse,
+        status: int,
         tap: UsageTap,
-        payer: str | None,
-    ) -> None:
+    ) -> UsageEvent:
+        """The request's usage event; counted in the metrics once, here."""
         counts = tap.result()
         ns, model = plan.namespace, plan.name
         m = self.metrics
-        m.requests.labels(ns, model, str(upstream.status)).inc()
+        m.requests.labels(ns, model, str(status)).inc()
         m.latency.labels(ns, model).observe(runtime_ms / 1000)
         if counts.prompt_tokens:
             m.tokens.labels(ns, model, "prompt").inc(counts.prompt_tokens)
@@ -460,24 +510,18 @@ class Gateway:
             m.images.labels(ns, model).inc(counts.images)
         if counts.videos:
             m.videos.labels(ns, model).inc(counts.videos)
-        if self.sink is None:
-            return
-        event = UsageEvent(
+        return UsageEvent(
             request_id=request_id,
             namespace=ns,
             model=model,
             at=arrived,
             runtime_ms=runtime_ms,
-            status=upstream.status,
+            status=status,
             prompt_tokens=counts.prompt_tokens,
             completion_tokens=counts.completion_tokens,
             images=counts.images,
             videos=counts.videos,
         )
-        try:
-            self.sink(plan, event, payer)
-        except Exception:  # metering must never break the response already sent
-            log.exception("recording usage of request %s failed", request_id)
 
     def app(
         self,

@@ -208,6 +208,7 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_unposted ON requests (posted, seq);
 CREATE INDEX IF NOT EXISTS requests_meter ON requests (meter, seq);
+CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
 CREATE TABLE IF NOT EXISTS replica_intervals (
     model TEXT NOT NULL,
     replica TEXT NOT NULL,
@@ -225,18 +226,33 @@ def _iso(when: datetime) -> str:
 
 
 class BillingStore:
-    """Request usage and replica intervals, and their postings to the ledger."""
+    """Request usage and replica intervals, and their postings to the ledger.
 
-    def __init__(self, path: str | Path, pricebook: PriceBook) -> None:
+    The ``requests`` table is the gateway's outbox: a row is written (committed) before
+    the caller gets the last bytes of its response, and posted to the ledger later by
+    :meth:`post_pending`. It lives in its own SQLite file, so recording never waits on
+    the ledger's write lock. ``fsync``: ``True`` (the default, as the operator's replica
+    intervals need) syncs every commit to disk (survives a power loss; ~3 ms a commit
+    here); ``False`` (WAL, synchronous=NORMAL: the gateway's default) survives a killed
+    process, and :meth:`checkpoint`, run every second by the poster, bounds what a host
+    crash can take.
+    """
+
+    def __init__(self, path: str | Path, pricebook: PriceBook, *, fsync: bool = True) -> None:
         self.pricebook = pricebook
+        self.path = str(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._checkpointer: sqlite3.Connection | None = None
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
         self._db.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
 
     # -- requests ------------------------------------------------------------------------
     def record(self, plan: ModelPlan, event: UsageEvent, payer: str | None = None) -> bool:
@@ -302,7 +318,7 @@ class BillingStore:
     def post_pending(self, ledger: Poster, limit: int = 1000) -> int:
         """Post the charges of requests not yet posted; returns how many rows were done.
         Safe to re-run after a crash at any point (each posting's key and amount are
-        fixed by its row)."""
+        fixed by its row, and the ledger replays a known key)."""
         from gpucloud.ledger import EntryKind  # the ledger is optional for the gateway
 
         currency = self.pricebook.currency
@@ -312,23 +328,68 @@ class BillingStore:
                 "WHERE posted = 0 ORDER BY seq LIMIT ?",
                 (limit,),
             ).fetchall()
-        for seq, request_id, account, model, at, amount, cumulative in rows:
-            after = Decimal(cumulative)
-            delta = to_minor(after, currency) - to_minor(after - Decimal(amount), currency)
-            if delta > 0:
-                ledger.post_entry(
-                    account,
-                    EntryKind.CHARGE,
-                    -delta,
-                    f"model-request:{model}:{request_id}",
-                    resource=f"model/{model}",
-                    memo=f"model request {request_id}",
-                    at=datetime.fromisoformat(at),
-                    meta={"request_id": request_id, "exact": amount},
-                )
-            with self._lock:
-                self._db.execute("UPDATE requests SET posted = 1 WHERE seq = ?", (seq,))
+        done: list[tuple[int]] = []
+        try:
+            for seq, request_id, account, model, at, amount, cumulative in rows:
+                after = Decimal(cumulative)
+                delta = to_minor(after, currency) - to_minor(after - Decimal(amount), currency)
+                if delta > 0:
+                    ledger.post_entry(
+                        account,
+                        EntryKind.CHARGE,
+                        -delta,
+                        f"model-request:{model}:{request_id}",
+                        resource=f"model/{model}",
+                        memo=f"model request {request_id}",
+                        at=datetime.fromisoformat(at),
+                        meta={"request_id": request_id, "exact": amount},
+                    )
+                done.append((seq,))
+        finally:  # one write for the batch: the outbox is not held up by posting
+            if done:
+                self._mark_posted(done)
         return len(rows)
+
+    def _mark_posted(self, seqs: list[tuple[int]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("UPDATE requests SET posted = 1 WHERE seq = ?", seqs)
+            self._db.execute("COMMIT")
+
+    def pending(self) -> int:
+        """Rows not yet posted to the ledger."""
+        with self._lock:
+            return int(
+                self._db.execute("SELECT count(*) FROM requests WHERE posted = 0").fetchone()[0]
+            )
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file, syncing both to disk: what
+        was committed before this survives a host crash too. Its own connection: a
+        passive checkpoint does not stop the outbox's writer."""
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False
+            )
+            self._checkpointer.execute("PRAGMA busy_timeout=10000")
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def arrivals(self, since: datetime) -> list[tuple[str, datetime]]:
+        """(model, arrival time) of the requests that arrived at or after ``since``,
+        oldest first: the autoscaler's window, rebuilt after a restart."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model, at FROM requests WHERE at >= ? ORDER BY at", (_iso(since),)
+            ).fetchall()
+        return [(m, datetime.fromisoformat(at)) for m, at in rows]
+
+    def totals(self) -> dict[str, tuple[int, datetime | None]]:
+        """Requests recorded per model, and the latest arrival."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model, count(*), max(at) FROM requests GROUP BY model"
+            ).fetchall()
+        return {m: (n, datetime.fromisoformat(last) if last else None) for m, n, last in rows}
 
     def requests(self, model_key: str) -> list[dict[str, Any]]:
         """The stored request rows of one model, oldest first (for tests and support)."""

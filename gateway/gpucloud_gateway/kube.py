@@ -147,8 +147,11 @@ def directory_from_accounts(accounts: Iterable[Mapping[str, Any]]) -> Directory:
 
 
 class GatewayPeers:
-    """The ready replicas of the gateway's own Service (its EndpointSlices), polled in a
-    thread: ``/v1/stats`` sums their counts."""
+    """The replicas of the gateway's own Service (its EndpointSlices), polled in a
+    thread: ``/v1/stats`` sums their counts. A replica that is not ready (restarting
+    after a crash) stays listed until it terminates: it does not answer, so the sum is
+    refused (503) and the operator holds, rather than scaling on a sum without its
+    traffic; restarted, it counts its stored requests again."""
 
     def __init__(self, service: str, namespace: str, port: int, interval: float = 5.0) -> None:
         self.service, self.namespace, self.port = service, namespace, port
@@ -167,8 +170,8 @@ class GatewayPeers:
                 urls = []
                 for sl in slices.items:
                     for ep in sl.endpoints or []:
-                        if ep.conditions is not None and ep.conditions.ready is False:
-                            continue
+                        if ep.conditions is not None and ep.conditions.terminating:
+                            continue  # going away for good (scaled down, rolled)
                         host = ep.addresses[0]
                         host = f"[{host}]" if ":" in host else host
                         urls.append(f"http://{host}:{self.port}")

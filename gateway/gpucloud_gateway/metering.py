@@ -107,6 +107,14 @@ class UsageTap:
             else:
                 self._buf += chunk
 
+    def ends_stream(self, chunk: bytes) -> bool:
+        """Whether ``chunk`` (not fed yet) completes the event stream's ``data: [DONE]``
+        line: a whole line, not the text ``[DONE]`` inside some generated content."""
+        if not self.sse or b"[DONE]" not in self._buf[-16:] + chunk:
+            return False
+        lines = (bytes(self._buf) + chunk).split(b"\n")
+        return any(line.rstrip(b"\r").replace(b" ", b"") == b"data:[DONE]" for line in lines)
+
     def _line(self, line: bytes) -> None:
         line = line.rstrip(b"\r")
         if not line.startswith(b"data:"):

@@ -225,7 +225,11 @@ def test_gateway_config_is_accepted_by_the_gateway(tmp_path: Path) -> None:
     config["scaler"] = {"kind": "none"}
     (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
     runtime = build(tmp_path / "gateway.yaml")
-    assert runtime.sink is not None and not runtime.models_from_cluster
+    assert (
+        runtime.outbox is not None
+        and runtime.poster is not None
+        and not runtime.models_from_cluster
+    )
     defaults = render(tmp_path)
     config = yaml.safe_load(find(defaults, "ConfigMap", "-gateway")["data"]["gateway.yaml"])
     assert config["models"] == {"kind": "kubernetes"}

@@ -260,3 +260,16 @@ def test_an_account_in_arrears_by_its_status_gets_402_even_with_balance() -> Non
 
     assert asyncio.run(check("t-a")) == "ok"
     assert asyncio.run(check("t-b")).startswith("402: account 'late' is in arrears")
+
+
+def test_only_the_streams_own_done_line_settles_it_not_generated_text() -> None:
+    """The gateway records a stream's usage (durably) just before the chunk that ends it:
+    a model tricked into writing "[DONE]" must not end the metering early."""
+    tap = UsageTap("/v1/chat/completions", "text/event-stream")
+    sneaky = f"data: {json.dumps({'choices': [{'delta': {'content': 'data: [DONE]'}}]})}\n\n"
+    assert not tap.ends_stream(sneaky.encode())
+    tap.feed(sneaky.encode())
+    assert tap.ends_stream(b"data: [DONE]\n\n")
+    tap.feed(b"data: [DO")  # the real end, split across two chunks
+    assert tap.ends_stream(b"NE]\n\n")
+    assert not UsageTap("/v1/x", "application/json").ends_stream(b"data: [DONE]\n\n")
