@@ -187,6 +187,10 @@ class Gateway:
         self._rr = 0
         self.upstream_timeout_s = upstream_timeout_s
         self._session: aiohttp.ClientSession | None = None
+        # Readiness: each check names what is not ready yet (None: ready). Liveness
+        # (/healthz) never looks at these: a gateway waiting for its first listing is
+        # alive, and restarting it would not help.
+        self.readiness: list[Callable[[], str | None]] = []
 
     def session(self) -> aiohttp.ClientSession:
         """The upstream client (aiohttp: about a tenth of httpx's CPU per proxied request),
@@ -272,6 +276,13 @@ class Gateway:
     # -- HTTP handlers -------------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"ok": True})
+
+    async def readyz(self, request: Request) -> Response:
+        """200 once the model list, the replicas' endpoints and the usage outbox are
+        there; 503 naming what is not, so no request is routed to a gateway that would
+        answer 404 for a model it has not listed yet, or could not record usage."""
+        waiting = [problem for check in self.readiness if (problem := check()) is not None]
+        return JSONResponse({"ready": not waiting, "waiting": waiting}, 503 if waiting else 200)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -541,6 +552,7 @@ class Gateway:
         return Starlette(
             routes=[
                 Route("/healthz", self.healthz),
+                Route("/readyz", self.readyz),
                 Route("/{namespace}/{model}/{path:path}", self.proxy, methods=methods),
             ],
             lifespan=lifespan,
@@ -553,6 +565,7 @@ class Gateway:
         return Starlette(
             routes=[
                 Route("/healthz", self.healthz),
+                Route("/readyz", self.readyz),
                 Route("/metrics", self.metrics_endpoint),
                 Route("/v1/stats", self.stats_endpoint),
             ]

@@ -56,6 +56,7 @@ class EndpointSliceSource:
     def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self._map: dict[str, list[str]] = {}
+        self.synced = False  # listed at least once (readiness)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="endpointslices")
         self._thread.start()
@@ -66,6 +67,7 @@ class EndpointSliceSource:
             try:
                 slices = api.list_endpoint_slice_for_all_namespaces(label_selector=MODEL_LABEL)
                 self._map = ready_urls(slices.items)
+                self.synced = True
             except Exception:  # keep the last good map through API hiccups
                 log.exception("listing EndpointSlices failed")
             self._stop.wait(self.interval)
@@ -199,6 +201,7 @@ class ModelCatalog:
     ) -> None:
         self.on_change, self.loop, self.interval = on_change, loop, interval
         self._last: tuple[list[ModelPlan], Directory] | None = None
+        self.synced = False  # listed at least once (readiness)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="model-catalog")
         self._thread.start()
@@ -214,6 +217,7 @@ class ModelCatalog:
                 if (plans, directory) != self._last:
                     self._last = (plans, directory)
                     self.loop.call_soon_threadsafe(self.on_change, plans, directory)
+                self.synced = True
             except Exception:  # keep serving the last good list through API hiccups
                 log.exception("listing ModelDeployments failed")
             self._stop.wait(self.interval)

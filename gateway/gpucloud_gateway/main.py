@@ -298,10 +298,19 @@ def build(config_path: Path) -> Runtime:
         ),
         peers=_peers(cfg.get("stats")),
     )
+    _readiness(gateway, outbox)
     if store is not None:  # before any port is open: /v1/stats never reads 0 for a busy model
         since = clock.now() - timedelta(seconds=gateway.window_s)
         gateway.restore_stats(store.arrivals(since), store.totals())
     return Runtime(gateway, outbox, poster, from_cluster)
+
+
+def _readiness(gateway: Gateway, outbox: Outbox | None) -> None:
+    source = gateway.endpoints
+    if hasattr(source, "synced"):
+        gateway.readiness.append(lambda: None if source.synced else "EndpointSlices not listed yet")
+    if outbox is not None:
+        gateway.readiness.append(lambda: None if outbox.alive() else "usage outbox stopped")
 
 
 def _catalog_hooks(rt: Runtime) -> tuple[list[Any], list[Any]]:
@@ -320,6 +329,10 @@ def _catalog_hooks(rt: Runtime) -> tuple[list[Any], list[Any]]:
 
     async def start() -> None:
         catalogs.append(ModelCatalog(apply, asyncio.get_running_loop()))
+
+    gateway.readiness.append(
+        lambda: None if catalogs and catalogs[0].synced else "ModelDeployments not listed yet"
+    )
 
     async def stop() -> None:
         for c in catalogs:

@@ -58,6 +58,10 @@ class Outbox:
         self._queue.put((plan, event, payer, loop, fut))
         await fut
 
+    def alive(self) -> bool:
+        """The writer thread runs: records can become durable (readiness)."""
+        return self._thread.is_alive()
+
     def record_later(self, plan: ModelPlan, event: UsageEvent, payer: str | None) -> None:
         """Queue a record nobody waits for (a cut response: the caller has no answer)."""
         self._queue.put((plan, event, payer, None, None))

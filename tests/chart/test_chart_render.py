@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -372,8 +373,10 @@ def test_notes_tell_how_to_reach_the_api(testbed: Testbed, tmp_path: Path) -> No
     ensure_kopf_crds(testbed)
     proc = helm(
         "install", "notes", str(CHART), "--namespace", "notes-dry-run",
-        "--dry-run=client", tmp=tmp_path, kubeconfig=testbed.kubeconfig,
+        "--dry-run=client", "--set", f"pricebook.name=notes-{uuid.uuid4().hex[:8]}",
+        tmp=tmp_path, kubeconfig=testbed.kubeconfig,
     )  # fmt: skip
+    # (its own PriceBook name: a cluster-scoped "default" someone applied must not collide)
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert "http://notes-gpucloud-api.notes-dry-run.svc:8080" in notes

@@ -188,3 +188,42 @@ def test_callers_authenticate_with_service_account_tokens(
         gateway.stop()
         server.stop()
         ledger.close()
+
+
+def test_ready_only_once_the_cluster_was_listed(testbed: KwokTestbed, tmp_path: Path) -> None:
+    """Liveness and readiness differ: a gateway whose API server does not answer is alive
+    (restarting would not help) but not ready, naming what it waits for; pointed at the
+    test bed it becomes ready. Real processes, a real and a dead API server."""
+    dead = tmp_path / "dead-kubeconfig"
+    dead.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "dead",
+                "clusters": [{"name": "dead", "cluster": {"server": "http://127.0.0.1:9"}}],
+                "users": [{"name": "u", "user": {"token": "x"}}],
+                "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "u"}}],
+            }
+        )
+    )
+    config = {"models": {"kind": "kubernetes"}, "endpoints": {"kind": "kubernetes"}}
+    for kubeconfig, ready in ((dead, False), (testbed.kubeconfig, True)):
+        gateway, url = start_gateway(
+            tmp_path, config, name=f"gw-{ready}", env={"KUBECONFIG": str(kubeconfig)}
+        )
+        try:
+            if ready:
+                readyz = url + "/readyz"
+                await_cond(lambda u=readyz: httpx.get(u).status_code == 200, what="ready")
+                assert httpx.get(gateway.ops_url + "/readyz").json()["waiting"] == []
+            else:
+                r = httpx.get(url + "/readyz")
+                assert r.status_code == 503, r.text
+                assert set(r.json()["waiting"]) == {
+                    "EndpointSlices not listed yet",
+                    "ModelDeployments not listed yet",
+                }
+                assert httpx.get(url + "/healthz").status_code == 200
+        finally:
+            gateway.stop()
