@@ -140,6 +140,11 @@ def test_operator_deployment(defaults: list[dict[str, Any]]) -> None:
     assert env["GPUCLOUD_OPERATOR_PRICEBOOK"] == "default"
     assert env["GPUCLOUD_OPERATOR_STORAGE_SETTLEMENT_S"] == "3600"
     assert env["GPUCLOUD_OPERATOR_REMINDER_LEAD_S"] == "604800"
+    # autoscaling reads the gateways' request volume on their ops Service
+    stats = env["GPUCLOUD_OPERATOR_MODEL_STATS_URL"]
+    assert stats == "http://gpucloud-gateway-ops.gpucloud-system.svc:9091/v1/stats"
+    ops = find(defaults, "Service", "-gateway-ops")
+    assert ops["spec"]["ports"] == [{"name": "ops", "port": 9091, "targetPort": "ops"}]
 
 
 def test_sqlite_pins_ledger_users_to_the_operator_node(defaults: list[dict[str, Any]]) -> None:
@@ -341,6 +346,9 @@ def test_optional_objects_for_production(tmp_path: Path) -> None:
     policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
     assert set(policies) == {f"gpucloud-{c}" for c in ("api", "gateway", "operator", "agent")}
     assert policies["gpucloud-operator"]["spec"]["ingress"] is None  # nothing may connect
+    # model callers reach the proxy port only; /v1/stats and /metrics are the release's
+    callers = policies["gpucloud-gateway"]["spec"]["ingress"][1]
+    assert callers == {"from": [{"namespaceSelector": {}}], "ports": [{"port": "http"}]}
     images = {
         c["image"]
         for d in docs
