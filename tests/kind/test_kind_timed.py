@@ -11,10 +11,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from gpucloud.billing import to_minor
 from gpucloud.testing.kind import KindCluster, KindFileClock
-from gpucloud.testing.kindrelease import KindHarness, install_release
+from gpucloud.testing.kindrelease import PRICES, KindHarness, install_release
 
 L40S = "NVIDIA-L40S"
+MODEL_PODS = "gpucloud.dev/model-deployment=chat"
 GI = "gpuinstances"
 DAY = 24 * 3600
 
@@ -115,3 +117,59 @@ def test_a_recharge_in_time_ends_arrears_and_saves_the_data(
     h.wait(billed_past_the_old_deadline, "storage billed past the old deletion instant")
     assert _folder(h, node, "nb")
     assert "DataDeleted" not in h.events("nb")
+
+
+def test_private_model_wakes_from_traffic_goes_cold_and_wakes_again(
+    h: KindHarness, clock: KindFileClock
+) -> None:
+    """A private ModelDeployment served by our fake model server image through the
+    gateway's pod: the first request wakes it from cold (no request lost), the replica
+    holds a GPU of an L40S node, it goes cold after the idle time on the file clock, the
+    next request wakes it again, and its online time is billed to the fen."""
+    h.pay_online("topup", "100.00", now=clock.now())
+    image = h.kind.images().ref("fake-model-server")
+    h.apply(
+        "ModelDeployment",
+        "chat",
+        {"model": "tiny-chat", "image": image, "gpu": {"product": L40S, "count": 1},
+         "visibility": "Private", "minReplicas": 0, "maxReplicas": 2,
+         "scaling": {"targetRequestsPerReplica": 600, "windowSeconds": 600,
+                     "coldAfterSeconds": 600}},
+    )  # fmt: skip
+    md = lambda: h.status("modeldeployments", "chat")  # noqa: E731
+    h.wait(lambda: md().get("state") == "Cold", "the model to be created cold")
+    token = h.token()
+    h.wait(lambda: h.gateway_serves("chat"), "the gateway to list the model")
+
+    woke = clock.now()
+    code, answer = h.model_request("chat", token, max_tokens=7)
+    assert code == 200 and answer["usage"]["completion_tokens"] == 7, answer
+    pods = lambda: h.kind.get_json("pods", "-n", h.ns, "-l", MODEL_PODS)["items"]  # noqa: E731
+    (pod,) = pods()
+    node = pod["spec"]["nodeName"]
+    gpus = h.kind.kubectl(
+        "exec", "-n", h.ns, pod["metadata"]["name"], "--", "printenv", "NVIDIA_VISIBLE_DEVICES"
+    ).stdout.split(",")
+    devices = h.kind.node_devices(node)
+    assert devices["labels"]["nvidia.com/gpu.product"] == L40S and len(gpus) == 1
+    assert {g.strip() for g in gpus} <= set(devices["uuids"])
+    h.wait(lambda: md().get("state") == "Serving", "the model serving")
+
+    # idle past coldAfterSeconds on the file clock: the operator sends it cold
+    clock.advance(601)
+    h.wait(
+        lambda: md().get("state") == "Cold" and not pods(),
+        "the model to go cold",
+        timeout=120,
+    )
+    # 601 s online on one L40S at 5.17/h: 0.8631 -> 86 fen
+    online = f"model/{h.ns}/chat#online"
+    expected = to_minor(PRICES[L40S]["payg"] * 601 / 3600)
+    assert expected == 86
+    h.wait(lambda: h.charges(online) == expected, "the online time charged", timeout=60)
+
+    # the next request wakes it again and is answered
+    code, answer = h.model_request("chat", token, max_tokens=3)
+    assert code == 200 and answer["usage"]["completion_tokens"] == 3, answer
+    assert woke <= clock.now()
+    h.kind.kubectl("delete", "modeldeployment", "chat", "-n", h.ns, "--wait=false")

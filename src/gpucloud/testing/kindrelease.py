@@ -32,6 +32,8 @@ CHART = REPO / "charts" / "gpucloud"
 RELEASE_NAMESPACE = "gpucloud-system"
 API = "deploy/gpucloud-api"  # the release is named gpucloud
 API_URL = f"http://gpucloud-api.{RELEASE_NAMESPACE}.svc:8080"
+GATEWAY_URL = f"http://gpucloud-gateway.{RELEASE_NAMESPACE}.svc:80"  # the tenants' Service
+GATEWAY_STATS = f"http://gpucloud-gateway-ops.{RELEASE_NAMESPACE}.svc:9091/v1/stats"
 SANDBOX_SECRET = "kind-sandbox-secret"
 # The chart on the kind tier: the agents' fake NVML reads the fake device plugin's device
 # list on each node; prices that do not divide evenly; checks every second or two, so
@@ -47,6 +49,7 @@ KIND_VALUES = {
             "cost_refresh_s": 5,
             "metering_grace_s": 30,
             "preemption_grace_s": 20,
+            "model_interval_s": 1,
         }
     },
     "pricebook": {
@@ -117,10 +120,36 @@ def install_release(
     )  # fmt: skip
     path = tmp / f"{release}-values.yaml"
     path.write_text(yaml.safe_dump(merged))
+    unstick_release(kind, release)
     helm(
         kind, "upgrade", "--install", release, str(CHART), "--namespace", RELEASE_NAMESPACE,
         "--create-namespace", "-f", str(path), "--wait", "--timeout", "5m",
     )  # fmt: skip
+
+
+def unstick_release(kind: KindCluster, release: str) -> None:
+    """A helm killed mid-install (a test run cut short) leaves the release pending, and
+    every later upgrade fails with "another operation is in progress": roll back to the
+    last deployed revision, or uninstall a first install that never finished."""
+    proc = subprocess.run(
+        [str(kind.bin.helm), "--kubeconfig", str(kind.kubeconfig), "status", release,
+         "--namespace", RELEASE_NAMESPACE, "-o", "json"],
+        env=kind.env(), text=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        return  # not installed
+    status = json.loads(proc.stdout)["info"]["status"]
+    if not status.startswith("pending"):
+        return
+    history = json.loads(
+        helm(kind, "history", release, "--namespace", RELEASE_NAMESPACE, "-o", "json")
+    )
+    deployed = [h["revision"] for h in history if h["status"] in ("deployed", "superseded")]
+    if deployed:
+        helm(kind, "rollback", release, str(max(deployed)), "--namespace", RELEASE_NAMESPACE,
+             "--wait", "--timeout", "5m")  # fmt: skip
+    else:
+        helm(kind, "uninstall", release, "--namespace", RELEASE_NAMESPACE, "--wait")
 
 
 def ledger_sql(
@@ -204,23 +233,49 @@ class KindHarness:
         ns = namespace or self.ns
         return self.kind.kubectl("create", "token", service_account, "-n", ns).stdout.strip()
 
-    def api_get(self, path: str, token: str) -> tuple[int, Any]:
-        """GET on the API's Service from inside the cluster with ``token``: TokenReview and
-        the account check run as the chart's API ServiceAccount, on the real RBAC."""
+    def call(
+        self, url: str, token: str, body: Any = None, timeout_s: float = 60
+    ) -> tuple[int, Any]:
+        """An HTTP call from inside the cluster (the API's pod, which has Python) with
+        ``token``: GET, or POST of ``body`` as JSON. (status, decoded JSON body)."""
         script = (
             "import json, sys, urllib.request, urllib.error\n"
-            "req = urllib.request.Request(sys.argv[1] + sys.argv[2],"
-            " headers={'Authorization': 'Bearer ' + sys.argv[3]})\n"
-            "try:\n    r = urllib.request.urlopen(req, timeout=20); code = r.status\n"
+            "data = None if sys.argv[3] == 'null' else sys.argv[3].encode()\n"
+            "req = urllib.request.Request(sys.argv[1], data=data,"
+            " headers={'Authorization': 'Bearer ' + sys.argv[2],"
+            " 'Content-Type': 'application/json'})\n"
+            "try:\n    r = urllib.request.urlopen(req, timeout=float(sys.argv[4]));"
+            " code = r.status\n"
             "except urllib.error.HTTPError as e:\n    r = e; code = e.code\n"
             "print(json.dumps([code, json.loads(r.read() or b'null')]))\n"
         )
         out = self.kind.kubectl(
             "exec", "-n", self.release_ns, API, "--", "python3", "-c", script,
-            API_URL, path, token,
+            url, token, json.dumps(body), str(timeout_s), timeout=timeout_s + 30,
         ).stdout  # fmt: skip
-        code, body = json.loads(out)
-        return code, body
+        code, answer = json.loads(out)
+        return code, answer
+
+    def api_get(self, path: str, token: str) -> tuple[int, Any]:
+        """GET on the API's Service with ``token``: TokenReview and the account check run
+        as the chart's API ServiceAccount, on the real RBAC."""
+        return self.call(API_URL + path, token)
+
+    def gateway_serves(self, model: str) -> bool:
+        """The gateway has listed the model (its catalog polls every 2 s): what the
+        operator's autoscaler reads on the ops Service names it."""
+        code, stats = self.call(GATEWAY_STATS, "")
+        return code == 200 and f"{self.ns}/{model}" in stats
+
+    def model_request(
+        self, model: str, token: str, max_tokens: int = 7, timeout_s: float = 150
+    ) -> tuple[int, Any]:
+        """A chat completion through the gateway's Service, as a tenant's client sends it
+        (waits while a cold model wakes)."""
+        body = {"messages": [{"role": "user", "content": "one two three"}],
+                "max_tokens": max_tokens}  # fmt: skip
+        url = f"{GATEWAY_URL}/{self.ns}/{model}/v1/chat/completions"
+        return self.call(url, token, body, timeout_s)
 
     def close(self) -> None:
         self.kind.kubectl("delete", "account", self.account, "--wait=false", check=False)
