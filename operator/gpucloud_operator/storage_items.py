@@ -229,13 +229,14 @@ class StorageItems:
             self._fail(plural, obj, "InvalidPriceBook", str(exc), now)
             return
         folder = self.folder(plural, ns, name)
-        bound, start = True, now
+        bound, start, node = True, now, None
         if plural == "images":
             copy = self._make_image(obj, account, now)
             if copy is None:
                 return
             used = copy.bytes_used or 0  # the agent's measurement of the finished copy
             start = r.second(copy.done_at or now)  # the image exists from then
+            node = copy.node or None  # only that node's agent may report its usage
         else:
             folder.mkdir(parents=True, exist_ok=True)
             bound = self._claim(obj)
@@ -250,7 +251,7 @@ class StorageItems:
             if plural == "clouddisks"
             else pb.storage.image_per_gb_hour
         )
-        meter = self._open(obj, plural, account, Decimal(price), since, self._cap(obj, used))
+        meter = self._open(obj, plural, account, Decimal(price), since, self._cap(obj, used), node)
         changes: Obj = {
             "phase": "Ready",
             "account": account,
@@ -304,7 +305,14 @@ class StorageItems:
         return max(1, -(-made // 2**30)) * 2**30
 
     def _open(
-        self, obj: Obj, plural: str, account: str, price: Decimal, since: datetime, cap: int
+        self,
+        obj: Obj,
+        plural: str,
+        account: str,
+        price: Decimal,
+        since: datetime,
+        cap: int,
+        node: str | None = None,
     ) -> str:
         meta = obj["metadata"]
         meter_id = f"{KINDS[plural][0]}:{meta['uid']}"
@@ -320,6 +328,7 @@ class StorageItems:
             opened_at=since,
             memo=f"{KINDS[plural][2]} {volume}, per GiB-hour used",
             max_bytes=cap,
+            node=node,
         )
         return meter_id
 
