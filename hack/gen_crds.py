@@ -830,7 +830,8 @@ def storage_item_status(extra: dict[str, Schema]) -> Schema:
                 "type": "integer",
                 "format": "int64",
                 "minimum": 0,
-                "description": "Used capacity last measured by the operator.",
+                "description": "Used capacity last measured (a cloud disk: by the operator; "
+                "an image: by the agent that copied it).",
             },
             "billedSince": timestamp("Start of billing."),
             "dataDeletedAt": timestamp("When the data was deleted after arrears."),
@@ -898,6 +899,10 @@ def image() -> Schema:
             {
                 "readyAt": timestamp("When the copy was complete."),
                 "sourceUID": string("UID of the source instance when copied."),
+                "node": string(
+                    "Node holding the image: the one that held the source instance's data, "
+                    "whose agent copied it."
+                ),
             }
         ),
         [

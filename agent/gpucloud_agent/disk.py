@@ -63,14 +63,24 @@ class Volume:
         return f"{self.namespace}/{self.name}"
 
 
+def _visible_dirs(path: Path) -> list[Path]:
+    # hidden names are work folders (an image copy in progress), never a volume: Kubernetes
+    # names cannot start with a dot
+    return sorted(
+        p
+        for p in path.iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+    )
+
+
 def discover(root: str | os.PathLike[str]) -> list[Volume]:
     out: list[Volume] = []
     for kind, folder in LAYOUT.items():
         base = Path(root) / folder
         if not base.is_dir():
             continue
-        for ns in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink()):
-            for vol in sorted(p for p in ns.iterdir() if p.is_dir() and not p.is_symlink()):
+        for ns in _visible_dirs(base):
+            for vol in _visible_dirs(ns):
                 out.append(Volume(kind, ns.name, vol.name, vol))
     return out
 

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
             "wipe-interval",
             30.0,
             type=float,
-            help="seconds between fetches of the node's wipes (needs --disk-root)",
+            help="seconds between fetches of the node's image copies and wipes (needs --disk-root)",
         )
         _add(p, "metrics-address", "0.0.0.0")
         _add(p, "metrics-port", 9400, type=int)
@@ -111,6 +111,7 @@ def run_agent(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
     from gpucloud_agent.agent import Agent, AgentConfig
+    from gpucloud_agent.imagecopy import ImageCopier, ImageCopyCollector
     from gpucloud_agent.metrics import AgentCollector, serve_http
     from gpucloud_agent.nvml import Nvml, NvmlBackend, NvmlError
     from gpucloud_agent.podresources.client import PodResourcesClient
@@ -190,6 +191,9 @@ def run_agent(args: argparse.Namespace) -> int:
     )
     wiper = None
     if args.disk_root:
+        copier = ImageCopier(
+            args.node_name, args.api_url, args.disk_root, shipper.client, shipper.headers
+        )
         try:
             wiper = Wiper(
                 args.node_name,
@@ -198,10 +202,12 @@ def run_agent(args: argparse.Namespace) -> int:
                 shipper.client,
                 shipper.headers,
                 args.wipe_interval,
+                copier,
             )
         except ValueError as exc:
             return _fail(str(exc))
         registry.register(WipeCollector(wiper))
+        registry.register(ImageCopyCollector(copier))
     http = serve_http(
         args.metrics_address, args.metrics_port, registry, agent.ready, agent.debug_state
     )

@@ -1,9 +1,11 @@
 """Wipes: the agent removes node-local folders the operator asked the ledger to remove
-(an instance volume deleted after 7 days of arrears; docs/arrears.md).
+(an instance volume deleted after 7 days of arrears, a deleted Image; docs/arrears.md).
 
-Every ``interval_s`` it fetches ``GET {api}/v1/nodes/{node}/wipes``, and for each one
-checks that the path is ``instances/<ns>/<name>`` with no symlink anywhere on it (and
-that it resolves inside ``<disk-root>/instances``), measures what it holds, removes it and reports
+Every ``interval_s`` it first makes the node's pending image copies (``imagecopy``, in
+the same thread: a copy of a deleted Image is finished before its wipe is looked at),
+then fetches ``GET {api}/v1/nodes/{node}/wipes``, and for each one checks that the path
+is ``instances/<ns>/<name>`` or ``images/<ns>/<name>`` with no symlink anywhere on it
+(and that it resolves inside that folder), measures what it holds, removes it and reports
 ``POST .../wipes/{id}/done {"bytes_freed": N}``. A path that is missing counts as
 already gone (0 bytes): a wipe killed after the removal repeats only the report. A
 refused path is logged and counted, never removed, and stays pending for a human.
@@ -17,7 +19,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -25,29 +27,40 @@ from prometheus_client.registry import Collector
 
 from gpucloud_agent.disk import used_bytes
 
+if TYPE_CHECKING:
+    from gpucloud_agent.imagecopy import ImageCopier
+
 log = logging.getLogger(__name__)
 RESULTS = ("wiped", "missing", "refused", "error")
+WIPE_FOLDERS = ("instances", "images")
 
 
 class Refused(ValueError):
     """A wipe path the agent will not touch."""
 
 
-def resolve(disk_root: str | os.PathLike[str], path: str) -> Path:
-    """The real path of ``path`` (relative to ``disk_root``), which must be an instance
-    folder ``<disk-root>/instances/<ns>/<name>`` reached without any symlink (a link
-    inside instances/ could lead to another tenant's folder); anything else raises
-    Refused."""
+def resolve(
+    disk_root: str | os.PathLike[str], path: str, folders: tuple[str, ...] = ("instances",)
+) -> Path:
+    """The real path of ``path`` (relative to ``disk_root``), which must be a volume
+    folder ``<disk-root>/<folder>/<ns>/<name>`` (``folder`` one of ``folders``) reached
+    without any symlink (a link inside instances/ could lead to another tenant's folder);
+    anything else raises Refused. Hidden names (``.x``: work folders) are refused too."""
     if not path or os.path.isabs(path):
         raise Refused(f"path {path!r}: must be relative to the data root")
     parts = Path(path).parts
-    if len(parts) != 3 or parts[0] != "instances" or {".", ".."} & set(parts):
-        raise Refused(f"path {path!r}: must be instances/<namespace>/<name>")
+    if (
+        len(parts) != 3
+        or parts[0] not in folders
+        or {".", ".."} & set(parts)
+        or any(p.startswith(".") for p in parts)
+    ):
+        raise Refused(f"path {path!r}: must be {'|'.join(folders)}/<namespace>/<name>")
     for depth in range(1, 4):
         step = os.path.join(disk_root, *parts[:depth])
         if os.path.islink(step):
             raise Refused(f"path {path!r}: {os.path.join(*parts[:depth])!r} is a symlink")
-    base = os.path.realpath(os.path.join(disk_root, "instances"))
+    base = os.path.realpath(os.path.join(disk_root, parts[0]))
     target = os.path.realpath(os.path.join(disk_root, path))
     inside = os.path.commonpath([base, target]) == base
     if not inside or len(Path(os.path.relpath(target, base)).parts) != 2:
@@ -82,6 +95,7 @@ class Wiper:
         client: httpx.Client,
         headers: Callable[[], dict[str, str]],
         interval_s: float = 30.0,
+        copier: ImageCopier | None = None,
     ) -> None:
         if interval_s <= 0:
             raise ValueError(f"--wipe-interval: must be > 0 seconds, got {interval_s}")
@@ -91,6 +105,7 @@ class Wiper:
         self.client = client
         self.headers = headers
         self.interval_s = interval_s
+        self.copier = copier
         self.counts = dict.fromkeys(RESULTS, 0)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -108,7 +123,7 @@ class Wiper:
 
     def wipe(self, w: dict[str, Any]) -> bool:
         try:
-            target = resolve(self.disk_root, w["path"])
+            target = resolve(self.disk_root, w["path"], WIPE_FOLDERS)
         except Refused as exc:
             log.error("wipe %s (%s) refused: %s", w["id"], w["subject"], exc)
             self._count("refused")
@@ -133,6 +148,12 @@ class Wiper:
 
     def run(self) -> None:
         while not self._stop.is_set():
+            if self.copier is not None:
+                try:
+                    self.copier.run_once()
+                except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as exc:
+                    log.warning("image copies of node %s: %s", self.node, exc)
+                    self.copier.count("error")
             try:
                 self.run_once()
             except (httpx.HTTPError, RuntimeError, OSError, KeyError, ValueError) as exc:

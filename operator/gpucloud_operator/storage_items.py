@@ -4,15 +4,24 @@ Both kinds are billed every hour by the *used* capacity the agent measures (the 
 3.2 and 3.3): the operator opens one ledger meter per object, kind ``cloud_disk`` or
 ``image``, subject = the volume id ``<namespace>/<name>`` the agent reports, priced per
 GiB-hour at the PriceBook's ``cloudDiskPerGBHour`` / ``imagePerGBHour``; the ledger rates
-the agent's byte-second usage against it. Data lives on the node's disk root
+the agent's byte-second usage against it. Data lives on a node's disk root
 (``OperatorConfig.data_root``): ``disks/<ns>/<name>`` and ``images/<ns>/<name>``, the
-layout the agent walks. An Image is a copy of its source instance's data folder, made
-once (into a hidden partial folder, then renamed, so a crash never leaves a half image
-marked Ready). A CloudDisk also gets a ReadWriteMany PersistentVolume and a claim in its
-namespace (``builders.build_disk_pv``/``build_disk_pvc``); it is Ready once the claim is
-bound, and its deletion waits while an active instance has it attached.
-``status.usedBytes`` is the operator's own measurement of the folder, shown to the user
-and used for the account's burn rate; charges come from the agent.
+layout the agent walks.
+
+An Image is a copy of its source instance's data folder, which is node-local (a hostPath
+volume on the node that ran it): the operator records an image copy in the ledger for
+that node (``request_image_copy``), and the node's agent copies the folder (a hidden
+partial folder renamed into place, so a killed agent never leaves a half image) and
+reports the bytes the image uses. Only then is the Image Ready, with ``usedBytes`` from
+that report and its meter opened from the copy's completion. Deleting an Image (or its
+deletion after arrears) cancels a pending copy and asks the same agent to remove the
+folder (``request_wipe``). The operator never touches an image folder itself.
+
+A CloudDisk also gets a ReadWriteMany PersistentVolume and a claim in its namespace
+(``builders.build_disk_pv``/``build_disk_pvc``); it is Ready once the claim is bound,
+and its deletion waits while an active instance has it attached. Its ``usedBytes`` is
+the operator's own measurement of the folder (shared storage the operator mounts).
+Charges always come from the agent's usage records.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from typing import Any
 
 from gpucloud.billing import PriceBook, PriceBookError
 from gpucloud.clock import Clock
-from gpucloud.ledger import Ledger, NotFound
+from gpucloud.ledger import ImageCopy, Ledger, NotFound
 from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
@@ -100,7 +109,10 @@ class StorageItems:
                 self.kube.delete_pvc(meta["namespace"], b.disk_pvc_name(meta["name"]))
                 self.kube.delete_pv(b.disk_pv_name(meta["uid"]))
             self._close(obj, now)
-            shutil.rmtree(self.folder(plural, meta["namespace"], meta["name"]), ignore_errors=True)
+            if plural == "images":
+                self._drop_image(obj, "the Image was deleted", now)
+            else:
+                shutil.rmtree(self.folder(plural, meta["namespace"], meta["name"]), True)
             return True
 
     def users(self, disk: Obj) -> list[str]:
@@ -217,16 +229,21 @@ class StorageItems:
             self._fail(plural, obj, "InvalidPriceBook", str(exc), now)
             return
         folder = self.folder(plural, ns, name)
-        bound = True
-        if plural == "images" and status.get("phase") != "Ready":
-            if not self._make_image(obj, folder, now):
+        bound, start, node = True, now, None
+        if plural == "images":
+            copy = self._make_image(obj, account, now)
+            if copy is None:
                 return
-        elif plural == "clouddisks":
+            used = copy.bytes_used or 0  # the agent's measurement of the finished copy
+            start = r.second(copy.done_at or now)  # the image exists from then
+            node = copy.node or None  # only that node's agent may report its usage
+        else:
             folder.mkdir(parents=True, exist_ok=True)
             bound = self._claim(obj)
+            used = du(folder)
         since = r.parse((obj.get("status") or {}).get("billedSince"))
         if since is None:
-            since = now
+            since = start
             self._status(plural, obj, {"billedSince": r.fmt(since)})  # persisted first
         self.ledger.ensure_account(account, pb.currency)
         price = (
@@ -234,8 +251,7 @@ class StorageItems:
             if plural == "clouddisks"
             else pb.storage.image_per_gb_hour
         )
-        used = du(folder)
-        meter = self._open(obj, plural, account, Decimal(price), since, self._cap(obj, used))
+        meter = self._open(obj, plural, account, Decimal(price), since, self._cap(obj, used), node)
         changes: Obj = {
             "phase": "Ready",
             "account": account,
@@ -289,7 +305,14 @@ class StorageItems:
         return max(1, -(-made // 2**30)) * 2**30
 
     def _open(
-        self, obj: Obj, plural: str, account: str, price: Decimal, since: datetime, cap: int
+        self,
+        obj: Obj,
+        plural: str,
+        account: str,
+        price: Decimal,
+        since: datetime,
+        cap: int,
+        node: str | None = None,
     ) -> str:
         meta = obj["metadata"]
         meter_id = f"{KINDS[plural][0]}:{meta['uid']}"
@@ -305,6 +328,7 @@ class StorageItems:
             opened_at=since,
             memo=f"{KINDS[plural][2]} {volume}, per GiB-hour used",
             max_bytes=cap,
+            node=node,
         )
         return meter_id
 
@@ -314,10 +338,75 @@ class StorageItems:
             with contextlib.suppress(NotFound):  # never opened: nothing to close
                 self.ledger.close_meter(meter, at)
 
-    def _make_image(self, obj: Obj, folder: Path, now: datetime) -> bool:
-        """Copy the source instance's data; False when it cannot be made (yet)."""
-        meta, spec = obj["metadata"], obj["spec"]
-        ns, source = meta["namespace"], spec["sourceInstance"]
+    # -- images: copied and removed by the agent of the node holding the data ----------
+    @staticmethod
+    def _copy_subject(image: Obj) -> str:
+        return f"image:{image['metadata']['uid']}"
+
+    def _data_node(self, inst: Obj) -> str | None:
+        """The node holding the instance's data folder: the node its volume was placed on
+        (status.volumeNode), else its local volume's node affinity; None if never placed."""
+        node = (inst.get("status") or {}).get("volumeNode")
+        if node:
+            return str(node)
+        pv = self.kube.get_pv(b.pv_name(inst["metadata"]["uid"])) or {}
+        affinity = ((pv.get("spec") or {}).get("nodeAffinity") or {}).get("required") or {}
+        for term in affinity.get("nodeSelectorTerms") or []:
+            for expr in term.get("matchExpressions") or []:
+                if expr.get("key") == "kubernetes.io/hostname" and expr.get("values"):
+                    return str(expr["values"][0])
+        return None
+
+    def _make_image(self, obj: Obj, account: str, now: datetime) -> ImageCopy | None:
+        """The finished copy of the source instance's data; None while it is requested but
+        not made yet, or when it cannot be made (the Image then says why)."""
+        meta, spec, status = obj["metadata"], obj["spec"], obj.get("status") or {}
+        ns, name, source = meta["namespace"], meta["name"], spec["sourceInstance"]
+        copy = self.ledger.get_image_copy(self._copy_subject(obj))
+        if copy is None and status.get("phase") == "Ready":
+            # made by an operator that still copied on its own disk: that measurement stands
+            made = r.parse(status.get("billedSince")) or now
+            used = int(status.get("usedBytes") or 0)
+            return ImageCopy(0, "", "", "", "", account, made, made, "copied", used, None)
+        if copy is None:
+            copy = self._request_copy(obj, account, now)
+            if copy is None:
+                return None
+        if copy.outcome is None:
+            msg = f"waiting for the agent of node {copy.node!r} to copy {copy.source}"
+            self._status(
+                "images",
+                obj,
+                {
+                    "phase": "Creating",
+                    "node": copy.node,
+                    "message": msg,
+                    **self._cond(obj, "Ready", False, "Copying", msg, now),
+                },
+            )
+            return None
+        if copy.outcome != "copied":
+            msg = (
+                f"spec.sourceInstance: the agent of node {copy.node!r} could not copy "
+                f"{copy.source} ({copy.outcome}): {copy.message}"
+            )
+            self._fail("images", obj, "CopyFailed", msg, now)
+            return None
+        if not status.get("readyAt"):
+            done = r.second(copy.done_at or now)
+            self._status("images", obj, {"readyAt": r.fmt(done), "node": copy.node})
+            self.kube.event(
+                obj,
+                "Normal",
+                "ImageCreated",
+                f"backup of {ns}/{source} copied to images/{ns}/{name} on node {copy.node} "
+                f"({copy.bytes_used} bytes)",
+            )
+        return copy
+
+    def _request_copy(self, obj: Obj, account: str, now: datetime) -> ImageCopy | None:
+        meta, source = obj["metadata"], obj["spec"]["sourceInstance"]
+        ns, name = meta["namespace"], meta["name"]
         inst = self.kube.get_namespaced_object("gpuinstances", ns, source)
         if inst is None:
             self._fail(
@@ -327,9 +416,9 @@ class StorageItems:
                 f"spec.sourceInstance: GPUInstance {source!r} not found in {ns!r}",
                 now,
             )
-            return False
-        src = Path(self.cfg.data_root) / "instances" / ns / source
-        if not src.is_dir():
+            return None
+        node = self._data_node(inst)
+        if node is None:
             self._fail(
                 "images",
                 obj,
@@ -337,31 +426,50 @@ class StorageItems:
                 f"spec.sourceInstance: {source!r} has no data (deleted, or never placed)",
                 now,
             )
-            return False
-        if not folder.is_dir():
-            partial = folder.with_name(f".{folder.name}.partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(src, partial, symlinks=True)
-            partial.rename(folder)
-        self._status("images", obj, {"sourceUID": inst["metadata"]["uid"], "readyAt": r.fmt(now)})
-        self.kube.event(obj, "Normal", "ImageCreated", f"backup of {ns}/{source} copied")
-        return True
+            return None
+        path = f"images/{ns}/{name}"
+        wiping = self.ledger.pending_wipe_at(path)
+        if wiping is not None:  # an earlier Image of this name: its folder goes first
+            msg = (
+                f"waiting for the agent of node {wiping.node!r} to remove the folder of a "
+                f"deleted image of the same name ({wiping.subject})"
+            )
+            self._status("images", obj, {"phase": "Creating", "message": msg})
+            return None
+        self._status("images", obj, {"sourceUID": inst["metadata"]["uid"], "node": node})
+        return self.ledger.request_image_copy(
+            node, f"instances/{ns}/{source}", path, self._copy_subject(obj), account, now
+        )
+
+    def _drop_image(self, obj: Obj, reason: str, at: datetime) -> str | None:
+        """Cancel a pending copy, then ask the agent of its node to remove the folder (in
+        that order: the agent finishes a copy before it looks at the wipes, so the wipe
+        always comes after the copy it undoes). The node, None if none was asked."""
+        subject = self._copy_subject(obj)
+        copy = self.ledger.cancel_image_copy(subject, reason, at)
+        if copy is None:
+            return None
+        self.ledger.request_wipe(copy.node, copy.path, subject, copy.account, at)
+        return copy.node
 
     def _delete_data(self, plural: str, obj: Obj, account: str, at: datetime) -> None:
         meta = obj["metadata"]
         folder = self.folder(plural, meta["namespace"], meta["name"])
         self._close(obj, at)
+        node = None
         if plural == "clouddisks":  # the instances were shut down by the arrears
             self.kube.delete_pvc(meta["namespace"], b.disk_pvc_name(meta["name"]))
             self.kube.delete_pv(b.disk_pv_name(meta["uid"]))
-        shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            node = self._drop_image(obj, "deleted after the arrears retention period", at)
         volume = f"{meta['namespace']}/{meta['name']}"
         self.ledger.record_audit(
             account,
             "gpucloud-operator",
             "data.deleted",
             f"{KINDS[plural][0]}:{volume}",
-            {"kind": KINDS[plural][0], "resource": volume, "path": str(folder)},
+            {"kind": KINDS[plural][0], "resource": volume, "path": str(folder), "node": node},
             at,
         )
         msg = f"{KINDS[plural][2]} data deleted at {r.fmt(at)} after the arrears retention period"

@@ -99,10 +99,14 @@ def test_agent_daemonset(defaults: list[dict[str, Any]]) -> None:
     assert mounts["pod-resources"]["readOnly"] is True
     assert volumes["data"]["hostPath"]["path"] == "/var/lib/gpucloud"
     assert mounts["data"]["readOnly"] is True
-    # only instances/ is writable: the agent removes the instance folders to wipe
-    assert volumes["instances"]["hostPath"]["path"] == "/var/lib/gpucloud/instances"
-    assert mounts["instances"]["mountPath"] == "/var/lib/gpucloud/instances"
-    assert not mounts["instances"].get("readOnly")
+    # only instances/ and images/ are writable: the agent removes the instance folders to
+    # wipe, and makes (and removes) the images of its node's instances
+    for folder in ("instances", "images"):
+        assert volumes[folder]["hostPath"]["path"] == f"/var/lib/gpucloud/{folder}"
+        assert mounts[folder]["mountPath"] == f"/var/lib/gpucloud/{folder}"
+        assert not mounts[folder].get("readOnly")
+    writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
+    assert not any(w.startswith("/var/lib/gpucloud/disks") for w in writable)
     token = volumes["api-token"]["projected"]["sources"][0]["serviceAccountToken"]
     assert token["audience"] == "gpucloud-api"
     assert env["GPUCLOUD_AGENT_TOKEN_FILE"] == "/var/run/secrets/gpucloud/token"

@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+from gpucloud_agent.imagecopy import make_image
+from gpucloud_agent.wipe import WIPE_FOLDERS, remove, resolve
 from gpucloud_operator.storage_items import StorageItems
 from opworld import NS, T0, World
 
@@ -67,24 +69,50 @@ def test_cloud_disk_meter_rates_the_agents_usage(world: World, tmp_path: Path) -
     assert not (tmp_path / "data/disks" / NS / "scratch").exists()
 
 
-def test_image_copies_the_instance_data_and_is_deleted_after_arrears(
+def agent_round(w: World, root: Path, node: str) -> None:
+    """What the agent of ``node`` does in one round: its copies, then its wipes."""
+    for c in w.ledger.pending_image_copies(node):
+        w.ledger.complete_image_copy(c.id, node, make_image(root, c.source, c.path), w.clock.now())
+    for wipe in w.ledger.pending_wipes(node):
+        freed = remove(resolve(root, wipe.path, WIPE_FOLDERS)) or 0
+        w.ledger.complete_wipe(wipe.id, node, freed, w.clock.now())
+
+
+def test_image_is_copied_by_its_nodes_agent_and_deleted_after_arrears(
     world: World, tmp_path: Path
 ) -> None:
     w, s = world, items(world, tmp_path)
+    root = tmp_path / "data"
     w.fund(10_00)
     w.instance("job", "NVIDIA-L40S")
-    src = tmp_path / "data/instances" / NS / "job"
+    w.tick("job")
+    node = w.status("job")["volumeNode"]
+    src = root / "instances" / NS / "job"
     (src / "ckpt").mkdir(parents=True)
     (src / "ckpt/model.pt").write_bytes(b"w" * 50_000)
     img = add(w, "images", "job-backup", {"sourceInstance": "job"})
     s.reconcile("images", img)
+    # not the operator's to copy: a copy for the node holding the data, Creating until done
     st = status(w, "images", "job-backup")
-    copy = tmp_path / "data/images" / NS / "job-backup"
+    copy = root / "images" / NS / "job-backup"
+    assert st["phase"] == "Creating" and st["node"] == node and not copy.exists()
+    assert "meterId" not in st and not [m for m in w.ledger.meters("acme") if m.kind == "image"]
+    (job,) = w.ledger.pending_image_copies(node)
+    assert (job.source, job.path) == (f"instances/{NS}/job", f"images/{NS}/job-backup")
+    w.clock.advance(timedelta(seconds=90))
+    copied_at = w.clock.now()
+    agent_round(w, root, node)
+    w.clock.advance(timedelta(seconds=30))
+    s.reconcile("images", w.kube.namespaced[("images", NS, "job-backup")])
+    st = status(w, "images", "job-backup")
+    made = w.ledger.get_image_copy(job.subject)
+    assert made is not None and made.bytes_used is not None
     assert st["phase"] == "Ready" and (copy / "ckpt/model.pt").read_bytes() == b"w" * 50_000
-    assert st["usedBytes"] >= 50_000 and "ImageCreated" in w.kube.reasons("job-backup")
-    assert w.ledger.get_meter(st["meterId"]).kind == "image"
-    (src / "ckpt/model.pt").write_bytes(b"changed")  # a copy, not a link
-    assert (copy / "ckpt/model.pt").read_bytes() == b"w" * 50_000
+    assert st["usedBytes"] == made.bytes_used >= 50_000  # the agent's measurement
+    assert st["billedSince"] == st["readyAt"] == copied_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert "ImageCreated" in w.kube.reasons("job-backup")
+    meter = w.ledger.get_meter(st["meterId"])
+    assert (meter.kind, meter.opened_at) == ("image", copied_at)
     missing = add(w, "images", "nothing", {"sourceInstance": "ghost"})
     s.reconcile("images", missing)
     assert status(w, "images", "nothing")["phase"] == "Failed"
@@ -104,12 +132,45 @@ def test_image_copies_the_instance_data_and_is_deleted_after_arrears(
     w.clock.set(datetime(2026, 1, 8, 1, 5, tzinfo=UTC))
     s.reconcile("images", w.kube.namespaced[("images", NS, "job-backup")])
     st = status(w, "images", "job-backup")
-    assert st["phase"] == "Deleted" and not copy.exists() and st["usedBytes"] == 0
+    assert st["phase"] == "Deleted" and st["usedBytes"] == 0
     assert w.ledger.get_meter(st["meterId"]).closed_at == since + timedelta(days=7)
     assert "DataDeleted" in w.kube.reasons("job-backup")
+    # the folder is on the node: its agent removes it
+    (wipe,) = w.ledger.pending_wipes(node)
+    assert wipe.path == f"images/{NS}/job-backup" and copy.exists()
+    agent_round(w, root, node)
+    assert not copy.exists() and src.exists()
     audit = [a for a in w.ledger.audit_events("acme") if a.action == "data.deleted"]
     assert [a.subject for a in audit] == [f"image:{NS}/job-backup"]
+    assert audit[0].detail["node"] == node
     assert not [e for e in w.ledger.entries("acme") if e.kind is EntryKind.ADJUSTMENT]
+
+
+def test_a_deleted_image_cancels_its_copy_and_its_name_waits_for_the_wipe(
+    world: World, tmp_path: Path
+) -> None:
+    w, s = world, items(world, tmp_path)
+    root = tmp_path / "data"
+    w.fund(10_00)
+    w.instance("job", "NVIDIA-L40S")
+    w.tick("job")
+    node = w.status("job")["volumeNode"]
+    (root / "instances" / NS / "job").mkdir(parents=True)
+    s.reconcile("images", add(w, "images", "bak", {"sourceInstance": "job"}))
+    (job,) = w.ledger.pending_image_copies(node)
+    assert s.delete("images", w.kube.namespaced[("images", NS, "bak")])
+    cancelled = w.ledger.get_image_copy(job.subject)
+    assert cancelled is not None and cancelled.outcome == "cancelled"
+    assert w.ledger.pending_image_copies(node) == []
+    # a new Image of the same name waits until the old folder's wipe is done
+    del w.kube.namespaced[("images", NS, "bak")]
+    s.reconcile("images", add(w, "images", "bak", {"sourceInstance": "job"}))
+    st = status(w, "images", "bak")
+    assert st["phase"] == "Creating" and "remove the folder of a deleted image" in st["message"]
+    assert w.ledger.pending_image_copies(node) == []
+    agent_round(w, root, node)
+    s.reconcile("images", w.kube.namespaced[("images", NS, "bak")])
+    assert len(w.ledger.pending_image_copies(node)) == 1
 
 
 def test_a_stale_arrears_status_never_deletes_paid_data(world: World, tmp_path: Path) -> None:

@@ -17,7 +17,13 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
-from gpucloud.api import routes_accounts, routes_recharge, routes_usage, routes_wipes
+from gpucloud.api import (
+    routes_accounts,
+    routes_image_copies,
+    routes_recharge,
+    routes_usage,
+    routes_wipes,
+)
 from gpucloud.api.deps import AppState, State
 from gpucloud.api.gate import FairLock
 from gpucloud.api.guard import SMALL_BODY, RequestGuard
@@ -72,6 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_accounts.router)
     app.include_router(routes_recharge.router)
     app.include_router(routes_wipes.router)
+    app.include_router(routes_image_copies.router)
     _add_ops_routes(app)
     _add_error_handlers(app)
     _add_latency_middleware(app, metrics)

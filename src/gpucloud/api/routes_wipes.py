@@ -26,7 +26,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _own_node(node: str, caller: Caller, state: State) -> str:
+def own_node(node: str, caller: Caller, state: State) -> str:
     mine = agent_node(caller, state)
     if mine != node:
         raise HTTPException(403, f"node: the caller is the agent of node {mine!r}, not of {node!r}")
@@ -37,7 +37,7 @@ def _own_node(node: str, caller: Caller, state: State) -> str:
 async def list_wipes(node: NodeName, caller: Caller, state: State) -> WipesOut:
     """The folders the agent of ``node`` must remove, oldest first (at most 100). Each
     ``path`` is relative to the node's data root."""
-    _own_node(node, caller, state)
+    own_node(node, caller, state)
     wipes = await run_in_threadpool(state.ledger.pending_wipes, node)
     return WipesOut(node=node, wipes=[WipeOut.model_validate(w) for w in wipes])
 
@@ -56,7 +56,7 @@ async def wipe_done(
 ) -> WipeOut:
     """Report a wipe done with the bytes it freed. Reporting it again is a no-op that
     returns the first report."""
-    _own_node(node, caller, state)
+    own_node(node, caller, state)
     now = state.settings.clock.now()
     try:
         done = await run_in_threadpool(

@@ -258,3 +258,39 @@ class WipeDoneIn(BaseModel):
         strict=True,
         description="bytes the removed folder held (0: already gone)",
     )
+
+
+class ImageCopyOut(BaseModel):
+    """Read from the ledger's ``ImageCopy``."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    source: str = Field(description="the instance folder to copy, instances/<ns>/<name>")
+    path: str = Field(description="the image folder to make, images/<ns>/<name>")
+    subject: str
+    requested_at: datetime
+    done_at: datetime | None = None
+    outcome: Literal["copied", "failed", "cancelled"] | None = None
+    bytes_used: int | None = None
+    message: str | None = None
+
+
+class ImageCopiesOut(BaseModel):
+    node: str
+    image_copies: list[ImageCopyOut]
+
+
+class ImageCopyDoneIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bytes_used: int = Field(
+        ge=0,
+        le=2**63 - 1,
+        strict=True,
+        description="allocated bytes of the finished image folder, as the agent measured them",
+    )
+
+
+class ImageCopyFailedIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: str = Field(min_length=1, max_length=1024, description="why it cannot be copied")

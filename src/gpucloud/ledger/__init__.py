@@ -47,6 +47,9 @@ Rules the ledger keeps (each is tested on SQLite and PostgreSQL):
   ``voucher:{voucher_id}``; every state change and refusal goes to the audit trail.
 - Node wipes (``request_wipe``, ``pending_wipes``, ``complete_wipe``): folders on a
   node's local disk that the node's agent removes; one request per subject.
+- Image copies (``request_image_copy``, ``pending_image_copies``,
+  ``complete_image_copy``, ``fail_image_copy``, ``cancel_image_copy``): an instance
+  folder the agent of its node copies into an image folder; one request per subject.
 """
 
 from gpucloud.ledger.errors import (
@@ -64,6 +67,7 @@ from gpucloud.ledger.types import (
     AuditEvent,
     Entry,
     EntryKind,
+    ImageCopy,
     IngestResult,
     Meter,
     MeterKind,
@@ -85,6 +89,7 @@ __all__ = [
     "Entry",
     "EntryKind",
     "IdempotencyConflict",
+    "ImageCopy",
     "IngestResult",
     "InvalidInput",
     "Ledger",

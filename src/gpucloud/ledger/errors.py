@@ -48,4 +48,4 @@ class ReviewRefused(LedgerError):
 
 
 class WrongNode(LedgerError, PermissionError):
-    """A node's agent reported a wipe that belongs to another node."""
+    """A node's agent reported a wipe or an image copy that belongs to another node."""

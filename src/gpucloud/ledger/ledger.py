@@ -26,6 +26,7 @@ from gpucloud.ledger.errors import (
     OrderRefused,
     ReviewRefused,
 )
+from gpucloud.ledger.image_copies import ImageCopiesMixin
 from gpucloud.ledger.types import (
     Account,
     AuditEvent,
@@ -193,7 +194,7 @@ def _check_sign(kind: EntryKind, amount: int) -> None:
         raise InvalidInput(f"amount_minor: a {kind.value} entry must be {rule}, got {amount}")
 
 
-class Ledger(WipesMixin):
+class Ledger(WipesMixin, ImageCopiesMixin):
     """The durable record of accounts, entries, usage, meters, orders and vouchers.
 
     Thread-safe and process-safe: share one Ledger between threads, open one per process.

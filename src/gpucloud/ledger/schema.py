@@ -233,3 +233,23 @@ node_wipes = Table(
     UniqueConstraint("subject", name="uq_ledger_node_wipes_subject"),
     Index("ix_ledger_node_wipes_node", "node", "done_at"),
 )
+
+# Image copies: an Image's data is copied by the agent of the node that holds its
+# source instance's folder (gpucloud.ledger.image_copies).
+image_copies = Table(
+    "ledger_image_copies",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("node", String(253), nullable=False),
+    Column("source", String(1024), nullable=False),  # instances/<ns>/<name>
+    Column("path", String(1024), nullable=False),  # images/<ns>/<name>
+    Column("subject", String(255), nullable=False),  # one request per subject (image uid)
+    Column("account_id", ID, ForeignKey("ledger_accounts.id"), nullable=False),
+    Column("requested_at", Instant, nullable=False),
+    Column("done_at", Instant),
+    Column("outcome", String(16)),  # NULL pending; copied, failed, cancelled
+    Column("bytes_used", BigInteger),
+    Column("message", String(1024)),
+    UniqueConstraint("subject", name="uq_ledger_image_copies_subject"),
+    Index("ix_ledger_image_copies_node", "node", "done_at"),
+)

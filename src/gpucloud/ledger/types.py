@@ -206,3 +206,21 @@ class NodeWipe:
     requested_at: datetime
     done_at: datetime | None  # None: pending
     bytes_freed: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageCopy:
+    """A copy the agent of ``node`` must make: ``source`` (an instance folder) into
+    ``path`` (an image folder), both relative to its data root."""
+
+    id: int
+    node: str
+    source: str
+    path: str
+    subject: str  # what it copies, unique (image:<uid>)
+    account: str
+    requested_at: datetime
+    done_at: datetime | None  # None: pending
+    outcome: str | None  # None pending; "copied", "failed", "cancelled"
+    bytes_used: int | None  # measured by the agent once copied
+    message: str | None  # why it failed or was cancelled

@@ -9,13 +9,15 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from gpucloud.api.testserver import ApiProcess, agent_token
 from gpucloud.clock import FileClock
 from gpucloud.ledger import EntryKind, Ledger, open_ledger
 from gpucloud.testing.kube import get_json, wait_for
@@ -194,3 +196,43 @@ class Harness:
             "get", "pod", f"{name}-gpu", "-n", self.ns, "-o", "json", check=False
         )
         return yaml.safe_load(proc.stdout) if proc.returncode == 0 else None
+
+
+@contextmanager
+def node_agent(h: Harness, node: str) -> Iterator[str]:
+    """The metering API on the operator's ledger and a real agent process for ``node``
+    whose disk root is the data root: it makes the images and removes the node-local
+    folders the operator asks for. It meters no GPU (no pod-resources socket), and
+    records disk use only once an hour of the test's file clock ends. Yields the agent's
+    metrics URL (``/debug/state``)."""
+    api = ApiProcess(
+        h.tmp / "api", database_url=h.ledger_url, nodes=[node], clock=f"file:{h.clock.path}"
+    ).start()
+    token = h.tmp / "agent-token"
+    token.write_text(agent_token(node))
+    log = (h.tmp / "agent.log").open("ab")
+    port = free_port()
+    # fmt: off
+    agent = subprocess.Popen(
+        [
+            sys.executable, "-m", "gpucloud_agent.main", "run", "--node-name", node,
+            "--nvml", "fake", "--fake-from-kube", "--kubeconfig", str(h.tb.kubeconfig),
+            "--pod-uid-source", "derived",
+            "--pod-resources-socket", str(h.tmp / "no-pod-resources.sock"),
+            "--api-url", api.url, "--token-file", str(token),
+            "--wal-dir", str(h.tmp / "agent-wal"), "--disk-root", str(h.tmp / "data"),
+            "--wipe-interval", "0.5",
+            "--metrics-address", "127.0.0.1", "--metrics-port", str(port),
+        ],
+        env={**os.environ, "GPUCLOUD_CLOCK": f"file:{h.clock.path}"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    # fmt: on
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        agent.terminate()
+        agent.wait(10)
+        log.close()
+        api.stop()

@@ -8,11 +8,8 @@ a cloud disk mounted into an instance pod through a Bound ReadWriteMany claim.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,13 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opharness import Harness
+from opharness import Harness, node_agent
 
-from gpucloud.api.testserver import ApiProcess, agent_token
 from gpucloud.billing import to_minor
 from gpucloud.ledger import EntryKind
 from gpucloud.testing.kube import get_json
-from gpucloud.testing.net import free_port
 from gpucloud.testing.testbed import Testbed
 
 pytestmark = pytest.mark.e2e
@@ -79,41 +74,6 @@ def arrears(testbed: Testbed, namespace: str, tmp_path: Path, hook: Hook) -> Ite
     h.close()
 
 
-@contextmanager
-def node_agent(h: Harness, node: str) -> Iterator[ApiProcess]:
-    """The metering API on the operator's ledger and a real agent process for ``node``
-    whose disk root is the data root: it removes the node-local instance folders the
-    operator asks for. Started late in a test: it meters no GPU (no pod-resources
-    socket) and records disk use only once a system-clock hour ends."""
-    api = ApiProcess(h.tmp / "api", database_url=h.ledger_url, nodes=[node]).start()
-    token = h.tmp / "agent-token"
-    token.write_text(agent_token(node))
-    log = (h.tmp / "agent.log").open("ab")
-    # fmt: off
-    agent = subprocess.Popen(
-        [
-            sys.executable, "-m", "gpucloud_agent.main", "run", "--node-name", node,
-            "--nvml", "fake", "--fake-from-kube", "--kubeconfig", str(h.tb.kubeconfig),
-            "--pod-uid-source", "derived",
-            "--pod-resources-socket", str(h.tmp / "no-pod-resources.sock"),
-            "--api-url", api.url, "--token-file", str(token),
-            "--wal-dir", str(h.tmp / "agent-wal"), "--disk-root", str(h.tmp / "data"),
-            "--wipe-interval", "0.5",
-            "--metrics-address", "127.0.0.1", "--metrics-port", str(free_port()),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    # fmt: on
-    try:
-        yield api
-    finally:
-        agent.terminate()
-        agent.wait(10)
-        log.close()
-        api.stop()
-
-
 def account(h: Harness) -> dict[str, Any]:
     return get_json(h.tb, "account", h.account)
 
@@ -152,7 +112,9 @@ def run_into_arrears(h: Harness, hook: Hook) -> tuple[Path, str]:
             },
         ]
     )
-    h.wait(lambda: item(h, "image", "job-backup").get("phase") == "Ready", "the image")
+    # the node holding the instance's data makes the image: its agent, started for that
+    with node_agent(h, h.status("job")["volumeNode"]):
+        h.wait(lambda: item(h, "image", "job-backup").get("phase") == "Ready", "the image")
     h.wait(lambda: item(h, "clouddisk", "scratch").get("phase") == "Ready", "the cloud disk")
     assert (h.tmp / "data/images" / h.ns / "job-backup/ckpt/model.pt").stat().st_size == 100_000
     # 2 h left < 24 h: warned once, by event, condition and webhook
@@ -207,6 +169,8 @@ def test_arrears_shutdown_then_deletion_exactly_at_day_7(arrears: Harness, hook:
     assert data.exists() and "DataDeleted" not in h.events("job")  # no agent yet
     with node_agent(h, node):
         h.wait(lambda: "DataDeleted" in h.events("job"), "instance storage deletion")
+        image = h.tmp / "data/images" / h.ns / "job-backup"
+        h.wait(lambda: not image.exists(), "the agent to remove the image folder")
     cond = data_deleted(h)
     assert cond is not None and cond["status"] == "True"
     done = h.ledger.get_wipe(wipe_subject(h))
