@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from gpucloud.testing.kindrelease import KindHarness
+from gpucloud.testing.kindrelease import API_AUDIENCE, KindHarness
 
 
 def test_bank_transfer_with_voucher_is_credited_once_after_review(h: KindHarness) -> None:
@@ -55,8 +55,8 @@ def test_bank_transfer_with_voucher_is_credited_once_after_review(h: KindHarness
     # the tenant's own ServiceAccount reads the balance through the API: its account
     # because the Account lists its namespace and RBAC lets it create Recharges there
     balance_path = f"/v1/accounts/{h.account}/balance"
-    code, body = h.api_get(balance_path, h.token())
+    code, body = h.api_get(balance_path, h.token(audience=API_AUDIENCE))
     assert (code, body["balance_minor"]) == (200, 1234_56), body
     # a ServiceAccount with no right to pay in that namespace does not, and is told why
-    code, body = h.api_get(balance_path, h.token("default", "kube-system"))
+    code, body = h.api_get(balance_path, h.token("default", "kube-system", API_AUDIENCE))
     assert code == 403 and "Recharges" in body["detail"], body

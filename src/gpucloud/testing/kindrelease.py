@@ -32,6 +32,7 @@ CHART = REPO / "charts" / "gpucloud"
 RELEASE_NAMESPACE = "gpucloud-system"
 API = "deploy/gpucloud-api"  # the release is named gpucloud
 API_URL = f"http://gpucloud-api.{RELEASE_NAMESPACE}.svc:8080"
+API_AUDIENCE = "gpucloud-api"  # the chart's api.tokenAudience: the API takes no other
 GATEWAY_URL = f"http://gpucloud-gateway.{RELEASE_NAMESPACE}.svc:80"  # the tenants' Service
 GATEWAY_STATS = f"http://gpucloud-gateway-ops.{RELEASE_NAMESPACE}.svc:9091/v1/stats"
 SANDBOX_SECRET = "kind-sandbox-secret"
@@ -227,11 +228,17 @@ class KindHarness:
             ]
         )  # fmt: skip
 
-    def token(self, service_account: str = "tenant", namespace: str = "") -> str:
+    def token(
+        self, service_account: str = "tenant", namespace: str = "", audience: str = ""
+    ) -> str:
         """A real token of a ServiceAccount (the tenant's own by default), as a script
-        or CI job of theirs would use with the API."""
+        or CI job of theirs would mint it: for the API, with its audience
+        (``API_AUDIENCE``); for the gateway, the API server's default."""
         ns = namespace or self.ns
-        return self.kind.kubectl("create", "token", service_account, "-n", ns).stdout.strip()
+        args = ["create", "token", service_account, "-n", ns]
+        if audience:
+            args += ["--audience", audience]
+        return self.kind.kubectl(*args).stdout.strip()
 
     def call(
         self, url: str, token: str, body: Any = None, timeout_s: float = 60
