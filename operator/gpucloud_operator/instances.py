@@ -44,6 +44,7 @@ from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
+from gpucloud_operator.crash import crash_point
 from gpucloud_operator.later import Later
 from gpucloud_operator.placement import (
     NodeGPUs,
@@ -697,7 +698,15 @@ class InstanceReconciler:
         with self._guard:
             self._awaiting_bind.discard(p.uid)
         runs = int(p.status.get("runs") or 0)
+        # The billing anchor: the operator's clock just before the pod can exist, saved
+        # before it does (a kill right after the create still finds it; a kill before
+        # the create writes it again with the next attempt). Rounded up: a fraction of a
+        # second is the tenant's. See rules.billed_start.
+        anchor = r.fmt(r.second_up(self.clock.now()))
+        self._patch(p, {"podCreatedAt": anchor, "podWaitingAt": None})
+        crash_point("anchor-saved")
         pod = self.kube.create_pod(b.build_instance_pod(p.inst, runs))
+        crash_point("pod-created")
         with self._guard:
             self._run_pods[p.uid] = (pod.get("metadata") or {}).get("uid", "")
         self._event(p, "Normal", "Starting", f"run {runs}: pod created, pinned to {node}")
@@ -844,6 +853,9 @@ class InstanceReconciler:
         self._patch(
             p,
             {
+                # not started at this instant: billing cannot start before it, whatever
+                # the kubelet's clock says (rules.billed_start)
+                "podWaitingAt": r.fmt(p.now),
                 "message": message,
                 "conditions": self._conditions(p, ("Ready", False, reason, message)),
             },
@@ -853,18 +865,27 @@ class InstanceReconciler:
             self._maybe_preempt(p)
 
     def _begin_billing(self, p: Pass, pod: Obj) -> None:
+        """The run started: billing starts when Kubernetes says the pod started
+        (rules.billed_start), not when this pass saw it: the operator may have been
+        down meanwhile, and the agents' usage since then is charged to the meter."""
         assert p.pb is not None
         key = r.billing_key(p.spec["billing"])
         mode = r.mode_of(key)
         node = (pod.get("spec") or {}).get("nodeName")
+        since = r.billed_start(
+            r.parse(p.status.get("podCreatedAt")),
+            pod,
+            p.now,
+            waiting=r.parse(p.status.get("podWaitingAt")),
+        )
         changes: Obj = {
             "phase": "Running",
-            "startedAt": r.fmt(p.now),
+            "startedAt": r.fmt(since),
             # Instance storage is billed from the first time the pod runs: the volume is
             # bound and mounted and the instance exists for the user. Before that it is a
             # request waiting for GPUs (its volume holds no data), and charging it
             # storage would bill a wait the seed never bills (docs/operator.md).
-            "storageSince": p.status.get("storageSince") or r.fmt(p.now),
+            "storageSince": p.status.get("storageSince") or r.fmt(since),
             "node": node,
             "billingMode": key,
             "message": f"running on {node}",
@@ -875,19 +896,23 @@ class InstanceReconciler:
             ),
         }
         if mode is BillingMode.PACKAGE:
-            term = r.active_term(p.terms, p.now)
-            if term is None and not self._buy_term(p, r.period_of(key), p.now):
+            term = r.active_term(p.terms, since)
+            if term is None and not self._buy_term(p, r.period_of(key), since):
                 self._stop(
                     p, "Refused", "InsufficientBalance", "the balance no longer covers the package"
                 )
                 return
+            crash_point("term-charged")
             self._patch(p, changes)
         else:
-            meter_id = f"gpu:{p.uid}:{p.status.get('runs')}:{int(p.now.timestamp())}"
-            changes |= {"meterId": meter_id, "meterSince": r.fmt(p.now)}
+            meter_id = f"gpu:{p.uid}:{p.status.get('runs')}:{int(since.timestamp())}"
+            changes |= {"meterId": meter_id, "meterSince": r.fmt(since)}
             self._patch(p, changes)
+            crash_point("billing-saved")
             self._ensure_meter(p, pod)
-        self._event(p, "Normal", "Started", f"running on {node}, billed as {key}")
+        self._event(
+            p, "Normal", "Started", f"running on {node} since {r.fmt(since)}, billed as {key}"
+        )
         if mode is BillingMode.PACKAGE:
             self._package_rules(p)  # a day or week package is within the reminder lead
 
@@ -982,6 +1007,7 @@ class InstanceReconciler:
                     "message": message,
                 },
             )
+        crash_point("stop-saved")
         stopped_at = r.parse(p.status.get("stoppedAt")) or p.now
         self.kube.delete_pod(p.ns, b.pod_name(p.name))
         meter_id = p.status.get("meterId")
@@ -1009,6 +1035,7 @@ class InstanceReconciler:
             closed = meter.closed_at or at
         except NotFound:  # never opened (interrupted right after the status patch)
             closed = at
+        crash_point("meter-closed")
         self._open_meters.discard(meter_id)
         unsettled = list(p.status.get("unsettledMeters") or [])
         if meter_id not in unsettled:
@@ -1046,6 +1073,7 @@ class InstanceReconciler:
             m = self.ledger.settle_meter(
                 meter_id, p.now, fallback=True, memo=memo, meta={"source": "control-plane"}
             )
+            crash_point("settled")
             if m.fallback_minor:
                 self._event(
                     p,
@@ -1408,12 +1436,17 @@ class InstanceReconciler:
         end = r.parse(last["end"])
         assert end is not None
         while p.now >= end:
+            # shut down at the expiry itself, even if this pass comes later (the operator
+            # was down): the GPUs were paid until then, not after
+            at = self._stop_instant(p, end)
             if not p.spec["billing"].get("autoRenew"):
-                self._stop(p, "Expired", "PackageExpired", f"the package expired at {r.fmt(end)}")
+                message = f"the package expired at {r.fmt(end)}"
+                self._stop_at(p, at, "Expired", "PackageExpired", message)
                 return True
             if not self._buy_term(p, r.period_of(key), end):
-                self._stop(
+                self._stop_at(
                     p,
+                    at,
                     "Expired",
                     "RenewalFailed",
                     f"auto-renewal at {r.fmt(end)} failed: the balance does not cover the "
@@ -1597,22 +1630,42 @@ class InstanceReconciler:
                 },
             )
             self.kube.event(vic, "Warning", "PreemptionNotice", message)
+            crash_point("notice-given")
         names = ", ".join(f"{v.namespace}/{v.instance}" for v in plan.victims)
         self._event(
             p, "Normal", "PreemptingSpot", f"spot instance(s) {names} on {plan.node} given notice"
         )
 
     def _preemption_due(self, p: Pass) -> bool:
+        """Stop a spot instance whose notice ran out, at the instant the notice promised:
+        a deadline that passed while the operator was down is carried out at once and
+        billed only up to the deadline."""
         due = r.parse(p.status.get("preemptAt"))
         if due is None or p.now < due:
             return False
-        self._stop(
+        at = self._stop_instant(p, due)
+        self._stop_at(
             p,
+            at,
             "Preempted",
             "Preempted",
-            f"stopped at {r.fmt(p.now)} to free GPUs (spot); data kept, no billing after the stop",
+            f"stopped at {r.fmt(at)} to free GPUs (spot); data kept, no billing after the stop",
         )
         return True
+
+    def _stop_instant(self, p: Pass, due: datetime) -> datetime:
+        """A stop that was due at ``due`` (a deadline the operator may have slept
+        through): at ``due``, but never before the run's billing began nor after now."""
+        began = r.parse(p.status.get("meterSince") or p.status.get("startedAt"))
+        return min(p.now, max(due, began or due))
+
+    def _stop_at(self, p: Pass, at: datetime, final: str, reason: str, message: str) -> None:
+        """_stop with the stop instant ``at`` (in the past) instead of now."""
+        saved, p.now = p.now, at
+        try:
+            self._stop(p, final, reason, message)
+        finally:
+            p.now = saved
 
     # -- release ----------------------------------------------------------------------
     def _release(self, p: Pass) -> bool:
