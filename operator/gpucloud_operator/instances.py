@@ -902,7 +902,6 @@ class InstanceReconciler:
                     p, "Refused", "InsufficientBalance", "the balance no longer covers the package"
                 )
                 return
-            crash_point("term-charged")
             self._patch(p, changes)
         else:
             meter_id = f"gpu:{p.uid}:{p.status.get('runs')}:{int(since.timestamp())}"
@@ -1413,6 +1412,7 @@ class InstanceReconciler:
             at=p.now,
             meta={"seq": seq, "period": str(period)},
         )
+        crash_point("term-charged")
         with self._guard:
             self._reservations.pop(p.uid, None)  # charged now: no longer reserved
         term = {
