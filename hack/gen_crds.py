@@ -558,6 +558,7 @@ def operator_bookkeeping() -> dict[str, Schema]:
         "releasedAt": timestamp("When the release began."),
         "stopTarget": string("Phase an interrupted stop ends in."),
         "preemptAt": timestamp("When a preempted spot instance is stopped."),
+        "preemptedFor": string("Instance (namespace/name) the preemption frees GPUs for."),
         "reminderSentFor": timestamp("Package expiry the reminder was sent for."),
         "haltedGeneration": {
             "type": "integer",

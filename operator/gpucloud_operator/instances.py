@@ -542,6 +542,7 @@ class InstanceReconciler:
                 "message": _bind_wait(node) if waiting else f"placing run {runs}",
                 "haltedGeneration": None,
                 "preemptAt": None,
+                "preemptedFor": None,
                 "conditions": self._conditions(
                     p,
                     ("Ready", False, "Placing", "waiting for the pod to run"),
@@ -1018,6 +1019,7 @@ class InstanceReconciler:
             "node": None,
             "gpus": None,  # the pod and its GPUs are gone
             "preemptAt": None,
+            "preemptedFor": None,
             "message": message,
             "conditions": self._conditions(p, ("Ready", False, reason, message)),
         }
@@ -1625,6 +1627,7 @@ class InstanceReconciler:
                 victim.instance,
                 {
                     "preemptAt": r.fmt(deadline),
+                    "preemptedFor": p.resource,
                     "message": message,
                     "conditions": b.merge_conditions(vic_status.get("conditions"), [cond]),
                 },
@@ -1644,6 +1647,7 @@ class InstanceReconciler:
         if due is None or p.now < due:
             return False
         at = self._stop_instant(p, due)
+        self._mark_waiting(p.status.get("preemptedFor"), p.now)
         self._stop_at(
             p,
             at,
@@ -1652,6 +1656,17 @@ class InstanceReconciler:
             f"stopped at {r.fmt(at)} to free GPUs (spot); data kept, no billing after the stop",
         )
         return True
+
+    def _mark_waiting(self, resource: str | None, now: datetime) -> None:
+        """The instance a preemption frees GPUs for is still waiting for them now (its
+        pod cannot be placed before the victim's pod goes): say so in its status, so its
+        billing cannot start earlier whatever the clocks say (rules.billed_start)."""
+        if not resource:
+            return
+        ns, name = resource.split("/", 1)
+        waiting = self.kube.get_namespaced_object(PLURAL, ns, name)
+        if waiting is not None and (waiting.get("status") or {}).get("phase") == "Pending":
+            self.kube.patch_status(PLURAL, ns, name, {"podWaitingAt": r.fmt(now)})
 
     def _stop_instant(self, p: Pass, due: datetime) -> datetime:
         """A stop that was due at ``due`` (a deadline the operator may have slept

@@ -162,7 +162,9 @@ def test_a_spot_notice_that_ran_out_while_the_operator_was_down_stops_at_its_dea
     w.tick()  # the first pass after the restart
     st = w.status("spot")
     assert st["phase"] == "Preempted" and st["stoppedAt"] == "2026-01-01T00:12:00Z"
-    assert w.status("payg")["phase"] == "Running"
+    # the instance the GPUs were freed for waited until they were: billed from then
+    payg = w.status("payg")
+    assert payg["phase"] == "Running" and payg["startedAt"] == "2026-01-01T00:42:00Z"
     w.clock.advance(61)
     w.tick()
     assert gpu_charges(w, "spot") == to_minor(Decimal("2.60") * 4 * 720 / 3600) == 208
