@@ -468,6 +468,9 @@ class InstanceReconciler:
             self._leave_idle_package(p)
         desired = p.spec.get("state", "Running")
         if desired == "Stopped":
+            if phase in r.ADMITTED_PHASES:
+                self._bill_if_started(p)  # its pod may have run while nobody watched
+                phase = p.phase
             if phase in r.ACTIVE_PHASES:
                 self._stop(p, "Stopped", "Stopped", "stopped by the user (spec.state: Stopped)")
             elif phase not in ("Stopped", "Expired", "Preempted"):
@@ -824,6 +827,17 @@ class InstanceReconciler:
             self.kube.delete_pod(p.ns, b.pod_name(p.name), grace_s=0)
         else:
             self._pending(p, pod)
+
+    def _bill_if_started(self, p: Pass) -> None:
+        """A stop asked for before the operator saw the run's pod running (it was down):
+        if the pod did run, its time is billed like any run's, from its start."""
+        runs = int(p.status.get("runs") or 0)
+        pod = self.kube.get_pod(p.ns, b.pod_name(p.name)) if runs else None
+        if pod is None or pod["metadata"].get("deletionTimestamp"):
+            return
+        running = (pod.get("status") or {}).get("phase") == "Running"
+        if running and (pod["metadata"].get("labels") or {}).get(b.RUN_LABEL) == str(runs):
+            self._begin_billing(p, pod)
 
     def _pod_now(self, p: Pass, runs: int) -> Obj | None:
         """The run's pod. A pass started by the pod's Running event or by its claim's

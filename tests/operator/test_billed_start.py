@@ -185,3 +185,23 @@ def test_a_package_that_expired_while_the_operator_was_down_stops_at_its_expiry(
     assert st["phase"] == "Expired" and st["stoppedAt"] == "2026-01-02T00:00:00Z"
     assert (NS, "day-gpu") not in w.kube.pods
     assert charges(w) == 112_00 + to_minor(Decimal("0.0004") * 50 * 5)  # storage after expiry
+
+
+def test_a_run_stopped_before_the_operator_saw_it_running_is_billed(world: World) -> None:
+    """The pod ran while the operator was down, and the user stopped the instance before
+    it came back: the run is still billed, from its start to the stop."""
+    w = world
+    w.fund(100_00)
+    w.instance("nb", L40S, 1)
+    w.rec.reconcile_named(NS, "nb")
+    w.kube.schedule()
+    w.clock.advance(300)
+    w.kube.update_spec("gpuinstances", NS, "nb", {"state": "Stopped"})
+    w.restart()
+    w.tick()
+    st = w.status("nb")
+    assert st["phase"] == "Stopped" and st["startedAt"] == r.fmt(T0)
+    assert st["stoppedAt"] == "2026-01-01T00:05:00Z"
+    w.clock.advance(61)
+    w.tick()
+    assert gpu_charges(w, "nb") == to_minor(Decimal("5.20") * 300 / 3600) == 43
