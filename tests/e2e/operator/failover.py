@@ -99,6 +99,7 @@ def run(tb: Testbed, namespace: str, tmp: Path, burst: int = 12) -> Failover:
     try:
         active.start()
         standby.start()
+
         def both_peers() -> bool:  # each replica's heartbeat is in the peering object
             obj = get_json(tb, "clusterkopfpeering", f"gpucloud-{namespace}")
             return len(obj.get("status") or {}) == 2
