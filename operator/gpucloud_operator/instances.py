@@ -798,6 +798,7 @@ class InstanceReconciler:
                 del self._assumed[uid]  # the list shows it now
             else:
                 pods.append(PodGPUs(ns, pod, node, gpus, spot=False, started_at=None))
+        pods += self._placed_elsewhere(p, seen)
         node = (
             choose_node(nodes, pods, p.product, p.count)
             or fallback_node(nodes, p.product, p.count)
@@ -806,6 +807,27 @@ class InstanceReconciler:
         if node is not None:
             self._assumed[p.uid] = (p.ns, b.pod_name(p.name), node, p.count)
         return node
+
+    def _placed_elsewhere(self, p: Pass, seen: set[tuple[str, str]]) -> list[PodGPUs]:
+        """Starts placed by another process (a replica that died, this one before a
+        restart) whose pods do not exist yet, e.g. waiting for their claim to bind: their
+        volumes hold the GPUs of their node as surely as this process's own ``_assumed``
+        ones, so a standby taking over a burst does not pin more volumes to a node than
+        it has GPUs."""
+        out = []
+        for inst in self.kube.list_cluster_objects(PLURAL, ttl=2.0):
+            meta, st = inst["metadata"], inst.get("status") or {}
+            pod = (meta["namespace"], b.pod_name(meta["name"]))
+            node = st.get("volumeNode")
+            if (
+                node
+                and st.get("phase") in r.ADMITTED_PHASES
+                and meta["uid"] not in (p.uid, *self._assumed)
+                and pod not in seen
+            ):
+                count = int(((inst.get("spec") or {}).get("gpu") or {}).get("count", 1))
+                out.append(PodGPUs(meta["namespace"], meta["name"], node, count, False, None))
+        return out
 
     def _observe_start(self, p: Pass) -> None:
         runs = int(p.status.get("runs") or 0)

@@ -9,12 +9,14 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from gpucloud_operator import rules as r
+from gpucloud_operator.placement import NodeGPUs
 from opworld import NS, T0, World
 
 from gpucloud.billing import to_minor
 from gpucloud.usage import GPURef, PodRef, UsageKind, UsageRecord
 
 L40S = "NVIDIA-L40S"
+A100 = "NVIDIA-A100-SXM4-80GB"
 H100_SPOT = Decimal("9.90")
 WALL = datetime(2026, 12, 4, 9, 0, tzinfo=UTC)  # the cluster's clock: not the operator's
 
@@ -205,3 +207,25 @@ def test_a_run_stopped_before_the_operator_saw_it_running_is_billed(world: World
     w.clock.advance(61)
     w.tick()
     assert gpu_charges(w, "nb") == to_minor(Decimal("5.20") * 300 / 3600) == 43
+
+
+def test_a_new_process_counts_the_volumes_another_one_placed(world: World) -> None:
+    """A replica died mid-burst after pinning volumes to a node, before their pods
+    existed: the process that takes over must not pin more to that node than it has
+    GPUs (its own in-memory placements died with the other one)."""
+    w = world
+    w.fund(10_000_00)
+    w.kube.nodes.append(NodeGPUs("gpu-a100-1", A100, 8))
+    w.kube.cluster[("accounts", "acme")]["spec"]["instanceLimit"] = 20
+    for i in range(8):
+        w.instance(f"old{i}", A100, 1)
+        w.kube.patch_status(
+            "gpuinstances",
+            NS,
+            f"old{i}",
+            {"phase": "Pending", "runs": 1, "volumeNode": "gpu-a100-0"},
+        )
+    w.restart()
+    w.instance("new", A100, 1)
+    w.rec.reconcile_named(NS, "new")
+    assert w.status("new")["volumeNode"] == "gpu-a100-1"
