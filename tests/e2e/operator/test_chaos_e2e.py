@@ -5,7 +5,7 @@ compared, to the fen, with an oracle built from the pods' own records (chaos.py)
 run billed once from its pod's start to its stop, package terms once, storage from the
 first start to the release; no double start, no GPU given out twice, no meter left open.
 
-Short by default (one run of GPUCLOUD_CHAOS_STEPS=8 steps); longer with
+Short by default (one run of GPUCLOUD_CHAOS_STEPS=6 steps); longer with
 GPUCLOUD_CHAOS_RUNS=N (seeds GPUCLOUD_CHAOS_SEED, +1, ...) and more steps."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.e2e
 
 SEED = int(os.environ.get("GPUCLOUD_CHAOS_SEED", "21"))
 RUNS = int(os.environ.get("GPUCLOUD_CHAOS_RUNS", "1"))
-STEPS = int(os.environ.get("GPUCLOUD_CHAOS_STEPS", "8"))
+STEPS = int(os.environ.get("GPUCLOUD_CHAOS_STEPS", "6"))
 
 L40S, A100 = "NVIDIA-L40S", "NVIDIA-A100-SXM4-80GB"
 # name -> (product, GPUs, billing, price per GPU-hour of the mode); the L40S node has 4
