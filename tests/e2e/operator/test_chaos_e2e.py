@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -193,16 +194,28 @@ class Chaos:
                     f"{rec.instance} run {rec.run}: billed {got} for {m.opened_at}->"
                     f"{m.closed_at}, oracle {want} for {rec.start}->{end}"
                 )
-        # package terms: one per run that started outside a paid term
-        terms: list[tuple[datetime, datetime]] = []
-        for rec in sorted((r for r in records if r.instance == "p"), key=lambda r: r.run):
-            if rec.start is None or (rec.deleted is not None and rec.deleted <= rec.start):
-                continue
-            if not terms or rec.start >= terms[-1][1]:
-                terms.append((rec.start, rec.start + timedelta(days=1)))
-        package = -sum(e.amount_minor for e in entries if e.key.startswith("package:"))
-        if package != DAY_PACKAGE_MINOR * len(terms):
-            problems.append(f"package charged {package}, oracle {len(terms)} term(s)")
+        # package terms, as the ledger charged them (memo "term N <start> -> <end>"),
+        # checked against the runs: each starts when a run started, none overlap, every
+        # run that held its GPUs for a second or more is inside one. (A run that ran for
+        # no second of the clock may or may not have bought one: a race, either is fair.)
+        charged = [e for e in entries if e.key.startswith("package:")]
+        terms = sorted(
+            (ts(m[1]), ts(m[2]))
+            for m in (re.search(r"term \d+ (\S+) -> (\S+)", e.memo) for e in charged)
+            if m
+        )
+        p_runs = [r for r in records if r.instance == "p" and r.start is not None]
+        if -sum(e.amount_minor for e in charged) != DAY_PACKAGE_MINOR * len(terms):
+            problems.append(f"package terms {terms}: not {DAY_PACKAGE_MINOR} each")
+        for (a, b), nxt in zip(terms, [*terms[1:], None], strict=True):
+            if b - a != timedelta(days=1) or (nxt is not None and nxt[0] < b):
+                problems.append(f"package term {a} -> {b} overlaps the next or is not a day")
+            if not any(r.start == a for r in p_runs):
+                problems.append(f"package term from {a}: no run started then")
+        for r in p_runs:
+            held = r.deleted is None or r.deleted > r.start
+            if held and not any(a <= r.start < b for a, b in terms):
+                problems.append(f"p run {r.run} from {r.start}: in no paid term")
         # storage: from the first start to the release, less the paid package terms
         for name in SHAPES:
             starts = [r.start for r in records if r.instance == name and r.start is not None]
