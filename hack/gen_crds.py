@@ -533,6 +533,14 @@ def operator_bookkeeping() -> dict[str, Schema]:
             "items": {"type": "string"},
             "description": "Closed meters whose missing agent usage is still to be billed.",
         },
+        "podCreatedAt": timestamp(
+            "Operator's clock just before the current run's pod was created: the anchor "
+            "its billed start is measured from (docs/billing.md)."
+        ),
+        "podWaitingAt": timestamp(
+            "Last instant the operator saw the current run's pod unscheduled: billing "
+            "does not start before it."
+        ),
         "volumeNode": string("Node holding the instance's local volume."),
         "storageSince": timestamp("Start of storage billing (the first run of the pod)."),
         "storageBilledUntil": timestamp("End of the last settled storage window."),
@@ -550,6 +558,7 @@ def operator_bookkeeping() -> dict[str, Schema]:
         "releasedAt": timestamp("When the release began."),
         "stopTarget": string("Phase an interrupted stop ends in."),
         "preemptAt": timestamp("When a preempted spot instance is stopped."),
+        "preemptedFor": string("Instance (namespace/name) the preemption frees GPUs for."),
         "reminderSentFor": timestamp("Package expiry the reminder was sent for."),
         "haltedGeneration": {
             "type": "integer",

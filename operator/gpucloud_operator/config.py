@@ -79,6 +79,15 @@ class OperatorConfig:
     model_billing_db: str = "/var/lib/gpucloud/model-billing.db"
     # Port of the Prometheus /metrics endpoint (gpucloud_operator.metrics); 0 = off.
     metrics_port: int = 0
+    # -- HA (Kopf peering, --peering NAME) ------------------------------------------------
+    # Only the live replica of the highest priority works; the others stand by. 0 = a
+    # random priority at start-up, so the replicas of one Deployment differ (equal
+    # priorities make Kopf pause them all).
+    peering_priority: int = 0
+    # Real seconds a replica counts as alive after its last heartbeat: a standby takes
+    # over at most this long after the active replica dies (Kopf's default is 60; below
+    # 7 its heartbeat comes every second).
+    peering_lifetime_s: int = 6
 
     def serves(self, namespace: str | None) -> bool:
         wanted = [n.strip() for n in self.namespaces.split(",") if n.strip()]

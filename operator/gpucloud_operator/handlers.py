@@ -8,6 +8,7 @@ same instance never interleave.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import kopf
@@ -189,3 +190,5 @@ def configure(settings: kopf.OperatorSettings, cfg: OperatorConfig) -> None:
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
     settings.queueing.error_delays = [1, 2, 5, 10]
+    settings.peering.priority = cfg.peering_priority or random.randint(1, 2**31 - 1)
+    settings.peering.lifetime = cfg.peering_lifetime_s

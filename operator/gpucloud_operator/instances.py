@@ -44,6 +44,7 @@ from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
+from gpucloud_operator.crash import crash_point
 from gpucloud_operator.later import Later
 from gpucloud_operator.placement import (
     NodeGPUs,
@@ -467,6 +468,9 @@ class InstanceReconciler:
             self._leave_idle_package(p)
         desired = p.spec.get("state", "Running")
         if desired == "Stopped":
+            if phase in r.ADMITTED_PHASES:
+                self._bill_if_started(p)  # its pod may have run while nobody watched
+                phase = p.phase
             if phase in r.ACTIVE_PHASES:
                 self._stop(p, "Stopped", "Stopped", "stopped by the user (spec.state: Stopped)")
             elif phase not in ("Stopped", "Expired", "Preempted"):
@@ -541,6 +545,7 @@ class InstanceReconciler:
                 "message": _bind_wait(node) if waiting else f"placing run {runs}",
                 "haltedGeneration": None,
                 "preemptAt": None,
+                "preemptedFor": None,
                 "conditions": self._conditions(
                     p,
                     ("Ready", False, "Placing", "waiting for the pod to run"),
@@ -697,7 +702,15 @@ class InstanceReconciler:
         with self._guard:
             self._awaiting_bind.discard(p.uid)
         runs = int(p.status.get("runs") or 0)
+        # The billing anchor: the operator's clock just before the pod can exist, saved
+        # before it does (a kill right after the create still finds it; a kill before
+        # the create writes it again with the next attempt). Rounded up: a fraction of a
+        # second is the tenant's. See rules.billed_start.
+        anchor = r.fmt(r.second_up(self.clock.now()))
+        self._patch(p, {"podCreatedAt": anchor, "podWaitingAt": None})
+        crash_point("anchor-saved")
         pod = self.kube.create_pod(b.build_instance_pod(p.inst, runs))
+        crash_point("pod-created")
         with self._guard:
             self._run_pods[p.uid] = (pod.get("metadata") or {}).get("uid", "")
         self._event(p, "Normal", "Starting", f"run {runs}: pod created, pinned to {node}")
@@ -785,6 +798,7 @@ class InstanceReconciler:
                 del self._assumed[uid]  # the list shows it now
             else:
                 pods.append(PodGPUs(ns, pod, node, gpus, spot=False, started_at=None))
+        pods += self._placed_elsewhere(p, seen)
         node = (
             choose_node(nodes, pods, p.product, p.count)
             or fallback_node(nodes, p.product, p.count)
@@ -793,6 +807,27 @@ class InstanceReconciler:
         if node is not None:
             self._assumed[p.uid] = (p.ns, b.pod_name(p.name), node, p.count)
         return node
+
+    def _placed_elsewhere(self, p: Pass, seen: set[tuple[str, str]]) -> list[PodGPUs]:
+        """Starts placed by another process (a replica that died, this one before a
+        restart) whose pods do not exist yet, e.g. waiting for their claim to bind: their
+        volumes hold the GPUs of their node as surely as this process's own ``_assumed``
+        ones, so a standby taking over a burst does not pin more volumes to a node than
+        it has GPUs."""
+        out = []
+        for inst in self.kube.list_cluster_objects(PLURAL, ttl=2.0):
+            meta, st = inst["metadata"], inst.get("status") or {}
+            pod = (meta["namespace"], b.pod_name(meta["name"]))
+            node = st.get("volumeNode")
+            if (
+                node
+                and st.get("phase") in r.ADMITTED_PHASES
+                and meta["uid"] not in (p.uid, *self._assumed)
+                and pod not in seen
+            ):
+                count = int(((inst.get("spec") or {}).get("gpu") or {}).get("count", 1))
+                out.append(PodGPUs(meta["namespace"], meta["name"], node, count, False, None))
+        return out
 
     def _observe_start(self, p: Pass) -> None:
         runs = int(p.status.get("runs") or 0)
@@ -814,6 +849,17 @@ class InstanceReconciler:
             self.kube.delete_pod(p.ns, b.pod_name(p.name), grace_s=0)
         else:
             self._pending(p, pod)
+
+    def _bill_if_started(self, p: Pass) -> None:
+        """A stop asked for before the operator saw the run's pod running (it was down):
+        if the pod did run, its time is billed like any run's, from its start."""
+        runs = int(p.status.get("runs") or 0)
+        pod = self.kube.get_pod(p.ns, b.pod_name(p.name)) if runs else None
+        if pod is None or pod["metadata"].get("deletionTimestamp"):
+            return
+        running = (pod.get("status") or {}).get("phase") == "Running"
+        if running and (pod["metadata"].get("labels") or {}).get(b.RUN_LABEL) == str(runs):
+            self._begin_billing(p, pod)
 
     def _pod_now(self, p: Pass, runs: int) -> Obj | None:
         """The run's pod. A pass started by the pod's Running event or by its claim's
@@ -844,6 +890,9 @@ class InstanceReconciler:
         self._patch(
             p,
             {
+                # not started at this instant: billing cannot start before it, whatever
+                # the kubelet's clock says (rules.billed_start)
+                "podWaitingAt": r.fmt(p.now),
                 "message": message,
                 "conditions": self._conditions(p, ("Ready", False, reason, message)),
             },
@@ -853,18 +902,27 @@ class InstanceReconciler:
             self._maybe_preempt(p)
 
     def _begin_billing(self, p: Pass, pod: Obj) -> None:
+        """The run started: billing starts when Kubernetes says the pod started
+        (rules.billed_start), not when this pass saw it: the operator may have been
+        down meanwhile, and the agents' usage since then is charged to the meter."""
         assert p.pb is not None
         key = r.billing_key(p.spec["billing"])
         mode = r.mode_of(key)
         node = (pod.get("spec") or {}).get("nodeName")
+        since = r.billed_start(
+            r.parse(p.status.get("podCreatedAt")),
+            pod,
+            p.now,
+            waiting=r.parse(p.status.get("podWaitingAt")),
+        )
         changes: Obj = {
             "phase": "Running",
-            "startedAt": r.fmt(p.now),
+            "startedAt": r.fmt(since),
             # Instance storage is billed from the first time the pod runs: the volume is
             # bound and mounted and the instance exists for the user. Before that it is a
             # request waiting for GPUs (its volume holds no data), and charging it
             # storage would bill a wait the seed never bills (docs/operator.md).
-            "storageSince": p.status.get("storageSince") or r.fmt(p.now),
+            "storageSince": p.status.get("storageSince") or r.fmt(since),
             "node": node,
             "billingMode": key,
             "message": f"running on {node}",
@@ -875,19 +933,22 @@ class InstanceReconciler:
             ),
         }
         if mode is BillingMode.PACKAGE:
-            term = r.active_term(p.terms, p.now)
-            if term is None and not self._buy_term(p, r.period_of(key), p.now):
+            term = r.active_term(p.terms, since)
+            if term is None and not self._buy_term(p, r.period_of(key), since):
                 self._stop(
                     p, "Refused", "InsufficientBalance", "the balance no longer covers the package"
                 )
                 return
             self._patch(p, changes)
         else:
-            meter_id = f"gpu:{p.uid}:{p.status.get('runs')}:{int(p.now.timestamp())}"
-            changes |= {"meterId": meter_id, "meterSince": r.fmt(p.now)}
+            meter_id = f"gpu:{p.uid}:{p.status.get('runs')}:{int(since.timestamp())}"
+            changes |= {"meterId": meter_id, "meterSince": r.fmt(since)}
             self._patch(p, changes)
+            crash_point("billing-saved")
             self._ensure_meter(p, pod)
-        self._event(p, "Normal", "Started", f"running on {node}, billed as {key}")
+        self._event(
+            p, "Normal", "Started", f"running on {node} since {r.fmt(since)}, billed as {key}"
+        )
         if mode is BillingMode.PACKAGE:
             self._package_rules(p)  # a day or week package is within the reminder lead
 
@@ -982,6 +1043,7 @@ class InstanceReconciler:
                     "message": message,
                 },
             )
+        crash_point("stop-saved")
         stopped_at = r.parse(p.status.get("stoppedAt")) or p.now
         self.kube.delete_pod(p.ns, b.pod_name(p.name))
         meter_id = p.status.get("meterId")
@@ -993,6 +1055,7 @@ class InstanceReconciler:
             "node": None,
             "gpus": None,  # the pod and its GPUs are gone
             "preemptAt": None,
+            "preemptedFor": None,
             "message": message,
             "conditions": self._conditions(p, ("Ready", False, reason, message)),
         }
@@ -1009,6 +1072,7 @@ class InstanceReconciler:
             closed = meter.closed_at or at
         except NotFound:  # never opened (interrupted right after the status patch)
             closed = at
+        crash_point("meter-closed")
         self._open_meters.discard(meter_id)
         unsettled = list(p.status.get("unsettledMeters") or [])
         if meter_id not in unsettled:
@@ -1046,6 +1110,7 @@ class InstanceReconciler:
             m = self.ledger.settle_meter(
                 meter_id, p.now, fallback=True, memo=memo, meta={"source": "control-plane"}
             )
+            crash_point("settled")
             if m.fallback_minor:
                 self._event(
                     p,
@@ -1385,6 +1450,7 @@ class InstanceReconciler:
             at=p.now,
             meta={"seq": seq, "period": str(period)},
         )
+        crash_point("term-charged")
         with self._guard:
             self._reservations.pop(p.uid, None)  # charged now: no longer reserved
         term = {
@@ -1408,12 +1474,17 @@ class InstanceReconciler:
         end = r.parse(last["end"])
         assert end is not None
         while p.now >= end:
+            # shut down at the expiry itself, even if this pass comes later (the operator
+            # was down): the GPUs were paid until then, not after
+            at = self._stop_instant(p, end)
             if not p.spec["billing"].get("autoRenew"):
-                self._stop(p, "Expired", "PackageExpired", f"the package expired at {r.fmt(end)}")
+                message = f"the package expired at {r.fmt(end)}"
+                self._stop_at(p, at, "Expired", "PackageExpired", message)
                 return True
             if not self._buy_term(p, r.period_of(key), end):
-                self._stop(
+                self._stop_at(
                     p,
+                    at,
                     "Expired",
                     "RenewalFailed",
                     f"auto-renewal at {r.fmt(end)} failed: the balance does not cover the "
@@ -1592,27 +1663,60 @@ class InstanceReconciler:
                 victim.instance,
                 {
                     "preemptAt": r.fmt(deadline),
+                    "preemptedFor": p.resource,
                     "message": message,
                     "conditions": b.merge_conditions(vic_status.get("conditions"), [cond]),
                 },
             )
             self.kube.event(vic, "Warning", "PreemptionNotice", message)
+            crash_point("notice-given")
         names = ", ".join(f"{v.namespace}/{v.instance}" for v in plan.victims)
         self._event(
             p, "Normal", "PreemptingSpot", f"spot instance(s) {names} on {plan.node} given notice"
         )
 
     def _preemption_due(self, p: Pass) -> bool:
+        """Stop a spot instance whose notice ran out, at the instant the notice promised:
+        a deadline that passed while the operator was down is carried out at once and
+        billed only up to the deadline."""
         due = r.parse(p.status.get("preemptAt"))
         if due is None or p.now < due:
             return False
-        self._stop(
+        at = self._stop_instant(p, due)
+        self._mark_waiting(p.status.get("preemptedFor"), p.now)
+        self._stop_at(
             p,
+            at,
             "Preempted",
             "Preempted",
-            f"stopped at {r.fmt(p.now)} to free GPUs (spot); data kept, no billing after the stop",
+            f"stopped at {r.fmt(at)} to free GPUs (spot); data kept, no billing after the stop",
         )
         return True
+
+    def _mark_waiting(self, resource: str | None, now: datetime) -> None:
+        """The instance a preemption frees GPUs for is still waiting for them now (its
+        pod cannot be placed before the victim's pod goes): say so in its status, so its
+        billing cannot start earlier whatever the clocks say (rules.billed_start)."""
+        if not resource:
+            return
+        ns, name = resource.split("/", 1)
+        waiting = self.kube.get_namespaced_object(PLURAL, ns, name)
+        if waiting is not None and (waiting.get("status") or {}).get("phase") == "Pending":
+            self.kube.patch_status(PLURAL, ns, name, {"podWaitingAt": r.fmt(now)})
+
+    def _stop_instant(self, p: Pass, due: datetime) -> datetime:
+        """A stop that was due at ``due`` (a deadline the operator may have slept
+        through): at ``due``, but never before the run's billing began nor after now."""
+        began = r.parse(p.status.get("meterSince") or p.status.get("startedAt"))
+        return min(p.now, max(due, began or due))
+
+    def _stop_at(self, p: Pass, at: datetime, final: str, reason: str, message: str) -> None:
+        """_stop with the stop instant ``at`` (in the past) instead of now."""
+        saved, p.now = p.now, at
+        try:
+            self._stop(p, final, reason, message)
+        finally:
+            p.now = saved
 
     # -- release ----------------------------------------------------------------------
     def _release(self, p: Pass) -> bool:

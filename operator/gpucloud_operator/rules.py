@@ -180,3 +180,64 @@ def reminder_due(now: datetime, expiry: datetime, lead: timedelta) -> bool:
 
 def preempt_victim_key(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
+
+
+# -- when a run's billing starts (docs/billing.md, "When a run is billed") ------------
+def container_started(pod: dict[str, Any]) -> datetime | None:
+    """The first container start the kubelet recorded for ``pod`` (kubelet's clock): the
+    earliest ``state.running.startedAt`` or ``lastState.terminated.startedAt`` of its
+    containers (a restarted container shows its current and its previous start only);
+    else the time the pod turned Ready; None when Kubernetes recorded neither."""
+    status = pod.get("status") or {}
+    starts = [
+        parse(((cs.get(which) or {}).get(state) or {}).get("startedAt"))
+        for cs in status.get("containerStatuses") or []
+        for which, state in (("state", "running"), ("lastState", "terminated"))
+    ]
+    known = [t for t in starts if t is not None]
+    if known:
+        return min(known)
+    ready = next(
+        (
+            c
+            for c in status.get("conditions") or []
+            if c.get("type") == "Ready" and c.get("status") == "True"
+        ),
+        None,
+    )
+    return parse((ready or {}).get("lastTransitionTime"))
+
+
+def billed_start(
+    anchor: datetime | None,
+    pod: dict[str, Any],
+    now: datetime,
+    waiting: datetime | None = None,
+) -> datetime:
+    """The instant a run's billing starts, on the operator's clock.
+
+    ``anchor``: the operator's clock just before it created the pod (status
+    ``podCreatedAt``, written before the create call, so the pod cannot be older).
+    Kubernetes says how long after its creation the pod's container started
+    (``creationTimestamp`` by the API server, the start by the kubelet: both trusted,
+    neither writable by the tenant); that delay is added to the anchor. So the start
+    does not depend on when the operator looked (it may have been down) nor on the two
+    clocks agreeing (tests run the operator on an injected clock). ``waiting``: the last
+    instant the operator saw the pod not scheduled (status ``podWaitingAt``): it had not
+    started then, whatever the clocks say. Clamped to ``now``: never in the future.
+    Without an anchor (a pod created by an older operator) or a start, billing starts
+    ``now``, when the operator saw it running."""
+    created = parse((pod.get("metadata") or {}).get("creationTimestamp"))
+    started = container_started(pod)
+    if anchor is None or created is None or started is None:
+        return now
+    at = anchor + max(timedelta(0), started - created)
+    if waiting is not None:
+        at = max(at, waiting)
+    return min(at, now)
+
+
+def second_up(t: datetime) -> datetime:
+    """``t`` rounded up to the whole second."""
+    whole = second(t)
+    return whole if whole == t.astimezone(UTC) else whole + timedelta(seconds=1)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import copy
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gpucloud_operator.placement import NodeGPUs
 
 Obj = dict[str, Any]
+
+
+def _ts(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class FakeKube:
@@ -27,6 +31,7 @@ class FakeKube:
         self.pvs: dict[str, Obj] = {}
         self.pvcs: dict[tuple[str, str], Obj] = {}
         self.events: list[tuple[str, str, str, str]] = []  # (object name, type, reason, msg)
+        self.start_delay_s = 0  # how long the kubelet takes from a pod's creation to its start
 
     # -- test helpers ---------------------------------------------------------------
     def add_cluster(self, plural: str, obj: Obj) -> Obj:
@@ -70,7 +75,14 @@ class FakeKube:
             used = sum(p["gpus"] for p in self.gpu_pods() if p["node"] == node)
             if used + need <= cap:
                 pod["spec"]["nodeName"] = node
-                pod["status"] = {"phase": "Running"}
+                # the kubelet's record, on the cluster's wall clock, not the operator's
+                started = datetime.now(UTC) + timedelta(seconds=self.start_delay_s)
+                pod["status"] = {
+                    "phase": "Running",
+                    "containerStatuses": [
+                        {"name": "main", "state": {"running": {"startedAt": _ts(started)}}}
+                    ],
+                }
             else:
                 pod["status"]["conditions"] = [
                     {
@@ -119,6 +131,7 @@ class FakeKube:
         if key not in self.pods:
             pod = copy.deepcopy(pod)
             pod["metadata"]["uid"] = str(uuid.uuid4())
+            pod["metadata"]["creationTimestamp"] = _ts(datetime.now(UTC))
             pod["status"] = {"phase": "Pending"}
             self.pods[key] = pod
         return copy.deepcopy(self.pods[key])

@@ -153,8 +153,9 @@ def test_claim_bind_event_creates_the_pod(world: World) -> None:
 
 def test_a_start_asks_the_api_server_only_what_its_events_did_not_say(world: World) -> None:
     """A burst of starts is bound by API requests: the bind wait goes out with the
-    Pending patch, and the passes the claim's bind and the pod's Running events start
-    read neither the claim nor the pod again."""
+    Pending patch, the billing anchor is the one write added before the pod, and the
+    passes the claim's bind and the pod's Running events start read neither the claim
+    nor the pod again."""
     world.fund(10**9)
     kube = SerialKube(world.kube, bound=set())
     rec = InstanceReconciler(kube, world.ledger, world.clock, world.cfg)  # type: ignore[arg-type]
@@ -173,7 +174,9 @@ def test_a_start_asks_the_api_server_only_what_its_events_did_not_say(world: Wor
     rec.pod_changed(pod, deleted=False)
     assert world.status("a")["phase"] == "Running"
     assert kube.calls["get_pod"] == 0 and kube.calls["pvc_bound"] == asked
-    assert kube.calls["patch_status"] == 2
+    # Pending, the billing anchor saved just before the pod is created (its own write:
+    # it must precede the pod, rules.billed_start), Running
+    assert kube.calls["patch_status"] == 3
     # an event of another pod of the same name and run is not taken for this run's pod
     impostor = copy.deepcopy(pod)
     impostor["metadata"]["uid"] = "another-pod"

@@ -52,9 +52,14 @@ class Harness:
         self.mode_args: list[str] = ["--standalone"]
 
     # -- the operator process --------------------------------------------------------
-    def start(self) -> None:
+    def start(self, crash_at: str | None = None) -> None:
+        """Start the operator and wait until it is live. ``crash_at``: a crash point
+        (gpucloud_operator.crash) where it SIGKILLs itself; then wait for that instead."""
         port = free_port()
         env = dict(os.environ)
+        env.pop("GPUCLOUD_OPERATOR_CRASH_AT", None)
+        if crash_at is not None:
+            env["GPUCLOUD_OPERATOR_CRASH_AT"] = crash_at
         env |= {
             "KUBECONFIG": str(self.kubeconfig),
             "GPUCLOUD_LEDGER_URL": self.ledger_url,
@@ -72,6 +77,9 @@ class Harness:
         ]
         out = self.log.open("ab")
         self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        if crash_at is not None:
+            self._wait_crash(crash_at)
+            return
 
         def live() -> bool:
             assert self.proc is not None
@@ -84,6 +92,14 @@ class Harness:
                 return False
 
         wait_for(live, timeout=60, what="the operator's liveness endpoint")
+
+    def _wait_crash(self, point: str, timeout: float = 60) -> None:
+        proc = self.proc
+        assert proc is not None
+        wait_for(lambda: proc.poll() is not None, timeout=timeout, what=f"crash point {point}")
+        self.proc = None
+        assert proc.returncode == -signal.SIGKILL, self.log.read_text()[-3000:]
+        assert f"crash point {point}: SIGKILL" in self.log.read_text()
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, no final patches."""
