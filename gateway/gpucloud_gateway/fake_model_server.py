@@ -3,7 +3,8 @@
 ``POST /v1/chat/completions`` (``stream: true`` sends server-sent events, with a final
 ``usage`` chunk when ``stream_options.include_usage`` is set), ``POST
 /v1/images/generations`` (``n`` images), ``POST /v1/videos/generations`` (``n`` videos),
-``GET /healthz``, ``GET /debug/headers`` (the request headers it got). Token counts:
+``GET /healthz``, ``GET /debug/headers`` (the request headers it got). A chat body's
+``fake_latency_ms`` delays that answer (a slow model, for runtime billing). Token counts:
 ``prompt_tokens`` is the number of whitespace-separated
 words in the messages, ``completion_tokens`` is ``max_tokens`` (default 16).
 
@@ -62,8 +63,11 @@ def build_app(model: str, latency_ms: int = 0, token_ms: int = 0, die_after: int
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
-        if latency_ms:
-            await asyncio.sleep(latency_ms / 1000)
+        # a fake's knob: "fake_latency_ms" in the body stands for a slow model's work
+        # (tests of per-second billing through a deployed image, which has no flags)
+        delay_ms = int(body.get("fake_latency_ms") or latency_ms)
+        if delay_ms:
+            await asyncio.sleep(min(delay_ms, 60_000) / 1000)
         created = int(time.time())
         if not body.get("stream"):
             return JSONResponse(

@@ -84,6 +84,25 @@ push_test_images() {
   printf 'GPUCLOUD_TEST_POSTGRESQL_IMAGE=%s\n' "$image" >>"$REPO/build/images.env"
 }
 
+# A cluster kept from an earlier run serves only once its API answers and every node is
+# Ready: nodes that dockerd restarted may take a while, or never (a worker whose address
+# changed), and a kubectl apply against a half-started API server fails outright.
+cluster_healthy() {
+  kind export kubeconfig --name "$CLUSTER" --kubeconfig "$KUBECONFIG_FILE" >/dev/null 2>&1 || return 1
+  local deadline=$((SECONDS + 90))
+  until kubectl get --raw /readyz >/dev/null 2>&1 &&
+        kubectl wait --for=condition=Ready nodes --all --timeout=5s >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || return 1
+    sleep 2
+  done
+}
+
+# The fake GPU device plugin's manifest travels in the node image (its image tag too).
+apply_device_plugin() {
+  "$DOCKER" exec "$CLUSTER-control-plane" cat /kind/manifests/fake-gpu-device-plugin.yaml |
+    kubectl apply -f - >/dev/null
+}
+
 up() {
   local t0=$SECONDS
   ensure_docker
@@ -105,6 +124,9 @@ up() {
     elif [[ $config != "$(cat "$KIND_CACHE/$CLUSTER.yaml" 2>/dev/null)" ]]; then
       log "hack/kind/cluster.yaml changed since cluster $CLUSTER was created: recreating it"
       kind delete cluster --name "$CLUSTER"
+    elif ! cluster_healthy; then
+      log "cluster $CLUSTER did not come back healthy within 90 s (dockerd restarted under it?): recreating it"
+      kind delete cluster --name "$CLUSTER"
     fi
   fi
   if ! cluster_exists; then
@@ -119,9 +141,7 @@ up() {
     kind export kubeconfig --name "$CLUSTER" --kubeconfig "$KUBECONFIG_FILE" >/dev/null 2>&1
   fi
   ensure_registry
-  # The fake GPU device plugin's manifest travels in the node image (its image tag too).
-  "$DOCKER" exec "$CLUSTER-control-plane" cat /kind/manifests/fake-gpu-device-plugin.yaml |
-    kubectl apply -f - >/dev/null
+  wait_for 60 "the fake GPU device plugin applied" apply_device_plugin
   wait_for 180 "every node Ready" kubectl wait --for=condition=Ready nodes --all --timeout=5s
   wait_for 120 "fake GPUs allocatable on the GPU nodes" gpu_capacity_ready
   wait_for 120 "CoreDNS" kubectl -n kube-system rollout status deploy/coredns --timeout=5s

@@ -70,6 +70,12 @@ KIND_VALUES = {
                 "modelOnlinePerHour": "5.17",
             },
         ],
+        "models": {
+            "per1KTokens": "0.0137",
+            "perImage": "0.0813",
+            "perVideo": "1.2100",
+            "personalPerRequestSecond": "0.0031",
+        },
         "storage": {
             "instancePerGBHour": "0.0005",
             "cloudDiskPerGBHour": "0.0003",
@@ -268,6 +274,19 @@ class KindHarness:
         as the chart's API ServiceAccount, on the real RBAC."""
         return self.call(API_URL + path, token)
 
+    def gateway_store(self, query: str) -> list[list[Any]]:
+        """Rows of a query on the gateway's usage store (its outbox), in its pod."""
+        script = (
+            "import json, sqlite3, sys\n"
+            "db = sqlite3.connect('file:/var/lib/gpucloud/gateway/usage.db?mode=ro', uri=True)\n"
+            "print(json.dumps([list(r) for r in db.execute(sys.argv[1]).fetchall()]))\n"
+        )
+        out = self.kind.kubectl(
+            "exec", "-n", self.release_ns, "deploy/gpucloud-gateway", "--",
+            "python3", "-c", script, query,
+        ).stdout  # fmt: skip
+        return json.loads(out)
+
     def gateway_serves(self, model: str) -> bool:
         """The gateway has listed the model (its catalog polls every 2 s): what the
         operator's autoscaler reads on the ops Service names it."""
@@ -275,12 +294,17 @@ class KindHarness:
         return code == 200 and f"{self.ns}/{model}" in stats
 
     def model_request(
-        self, model: str, token: str, max_tokens: int = 7, timeout_s: float = 150
+        self,
+        model: str,
+        token: str,
+        max_tokens: int = 7,
+        timeout_s: float = 150,
+        latency_ms: int = 0,
     ) -> tuple[int, Any]:
         """A chat completion through the gateway's Service, as a tenant's client sends it
-        (waits while a cold model wakes)."""
+        (waits while a cold model wakes); ``latency_ms``: the fake model works that long."""
         body = {"messages": [{"role": "user", "content": "one two three"}],
-                "max_tokens": max_tokens}  # fmt: skip
+                "max_tokens": max_tokens, "fake_latency_ms": latency_ms}  # fmt: skip
         url = f"{GATEWAY_URL}/{self.ns}/{model}/v1/chat/completions"
         return self.call(url, token, body, timeout_s)
 
