@@ -6,7 +6,10 @@ import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from gpucloud_gateway.autoscale import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpucloud.autoscale import (
     Action,
     AutoscaleError,
     Decision,
@@ -16,9 +19,6 @@ from gpucloud_gateway.autoscale import (
     ScalingPolicy,
     decide,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from gpucloud.clock import ManualClock
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
