@@ -3,7 +3,7 @@
 For every request it counts the arrival (the autoscaler's request volume), picks the
 replica with the fewest requests in flight, streams the response back untouched while a
 :class:`~gpucloud_gateway.metering.UsageTap` reads usage from it, and records a
-:class:`~gpucloud_gateway.metering.UsageEvent` (runtime, tokens, images, videos) under a
+:class:`~gpucloud.billing.model_charges.UsageEvent` (runtime, tokens, images, videos) under a
 request id the gateway generates: durably, before the caller gets the response's last
 bytes (see ``gpucloud_gateway.outbox``). A request to a model without
 ready replicas triggers one wake per model (all requests arriving meanwhile wait on the
@@ -39,11 +39,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from gpucloud.billing.model_charges import ModelPlan, Rule, UsageEvent
 from gpucloud.clock import Clock, SystemClock
-from gpucloud_gateway.billing import ModelPlan, Rule
 from gpucloud_gateway.callers import Caller, CallerError, Callers
 from gpucloud_gateway.discovery import EndpointSource, NoScaler, Scaler
-from gpucloud_gateway.metering import UsageEvent, UsageTap
+from gpucloud_gateway.metering import UsageTap
 
 log = logging.getLogger(__name__)
 

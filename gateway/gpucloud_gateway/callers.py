@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gpucloud_gateway.billing import ModelPlan, Rule
+from gpucloud.billing.model_charges import ModelPlan, Rule
 
 SA_PREFIX = "system:serviceaccount:"
 AUTH_RULE = (

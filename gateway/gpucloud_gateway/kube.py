@@ -13,9 +13,9 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from gpucloud_gateway.billing import ModelPlan
+from gpucloud.billing.model_charges import ModelPlan
+from gpucloud.model_manifests import GROUP, MODEL_LABEL, MODEL_PORT, VERSION, deployment_name
 from gpucloud_gateway.callers import Directory
-from gpucloud_gateway.manifests import GROUP, MODEL_LABEL, MODEL_PORT, VERSION, deployment_name
 
 log = logging.getLogger(__name__)
 

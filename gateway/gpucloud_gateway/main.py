@@ -52,9 +52,10 @@ from typing import Any
 import yaml
 
 from gpucloud.billing import PriceBook
+from gpucloud.billing.model_charges import ModelPlan
 from gpucloud.clock import clock_from_env
+from gpucloud.modelstore import BillingStore
 from gpucloud_gateway.app import Gateway
-from gpucloud_gateway.billing import BillingStore, ModelPlan
 from gpucloud_gateway.callers import Callers, Directory, directory_from_plans
 from gpucloud_gateway.discovery import (
     CommandScaler,

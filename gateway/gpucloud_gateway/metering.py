@@ -17,34 +17,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 MAX_JSON_BYTES = 8 * 2**20
-
-
-@dataclass(frozen=True)
-class UsageEvent:
-    """One request through the gateway: the unit of request metering and billing."""
-
-    request_id: str
-    namespace: str
-    model: str
-    at: datetime  # when the request arrived
-    runtime_ms: int  # from forwarding it to the last byte of the response
-    status: int
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    images: int = 0
-    videos: int = 0
-
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    @property
-    def succeeded(self) -> bool:
-        return 200 <= self.status < 300
 
 
 @dataclass

@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gpucloud_gateway.billing import BillingStore, ModelPlan, Poster
-from gpucloud_gateway.metering import UsageEvent
+from gpucloud.billing.model_charges import ModelPlan, UsageEvent
+from gpucloud.modelstore import BillingStore, Poster
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import random
 from typing import Any
 
 import kopf
-from gpucloud_gateway.manifests import MODEL_LABEL
 
+from gpucloud.model_manifests import MODEL_LABEL
 from gpucloud_operator.accounts import AccountReconciler
 from gpucloud_operator.builders import GROUP, MANAGED_BY, VERSION
 from gpucloud_operator.config import OperatorConfig

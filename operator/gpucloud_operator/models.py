@@ -1,13 +1,13 @@
 """The ModelDeployment reconciler: manifests, autoscaling and online-time billing.
 
 Every scaling pass (``model_interval_s``, about a window) observes the model (its pods
-and the gateway's ``/v1/stats``), asks the pure ``gpucloud_gateway.autoscale.decide``
+and the gateway's ``/v1/stats``), asks the pure ``gpucloud.autoscale.decide``
 what to do, applies it through the edge module (``kube.py``: scale, lowest
 pod-deletion-cost on the victims), posts an Event per scaling action and writes status.
 
 Private models (and deployments) are billed for the online time of each replica: a pod
 is online from the pass or pod event that first sees it Running until one sees it gone
-(instants from the injected clock). Intervals live in the gateway's ``BillingStore``
+(instants from the injected clock). Intervals live in a ``gpucloud.modelstore.BillingStore``
 (the operator's own SQLite file) keyed by pod UID, and ``settle_online`` posts the delta
 of the rounded cumulative total with a key naming the total, so a repeated pass posts
 nothing twice. Nothing is recorded while cold. Public models are billed per use by the
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from gpucloud_gateway.autoscale import (
+from gpucloud.autoscale import (
     Action,
     AutoscaleError,
     Decision,
@@ -41,19 +41,20 @@ from gpucloud_gateway.autoscale import (
     Replica,
     ScalingPolicy,
     decide,
+    hold,
 )
-from gpucloud_gateway.billing import BillingError, BillingStore, ModelPlan, Rule
-from gpucloud_gateway.manifests import (
+from gpucloud.billing import PriceBook, UnknownProduct
+from gpucloud.billing.model_charges import ModelBillingError, ModelPlan, Rule
+from gpucloud.clock import Clock
+from gpucloud.ledger import Ledger
+from gpucloud.model_manifests import (
     MODEL_LABEL,
     ManifestError,
     build_model_deployment,
     build_model_service,
     deployment_name,
 )
-
-from gpucloud.billing import PriceBook, UnknownProduct
-from gpucloud.clock import Clock
-from gpucloud.ledger import Ledger
+from gpucloud.modelstore import BillingStore
 from gpucloud_operator.accounts import money
 from gpucloud_operator.config import OperatorConfig
 
@@ -279,20 +280,6 @@ def observe(
     )
 
 
-def hold(obs: Observation, reason: str) -> Decision:
-    """Keep the replicas as they are (the state as ``decide`` would name it)."""
-    ready = sum(1 for r in obs.replicas if r.ready)
-    if obs.desired == 0:
-        state = ModelState.COLD
-    elif ready == 0:
-        state = ModelState.STARTING
-    elif ready != obs.desired or len(obs.replicas) != obs.desired:
-        state = ModelState.SCALING
-    else:
-        state = ModelState.SERVING
-    return Decision(obs.desired, obs.desired, Action.HOLD, reason, state)
-
-
 def condition(md: Obj, type_: str) -> Obj | None:
     return next(
         (c for c in (md.get("status") or {}).get("conditions") or [] if c.get("type") == type_),
@@ -321,12 +308,6 @@ def set_condition(
         "lastTransitionTime": since,
     }
     return [c for c in conds if c["type"] != type_] + [new]
-
-
-def policy_for(spec: Obj, cfg: OperatorConfig) -> ScalingPolicy:
-    scaling = dict(spec.get("scaling") or {})
-    scaling.setdefault("coldAfterSeconds", cfg.model_cold_after_s)
-    return ScalingPolicy.from_spec({**spec, "scaling": scaling})
 
 
 # -- the reconciler ---------------------------------------------------------------------
@@ -413,9 +394,9 @@ class ModelReconciler:
         status: Obj = {"observedGeneration": meta.get("generation")}
         conds = list((md.get("status") or {}).get("conditions") or [])
         try:
-            policy = policy_for(spec, self.cfg)
+            policy = ScalingPolicy.from_spec(spec, cold_after_seconds=self.cfg.model_cold_after_s)
             plan, pb = self._plan(md)
-        except (AutoscaleError, ManifestError, BillingError) as exc:
+        except (AutoscaleError, ManifestError, ModelBillingError) as exc:
             return self._refused(md, status, conds, "InvalidSpec", str(exc), now, ensure)
         except Refusal as exc:
             return self._refused(md, status, conds, exc.reason, str(exc), now, ensure)

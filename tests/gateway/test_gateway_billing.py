@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 from gateway_testkit import PRODUCT, pricebook
-from gpucloud_gateway.billing import BillingError, BillingStore, ModelPlan, Rule
-from gpucloud_gateway.metering import UsageEvent
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpucloud.billing import model_online_charge, to_minor
+from gpucloud.billing.model_charges import ModelBillingError, ModelPlan, Rule, UsageEvent
 from gpucloud.ledger import EntryKind, Ledger, open_ledger
+from gpucloud.modelstore import BillingStore
 
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 PB = pricebook()
@@ -146,13 +146,13 @@ def test_private_model_bills_replica_online_time_and_nothing_while_cold(
 
 
 def test_bad_plans_name_the_field() -> None:
-    with pytest.raises(BillingError, match=r"pricing\.task: required for an official model"):
+    with pytest.raises(ModelBillingError, match=r"pricing\.task: required for an official model"):
         plan(visibility="Public", publisher="Official")
-    with pytest.raises(BillingError, match=r"pricing\.publisher"):
+    with pytest.raises(ModelBillingError, match=r"pricing\.publisher"):
         plan(visibility="Public")
-    with pytest.raises(BillingError, match=r"gpu\.count: must be >= 1"):
+    with pytest.raises(ModelBillingError, match=r"gpu\.count: must be >= 1"):
         plan(gpus_per_replica=0)
-    with pytest.raises(BillingError, match="is public: it is billed per request"):
+    with pytest.raises(ModelBillingError, match="is public: it is billed per request"):
         BillingStore(":memory:", PB).settle_online(
             None,  # type: ignore[arg-type]
             plan(visibility="Public", publisher="Personal"),

@@ -14,14 +14,14 @@ import pytest
 import yaml
 from gateway_testkit import PRICEBOOK_SPEC, start_gateway, start_model_server, write_endpoints
 from gateway_testkit import wait_for as await_cond
-from gpucloud_gateway.billing import ModelPlan, Rule
-from gpucloud_gateway.manifests import (
+
+from gpucloud.billing.model_charges import ModelPlan, Rule
+from gpucloud.ledger import EntryKind, open_ledger
+from gpucloud.model_manifests import (
     build_model_deployment,
     build_model_service,
     deployment_name,
 )
-
-from gpucloud.ledger import EntryKind, open_ledger
 from gpucloud.testing.kube import get_json, wait_for
 from gpucloud.testing.testbed import Testbed as KwokTestbed
 

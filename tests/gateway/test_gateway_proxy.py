@@ -28,10 +28,10 @@ from gateway_testkit import (
     wait_for,
     write_endpoints,
 )
-from gpucloud_gateway.billing import BillingStore
 
 from gpucloud.billing import to_minor
 from gpucloud.ledger import EntryKind, Ledger, open_ledger
+from gpucloud.modelstore import BillingStore
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 

@@ -26,8 +26,9 @@ from gateway_testkit import (
     start_model_server,
     write_endpoints,
 )
-from gpucloud_gateway.autoscale import ScalingPolicy, decide
 from gpucloud_operator.models import HttpStats, ModelStats, PodView, StatsError, observe
+
+from gpucloud.autoscale import ScalingPolicy, decide
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 SPEC = {

@@ -10,17 +10,17 @@ from typing import Any
 import pytest
 import yaml
 from gpucloud_gateway.app import ModelStats
-from gpucloud_gateway.billing import ModelPlan, Rule
 from gpucloud_gateway.kube import plans_from_cluster
 from gpucloud_gateway.main import main as gateway_main
-from gpucloud_gateway.manifests import (
+from gpucloud_gateway.metering import Counts, UsageTap
+
+from gpucloud.billing.model_charges import ModelPlan, Rule
+from gpucloud.clock import ManualClock
+from gpucloud.model_manifests import (
     ManifestError,
     build_model_deployment,
     build_model_service,
 )
-from gpucloud_gateway.metering import Counts, UsageTap
-
-from gpucloud.clock import ManualClock
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "modeldeployment-public.yaml"
 

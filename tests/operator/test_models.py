@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import yaml
-from gpucloud_gateway.manifests import MODEL_LABEL, PRODUCT_LABEL, deployment_name
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.models import (
     DELETION_COST,
@@ -39,6 +38,7 @@ from opworld import NS, ROOT, T0
 from gpucloud.billing import to_minor
 from gpucloud.clock import ManualClock
 from gpucloud.ledger import open_ledger
+from gpucloud.model_manifests import MODEL_LABEL, PRODUCT_LABEL, deployment_name
 
 Obj = dict[str, Any]
 L40S = "NVIDIA-L40S"

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 import yaml
-from gpucloud_gateway.manifests import PRODUCT_LABEL, deployment_name
 from opharness import T0, Harness
 
 from gpucloud.billing import to_minor
+from gpucloud.model_manifests import PRODUCT_LABEL, deployment_name
 from gpucloud.testing.kube import get_json
 from gpucloud.testing.testbed import Testbed
 

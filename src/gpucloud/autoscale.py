@@ -1,7 +1,7 @@
 """The model autoscaling rule: pure, no I/O, ``now`` passed in.
 
-The operator calls :func:`decide` about every ``windowSeconds`` (and the gateway's wake
-path calls it when a request reaches a model with no replicas). The rule:
+The operator calls :func:`decide` about every ``windowSeconds`` (the gateway wakes a cold
+model on its own, by asking for one replica; the next pass sees the wake). The rule:
 
 * **Load**: ``ceil(requests in the last window / targetRequestsPerReplica)`` replicas,
   at least one while the model is warm, clamped to ``[minReplicas, maxReplicas]``.
@@ -88,8 +88,11 @@ class ScalingPolicy:
         return self.cold_start and self.min_replicas == 0
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any], max_step_down: int = 1) -> ScalingPolicy:
-        """From a ModelDeployment ``spec`` (CRD defaults applied where fields are absent).
+    def from_spec(
+        cls, spec: Mapping[str, Any], max_step_down: int = 1, cold_after_seconds: int = 600
+    ) -> ScalingPolicy:
+        """From a ModelDeployment ``spec`` (CRD defaults applied where fields are absent;
+        ``cold_after_seconds`` is the installation's default idle time before going cold).
         Any model with ``minReplicas: 0`` may go cold: the CRD reads "0 lets the model go
         cold"; for public models that only frees GPUs (they are billed per use)."""
         scaling = spec.get("scaling") or {}
@@ -98,7 +101,7 @@ class ScalingPolicy:
             max_replicas=spec.get("maxReplicas", 1),
             target_requests_per_replica=scaling.get("targetRequestsPerReplica", 600),
             window_seconds=scaling.get("windowSeconds", 600),
-            cold_after_seconds=scaling.get("coldAfterSeconds", 600),
+            cold_after_seconds=scaling.get("coldAfterSeconds", cold_after_seconds),
             max_step_down=max_step_down,
         )
 
@@ -204,6 +207,11 @@ def _victims(obs: Observation, count: int) -> tuple[str, ...]:
     idle = [r for r in obs.replicas if r.in_flight == 0]
     idle.sort(key=lambda r: (not r.pending, r.ready, r.name))
     return tuple(r.name for r in idle[:count])
+
+
+def hold(obs: Observation, reason: str) -> Decision:
+    """Keep the replicas as they are (the state named as :func:`decide` would name it)."""
+    return Decision(obs.desired, obs.desired, Action.HOLD, reason, _state(obs.desired, obs))
 
 
 def decide(policy: ScalingPolicy, obs: Observation, now: datetime) -> Decision:

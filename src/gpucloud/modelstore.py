@@ -1,12 +1,6 @@
-"""Model billing: usage from the gateway and replica online time, posted to the ledger.
-
-Which rule applies (the seed's "Model Billing"):
-
-* official public model: per token (TextGeneration), generated image (ImageGeneration)
-  or generated video (VideoGeneration), for each successful request;
-* personal public model: the runtime of each successful request only;
-* private model / deployment: replicas x online time (start-up, requests, idle), nothing
-  while cold.
+"""The model billing store: request usage from the gateway and replica online time,
+posted to the ledger. The charge rules themselves are pure, in
+``gpucloud.billing.model_charges``.
 
 Rounding follows the project's rule for growing charges. Per-request charges go
 through a *request meter* per (paying account, model): each request row stores the exact
@@ -19,153 +13,31 @@ add up to its exact total rounded once. Online time is settled by
 ``N`` minor units is keyed ``model-online:<ns>/<model>:to:<N>``, so two settlers racing
 (or one retrying after a crash) post it once.
 
-The store is a small SQLite file of the gateway's (stdlib ``sqlite3``, WAL): one
-writer, the gateway's metering task; the operator may open it to record replica
-intervals and settle online time.
+The store is a small SQLite file (stdlib ``sqlite3``, WAL): one writer, the gateway's
+metering task; the operator opens its own to record replica intervals and settle online
+time. It lives outside both components so that neither imports the other.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from gpucloud.billing import (
-    PriceBook,
-    model_online_charge,
-    next_posting,
-    official_model_charge,
-    personal_model_charge,
-    to_minor,
+from gpucloud.billing import PriceBook, next_posting, to_minor
+from gpucloud.billing.model_charges import (
+    ModelBillingError,
+    ModelPlan,
+    ReplicaInterval,
+    Rule,
+    UsageEvent,
+    online_charge,
+    request_charge,
 )
-from gpucloud_gateway.metering import UsageEvent
-
-
-class BillingError(ValueError):
-    """Bad model billing input, naming the field and the rule."""
-
-
-class Rule(StrEnum):
-    OFFICIAL = "official"  # per token / image / video
-    PERSONAL = "personal"  # per second of request runtime
-    ONLINE = "online"  # replicas x online time
-
-
-@dataclass(frozen=True)
-class ModelPlan:
-    """What billing needs to know about one model."""
-
-    namespace: str
-    name: str
-    account: str  # the owner: pays online time; pays per-use calls without a caller account
-    visibility: str = "Private"  # Private | Public
-    publisher: str | None = None  # Official | Personal (public models)
-    task: str | None = None  # TextGeneration | ImageGeneration | VideoGeneration
-    product: str = ""  # GPU product of a replica
-    gpus_per_replica: int = 1
-
-    def __post_init__(self) -> None:
-        if self.visibility not in ("Private", "Public"):
-            raise BillingError(f"visibility: must be Private or Public, got {self.visibility!r}")
-        if self.visibility == "Public":
-            if self.publisher not in ("Official", "Personal"):
-                raise BillingError(
-                    f"pricing.publisher: must be Official or Personal for a public model, "
-                    f"got {self.publisher!r}"
-                )
-            if self.publisher == "Official" and self.task not in (
-                "TextGeneration",
-                "ImageGeneration",
-                "VideoGeneration",
-            ):
-                raise BillingError(
-                    f"pricing.task: required for an official model "
-                    f"(TextGeneration|ImageGeneration|VideoGeneration), got {self.task!r}"
-                )
-        if isinstance(self.gpus_per_replica, bool) or not isinstance(self.gpus_per_replica, int):
-            raise BillingError("gpu.count: must be an int")
-        if self.gpus_per_replica < 1:
-            raise BillingError(f"gpu.count: must be >= 1, got {self.gpus_per_replica}")
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @property
-    def rule(self) -> Rule:
-        if self.visibility == "Private":
-            return Rule.ONLINE
-        return Rule.OFFICIAL if self.publisher == "Official" else Rule.PERSONAL
-
-    @property
-    def resource(self) -> str:
-        """The ledger resource its charges are posted against."""
-        return f"model/{self.key}"
-
-    @classmethod
-    def from_resource(cls, md: Mapping[str, Any], account: str) -> ModelPlan:
-        """From a ModelDeployment custom resource and its owner's account."""
-        meta, spec = md["metadata"], md["spec"]
-        pricing = spec.get("pricing") or {}
-        gpu = spec.get("gpu") or {}
-        return cls(
-            namespace=meta["namespace"],
-            name=meta["name"],
-            account=account,
-            visibility=spec.get("visibility", "Private"),
-            publisher=pricing.get("publisher"),
-            task=pricing.get("task"),
-            product=gpu.get("product", ""),
-            gpus_per_replica=gpu.get("count", 1),
-        )
-
-
-def request_charge(pb: PriceBook, plan: ModelPlan, event: UsageEvent) -> Decimal | None:
-    """The exact charge of one request, or None when requests are not billed one by one
-    (private models: online time). Failed requests (non-2xx) cost nothing."""
-    if plan.rule is Rule.ONLINE:
-        return None
-    if not event.succeeded:
-        return Decimal(0)
-    if plan.rule is Rule.PERSONAL:
-        return personal_model_charge(pb, [event.runtime_ms])
-    if plan.task == "ImageGeneration":
-        return official_model_charge(pb, images=event.images)
-    if plan.task == "VideoGeneration":
-        return official_model_charge(pb, videos=event.videos)
-    return official_model_charge(pb, tokens=event.tokens)
-
-
-@dataclass(frozen=True)
-class ReplicaInterval:
-    replica: str
-    start: datetime
-    end: datetime | None = None  # None: still online
-
-
-def online_seconds(intervals: Iterable[ReplicaInterval], now: datetime) -> list[int]:
-    """Whole online seconds of each replica interval up to ``now`` (start-up, requests and
-    idle all count; an interval that has not begun counts 0)."""
-    out = []
-    for iv in intervals:
-        end = now if iv.end is None else min(iv.end, now)
-        out.append(max(0, int((end - iv.start).total_seconds())))
-    return out
-
-
-def online_charge(
-    pb: PriceBook, plan: ModelPlan, intervals: Iterable[ReplicaInterval], now: datetime
-) -> Decimal:
-    """Exact online charge of a private model or deployment up to ``now``."""
-    return model_online_charge(
-        pb, plan.product, plan.gpus_per_replica, online_seconds(intervals, now)
-    )
 
 
 class Poster(Protocol):
@@ -221,7 +93,7 @@ CREATE TABLE IF NOT EXISTS replica_intervals (
 
 def _iso(when: datetime) -> str:
     if when.tzinfo is None:
-        raise BillingError(f"timestamps must be timezone-aware, got {when!r}")
+        raise ModelBillingError(f"timestamps must be timezone-aware, got {when!r}")
     return when.astimezone(UTC).isoformat()
 
 
@@ -447,7 +319,7 @@ class BillingStore:
         from gpucloud.ledger import EntryKind
 
         if plan.rule is not Rule.ONLINE:
-            raise BillingError(f"model {plan.key} is public: it is billed per request")
+            raise ModelBillingError(f"model {plan.key} is public: it is billed per request")
         exact = online_charge(self.pricebook, plan, self.intervals(plan), now)
         resource = f"{plan.resource}#online"
         posted = ledger.charges_by_resource(plan.account).get(resource, 0)

@@ -6,7 +6,10 @@ import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from gpucloud_gateway.autoscale import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpucloud.autoscale import (
     Action,
     AutoscaleError,
     Decision,
@@ -15,10 +18,8 @@ from gpucloud_gateway.autoscale import (
     Replica,
     ScalingPolicy,
     decide,
+    hold,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from gpucloud.clock import ManualClock
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -146,6 +147,13 @@ def test_bad_input_names_the_field() -> None:
         decide(ScalingPolicy(), Observation([], 0, 0), datetime(2026, 1, 1))
 
 
+def test_the_installation_default_cold_time_applies_only_where_the_spec_sets_none() -> None:
+    assert ScalingPolicy.from_spec({}, cold_after_seconds=120).cold_after_seconds == 120
+    spec = {"scaling": {"coldAfterSeconds": 900}}
+    assert ScalingPolicy.from_spec(spec, cold_after_seconds=120).cold_after_seconds == 900
+    assert ScalingPolicy.from_spec({}).cold_after_seconds == 600
+
+
 # -- invariants ---------------------------------------------------------------------------
 
 policies = st.builds(
@@ -225,3 +233,7 @@ def test_invariants(case: tuple[ScalingPolicy, Observation, datetime]) -> None:
         assert d.desired >= min(need, policy.max_replicas) or d.desired == policy.min_replicas
     if obs.desired > 0 and d.action is not Action.COLD:
         assert d.desired >= min(need, obs.desired)
+    # A hold names the state as the decision would, at the same replicas.
+    if d.desired == obs.desired:
+        kept = hold(obs, "held")
+        assert (kept.desired, kept.action, kept.state) == (obs.desired, Action.HOLD, d.state)
