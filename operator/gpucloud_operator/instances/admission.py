@@ -16,13 +16,80 @@ from datetime import datetime
 from gpucloud.billing import (
     BillingMode,
     Decision,
+    PriceBook,
     available_balance,
     package_purchase_decision,
     payg_start_decision,
 )
 from gpucloud.ledger import NotFound, Unposted
 from gpucloud_operator import rules as r
-from gpucloud_operator.instances.core import PLURAL, Core, Obj, Pass
+from gpucloud_operator.instances.core import Core, Pass
+from gpucloud_operator.instances.kubeapi import PLURAL, Obj
+
+
+def start_decision(
+    balance: int,
+    unposted: Unposted,
+    reserved: int,
+    *,
+    pb: PriceBook,
+    product: str,
+    count: int,
+    key: str,
+    quota_gib: int,
+) -> Decision:
+    """The money rule of a start in billing mode ``key``: the available balance (the
+    balance less what open meters accrued, what stopped runs still owe and what other
+    admissions ``reserved``) must exceed one hour of the instance, storage quota
+    included (pay-as-you-go, spot), or cover the package term."""
+    available = available_balance(
+        balance, [unposted.open_minor], [unposted.closed_minor], [reserved]
+    )
+    mode = r.mode_of(key)
+    if mode is BillingMode.PACKAGE:
+        return package_purchase_decision(available, product, count, r.period_of(key), pb)
+    return payg_start_decision(available, product, count, pb, mode=mode, storage_gib=quota_gib)
+
+
+def reserved_by_others(
+    uid: str,
+    account: str,
+    mine: dict[str, tuple[str, int]],
+    phases: dict[str, tuple[str, str]],
+    listed: dict[str, r.Reservation],
+) -> int:
+    """Minor units the other instances of ``account`` have reserved, each counted once:
+    those this process admitted (``mine``: uid -> (account, minor units)) and those the
+    instance list shows (``listed``: an earlier process's admissions, renewals due),
+    less a listed admission whose phase this process has since seen move on
+    (``phases``: uid -> (namespace, phase)), as the list is older than that patch."""
+    own = {u: m for u, (a, m) in mine.items() if a == account}
+    total = sum(m for u, m in own.items() if u != uid)
+    for other, res in listed.items():
+        if other == uid or other in own:
+            continue
+        known = phases.get(other, ("", res.phase))[1]
+        if res.phase in r.ADMITTED_PHASES and known not in r.ADMITTED_PHASES:
+            continue  # the list is older than this process's own patch
+        total += res.minor
+    return total
+
+
+def count_active(phases: dict[str, tuple[str, str]], namespaces: set[str], exclude_uid: str) -> int:
+    """Instances in ``namespaces`` that hold a slot of the instance limit (Pending,
+    Starting, Running, Stopping), ``exclude_uid`` (the one starting) aside."""
+    return sum(
+        1
+        for uid, (ns, phase) in phases.items()
+        if ns in namespaces and uid != exclude_uid and phase in r.ACTIVE_PHASES
+    )
+
+
+def instance_limit_refusal(account: str, active: int, limit: int) -> str | None:
+    """Why a start is refused by the account's instance limit, or None."""
+    if active < limit:
+        return None
+    return f"account {account!r} already runs {active} instance(s); its instanceLimit is {limit}"
 
 
 class Admission(Core):
@@ -68,15 +135,15 @@ class Admission(Core):
         balance, unposted = self.ledger.balance(p.account), self._unposted(p.account, p.now)
 
         def decide(reserved: int) -> Decision:
-            available = available_balance(
-                balance, [unposted.open_minor], [unposted.closed_minor], [reserved]
-            )
-            if mode is BillingMode.PACKAGE:
-                return package_purchase_decision(
-                    available, p.product, p.count, r.period_of(key), pb
-                )
-            return payg_start_decision(
-                available, p.product, p.count, pb, mode=mode, storage_gib=p.quota
+            return start_decision(
+                balance,
+                unposted,
+                reserved,
+                pb=pb,
+                product=p.product,
+                count=p.count,
+                key=key,
+                quota_gib=p.quota,
             )
 
         return decide
@@ -103,17 +170,9 @@ class Admission(Core):
         admitted (in memory, until their phase moves on) and those the list shows (an
         earlier process's admissions, renewals due), each once."""
         with self._guard:
-            mine = {u: m for u, (a, m) in self._reservations.items() if a == p.account}
+            mine = dict(self._reservations)
             phases = dict(self._phases or {})
-        total = sum(m for u, m in mine.items() if u != p.uid)
-        for uid, res in listed.items():
-            if uid == p.uid or uid in mine:
-                continue
-            known = phases.get(uid, ("", res.phase))[1]
-            if res.phase in r.ADMITTED_PHASES and known not in r.ADMITTED_PHASES:
-                continue  # the list is older than this process's own patch
-            total += res.minor
-        return total
+        return reserved_by_others(p.uid, p.account, mine, phases, listed)
 
     def _reserve(self, p: Pass, decision: Decision) -> None:
         """An admitted package start reserves its term until the term is charged (the
@@ -152,14 +211,9 @@ class Admission(Core):
         acct = self._account_obj(p.account)
         limit = int(acct.get("spec", {}).get("instanceLimit", 5))
         namespaces = set(acct.get("spec", {}).get("namespaces") or [])
-        active = self._active_count(namespaces, p.uid)
-        if active >= limit:
-            self._refuse(
-                p,
-                "InstanceLimit",
-                f"account {p.account!r} already runs {active} instance(s); its "
-                f"instanceLimit is {limit}",
-            )
+        refusal = instance_limit_refusal(p.account, self._active_count(namespaces, p.uid), limit)
+        if refusal is not None:
+            self._refuse(p, "InstanceLimit", refusal)
             return False
         if money is None:
             return True
@@ -181,8 +235,4 @@ class Admission(Core):
             with self._guard:
                 self._phases = known
         with self._guard:
-            return sum(
-                1
-                for uid, (ns, phase) in self._phases.items()
-                if ns in namespaces and uid != exclude_uid and phase in r.ACTIVE_PHASES
-            )
+            return count_active(self._phases, namespaces, exclude_uid)

@@ -87,17 +87,14 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from gpucloud.billing import PriceBook
 from gpucloud.clock import Clock
 from gpucloud.ledger import Ledger, Unposted
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
+from gpucloud_operator.instances.kubeapi import KubeAPI
 from gpucloud_operator.later import Later
-
-if TYPE_CHECKING:
-    from gpucloud_operator.instances.core import KubeAPI
 
 
 class ReconcilerState:

@@ -20,7 +20,8 @@ from gpucloud.billing import BillingError, BillingMode
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.crash import crash_point
-from gpucloud_operator.instances.core import Core, Obj, Pass, log
+from gpucloud_operator.instances.core import Core, Pass, log
+from gpucloud_operator.instances.kubeapi import Obj
 from gpucloud_operator.instances.storage import bind_wait
 
 
@@ -97,34 +98,31 @@ class Lifecycle(Core):
         else:
             self._leave_idle_package(p)
         desired = p.spec.get("state", "Running")
-        if desired == "Stopped":
-            if phase in r.ADMITTED_PHASES:
-                self._bill_if_started(p)  # its pod may have run while nobody watched
-                phase = p.phase
-            if phase in r.ACTIVE_PHASES:
-                self._stop(p, "Stopped", "Stopped", "stopped by the user (spec.state: Stopped)")
-            elif phase not in ("Stopped", "Expired", "Preempted"):
-                self._patch(
-                    p,
-                    {
-                        "phase": "Stopped",
-                        "message": "not running (spec.state: Stopped)",
-                        "conditions": self._conditions(
-                            p, ("Ready", False, "Stopped", "spec.state is Stopped")
-                        ),
-                    },
-                )
-            return
-        if phase in ("Pending", "Starting"):
+        if desired == "Stopped" and phase in r.ADMITTED_PHASES:
+            self._bill_if_started(p)  # its pod may have run while nobody watched
+            phase = p.phase
+        halted_now = p.status.get("haltedGeneration") == p.meta.get("generation")
+        step = next_step(phase, desired, halted_now)
+        if step is Step.STOP:
+            self._stop(p, "Stopped", "Stopped", "stopped by the user (spec.state: Stopped)")
+        elif step is Step.MARK_STOPPED:
+            self._patch(
+                p,
+                {
+                    "phase": "Stopped",
+                    "message": "not running (spec.state: Stopped)",
+                    "conditions": self._conditions(
+                        p, ("Ready", False, "Stopped", "spec.state is Stopped")
+                    ),
+                },
+            )
+        elif step is Step.OBSERVE_START:
             self._observe_start(p)
-        elif phase == "Running":
+        elif step is Step.OBSERVE_RUNNING:
             self._observe_running(p)
-        elif phase in (*r.HALTED_PHASES, "Stopped") and p.status.get(
-            "haltedGeneration"
-        ) == p.meta.get("generation"):
-            return  # stays down until the user changes the spec
-        else:
+        elif step is Step.START:
             self._start(p)
+        # NOTHING, STAY_DOWN: it stays down until the user changes the spec
 
     def _start(self, p: Pass) -> None:
         """Admission (instance limit, then the money rule) is serialised per account and

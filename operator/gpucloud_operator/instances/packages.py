@@ -22,7 +22,8 @@ from gpucloud.ledger import EntryKind, NotFound
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.crash import crash_point
-from gpucloud_operator.instances.core import Core, Obj, Pass
+from gpucloud_operator.instances.core import Core, Pass
+from gpucloud_operator.instances.kubeapi import Obj
 
 
 class Packages(Core):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
-from gpucloud_operator.instances.core import PLURAL, Core, Obj, Pass
+from gpucloud_operator.instances.core import Core, Pass
+from gpucloud_operator.instances.kubeapi import PLURAL, Obj
 from gpucloud_operator.placement import PodGPUs, choose_node, fallback_node, largest_node
 
 

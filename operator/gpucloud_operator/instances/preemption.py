@@ -10,7 +10,8 @@ from datetime import datetime, timedelta
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.crash import crash_point
-from gpucloud_operator.instances.core import PLURAL, Core, Pass
+from gpucloud_operator.instances.core import Core, Pass
+from gpucloud_operator.instances.kubeapi import PLURAL
 from gpucloud_operator.placement import plan_preemption
 
 

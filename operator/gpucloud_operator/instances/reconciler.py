@@ -22,7 +22,7 @@ from typing import Any
 from gpucloud_operator import builders as b
 from gpucloud_operator.instances.admission import Admission
 from gpucloud_operator.instances.arrears import Arrears
-from gpucloud_operator.instances.core import PLURAL, Obj
+from gpucloud_operator.instances.kubeapi import PLURAL, Obj
 from gpucloud_operator.instances.lifecycle import Lifecycle
 from gpucloud_operator.instances.packages import Packages
 from gpucloud_operator.instances.placement import Placement
