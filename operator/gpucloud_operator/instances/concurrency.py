@@ -18,10 +18,13 @@ Locks, outermost first (a thread takes them in this order only, so none can dead
 ``_account_locks[account]`` (admission lock)
     Serialises admission per account in ``Lifecycle._start``: the instance limit
     count, the money rule applied to what others reserved, and the slot noted
-    (``_note_phase(..., "Pending")``) and the package term reserved, as one step. The
-    ledger and list reads the decision needs are done before it is taken; the status
-    patch that claims the run and the pod creation after it is let go. A refusal
-    (``_refuse``) patches the status under it. Never held with the placement lock.
+    (``_note_phase(..., "Pending")``) and the package term reserved, as one step, so
+    two starts on one account never both count on the same slot or balance. The ledger
+    reads of the money rule are done before it is taken; under it only cached lists
+    are read (the Account list, and the instance list once per process to fill
+    ``_phases``), and a refusal (``_refuse``) patches the status. The status patch that
+    claims the run, and the pod, come after it is let go (a burst of starts on one
+    account would queue on those API calls). Never held with the placement lock.
 ``_placement_lock``
     Serialises placement: ``Placement._place`` reads the node and pod lists (cached)
     and reads and writes ``_assumed``, so two first placements never count on the same
@@ -69,18 +72,25 @@ attribute                 guarded by         what it is, and what a stale entry 
                                              run, so a Running event is trusted only for
                                              the very pod this run created.
 ``_open_meters``          instance lock      settlement: meters this process opened in
-                                             the ledger (a miss opens it again, which the
+                          (per entry)        the ledger (a miss opens it again, which the
                                              ledger answers idempotently).
 ``_cost_shown``           instance lock      settlement: uid -> when accruedCost was last
-                                             refreshed (display only).
+                          (per entry)        refreshed (display only).
 ``_ledger_accounts``      none (GIL)         core: ledger accounts known to exist (a miss
                                              repeats an idempotent ``ensure_account``).
 ``_pb_cache``             none (GIL)         core: the parsed PriceBook of one
                                              resourceVersion (a miss parses it again).
 ========================  =================  ==========================================
 
+"Per entry": an entry belongs to one instance and is touched only by that instance's
+passes; the table itself is shared, and a single add, discard or assignment is atomic
+under the GIL. "None (GIL)": the same, with any thread writing any entry; a lost update
+only repeats an idempotent call.
+
 Tunables the tests turn: ``accrual_reuse_s`` (admission), ``claim_recheck_s`` (storage).
-``_later`` runs the claim rechecks on its own thread; they take ``_guard`` only."""
+``_later`` runs the claim rechecks (``Storage._nudge_claim``) on its own thread; they take
+``_guard`` only, not the instance lock: they read the volume and touch the claim's
+annotations, nothing a pass writes."""
 
 from __future__ import annotations
 
