@@ -6,6 +6,7 @@ test_reconciler.py; these pin the rules themselves, figure by figure."""
 from __future__ import annotations
 
 import pytest
+import yaml
 from gpucloud_operator import rules as r
 from gpucloud_operator.instances.admission import (
     count_active,
@@ -13,35 +14,13 @@ from gpucloud_operator.instances.admission import (
     reserved_by_others,
     start_decision,
 )
+from opworld import ROOT
 
 from gpucloud.billing import PriceBook
 from gpucloud.ledger import Unposted
 
 A100 = "NVIDIA-A100-SXM4-80GB"
-PB = PriceBook.from_spec(
-    {
-        "currency": "CNY",
-        "gpus": [
-            {
-                "product": A100,
-                "payAsYouGoPerHour": "9.80",
-                "spotPerHour": "3.90",
-                "packages": {"day": "199.00", "week": "1199.00", "month": "4599.00"},
-            }
-        ],
-        "storage": {
-            "instancePerGBHour": "0.0004",
-            "cloudDiskPerGBHour": "0.0003",
-            "imagePerGBHour": "0.0002",
-        },
-        "models": {
-            "per1KTokens": "0.0020",
-            "perImage": "0.0800",
-            "perVideo": "1.2000",
-            "personalPerRequestSecond": "0.0030",
-        },
-    }
-)
+PB = PriceBook.from_resource(yaml.safe_load((ROOT / "examples/pricebook.yaml").read_text()))
 
 
 def decide(balance: int, key: str, *, open_: int = 0, closed: int = 0, reserved: int = 0):
@@ -57,10 +36,11 @@ def decide(balance: int, key: str, *, open_: int = 0, closed: int = 0, reserved:
     )
 
 
-# One hour of 2 x A100 pay-as-you-go with a 50 GiB quota: 2 x 9.80 + 50 x 0.0004 = 19.62
-# CNY = 1962 fen; spot: 2 x 3.90 + 0.02 = 7.82 CNY = 782 fen; a day package: 398.00 CNY.
+# examples/pricebook.yaml. One hour of 2 x A100 pay-as-you-go with a 50 GiB quota:
+# 2 x 9.80 + 50 x 0.0004 = 19.62 CNY = 1962 fen; spot: 2 x 4.90 + 0.02 = 9.82 CNY = 982
+# fen; a day package: 2 x 210.00 = 420.00 CNY.
 @pytest.mark.parametrize(
-    ("key", "hour"), [("PayAsYouGo", 1962), ("Spot", 782)], ids=["payg", "spot"]
+    ("key", "hour"), [("PayAsYouGo", 1962), ("Spot", 982)], ids=["payg", "spot"]
 )
 def test_one_hour_rule_needs_strictly_more_than_the_hour(key: str, hour: int) -> None:
     assert not decide(hour, key).allowed  # equal is refused (the seed: "greater than")
@@ -81,10 +61,10 @@ def test_every_deduction_counts_against_the_hour(deduction: dict[str, int]) -> N
 
 
 def test_a_package_start_needs_the_term_not_the_hour() -> None:
-    assert decide(39800, "Package/Day").allowed  # covering the term is enough
-    assert not decide(39799, "Package/Day").allowed
-    assert not decide(39800, "Package/Day", reserved=1).allowed
-    assert decide(39800, "Package/Day").needed_minor == 39800
+    assert decide(42000, "Package/Day").allowed  # covering the term is enough
+    assert not decide(41999, "Package/Day").allowed
+    assert not decide(42000, "Package/Day", reserved=1).allowed
+    assert decide(42000, "Package/Day").needed_minor == 42000
 
 
 def res(minor: int, phase: str = "Pending") -> r.Reservation:
