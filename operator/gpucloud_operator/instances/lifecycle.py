@@ -1,9 +1,14 @@
 """The run lifecycle: one pass moves an instance through its phases.
 
-    (none) -> Pending -> Running -> Stopping -> Stopped | Expired | Preempted | Refused
-                 |                                 ^
-                 +---- Refused (limit, money) ----+ (a start refused before it ran)
-    any -> Released (deletion: settle everything, then delete pod, claim, volume)
+    (new) --admitted--> Pending --its pod runs--> Running --stop--> Stopping --> final
+      +--refused (limit, money, not offered)--> Refused
+
+    final: Stopped (the user, the pod ended, arrears), Expired (package), Preempted
+    (spot), Refused (a package term that can no longer be paid). Expired, Preempted and
+    an arrears stop stay down until the spec changes (status.haltedGeneration); with
+    spec.state Running, a run whose pod ended starts again, and a Refused instance goes
+    through admission again (the refusal may no longer hold).
+    any phase --deletion--> Released (settled first, then pod, claim, volume deleted)
 
 What one pass does, in order: settle closed runs whose grace is over, wait for a folder
 being wiped, the arrears rules, hourly storage, finish an interrupted stop; for a running
