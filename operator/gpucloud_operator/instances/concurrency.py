@@ -1,0 +1,157 @@
+"""The instance reconciler's locks and in-memory caches, and the rules for them.
+
+Kopf runs handlers on a pool of worker threads, so passes over different instances run
+at once, and the claim rechecks run on the ``Later`` thread. Everything below is a hint
+or a serialisation: the record is the instance's status and the ledger. A restart
+empties all of it, and a fresh process must (and does) reach the same postings with the
+same keys, so nothing here can lose or invent money; a lost entry costs at most an API
+read or a repeated idempotent call.
+
+Locks, outermost first (a thread takes them in this order only, so none can deadlock):
+
+``_locks[uid]`` (instance lock)
+    One pass at a time per instance: held for the whole pass by
+    ``InstanceReconciler._reconcile_fresh`` and ``release``, API and ledger calls
+    included. Every status read-modify-patch of the instance happens under it. A timer
+    tick that finds it taken skips its pass (``wait=False``); an event waits, and then
+    drops what its body showed (another pass ran meanwhile).
+``_account_locks[account]`` (admission lock)
+    Serialises admission per account in ``Lifecycle._start``: the instance limit
+    count, the money rule applied to what others reserved, and the slot noted
+    (``_note_phase(..., "Pending")``) and the package term reserved, as one step, so
+    two starts on one account never both count on the same slot or balance. The ledger
+    reads of the money rule are done before it is taken; under it only cached lists
+    are read (the Account list, and the instance list once per process to fill
+    ``_phases``), and a refusal (``_refuse``) patches the status. The status patch that
+    claims the run, and the pod, come after it is let go (a burst of starts on one
+    account would queue on those API calls). Never held with the placement lock.
+``_placement_lock``
+    Serialises placement: ``Placement._place`` reads the node and pod lists (cached)
+    and reads and writes ``_assumed``, so two first placements never count on the same
+    GPUs. Held by ``Lifecycle._start`` and ``Storage._volume_node`` around ``_place``,
+    and around ``_assumed.pop`` when a start is refused or the instance released. Never
+    held with the admission lock (``_start`` lets it go before admission).
+``_guard``
+    A leaf lock over the small in-memory tables below: held for a few dictionary or set
+    operations, never across an API or ledger call, and no other lock is taken under
+    it. ``_lock`` takes it to create a per-key lock.
+
+Caches and hints, by the room that owns them:
+
+========================  =================  ==========================================
+attribute                 guarded by         what it is, and what a stale entry costs
+========================  =================  ==========================================
+``_phases``               ``_guard``         admission: uid -> (namespace, phase) of
+                                             every instance, so the instance limit is
+                                             counted without listing all instances per
+                                             start. Filled from one list on first use,
+                                             then written by every phase patch of this
+                                             process (``_note_phase``).
+``_reservations``         ``_guard``         admission: uid -> (account, minor units) of
+                                             package starts admitted here and not
+                                             charged yet; dropped when the term is
+                                             charged or the phase leaves Pending and
+                                             Starting. Starts of another process are
+                                             read from the instance list instead.
+``_accrual_memo``         ``_guard``         admission: account -> (second, monotonic
+                                             time, ``Unposted``): the ledger's accrual
+                                             figure reused for ``accrual_reuse_s`` of
+                                             real time within the same second.
+``_assumed``              placement lock     placement: uid -> (namespace, pod, node,
+                                             GPUs) of first placements whose pods the
+                                             cached pod list does not show yet.
+``_awaiting_bind``        ``_guard``         storage: instances whose pod waits for its
+                                             claim to bind; the claim's Bound event
+                                             starts their next pass (``claim_changed``).
+``_nudging``              ``_guard``         storage: instances with a claim recheck
+                                             chain running (one chain each).
+``_status_written``       ``_guard``         lifecycle: instances whose status this
+                                             process patched, so an event body without a
+                                             status is out of date and is read again.
+``_run_pods``             ``_guard``         lifecycle: uid -> pod uid of the current
+                                             run, so a Running event is trusted only for
+                                             the very pod this run created.
+``_open_meters``          instance lock      settlement: meters this process opened in
+                          (per entry)        the ledger (a miss opens it again, which the
+                                             ledger answers idempotently).
+``_cost_shown``           instance lock      settlement: uid -> when accruedCost was last
+                          (per entry)        refreshed (display only).
+``_ledger_accounts``      none (GIL)         core: ledger accounts known to exist (a miss
+                                             repeats an idempotent ``ensure_account``).
+``_pb_cache``             none (GIL)         core: the parsed PriceBook of one
+                                             resourceVersion (a miss parses it again).
+========================  =================  ==========================================
+
+"Per entry": an entry belongs to one instance and is touched only by that instance's
+passes; the table itself is shared, and a single add, discard or assignment is atomic
+under the GIL. "None (GIL)": the same, with any thread writing any entry; a lost update
+only repeats an idempotent call.
+
+Tunables the tests turn: ``accrual_reuse_s`` (admission), ``claim_recheck_s`` (storage).
+``_later`` runs the claim rechecks (``Storage._nudge_claim``) on its own thread; they take
+``_guard`` only, not the instance lock: they read the volume and touch the claim's
+annotations, nothing a pass writes."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from datetime import datetime
+
+from gpucloud.billing import PriceBook
+from gpucloud.clock import Clock
+from gpucloud.ledger import Ledger, Unposted
+from gpucloud_operator import rules as r
+from gpucloud_operator.config import OperatorConfig
+from gpucloud_operator.instances.kubeapi import KubeAPI
+from gpucloud_operator.later import Later
+
+
+class ReconcilerState:
+    """The locks, caches and hints of the module docstring, created together."""
+
+    def __init__(self, kube: KubeAPI, ledger: Ledger, clock: Clock, cfg: OperatorConfig) -> None:
+        self.kube = kube
+        self.ledger = ledger
+        self.clock = clock
+        self.cfg = cfg
+        # locks, outermost first
+        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._account_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._placement_lock = threading.Lock()
+        self._guard = threading.Lock()
+        # admission
+        self._phases: dict[str, tuple[str, str]] | None = None
+        self._reservations: dict[str, tuple[str, int]] = {}
+        self._accrual_memo: dict[str, tuple[datetime, float, Unposted]] = {}
+        self.accrual_reuse_s = 1.0
+        # placement
+        self._assumed: dict[str, tuple[str, str, str, int]] = {}
+        # storage: claims
+        self._awaiting_bind: set[str] = set()
+        self._nudging: set[str] = set()
+        self._later = Later()
+        self.claim_recheck_s = 1.0
+        # lifecycle: event hints
+        self._status_written: set[str] = set()
+        self._run_pods: dict[str, str] = {}
+        # settlement
+        self._open_meters: set[str] = set()
+        self._cost_shown: dict[str, float] = {}  # uid -> monotonic time of the last update
+        # core
+        self._ledger_accounts: set[str] = set()
+        self._pb_cache: tuple[str, PriceBook] | None = None
+
+    def _lock(self, table: defaultdict[str, threading.Lock], key: str) -> threading.Lock:
+        with self._guard:
+            return table[key]
+
+    def _note_phase(self, uid: str, namespace: str, phase: str | None) -> None:
+        with self._guard:
+            if phase not in r.ADMITTED_PHASES:
+                self._reservations.pop(uid, None)  # charged, refused or gone
+            if self._phases is not None:
+                if phase is None:
+                    self._phases.pop(uid, None)
+                else:
+                    self._phases[uid] = (namespace, phase)

@@ -1,0 +1,183 @@
+"""What every room of the instance reconciler shares: the Kubernetes calls it makes
+(``KubeAPI``), one pass over one instance (``Pass``), and the steps every room takes:
+read the pass, patch the status (persisted before anything that depends on it), post an
+event, refuse, resolve account, price book and product."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from gpucloud.billing import PriceBook, PriceBookError, UnknownProduct
+from gpucloud_operator import builders as b
+from gpucloud_operator import rules as r
+from gpucloud_operator.instances.concurrency import ReconcilerState
+from gpucloud_operator.instances.kubeapi import PLURAL, Obj
+
+log = logging.getLogger("gpucloud.operator.instances")
+
+
+@dataclass
+class Pass:
+    """One reconcile pass over one instance."""
+
+    inst: Obj
+    now: datetime
+    status: Obj
+    account: str = ""
+    currency: str = "CNY"
+    pb: PriceBook | None = None
+    # changes to send with the pass's next patch (saves an API call per pass)
+    deferred: Obj = field(default_factory=dict)
+    acct_status: Obj = field(default_factory=dict)  # the Account's status (arrears)
+    # What the watch event that started the pass said, so the pass need not ask again:
+    # the instance's pod as the event showed it, or that its claim is Bound.
+    pod_seen: Obj | None = None
+    claim_bound: bool = False
+
+    @property
+    def meta(self) -> Obj:
+        return self.inst["metadata"]
+
+    @property
+    def spec(self) -> Obj:
+        return self.inst["spec"]
+
+    @property
+    def ns(self) -> str:
+        return self.meta["namespace"]
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def uid(self) -> str:
+        return self.meta["uid"]
+
+    @property
+    def resource(self) -> str:
+        return f"{self.ns}/{self.name}"
+
+    @property
+    def product(self) -> str:
+        return self.spec["gpu"]["product"]
+
+    @property
+    def count(self) -> int:
+        return int(self.spec["gpu"].get("count", 1))
+
+    @property
+    def quota(self) -> int:
+        return int(self.spec.get("storage", {}).get("quotaGi", 50))
+
+    @property
+    def phase(self) -> str | None:
+        return self.status.get("phase")
+
+    @property
+    def terms(self) -> list[Obj]:
+        return list(self.status.get("packageTerms") or [])
+
+
+class Core(ReconcilerState):
+    """The steps every room takes; the rooms are mixins of ``InstanceReconciler``."""
+
+    def _pass(self, inst: Obj, **seen: Any) -> Pass:
+        return Pass(
+            inst=inst,
+            now=r.second(self.clock.now()),
+            status=dict(inst.get("status") or {}),
+            **seen,
+        )
+
+    def _patch(self, p: Pass, changes: Obj) -> None:
+        """Persist at once: later steps (and a restart) rely on it."""
+        changes, p.deferred = {**p.deferred, **changes}, {}
+        changes = {k: v for k, v in changes.items() if p.status.get(k) != v}
+        if not changes:
+            return
+        self.kube.patch_status(PLURAL, p.ns, p.name, changes)
+        with self._guard:
+            self._status_written.add(p.uid)
+        if "phase" in changes:
+            self._note_phase(p.uid, p.ns, changes["phase"])
+        for k, v in changes.items():
+            if v is None:
+                p.status.pop(k, None)
+            else:
+                p.status[k] = v
+
+    def _conditions(self, p: Pass, *conds: tuple[str, bool | str, str, str]) -> list[Obj]:
+        new = [b.condition(t, s, reason, msg, r.fmt(p.now)) for t, s, reason, msg in conds]
+        return b.merge_conditions(p.status.get("conditions"), new)
+
+    def _event(self, p: Pass, type_: str, reason: str, message: str) -> None:
+        self.kube.event(p.inst, type_, reason, message)
+
+    def _refuse(self, p: Pass, reason: str, message: str) -> None:
+        if p.phase == "Refused" and p.status.get("message") == message:
+            return
+        if p.phase in ("Pending", "Starting"):
+            self.kube.delete_pod(p.ns, b.pod_name(p.name))  # not billed yet: just withdraw
+        if p.phase in ("Running", "Stopping"):
+            # e.g. the price book lost the product of a running instance: it keeps running
+            # and billing at the meter's price; say so, but do not pretend it was refused
+            self._patch(p, {"conditions": self._conditions(p, ("Billing", False, reason, message))})
+            return
+        self._patch(
+            p,
+            {
+                "phase": "Refused",
+                "message": message,
+                "conditions": self._conditions(p, ("Ready", False, reason, message)),
+            },
+        )
+        self._event(p, "Warning", reason, message)
+
+    def _resolve(self, p: Pass) -> bool:
+        """Account, price book and product; False (after a refusal) if one is missing."""
+        accounts = self.kube.list_cluster_objects("accounts", ttl=2.0)
+        acct = next(
+            (a for a in accounts if p.ns in (a.get("spec", {}).get("namespaces") or [])), None
+        )
+        if acct is None:
+            if p.phase not in r.ACTIVE_PHASES:
+                self._refuse(
+                    p,
+                    "NoAccount",
+                    f"no Account lists namespace {p.ns!r} in spec.namespaces; "
+                    "ask an admin to add it",
+                )
+            return False
+        p.account = acct["metadata"]["name"]
+        p.acct_status = acct.get("status") or {}
+        p.currency = acct.get("spec", {}).get("currency", "CNY")
+        if p.account not in self._ledger_accounts:
+            self.ledger.ensure_account(p.account, p.currency)
+            self._ledger_accounts.add(p.account)
+        pb_obj = self.kube.get_pricebook(self.cfg.pricebook)
+        if pb_obj is None:
+            self._refuse(p, "NoPriceBook", f"PriceBook {self.cfg.pricebook!r} does not exist")
+            return False
+        try:
+            p.pb = self._pricebook(pb_obj)
+            p.pb.gpu_price(p.product)
+        except UnknownProduct as exc:
+            self._refuse(p, "UnknownProduct", f"spec.gpu.product: {exc}")
+            return False
+        except PriceBookError as exc:
+            self._refuse(p, "InvalidPriceBook", str(exc))
+            return False
+        return True
+
+    def _pricebook(self, obj: Obj) -> PriceBook:
+        """Parsed once per resourceVersion."""
+        version = obj["metadata"].get("resourceVersion", "")
+        cached = self._pb_cache
+        if cached is None or cached[0] != version:
+            cached = (version, PriceBook.from_resource(obj))
+            self._pb_cache = cached
+        return cached[1]

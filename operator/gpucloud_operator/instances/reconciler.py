@@ -1,0 +1,146 @@
+"""``InstanceReconciler``: the entry points (a watch event, a timer tick, a deletion)
+and the rooms it is made of. Each room is a mixin in its own module; they share the
+state of ``concurrency.ReconcilerState`` and the steps of ``core.Core``:
+
+=============  ===============================================================
+admission      cloud disks, instance limit, the one-hour rule, reservations
+placement      the volume's node of a first run
+lifecycle      the pass, start, run, stop, release (the phase state machine)
+settlement     GPU meters opened, closed, settled; accrued cost shown
+packages       terms charged, reminded, renewed, left (mode switches)
+preemption     spot notices and their stops
+storage        the volume, hourly storage, deletion of the data
+arrears        an instance of an account in arrears
+concurrency    the locks and caches, and the rules for them
+=============  ===============================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpucloud_operator import builders as b
+from gpucloud_operator.instances.admission import Admission
+from gpucloud_operator.instances.arrears import Arrears
+from gpucloud_operator.instances.kubeapi import PLURAL, Obj
+from gpucloud_operator.instances.lifecycle import Lifecycle
+from gpucloud_operator.instances.packages import Packages
+from gpucloud_operator.instances.placement import Placement
+from gpucloud_operator.instances.preemption import Preemption
+from gpucloud_operator.instances.settlement import Settlement
+from gpucloud_operator.instances.storage import Storage
+
+
+class InstanceReconciler(
+    Lifecycle, Admission, Placement, Settlement, Packages, Preemption, Storage, Arrears
+):
+    """The GPUInstance reconciler: level-triggered, one pass per event or timer tick.
+
+    State that a posting depends on (run number, meter id, stop and release instants,
+    package terms, storage progress) is written to ``status`` *before* the posting, and
+    every posting has a key derived from that state, so a pass interrupted anywhere
+    (SIGKILL included) repeats the same postings with the same keys on restart: the
+    ledger answers "already posted" and nothing is charged twice or lost."""
+
+    # -- entry points ---------------------------------------------------------------
+    def reconcile_named(
+        self, namespace: str, name: str, uid: str | None = None, **seen: Any
+    ) -> None:
+        """A pass over the instance ``namespace/name`` (only the incarnation ``uid`` when
+        given: then the instance is read once, under its lock). ``seen``: what the event
+        that asked for the pass showed (``Pass.pod_seen``, ``Pass.claim_bound``)."""
+        if uid is not None:
+            self._reconcile_fresh(namespace, name, uid, wait=True, **seen)
+            return
+        inst = self.kube.get_namespaced_object(PLURAL, namespace, name)
+        if inst is not None:
+            self.reconcile(inst)
+
+    def reconcile(self, inst: Obj, *, wait: bool = True) -> None:
+        """A pass over ``inst`` as it is now. ``wait=False`` (timer ticks): skip it when a
+        pass over the instance is already running, rather than hold a worker thread on
+        the lock for a pass that repeats it."""
+        meta = inst["metadata"]
+        # no status yet: unless a pass of this process patched it (checked under the
+        # lock), nothing has, and the body is as fresh as a read would be
+        body = None if inst.get("status") else inst
+        self._reconcile_fresh(meta["namespace"], meta["name"], meta["uid"], wait=wait, body=body)
+
+    def _reconcile_fresh(
+        self,
+        namespace: str,
+        name: str,
+        uid: str,
+        *,
+        wait: bool,
+        body: Obj | None = None,
+        **seen: Any,
+    ) -> None:
+        lock = self._lock(self._locks, uid)
+        if not lock.acquire(blocking=False):
+            if not wait:
+                return
+            lock.acquire()
+            seen = {}  # another pass ran meanwhile: what the event showed may be out of date
+        try:
+            with self._guard:
+                if uid in self._status_written:
+                    body = None
+            # read under the lock: the body of the event may predate the last pass's patches
+            fresh = body or self.kube.get_namespaced_object(PLURAL, namespace, name)
+            if fresh is None or fresh["metadata"]["uid"] != uid:
+                return
+            if fresh["metadata"].get("deletionTimestamp"):
+                return  # the release handler owns it now
+            self._reconcile(self._pass(fresh, **seen))
+        finally:
+            lock.release()
+
+    def pod_changed(self, pod: Obj, deleted: bool) -> None:
+        """A pod of an instance changed. Only changes that matter to the instance start
+        a pass: the pod ran, ended, vanished, or could not be scheduled."""
+        meta = pod.get("metadata") or {}
+        name = (meta.get("labels") or {}).get(b.INSTANCE_LABEL)
+        owner = next((o["uid"] for o in meta.get("ownerReferences") or []), None)
+        if not name:
+            return
+        phase = (pod.get("status") or {}).get("phase")
+        with self._guard:
+            known = (self._phases or {}).get(owner or "", ("", ""))[1]
+        if not deleted:
+            if phase == "Running" and known == "Running":
+                return  # nothing new for the instance
+            if phase == "Pending":
+                conds = (pod.get("status") or {}).get("conditions") or []
+                if not any(
+                    c.get("type") == "PodScheduled" and c.get("status") == "False" for c in conds
+                ):
+                    return  # still on its way: the Running event follows
+        self.reconcile_named(meta["namespace"], name, owner, pod_seen=None if deleted else pod)
+
+    def claim_changed(self, pvc: Obj, deleted: bool) -> None:
+        """An instance's claim changed: once it is bound, the pod waiting for it can be
+        created now (the pass that found it unbound asked to be woken up)."""
+        meta = pvc.get("metadata") or {}
+        name = (meta.get("labels") or {}).get(b.INSTANCE_LABEL)
+        owner = next((o["uid"] for o in meta.get("ownerReferences") or []), None)
+        if not name or owner is None:
+            return
+        with self._guard:
+            if deleted or (pvc.get("status") or {}).get("phase") != "Bound":
+                if deleted:
+                    self._awaiting_bind.discard(owner)
+                return
+            if owner not in self._awaiting_bind:
+                return
+            self._awaiting_bind.discard(owner)
+        self.reconcile_named(meta["namespace"], name, owner, claim_bound=True)
+
+    def release(self, inst: Obj) -> bool:
+        """Settle everything, then delete pod, claim and volume. False: not done yet
+        (agent usage may still arrive for the last run); call again later."""
+        with self._lock(self._locks, inst["metadata"]["uid"]):
+            fresh = self.kube.get_namespaced_object(
+                PLURAL, inst["metadata"]["namespace"], inst["metadata"]["name"]
+            )
+            return self._release(self._pass(fresh or inst))
