@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gpucloud.ledger import schema
 from gpucloud.ledger import validate as v
-from gpucloud.ledger.errors import IdempotencyConflict, InvalidInput, NotFound, WrongNode
+from gpucloud.ledger.errors import IdempotencyConflict, InvalidInput, WrongNode
 from gpucloud.ledger.store import Store
 from gpucloud.ledger.types import ImageCopy
 
@@ -171,9 +171,7 @@ class ImageCopies:
         v.instant(at, "at")
         assert outcome in OUTCOMES
         with self._s.engine.begin() as conn:
-            row = conn.execute(select(C).where(C.c.id == copy_id).with_for_update()).first()
-            if row is None:
-                raise NotFound(f"image copy {copy_id} does not exist")
+            row = self._s.row(conn, C.c.id, copy_id, "image copy", lock=True)
             if row.node != node:
                 raise WrongNode(f"image copy {copy_id} belongs to node {row.node!r}, not {node!r}")
             if row.done_at is None:

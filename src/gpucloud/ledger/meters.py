@@ -25,7 +25,7 @@ from gpucloud.billing.money import next_posting
 from gpucloud.ledger import admission, ingest, rating, schema
 from gpucloud.ledger import validate as v
 from gpucloud.ledger.entries import ENTRY_BY_KEY, LOCK_ACCOUNT, Entries
-from gpucloud.ledger.errors import IdempotencyConflict, InvalidInput, NotFound
+from gpucloud.ledger.errors import IdempotencyConflict, InvalidInput
 from gpucloud.ledger.store import Store
 from gpucloud.ledger.types import EntryKind, Meter, MeterKind, MeterUnit
 
@@ -275,13 +275,7 @@ class Meters:
         )
 
     def meter_row(self, conn: Connection, meter_id: str, *, lock: bool = False) -> Row[Any]:
-        query = select(M).where(M.c.meter_id == meter_id)
-        if lock:
-            query = query.with_for_update()
-        row = conn.execute(query).first()
-        if row is None:
-            raise NotFound(f"meter {meter_id!r} does not exist")
-        return row
+        return self._s.row(conn, M.c.meter_id, meter_id, "meter", lock=lock)
 
     def get_meter(self, meter_id: str) -> Meter:
         with self._s.read() as conn:

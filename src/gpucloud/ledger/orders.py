@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Row, insert, select, update
 from gpucloud.ledger import schema
 from gpucloud.ledger import validate as v
 from gpucloud.ledger.entries import Entries
-from gpucloud.ledger.errors import IdempotencyConflict, NotFound, OrderRefused
+from gpucloud.ledger.errors import IdempotencyConflict, OrderRefused
 from gpucloud.ledger.store import Store
 from gpucloud.ledger.types import EntryKind, Order, OrderStatus
 
@@ -115,13 +115,7 @@ class Orders:
         return order_of(row, name)
 
     def _order_row(self, conn: Connection, order_id: str, *, lock: bool = False) -> Row[Any]:
-        query = select(ORD).where(ORD.c.order_id == order_id)
-        if lock:
-            query = query.with_for_update()
-        row = conn.execute(query).first()
-        if row is None:
-            raise NotFound(f"order {order_id!r} does not exist")
-        return row
+        return self._s.row(conn, ORD.c.order_id, order_id, "order", lock=lock)
 
     def settle_order(
         self, order_id: str, provider_txn: str, amount_minor: int, at: datetime

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, insert, select
+from sqlalchemy import Column, Connection, Engine, Row, insert, select
 
 from gpucloud.clock import Clock, SystemClock
 from gpucloud.ledger import db, schema
@@ -45,16 +45,23 @@ class Store:
             with conn.begin():
                 yield conn
 
-    def account_row(self, conn: Connection, name: str, *, lock: bool = False) -> Row[Any]:
-        """The account's row, NotFound if none; ``lock``: SELECT ... FOR UPDATE (the
-        account's row lock, held to the end of the transaction)."""
-        query = select(A).where(A.c.name == name)
+    def row(
+        self, conn: Connection, key: Column[Any], value: Any, what: str, *, lock: bool = False
+    ) -> Row[Any]:
+        """The row whose unique ``key`` column is ``value``, NotFound (naming it ``what``)
+        if none; ``lock``: SELECT ... FOR UPDATE, the row's lock held to the end of the
+        transaction."""
+        query = select(key.table).where(key == value)
         if lock:
             query = query.with_for_update()
         row = conn.execute(query).first()
         if row is None:
-            raise NotFound(f"account {name!r} does not exist")
+            raise NotFound(f"{what} {value!r} does not exist")
         return row
+
+    def account_row(self, conn: Connection, name: str, *, lock: bool = False) -> Row[Any]:
+        """The account's row (``lock``: its row lock), NotFound if none."""
+        return self.row(conn, A.c.name, name, "account", lock=lock)
 
     def names(self, conn: Connection, ids: set[int]) -> dict[int, str]:
         """Account names by id."""

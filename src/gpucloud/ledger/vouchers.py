@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Row, insert, select, update
 from gpucloud.ledger import schema
 from gpucloud.ledger import validate as v
 from gpucloud.ledger.entries import Entries
-from gpucloud.ledger.errors import IdempotencyConflict, InvalidInput, NotFound, ReviewRefused
+from gpucloud.ledger.errors import IdempotencyConflict, InvalidInput, ReviewRefused
 from gpucloud.ledger.store import Store
 from gpucloud.ledger.types import EntryKind, Voucher, VoucherStatus
 
@@ -127,9 +127,7 @@ class Vouchers:
 
     def get_voucher(self, voucher_id: str) -> Voucher:
         with self._s.read() as conn:
-            row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).first()
-            if row is None:
-                raise NotFound(f"voucher {voucher_id!r} does not exist")
+            row = self._s.row(conn, VO.c.voucher_id, voucher_id, "voucher")
             name = self._s.names(conn, {row.account_id})[row.account_id]
         return voucher_of(row, name)
 
@@ -167,9 +165,7 @@ class Vouchers:
         v.instant(at, "at")
         refusal: ReviewRefused | None = None
         with self._s.engine.begin() as conn:
-            row = conn.execute(select(VO).where(VO.c.voucher_id == voucher_id)).first()
-            if row is None:
-                raise NotFound(f"voucher {voucher_id!r} does not exist")
+            row = self._s.row(conn, VO.c.voucher_id, voucher_id, "voucher")
             # Every voucher of the same transfer, in one order (this one among them): two
             # approvals of one transfer in two accounts run one after the other.
             conn.execute(

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gpucloud.ledger import schema
 from gpucloud.ledger import validate as v
-from gpucloud.ledger.errors import IdempotencyConflict, InvalidInput, NotFound, WrongNode
+from gpucloud.ledger.errors import IdempotencyConflict, InvalidInput, WrongNode
 from gpucloud.ledger.store import Store
 from gpucloud.ledger.types import NodeWipe
 
@@ -131,9 +131,7 @@ class Wipes:
             raise InvalidInput(f"bytes_freed: must be >= 0, got {bytes_freed}")
         v.instant(at, "at")
         with self._s.engine.begin() as conn:
-            row = conn.execute(select(W).where(W.c.id == wipe_id).with_for_update()).first()
-            if row is None:
-                raise NotFound(f"wipe {wipe_id} does not exist")
+            row = self._s.row(conn, W.c.id, wipe_id, "wipe", lock=True)
             if row.node != node:
                 raise WrongNode(f"wipe {wipe_id} belongs to node {row.node!r}, not {node!r}")
             if row.done_at is None:
