@@ -117,6 +117,9 @@ class Ledger:
     Thread-safe and process-safe: share one Ledger between threads, open one per process.
     """
 
+    # Composition, not mixins: each part sees the Store and only the parts its constructor
+    # names, so what a part may touch is written here, and no part reaches another's
+    # methods through a shared ``self``.
     def __init__(self, engine: Engine, clock: Clock | None = None) -> None:
         store = self._store = Store(engine, clock)
         self._accounts = Accounts(store)
