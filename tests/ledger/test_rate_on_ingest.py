@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ledger_helpers import T0, T0_S, disk_record, gpu_record
 
-import gpucloud.ledger.ledger as ledger_module
+import gpucloud.ledger.meters as meters_module
 from gpucloud.ledger import Ledger, open_ledger
 from gpucloud.usage import UsageRecord
 
@@ -93,7 +93,7 @@ def test_rate_at_gives_the_same_charges_as_rating_after(ledger: Ledger, tmp_path
 
 
 def test_a_backlog_is_rated_in_chunks(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ledger_module, "_RATE_CHUNK", 5)
+    monkeypatch.setattr(meters_module, "_RATE_CHUNK", 5)
     _setup(ledger)
     # Two GPUs share every start: chunks end on whole starts (6 rows each, not 5).
     records = [gpu_record(T0_S + 10 * w, gpu=g) for w in range(9) for g in ("GPU-a", "GPU-b")]

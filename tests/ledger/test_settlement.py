@@ -21,6 +21,7 @@ from sqlalchemy import create_engine, text
 from gpucloud.billing.money import to_minor
 from gpucloud.ledger import InvalidInput, Ledger, open_ledger
 from gpucloud.ledger.db import MIGRATIONS
+from gpucloud.ledger.entries import Entries
 from gpucloud.ledger.schema import to_us
 from gpucloud.testing.postgres import create_database
 
@@ -150,13 +151,13 @@ def test_a_crash_inside_settlement_leaves_nothing_half_done(
 ) -> None:
     _meter(ledger)
     ledger.close_meter("m1", CLOSE)
-    real_post = Ledger._post
+    real_post = Entries.post  # the posting primitive settlement calls
 
-    def post_then_die(self: Ledger, *args: Any) -> Any:
+    def post_then_die(self: Entries, *args: Any) -> Any:
         real_post(self, *args)
         raise RuntimeError("killed between the entry and the settlement mark")
 
-    monkeypatch.setattr(Ledger, "_post", post_then_die)
+    monkeypatch.setattr(Entries, "post", post_then_die)
     with pytest.raises(RuntimeError, match="killed"):
         ledger.settle_meter("m1", SETTLE, fallback=True)
     monkeypatch.undo()

@@ -4,7 +4,10 @@ Money is integer minor units (fen for CNY). Every entry is append-only and carri
 unique idempotency key, so any posting may be replayed safely. Usage records are
 ingested idempotently on their natural key; meters turn usage of a subject (a pod's
 GPUs, a volume) into charge entries, posting the delta of the rounded cumulative total
-in the same transaction that marks the usage rated.
+in the same transaction that marks the usage rated. ``Ledger`` (ledger.py) is a facade
+over one part per aggregate (accounts, entries, usage, meters, accrual, orders,
+vouchers, audit, wipes, image copies); its docstring states the transaction,
+idempotency and locking rules once.
 
 Typical use::
 

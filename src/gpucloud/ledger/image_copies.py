@@ -7,22 +7,22 @@ copies ``instances/<ns>/<name>`` into ``images/<ns>/<image>`` and reports the by
 copy uses (``complete_image_copy``) or why it could not (``fail_image_copy``). A copy
 of a deleted Image is cancelled (``cancel_image_copy``) before its folder's wipe is
 requested. Every step is idempotent, so a killed operator or agent repeats it safely.
-Mixed into ``Ledger``.
+A part of the ``Ledger`` facade.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, insert, select, update
+from sqlalchemy import Row, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from gpucloud.ledger import schema
 from gpucloud.ledger import validate as v
-from gpucloud.ledger.errors import IdempotencyConflict, InvalidInput, NotFound, WrongNode
+from gpucloud.ledger.errors import IdempotencyConflict, InvalidInput, WrongNode
+from gpucloud.ledger.store import Store
 from gpucloud.ledger.types import ImageCopy
 
 C = schema.image_copies
@@ -61,24 +61,11 @@ def check_folder(path: object, folder: str, field: str) -> tuple[str, str]:
     return parts[1], parts[2]
 
 
-class ImageCopiesMixin:
-    engine: Engine
+class ImageCopies:
+    """The queue of requests to copy instance folders into images, worked by the nodes' agents."""
 
-    if TYPE_CHECKING:  # provided by Ledger
-
-        def _read(self) -> AbstractContextManager[Connection]: ...
-        def _account_row(self, conn: Connection, name: str, *, lock: bool = False) -> Row[Any]: ...
-        def _names(self, conn: Connection, ids: set[int]) -> dict[int, str]: ...
-        def _audit(
-            self,
-            conn: Connection,
-            account_id: int | None,
-            actor: str,
-            action: str,
-            subject: str,
-            detail: dict[str, Any],
-            at: datetime | None = None,
-        ) -> None: ...
+    def __init__(self, store: Store) -> None:
+        self._s = store
 
     def request_image_copy(
         self, node: str, source: str, path: str, subject: str, account: str, at: datetime
@@ -95,8 +82,8 @@ class ImageCopiesMixin:
         existing = self.get_image_copy(subject)
         if existing is None:
             try:
-                with self.engine.begin() as conn:
-                    acct = self._account_row(conn, account)
+                with self._s.engine.begin() as conn:
+                    acct = self._s.account_row(conn, account)
                     conn.execute(
                         insert(C).values(
                             node=node,
@@ -108,7 +95,7 @@ class ImageCopiesMixin:
                         )
                     )
                     detail = {"node": node, "source": source, "path": path}
-                    self._audit(conn, acct.id, ACTOR, "image.copy_requested", subject, detail, at)
+                    self._s.audit(conn, acct.id, ACTOR, "image.copy_requested", subject, detail, at)
             except IntegrityError:
                 pass  # a concurrent request for the same subject won
             existing = self.get_image_copy(subject)
@@ -127,22 +114,22 @@ class ImageCopiesMixin:
         return existing
 
     def get_image_copy(self, subject: str) -> ImageCopy | None:
-        with self._read() as conn:
+        with self._s.read() as conn:
             row = conn.execute(select(C).where(C.c.subject == subject)).first()
             if row is None:
                 return None
-            return _copy(row, self._names(conn, {row.account_id})[row.account_id])
+            return _copy(row, self._s.names(conn, {row.account_id})[row.account_id])
 
     def pending_image_copies(self, node: str, *, limit: int = 100) -> list[ImageCopy]:
         """The node's copies not done yet, oldest first."""
-        with self._read() as conn:
+        with self._s.read() as conn:
             rows = conn.execute(
                 select(C)
                 .where(C.c.node == node, C.c.done_at.is_(None))
                 .order_by(C.c.id)
                 .limit(limit)
             ).all()
-            names = self._names(conn, {r.account_id for r in rows})
+            names = self._s.names(conn, {r.account_id for r in rows})
         return [_copy(r, names[r.account_id]) for r in rows]
 
     def complete_image_copy(
@@ -183,10 +170,8 @@ class ImageCopiesMixin:
         v.text(node, "node")
         v.instant(at, "at")
         assert outcome in OUTCOMES
-        with self.engine.begin() as conn:
-            row = conn.execute(select(C).where(C.c.id == copy_id).with_for_update()).first()
-            if row is None:
-                raise NotFound(f"image copy {copy_id} does not exist")
+        with self._s.engine.begin() as conn:
+            row = self._s.row(conn, C.c.id, copy_id, "image copy", lock=True)
             if row.node != node:
                 raise WrongNode(f"image copy {copy_id} belongs to node {row.node!r}, not {node!r}")
             if row.done_at is None:
@@ -198,12 +183,12 @@ class ImageCopiesMixin:
                 detail = {"node": node, "path": row.path, "bytes_used": bytes_used}
                 if message is not None:
                     detail["message"] = message
-                self._audit(
+                self._s.audit(
                     conn, row.account_id, actor or node, f"image.{outcome}", row.subject, detail, at
                 )
                 row = conn.execute(select(C).where(C.c.id == copy_id)).one()
-            account = self._names(conn, {row.account_id})[row.account_id]
+            account = self._s.names(conn, {row.account_id})[row.account_id]
         return _copy(row, account)
 
 
-__all__ = ["ImageCopiesMixin", "check_folder"]
+__all__ = ["ImageCopies", "check_folder"]

@@ -4,22 +4,22 @@ Instance volumes are node-local, so the operator cannot remove their folders its
 records a request here (``request_wipe``), the agent of that node polls its pending
 requests through the API (``pending_wipes``), removes the folder and reports the bytes
 freed (``complete_wipe``). Both ends are idempotent, so a killed operator or agent
-repeats its step safely. Mixed into ``Ledger``.
+repeats its step safely. A part of the ``Ledger`` facade.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, insert, select, update
+from sqlalchemy import Row, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from gpucloud.ledger import schema
 from gpucloud.ledger import validate as v
-from gpucloud.ledger.errors import IdempotencyConflict, InvalidInput, NotFound, WrongNode
+from gpucloud.ledger.errors import IdempotencyConflict, InvalidInput, WrongNode
+from gpucloud.ledger.store import Store
 from gpucloud.ledger.types import NodeWipe
 
 W, A = schema.node_wipes, schema.accounts
@@ -48,24 +48,11 @@ def check_path(path: object) -> str:
     return text
 
 
-class WipesMixin:
-    engine: Engine
+class Wipes:
+    """The queue of requests to remove node folders, worked by the nodes' agents."""
 
-    if TYPE_CHECKING:  # provided by Ledger
-
-        def _read(self) -> AbstractContextManager[Connection]: ...
-        def _account_row(self, conn: Connection, name: str, *, lock: bool = False) -> Row[Any]: ...
-        def _names(self, conn: Connection, ids: set[int]) -> dict[int, str]: ...
-        def _audit(
-            self,
-            conn: Connection,
-            account_id: int | None,
-            actor: str,
-            action: str,
-            subject: str,
-            detail: dict[str, Any],
-            at: datetime | None = None,
-        ) -> None: ...
+    def __init__(self, store: Store) -> None:
+        self._s = store
 
     def request_wipe(
         self, node: str, path: str, subject: str, account: str, at: datetime
@@ -79,8 +66,8 @@ class WipesMixin:
         existing = self.get_wipe(subject)
         if existing is None:
             try:
-                with self.engine.begin() as conn:
-                    acct = self._account_row(conn, account)
+                with self._s.engine.begin() as conn:
+                    acct = self._s.account_row(conn, account)
                     conn.execute(
                         insert(W).values(
                             node=node,
@@ -91,7 +78,7 @@ class WipesMixin:
                         )
                     )
                     detail = {"node": node, "path": path}
-                    self._audit(conn, acct.id, ACTOR, "data.wipe_requested", subject, detail, at)
+                    self._s.audit(conn, acct.id, ACTOR, "data.wipe_requested", subject, detail, at)
             except IntegrityError:
                 pass  # a concurrent request for the same subject won
             existing = self.get_wipe(subject)
@@ -106,34 +93,34 @@ class WipesMixin:
 
     def get_wipe(self, subject: str) -> NodeWipe | None:
         """The request for ``subject``, or None if there is none."""
-        with self._read() as conn:
+        with self._s.read() as conn:
             row = conn.execute(select(W).where(W.c.subject == subject)).first()
             if row is None:
                 return None
-            return _wipe(row, self._names(conn, {row.account_id})[row.account_id])
+            return _wipe(row, self._s.names(conn, {row.account_id})[row.account_id])
 
     def pending_wipes(self, node: str, *, limit: int = 100) -> list[NodeWipe]:
         """The node's requests not done yet, oldest first."""
-        with self._read() as conn:
+        with self._s.read() as conn:
             rows = conn.execute(
                 select(W)
                 .where(W.c.node == node, W.c.done_at.is_(None))
                 .order_by(W.c.id)
                 .limit(limit)
             ).all()
-            names = self._names(conn, {r.account_id for r in rows})
+            names = self._s.names(conn, {r.account_id for r in rows})
         return [_wipe(r, names[r.account_id]) for r in rows]
 
     def pending_wipe_at(self, path: str) -> NodeWipe | None:
         """A pending wipe of ``path`` on any node (the oldest), or None: a new volume must
         not be placed where a folder is about to be removed."""
-        with self._read() as conn:
+        with self._s.read() as conn:
             row = conn.execute(
                 select(W).where(W.c.path == path, W.c.done_at.is_(None)).order_by(W.c.id).limit(1)
             ).first()
             if row is None:
                 return None
-            return _wipe(row, self._names(conn, {row.account_id})[row.account_id])
+            return _wipe(row, self._s.names(conn, {row.account_id})[row.account_id])
 
     def complete_wipe(self, wipe_id: int, node: str, bytes_freed: int, at: datetime) -> NodeWipe:
         """Mark a wipe done by the agent of ``node``. Refuses another node's wipe
@@ -143,10 +130,8 @@ class WipesMixin:
         if v.integer(bytes_freed, "bytes_freed") < 0:
             raise InvalidInput(f"bytes_freed: must be >= 0, got {bytes_freed}")
         v.instant(at, "at")
-        with self.engine.begin() as conn:
-            row = conn.execute(select(W).where(W.c.id == wipe_id).with_for_update()).first()
-            if row is None:
-                raise NotFound(f"wipe {wipe_id} does not exist")
+        with self._s.engine.begin() as conn:
+            row = self._s.row(conn, W.c.id, wipe_id, "wipe", lock=True)
             if row.node != node:
                 raise WrongNode(f"wipe {wipe_id} belongs to node {row.node!r}, not {node!r}")
             if row.done_at is None:
@@ -154,10 +139,10 @@ class WipesMixin:
                     update(W).where(W.c.id == wipe_id).values(done_at=at, bytes_freed=bytes_freed)
                 )
                 detail = {"node": node, "path": row.path, "bytes_freed": bytes_freed}
-                self._audit(conn, row.account_id, node, "data.wiped", row.subject, detail, at)
+                self._s.audit(conn, row.account_id, node, "data.wiped", row.subject, detail, at)
                 row = conn.execute(select(W).where(W.c.id == wipe_id)).one()
-            account = self._names(conn, {row.account_id})[row.account_id]
+            account = self._s.names(conn, {row.account_id})[row.account_id]
         return _wipe(row, account)
 
 
-__all__ = ["WipesMixin", "check_path"]
+__all__ = ["Wipes", "check_path"]
