@@ -11,38 +11,24 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...] = DURATION_BUCKETS) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-
-    def observe(self, v: float) -> None:
-        i = next((i for i, b in enumerate(self.buckets) if v <= b), len(self.buckets))
-        self.counts[i] += 1
-        self.sum += v
-
-    def family(self, name: str, doc: str) -> HistogramMetricFamily:
-        cumulative, acc = [], 0
-        for b, c in zip([*map(str, self.buckets), "+Inf"], self.counts, strict=True):
-            acc += c
-            cumulative.append((b, acc))
-        return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=self.sum)
+def _histogram(name: str, doc: str) -> Histogram:
+    # registry=None: not registered anywhere; AgentCollector yields it from the snapshot,
+    # under the stats lock, so a scrape sees it consistent with the other figures.
+    return Histogram(name, doc, buckets=DURATION_BUCKETS, registry=None)
 
 
 @dataclass
@@ -63,8 +49,17 @@ class Stats:
     allocated: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
     # (kind, namespace, name) -> bytes used
     disk: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    sample_duration: Histogram = field(default_factory=Histogram)
-    tick_lateness: Histogram = field(default_factory=Histogram)
+    sample_duration: Histogram = field(
+        default_factory=lambda: _histogram(
+            "gpucloud_agent_sample_duration_seconds", "Time to take one sample of all GPUs."
+        )
+    )
+    tick_lateness: Histogram = field(
+        default_factory=lambda: _histogram(
+            "gpucloud_agent_tick_lateness_seconds",
+            "How late each sample started after its scheduled tick.",
+        )
+    )
     lateness_recent: deque[float] = field(default_factory=lambda: deque(maxlen=3600))
     samples_total: int = 0
     sample_errors_total: int = 0
@@ -93,13 +88,7 @@ class AgentCollector(Collector):
             gpus = list(s.gpus)
             allocated = dict(s.allocated)
             disk = dict(s.disk)
-            duration = s.sample_duration.family(
-                "gpucloud_agent_sample_duration_seconds", "Time to take one sample of all GPUs."
-            )
-            lateness = s.tick_lateness.family(
-                "gpucloud_agent_tick_lateness_seconds",
-                "How late each sample started after its scheduled tick.",
-            )
+            histograms = [*s.sample_duration.collect(), *s.tick_lateness.collect()]
             samples, sample_errors = s.samples_total, s.sample_errors_total
         labels = ["node", "gpu_uuid", "gpu_index", "product"]
         util = GaugeMetricFamily(
@@ -151,7 +140,7 @@ class AgentCollector(Collector):
             "gpucloud_agent_sample_errors", "Samples skipped because a source did not answer."
         )
         errs.add_metric([], sample_errors)
-        yield from (util, used, total, alloc, disk_fam, duration, lateness, backlog, ship_err)
+        yield from (util, used, total, alloc, disk_fam, *histograms, backlog, ship_err)
         yield from (samples_fam, errs, dead)
 
 
@@ -162,41 +151,51 @@ def quantile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every few seconds would flood the log
+
+
+def agent_app(
+    registry: CollectorRegistry,
+    ready: Callable[[], bool],
+    debug_state: Callable[[], dict[str, Any]],
+) -> WSGIApplication:
+    """prometheus_client's WSGI app on /metrics (it negotiates OpenMetrics and gzip), beside
+    the agent's probes and /debug/state; any other path is 404."""
+    metrics = make_wsgi_app(registry)
+    plain = "text/plain; charset=utf-8"
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics(environ, start_response)
+        if path == "/healthz":
+            code, body, ctype = "200 OK", b"ok\n", plain
+        elif path == "/readyz":
+            ok = ready()
+            code = "200 OK" if ok else "503 Service Unavailable"
+            body, ctype = (b"ready\n" if ok else b"not ready\n"), plain
+        elif path == "/debug/state":
+            code, body, ctype = "200 OK", json.dumps(debug_state()).encode(), "application/json"
+        else:
+            code, body, ctype = "404 Not Found", b"not found\n", plain
+        start_response(code, [("Content-Type", ctype), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
 def serve_http(
     host: str,
     port: int,
     registry: CollectorRegistry,
     ready: Callable[[], bool],
     debug_state: Callable[[], dict[str, Any]],
-) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._send(
-                    200, generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8"
-                )
-            elif path == "/healthz":
-                self._send(200, b"ok\n")
-            elif path == "/readyz":
-                ok = ready()
-                self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
-            elif path == "/debug/state":
-                self._send(200, json.dumps(debug_state()).encode(), "application/json")
-            else:
-                self._send(404, b"not found\n")
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # scrapes every few seconds would flood the log
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+) -> WSGIServer:
+    """Serve `agent_app` on a daemon thread; `.shutdown()` stops it."""
+    server = make_server(
+        host, port, agent_app(registry, ready, debug_state), ThreadingWSGIServer, _QuietHandler
+    )
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server

@@ -5,59 +5,90 @@ before expiry, storage settled every hour); each can be overridden by an environ
 variable (``GPUCLOUD_OPERATOR_<NAME>``) or a command-line flag so that end-to-end tests
 run a month of rules in seconds. Billing instants always come from the injected clock
 (``GPUCLOUD_CLOCK``); the ``*_interval_s`` settings are real seconds between checks.
+
+pydantic-settings reads the environment, pydantic converts and checks each value by the
+rule written on its field's type; an error names the field and the rule.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
 from datetime import timedelta
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from gpucloud.billing import PackagePeriod
 
 ENV_PREFIX = "GPUCLOUD_OPERATOR_"
 
+NonEmpty = Annotated[str, Field(min_length=1)]
+Interval = Annotated[float, Field(gt=0)]  # real seconds between checks: 0 would spin
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(gt=0)]  # a package or idle period of 0 s is no period
+Port = Annotated[int, Field(ge=0, le=65535)]  # 0 = off
 
-@dataclass(frozen=True)
-class OperatorConfig:
-    ledger_url: str = "sqlite:///var/lib/gpucloud/ledger.db"
-    clock: str = "system"  # as GPUCLOUD_CLOCK: "system" or "file:PATH"
-    pricebook: str = "default"  # name of the cluster-scoped PriceBook
+
+def _shared(name: str) -> AliasChoices:
+    # GPUCLOUD_<NAME> is shared with the API process; the operator's own name wins.
+    return AliasChoices(ENV_PREFIX + name, "GPUCLOUD_" + name)
+
+
+class OperatorConfig(BaseSettings):
+    """Constructing one takes only the values given (tests rely on plain defaults);
+    `from_env` reads the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="forbid", populate_by_name=True
+    )
+
+    ledger_url: NonEmpty = Field(
+        "sqlite:///var/lib/gpucloud/ledger.db", validation_alias=_shared("LEDGER_URL")
+    )
+    clock: NonEmpty = Field("system", validation_alias=_shared("CLOCK"))  # "system" / "file:PATH"
+    pricebook: NonEmpty = "default"  # name of the cluster-scoped PriceBook
     # Real seconds between the periodic checks of each instance / account / recharge.
-    tick_interval_s: float = 30.0
-    account_interval_s: float = 15.0
-    recharge_interval_s: float = 5.0
+    tick_interval_s: Interval = 30.0
+    account_interval_s: Interval = 15.0
+    recharge_interval_s: Interval = 5.0
     # Real seconds between refreshes of a running instance's status.accruedCost.
-    cost_refresh_s: float = 60.0
+    cost_refresh_s: NonNegativeFloat = 60.0
     # Clock seconds: how long to wait for agents' usage of a stopped run before billing the
     # run from the control plane's timestamps instead.
-    metering_grace_s: int = 300
+    metering_grace_s: NonNegativeInt = 300
     # Clock seconds between a spot instance's preemption notice and its stop.
-    preemption_grace_s: int = 120
+    preemption_grace_s: NonNegativeInt = 120
     # Clock seconds before expiry when the package reminder is due (the seed: 7 days).
-    reminder_lead_s: int = 7 * 24 * 3600
+    reminder_lead_s: NonNegativeInt = 7 * 24 * 3600
     # Package lengths in clock seconds (the seed: day 24 h, week 7x24 h, month 30x24 h).
-    package_day_s: int = PackagePeriod.DAY.seconds
-    package_week_s: int = PackagePeriod.WEEK.seconds
-    package_month_s: int = PackagePeriod.MONTH.seconds
+    package_day_s: Positive = PackagePeriod.DAY.seconds
+    package_week_s: Positive = PackagePeriod.WEEK.seconds
+    package_month_s: Positive = PackagePeriod.MONTH.seconds
     # Instance storage is settled in windows of this many clock seconds (the seed: 1 h).
-    storage_settlement_s: int = 3600
+    storage_settlement_s: NonNegativeInt = 3600
     # How long an online payment order stays payable.
-    order_ttl_s: int = 15 * 60
-    pay_base_url: str = "https://sandbox.gpucloud.invalid/pay"
-    finalizer: str = "gpucloud.dev/release"
+    order_ttl_s: NonNegativeInt = 15 * 60
+    pay_base_url: NonEmpty = "https://sandbox.gpucloud.invalid/pay"
+    finalizer: NonEmpty = "gpucloud.dev/release"
     # -- arrears, cloud disks and images (docs/arrears.md) --
     # Clock seconds of continuous arrears after which the account's data is deleted
     # (the seed: 7 days).
-    arrears_retention_s: int = 7 * 24 * 3600
+    arrears_retention_s: NonNegativeInt = 7 * 24 * 3600
     # Default webhook for notifications ("" = none); Account.spec.webhook.url wins.
     webhook_url: str = ""
     # Where instance volumes, cloud disks and images live on a node (the agent's disk
     # root): <data_root>/{instances,disks,images}/<namespace>/<name>.
-    data_root: str = "/var/lib/gpucloud"
+    data_root: NonEmpty = "/var/lib/gpucloud"
     # Real seconds between checks of each CloudDisk / Image.
-    storage_interval_s: float = 15.0
+    storage_interval_s: Interval = 15.0
     # Where cloud disks' PersistentVolumes point: "" = hostPath <data_root>/disks/... (the
     # data root shared on one host, the test bed); else the NFS server exporting the data
     # root at disk_nfs_path ("" = the same path as data_root).
@@ -68,26 +99,26 @@ class OperatorConfig:
     namespaces: str = ""
     # -- ModelDeployments (gpucloud_operator.models) -------------------------------------
     # Real seconds between scaling passes of each model (the autoscaler's window: ~10 min).
-    model_interval_s: float = 600.0
+    model_interval_s: Interval = 600.0
     # Where the gateway's per-model stats come from: "http(s)://.../v1/stats" (production),
     # "file:PATH" (a JSON file of the same shape, tests) or "none" (no traffic seen).
-    model_stats_url: str = "none"
+    model_stats_url: NonEmpty = "none"
     # Clock seconds a model with minReplicas 0 stays idle before going cold, when its
     # spec.scaling.coldAfterSeconds is not set.
-    model_cold_after_s: int = 600
+    model_cold_after_s: Positive = 600
     # The operator's own SQLite file of replica online intervals (crash-safe billing).
-    model_billing_db: str = "/var/lib/gpucloud/model-billing.db"
+    model_billing_db: NonEmpty = "/var/lib/gpucloud/model-billing.db"
     # Port of the Prometheus /metrics endpoint (gpucloud_operator.metrics); 0 = off.
-    metrics_port: int = 0
+    metrics_port: Port = 0
     # -- HA (Kopf peering, --peering NAME) ------------------------------------------------
     # Only the live replica of the highest priority works; the others stand by. 0 = a
     # random priority at start-up, so the replicas of one Deployment differ (equal
     # priorities make Kopf pause them all).
-    peering_priority: int = 0
+    peering_priority: NonNegativeInt = 0
     # Real seconds a replica counts as alive after its last heartbeat: a standby takes
     # over at most this long after the active replica dies (Kopf's default is 60; below
     # 7 its heartbeat comes every second).
-    peering_lifetime_s: int = 6
+    peering_lifetime_s: NonNegativeInt = 6
 
     def serves(self, namespace: str | None) -> bool:
         wanted = [n.strip() for n in self.namespaces.split(",") if n.strip()]
@@ -110,54 +141,46 @@ class OperatorConfig:
         return timedelta(seconds=self.reminder_lead_s)
 
     @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)  # the environment only through from_env
+
+    @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         """Defaults overridden by GPUCLOUD_OPERATOR_<FIELD> (and GPUCLOUD_LEDGER_URL,
-        GPUCLOUD_CLOCK, shared with the API process)."""
-        env = os.environ if env is None else env
-        overrides: dict[str, str] = {}
-        if "GPUCLOUD_LEDGER_URL" in env:
-            overrides["ledger_url"] = env["GPUCLOUD_LEDGER_URL"]
-        if "GPUCLOUD_CLOCK" in env:
-            overrides["clock"] = env["GPUCLOUD_CLOCK"]
-        for f in fields(cls):
-            key = ENV_PREFIX + f.name.upper()
-            if key in env:
-                overrides[f.name] = env[key]
-        return cls().with_overrides(overrides)
+        GPUCLOUD_CLOCK, shared with the API process); `env` replaces os.environ."""
+        source = EnvSettingsSource(cls)
+        # EnvSettingsSource takes no mapping, so its parsed variables are replaced (it
+        # matches names case-insensitively, on lower-cased keys; upper case as before)
+        source.env_vars = {k.lower(): v for k, v in (os.environ if env is None else env).items()}
+        # by field name, so that an error names the field whichever variable set it
+        by_alias = {ENV_PREFIX + name.upper(): name for name in ("ledger_url", "clock")}
+        return cls._validated({by_alias.get(k, k): v for k, v in source().items()})
 
     def with_overrides(self, overrides: Mapping[str, object]) -> OperatorConfig:
-        """A copy with some fields replaced; strings are converted to the field's type and
-        checked, and an error names the field and the rule."""
-        kinds = {f.name: f.type for f in fields(self)}
-        values: dict[str, object] = {}
-        for name, raw in overrides.items():
-            if name not in kinds:
-                raise ValueError(f"unknown operator setting {name!r}")
-            values[name] = _convert(name, str(kinds[name]), raw)
-        return replace(self, **values)
+        """A copy with some fields replaced (by field name, as the flags give them);
+        strings are converted to the field's type and checked."""
+        return self._validated({**self.model_dump(), **overrides})
+
+    @classmethod
+    def _validated(cls, values: Mapping[str, Any]) -> OperatorConfig:
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise _config_error(exc) from None
 
 
-def _convert(name: str, kind: str, raw: object) -> object:
-    if kind == "str":
-        text = str(raw)
-        if not text and name not in (
-            "namespaces",
-            "webhook_url",
-            "disk_nfs_server",
-            "disk_nfs_path",
-        ):
-            raise ValueError(f"{name}: must not be empty")
-        return text
-    number_type = int if kind == "int" else float
-    try:
-        value = number_type(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        what = "an integer" if kind == "int" else "a number"
-        raise ValueError(f"{name}: {raw!r} is not {what}") from None
-    if value < 0 or (name.endswith("_interval_s") and value == 0):
-        raise ValueError(f"{name}: must be {'> 0' if name.endswith('_interval_s') else '>= 0'}")
-    if name == "metrics_port" and value > 65535:
-        raise ValueError(f"{name}: must be a TCP port (0-65535; 0 = off)")
-    if (name.startswith("package_") or name == "model_cold_after_s") and value == 0:
-        raise ValueError(f"{name}: must be > 0")
-    return value
+def _config_error(exc: ValidationError) -> ValueError:
+    """The first error as `field: rule (got value)`, e.g. `tick_interval_s: Input should be
+    greater than 0 (got '0')`."""
+    err = exc.errors(include_url=False)[0]
+    name = str(err["loc"][0]) if err["loc"] else "?"
+    if err["type"] == "extra_forbidden":
+        return ValueError(f"unknown operator setting {name!r}")
+    return ValueError(f"{name}: {err['msg']} (got {err['input']!r})")

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import logging
 import sys
-from dataclasses import fields
 from typing import Any
 
 import kopf
@@ -40,19 +39,18 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, OperatorConf
     parser.add_argument("--kubeconfig", default=None)
     parser.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
     parser.add_argument("--verbose", "-v", action="store_true")
-    for f in fields(OperatorConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None)
+    for name in OperatorConfig.model_fields:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=f"cfg_{name}", default=None)
     args = parser.parse_args(argv)
-    cfg = OperatorConfig.from_env()
     overrides = {
-        f.name: getattr(args, f"cfg_{f.name}")
-        for f in fields(OperatorConfig)
-        if getattr(args, f"cfg_{f.name}") is not None
+        name: getattr(args, f"cfg_{name}")
+        for name in OperatorConfig.model_fields
+        if getattr(args, f"cfg_{name}") is not None
     }
     if args.namespace:
         overrides["namespaces"] = ",".join(args.namespace)
-    try:
-        cfg = cfg.with_overrides(overrides)
+    try:  # a bad variable or flag is a usage error naming the field, not a traceback
+        cfg = OperatorConfig.from_env().with_overrides(overrides)
     except ValueError as exc:
         parser.error(str(exc))
     return args, cfg

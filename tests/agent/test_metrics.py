@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from agent_testkit import AgentProcess, Receiver, free_port, wait_for
-from gpucloud_agent.metrics import AgentCollector, GpuReading, Stats
+from gpucloud_agent.metrics import AgentCollector, GpuReading, Stats, serve_http
 from gpucloud_agent.podresources.fake_server import FakePod, fake_device_ids, serve
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -45,6 +45,38 @@ def test_exposition_from_a_snapshot() -> None:
     assert "gpucloud_agent_wal_backlog_records 7.0" in text
     assert "gpucloud_agent_shipping_errors_total 3.0" in text
     assert 'gpucloud_agent_sample_duration_seconds_bucket{le="0.0025"} 1.0' in text
+
+
+def test_http_endpoints() -> None:
+    reg = CollectorRegistry()
+    reg.register(AgentCollector(sample_stats(), lambda: 7, lambda: 3))
+    ready = [False]
+    server = serve_http("127.0.0.1", 0, reg, lambda: ready[0], lambda: {"samples_total": 5})
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        metrics = httpx.get(f"{base}/metrics")
+        assert metrics.status_code == 200
+        assert metrics.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        assert "gpucloud_agent_wal_backlog_records 7.0" in metrics.text
+        # Prometheus asks for OpenMetrics; prometheus_client's app answers in it
+        om = httpx.get(f"{base}/metrics", headers={"Accept": "application/openmetrics-text"})
+        assert om.headers["content-type"].startswith("application/openmetrics-text")
+        assert om.text.endswith("# EOF\n")
+        health = httpx.get(f"{base}/healthz")
+        assert (health.status_code, health.text) == (200, "ok\n")
+        not_ready = httpx.get(f"{base}/readyz")
+        assert (not_ready.status_code, not_ready.text) == (503, "not ready\n")
+        ready[0] = True
+        now_ready = httpx.get(f"{base}/readyz")
+        assert (now_ready.status_code, now_ready.text) == (200, "ready\n")
+        state = httpx.get(f"{base}/debug/state?x=1")
+        assert state.headers["content-type"] == "application/json"
+        assert state.json() == {"samples_total": 5}
+        missing = httpx.get(f"{base}/nope")
+        assert (missing.status_code, missing.text) == (404, "not found\n")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.skipif(not Path(PROMTOOL).exists(), reason="promtool not installed")

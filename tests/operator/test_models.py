@@ -419,7 +419,7 @@ def test_pod_view_and_config() -> None:
     assert pending.pending and not pending.running and not pending.ready
     cfg = OperatorConfig.from_env({"GPUCLOUD_OPERATOR_MODEL_INTERVAL_S": "0.5"})
     assert cfg.model_interval_s == 0.5 and OperatorConfig().model_interval_s == 600
-    with pytest.raises(ValueError, match="model_cold_after_s: must be > 0"):
+    with pytest.raises(ValueError, match="model_cold_after_s: Input should be greater than 0"):
         OperatorConfig().with_overrides({"model_cold_after_s": "0"})
 
 

@@ -3,7 +3,6 @@ usage (written straight into the ledger, as the API would) drives both."""
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import timedelta
 from decimal import Decimal
 
@@ -104,7 +103,7 @@ def test_a_fully_metered_run_is_settled_without_a_fallback(world: World) -> None
 
 def test_status_gpus_lists_what_the_agents_saw(world: World) -> None:
     w = world
-    w.cfg = dataclasses.replace(w.cfg, cost_refresh_s=0)  # refresh on every tick
+    w.cfg = w.cfg.with_overrides({"cost_refresh_s": 0})  # refresh on every tick
     w.restart()
     w.fund(100_00)
     w.instance("nb", L40S, 2)
