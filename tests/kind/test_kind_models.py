@@ -14,21 +14,7 @@ L40S = "NVIDIA-L40S"
 
 
 def test_official_model_is_billed_per_token_to_the_caller(h: KindHarness) -> None:
-    h.pay_online("topup", "10.00")
-    h.apply(
-        "ModelDeployment",
-        "llm",
-        {"model": "tiny-llm", "image": h.kind.images().ref("fake-model-server"),
-         "gpu": {"product": L40S, "count": 1}, "visibility": "Public",
-         "pricing": {"publisher": "Official", "task": "TextGeneration"},
-         "minReplicas": 1, "maxReplicas": 1},
-    )  # fmt: skip
-    h.wait(
-        lambda: h.status("modeldeployments", "llm").get("readyReplicas") == 1,
-        "the model's replica ready",
-        timeout=180,
-    )
-    h.wait(lambda: h.gateway_serves("llm"), "the gateway to list the model")
+    _serve_public_model(h, "llm", {"publisher": "Official", "task": "TextGeneration"})
     token = h.token()
     # three words of prompt and 997 generated: 1,000 tokens a request
     for _ in range(3):
@@ -49,20 +35,7 @@ def test_official_model_is_billed_per_token_to_the_caller(h: KindHarness) -> Non
 def test_personal_model_is_billed_per_second_of_runtime(h: KindHarness) -> None:
     """A personal public model: the caller pays for each request's runtime only (not the
     model's start or idle time), measured by the gateway pod and rated once."""
-    h.pay_online("topup", "10.00")
-    h.apply(
-        "ModelDeployment",
-        "mine",
-        {"model": "tiny-llm", "image": h.kind.images().ref("fake-model-server"),
-         "gpu": {"product": L40S, "count": 1}, "visibility": "Public",
-         "pricing": {"publisher": "Personal"}, "minReplicas": 1, "maxReplicas": 1},
-    )  # fmt: skip
-    h.wait(
-        lambda: h.status("modeldeployments", "mine").get("readyReplicas") == 1,
-        "the model's replica ready",
-        timeout=180,
-    )
-    h.wait(lambda: h.gateway_serves("mine"), "the gateway to list the model")
+    _serve_public_model(h, "mine", {"publisher": "Personal"})
     token = h.token()
     for _ in range(2):  # the model works 1.7 s on each
         code, answer = h.model_request("mine", token, latency_ms=1700)
@@ -78,3 +51,22 @@ def test_personal_model_is_billed_per_second_of_runtime(h: KindHarness) -> None:
     h.wait(lambda: h.charges(resource) == to_minor(exact), "the runtime charged", timeout=60)
     assert to_minor(exact) >= 1  # about 3.4 s x 0.0031/s = 0.0105 CNY: not nothing
     h.kind.kubectl("delete", "modeldeployment", "mine", "-n", h.ns, "--wait=false")
+
+
+def _serve_public_model(h: KindHarness, name: str, pricing: dict[str, str]) -> None:
+    """The tenant (with money) deploys a public model on an L40S; its one replica is
+    ready and the gateway lists it."""
+    h.pay_online("topup", "10.00")
+    h.apply(
+        "ModelDeployment",
+        name,
+        {"model": "tiny-llm", "image": h.kind.images().ref("fake-model-server"),
+         "gpu": {"product": L40S, "count": 1}, "visibility": "Public",
+         "pricing": pricing, "minReplicas": 1, "maxReplicas": 1},
+    )  # fmt: skip
+    h.wait(
+        lambda: h.status("modeldeployments", name).get("readyReplicas") == 1,
+        "the model's replica ready",
+        timeout=180,
+    )
+    h.wait(lambda: h.gateway_serves(name), "the gateway to list the model")
