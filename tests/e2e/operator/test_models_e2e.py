@@ -137,9 +137,9 @@ def test_private_model_wakes_scales_goes_cold_billed_to_the_fen(h: Harness) -> N
     last = T0 + timedelta(seconds=100)
     m.traffic(0, last=last)
     h.advance(600)  # t=700
-    h.wait(lambda: m.settled(2, 2, 1), "the first step down", timeout=60)
+    h.wait(lambda: m.settled(2, 2, 1), "the first step down", timeout=120)
     h.advance(600)  # t=1300
-    h.wait(lambda: m.settled(1, 1, 2), "the second step down", timeout=60)
+    h.wait(lambda: m.settled(1, 1, 2), "the second step down", timeout=120)
     h.advance(600)  # t=1900: idle for 1800 s since the last request
     h.wait(lambda: m.settled(0, 0, 3), "the model to go cold", timeout=60)
     st = m.status()
