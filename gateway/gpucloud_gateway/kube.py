@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from gpucloud.billing.model_charges import ModelPlan
-from gpucloud.model_manifests import GROUP, MODEL_LABEL, MODEL_PORT, VERSION, deployment_name
+from gpucloud.kube_names import GROUP, VERSION
+from gpucloud.model_manifests import MODEL_LABEL, MODEL_PORT, deployment_name
 from gpucloud_gateway.callers import Directory
 
 log = logging.getLogger(__name__)

@@ -19,15 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
-GROUP = "gpucloud.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-GPU_RESOURCE = "nvidia.com/gpu"
-PRODUCT_LABEL = "nvidia.com/gpu.product"
+from gpucloud import kube_names
+from gpucloud.kube_names import GPU_RESOURCE, MANAGED_BY, PRODUCT_LABEL
+
 INSTANCE_LABEL = "gpucloud.dev/instance"
 MODE_LABEL = "gpucloud.dev/billing-mode"
 RUN_LABEL = "gpucloud.dev/run"
-MANAGED_BY = {"app.kubernetes.io/managed-by": "gpucloud-operator"}
 STORAGE_CLASS = "gpucloud-local"
 # The agent measures <disk-root>/instances/<namespace>/<name> (agent/gpucloud_agent/disk.py)
 # with disk-root /var/lib/gpucloud: the volume path must be exactly that.
@@ -41,15 +38,7 @@ Manifest = dict[str, Any]
 
 
 def owner_reference(owner: Manifest) -> Manifest:
-    meta = owner["metadata"]
-    return {
-        "apiVersion": owner.get("apiVersion", API_VERSION),
-        "kind": owner.get("kind", "GPUInstance"),
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    return kube_names.owner_reference(owner, "GPUInstance")
 
 
 def pod_name(instance_name: str) -> str:

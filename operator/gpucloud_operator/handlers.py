@@ -13,9 +13,9 @@ from typing import Any
 
 import kopf
 
+from gpucloud.kube_names import GROUP, MANAGED_BY, VERSION
 from gpucloud.model_manifests import MODEL_LABEL
 from gpucloud_operator.accounts import AccountReconciler
-from gpucloud_operator.builders import GROUP, MANAGED_BY, VERSION
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import InstanceReconciler
 from gpucloud_operator.models import ModelReconciler

@@ -19,7 +19,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.rest import ApiException
 
-from gpucloud_operator.builders import GPU_RESOURCE, GROUP, MANAGED_BY, PRODUCT_LABEL, VERSION
+from gpucloud.kube_names import GPU_RESOURCE, GROUP, MANAGED_BY, PRODUCT_LABEL, VERSION
 from gpucloud_operator.placement import NodeGPUs
 
 Obj = dict[str, Any]

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-GROUP = "gpucloud.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-GPU_RESOURCE = "nvidia.com/gpu"
-PRODUCT_LABEL = "nvidia.com/gpu.product"
+from gpucloud import kube_names
+from gpucloud.kube_names import GPU_RESOURCE, MANAGED_BY, PRODUCT_LABEL
+
 MODEL_LABEL = "gpucloud.dev/model-deployment"
 VISIBILITY_LABEL = "gpucloud.dev/visibility"
-MANAGED_BY = {"app.kubernetes.io/managed-by": "gpucloud-operator"}
 MODEL_PORT = 8000
 
 Manifest = dict[str, Any]
@@ -37,15 +34,8 @@ def _field(md: Manifest, path: str) -> Any:
 
 
 def owner_reference(md: Manifest) -> Manifest:
-    meta = md["metadata"]
-    return {
-        "apiVersion": md.get("apiVersion", API_VERSION),
-        "kind": md.get("kind", "ModelDeployment"),
-        "name": meta["name"],
-        "uid": _field(md, "metadata.uid"),
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    _field(md, "metadata.uid")  # missing: a ManifestError naming the field
+    return kube_names.owner_reference(md, "ModelDeployment")
 
 
 def deployment_name(md_name: str) -> str:

@@ -37,8 +37,9 @@ from opworld import NS, ROOT, T0
 
 from gpucloud.billing import to_minor
 from gpucloud.clock import ManualClock
+from gpucloud.kube_names import PRODUCT_LABEL
 from gpucloud.ledger import open_ledger
-from gpucloud.model_manifests import MODEL_LABEL, PRODUCT_LABEL, deployment_name
+from gpucloud.model_manifests import MODEL_LABEL, deployment_name
 
 Obj = dict[str, Any]
 L40S = "NVIDIA-L40S"

@@ -17,9 +17,8 @@ import httpx
 from cachetools import TTLCache
 
 from gpucloud.api.auth import AuthError, ClusterAccess, Principal
+from gpucloud.kube_names import GROUP, VERSION
 
-GROUP = "gpucloud.dev"
-VERSION = "v1alpha1"
 # The verb and resource that make a caller a member: paying into the account.
 MEMBER_VERB = "create"
 MEMBER_RESOURCE = "recharges"

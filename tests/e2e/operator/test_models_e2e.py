@@ -21,7 +21,8 @@ import yaml
 from opharness import T0, Harness
 
 from gpucloud.billing import to_minor
-from gpucloud.model_manifests import PRODUCT_LABEL, deployment_name
+from gpucloud.kube_names import PRODUCT_LABEL
+from gpucloud.model_manifests import deployment_name
 from gpucloud.testing.kube import get_json
 from gpucloud.testing.testbed import Testbed
 
