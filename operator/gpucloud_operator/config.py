@@ -6,8 +6,8 @@ variable (``GPUCLOUD_OPERATOR_<NAME>``) or a command-line flag so that end-to-en
 run a month of rules in seconds. Billing instants always come from the injected clock
 (``GPUCLOUD_CLOCK``); the ``*_interval_s`` settings are real seconds between checks.
 
-pydantic-settings reads the environment, pydantic converts and checks each value by the
-rule written on its field's type; an error names the field and the rule.
+`from_env` picks the variables out of the environment; pydantic converts and checks each
+value by the rule written on its field's type; an error names the field and the rule.
 """
 
 from __future__ import annotations
@@ -17,17 +17,13 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, ValidationError
-from pydantic_settings import (
-    BaseSettings,
-    EnvSettingsSource,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gpucloud.billing import PackagePeriod
 
 ENV_PREFIX = "GPUCLOUD_OPERATOR_"
+# Shared with the API process as GPUCLOUD_<NAME>; the operator's own name wins.
+SHARED = ("ledger_url", "clock")
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 Interval = Annotated[float, Field(gt=0)]  # real seconds between checks: 0 would spin
@@ -37,23 +33,14 @@ Positive = Annotated[int, Field(gt=0)]  # a package or idle period of 0 s is no 
 Port = Annotated[int, Field(ge=0, le=65535)]  # 0 = off
 
 
-def _shared(name: str) -> AliasChoices:
-    # GPUCLOUD_<NAME> is shared with the API process; the operator's own name wins.
-    return AliasChoices(ENV_PREFIX + name, "GPUCLOUD_" + name)
-
-
-class OperatorConfig(BaseSettings):
+class OperatorConfig(BaseModel):
     """Constructing one takes only the values given (tests rely on plain defaults);
     `from_env` reads the environment."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, frozen=True, extra="forbid", populate_by_name=True
-    )
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    ledger_url: NonEmpty = Field(
-        "sqlite:///var/lib/gpucloud/ledger.db", validation_alias=_shared("LEDGER_URL")
-    )
-    clock: NonEmpty = Field("system", validation_alias=_shared("CLOCK"))  # "system" / "file:PATH"
+    ledger_url: NonEmpty = "sqlite:///var/lib/gpucloud/ledger.db"
+    clock: NonEmpty = "system"  # "system" or "file:PATH"
     pricebook: NonEmpty = "default"  # name of the cluster-scoped PriceBook
     # Real seconds between the periodic checks of each instance / account / recharge.
     tick_interval_s: Interval = 30.0
@@ -141,27 +128,17 @@ class OperatorConfig(BaseSettings):
         return timedelta(seconds=self.reminder_lead_s)
 
     @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)  # the environment only through from_env
-
-    @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         """Defaults overridden by GPUCLOUD_OPERATOR_<FIELD> (and GPUCLOUD_LEDGER_URL,
         GPUCLOUD_CLOCK, shared with the API process); `env` replaces os.environ."""
-        source = EnvSettingsSource(cls)
-        # EnvSettingsSource takes no mapping, so its parsed variables are replaced (it
-        # matches names case-insensitively, on lower-cased keys; upper case as before)
-        source.env_vars = {k.lower(): v for k, v in (os.environ if env is None else env).items()}
+        env = os.environ if env is None else env
         # by field name, so that an error names the field whichever variable set it
-        by_alias = {ENV_PREFIX + name.upper(): name for name in ("ledger_url", "clock")}
-        return cls._validated({by_alias.get(k, k): v for k, v in source().items()})
+        values = {name: env["GPUCLOUD_" + name.upper()] for name in SHARED
+                  if "GPUCLOUD_" + name.upper() in env}  # fmt: skip
+        for name in cls.model_fields:
+            if ENV_PREFIX + name.upper() in env:
+                values[name] = env[ENV_PREFIX + name.upper()]
+        return cls._validated(values)
 
     def with_overrides(self, overrides: Mapping[str, object]) -> OperatorConfig:
         """A copy with some fields replaced (by field name, as the flags give them);
