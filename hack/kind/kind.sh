@@ -137,9 +137,7 @@ up() {
       die "kind create cluster failed; node logs: kind export logs --name $CLUSTER (the nodes were kept: make kind-down removes them)"
     echo $((SECONDS - t1)) >"$KIND_CACHE/create-seconds"
     created=1
-  else
-    kind export kubeconfig --name "$CLUSTER" --kubeconfig "$KUBECONFIG_FILE" >/dev/null 2>&1
-  fi
+  fi  # a kept cluster's kubeconfig was written by cluster_healthy
   ensure_registry
   wait_for 60 "the fake GPU device plugin applied" apply_device_plugin
   wait_for 180 "every node Ready" kubectl wait --for=condition=Ready nodes --all --timeout=5s
