@@ -112,7 +112,7 @@ class StorageItems:
             if plural == "images":
                 self._drop_image(obj, "the Image was deleted", now)
             else:
-                shutil.rmtree(self.folder(plural, meta["namespace"], meta["name"]), True)
+                self._drop_disk(obj, now)
             return True
 
     def users(self, disk: Obj) -> list[str]:
@@ -251,6 +251,8 @@ class StorageItems:
             if plural == "clouddisks"
             else pb.storage.image_per_gb_hour
         )
+        if plural == "clouddisks":
+            node = self.cfg.disk_meter_node or None  # shared storage: one agent meters it
         meter = self._open(obj, plural, account, Decimal(price), since, self._cap(obj, used), node)
         changes: Obj = {
             "phase": "Ready",
@@ -452,6 +454,22 @@ class StorageItems:
         self.ledger.request_wipe(copy.node, copy.path, subject, copy.account, at)
         return copy.node
 
+    def _drop_disk(self, disk: Obj, at: datetime) -> str | None:
+        """Remove a cloud disk's folder. With a shared-storage meter (``disk_meter_node``)
+        that agent removes it, as node agents remove node-local folders: tenants' files
+        may be anyone's, and only an agent holds the capabilities to remove them. Without
+        one (the single-host test bed) the operator removes it from its own mount.
+        The node asked, None if the operator removed it."""
+        meta = disk["metadata"]
+        node = self.cfg.disk_meter_node
+        account = (disk.get("status") or {}).get("account")
+        if not node or not account:
+            shutil.rmtree(self.folder("clouddisks", meta["namespace"], meta["name"]), True)
+            return None
+        path = f"disks/{meta['namespace']}/{meta['name']}"
+        self.ledger.request_wipe(node, path, f"cloud_disk:{meta['uid']}", account, at)
+        return node
+
     def _delete_data(self, plural: str, obj: Obj, account: str, at: datetime) -> None:
         meta = obj["metadata"]
         folder = self.folder(plural, meta["namespace"], meta["name"])
@@ -460,7 +478,7 @@ class StorageItems:
         if plural == "clouddisks":  # the instances were shut down by the arrears
             self.kube.delete_pvc(meta["namespace"], b.disk_pvc_name(meta["name"]))
             self.kube.delete_pv(b.disk_pv_name(meta["uid"]))
-            shutil.rmtree(folder, ignore_errors=True)
+            node = self._drop_disk(obj, at)
         else:
             node = self._drop_image(obj, "deleted after the arrears retention period", at)
         volume = f"{meta['namespace']}/{meta['name']}"
