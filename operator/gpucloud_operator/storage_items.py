@@ -39,6 +39,8 @@ from typing import Any
 
 from gpucloud.billing import PriceBook, PriceBookError
 from gpucloud.clock import Clock
+from gpucloud.crd import SpecError, parse
+from gpucloud.crd.storageitems import CloudDiskSpec, ImageSpec
 from gpucloud.ledger import ImageCopy, Ledger, NotFound
 from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
@@ -54,6 +56,18 @@ KINDS = {
     "clouddisks": ("cloud_disk", "disks", "CloudDisk"),
     "images": ("image", "images", "Image"),
 }
+SPECS: dict[str, type[CloudDiskSpec] | type[ImageSpec]] = {
+    "clouddisks": CloudDiskSpec,
+    "images": ImageSpec,
+}
+
+
+def _disk(obj: Obj) -> CloudDiskSpec:
+    return parse(CloudDiskSpec, obj.get("spec"))
+
+
+def _image(obj: Obj) -> ImageSpec:
+    return parse(ImageSpec, obj.get("spec"))
 
 
 def du(path: Path) -> int:
@@ -202,6 +216,11 @@ class StorageItems:
         now = r.second(self.clock.now())
         if status.get("phase") == "Deleted":
             return
+        try:
+            parse(SPECS[plural], obj.get("spec"))
+        except SpecError as exc:
+            self._fail(plural, obj, "InvalidSpec", str(exc), now)
+            return
         acct = self._account(ns)
         if acct is None:
             self._fail(plural, obj, "NoAccount", f"no Account lists namespace {ns!r}", now)
@@ -267,7 +286,7 @@ class StorageItems:
         if plural == "clouddisks":
             claim = b.disk_pvc_name(name)
             changes["claimName"] = claim
-            cap = int(obj["spec"]["capacityGi"]) * 2**30
+            cap = _disk(obj).capacity_gi * 2**30
             if used > cap:
                 cond = ("Ready", False, "OverCapacity", f"{used} bytes used > capacity {cap}")
             elif not bound:
@@ -302,7 +321,7 @@ class StorageItems:
         a cloud disk's capacity; an image, a copy made once, its size when made (whole
         GiB up, so the agent's block count of the same files always fits)."""
         if "capacityGi" in obj.get("spec", {}):
-            return int(obj["spec"]["capacityGi"]) * 2**30
+            return _disk(obj).capacity_gi * 2**30
         made = int((obj.get("status") or {}).get("usedBytes") or used)
         return max(1, -(-made // 2**30)) * 2**30
 
@@ -362,8 +381,8 @@ class StorageItems:
     def _make_image(self, obj: Obj, account: str, now: datetime) -> ImageCopy | None:
         """The finished copy of the source instance's data; None while it is requested but
         not made yet, or when it cannot be made (the Image then says why)."""
-        meta, spec, status = obj["metadata"], obj["spec"], obj.get("status") or {}
-        ns, name, source = meta["namespace"], meta["name"], spec["sourceInstance"]
+        meta, status = obj["metadata"], obj.get("status") or {}
+        ns, name, source = meta["namespace"], meta["name"], _image(obj).source_instance
         copy = self.ledger.get_image_copy(self._copy_subject(obj))
         if copy is None and status.get("phase") == "Ready":
             # made by an operator that still copied on its own disk: that measurement stands
@@ -407,7 +426,7 @@ class StorageItems:
         return copy
 
     def _request_copy(self, obj: Obj, account: str, now: datetime) -> ImageCopy | None:
-        meta, source = obj["metadata"], obj["spec"]["sourceInstance"]
+        meta, source = obj["metadata"], _image(obj).source_instance
         ns, name = meta["namespace"], meta["name"]
         inst = self.kube.get_namespaced_object("gpuinstances", ns, source)
         if inst is None:
