@@ -6,8 +6,8 @@ ingested idempotently on their natural key; meters turn usage of a subject (a po
 GPUs, a volume) into charge entries, posting the delta of the rounded cumulative total
 in the same transaction that marks the usage rated. ``Ledger`` (ledger.py) is a facade
 over one part per aggregate (accounts, entries, usage, meters, accrual, orders,
-vouchers, audit, wipes, image copies); its docstring states the transaction,
-idempotency and locking rules once.
+vouchers, audit, wipes, image copies, model billing); its docstring states the
+transaction, idempotency and locking rules once.
 
 Typical use::
 
@@ -50,6 +50,11 @@ Rules the ledger keeps (each is tested on SQLite and PostgreSQL):
   ``voucher:{voucher_id}``; every state change and refusal goes to the audit trail.
 - Node wipes (``request_wipe``, ``pending_wipes``, ``complete_wipe``): folders on a
   node's local disk that the node's agent removes; one request per subject.
+- Model billing (``record_model_requests``, ``replica_online``/``replica_offline``,
+  ``settle_model_online``): the gateway's request usage, recorded and charged in one
+  transaction per batch, idempotent on (model, request id); the operator's replica
+  online intervals, settled as the delta of the rounded cumulative total (keys
+  ``model-request:<ns>/<model>:<id>``, ``model-online:<ns>/<model>:to:<N>``).
 - Image copies (``request_image_copy``, ``pending_image_copies``,
   ``complete_image_copy``, ``fail_image_copy``, ``cancel_image_copy``): an instance
   folder the agent of its node copies into an image folder; one request per subject.

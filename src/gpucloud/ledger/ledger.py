@@ -14,6 +14,7 @@ vouchers.py         bank-transfer vouchers and their review
 audit.py            the audit trail (read, and records without money)
 wipes.py            node folder wipes the agents perform
 image_copies.py     instance-to-image copies the agents perform
+model_billing.py    model requests and replica online time, and their charges
 ==================  =========================================================
 
 The rules below hold for every part; the parts cooperate only through the objects the
@@ -29,16 +30,19 @@ Transactions
   balance and the accrual in two). A balance changes only in ``Entries.post``, in the
   transaction that inserts the entry, under the account's row lock; that transaction
   also carries what the money is for: the usage marked rated and the meter's cumulative
-  total (``Meters.charge``), the order marked paid, the voucher marked approved, the
+  total (``Meters.charge``), the model request rows of a batch
+  (``record_model_requests``), the order marked paid, the voucher marked approved, the
   meter marked settled, and the audit record. So all of it commits or none of it does:
-  a crash never leaves a charge without its rated usage, a paid order without its
-  credit, or the reverse. Refusals (OrderRefused, ReviewRefused)
+  a crash never leaves a charge without its rated usage (or request row), a paid order
+  without its credit, or the reverse. Refusals (OrderRefused, ReviewRefused)
   are raised after the commit, so the refused attempt stays in the audit trail.
 
 Idempotency keys
   Every entry has a unique key: ``meter:{meter_id}:{seq}`` (a rating),
   ``meter-fallback:{meter_id}`` (settlement's control-plane fallback),
-  ``order:{order_id}``, ``voucher:{voucher_id}``, or the caller's (``post_entry``).
+  ``order:{order_id}``, ``voucher:{voucher_id}``,
+  ``model-request:{ns}/{model}:{request_id}``, ``model-online:{ns}/{model}:to:{N}``, or
+  the caller's (``post_entry``).
   ``Entries.post`` looks the key up under the account's lock: the same (account, kind,
   amount, resource) returns the stored entry, other content raises IdempotencyConflict;
   the unique index is the last word when two accounts race on one key. Retried callers
@@ -48,7 +52,8 @@ Idempotency keys
 
 Locks (always taken in this order; the account row is the last lock of a transaction)
   usage lock -> meter rows -> account row (ingest, ``rate_pending``, ``settle_meter``);
-  order row -> account row (``settle_order``); every voucher of one transfer, by id ->
+  order row -> account row (``settle_order``); the accounts of a model request batch, in
+  id order (``record_model_requests``); every voucher of one transfer, by id ->
   account row (``review_voucher``). Reads run in a read-only transaction (``Store.read``):
   one snapshot, never blocking writers.
 
@@ -77,6 +82,7 @@ from gpucloud.ledger.audit import AuditTrail
 from gpucloud.ledger.entries import Entries
 from gpucloud.ledger.image_copies import ImageCopies
 from gpucloud.ledger.meters import Meters
+from gpucloud.ledger.model_billing import ModelBilling
 from gpucloud.ledger.orders import Orders
 from gpucloud.ledger.store import Store
 from gpucloud.ledger.usage import Usage
@@ -132,6 +138,7 @@ class Ledger:
         self._audit_trail = AuditTrail(store)
         self._wipes = Wipes(store)
         self._image_copies = ImageCopies(store)
+        self._model_billing = ModelBilling(store, self._accounts, self._entries)
 
     @property
     def engine(self) -> Engine:
@@ -217,3 +224,15 @@ class Ledger:
     complete_image_copy = _to("_image_copies", ImageCopies.complete_image_copy)
     fail_image_copy = _to("_image_copies", ImageCopies.fail_image_copy)
     cancel_image_copy = _to("_image_copies", ImageCopies.cancel_image_copy)
+
+    # -- model requests and online time (model_billing.py) -----------------------------
+    record_model_requests = _to("_model_billing", ModelBilling.record_model_requests)
+    store_model_requests = _to("_model_billing", ModelBilling.store_requests)
+    model_requests = _to("_model_billing", ModelBilling.model_requests)
+    model_requests_known = _to("_model_billing", ModelBilling.model_requests_known)
+    model_request_stats = _to("_model_billing", ModelBilling.model_request_stats)
+    model_exact_total = _to("_model_billing", ModelBilling.model_exact_total)
+    replica_online = _to("_model_billing", ModelBilling.replica_online)
+    replica_offline = _to("_model_billing", ModelBilling.replica_offline)
+    replica_intervals = _to("_model_billing", ModelBilling.replica_intervals)
+    settle_model_online = _to("_model_billing", ModelBilling.settle_model_online)

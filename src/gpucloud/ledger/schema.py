@@ -253,3 +253,38 @@ image_copies = Table(
     UniqueConstraint("subject", name="uq_ledger_image_copies_subject"),
     Index("ix_ledger_image_copies_node", "node", "done_at"),
 )
+
+# Model billing (issue 17): what the gateway metered and the operator saw online, in
+# the same database as the money it turns into (see model_billing.py).
+model_requests = Table(
+    "ledger_model_requests",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),  # arrival order per meter
+    Column("model", String(253), nullable=False),  # <namespace>/<name>
+    Column("request_id", String(255), nullable=False),
+    Column("account_id", ID, ForeignKey("ledger_accounts.id"), nullable=False),  # the payer
+    Column("source", String(64), nullable=False),  # the gateway instance that served it
+    Column("at", Instant, nullable=False),  # arrival
+    Column("runtime_ms", BigInteger, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("images", BigInteger, nullable=False),
+    Column("videos", BigInteger, nullable=False),
+    Column("amount", String(80)),  # exact Decimal; NULL: not billed per request
+    Column("cumulative", String(80)),  # the (payer, model) meter's exact total after it
+    UniqueConstraint("model", "request_id", name="uq_ledger_model_requests_request"),
+    Index("ix_ledger_model_requests_meter", "account_id", "model", "id"),
+    Index("ix_ledger_model_requests_source", "source", "at"),
+)
+
+model_replicas = Table(
+    "ledger_model_replicas",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("model", String(253), nullable=False),
+    Column("replica", String(253), nullable=False),  # the pod UID
+    Column("start_at", Instant, nullable=False),
+    Column("end_at", Instant),  # NULL: online
+    UniqueConstraint("model", "replica", "start_at", name="uq_ledger_model_replicas_interval"),
+)

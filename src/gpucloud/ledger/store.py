@@ -2,8 +2,8 @@
 the few lookups all of them make (an account by name, names by id, an audit record).
 
 Each aggregate (accounts.py, entries.py, usage.py, meters.py, accrual.py, orders.py,
-vouchers.py, audit.py, wipes.py, image_copies.py) holds one Store; the Ledger facade
-(ledger.py) builds one Store and hands it to all of them. The transaction rules are
+vouchers.py, audit.py, wipes.py, image_copies.py, model_billing.py) holds one Store;
+the Ledger facade (ledger.py) builds one Store and hands it to all of them. The transaction rules are
 written once, in ledger.py's docstring.
 """
 

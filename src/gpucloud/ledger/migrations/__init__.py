@@ -1,4 +1,4 @@
 """Alembic migrations of the ledger schema, shipped inside the package."""
 
 # The newest revision; a test checks it against the scripts in versions/.
-HEAD = "0005_image_copies"
+HEAD = "0006_model_billing"
