@@ -3,8 +3,8 @@ the few lookups all of them make (an account by name, names by id, an audit reco
 
 Each aggregate (accounts.py, entries.py, usage.py, meters.py, accrual.py, orders.py,
 vouchers.py, audit.py, wipes.py, image_copies.py, model_billing.py) holds one Store;
-the Ledger facade (ledger.py) builds one Store and hands it to all of them. The transaction rules are
-written once, in ledger.py's docstring.
+the Ledger facade (ledger.py) builds one Store and hands it to all of them. The
+transaction rules are written once, in ledger.py's docstring.
 """
 
 from __future__ import annotations
