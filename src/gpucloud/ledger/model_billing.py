@@ -256,15 +256,17 @@ class ModelBilling:
         except IntegrityError:
             pass  # inserted concurrently
 
-    def replica_offline(self, model: str, replica: str, at: datetime) -> None:
-        """A replica released its GPUs: closes its open interval (idempotent)."""
+    def replica_offline(
+        self, model: str, replica: str, at: datetime, *, start: datetime | None = None
+    ) -> None:
+        """A replica released its GPUs: closes its open interval (idempotent); ``start``:
+        only the interval that began then (an import of closed intervals)."""
         v.instant(at, "at")
+        where = [IV.c.model == model, IV.c.replica == replica, IV.c.end_at.is_(None)]
+        if start is not None:
+            where.append(IV.c.start_at == start)
         with self._s.engine.begin() as conn:
-            conn.execute(
-                update(IV)
-                .where(IV.c.model == model, IV.c.replica == replica, IV.c.end_at.is_(None))
-                .values(end_at=at)
-            )
+            conn.execute(update(IV).where(*where).values(end_at=at))
 
     def replica_intervals(self, model: str) -> list[ReplicaInterval]:
         with self._s.read() as conn:
