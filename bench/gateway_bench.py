@@ -1,7 +1,7 @@
 """Gateway overhead and throughput on loopback.
 
 Starts a fake model server and the gateway (caller authentication, metering and the
-billing store on, as in production, with a SQLite ledger) as real processes, then:
+usage queue and the ledger on, as in production, with a SQLite ledger) as real processes, then:
 
 * overhead: sequential requests, alternating a direct call to the model server and the
   same call through the gateway; overhead pN = pN(through gateway) - pN(direct);
@@ -138,8 +138,8 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=2000, help="sequential requests per path")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--clients", type=int, default=64)
-    ap.add_argument("--no-billing", action="store_true", help="metering without the store")
-    ap.add_argument("--fsync", action="store_true", help="sync every usage commit to disk")
+    ap.add_argument("--no-billing", action="store_true", help="metering without billing")
+    ap.add_argument("--fsync", action="store_true", help="sync every queue commit to disk")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gwbench-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -194,7 +194,7 @@ def main() -> int:
         }
         if not args.no_billing:
             config["billing"] = {
-                "store": "usage.db",
+                "queue": "usage-queue.db",
                 "pricebook": "pricebook.yaml",
                 "ledger": f"sqlite:///{tmp / 'ledger.db'}",
             }

@@ -27,11 +27,12 @@ Config::
       # gpucloud-gateway, port: 9091, namespace: <default: this pod's>}: the endpoints
       # of the gateway's Service not terminating (ready or not), at the operational port
     billing:                          # optional
-      store: /var/lib/gpucloud/gateway-usage.db
+      queue: /var/lib/gpucloud/gateway-queue.db   # usage not yet in the ledger (local)
       pricebook: pricebook.yaml       # a PriceBook resource or its spec
-      ledger: sqlite:///var/lib/gpucloud/ledger.db   # post charges here (default:
-                                                     # $GPUCLOUD_LEDGER_URL; neither: none)
-      fsync: false                    # true: sync every usage commit to disk (survives
+      ledger: sqlite:///var/lib/gpucloud/ledger.db   # record and charge requests here
+                                                     # (default: $GPUCLOUD_LEDGER_URL;
+                                                     # one of the two is required)
+      fsync: false                    # true: sync every queue commit to disk (survives
                                       # a power loss; ~3 ms a request); false: survives
                                       # a killed gateway, a host crash loses <= 1 s
 
@@ -54,7 +55,6 @@ import yaml
 from gpucloud.billing import PriceBook
 from gpucloud.billing.model_charges import ModelPlan
 from gpucloud.clock import clock_from_env
-from gpucloud.modelstore import BillingStore
 from gpucloud_gateway.app import Gateway
 from gpucloud_gateway.callers import Callers, Directory, directory_from_plans
 from gpucloud_gateway.discovery import (
@@ -65,7 +65,7 @@ from gpucloud_gateway.discovery import (
     Scaler,
     StaticEndpoints,
 )
-from gpucloud_gateway.outbox import LedgerPoster, Outbox
+from gpucloud_gateway.outbox import LedgerDrain, Outbox, UsageQueue, restored_stats
 
 
 class ConfigError(ValueError):
@@ -246,7 +246,7 @@ def _own_namespace() -> str:
 class Runtime:
     gateway: Gateway
     outbox: Outbox | None
-    poster: LedgerPoster | None
+    drain: LedgerDrain | None
     models_from_cluster: bool
 
 
@@ -264,11 +264,16 @@ def build(config_path: Path) -> Runtime:
             "Authorization: Bearer <token> and pay for public models (see auth)",
             file=sys.stderr,
         )
-    outbox = poster = store = None
+    outbox = drain = None
     ledger = None
     billing = cfg.get("billing")
     if billing:
-        for key in ("store", "pricebook"):
+        if "store" in billing:
+            raise ConfigError(
+                "billing.store: replaced by billing.queue (model money lives in the ledger; "
+                "import an old store with python -m gpucloud.ledger.import_model_store)"
+            )
+        for key in ("queue", "pricebook"):
             if not isinstance(billing.get(key), str):
                 raise ConfigError(f"billing.{key}: required (a file path)")
         pb_doc = yaml.safe_load((base / billing["pricebook"]).read_text())
@@ -276,14 +281,15 @@ def build(config_path: Path) -> Runtime:
         fsync = billing.get("fsync", False)
         if not isinstance(fsync, bool):
             raise ConfigError(f"billing.fsync: true or false, got {fsync!r}")
-        store = BillingStore(base / billing["store"], pb, fsync=fsync)
         ledger_url = billing.get("ledger") or os.environ.get("GPUCLOUD_LEDGER_URL")
-        if ledger_url:
-            from gpucloud.ledger import open_ledger
+        if not ledger_url:
+            raise ConfigError("billing.ledger: required (or $GPUCLOUD_LEDGER_URL)")
+        from gpucloud.ledger import open_ledger
 
-            ledger = open_ledger(ledger_url)
-        poster = LedgerPoster(store, ledger)
-        outbox = Outbox(store, on_commit=poster.wake)
+        ledger = open_ledger(ledger_url)
+        usage = UsageQueue(base / billing["queue"], fsync=fsync)
+        drain = LedgerDrain(usage, ledger, pb)
+        outbox = Outbox(usage, on_commit=drain.wake)
     clock = clock_from_env()
     gateway = Gateway(
         plans,
@@ -300,10 +306,10 @@ def build(config_path: Path) -> Runtime:
         peers=_peers(cfg.get("stats")),
     )
     _readiness(gateway, outbox)
-    if store is not None:  # before any port is open: /v1/stats never reads 0 for a busy model
+    if drain is not None:  # before any port is open: /v1/stats never reads 0 for a busy model
         since = clock.now() - timedelta(seconds=gateway.window_s)
-        gateway.restore_stats(store.arrivals(since), store.totals())
-    return Runtime(gateway, outbox, poster, from_cluster)
+        gateway.restore_stats(*restored_stats(drain.usage, drain.ledger, since))
+    return Runtime(gateway, outbox, drain, from_cluster)
 
 
 def _readiness(gateway: Gateway, outbox: Outbox | None) -> None:
@@ -359,18 +365,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpucloud-gateway: bad config {args.config}: {exc}", file=sys.stderr)
         return 2
     starts, stops = _catalog_hooks(rt)
-    if rt.poster is not None:
-        starts.append(rt.poster.start)  # rows a killed gateway left are posted now
-    drain = []
-    if rt.outbox is not None and rt.poster is not None:
-        outbox, poster = rt.outbox, rt.poster
+    if rt.drain is not None:
+        starts.append(rt.drain.start)  # records a killed gateway left go to the ledger now
+    finish = []
+    if rt.outbox is not None and rt.drain is not None:
+        outbox, drain = rt.outbox, rt.drain
 
         async def drain_usage() -> None:
             await asyncio.to_thread(outbox.close)
-            await poster.stop()
+            await drain.stop()
 
-        drain.append(drain_usage)
-    app = rt.gateway.app(on_shutdown=[*stops, *drain], on_startup=starts)
+        finish.append(drain_usage)
+    app = rt.gateway.app(on_shutdown=[*stops, *finish], on_startup=starts)
     serve(
         app, args.host, args.port, rt.gateway.ops_app(), args.ops_host or args.host,
         args.ops_port, args.log_level,

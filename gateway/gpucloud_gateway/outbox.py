@@ -1,35 +1,174 @@
-"""The usage outbox: a request's usage is committed before its caller has the answer.
+"""The usage outbox: a request's usage is durable before its caller has the answer.
 
 The gateway awaits :meth:`Outbox.record` before it sends a response's last bytes (the
 final chunk of a body of known length, the ``data: [DONE]`` event of a stream, or the
 end of a chunked body), so a caller never holds a complete answer whose usage a
-``kill -9`` could still lose. One writer thread commits whatever records are waiting in
-one transaction (group commit) to the billing store's own SQLite file: recording never
-waits on the ledger. :class:`LedgerPoster` drains the committed rows into the ledger in
-the background, from startup on; only it knows the ledger, so moving model money to
-another ledger changes the poster, not the request path.
+``kill -9`` could still lose. One writer thread appends whatever records are waiting to
+a local SQLite queue in one transaction (group commit): the request path never waits on
+the ledger, which may be slow, locked or remote.
+
+:class:`LedgerDrain` moves queued records into the ledger from startup on: a batch is
+recorded and charged in one ledger transaction (``Ledger.record_model_requests``,
+idempotent on (model, request id)) and only then removed from the queue. A kill between
+the two leaves records in the queue that the ledger already holds; the next drain finds
+them there and charges nothing again. So the queue holds only what the ledger may not
+have yet, and no answered request is lost or charged twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import queue
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
 
+from gpucloud.billing import PriceBook
 from gpucloud.billing.model_charges import ModelPlan, UsageEvent
-from gpucloud.modelstore import BillingStore, Poster
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
 
-# (plan, event, payer, loop and future to resolve once committed, or None)
+# (plan, event, payer): what the ledger records
+Record = tuple[ModelPlan, UsageEvent, str | None]
+# a record, and the loop and future to resolve once committed (or None)
 _Item = tuple[ModelPlan, UsageEvent, str | None, Any, "asyncio.Future[None] | None"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queued (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    record TEXT NOT NULL            -- JSON: plan, event, payer
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class RequestLedger(Protocol):
+    """The part of ``gpucloud.ledger.Ledger`` the drain and the startup counts use."""
+
+    def record_model_requests(
+        self, batch: Iterable[Record], pricebook: PriceBook, *, source: str = ""
+    ) -> int: ...
+
+    def model_requests_known(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]: ...
+
+    def model_request_stats(
+        self, source: str, since: datetime
+    ) -> tuple[list[tuple[str, datetime]], dict[str, tuple[int, datetime | None]]]: ...
+
+
+def _encode(plan: ModelPlan, event: UsageEvent, payer: str | None) -> str:
+    ev = dataclasses.asdict(event) | {"at": event.at.isoformat()}
+    return json.dumps({"plan": dataclasses.asdict(plan), "event": ev, "payer": payer})
+
+
+def _decode(text: str) -> Record:
+    doc = json.loads(text)
+    ev = doc["event"] | {"at": datetime.fromisoformat(doc["event"]["at"])}
+    return ModelPlan(**doc["plan"]), UsageEvent(**ev), doc["payer"]
+
+
+class UsageQueue:
+    """Records not yet known to be in the ledger, in a local SQLite file (WAL).
+
+    ``fsync``: ``True`` syncs every commit to disk (survives a power loss); ``False``
+    (synchronous=NORMAL, the default) survives a killed process, and :meth:`checkpoint`,
+    run every second by the drain, bounds what a host crash can take. The file also
+    holds this gateway instance's ``source`` name (a new file, a new name): the ledger
+    rows it recorded, from which a restarted gateway rebuilds its own request counts.
+    """
+
+    def __init__(self, path: str | Path, *, fsync: bool = False) -> None:
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._checkpointer: sqlite3.Connection | None = None
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta VALUES ('source', ?)", (f"gw-{uuid.uuid4().hex[:16]}",)
+        )
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'source'").fetchone()
+        self.source: str = row[0]
+
+    def close(self) -> None:
+        self._db.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+
+    def append_many(self, records: Iterable[Record]) -> None:
+        """Append a batch in one transaction."""
+        rows = [(_encode(p, e, payer),) for p, e, payer in records]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT INTO queued (record) VALUES (?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def peek(self, limit: int = MAX_BATCH) -> list[tuple[int, Record]]:
+        """The oldest ``limit`` queued records, with their sequence numbers."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, record FROM queued ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [(seq, _decode(text)) for seq, text in rows]
+
+    def remove_through(self, seq: int) -> None:
+        """Forget the records up to ``seq``: the ledger has them."""
+        with self._lock:
+            self._db.execute("DELETE FROM queued WHERE seq <= ?", (seq,))
+
+    def pending(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM queued").fetchone()[0])
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file, syncing both to disk: what
+        was committed before this survives a host crash too. Its own connection: a
+        passive checkpoint does not stop the outbox's writer."""
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False
+            )
+            self._checkpointer.execute("PRAGMA busy_timeout=10000")
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+def restored_stats(
+    usage: UsageQueue, ledger: RequestLedger, since: datetime
+) -> tuple[list[tuple[str, datetime]], dict[str, tuple[int, datetime | None]]]:
+    """This gateway instance's request counts after a restart: its rows in the ledger,
+    plus the queued records the ledger does not hold yet (each request counted once)."""
+    arrivals, totals = ledger.model_request_stats(usage.source, since)
+    queued = [rec for _, rec in usage.peek(limit=10**9)]
+    known = ledger.model_requests_known((p.key, e.request_id) for p, e, _ in queued)
+    seen: set[tuple[str, str]] = set()
+    for plan, event, _ in queued:
+        key = (plan.key, event.request_id)
+        if key in known or key in seen:
+            continue
+        seen.add(key)
+        if event.at >= since:
+            arrivals.append((plan.key, event.at))
+        n, last = totals.get(plan.key, (0, None))
+        totals[plan.key] = (n + 1, event.at if last is None else max(last, event.at))
+    arrivals.sort(key=lambda a: a[1])
+    return arrivals, totals
 
 
 def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
@@ -44,9 +183,9 @@ def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
 class Outbox:
     """Durable usage records, committed by one writer thread in groups."""
 
-    def __init__(self, store: BillingStore, on_commit: Callable[[], None] | None = None) -> None:
-        self.store = store
-        self.on_commit = on_commit  # e.g. wake the poster (called from the writer thread)
+    def __init__(self, usage: UsageQueue, on_commit: Callable[[], None] | None = None) -> None:
+        self.usage = usage
+        self.on_commit = on_commit  # e.g. wake the drain (called from the writer thread)
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="usage-outbox", daemon=True)
         self._thread.start()
@@ -84,7 +223,7 @@ class Outbox:
                 batch.append(item)
             error: BaseException | None = None
             try:
-                self.store.record_many([(p, e, payer) for p, e, payer, _, _ in batch])
+                self.usage.append_many([(p, e, payer) for p, e, payer, _, _ in batch])
             except Exception as exc:  # the waiting requests fail: no answer without a record
                 log.exception("committing %d usage records failed", len(batch))
                 error = exc
@@ -100,16 +239,20 @@ class Outbox:
         self._thread.join(timeout_s)
 
 
-class LedgerPoster:
-    """Posts committed usage to the ledger: at startup (rows a killed gateway left), after
-    each commit, and every ``tick_s`` while rows wait (a ledger that was down or slow).
-    It also checkpoints the store every ``tick_s`` (not every pass: a checkpoint syncs
-    the disk), so with ``fsync: false`` a host crash loses at most the records of the
-    last ``tick_s`` seconds and a pass's time (a killed process loses none)."""
+class LedgerDrain:
+    """Moves queued records into the ledger: at startup (records a killed gateway left),
+    after each commit, and every ``tick_s`` while records wait (a ledger that was down
+    or slow). It also checkpoints the queue every ``tick_s`` (not every pass: a
+    checkpoint syncs the disk), so with ``fsync: false`` a host crash loses at most the
+    records of the last ``tick_s`` seconds and a pass's time (a killed process loses
+    none)."""
 
-    def __init__(self, store: BillingStore, ledger: Poster | None, tick_s: float = 1.0) -> None:
-        self.store = store
+    def __init__(
+        self, usage: UsageQueue, ledger: RequestLedger, pricebook: PriceBook, tick_s: float = 1.0
+    ) -> None:
+        self.usage = usage
         self.ledger = ledger
+        self.pricebook = pricebook
         self.tick_s = tick_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -117,26 +260,34 @@ class LedgerPoster:
         self._checkpointed = 0.0  # time.monotonic() of the last checkpoint
 
     def wake(self) -> None:
-        """Thread-safe: new rows were committed."""
+        """Thread-safe: new records were committed."""
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name="ledger-poster")
+        self._task = asyncio.create_task(self._run(), name="ledger-drain")
+
+    def drain_once(self) -> int:
+        """Record one batch in the ledger, then forget it here; returns its size."""
+        batch = self.usage.peek(MAX_BATCH)
+        if not batch:
+            return 0
+        records = [rec for _, rec in batch]
+        self.ledger.record_model_requests(records, self.pricebook, source=self.usage.source)
+        self.usage.remove_through(batch[-1][0])  # a kill before this: recorded again, no-op
+        return len(batch)
 
     def _pass(self) -> None:
         if time.monotonic() - self._checkpointed >= self.tick_s:
             self._checkpointed = time.monotonic()
-            self.store.checkpoint()
-        if self.ledger is None:
-            return
+            self.usage.checkpoint()
         try:
-            while self.store.post_pending(self.ledger) == MAX_BATCH:
+            while self.drain_once() == MAX_BATCH:
                 pass
-        except Exception:  # they stay pending: the next pass retries
-            log.exception("posting model charges to the ledger failed")
+        except Exception:  # they stay queued: the next pass retries
+            log.exception("recording model usage in the ledger failed")
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -145,12 +296,12 @@ class LedgerPoster:
             try:
                 await asyncio.to_thread(self._pass)
             except Exception:
-                log.exception("usage poster pass failed")
+                log.exception("usage drain pass failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.tick_s)
 
     async def stop(self, timeout_s: float = 20.0) -> None:
-        """Stop, after one last pass (bounded: everything unposted is durable anyway)."""
+        """Stop, after one last pass (bounded: everything queued is durable anyway)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -160,7 +311,7 @@ class LedgerPoster:
             await asyncio.wait_for(asyncio.to_thread(self._pass), timeout_s)
         except TimeoutError:
             log.warning(
-                "usage poster: %d rows still unposted after %.0fs; posted at the next start",
-                self.store.pending(),
+                "usage drain: %d records still queued after %.0fs; recorded at the next start",
+                self.usage.pending(),
                 time.monotonic() - started,
             )

@@ -98,8 +98,6 @@ class OperatorConfig(BaseModel):
     # Clock seconds a model with minReplicas 0 stays idle before going cold, when its
     # spec.scaling.coldAfterSeconds is not set.
     model_cold_after_s: Positive = 600
-    # The operator's own SQLite file of replica online intervals (crash-safe billing).
-    model_billing_db: NonEmpty = "/var/lib/gpucloud/model-billing.db"
     # Port of the Prometheus /metrics endpoint (gpucloud_operator.metrics); 0 = off.
     metrics_port: Port = 0
     # -- HA (Kopf peering, --peering NAME) ------------------------------------------------

@@ -7,11 +7,11 @@ pod-deletion-cost on the victims), posts an Event per scaling action and writes 
 
 Private models (and deployments) are billed for the online time of each replica: a pod
 is online from the pass or pod event that first sees it Running until one sees it gone
-(instants from the injected clock). Intervals live in a ``gpucloud.modelstore.BillingStore``
-(the operator's own SQLite file) keyed by pod UID, and ``settle_online`` posts the delta
-of the rounded cumulative total with a key naming the total, so a repeated pass posts
-nothing twice. Nothing is recorded while cold. Public models are billed per use by the
-gateway, not here.
+(instants from the injected clock). Intervals live in the ledger (``replica_online``,
+``replica_offline``) keyed by pod UID, and ``settle_model_online`` posts the delta of the
+rounded cumulative total with a key naming the total, so a repeated pass (or another
+operator replica) posts nothing twice. Nothing is recorded while cold. Public models are
+billed per use by the gateway, not here.
 
 What must survive a restart and is not in the CRD's status schema is kept in two
 conditions: ``Ready`` (its lastTransitionTime is when the model last became ready) and
@@ -56,7 +56,6 @@ from gpucloud.model_manifests import (
     build_model_service,
     deployment_name,
 )
-from gpucloud.modelstore import BillingStore
 from gpucloud_operator.accounts import money
 from gpucloud_operator.config import OperatorConfig
 
@@ -330,12 +329,10 @@ class ModelReconciler:
         ledger: Ledger,
         clock: Clock,
         cfg: OperatorConfig,
-        store: BillingStore | None = None,
         stats: StatsSource | None = None,
     ) -> None:
         self.kube, self.ledger, self.clock, self.cfg = kube, ledger, clock, cfg
         self.stats = stats or stats_source(cfg.model_stats_url)
-        self._store = store
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._guard = threading.Lock()
         self._pb: tuple[str, PriceBook] | None = None
@@ -510,26 +507,17 @@ class ModelReconciler:
     def _bill(self, plan: ModelPlan, pb: PriceBook, pods: list[PodView], now: datetime) -> int:
         """Open an interval for each newly running replica, close those of replicas gone,
         post the online charge up to ``now``; returns the total posted for the model."""
-        store = self.store(pb)
+        led = self.ledger
         now = now.replace(microsecond=0)
-        known = {iv.replica: iv for iv in store.intervals(plan)}
+        known = {iv.replica: iv for iv in led.replica_intervals(plan.key)}
         online = {p.uid for p in pods if p.running and not p.done}
         for uid in sorted(online - known.keys()):
-            store.replica_online(plan, uid, now)
+            led.replica_online(plan.key, uid, now)
         for uid, iv in known.items():
             if iv.end is None and uid not in online:
-                store.replica_offline(plan, uid, now)
-        store.pricebook = pb  # the PriceBook may have changed since the store was opened
-        store.settle_online(self.ledger, plan, now)
-        return self.ledger.charges_by_resource(plan.account).get(f"{plan.resource}#online", 0)
-
-    def store(self, pb: PriceBook) -> BillingStore:
-        with self._guard:
-            if self._store is None:
-                path = Path(self.cfg.model_billing_db)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._store = BillingStore(path, pb)
-            return self._store
+                led.replica_offline(plan.key, uid, now)
+        led.settle_model_online(plan, pb, now)
+        return led.charges_by_resource(plan.account).get(f"{plan.resource}#online", 0)
 
     # -- helpers ------------------------------------------------------------------------
     def _policy(self, spec: ModelDeploymentSpec) -> ScalingPolicy:

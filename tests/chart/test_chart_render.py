@@ -230,15 +230,17 @@ def test_gateway_config_is_accepted_by_the_gateway(tmp_path: Path) -> None:
     # Local stand-ins for what only exists in a cluster; the rest is the rendered file.
     pricebook = find(docs, "ConfigMap", "-pricebook")["data"]["pricebook.yaml"]
     (tmp_path / "pricebook.yaml").write_text(pricebook)
-    config["billing"] = {"store": "usage.db", "pricebook": "pricebook.yaml"}
+    config["billing"] = {
+        "queue": "usage-queue.db",
+        "pricebook": "pricebook.yaml",
+        "ledger": f"sqlite:///{tmp_path / 'ledger.db'}",  # the Secret's URL in a cluster
+    }
     config["endpoints"] = {"kind": "static", "map": {}}
     config["scaler"] = {"kind": "none"}
     (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
     runtime = build(tmp_path / "gateway.yaml")
     assert (
-        runtime.outbox is not None
-        and runtime.poster is not None
-        and not runtime.models_from_cluster
+        runtime.outbox is not None and runtime.drain is not None and not runtime.models_from_cluster
     )
     defaults = render(tmp_path)
     config = yaml.safe_load(find(defaults, "ConfigMap", "-gateway")["data"]["gateway.yaml"])

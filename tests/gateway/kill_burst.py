@@ -74,9 +74,9 @@ class Answer:
 @dataclass
 class Outcome:
     answered: list[Answer]
-    rows: dict[str, dict[str, Any]]  # request id -> the billing store's row
+    rows: dict[str, dict[str, Any]]  # request id -> the ledger's row
     kills: int
-    left_unposted: int  # rows the last killed gateway left unposted
+    left_unposted: int  # records the last killed gateway left in its queue
     unbilled: list[str] = field(default_factory=list)
     doubled: list[str] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
@@ -158,8 +158,9 @@ async def _once(client: httpx.AsyncClient, i: int) -> Answer | None:
 
 
 def run_burst(tmp: Path, requests: int = 800, kills: int = 3, concurrency: int = 24) -> Outcome:
-    """The burst with ``kills`` kills spread over it, one more at its end (so rows are
-    left unposted), then a restart that gets no request at all and must post them."""
+    """The burst with ``kills`` kills spread over it, one more at its end (so records are
+    left in the queue), then a restart that gets no request at all and must record them
+    in the ledger."""
     server, server_url = start_model_server(tmp, "model", "--token-ms", "2")
     write_endpoints(
         tmp / "endpoints.json", {"team/text": [server_url], "team/personal": [server_url]}
@@ -178,7 +179,7 @@ def run_burst(tmp: Path, requests: int = 800, kills: int = 3, concurrency: int =
         "auth": {"kind": "static", "tokens": {TOKEN: "system:serviceaccount:team-b:default"}},
         "accounts": {"bob": ["team-b"]},
         "billing": {
-            "store": "usage.db",
+            "queue": "usage-queue.db",
             "pricebook": "pricebook.yaml",
             "ledger": f"sqlite:///{ledger_path}",
         },
@@ -197,12 +198,12 @@ def run_burst(tmp: Path, requests: int = 800, kills: int = 3, concurrency: int =
             answered, gateway = asyncio.run(
                 _burst(url, requests, kills, concurrency, start, gateway)
             )
-            gateway.stop(signal.SIGKILL)  # the last kill: its rows are not posted yet
-            left = _unposted(tmp / "usage.db")
+            gateway.stop(signal.SIGKILL)  # the last kill: its queue is not drained yet
+            left = _unposted(tmp / "usage-queue.db")
         gateway = start()  # the ledger is fast again; no request comes
-        wait_for(lambda: _unposted(tmp / "usage.db") == 0, 60, "posting at startup")
+        wait_for(lambda: _unposted(tmp / "usage-queue.db") == 0, 60, "recording at startup")
         stats = httpx.get(gateway.ops_url + "/v1/stats").json()
-        return _compare(answered, _rows(tmp / "usage.db"), ledger, kills + 1, left, stats)
+        return _compare(answered, _rows(ledger), ledger, kills + 1, left, stats)
     finally:
         gateway.stop()
         server.stop()
@@ -258,20 +259,18 @@ async def _burst(
 
 
 def _unposted(path: Path) -> int:
+    """Records the gateway's local queue holds: not known to be in the ledger yet."""
     db = sqlite3.connect(path, timeout=30)
     try:
-        return int(db.execute("SELECT count(*) FROM requests WHERE posted = 0").fetchone()[0])
+        return int(db.execute("SELECT count(*) FROM queued").fetchone()[0])
     finally:
         db.close()
 
 
-def _rows(path: Path) -> dict[str, dict[str, Any]]:
-    db = sqlite3.connect(path, timeout=30)
-    db.row_factory = sqlite3.Row
-    try:
-        return {r["request_id"]: dict(r) for r in db.execute("SELECT * FROM requests")}
-    finally:
-        db.close()
+def _rows(ledger: Any) -> dict[str, dict[str, Any]]:
+    """The request rows the ledger holds (each recorded with its charge)."""
+    rows = [r for m in ("team/text", "team/personal") for r in ledger.model_requests(m)]
+    return {r["request_id"]: r for r in rows}
 
 
 def _compare(

@@ -1,8 +1,8 @@
-"""Model billing against a real SQLite ledger, to the cent, for each pricing kind."""
+"""Model billing against a real SQLite ledger, to the cent, for each pricing kind, and
+the gateway's usage queue drained into it."""
 
 from __future__ import annotations
 
-import sqlite3
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 from gateway_testkit import PRODUCT, pricebook
+from gpucloud_gateway.outbox import LedgerDrain, UsageQueue, restored_stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpucloud.billing import model_online_charge, to_minor
 from gpucloud.billing.model_charges import ModelBillingError, ModelPlan, Rule, UsageEvent
 from gpucloud.ledger import EntryKind, Ledger, open_ledger
-from gpucloud.modelstore import BillingStore
 
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 PB = pricebook()
@@ -34,11 +34,28 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
     led.close()
 
 
+class Store:
+    """Records straight into the ledger (what the gateway's drain does per batch)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def record(self, p: ModelPlan, e: UsageEvent, payer: str | None = None) -> bool:
+        return self.ledger.record_model_requests([(p, e, payer)], PB) == 1
+
+    def settle_online(self, _: object, p: ModelPlan, now: datetime) -> int:
+        return self.ledger.settle_model_online(p, PB, now)
+
+    def replica_online(self, p: ModelPlan, replica: str, at: datetime) -> None:
+        self.ledger.replica_online(p.key, replica, at)
+
+    def replica_offline(self, p: ModelPlan, replica: str, at: datetime) -> None:
+        self.ledger.replica_offline(p.key, replica, at)
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[BillingStore]:
-    s = BillingStore(tmp_path / "usage.db", PB)
-    yield s
-    s.close()
+def store(ledger: Ledger) -> Store:
+    return Store(ledger)
 
 
 def plan(**kw: object) -> ModelPlan:
@@ -61,69 +78,66 @@ def charged(led: Ledger, account: str, resource: str) -> int:
     return led.charges_by_resource(account).get(resource, 0)
 
 
-def test_official_text_model_bills_tokens_rounded_once(store: BillingStore, ledger: Ledger) -> None:
+def test_official_text_model_bills_tokens_rounded_once(store: Store, ledger: Ledger) -> None:
     p = plan(visibility="Public", publisher="Official", task="TextGeneration")
     assert p.rule is Rule.OFFICIAL
     events = [event(i, prompt_tokens=100 + i, completion_tokens=37) for i in range(60)]
     for e in events:
         assert store.record(p, e)
-    store.post_pending(ledger)
     tokens = sum(e.tokens for e in events)
     exact = Decimal("0.0137") * tokens / 1000
-    assert store.exact_total("owner", "ns/m") == exact
+    assert ledger.model_exact_total("owner", "ns/m") == exact
     assert charged(ledger, "owner", "model/ns/m") == to_minor(exact) == 14
     # A single request here costs ~0.19 fen: separately rounded slices would post 0.
     assert to_minor(Decimal("0.0137") * events[0].tokens / 1000) == 0
 
 
-def test_postings_are_idempotent_across_a_crash(
-    store: BillingStore, ledger: Ledger, tmp_path: Path
+def test_a_drain_killed_after_the_ledger_commit_charges_nothing_twice(
+    ledger: Ledger, tmp_path: Path
 ) -> None:
     p = plan(visibility="Public", publisher="Official", task="ImageGeneration")
-    for i in range(7):
-        store.record(p, event(i, images=3))
-    assert not store.record(p, event(3, images=3)), "a request id is recorded once"
-    store.post_pending(ledger)
+    usage = UsageQueue(tmp_path / "queue.db")
+    drain = LedgerDrain(usage, ledger, PB)
+    usage.append_many([(p, event(i, images=3), None) for i in range(7)])
+    usage.append_many([(p, event(3, images=3), None)])  # a request id is recorded once
+    # Killed between the ledger's commit and forgetting the batch: recorded, still queued.
+    ledger.record_model_requests([rec for _, rec in usage.peek()], PB, source=usage.source)
     before = ledger.balance("owner")
-    # A crash after posting but before marking rows posted: everything is re-posted.
-    db = sqlite3.connect(tmp_path / "usage.db")
-    db.execute("UPDATE requests SET posted = 0")
-    db.commit()
-    db.close()
-    store.post_pending(ledger)
+    assert usage.pending() == 8
+    # The restarted gateway's counts: each request once, from the ledger and the queue.
+    arrivals, totals = restored_stats(UsageQueue(tmp_path / "queue.db"), ledger, T0)
+    assert len(arrivals) == 7 and totals["ns/m"][0] == 7
+    assert drain.drain_once() == 8
+    assert usage.pending() == 0 and drain.drain_once() == 0
     assert ledger.balance("owner") == before
     assert charged(ledger, "owner", "model/ns/m") == to_minor(Decimal("0.0815") * 21) == 171
+    usage.close()
 
 
-def test_official_video_model_bills_videos(store: BillingStore, ledger: Ledger) -> None:
+def test_official_video_model_bills_videos(store: Store, ledger: Ledger) -> None:
     p = plan(visibility="Public", publisher="Official", task="VideoGeneration")
     store.record(p, event(1, videos=2))
     store.record(p, event(2, videos=1))
     store.record(p, event(3, status=500, videos=1))  # a failed request costs nothing
-    store.post_pending(ledger)
     assert charged(ledger, "owner", "model/ns/m") == to_minor(Decimal("1.2345") * 3) == 370
 
 
-def test_personal_model_bills_request_runtime_to_the_caller(
-    store: BillingStore, ledger: Ledger
-) -> None:
+def test_personal_model_bills_request_runtime_to_the_caller(store: Store, ledger: Ledger) -> None:
     p = plan(visibility="Public", publisher="Personal")
     runtimes = [1234, 87, 15_001, 3]
     for i, ms in enumerate(runtimes):
         store.record(p, event(i, ms=ms), payer="caller")
-    store.post_pending(ledger)
     exact = Decimal("0.0031") * sum(runtimes) / 1000
     assert charged(ledger, "caller", "model/ns/m") == to_minor(exact) == 5
     assert charged(ledger, "owner", "model/ns/m") == 0
 
 
 def test_private_model_bills_replica_online_time_and_nothing_while_cold(
-    store: BillingStore, ledger: Ledger
+    store: Store, ledger: Ledger
 ) -> None:
     p = plan(gpus_per_replica=2)
     assert p.rule is Rule.ONLINE
     store.record(p, event(1))  # requests of a private model cost nothing by themselves
-    store.post_pending(ledger)
     assert charged(ledger, "owner", "model/ns/m") == 0
     store.replica_online(p, "r0", T0)
     store.replica_online(p, "r0", T0)  # idempotent
@@ -152,12 +166,11 @@ def test_bad_plans_name_the_field() -> None:
         plan(visibility="Public")
     with pytest.raises(ModelBillingError, match=r"gpu\.count: must be >= 1"):
         plan(gpus_per_replica=0)
+
+
+def test_public_models_have_no_online_time(ledger: Ledger) -> None:
     with pytest.raises(ModelBillingError, match="is public: it is billed per request"):
-        BillingStore(":memory:", PB).settle_online(
-            None,  # type: ignore[arg-type]
-            plan(visibility="Public", publisher="Personal"),
-            T0,
-        )
+        ledger.settle_model_online(plan(visibility="Public", publisher="Personal"), PB, T0)
 
 
 @settings(max_examples=25, deadline=None)
@@ -174,7 +187,7 @@ def test_online_time_settled_at_any_instants_is_the_exact_total_rounded_once(
     exact charge of the online seconds so far rounded once, never drifting."""
     with tempfile.TemporaryDirectory() as tmp:
         led = open_ledger(f"sqlite:///{Path(tmp) / 'ledger.db'}")
-        s = BillingStore(Path(tmp) / "usage.db", PB)
+        s = Store(led)
         try:
             led.ensure_account("owner")
             p = plan(gpus_per_replica=gpus)
@@ -189,5 +202,4 @@ def test_online_time_settled_at_any_instants_is_the_exact_total_rounded_once(
                 exact = Fraction("7.21") * gpus * seconds / 3600  # the oracle
                 assert charged(led, "owner", "model/ns/m#online") == to_minor(exact)
         finally:
-            s.close()
             led.close()

@@ -24,8 +24,8 @@ def test_kill_9_during_a_burst_with_a_slow_ledger_bills_every_answer_once(
     assert out.unbilled == [], f"{len(out.unbilled)} answered requests were never billed"
     assert out.doubled == []
     assert out.mismatches == []
-    # The test bit: the last kill left stored rows the ledger had not taken yet, and the
-    # restarted gateway posted them with no request to start it.
+    # The test bit: the last kill left queued records the ledger had not taken yet, and
+    # the restarted gateway recorded them with no request to start it.
     assert out.left_unposted > 0
     # A recorded request the kill cut before its caller had it may be billed (the
     # caller retried it under a new id): at most the requests in flight at each kill.

@@ -165,7 +165,7 @@ def test_callers_authenticate_with_service_account_tokens(
             "auth": {"kind": "tokenreview", "cacheSeconds": 5},
             "accounts": {"caller": [namespace]},
             "billing": {
-                "store": "usage.db",
+                "queue": "usage-queue.db",
                 "pricebook": "pricebook.yaml",
                 "ledger": f"sqlite:///{tmp_path / 'ledger.db'}",
             },

@@ -1,6 +1,7 @@
 """Several gateway replicas share the load: the autoscaler decides on their sum.
 
-Two real gateway processes (each listing both as peers, each with its own usage store)
+Two real gateway processes (each listing both as peers, each with its own usage queue,
+both recording into one ledger)
 in front of one real model server; the operator's own stats reader (``HttpStats``) and
 observation feed ``decide``. One replica is killed with SIGKILL and restarted: the sum
 is refused while it is down and whole again once it is back.
@@ -60,7 +61,11 @@ def gateways(tmp_path: Path) -> Iterator[Gateways]:
             "endpoints": {"kind": "file", "path": "endpoints.json"},
             "auth": {"kind": "none"},
             "stats": {"peers": {"kind": "static", "urls": urls}},
-            "billing": {"store": f"usage{i}.db", "pricebook": "pricebook.yaml"},
+            "billing": {
+                "queue": f"usage{i}.db",
+                "pricebook": "pricebook.yaml",
+                "ledger": f"sqlite:///{tmp_path / 'ledger.db'}",
+            },
         }
         name = f"gateway{i}-{runs[0]}"
         return start_gateway(tmp_path, config, ports[i], name, ops_port=ops_ports[i])[0]

@@ -174,8 +174,12 @@ def test_request_volume_counts_the_last_window_only() -> None:
             "scaler.kind: 'magic' is not one of",
         ),
         (
-            {"models": [], "endpoints": {"kind": "static"}, "billing": {"store": "x.db"}},
+            {"models": [], "endpoints": {"kind": "static"}, "billing": {"queue": "x.db"}},
             "billing.pricebook: required",
+        ),
+        (
+            {"models": [], "endpoints": {"kind": "static"}, "billing": {"store": "x.db"}},
+            "billing.store: replaced by billing.queue",
         ),
         (
             {"models": [], "endpoints": {"kind": "static"}, "auth": {"kind": "magic"}},

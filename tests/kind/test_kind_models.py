@@ -40,13 +40,18 @@ def test_personal_model_is_billed_per_second_of_runtime(h: KindHarness) -> None:
     for _ in range(2):  # the model works 1.7 s on each
         code, answer = h.model_request("mine", token, latency_ms=1700)
         assert code == 200, answer
-    rows = h.gateway_store(
-        f"SELECT runtime_ms, cumulative FROM requests WHERE model = '{h.ns}/mine' ORDER BY seq"
+    query = "SELECT runtime_ms, cumulative FROM ledger_model_requests WHERE model = ? ORDER BY id"
+    # The gateway queues each request's usage, then records it (and its charge) in the
+    # ledger: the rows appear there with their charges, in one transaction.
+    rows = h.wait(
+        lambda: (r := h.sql(query, f"{h.ns}/mine")) and len(r) == 2 and r,
+        "the requests recorded in the ledger",
+        timeout=60,
     )
-    assert len(rows) == 2 and all(ms >= 1700 for ms, _ in rows)
+    assert all(ms >= 1700 for ms, _ in rows)
     per_second = Decimal(KIND_VALUES["pricebook"]["models"]["personalPerRequestSecond"])
     exact = per_second * sum(ms for ms, _ in rows) / 1000
-    assert Decimal(rows[-1][1]) == exact  # the store's running total, unrounded
+    assert Decimal(rows[-1][1]) == exact  # the request meter's running total, unrounded
     resource = f"model/{h.ns}/mine"
     h.wait(lambda: h.charges(resource) == to_minor(exact), "the runtime charged", timeout=60)
     assert to_minor(exact) >= 1  # about 3.4 s x 0.0031/s = 0.0105 CNY: not nothing

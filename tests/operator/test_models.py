@@ -147,7 +147,7 @@ class Models:
         )
         self.clock = ManualClock(T0)
         self.ledger = open_ledger(f"sqlite:///{tmp / 'ledger.db'}", clock=self.clock)
-        self.cfg = OperatorConfig(model_billing_db=str(tmp / "models.db"))
+        self.cfg = OperatorConfig()
         self.stats: dict[str, Any] = {}
         self.rec = ModelReconciler(
             self.kube, self.ledger, self.clock, self.cfg, stats=CallableStats(lambda: self.stats)

@@ -9,8 +9,8 @@ Which rule applies (the seed's "Model Billing"):
 * private model / deployment: replicas x online time (start-up, requests, idle), nothing
   while cold.
 
-The amounts here are exact; rounding and posting are the store's
-(``gpucloud.modelstore``).
+The amounts here are exact; rounding and posting are the ledger's
+(``gpucloud.ledger.model_billing``).
 """
 
 from __future__ import annotations

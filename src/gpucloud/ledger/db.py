@@ -72,7 +72,9 @@ def _configure_sqlite(engine: Engine) -> None:
 def current_revision(engine: Engine) -> str | None:
     """The schema's Alembic revision, read without importing Alembic (process start-up
     stays fast for short-lived workers)."""
-    with engine.connect() as conn:
+    # Read-only: on SQLite a writer's BEGIN IMMEDIATE would queue a starting process
+    # (a gateway restarted after a kill) behind whoever holds the write lock.
+    with engine.connect().execution_options(**{READ_ONLY: True}) as conn:
         if not inspect(conn).has_table("alembic_version"):
             return None
         return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()

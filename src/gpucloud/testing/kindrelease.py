@@ -277,19 +277,6 @@ class KindHarness:
         as the chart's API ServiceAccount, on the real RBAC."""
         return self.call(API_URL + path, token)
 
-    def gateway_store(self, query: str) -> list[list[Any]]:
-        """Rows of a query on the gateway's usage store (its outbox), in its pod."""
-        script = (
-            "import json, sqlite3, sys\n"
-            "db = sqlite3.connect('file:/var/lib/gpucloud/gateway/usage.db?mode=ro', uri=True)\n"
-            "print(json.dumps([list(r) for r in db.execute(sys.argv[1]).fetchall()]))\n"
-        )
-        out = self.kind.kubectl(
-            "exec", "-n", self.release_ns, "deploy/gpucloud-gateway", "--",
-            "python3", "-c", script, query,
-        ).stdout  # fmt: skip
-        return json.loads(out)
-
     def gateway_serves(self, model: str) -> bool:
         """The gateway has listed the model (its catalog polls every 2 s): what the
         operator's autoscaler reads on the ops Service names it."""

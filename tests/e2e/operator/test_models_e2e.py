@@ -9,7 +9,6 @@ are real."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
@@ -40,7 +39,6 @@ def h(testbed: Testbed, namespace: str, tmp_path: Path) -> Iterator[Harness]:
         tmp_path,
         model_interval_s="0.5",
         model_stats_url=f"file:{tmp_path / 'stats.json'}",
-        model_billing_db=str(tmp_path / "models.db"),
     )
     harness.setup()
     yield harness
@@ -75,14 +73,8 @@ class Model:
         return get_json(self.h.tb, "pods", "-n", self.h.ns)["items"]
 
     def closed_intervals(self) -> int:
-        """Replica intervals the operator has closed in its billing store."""
-        db = sqlite3.connect(f"file:{self.h.tmp / 'models.db'}?mode=ro", uri=True)
-        try:
-            return db.execute(
-                "SELECT count(*) FROM replica_intervals WHERE end_at IS NOT NULL"
-            ).fetchone()[0]
-        finally:
-            db.close()
+        """Replica intervals the operator has closed in the ledger."""
+        return sum(1 for iv in self.h.ledger.replica_intervals(self.key) if iv.end is not None)
 
     def settled(self, replicas: int, ready: int, closed: int) -> bool:
         st = self.status()
