@@ -37,7 +37,7 @@ def main() -> int:
     print(f"gateway_doubled_after_kill: {len(out.doubled)} postings")
     print(f"gateway_kill_billing_mismatches: {len(out.mismatches)} models")
     print(f"gateway_billed_unanswered_after_kill: {out.billed_unanswered} requests")
-    print(f"gateway_kill_left_unposted: {out.left_unposted} rows")
+    print(f"gateway_kill_left_unposted: {out.left_unposted} queued records")
     print(f"gateway_kill_bench_s: {took:.1f} s")
     return 0 if not (out.unbilled or out.doubled or out.mismatches) else 1
 
