@@ -21,7 +21,8 @@ PRICEBOOK = ROOT / "examples" / "pricebook.yaml"
 PAYG = ROOT / "examples" / "gpuinstance-payg.yaml"
 PACKAGE = ROOT / "examples" / "gpuinstance-package.yaml"
 
-runner = CliRunner(env={"COLUMNS": "200"})  # wide enough for whole ids in tables
+# wide enough for whole ids in tables; no kubeconfig of the machine running the tests
+runner = CliRunner(env={"COLUMNS": "200", "KUBECONFIG": "/nonexistent", "GPUCLOUD_TOKEN": None})
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,12 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
 
 
 def cli(api: ApiProcess | None, token: str, *args: str) -> tuple[int, str]:
-    base = ["--api-url", api.url if api else "http://127.0.0.1:9", "--token", token]
-    result = runner.invoke(app, [*base, "--account", "acme", *args], catch_exceptions=False)
+    """The token travels as tenants' scripts pass it: in GPUCLOUD_TOKEN, never an argument."""
+    base = ["--api-url", api.url if api else "http://127.0.0.1:9"]
+    result = runner.invoke(
+        app, [*base, "--account", "acme", *args], env={"GPUCLOUD_TOKEN": token},
+        catch_exceptions=False,
+    )  # fmt: skip
     return result.exit_code, result.output
 
 
@@ -108,7 +113,7 @@ def test_bank_transfer_review_and_statement(api: ApiProcess, tmp_path: Path) -> 
     assert hashlib.sha256(receipt.read_bytes()).hexdigest() in out
     voucher_id = re.search(r"voucher: (\S+)", out).group(1)
     code, out = cli(api, "tenant-token", "review", "approve", voucher_id)
-    assert code == 1 and "403" in out  # tenants cannot review
+    assert code == 3 and "403" in out  # auth  # tenants cannot review
     code, out = cli(api, "admin-token", "review", "list")
     assert code == 0 and voucher_id in out
     assert hashlib.sha256(receipt.read_bytes()).hexdigest() in out  # the admin sees the file
@@ -118,7 +123,7 @@ def test_bank_transfer_review_and_statement(api: ApiProcess, tmp_path: Path) -> 
     code, out = cli(api, "admin-token", "review", "approve", voucher_id)
     assert code == 0 and "approved by alice-admin" in out
     code, out = cli(api, "admin-token", "review", "reject", voucher_id, "--reason", "twice")
-    assert code == 1 and "409" in out
+    assert code == 5 and "409" in out  # conflict
     code, out = cli(api, "tenant-token", "statement")
     assert code == 0 and "5000.00 CNY" in out, out
 
@@ -136,6 +141,6 @@ def test_cli_errors_are_readable(api: ApiProcess) -> None:
     assert code == 1 and "amount: '1.001' is finer than the minor unit of CNY" in out
     assert "at most 2 decimal places" in out
     code, out = cli(api, "stranger-token", "balance")
-    assert code == 1 and "403" in out
+    assert code == 3 and "403" in out
     code, out = cli(None, "x", "balance")
-    assert code == 1 and "cannot reach the API" in out
+    assert code == 7 and "cannot reach the API" in out
