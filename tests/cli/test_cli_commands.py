@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -144,3 +149,121 @@ def test_cli_errors_are_readable(api: ApiProcess) -> None:
     assert code == 3 and "403" in out
     code, out = cli(None, "x", "balance")
     assert code == 7 and "cannot reach the API" in out
+
+
+def invoke(api: ApiProcess | None, args: list[str], **env: str | None) -> Any:
+    """The raw result, stdout and stderr apart."""
+    base = ["--api-url", api.url if api else "http://127.0.0.1:9", "--account", "acme"]
+    return runner.invoke(app, [*base, *args], env=env, catch_exceptions=False)
+
+
+def test_every_listing_speaks_json_and_yaml(api: ApiProcess) -> None:
+    token = {"GPUCLOUD_TOKEN": "tenant-token"}
+    for args in (["balance"], ["statement"], ["usage"], ["charges"]):
+        as_json = invoke(api, [*args, "-o", "json"], **token)
+        assert as_json.exit_code == 0, as_json.output
+        data = json.loads(as_json.stdout)
+        as_yaml = invoke(api, [*args, "--output", "yaml"], **token)
+        assert yaml.safe_load(as_yaml.stdout) == data, args
+    balance = json.loads(invoke(api, ["balance", "-o", "json"], **token).stdout)
+    assert balance["account"] == "acme" and "available_minor" in balance
+    listed = invoke(api, ["review", "list", "-o", "json"], GPUCLOUD_TOKEN="admin-token")
+    assert isinstance(json.loads(listed.stdout)["vouchers"], list)
+    bad = invoke(api, ["balance", "-o", "xml"], **token)
+    assert bad.exit_code == 2 and "xml" in bad.stderr
+
+
+def test_estimate_as_json_keeps_exact_prices(tmp_path: Path) -> None:
+    # 19.80/h does not divide into seconds evenly: the price stays an exact decimal string
+    pb = yaml.safe_load(PRICEBOOK.read_text())
+    pb["spec"]["gpus"][0]["payAsYouGoPerHour"] = "19.80"
+    product = pb["spec"]["gpus"][0]["product"]
+    pb_file = tmp_path / "pb.yaml"
+    pb_file.write_text(yaml.safe_dump(pb))
+    inst = yaml.safe_load(PAYG.read_text())
+    inst["spec"]["gpu"] = {"product": product, "count": 1}
+    inst_file = tmp_path / "gi.yaml"
+    inst_file.write_text(yaml.safe_dump(inst))
+    result = invoke(
+        None, ["estimate", "-f", str(inst_file), "--pricebook", str(pb_file), "--balance", "100",
+               "-o", "json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["payg_gpu_per_hour"] == "19.80" and data["balance"] == "100.00"
+    assert data["mode"] == "PayAsYouGo" and isinstance(data["lasts_seconds"], int)
+
+
+def test_errors_go_to_stderr_with_their_exit_code(api: ApiProcess) -> None:
+    denied = invoke(api, ["balance", "-o", "json"], GPUCLOUD_TOKEN="stranger-token")
+    assert denied.exit_code == 3 and denied.stdout == "" and "403" in denied.stderr
+    nobody = invoke(api, ["balance"])
+    assert nobody.exit_code == 3 and "401" in nobody.stderr and "--token-file" in nobody.stderr
+    missing = invoke(api, ["review", "approve", "no-such-voucher"], GPUCLOUD_TOKEN="admin-token")
+    assert missing.exit_code == 4 and "404" in missing.stderr
+    help_text = runner.invoke(app, ["--help"]).stdout
+    assert "4 not found" in help_text and "5 conflict" in help_text
+
+
+def test_credentials_from_the_kubeconfig_context_or_a_token_file(
+    api: ApiProcess, tmp_path: Path
+) -> None:
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "current-context": "dev",
+        "contexts": [{"name": "dev", "context": {"cluster": "c", "user": "bob"}}],
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:9"}}],
+        "users": [{"name": "bob", "user": {"token": "tenant-token"}}],
+    }))  # fmt: skip
+    result = invoke(api, ["balance", "-o", "json"], KUBECONFIG=str(kubeconfig))
+    assert result.exit_code == 0 and json.loads(result.stdout)["account"] == "acme"
+    token_file = tmp_path / "token"
+    token_file.write_text("stranger-token\n")
+    result = invoke(api, ["--token-file", str(token_file), "balance"], KUBECONFIG=str(kubeconfig))
+    assert result.exit_code == 3  # the file wins over the kubeconfig
+    result = invoke(api, ["--token-file", str(tmp_path / "nope"), "balance"])
+    assert result.exit_code == 2 and "--token-file: cannot read" in result.stderr
+
+
+def test_secrets_are_refused_as_arguments(api: ApiProcess, tmp_path: Path) -> None:
+    result = invoke(api, ["--token", "tenant-token", "balance"])
+    assert result.exit_code == 2
+    assert "--token: secrets are not accepted on the command line" in result.stderr
+    assert "--token-file" in result.stderr
+    result = invoke(api, ["recharge", "sandbox-pay", "o-1", "1.00", "--secret", SANDBOX_SECRET])
+    assert result.exit_code == 2 and "--secret: secrets are not accepted" in result.stderr
+    assert "--secret-file" in result.stderr and "GPUCLOUD_SANDBOX_SECRET" in result.stderr
+    result = invoke(api, ["recharge", "sandbox-pay", "o-1", "1.00"])
+    assert result.exit_code == 2 and "sandbox HMAC secret is required" in result.stderr
+
+
+def test_sandbox_pay_takes_its_secret_from_a_file_or_the_environment(
+    api: ApiProcess, tmp_path: Path
+) -> None:
+    token = {"GPUCLOUD_TOKEN": "tenant-token"}
+    secret = tmp_path / "sandbox-secret"
+    secret.write_text(SANDBOX_SECRET + "\n")
+    for how in (["--secret-file", str(secret)], []):
+        args = ["recharge", "online", "19.80", "--png", str(tmp_path / "q.png"), "-o", "json"]
+        order = json.loads(invoke(api, args, **token).stdout)
+        env = {} if how else {"GPUCLOUD_SANDBOX_SECRET": SANDBOX_SECRET}
+        paid = invoke(api, ["recharge", "sandbox-pay", order["order_id"], "19.80", *how],
+                      **token, **env)  # fmt: skip
+        assert paid.exit_code == 0, paid.output
+        assert "credited: True" in paid.stdout
+
+
+def test_completion_scripts_and_answers() -> None:
+    for shell in ("bash", "zsh", "fish"):
+        result = runner.invoke(app, ["completion", shell])
+        assert result.exit_code == 0 and "_GPUCLOUD_COMPLETE" in result.stdout, shell
+    bad = runner.invoke(app, ["completion", "tcsh"])
+    assert bad.exit_code == 2
+    env = {**os.environ, "_GPUCLOUD_COMPLETE": "complete_bash",
+           "COMP_WORDS": "gpucloud rech", "COMP_CWORD": "1"}  # fmt: skip
+    code = "from gpucloud.cli.main import main; main()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.stdout.split() == ["recharge"], done.stderr
+    env.update({"COMP_WORDS": "gpucloud balance --out", "COMP_CWORD": "2"})
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "--output" in done.stdout.split(), done.stderr
