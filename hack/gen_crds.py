@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from gpucloud.billing.money import CURRENCY_EXPONENTS
+
 GROUP = "gpucloud.dev"
 VERSION = "v1alpha1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +73,13 @@ def decimal(desc: str, positive: bool = False) -> Schema:
 
 def timestamp(desc: str) -> Schema:
     return string(desc, format="date-time")
+
+
+def currency(desc: str) -> Schema:
+    """Exactly the currencies the billing core knows how to round (its minor units):
+    any other is refused at admission, not at the first charge."""
+    known = sorted(CURRENCY_EXPONENTS)
+    return enum(f"{desc} One of {', '.join(known)}.", known, default="CNY")
 
 
 def immutable(schema: Schema, what: str) -> Schema:
@@ -243,7 +252,7 @@ def price_book() -> Schema:
     )
     spec = obj(
         {
-            "currency": string("ISO 4217 currency code.", pattern=r"^[A-Z]{3}$", default="CNY"),
+            "currency": currency("ISO 4217 currency code of every price."),
             "gpus": {
                 "type": "array",
                 "minItems": 1,
@@ -299,9 +308,7 @@ def account() -> Schema:
                 "description": "Namespaces whose resources bill to this account.",
                 "items": string("Namespace name.", pattern=DNS_LABEL, maxLength=63),
             },
-            "currency": immutable(
-                string("Currency of the balance.", pattern=r"^[A-Z]{3}$", default="CNY"), "currency"
-            ),
+            "currency": immutable(currency("Currency of the balance."), "currency"),
             "instanceLimit": integer(
                 "Most instances that may run at once.", minimum=0, maximum=10000, default=5
             ),
@@ -439,7 +446,7 @@ def recharge() -> Schema:
         "Recharge",
         "recharges",
         "Namespaced",
-        ["rc"],
+        ["rch"],
         spec,
         status,
         [
