@@ -267,3 +267,43 @@ def test_completion_scripts_and_answers() -> None:
     env.update({"COMP_WORDS": "gpucloud balance --out", "COMP_CWORD": "2"})
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert "--output" in done.stdout.split(), done.stderr
+
+
+def test_a_months_statement_as_json_csv_and_pdf(api: ApiProcess, tmp_path: Path) -> None:
+    from pypdf import PdfReader
+
+    from gpucloud.ledger import open_ledger
+
+    march = datetime(2025, 3, 10, tzinfo=UTC)  # long before the other tests' entries
+    ledger = open_ledger(api.database_url)
+    try:
+        ledger.ensure_account("acme", "CNY")
+        ledger.post_entry("acme", "recharge", 100_00, "st-r", memo="March top-up", at=march)
+        # 19.80/h for 3702 s = 20.361: the ledger posted 20.36, the statement shows that
+        ledger.post_entry("acme", "charge", -20_36, "st-c", resource="team-a/nb",
+                          memo="GPU time", at=march)  # fmt: skip
+    finally:
+        ledger.close()
+    token = {"GPUCLOUD_TOKEN": "tenant-token"}
+    as_json = invoke(api, ["statement", "--period", "2025-03", "-o", "json"], **token)
+    assert as_json.exit_code == 0, as_json.output
+    st = json.loads(as_json.stdout)
+    assert (st["opening_minor"], st["closing_minor"], st["closing"]) == (0, 79_64, "79.64")
+    assert st["charges"][0]["resource"] == "team-a/nb" and st["charges"][0]["total"] == "-20.36"
+    table = invoke(api, ["statement", "--period", "2025-03"], **token)
+    assert "closing balance" in table.stdout and "79.64 CNY" in table.stdout
+    as_csv = invoke(api, ["statement", "--period", "2025-03", "--format", "csv"], **token)
+    assert as_csv.exit_code == 0 and "closing balance" in as_csv.stdout
+    assert "resource total,,,team-a/nb,,-20.36" in as_csv.stdout
+    pdf = tmp_path / "march.pdf"
+    as_pdf = invoke(api, ["statement", "--period", "2025-03", "--format", "pdf", "--out",
+                          str(pdf)], **token)  # fmt: skip
+    assert as_pdf.exit_code == 0 and str(pdf) in as_pdf.stderr
+    text = "".join(p.extract_text() for p in PdfReader(pdf).pages)
+    assert "March top-up" in text and "79.64 CNY" in text
+    bad = invoke(api, ["statement", "--period", "2025-3"], **token)
+    assert bad.exit_code == 1 and "period: '2025-3' is not a month written YYYY-MM" in bad.stderr
+    other = invoke(api, ["statement", "--period", "2025-03"], GPUCLOUD_TOKEN="stranger-token")
+    assert other.exit_code == 3
+    lone = invoke(api, ["statement", "--format", "pdf"], **token)
+    assert lone.exit_code == 2 and "--format: needs --period" in lone.stderr

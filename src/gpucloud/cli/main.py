@@ -193,12 +193,29 @@ def statement(
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
     all_pages: Annotated[bool, typer.Option("--all", help="follow every page")] = False,
     resource: str | None = None,
+    period: Annotated[
+        str | None, typer.Option(help="a month (YYYY-MM, UTC): its statement instead")
+    ] = None,
+    doc_format: Annotated[
+        DocFormat | None,
+        typer.Option("--format", help="with --period: the statement as a csv or pdf document"),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="where to write it (csv: stdout by default)")
+    ] = None,
     output: OutputOpt = Format.table,
 ) -> None:
-    """Entries, oldest first, with the running balance after each."""
+    """Entries, oldest first, with the running balance after each; with --period, the
+    month's statement (opening balance, payments, refunds, charges by resource with
+    GPU-seconds and rates, closing balance)."""
     c: Ctx = ctx.obj
     client = c.client()
     account = c.need_account()
+    if period is not None:
+        _period_statement(client, account, period, doc_format, out, output)
+        return
+    if doc_format is not None:
+        fail("--format: needs --period (a month's statement)", ExitCode.USAGE)
     entries: list[dict[str, Any]] = []
     after: int | None = None
     currency = c.currency
@@ -230,6 +247,50 @@ def statement(
     emit(data, output, human)
     if after is not None and output is Format.table:
         err_console.print(f"more: --all, or the API's after_id={after}")
+
+
+class DocFormat(StrEnum):
+    csv = "csv"
+    pdf = "pdf"
+
+
+def _period_statement(
+    client: ApiClient,
+    account: str,
+    period: str,
+    doc_format: DocFormat | None,
+    out: Path | None,
+    output: Format,
+) -> None:
+    path = f"/v1/accounts/{account}/statement"
+    if doc_format is None:
+        st = call(client.get, path, params={"period": period, "format": "json"})
+        emit(st, output, lambda: _statement_table(st))
+        return
+    resp = call(client.request, "GET", path, params={"period": period, "format": doc_format})
+    if out is None and doc_format is DocFormat.csv:
+        typer.echo(resp.text, nl=False)
+        return
+    target = out or Path(f"statement-{account}-{period}.{doc_format}")
+    target.write_bytes(resp.content)
+    err_console.print(f"statement {period} of {account}: {len(resp.content)} bytes -> {target}")
+
+
+def _statement_table(st: dict[str, Any]) -> Any:
+    cur = st["currency"]
+    t = _table("at", "kind", "resource", "memo", "amount")
+    t.add_row("", "opening balance", "", "", f"{st['opening']} {cur}")
+    for key in ("payments", "refunds", "adjustments"):
+        for x in st[key]:
+            t.add_row(x["at"], x["kind"], x["resource"] or "", x["memo"], x["amount"])
+    for g in st["charges"]:
+        rates = "; ".join(g["rates"])
+        t.add_row("", "charges", g["resource"] or "", f"{g['gpu_seconds']} GPU-s at {rates}",
+                  g["total"])  # fmt: skip
+        for x in g["entries"]:
+            t.add_row(x["at"], x["kind"], "", x["memo"], x["amount"])
+    t.add_row("", "closing balance", "", "", f"{st['closing']} {cur}")
+    return t
 
 
 @app.command()
