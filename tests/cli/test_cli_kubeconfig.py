@@ -114,3 +114,15 @@ def test_no_kubeconfig_is_no_context_but_a_broken_one_is_an_error(
         kubeconfig.load(path)
     with pytest.raises(KubeconfigError, match="contexts: no entry named 'prod'"):
         kubeconfig.load(write(tmp_path, {"token": "t"}), context="prod")
+
+
+def test_client_certificates_for_the_api_server(tmp_path: Path) -> None:
+    user = {
+        "client-certificate-data": base64.b64encode(b"CERT").decode(),
+        "client-key": "key.pem",
+    }
+    ctx = kubeconfig.load(write(tmp_path, user))
+    assert ctx is not None and ctx.token is None and ctx.cert is not None
+    cert, key = ctx.cert
+    assert Path(cert).read_bytes() == b"CERT" and stat.S_IMODE(Path(cert).stat().st_mode) == 0o600
+    assert key == str(tmp_path / "key.pem")

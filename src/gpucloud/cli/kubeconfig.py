@@ -30,6 +30,7 @@ class KubeContext:
     namespace: str
     verify: bool | str  # httpx's verify: False, or a CA bundle path
     token: str | None
+    cert: tuple[str, str] | None = None  # client certificate and key files (the API server)
 
 
 def default_paths() -> list[Path]:
@@ -66,6 +67,7 @@ def load(path: Path | None = None, context: str | None = None) -> KubeContext | 
         namespace=ctx.get("namespace") or "default",
         verify=_verify(cluster, path),
         token=_token(user, path),
+        cert=_client_cert(user, path),
     )
 
 
@@ -79,15 +81,29 @@ def _named(doc: dict[str, Any], section: str, key: str, name: Any, path: Path) -
 def _verify(cluster: dict[str, Any], path: Path) -> bool | str:
     if cluster.get("insecure-skip-tls-verify"):
         return False
-    if cluster.get("certificate-authority"):
-        return str(_relative(path, cluster["certificate-authority"]))
-    if cluster.get("certificate-authority-data"):
-        data = base64.b64decode(cluster["certificate-authority-data"])
-        # httpx wants a file; the CA is public, so a temporary file is fine
-        with tempfile.NamedTemporaryFile("wb", suffix=".crt", delete=False) as f:
+    return _file(cluster, "certificate-authority", path) or True
+
+
+def _file(section: dict[str, Any], key: str, path: Path) -> str | None:
+    """``key`` (a file name) or ``key-data`` (base64, written to a private temporary file:
+    httpx reads certificates and keys from files only)."""
+    if section.get(key):
+        return str(_relative(path, section[key]))
+    if section.get(f"{key}-data"):
+        data = base64.b64decode(section[f"{key}-data"])
+        fd, name = tempfile.mkstemp(suffix=".pem")  # mode 0600: it may be a private key
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return f.name
-    return True
+        return name
+    return None
+
+
+def _client_cert(user: dict[str, Any], path: Path) -> tuple[str, str] | None:
+    """Client certificates authenticate to the Kubernetes API server (``wait``); the
+    gpucloud API takes bearer tokens only."""
+    cert = _file(user, "client-certificate", path)
+    key = _file(user, "client-key", path)
+    return (cert, key) if cert and key else None
 
 
 def _relative(kubeconfig: Path, value: str) -> Path:
@@ -142,6 +158,6 @@ def exec_token(spec: dict[str, Any], path: Path) -> str:
     if not token:
         raise KubeconfigError(
             f"kubeconfig {path}: users.user.exec: {command} printed no ExecCredential "
-            "with status.token (client certificates are not supported by this CLI)"
+            "with status.token"
         )
     return str(token)

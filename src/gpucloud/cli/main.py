@@ -603,7 +603,9 @@ def wait_cmd(
         fail("no Kubernetes API server: no kubeconfig context has one; give --server",
              ExitCode.USAGE)  # fmt: skip
     ns = namespace or (kube.namespace if kube else "default")
-    reader = KubeReader(server, c.token(), kube.verify if kube else True)
+    reader = KubeReader(
+        server, c.token(), kube.verify if kube else True, kube.cert if kube else None
+    )
     try:
         with progress_reporter(err_console, f"{k.plural}/{name} to be {want.describe()}") as rep:
             obj = wait_for(

@@ -137,10 +137,18 @@ def wait_for(
 class KubeReader:
     """GET one gpucloud object from the Kubernetes API server (nothing else)."""
 
-    def __init__(self, server: str, token: str | None, verify: bool | str) -> None:
+    def __init__(
+        self,
+        server: str,
+        token: str | None,
+        verify: bool | str,
+        cert: tuple[str, str] | None = None,
+    ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.server = server.rstrip("/")
-        self._http = httpx.Client(base_url=self.server, headers=headers, verify=verify, timeout=30)
+        self._http = httpx.Client(
+            base_url=self.server, headers=headers, verify=verify, cert=cert, timeout=30
+        )
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}/{name}"
