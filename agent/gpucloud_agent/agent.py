@@ -29,6 +29,9 @@ class AgentConfig:
     sample_period_s: float = 1.0
     disk_root: str | None = None
     disk_metrics_interval_s: float = 300.0
+    # what this agent meters under disk_root: a node's agent its node-local instances/
+    # and images/; the shared-storage meter the cloud disks every node sees (docs/agent.md)
+    disk_kinds: frozenset[UsageKind] = frozenset(disk.LAYOUT)
 
 
 class Agent:
@@ -87,6 +90,14 @@ class Agent:
             )
             for d in self.devices
         ]
+        if not self.devices:
+            # nothing to attribute (a CPU node, or the shared-storage meter): pod-resources
+            # is not asked, and may not even be mounted
+            with self.stats.lock:
+                self.stats.podresources_ok = True
+                self.stats.samples_total += 1
+                self.stats.last_second = second
+            return []
         try:
             held = self.holders()
         except Exception as exc:  # the socket is down: no observation this tick; bridged later
@@ -129,7 +140,7 @@ class Agent:
             self.wal.append([], {"disk_hour": hour})
         records: list[UsageRecord] = []
         if hour > self.disk_cursor or force_measure:
-            usage = disk.measure(root)
+            usage = disk.measure(root, self.config.disk_kinds)
             with self.stats.lock:
                 self.stats.disk = {(v.kind.value, v.namespace, v.name): n for v, n in usage.items()}
             if hour > self.disk_cursor:

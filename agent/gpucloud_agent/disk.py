@@ -8,6 +8,7 @@ once, and does not cross into other filesystems mounted below a volume.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,9 +74,12 @@ def _visible_dirs(path: Path) -> list[Path]:
     )
 
 
-def discover(root: str | os.PathLike[str]) -> list[Volume]:
+def discover(
+    root: str | os.PathLike[str], kinds: Iterable[UsageKind] = tuple(LAYOUT)
+) -> list[Volume]:
     out: list[Volume] = []
-    for kind, folder in LAYOUT.items():
+    for kind in kinds:
+        folder = LAYOUT[kind]
         base = Path(root) / folder
         if not base.is_dir():
             continue
@@ -85,5 +89,18 @@ def discover(root: str | os.PathLike[str]) -> list[Volume]:
     return out
 
 
-def measure(root: str | os.PathLike[str]) -> dict[Volume, int]:
-    return {v: used_bytes(v.path) for v in discover(root)}
+def measure(
+    root: str | os.PathLike[str], kinds: Iterable[UsageKind] = tuple(LAYOUT)
+) -> dict[Volume, int]:
+    return {v: used_bytes(v.path) for v in discover(root, kinds)}
+
+
+def parse_kinds(text: str) -> frozenset[UsageKind]:
+    """``instances,disks,images`` (folder names) -> the kinds metered; ValueError names
+    the flag and what it accepts."""
+    by_folder = {folder: kind for kind, folder in LAYOUT.items()}
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in by_folder]
+    if unknown or not names:
+        raise ValueError(f"--disk-kinds: {text!r} must be a comma list of {', '.join(by_folder)}")
+    return frozenset(by_folder[n] for n in names)

@@ -38,7 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(command="run")
     for p in (parser, run):
         _add(p, "node-name", help="this node's name (required)")
-        _add(p, "nvml", "real", choices=["real", "fake"], help="NVML backend")
+        _add(
+            p,
+            "nvml",
+            "real",
+            choices=["real", "fake", "none"],
+            help="NVML backend (none: meter no GPUs, e.g. the shared-storage meter)",
+        )
         _add(p, "fake-config", help="fake NVML: JSON/YAML file {node, labels, capacity}")
         _add(p, "fake-from-kube", action="store_true", help="fake NVML: from the Node's labels")
         _add(p, "kubeconfig", help="kubeconfig (default: in-cluster config)")
@@ -55,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         _add(p, "wal-dir", "/var/lib/gpucloud-agent/wal")
         _add(p, "wal-segment-bytes", 4 << 20, type=int)
         _add(p, "disk-root", help="root of instances/, disks/, images/ (unset: no disk metering)")
+        _add(
+            p,
+            "disk-kinds",
+            "instances,disks,images",
+            help="folders under --disk-root this agent meters and wipes: a node's agent "
+            "instances,images where disks/ is shared storage metered once elsewhere",
+        )
         _add(p, "disk-metrics-interval", 300.0, type=float, help="seconds between disk gauges")
         _add(
             p,
@@ -110,10 +123,12 @@ def serve_podresources(args: argparse.Namespace) -> int:
 def run_agent(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
+    from gpucloud.usage import UsageKind
     from gpucloud_agent.agent import Agent, AgentConfig
+    from gpucloud_agent.disk import LAYOUT, parse_kinds
     from gpucloud_agent.imagecopy import ImageCopier, ImageCopyCollector
     from gpucloud_agent.metrics import AgentCollector, serve_http
-    from gpucloud_agent.nvml import Nvml, NvmlBackend, NvmlError
+    from gpucloud_agent.nvml import NoGpus, Nvml, NvmlBackend, NvmlError
     from gpucloud_agent.podresources.client import PodResourcesClient
     from gpucloud_agent.pods import DerivedUidResolver, KubeUidResolver, PodUidResolver
     from gpucloud_agent.shipper import Shipper
@@ -124,9 +139,15 @@ def run_agent(args: argparse.Namespace) -> int:
         return _fail("--node-name (or GPUCLOUD_AGENT_NODE_NAME) is required")
     if not args.api_url:
         return _fail("--api-url (or GPUCLOUD_AGENT_API_URL) is required")
+    try:
+        disk_kinds = parse_kinds(args.disk_kinds)
+    except ValueError as exc:
+        return _fail(str(exc))
     clock = clock_from_env()
     nvml: Nvml
-    if args.nvml == "real":
+    if args.nvml == "none":
+        nvml = NoGpus()
+    elif args.nvml == "real":
         try:
             nvml = NvmlBackend()
         except NvmlError as exc:
@@ -165,6 +186,7 @@ def run_agent(args: argparse.Namespace) -> int:
             sample_period_s=args.sample_period,
             disk_root=args.disk_root,
             disk_metrics_interval_s=args.disk_metrics_interval,
+            disk_kinds=disk_kinds,
         ),
         nvml,
         podres.holders,
@@ -191,9 +213,12 @@ def run_agent(args: argparse.Namespace) -> int:
     )
     wiper = None
     if args.disk_root:
-        copier = ImageCopier(
-            args.node_name, args.api_url, args.disk_root, shipper.client, shipper.headers
-        )
+        copier = None
+        if {UsageKind.INSTANCE_VOLUME, UsageKind.IMAGE} <= disk_kinds:
+            # images are copied from an instance's folder on the node that holds both
+            copier = ImageCopier(
+                args.node_name, args.api_url, args.disk_root, shipper.client, shipper.headers
+            )
         try:
             wiper = Wiper(
                 args.node_name,
@@ -203,11 +228,13 @@ def run_agent(args: argparse.Namespace) -> int:
                 shipper.headers,
                 args.wipe_interval,
                 copier,
+                folders=tuple(LAYOUT[k] for k in LAYOUT if k in disk_kinds),
             )
         except ValueError as exc:
             return _fail(str(exc))
         registry.register(WipeCollector(wiper))
-        registry.register(ImageCopyCollector(copier))
+        if copier is not None:
+            registry.register(ImageCopyCollector(copier))
     http = serve_http(
         args.metrics_address, args.metrics_port, registry, agent.ready, agent.debug_state
     )

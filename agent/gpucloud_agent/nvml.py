@@ -37,6 +37,25 @@ class Nvml(Protocol):
     def close(self) -> None: ...
 
 
+class NoGpus:
+    """An agent that meters no GPUs (``--nvml none``): the shared-storage meter."""
+
+    def devices(self) -> list[GpuDevice]:
+        return []
+
+    def utilization_percent(self, index: int) -> int:
+        raise IndexError(index)
+
+    def memory_used_bytes(self, index: int) -> int:
+        raise IndexError(index)
+
+    def processes(self, index: int) -> list[GpuProcess]:
+        raise IndexError(index)
+
+    def close(self) -> None:
+        pass
+
+
 def _text(value: str | bytes) -> str:
     # nvidia-ml-py returns str on recent versions and bytes on old ones
     return value.decode() if isinstance(value, bytes) else value

@@ -96,6 +96,7 @@ class Wiper:
         headers: Callable[[], dict[str, str]],
         interval_s: float = 30.0,
         copier: ImageCopier | None = None,
+        folders: tuple[str, ...] = WIPE_FOLDERS,
     ) -> None:
         if interval_s <= 0:
             raise ValueError(f"--wipe-interval: must be > 0 seconds, got {interval_s}")
@@ -106,6 +107,7 @@ class Wiper:
         self.headers = headers
         self.interval_s = interval_s
         self.copier = copier
+        self.folders = folders  # only the kinds of folder this agent holds
         self.counts = dict.fromkeys(RESULTS, 0)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -123,7 +125,7 @@ class Wiper:
 
     def wipe(self, w: dict[str, Any]) -> bool:
         try:
-            target = resolve(self.disk_root, w["path"], WIPE_FOLDERS)
+            target = resolve(self.disk_root, w["path"], self.folders)
         except Refused as exc:
             log.error("wipe %s (%s) refused: %s", w["id"], w["subject"], exc)
             self._count("refused")

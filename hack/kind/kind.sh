@@ -26,6 +26,7 @@ down() {
   if cluster_exists; then kind delete cluster --name "$CLUSTER"; fi
   "$DOCKER" rm -f "$REGISTRY_NAME" >/dev/null 2>&1 || true
   rm -f "$KUBECONFIG_FILE"
+  rm -rf "${KIND_CACHE:?}/$CLUSTER-shared-disks"
 }
 
 # The registry runs beside the cluster (it outlives cluster re-creation; its blobs live
@@ -109,8 +110,13 @@ up() {
   local node_image
   node_image=$(bash "$KIND_DIR/node-image.sh")
   local config created=0
+  # Cloud disks' shared storage: one host folder bound into every node (cluster.yaml),
+  # writable by the operator's uid, sticky so tenants' folders stay their owners'.
+  local shared_disks=$KIND_CACHE/$CLUSTER-shared-disks
+  mkdir -p "$shared_disks" && chmod 1777 "$shared_disks"
   config=$(sed -e "s#@K8S_REPO@#$K8S_REPO#g" -e "s#@REGISTRY_PORT@#$REGISTRY_PORT#g" \
-               -e "s#@REGISTRY_NAME@#$REGISTRY_NAME#g" "$KIND_DIR/cluster.yaml")
+               -e "s#@REGISTRY_NAME@#$REGISTRY_NAME#g" -e "s#@SHARED_DISKS@#$shared_disks#g" \
+               "$KIND_DIR/cluster.yaml")
   if cluster_exists; then
     local current stopped
     current=$("$DOCKER" inspect -f '{{.Config.Image}}' "$CLUSTER-control-plane" 2>/dev/null || true)
@@ -131,6 +137,7 @@ up() {
   fi
   if ! cluster_exists; then
     local t1=$SECONDS
+    find "$shared_disks" -mindepth 1 -delete  # a new cluster has no disks yet
     printf '%s\n' "$config" >"$KIND_CACHE/$CLUSTER.yaml"
     kind create cluster --name "$CLUSTER" --image "$node_image" \
       --config "$KIND_CACHE/$CLUSTER.yaml" --kubeconfig "$KUBECONFIG_FILE" --retain >&2 ||

@@ -81,6 +81,11 @@ class OperatorConfig(BaseModel):
     # root at disk_nfs_path ("" = the same path as data_root).
     disk_nfs_server: str = ""
     disk_nfs_path: str = ""
+    # The agent that meters cloud disks ("" = whichever node reports first, the test
+    # bed's single host): shared storage is seen by every node, so the chart runs one
+    # shared-storage meter under this reporter name, binds every disk meter to it and
+    # has it remove deleted disks' folders (docs/operator.md, "Cloud disks").
+    disk_meter_node: str = ""
     # Comma list of namespaces whose instances and recharges this operator serves
     # ("" = all). Cluster-scoped kinds are always served cluster-wide.
     namespaces: str = ""

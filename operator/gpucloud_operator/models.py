@@ -46,6 +46,8 @@ from gpucloud.autoscale import (
 from gpucloud.billing import PriceBook, UnknownProduct
 from gpucloud.billing.model_charges import ModelBillingError, ModelPlan, Rule
 from gpucloud.clock import Clock
+from gpucloud.crd import SpecError, parse
+from gpucloud.crd.modeldeployment import ModelDeploymentSpec
 from gpucloud.ledger import Ledger
 from gpucloud.model_manifests import (
     MODEL_LABEL,
@@ -395,9 +397,9 @@ class ModelReconciler:
         status: Obj = {"observedGeneration": meta.get("generation")}
         conds = list((md.get("status") or {}).get("conditions") or [])
         try:
-            policy = ScalingPolicy.from_spec(spec, cold_after_seconds=self.cfg.model_cold_after_s)
+            policy = self._policy(parse(ModelDeploymentSpec, spec))
             plan, pb = self._plan(md)
-        except (AutoscaleError, ManifestError, ModelBillingError) as exc:
+        except (SpecError, AutoscaleError, ManifestError, ModelBillingError) as exc:
             return self._refused(md, status, conds, "InvalidSpec", str(exc), now, ensure)
         except Refusal as exc:
             return self._refused(md, status, conds, exc.reason, str(exc), now, ensure)
@@ -531,6 +533,19 @@ class ModelReconciler:
             return self._store
 
     # -- helpers ------------------------------------------------------------------------
+    def _policy(self, spec: ModelDeploymentSpec) -> ScalingPolicy:
+        """Without spec.scaling, the installation's idle time before going cold."""
+        scaling = spec.scaling
+        return ScalingPolicy(
+            min_replicas=spec.min_replicas,
+            max_replicas=spec.max_replicas,
+            target_requests_per_replica=scaling.target_requests_per_replica if scaling else 600,
+            window_seconds=scaling.window_seconds if scaling else 600,
+            cold_after_seconds=(
+                scaling.cold_after_seconds if scaling else self.cfg.model_cold_after_s
+            ),
+        )
+
     def _plan(self, md: Obj) -> tuple[ModelPlan, PriceBook]:
         ns = md["metadata"]["namespace"]
         accounts = self.kube.list_cluster_objects("accounts", ttl=2.0)

@@ -39,6 +39,8 @@ from typing import Any
 
 from gpucloud.billing import PriceBook, PriceBookError
 from gpucloud.clock import Clock
+from gpucloud.crd import SpecError, parse
+from gpucloud.crd.storageitems import CloudDiskSpec, ImageSpec
 from gpucloud.ledger import ImageCopy, Ledger, NotFound
 from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
@@ -55,6 +57,18 @@ KINDS = {
     "clouddisks": ("cloud_disk", "disks", "CloudDisk"),
     "images": ("image", "images", "Image"),
 }
+SPECS: dict[str, type[CloudDiskSpec] | type[ImageSpec]] = {
+    "clouddisks": CloudDiskSpec,
+    "images": ImageSpec,
+}
+
+
+def _disk(obj: Obj) -> CloudDiskSpec:
+    return parse(CloudDiskSpec, obj.get("spec"))
+
+
+def _image(obj: Obj) -> ImageSpec:
+    return parse(ImageSpec, obj.get("spec"))
 
 
 def du(path: Path) -> int:
@@ -113,7 +127,7 @@ class StorageItems:
             if plural == "images":
                 self._drop_image(obj, "the Image was deleted", now)
             else:
-                shutil.rmtree(self.folder(plural, meta["namespace"], meta["name"]), True)
+                self._drop_disk(obj, now)
             return True
 
     def users(self, disk: Obj) -> list[str]:
@@ -196,6 +210,11 @@ class StorageItems:
         now = r.second(self.clock.now())
         if status.get("phase") == "Deleted":
             return
+        try:
+            parse(SPECS[plural], obj.get("spec"))
+        except SpecError as exc:
+            self._fail(plural, obj, "InvalidSpec", str(exc), now)
+            return
         acct = self._account(ns)
         if acct is None:
             self._fail(plural, obj, "NoAccount", f"no Account lists namespace {ns!r}", now)
@@ -245,6 +264,8 @@ class StorageItems:
             if plural == "clouddisks"
             else pb.storage.image_per_gb_hour
         )
+        if plural == "clouddisks":
+            node = self.cfg.disk_meter_node or None  # shared storage: one agent meters it
         meter = self._open(obj, plural, account, Decimal(price), since, self._cap(obj, used), node)
         changes: Obj = {
             "phase": "Ready",
@@ -259,7 +280,7 @@ class StorageItems:
         if plural == "clouddisks":
             claim = b.disk_pvc_name(name)
             changes["claimName"] = claim
-            cap = int(obj["spec"]["capacityGi"]) * 2**30
+            cap = _disk(obj).capacity_gi * 2**30
             if used > cap:
                 cond = ("Ready", False, "OverCapacity", f"{used} bytes used > capacity {cap}")
             elif not bound:
@@ -294,7 +315,7 @@ class StorageItems:
         a cloud disk's capacity; an image, a copy made once, its size when made (whole
         GiB up, so the agent's block count of the same files always fits)."""
         if "capacityGi" in obj.get("spec", {}):
-            return int(obj["spec"]["capacityGi"]) * 2**30
+            return _disk(obj).capacity_gi * 2**30
         made = int((obj.get("status") or {}).get("usedBytes") or used)
         return max(1, -(-made // 2**30)) * 2**30
 
@@ -354,8 +375,8 @@ class StorageItems:
     def _make_image(self, obj: Obj, account: str, now: datetime) -> ImageCopy | None:
         """The finished copy of the source instance's data; None while it is requested but
         not made yet, or when it cannot be made (the Image then says why)."""
-        meta, spec, status = obj["metadata"], obj["spec"], obj.get("status") or {}
-        ns, name, source = meta["namespace"], meta["name"], spec["sourceInstance"]
+        meta, status = obj["metadata"], obj.get("status") or {}
+        ns, name, source = meta["namespace"], meta["name"], _image(obj).source_instance
         copy = self.ledger.get_image_copy(self._copy_subject(obj))
         if copy is None and status.get("phase") == "Ready":
             # made by an operator that still copied on its own disk: that measurement stands
@@ -399,7 +420,7 @@ class StorageItems:
         return copy
 
     def _request_copy(self, obj: Obj, account: str, now: datetime) -> ImageCopy | None:
-        meta, source = obj["metadata"], obj["spec"]["sourceInstance"]
+        meta, source = obj["metadata"], _image(obj).source_instance
         ns, name = meta["namespace"], meta["name"]
         inst = self.kube.get_namespaced_object("gpuinstances", ns, source)
         if inst is None:
@@ -446,6 +467,22 @@ class StorageItems:
         self.ledger.request_wipe(copy.node, copy.path, subject, copy.account, at)
         return copy.node
 
+    def _drop_disk(self, disk: Obj, at: datetime) -> str | None:
+        """Remove a cloud disk's folder. With a shared-storage meter (``disk_meter_node``)
+        that agent removes it, as node agents remove node-local folders: tenants' files
+        may be anyone's, and only an agent holds the capabilities to remove them. Without
+        one (the single-host test bed) the operator removes it from its own mount.
+        The node asked, None if the operator removed it."""
+        meta = disk["metadata"]
+        node = self.cfg.disk_meter_node
+        account = (disk.get("status") or {}).get("account")
+        if not node or not account:
+            shutil.rmtree(self.folder("clouddisks", meta["namespace"], meta["name"]), True)
+            return None
+        path = f"disks/{meta['namespace']}/{meta['name']}"
+        self.ledger.request_wipe(node, path, f"cloud_disk:{meta['uid']}", account, at)
+        return node
+
     def _delete_data(self, plural: str, obj: Obj, account: str, at: datetime) -> None:
         meta = obj["metadata"]
         folder = self.folder(plural, meta["namespace"], meta["name"])
@@ -454,7 +491,7 @@ class StorageItems:
         if plural == "clouddisks":  # the instances were shut down by the arrears
             self.kube.delete_pvc(meta["namespace"], b.disk_pvc_name(meta["name"]))
             self.kube.delete_pv(b.disk_pv_name(meta["uid"]))
-            shutil.rmtree(folder, ignore_errors=True)
+            node = self._drop_disk(obj, at)
         else:
             node = self._drop_image(obj, "deleted after the arrears retention period", at)
         volume = f"{meta['namespace']}/{meta['name']}"

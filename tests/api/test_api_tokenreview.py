@@ -26,6 +26,7 @@ from gpucloud.api.auth import (
     AuthError,
     AuthPolicy,
     ClusterAccess,
+    Principal,
     TokenReviewAuthenticator,
 )
 
@@ -225,3 +226,12 @@ def test_kubeconfig_with_inline_tls_material(tmp_path: Path) -> None:
     finally:
         srv.server.shutdown()
     assert len(srv.reviews) == 1
+
+
+def test_a_mapped_account_reports_as_its_mapped_name_wherever_it_runs() -> None:
+    """The shared-storage meter's pod has a token bound to whatever node it landed on;
+    it reports as its one reporter name, never as that node."""
+    meter = "system:serviceaccount:gpucloud:gpucloud-storage-meter"
+    policy = AuthPolicy(sa_node_map={meter: "gpucloud-shared-storage"})
+    assert policy.agent_node(Principal(meter, node="worker-1")) == "gpucloud-shared-storage"
+    assert policy.agent_node(Principal(DEFAULT_AGENT_SA, node="worker-1")) == "worker-1"

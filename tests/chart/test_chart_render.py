@@ -272,6 +272,12 @@ BAD_VALUES = [
     (["--set", "operator.replicas=2"], ["/operator/replicas"]),
     (["--set", "agent.nvml=mock"], ["/agent/nvml"]),
     (["--set", "apii.replicas=1"], ["apii"]),
+    (["--set", "cloudDisks.storage=ceph"], ["/cloudDisks/storage"]),
+    (["--set", "cloudDisks.storage=nfs"], ["cloudDisks.nfs.server"]),
+    (
+        ["--set", "cloudDisks.storage=hostPath", "--set", "operator.config.disk_meter_node=x"],
+        ["operator.config.disk_meter_node", "set by cloudDisks"],
+    ),
 ]
 
 
@@ -283,6 +289,40 @@ def test_bad_values_fail_naming_the_field(
     assert proc.returncode != 0, f"{args} rendered"
     for word in words:
         assert word in proc.stderr, f"{word!r} not in: {proc.stderr}"
+
+
+def test_cloud_disks_on_shared_storage_are_metered_once(tmp_path: Path) -> None:
+    """cloudDisks.storage set: one shared-storage meter (the agent image, no GPUs, disks
+    only, its WAL on the shared storage), the API maps its account to the reporter name,
+    the operator binds disk meters to it and mounts the root; node agents skip disks/."""
+    assert not [d for d in render(tmp_path) if d["metadata"]["name"].endswith("storage-meter")]
+    docs = render(
+        tmp_path, "--set", "cloudDisks.storage=nfs", "--set", "cloudDisks.nfs.server=nas",
+        "--set", "cloudDisks.nfs.path=/export",
+    )  # fmt: skip
+    meter = find(docs, "Deployment", "-storage-meter")
+    assert meter["spec"]["replicas"] == 1 and meter["spec"]["strategy"]["type"] == "Recreate"
+    (c,) = containers(meter)
+    env = env_of(c)
+    assert (env["GPUCLOUD_AGENT_NODE_NAME"], env["GPUCLOUD_AGENT_NVML"]) == (
+        "gpucloud-shared-storage",
+        "none",
+    )
+    assert env["GPUCLOUD_AGENT_DISK_KINDS"] == "disks"
+    assert env["GPUCLOUD_AGENT_WAL_DIR"].startswith("/var/lib/gpucloud/disks/.")
+    volumes = {v["name"]: v for v in meter["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["disks"]["nfs"] == {"server": "nas", "path": "/export/disks"}
+    api = env_of(containers(find(docs, "Deployment", "-api"))[0])
+    assert api["GPUCLOUD_SA_NODE_MAP"] == (
+        "system:serviceaccount:gpucloud-system:gpucloud-storage-meter=gpucloud-shared-storage"
+    )
+    op = containers(find(docs, "Deployment", "-operator"))[0]
+    assert env_of(op)["GPUCLOUD_OPERATOR_DISK_METER_NODE"] == "gpucloud-shared-storage"
+    assert env_of(op)["GPUCLOUD_OPERATOR_DISK_NFS_SERVER"] == "nas"
+    assert {"name": "disks", "mountPath": "/var/lib/gpucloud/disks"} in op["volumeMounts"]
+    agent = env_of(containers(find(docs, "DaemonSet", "-agent"))[0])
+    assert agent["GPUCLOUD_AGENT_DISK_KINDS"] == "instances,images"
+    find(docs, "ServiceAccount", "-storage-meter")
 
 
 def test_large_numbers_stay_integers(tmp_path: Path) -> None:

@@ -8,14 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 
 from gpucloud.billing import to_minor
 from gpucloud.testing.kind import KindCluster, KindFileClock
-from gpucloud.testing.kindrelease import PRICES, KindHarness, install_release
+from gpucloud.testing.kindrelease import (
+    DISK_PER_GIB_HOUR,
+    PRICES,
+    KindHarness,
+    install_release,
+)
 
 L40S = "NVIDIA-L40S"
+H100 = "NVIDIA-H100-80GB-HBM3"
+CPU_NODE = "gpucloud-worker3"  # runs none of our pods
+METER = "gpucloud-shared-storage"  # the chart's shared-storage meter (cloudDisks.meter)
 MODEL_PODS = "gpucloud.dev/model-deployment=chat"
 GI = "gpuinstances"
 DAY = 24 * 3600
@@ -173,3 +182,71 @@ def test_private_model_wakes_from_traffic_goes_cold_and_wakes_again(
     assert code == 200 and answer["usage"]["completion_tokens"] == 3, answer
     assert woke <= clock.now()
     h.kind.kubectl("delete", "modeldeployment", "chat", "-n", h.ns, "--wait=false")
+
+
+def _du(h: KindHarness, path: str) -> int:
+    """Allocated bytes under ``path`` as GNU du counts them, read on the CPU node: the
+    one node none of the test's pods ran on sees the same shared folder."""
+    out = h.kind.docker_exec(CPU_NODE, "sh", "-c", f"du -s -B1 {path} 2>/dev/null || echo gone")
+    return -1 if out.strip() == "gone" else int(out.split()[0])
+
+
+def test_cloud_disk_shared_by_two_nodes_metered_once_by_use_and_wiped(
+    h: KindHarness, clock: KindFileClock
+) -> None:
+    """A CloudDisk on the kind tier's shared storage: written from an H100 node, read
+    from an L40S node, billed per GiB-hour of the bytes the shared-storage meter measured
+    (not the node agents, which see the same folder), and its folder removed by that
+    meter when the disk is deleted."""
+    h.pay_online("topup", "60.00", now=clock.now())
+    hour = clock.now().replace(minute=0, second=0) + timedelta(hours=1)
+    clock.set(hour + timedelta(seconds=30))  # billed from early in an hour
+    h.apply("CloudDisk", "scratch", {"capacityGi": 1})
+    disk = h.wait_phase("clouddisks", "scratch", "Ready")
+    since = datetime.fromisoformat(disk["billedSince"])
+    folder = f"/var/lib/gpucloud/disks/{h.ns}/scratch"
+    write = "dd if=/dev/zero of=/root/disks/scratch/blob bs=1M count=512"
+    write += " && touch /root/disks/scratch/done"
+    h.instance("writer", H100, 1, ["sh", "-c", f"{write}; sleep 86400"], cloud_disks=["scratch"])
+    read = "until test -f /root/disks/scratch/done; do sleep 1; done; ls -ln /root/disks/scratch"
+    h.instance("reader", L40S, 1, ["sh", "-c", f"{read}; sleep 86400"], cloud_disks=["scratch"])
+    nodes = {h.wait_phase(GI, n, "Running", timeout=180)["node"] for n in ("writer", "reader")}
+    assert len(nodes) == 2
+    h.wait(lambda: " 536870912 " in h.logs("reader"), "the reader to see the writer's file")
+    h.tenant_kubectl("delete", "gi", "writer", "reader", "-n", h.ns, "--wait=true")
+    used = _du(h, folder)
+    assert used >= 512 * 2**20
+
+    # the hour ends: the meter reports it, the ledger charges exactly its share of the hour
+    clock.set(hour + timedelta(hours=1, seconds=5))
+    billed = Decimal(used * int((hour + timedelta(hours=1) - since).total_seconds()))
+    expected = to_minor(billed * DISK_PER_GIB_HOUR / (3600 * 2**30))
+    assert expected >= 2  # ~0.5 GiB x 0.0613/h: a charge to the fen, not a rounded zero
+    volume = f"{h.ns}/scratch"
+    h.wait(lambda: h.charges(volume) == expected, "the disk's first hour charged", timeout=60)
+    usage = h.sql(
+        "SELECT node, quantity, start_s FROM ledger_usage WHERE kind = 'cloud_disk' AND owner = ?",
+        volume,
+    )
+    assert usage == [[METER, used, int(hour.timestamp())]]  # no node agent reported it
+    meter = h.sql("SELECT node FROM ledger_meters WHERE meter_id = ?", disk["meterId"])
+    assert meter == [[METER]]
+    refused = h.sql(
+        "SELECT count(*) FROM ledger_audit WHERE action = 'usage.refused' AND subject = ?",
+        disk["meterId"],
+    )
+    assert refused == [[0]]
+
+    # deleted: the meter is closed and the shared-storage meter removes the folder
+    uid = h.kind.get_json("clouddisk", "scratch", "-n", h.ns)["metadata"]["uid"]
+    h.tenant_kubectl("delete", "clouddisk", "scratch", "-n", h.ns, "--wait=false")
+    h.wait(lambda: _du(h, folder) == -1, "the meter to remove the disk's folder", timeout=90)
+    wipe = h.wait(
+        lambda: h.sql(
+            "SELECT node, path, bytes_freed FROM ledger_node_wipes WHERE subject = ? "
+            "AND done_at IS NOT NULL",
+            f"cloud_disk:{uid}",
+        ),
+        "the wipe reported done",
+    )
+    assert wipe == [[METER, f"disks/{volume}", used]]

@@ -255,3 +255,42 @@ def test_disk_volume_claim_and_attachment_rules(world: World, tmp_path: Path) ->
     assert pv["metadata"]["name"] not in w.kube.pvs and (NS, "scratch-clouddisk") not in w.kube.pvcs
     assert not (tmp_path / "data/disks" / NS / "scratch").exists()
     assert inst["metadata"]["uid"] == w.kube.instance(NS, "job")["metadata"]["uid"]
+
+
+def test_shared_storage_disks_are_metered_and_wiped_by_the_storage_meter(
+    world: World, tmp_path: Path
+) -> None:
+    """With a shared-storage meter (the chart's cloudDisks), a disk's meter is bound to
+    that reporter: a node agent that sees the same shared folder is refused; and a deleted
+    disk's folder is removed by the meter (a wipe), not by the operator."""
+    w = world
+    cfg = w.cfg.with_overrides(
+        {"data_root": str(tmp_path / "data"), "disk_meter_node": "gpucloud-shared-storage"}
+    )
+    s = StorageItems(w.kube, w.ledger, w.clock, cfg)
+    w.fund(100_00)
+    s.reconcile("clouddisks", add(w, "clouddisks", "scratch", {"capacityGi": 100}))
+    st = status(w, "clouddisks", "scratch")
+    assert w.ledger.get_meter(st["meterId"]).node == "gpucloud-shared-storage"
+
+    def hour(node: str) -> UsageRecord:
+        return UsageRecord(
+            kind=UsageKind.CLOUD_DISK, volume=f"{NS}/scratch", node=node,
+            start=int(T0.timestamp()), end=int(T0.timestamp()) + 3600, quantity=100 * 2**30,
+        )  # fmt: skip
+
+    refused = w.ledger.ingest_usage([hour("gpu-l40s-0")], received_at=T0 + timedelta(hours=1))
+    assert refused.rules == {0: "wrong_node"}
+    w.ledger.ingest_usage([hour("gpucloud-shared-storage")], received_at=T0 + timedelta(hours=1))
+    w.ledger.rate_pending(T0 + timedelta(hours=1))
+    assert w.ledger.balance("acme") == 100_00 - 3  # 100 GiB-hours x 0.0003 = 0.03
+    folder = tmp_path / "data/disks" / NS / "scratch"
+    (folder / "f").write_bytes(b"x" * 10_000)
+    w.clock.advance(timedelta(hours=1))
+    s.delete("clouddisks", w.kube.namespaced[("clouddisks", NS, "scratch")])
+    assert folder.exists()  # the operator leaves it to the meter
+    (wipe,) = w.ledger.pending_wipes("gpucloud-shared-storage")
+    assert wipe.path == f"disks/{NS}/scratch"
+    freed = remove(resolve(tmp_path / "data", wipe.path, ("disks",))) or 0
+    w.ledger.complete_wipe(wipe.id, "gpucloud-shared-storage", freed, w.clock.now())
+    assert not folder.exists() and freed >= 10_000

@@ -146,6 +146,38 @@ affinity:
 {{- if ne (int .Values.operator.replicas) 1 -}}
 {{- fail "operator.replicas: must be 1 (Kopf peering keeps a second replica idle; run one)" -}}
 {{- end -}}
+{{- if and (eq .Values.cloudDisks.storage "nfs") (not .Values.cloudDisks.nfs.server) -}}
+{{- fail "cloudDisks.nfs.server: storage nfs needs the NFS server exporting the disks" -}}
+{{- end -}}
+{{- range $key := list "disk_meter_node" "disk_nfs_server" "disk_nfs_path" -}}
+{{- if and $.Values.cloudDisks.storage (hasKey $.Values.operator.config $key) -}}
+{{- fail (printf "operator.config.%s: set by cloudDisks when cloudDisks.storage is set; remove it" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Cloud disks' shared root, as the operator and the shared-storage meter mount it at
+     <agent.hostPaths.data>/disks (the layout the agent walks). */}}
+{{- define "gpucloud.disksRoot" -}}
+{{- printf "%s/disks" (trimSuffix "/" .Values.agent.hostPaths.data) -}}
+{{- end -}}
+
+{{- define "gpucloud.disksVolume" -}}
+{{- with .Values.cloudDisks }}
+- name: disks
+  {{- if eq .storage "nfs" }}
+  nfs:
+    server: {{ .nfs.server | quote }}
+    path: {{ printf "%s/disks" (trimSuffix "/" (default $.Values.agent.hostPaths.data .nfs.path)) | quote }}
+  {{- else }}
+  hostPath: {path: {{ include "gpucloud.disksRoot" $ | quote }}, type: Directory}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The shared-storage meter's Kubernetes username: the API maps it to its reporter. */}}
+{{- define "gpucloud.storageMeterUser" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "gpucloud.component" (list . "storage-meter")) -}}
 {{- end -}}
 
 {{/* The PriceBook spec; every price is quoted so it stays an exact decimal string. */}}

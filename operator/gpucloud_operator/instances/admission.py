@@ -100,7 +100,7 @@ class Admission(Core):
     def _disks_ready(self, p: Pass) -> bool:
         """Every disk in spec.cloudDisks exists, is Ready and is not being deleted; else
         the start is refused before anything is charged (no pod, meter or term yet)."""
-        for i, name in enumerate(p.spec.get("cloudDisks") or []):
+        for i, name in enumerate(p.model.cloud_disks or ()):
             disk = self.kube.get_namespaced_object("clouddisks", p.ns, name)
             st = (disk or {}).get("status") or {}
             ready = any(
@@ -129,7 +129,7 @@ class Admission(Core):
         (``Ledger.unposted``) minus the reserved amount (``billing.available_balance``)."""
         assert p.pb is not None
         pb = p.pb
-        key = r.billing_key(p.spec["billing"])
+        key = p.billing_key
         mode = r.mode_of(key)
         if mode is BillingMode.PACKAGE and r.active_term(p.terms, p.now) is not None:
             return None

@@ -8,9 +8,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from gpucloud.billing import PriceBook, PriceBookError, UnknownProduct
+from gpucloud.crd import SpecError, parse
+from gpucloud.crd.gpuinstance import GPUInstanceSpec
 from gpucloud_operator import builders as b
 from gpucloud_operator import ownership
 from gpucloud_operator import rules as r
@@ -46,6 +49,12 @@ class Pass:
     def spec(self) -> Obj:
         return self.inst["spec"]
 
+    @cached_property
+    def model(self) -> GPUInstanceSpec:
+        """The spec as the CRD's model reads it (defaults applied); SpecError names the
+        field and the rule when it refuses (``Core._admit_spec``)."""
+        return parse(GPUInstanceSpec, self.inst.get("spec"))
+
     @property
     def ns(self) -> str:
         return self.meta["namespace"]
@@ -64,15 +73,19 @@ class Pass:
 
     @property
     def product(self) -> str:
-        return self.spec["gpu"]["product"]
+        return self.model.gpu.product
 
     @property
     def count(self) -> int:
-        return int(self.spec["gpu"].get("count", 1))
+        return self.model.gpu.count
 
     @property
     def quota(self) -> int:
-        return int(self.spec.get("storage", {}).get("quotaGi", 50))
+        return self.model.quota_gi
+
+    @property
+    def billing_key(self) -> str:
+        return r.billing_key(self.model.billing.dump())
 
     @property
     def phase(self) -> str | None:
@@ -137,6 +150,17 @@ class Core(ReconcilerState):
             },
         )
         self._event(p, "Warning", reason, message)
+
+    def _admit_spec(self, p: Pass) -> bool:
+        """False (after a refusal naming the field and rule) if the models refuse the
+        spec: the API server enforces the same schema, so only a drifted CRD or an
+        object written around it gets here."""
+        try:
+            p.model  # noqa: B018 (parsed once per pass, here first)
+        except SpecError as exc:
+            self._refuse(p, "InvalidSpec", str(exc))
+            return False
+        return True
 
     def _resolve(self, p: Pass) -> bool:
         """Account, price book and product; False (after a refusal) if one is missing."""

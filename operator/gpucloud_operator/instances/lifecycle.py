@@ -65,7 +65,7 @@ class Lifecycle(Core):
     """The pass, start, run, stop and release of an instance."""
 
     def _reconcile(self, p: Pass) -> None:
-        if not self._resolve(p):
+        if not self._admit_spec(p) or not self._resolve(p):
             return
         p.deferred = {
             "account": p.account,
@@ -91,8 +91,8 @@ class Lifecycle(Core):
             self._stop(p, p.status.get("stopTarget", "Stopped"), "Stopped", "stop completed")
             return
         if phase == "Running":
-            switched = p.status.get("billingMode") != r.billing_key(p.spec["billing"])
-            why = r.not_offered(p.pb, p.product, r.billing_key(p.spec["billing"]))
+            switched = p.status.get("billingMode") != p.billing_key
+            why = r.not_offered(p.pb, p.product, p.billing_key)
             if switched and why is not None:
                 self._keep_mode(p, why)  # stays billed as it is, says why
                 switched = False
@@ -102,7 +102,7 @@ class Lifecycle(Core):
                 return
         else:
             self._leave_idle_package(p)
-        desired = p.spec.get("state", "Running")
+        desired = p.model.state
         if desired == "Stopped" and phase in r.ADMITTED_PHASES:
             self._bill_if_started(p)  # its pod may have run while nobody watched
             phase = p.phase
@@ -135,7 +135,7 @@ class Lifecycle(Core):
         lock is let go (a burst of starts on one account would queue on the API call),
         and placement and object creation happen outside the lock too."""
         assert p.pb is not None
-        why = r.not_offered(p.pb, p.product, r.billing_key(p.spec["billing"]))
+        why = r.not_offered(p.pb, p.product, p.billing_key)
         if why is not None:  # the PriceBook leaves this mode out for the product
             self._refuse(p, "NotOffered", why)
             return
@@ -160,7 +160,7 @@ class Lifecycle(Core):
                 with self._guard:
                     held = (self._phases or {}).get(p.uid)
                 self._note_phase(p.uid, p.ns, "Pending")  # counted by the next admission
-                mode = r.mode_of(r.billing_key(p.spec["billing"]))
+                mode = r.mode_of(p.billing_key)
                 if decision is not None and mode is BillingMode.PACKAGE:
                     self._reserve(p, decision)
         if not admitted:
@@ -302,7 +302,7 @@ class Lifecycle(Core):
             },
         )
         short_of_gpus = "Insufficient nvidia.com/gpu" in message
-        if short_of_gpus and r.billing_key(p.spec["billing"]) != "Spot":
+        if short_of_gpus and p.billing_key != "Spot":
             self._maybe_preempt(p)
 
     def _begin_billing(self, p: Pass, pod: Obj) -> None:
@@ -310,7 +310,7 @@ class Lifecycle(Core):
         (rules.billed_start), not when this pass saw it: the operator may have been
         down meanwhile, and the agents' usage since then is charged to the meter."""
         assert p.pb is not None
-        key = r.billing_key(p.spec["billing"])
+        key = p.billing_key
         mode = r.mode_of(key)
         node = (pod.get("spec") or {}).get("nodeName")
         since = r.billed_start(

@@ -87,7 +87,7 @@ class Packages(Core):
             # shut down at the expiry itself, even if this pass comes later (the operator
             # was down): the GPUs were paid until then, not after
             at = self._stop_instant(p, end)
-            if not p.spec["billing"].get("autoRenew"):
+            if not p.model.billing.auto_renew:
                 message = f"the package expired at {r.fmt(end)}"
                 self._stop_at(p, at, "Expired", "PackageExpired", message)
                 return True
@@ -107,7 +107,7 @@ class Packages(Core):
             "reminderSentFor"
         ) != r.fmt(end):
             message = f"the package expires at {r.fmt(end)}" + (
-                " and renews automatically" if p.spec["billing"].get("autoRenew") else ""
+                " and renews automatically" if p.model.billing.auto_renew else ""
             )
             self._patch(
                 p,
@@ -128,7 +128,7 @@ class Packages(Core):
         second). False when the new mode could not be entered (the instance stopped)."""
         assert p.pb is not None
         old = p.status.get("billingMode") or ""
-        new = r.billing_key(p.spec["billing"])
+        new = p.billing_key
         at = p.now
         if old.startswith("Package"):
             term = r.active_term(p.terms, p.now)
@@ -159,9 +159,7 @@ class Packages(Core):
                 ),
             },
         )
-        self.kube.patch_pod_labels(
-            p.ns, b.pod_name(p.name), {b.MODE_LABEL: p.spec["billing"]["mode"]}
-        )
+        self.kube.patch_pod_labels(p.ns, b.pod_name(p.name), {b.MODE_LABEL: p.model.billing.mode})
         self._event(p, "Normal", "BillingModeChanged", f"{old} -> {new} at {r.fmt(at)}")
         return True
 
@@ -181,7 +179,7 @@ class Packages(Core):
         """A stopped instance whose billing leaves a package mid-term gets the unused
         part refunded at once (the seed's mode-switch rule), not at its next start."""
         old = p.status.get("billingMode") or ""
-        new = r.billing_key(p.spec["billing"])
+        new = p.billing_key
         term = r.active_term(p.terms, p.now)
         if not old.startswith("Package") or old == new or term is None:
             return

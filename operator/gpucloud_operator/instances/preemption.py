@@ -35,7 +35,7 @@ class Preemption(Core):
             if vic is None:
                 continue
             message = (
-                f"preempted for {p.resource} ({p.spec['billing']['mode']}): this spot "
+                f"preempted for {p.resource} ({p.model.billing.mode}): this spot "
                 f"instance stops at {r.fmt(deadline)} (grace {self.cfg.preemption_grace_s} s); "
                 "its data is kept and billing ends at the stop"
             )

@@ -212,11 +212,7 @@ class Storage(Core):
     def _path_being_wiped(self, p: Pass) -> bool:
         """An instance about to place a new volume where another one's folder (an earlier
         instance of the same name) is still to be wiped waits: True."""
-        if (
-            p.status.get("volumeNode")
-            or p.phase in r.ACTIVE_PHASES
-            or p.spec.get("state", "Running") != "Running"
-        ):
+        if p.status.get("volumeNode") or p.phase in r.ACTIVE_PHASES or p.model.state != "Running":
             return False
         other = self.ledger.pending_wipe_at(f"instances/{p.ns}/{p.name}")
         if other is None:

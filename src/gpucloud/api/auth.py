@@ -209,8 +209,9 @@ class AuthPolicy:
     """Authorization rules, independent of how the token was checked."""
 
     agent_users: frozenset[str] = frozenset({DEFAULT_AGENT_SA})
-    # Test bed: tokens without a bound node claim map their SA to a node here; an SA
-    # listed here is also allowed to post usage (for its node only).
+    # Fixed reporters: the shared-storage meter's ServiceAccount (the chart), and the test
+    # bed's tokens without a bound node claim. An SA listed here may post usage, always
+    # as the name it maps to.
     sa_node_map: Mapping[str, str] = field(default_factory=dict)
     admin_users: frozenset[str] = frozenset()
     admin_groups: frozenset[str] = frozenset({"gpucloud:admins"})
@@ -222,7 +223,9 @@ class AuthPolicy:
         """The node this agent may report for; raise AuthError(403) if it may not post usage."""
         if p.username not in self.agent_users and p.username not in self.sa_node_map:
             raise AuthError(403, f"{p.username!r} is not the agent ServiceAccount")
-        node = p.node or self.sa_node_map.get(p.username)
+        # A mapped account always reports as its mapped name, whatever node its pod runs
+        # on: the shared-storage meter is one reporter wherever it is scheduled.
+        node = self.sa_node_map.get(p.username) or p.node
         if not node:
             raise AuthError(
                 403, f"{p.username!r}: token has no bound node and no configured node mapping"

@@ -42,6 +42,8 @@ SANDBOX_SECRET = "kind-sandbox-secret"
 KIND_VALUES = {
     "agent": {"nvml": "fake", "fakeDevicesFile": "/run/gpucloud-fake-gpu/devices.json"},
     "api": {"sandboxPayments": {"existingSecret": "gpucloud-sandbox"}},
+    # hack/kind/cluster.yaml binds one host folder into every node at the disks root
+    "cloudDisks": {"storage": "hostPath", "meter": {"metricsIntervalSeconds": 5}},
     "operator": {
         "config": {
             "tick_interval_s": 1,
@@ -78,7 +80,7 @@ KIND_VALUES = {
         },
         "storage": {
             "instancePerGBHour": "0.0005",
-            "cloudDiskPerGBHour": "0.0003",
+            "cloudDiskPerGBHour": "0.0613",
             "imagePerGBHour": "0.0002",
         },
     },
@@ -187,6 +189,7 @@ PRICES = {
     for g in KIND_VALUES["pricebook"]["gpus"]
 }
 STORAGE_PER_GIB_HOUR = Decimal(KIND_VALUES["pricebook"]["storage"]["instancePerGBHour"])
+DISK_PER_GIB_HOUR = Decimal(KIND_VALUES["pricebook"]["storage"]["cloudDiskPerGBHour"])
 
 
 class KindHarness:
@@ -349,6 +352,7 @@ class KindHarness:
         count: int,
         command: list[str],
         quota_gi: int = 50,
+        cloud_disks: list[str] | None = None,
         **billing: Any,
     ) -> None:
         """A GPUInstance running ``command`` in busybox as root (a tenant's image), which
@@ -366,6 +370,7 @@ class KindHarness:
                 "image": self.kind.busybox_image(),
                 "command": command,
                 "state": "Running",
+                **({"cloudDisks": cloud_disks} if cloud_disks else {}),
             },
         )
 
