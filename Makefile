@@ -40,8 +40,9 @@ lint: setup
 	$(PY) hack/sync_chart_crds.py --check
 
 # Everything, the kind tier included (its cluster is created or reused first).
+# The kind tier and the rest run side by side (hack/run-tests.sh says why).
 test: setup system-deps testbed-build kind
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	PYTEST=$(VENV)/bin/pytest bash hack/run-tests.sh $(PYTEST_ARGS)
 
 test-unit: setup
 	$(VENV)/bin/pytest -m "not e2e and not kind" $(PYTEST_ARGS)
