@@ -135,7 +135,12 @@ class Agent:
         if root is None:
             return []
         hour = int(self.clock.now().timestamp()) // HOUR_S * HOUR_S
-        if self.disk_cursor is None:
+        if self.disk_cursor is None or hour < self.disk_cursor:
+            if self.disk_cursor is not None:
+                # the clock went back (a restored log from another clock, a stepped
+                # clock): waiting for it to catch up would meter nothing for hours
+                log.warning("clock is before the disk cursor %d: restarting at %d",
+                            self.disk_cursor, hour)  # fmt: skip
             self.disk_cursor = hour  # first start: the hour in progress is the first one
             self.wal.append([], {"disk_hour": hour})
         records: list[UsageRecord] = []

@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from gpucloud.billing import (
+    CURRENCY_EXPONENTS,
     BillingError,
     PriceBook,
     available_balance,
@@ -26,6 +27,7 @@ from gpucloud.ledger import (
 from gpucloud.recharge import SandboxProvider
 from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
+from gpucloud_operator import ownership
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import KubeAPI
@@ -34,6 +36,14 @@ from gpucloud_operator.notify import Notifier
 
 log = logging.getLogger("gpucloud.operator.accounts")
 Obj = dict[str, Any]
+
+
+def _condition(status: Obj, type_: str) -> tuple[str, str] | None:
+    """(status, message) of a condition, or None."""
+    for c in status.get("conditions") or []:
+        if c.get("type") == type_:
+            return str(c.get("status")), str(c.get("message"))
+    return None
 
 
 def account_state(balance_minor: int, available_minor: int) -> str:
@@ -213,19 +223,28 @@ class AccountReconciler:
         name = acct["metadata"]["name"]
         spec = acct.get("spec") or {}
         currency = spec.get("currency", "CNY")
-        self.ledger.ensure_account(name, currency)
         now = r.second(self.clock.now())
+        status = dict(acct.get("status") or {})
+        if currency not in CURRENCY_EXPONENTS:  # the CRD's enum refuses it; older objects
+            self._invalid_currency(acct, status, currency, now)
+            return
+        self.ledger.ensure_account(name, currency)
         balance = self.ledger.balance(name)
         unposted = self.ledger.unposted(name, now)
         available = available_balance(balance, [unposted.open_minor], [unposted.closed_minor])
-        namespaces = set(spec.get("namespaces") or [])
+        # this body is fresher than the cached list (a new Account may not be in it yet)
+        accounts = [
+            *(a for a in self.kube.list_cluster_objects("accounts", ttl=2.0)
+              if a["metadata"]["name"] != name),
+            acct,
+        ]  # fmt: skip
+        namespaces = ownership.owned(accounts, name)
         running = sum(
             1
             for i in self.kube.list_cluster_objects("gpuinstances", ttl=2.0)
             if i["metadata"]["namespace"] in namespaces
             and (i.get("status") or {}).get("phase") in ("Running", "Starting")
         )
-        status = dict(acct.get("status") or {})
         # arrears, low-balance warning and their notifications (gpucloud_operator.arrears)
         verdict, burn = self._assess(
             acct, spec, balance, available, unposted.closed_minor, currency, now, namespaces
@@ -271,11 +290,39 @@ class AccountReconciler:
                     f"{new['available']} {currency}",
                 )
         conds += self._notify_transitions(acct, status, verdict, new, now)
+        conds += self._namespace_conflicts(acct, status, ownership.conflicts(accounts, name), now)
         if conds:
             new["conditions"] = b.merge_conditions(status.get("conditions"), conds)
         changes = {k: v for k, v in new.items() if status.get(k) != v}
         if changes:
             self.kube.patch_status("accounts", None, name, changes)
+
+    def _invalid_currency(self, acct: Obj, status: Obj, currency: str, now: datetime) -> None:
+        known = ", ".join(sorted(CURRENCY_EXPONENTS))
+        msg = f"spec.currency: {currency!r} is not a currency the billing core rounds ({known})"
+        cond = b.condition("Valid", False, "UnsupportedCurrency", msg, r.fmt(now))
+        if _condition(status, "Valid") != ("False", msg):
+            self.kube.event(acct, "Warning", "UnsupportedCurrency", msg)
+            conditions = b.merge_conditions(status.get("conditions"), [cond])
+            self.kube.patch_status("accounts", None, acct["metadata"]["name"], {
+                "conditions": conditions
+            })  # fmt: skip
+
+    def _namespace_conflicts(
+        self, acct: Obj, status: Obj, found: list[ownership.Conflict], now: datetime
+    ) -> list[Obj]:
+        """NamespaceConflict: True naming each namespace and the Account that keeps it."""
+        name = acct["metadata"]["name"]
+        old = _condition(status, "NamespaceConflict")
+        if found:
+            msg = "; ".join(c.message(name) for c in found)
+            if old != ("True", msg):
+                self.kube.event(acct, "Warning", "NamespaceConflict", msg)
+            return [b.condition("NamespaceConflict", True, "NamespaceClaimed", msg, r.fmt(now))]
+        if old is not None and old[0] == "True":
+            msg = "every namespace in spec.namespaces bills to this Account"
+            return [b.condition("NamespaceConflict", False, "NoConflict", msg, r.fmt(now))]
+        return []
 
     # -- Recharge -------------------------------------------------------------------
     def reconcile_recharge(self, rc: Obj) -> None:
@@ -292,13 +339,17 @@ class AccountReconciler:
                 rc, {"phase": "Failed", "reason": f"spec.account: Account {account!r} not found"}
             )
             return
-        if meta["namespace"] not in (acct.get("spec", {}).get("namespaces") or []):
+        owner = ownership.owners(self.kube.list_cluster_objects("accounts", ttl=2.0)).get(
+            meta["namespace"]
+        )
+        if owner != account:
+            elsewhere = f" (it bills to Account {owner!r}, which claimed it first)" if owner else ""
             self._recharge_status(
                 rc,
                 {
                     "phase": "Failed",
                     "reason": f"spec.account: namespace {meta['namespace']!r} does not bill "
-                    f"to account {account!r}",
+                    f"to account {account!r}{elsewhere}",
                 },
             )
             return

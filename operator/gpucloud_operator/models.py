@@ -56,6 +56,7 @@ from gpucloud.model_manifests import (
     build_model_service,
     deployment_name,
 )
+from gpucloud_operator import ownership
 from gpucloud_operator.accounts import money
 from gpucloud_operator.config import OperatorConfig
 
@@ -536,9 +537,7 @@ class ModelReconciler:
     def _plan(self, md: Obj) -> tuple[ModelPlan, PriceBook]:
         ns = md["metadata"]["namespace"]
         accounts = self.kube.list_cluster_objects("accounts", ttl=2.0)
-        acct = next(
-            (a for a in accounts if ns in ((a.get("spec") or {}).get("namespaces") or [])), None
-        )
+        acct = ownership.account_for(accounts, ns)
         if acct is None:
             raise Refusal("NoAccount", f"no Account lists namespace {ns!r}")
         pb_obj = self.kube.get_pricebook(self.cfg.pricebook)

@@ -44,6 +44,7 @@ from gpucloud.crd.storageitems import CloudDiskSpec, ImageSpec
 from gpucloud.ledger import ImageCopy, Ledger, NotFound
 from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
+from gpucloud_operator import ownership
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import KubeAPI
@@ -169,14 +170,7 @@ class StorageItems:
 
     # -- the pass -------------------------------------------------------------------
     def _account(self, namespace: str) -> Obj | None:
-        return next(
-            (
-                a
-                for a in self.kube.list_cluster_objects("accounts", ttl=2.0)
-                if namespace in ((a.get("spec") or {}).get("namespaces") or [])
-            ),
-            None,
-        )
+        return ownership.account_for(self.kube.list_cluster_objects("accounts", ttl=2.0), namespace)
 
     def _status(self, plural: str, obj: Obj, changes: Obj) -> None:
         status = obj.setdefault("status", {})

@@ -196,3 +196,18 @@ def test_agent_emits_hourly_disk_records_measured_at_the_end_of_the_hour(tmp_pat
     assert recs[0].quantity >= 1 << 20
     assert agent.disk_tick() == []  # once per hour
     assert agent.stats.disk[("cloud_disk", "team", "d1")] == recs[0].quantity
+
+
+def test_a_disk_cursor_ahead_of_the_clock_restarts_at_the_current_hour(tmp_path: Path) -> None:
+    """A log restored under a clock that is now earlier (another release's file clock, a
+    stepped clock) must not stop disk metering until the clock catches up."""
+    clock = ManualClock(datetime.fromtimestamp(7200 * 10 + 60, UTC))
+    agent = make_agent(tmp_path, clock, {})
+    agent.disk_tick()
+    agent.wal.close()
+    clock.set(datetime.fromtimestamp(7200 + 60, UTC))  # ten hours earlier
+    (tmp_path / "disk" / "disks" / "team" / "d1").mkdir(parents=True)
+    agent2 = make_agent(tmp_path, clock, {})
+    assert agent2.disk_tick() == [] and agent2.disk_cursor == 7200
+    clock.advance(3600)
+    assert [(r.volume, r.start) for r in agent2.disk_tick()] == [("team/d1", 7200)]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -21,7 +26,8 @@ PRICEBOOK = ROOT / "examples" / "pricebook.yaml"
 PAYG = ROOT / "examples" / "gpuinstance-payg.yaml"
 PACKAGE = ROOT / "examples" / "gpuinstance-package.yaml"
 
-runner = CliRunner(env={"COLUMNS": "200"})  # wide enough for whole ids in tables
+# wide enough for whole ids in tables; no kubeconfig of the machine running the tests
+runner = CliRunner(env={"COLUMNS": "200", "KUBECONFIG": "/nonexistent", "GPUCLOUD_TOKEN": None})
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +40,12 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
 
 
 def cli(api: ApiProcess | None, token: str, *args: str) -> tuple[int, str]:
-    base = ["--api-url", api.url if api else "http://127.0.0.1:9", "--token", token]
-    result = runner.invoke(app, [*base, "--account", "acme", *args], catch_exceptions=False)
+    """The token travels as tenants' scripts pass it: in GPUCLOUD_TOKEN, never an argument."""
+    base = ["--api-url", api.url if api else "http://127.0.0.1:9"]
+    result = runner.invoke(
+        app, [*base, "--account", "acme", *args], env={"GPUCLOUD_TOKEN": token},
+        catch_exceptions=False,
+    )  # fmt: skip
     return result.exit_code, result.output
 
 
@@ -108,7 +118,7 @@ def test_bank_transfer_review_and_statement(api: ApiProcess, tmp_path: Path) -> 
     assert hashlib.sha256(receipt.read_bytes()).hexdigest() in out
     voucher_id = re.search(r"voucher: (\S+)", out).group(1)
     code, out = cli(api, "tenant-token", "review", "approve", voucher_id)
-    assert code == 1 and "403" in out  # tenants cannot review
+    assert code == 3 and "403" in out  # auth  # tenants cannot review
     code, out = cli(api, "admin-token", "review", "list")
     assert code == 0 and voucher_id in out
     assert hashlib.sha256(receipt.read_bytes()).hexdigest() in out  # the admin sees the file
@@ -118,7 +128,7 @@ def test_bank_transfer_review_and_statement(api: ApiProcess, tmp_path: Path) -> 
     code, out = cli(api, "admin-token", "review", "approve", voucher_id)
     assert code == 0 and "approved by alice-admin" in out
     code, out = cli(api, "admin-token", "review", "reject", voucher_id, "--reason", "twice")
-    assert code == 1 and "409" in out
+    assert code == 5 and "409" in out  # conflict
     code, out = cli(api, "tenant-token", "statement")
     assert code == 0 and "5000.00 CNY" in out, out
 
@@ -136,6 +146,164 @@ def test_cli_errors_are_readable(api: ApiProcess) -> None:
     assert code == 1 and "amount: '1.001' is finer than the minor unit of CNY" in out
     assert "at most 2 decimal places" in out
     code, out = cli(api, "stranger-token", "balance")
-    assert code == 1 and "403" in out
+    assert code == 3 and "403" in out
     code, out = cli(None, "x", "balance")
-    assert code == 1 and "cannot reach the API" in out
+    assert code == 7 and "cannot reach the API" in out
+
+
+def invoke(api: ApiProcess | None, args: list[str], **env: str | None) -> Any:
+    """The raw result, stdout and stderr apart."""
+    base = ["--api-url", api.url if api else "http://127.0.0.1:9", "--account", "acme"]
+    return runner.invoke(app, [*base, *args], env=env, catch_exceptions=False)
+
+
+def test_every_listing_speaks_json_and_yaml(api: ApiProcess) -> None:
+    token = {"GPUCLOUD_TOKEN": "tenant-token"}
+    for args in (["balance"], ["statement"], ["usage"], ["charges"]):
+        as_json = invoke(api, [*args, "-o", "json"], **token)
+        assert as_json.exit_code == 0, as_json.output
+        data = json.loads(as_json.stdout)
+        as_yaml = invoke(api, [*args, "--output", "yaml"], **token)
+        assert yaml.safe_load(as_yaml.stdout) == data, args
+    balance = json.loads(invoke(api, ["balance", "-o", "json"], **token).stdout)
+    assert balance["account"] == "acme" and "available_minor" in balance
+    listed = invoke(api, ["review", "list", "-o", "json"], GPUCLOUD_TOKEN="admin-token")
+    assert isinstance(json.loads(listed.stdout)["vouchers"], list)
+    bad = invoke(api, ["balance", "-o", "xml"], **token)
+    assert bad.exit_code == 2 and "xml" in bad.stderr
+
+
+def test_estimate_as_json_keeps_exact_prices(tmp_path: Path) -> None:
+    # 19.80/h does not divide into seconds evenly: the price stays an exact decimal string
+    pb = yaml.safe_load(PRICEBOOK.read_text())
+    pb["spec"]["gpus"][0]["payAsYouGoPerHour"] = "19.80"
+    product = pb["spec"]["gpus"][0]["product"]
+    pb_file = tmp_path / "pb.yaml"
+    pb_file.write_text(yaml.safe_dump(pb))
+    inst = yaml.safe_load(PAYG.read_text())
+    inst["spec"]["gpu"] = {"product": product, "count": 1}
+    inst_file = tmp_path / "gi.yaml"
+    inst_file.write_text(yaml.safe_dump(inst))
+    result = invoke(
+        None, ["estimate", "-f", str(inst_file), "--pricebook", str(pb_file), "--balance", "100",
+               "-o", "json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["payg_gpu_per_hour"] == "19.80" and data["balance"] == "100.00"
+    assert data["mode"] == "PayAsYouGo" and isinstance(data["lasts_seconds"], int)
+
+
+def test_errors_go_to_stderr_with_their_exit_code(api: ApiProcess) -> None:
+    denied = invoke(api, ["balance", "-o", "json"], GPUCLOUD_TOKEN="stranger-token")
+    assert denied.exit_code == 3 and denied.stdout == "" and "403" in denied.stderr
+    nobody = invoke(api, ["balance"])
+    assert nobody.exit_code == 3 and "401" in nobody.stderr and "--token-file" in nobody.stderr
+    missing = invoke(api, ["review", "approve", "no-such-voucher"], GPUCLOUD_TOKEN="admin-token")
+    assert missing.exit_code == 4 and "404" in missing.stderr
+    help_text = runner.invoke(app, ["--help"]).stdout
+    assert "4 not found" in help_text and "5 conflict" in help_text
+
+
+def test_credentials_from_the_kubeconfig_context_or_a_token_file(
+    api: ApiProcess, tmp_path: Path
+) -> None:
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "current-context": "dev",
+        "contexts": [{"name": "dev", "context": {"cluster": "c", "user": "bob"}}],
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:9"}}],
+        "users": [{"name": "bob", "user": {"token": "tenant-token"}}],
+    }))  # fmt: skip
+    result = invoke(api, ["balance", "-o", "json"], KUBECONFIG=str(kubeconfig))
+    assert result.exit_code == 0 and json.loads(result.stdout)["account"] == "acme"
+    token_file = tmp_path / "token"
+    token_file.write_text("stranger-token\n")
+    result = invoke(api, ["--token-file", str(token_file), "balance"], KUBECONFIG=str(kubeconfig))
+    assert result.exit_code == 3  # the file wins over the kubeconfig
+    result = invoke(api, ["--token-file", str(tmp_path / "nope"), "balance"])
+    assert result.exit_code == 2 and "--token-file: cannot read" in result.stderr
+
+
+def test_secrets_are_refused_as_arguments(api: ApiProcess, tmp_path: Path) -> None:
+    result = invoke(api, ["--token", "tenant-token", "balance"])
+    assert result.exit_code == 2
+    assert "--token: secrets are not accepted on the command line" in result.stderr
+    assert "--token-file" in result.stderr
+    result = invoke(api, ["recharge", "sandbox-pay", "o-1", "1.00", "--secret", SANDBOX_SECRET])
+    assert result.exit_code == 2 and "--secret: secrets are not accepted" in result.stderr
+    assert "--secret-file" in result.stderr and "GPUCLOUD_SANDBOX_SECRET" in result.stderr
+    result = invoke(api, ["recharge", "sandbox-pay", "o-1", "1.00"])
+    assert result.exit_code == 2 and "sandbox HMAC secret is required" in result.stderr
+
+
+def test_sandbox_pay_takes_its_secret_from_a_file_or_the_environment(
+    api: ApiProcess, tmp_path: Path
+) -> None:
+    token = {"GPUCLOUD_TOKEN": "tenant-token"}
+    secret = tmp_path / "sandbox-secret"
+    secret.write_text(SANDBOX_SECRET + "\n")
+    for how in (["--secret-file", str(secret)], []):
+        args = ["recharge", "online", "19.80", "--png", str(tmp_path / "q.png"), "-o", "json"]
+        order = json.loads(invoke(api, args, **token).stdout)
+        env = {} if how else {"GPUCLOUD_SANDBOX_SECRET": SANDBOX_SECRET}
+        paid = invoke(api, ["recharge", "sandbox-pay", order["order_id"], "19.80", *how],
+                      **token, **env)  # fmt: skip
+        assert paid.exit_code == 0, paid.output
+        assert "credited: True" in paid.stdout
+
+
+def test_completion_scripts_and_answers() -> None:
+    for shell in ("bash", "zsh", "fish"):
+        result = runner.invoke(app, ["completion", shell])
+        assert result.exit_code == 0 and "_GPUCLOUD_COMPLETE" in result.stdout, shell
+    bad = runner.invoke(app, ["completion", "tcsh"])
+    assert bad.exit_code == 2
+    env = {**os.environ, "_GPUCLOUD_COMPLETE": "complete_bash",
+           "COMP_WORDS": "gpucloud rech", "COMP_CWORD": "1"}  # fmt: skip
+    code = "from gpucloud.cli.main import main; main()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.stdout.split() == ["recharge"], done.stderr
+    env.update({"COMP_WORDS": "gpucloud balance --out", "COMP_CWORD": "2"})
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "--output" in done.stdout.split(), done.stderr
+
+
+def test_a_months_statement_as_json_csv_and_pdf(api: ApiProcess, tmp_path: Path) -> None:
+    from pypdf import PdfReader
+
+    from gpucloud.ledger import open_ledger
+
+    march = datetime(2025, 3, 10, tzinfo=UTC)  # long before the other tests' entries
+    ledger = open_ledger(api.database_url)
+    try:
+        ledger.ensure_account("acme", "CNY")
+        ledger.post_entry("acme", "recharge", 100_00, "st-r", memo="March top-up", at=march)
+        # 19.80/h for 3702 s = 20.361: the ledger posted 20.36, the statement shows that
+        ledger.post_entry("acme", "charge", -20_36, "st-c", resource="team-a/nb",
+                          memo="GPU time", at=march)  # fmt: skip
+    finally:
+        ledger.close()
+    token = {"GPUCLOUD_TOKEN": "tenant-token"}
+    as_json = invoke(api, ["statement", "--period", "2025-03", "-o", "json"], **token)
+    assert as_json.exit_code == 0, as_json.output
+    st = json.loads(as_json.stdout)
+    assert (st["opening_minor"], st["closing_minor"], st["closing"]) == (0, 79_64, "79.64")
+    assert st["charges"][0]["resource"] == "team-a/nb" and st["charges"][0]["total"] == "-20.36"
+    table = invoke(api, ["statement", "--period", "2025-03"], **token)
+    assert "closing balance" in table.stdout and "79.64 CNY" in table.stdout
+    as_csv = invoke(api, ["statement", "--period", "2025-03", "--format", "csv"], **token)
+    assert as_csv.exit_code == 0 and "closing balance" in as_csv.stdout
+    assert "resource total,,,team-a/nb,,-20.36" in as_csv.stdout
+    pdf = tmp_path / "march.pdf"
+    as_pdf = invoke(api, ["statement", "--period", "2025-03", "--format", "pdf", "--out",
+                          str(pdf)], **token)  # fmt: skip
+    assert as_pdf.exit_code == 0 and str(pdf) in as_pdf.stderr
+    text = "".join(p.extract_text() for p in PdfReader(pdf).pages)
+    assert "March top-up" in text and "79.64 CNY" in text
+    bad = invoke(api, ["statement", "--period", "2025-3"], **token)
+    assert bad.exit_code == 1 and "period: '2025-3' is not a month written YYYY-MM" in bad.stderr
+    other = invoke(api, ["statement", "--period", "2025-03"], GPUCLOUD_TOKEN="stranger-token")
+    assert other.exit_code == 3
+    lone = invoke(api, ["statement", "--format", "pdf"], **token)
+    assert lone.exit_code == 2 and "--format: needs --period" in lone.stderr

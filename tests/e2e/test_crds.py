@@ -83,6 +83,10 @@ def test_short_names_and_category(testbed: Testbed, namespace: str) -> None:
         assert col in header
     out = testbed.kubectl("get", "gpucloud", "-n", namespace).stdout
     assert doc["metadata"]["name"] in out
+    # Recharges answer to `rch`; `rc` stays ReplicationControllers'
+    assert testbed.kubectl("get", "rch", "-n", namespace).returncode == 0
+    out = testbed.kubectl("api-resources", "--api-group", "gpucloud.dev").stdout
+    assert "rch" in out.split() and "rc" not in out.split()
 
 
 def set_path(doc: dict, path: str, value: object) -> None:
@@ -194,6 +198,9 @@ INVALID: list[tuple[str, dict[str, object], list[str]]] = [
         ["spec.reason", "reason is required when decision is Reject"],
     ),
     ("pricebook.yaml", {"spec.currency": "yuan"}, ["spec.currency"]),
+    # a well-formed code the billing core cannot round: refused by the enum
+    ("pricebook.yaml", {"spec.currency": "GBP"}, ["spec.currency", "supported values"]),
+    ("account.yaml", {"spec.currency": "GBP"}, ["spec.currency", "supported values"]),
     (
         "pricebook.yaml",
         {"spec.storage.instancePerGBHour": 0.0004},

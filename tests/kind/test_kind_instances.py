@@ -93,11 +93,14 @@ def test_online_recharge_then_a_payg_instance_metered_by_its_nodes_agent(
         timeout=180,
     )
     meters = h.sql(
-        "SELECT quantity_rated, posted_minor, settled_at FROM ledger_meters WHERE resource = ?",
+        "SELECT quantity_rated, posted_minor, settled_at, fallback_quantity FROM ledger_meters "
+        "WHERE resource = ?",
         f"{h.ns}/nb",
     )
-    assert len(meters) == 2 and all(m[2] for m in meters)
-    assert all(m[1] == to_minor(PRICES[L40S]["payg"] * int(m[0]) / 3600) for m in meters)
+    assert len(meters) == 2 and all(m[2] for m in meters), meters
+    assert all(
+        m[1] == to_minor(PRICES[L40S]["payg"] * (int(m[0]) + int(m[3] or 0)) / 3600) for m in meters
+    ), meters
     # storage: the 2000 GiB quota from the volume's start to the release, in contiguous
     # windows, rounded once for the whole span
     storage = h.entries("storage:")

@@ -179,20 +179,21 @@ def test_a_recharge_finer_than_the_minor_unit_fails_and_credits_nothing(world: W
     )
     assert not w.ledger.entries("acme") and "rc-" not in str(w.ledger.audit_events("acme"))
     w.kube.add_cluster(  # an account in yen, whose minor unit is the yen itself
-        "accounts", {"metadata": {"name": "yen"}, "spec": {"namespaces": [NS], "currency": "JPY"}}
+        "accounts",
+        {"metadata": {"name": "yen"}, "spec": {"namespaces": ["yen-ns"], "currency": "JPY"}},
     )
     bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-9", "voucherRef": VOUCHER}
     rc = w.kube.add_namespaced(
         "recharges",
         {
             "kind": "Recharge",
-            "metadata": {"name": "yen", "namespace": NS},
+            "metadata": {"name": "yen", "namespace": "yen-ns"},
             "spec": {"account": "yen", "method": "BankTransfer", "amount": "100.50",
                      "bankTransfer": bt},
         },
     )  # fmt: skip
     rec(w).reconcile_recharge(rc)
-    st = w.kube.namespaced[("recharges", NS, "yen")]["status"]
+    st = w.kube.namespaced[("recharges", "yen-ns", "yen")]["status"]
     assert (
         st["phase"] == "Failed"
         and "finer than the minor unit of JPY (whole units)" in (st["reason"])

@@ -61,3 +61,37 @@ def test_recharge_amount_is_at_most_the_finest_minor_unit() -> None:
     assert "self.matches('^[0-9]+([.][0-9]{1,2})?$')" in rules
     assert max(CURRENCY_EXPONENTS.values()) == 2  # the CEL rule's 2 places
     assert "voucherRef" in spec["properties"]["bankTransfer"]["required"]
+
+
+# Short names of the built-in kinds kubectl resolves first (kubectl api-resources).
+BUILTIN_SHORT_NAMES = {
+    "cs", "cm", "ep", "ev", "limits", "ns", "no", "pvc", "pv", "po", "rc", "quota", "sa", "svc",
+    "crd", "crds", "ds", "deploy", "rs", "sts", "hpa", "cj", "csr", "ing", "netpol", "pdb", "pc",
+    "sc", "ingclass", "ipa", "vac",
+}  # fmt: skip
+
+
+def test_short_names_are_unique_and_shadow_no_builtin_kind() -> None:
+    seen: dict[str, str] = {}
+    for path in sorted((REPO / "crds").glob("*.yaml")):
+        names = yaml.safe_load(path.read_text())["spec"]["names"]
+        for short in names["shortNames"]:
+            assert short not in BUILTIN_SHORT_NAMES, f"{names['kind']}: {short!r} is built in"
+            assert seen.setdefault(short, names["kind"]) == names["kind"], short
+    assert seen["rch"] == "Recharge"  # `rc` is ReplicationController's
+
+
+def test_currencies_are_exactly_those_the_billing_core_rounds() -> None:
+    for crd_file in ("gpucloud.dev_accounts.yaml", "gpucloud.dev_pricebooks.yaml"):
+        crd = yaml.safe_load((REPO / "crds" / crd_file).read_text())
+        spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        currency = spec["properties"]["currency"]
+        assert currency["enum"] == sorted(CURRENCY_EXPONENTS), crd_file
+        assert currency["default"] == "CNY" and "pattern" not in currency
+
+
+def test_the_charts_currency_is_one_the_billing_core_rounds() -> None:
+    import json
+
+    schema = json.loads((REPO / "charts" / "gpucloud" / "values.schema.json").read_text())
+    assert schema["properties"]["currency"]["enum"] == sorted(CURRENCY_EXPONENTS)

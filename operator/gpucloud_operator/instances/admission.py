@@ -22,6 +22,7 @@ from gpucloud.billing import (
     payg_start_decision,
 )
 from gpucloud.ledger import NotFound, Unposted
+from gpucloud_operator import ownership
 from gpucloud_operator import rules as r
 from gpucloud_operator.instances.core import Core, Pass
 from gpucloud_operator.instances.kubeapi import PLURAL, Obj
@@ -152,8 +153,7 @@ class Admission(Core):
         """The account's reservations as the (cached) instance list shows them, less
         those the ledger has charged meanwhile."""
         assert p.pb is not None
-        acct = self._account_obj(p.account)
-        namespaces = set((acct.get("spec") or {}).get("namespaces") or [])
+        namespaces = self._owned(p.account)
         listed = r.reservations(
             self.kube.list_cluster_objects(PLURAL, ttl=2.0), namespaces, p.pb, p.now
         )
@@ -206,11 +206,15 @@ class Admission(Core):
             {},
         )
 
+    def _owned(self, account: str) -> set[str]:
+        """The namespaces billing to ``account`` (not those another Account claimed first)."""
+        return ownership.owned(self.kube.list_cluster_objects("accounts", ttl=2.0), account)
+
     def _admit(self, p: Pass, money: Decision | None) -> bool:
         """The instance limit, then the money rule (decided by _money_rule)."""
         acct = self._account_obj(p.account)
         limit = int(acct.get("spec", {}).get("instanceLimit", 5))
-        namespaces = set(acct.get("spec", {}).get("namespaces") or [])
+        namespaces = self._owned(p.account)
         refusal = instance_limit_refusal(p.account, self._active_count(namespaces, p.uid), limit)
         if refusal is not None:
             self._refuse(p, "InstanceLimit", refusal)

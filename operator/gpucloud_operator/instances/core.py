@@ -15,6 +15,7 @@ from gpucloud.billing import PriceBook, PriceBookError, UnknownProduct
 from gpucloud.crd import SpecError, parse
 from gpucloud.crd.gpuinstance import GPUInstanceSpec
 from gpucloud_operator import builders as b
+from gpucloud_operator import ownership
 from gpucloud_operator import rules as r
 from gpucloud_operator.instances.concurrency import ReconcilerState
 from gpucloud_operator.instances.kubeapi import PLURAL, Obj
@@ -164,9 +165,7 @@ class Core(ReconcilerState):
     def _resolve(self, p: Pass) -> bool:
         """Account, price book and product; False (after a refusal) if one is missing."""
         accounts = self.kube.list_cluster_objects("accounts", ttl=2.0)
-        acct = next(
-            (a for a in accounts if p.ns in (a.get("spec", {}).get("namespaces") or [])), None
-        )
+        acct = ownership.account_for(accounts, p.ns)  # the first claim wins a conflict
         if acct is None:
             if p.phase not in r.ACTIVE_PHASES:
                 self._refuse(

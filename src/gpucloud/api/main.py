@@ -88,16 +88,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how long an account-membership verdict is kept (RBAC changes wait this long)",
     )
     p.add_argument(
-        "--sandbox-secret",
-        default=env("GPUCLOUD_SANDBOX_SECRET"),
-        help="enables the sandbox payment provider with this HMAC secret",
+        "--sandbox-secret-file",
+        default=env("GPUCLOUD_SANDBOX_SECRET_FILE"),
+        help="enables the sandbox payment provider with the HMAC secret in this file "
+        "(or in GPUCLOUD_SANDBOX_SECRET); never on the command line",
     )
+    # the old flag, kept only to refuse it with a clear message: arguments show in ps
+    p.add_argument("--sandbox-secret", help=argparse.SUPPRESS)
     p.add_argument("--currency", default=env("GPUCLOUD_CURRENCY", "CNY"))
     p.add_argument("--order-ttl", type=int, default=int(env("GPUCLOUD_ORDER_TTL_S", "900")))
     p.add_argument("--voucher-dir", default=env("GPUCLOUD_VOUCHER_DIR"))
     p.add_argument("--pricebook", default=env("GPUCLOUD_PRICEBOOK"))
     p.add_argument("--log-level", default=env("GPUCLOUD_LOG_LEVEL", "warning"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.sandbox_secret is not None:
+        p.error(
+            "--sandbox-secret: secrets are not accepted on the command line (visible in ps); "
+            "use --sandbox-secret-file or the GPUCLOUD_SANDBOX_SECRET variable"
+        )
+    return args
+
+
+def sandbox_secret(args: argparse.Namespace) -> str | None:
+    """The sandbox HMAC secret: --sandbox-secret-file, else GPUCLOUD_SANDBOX_SECRET."""
+    if args.sandbox_secret_file:
+        try:
+            secret = Path(args.sandbox_secret_file).read_text().strip()
+        except OSError as exc:
+            raise SystemExit(f"--sandbox-secret-file: cannot read it: {exc}") from None
+        if not secret:
+            raise SystemExit(f"--sandbox-secret-file: {args.sandbox_secret_file} is empty")
+        return secret
+    return os.environ.get("GPUCLOUD_SANDBOX_SECRET") or None
 
 
 def load_static_tokens(path: str) -> StaticTokenAuthenticator:
@@ -146,8 +168,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         admin_users=_csv(args.admin_users),
     )
     providers = ProviderRegistry()
-    if args.sandbox_secret:
-        providers.add(SandboxProvider(args.sandbox_secret.encode()))
+    secret = sandbox_secret(args)
+    if secret:
+        providers.add(SandboxProvider(secret.encode()))
     return Settings(
         database_url=args.database_url,
         authenticator=_authenticator(args, access),

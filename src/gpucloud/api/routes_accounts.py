@@ -1,12 +1,13 @@
 """Account queries: balance, statement, usage, charges per resource, meters, audit
-trail."""
+trail, monthly statements (JSON, CSV, PDF)."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from gpucloud.api.deps import Account, State
 from gpucloud.api.guard import StrictRoute
@@ -25,6 +26,8 @@ from gpucloud.api.schemas import (
     UsageRowOut,
 )
 from gpucloud.billing.money import format_money
+from gpucloud.billing.statement import Period
+from gpucloud.statements import collect, to_csv, to_dict, to_pdf
 
 router = APIRouter(
     route_class=StrictRoute,
@@ -165,3 +168,30 @@ def get_audit(
             for e in events
         ],
     )
+
+
+_MEDIA = {"csv": "text/csv; charset=utf-8", "pdf": "application/pdf"}
+
+
+@router.get(
+    "/statement",
+    responses={
+        200: {"content": {"application/json": {}, _MEDIA["csv"]: {}, _MEDIA["pdf"]: {}}},
+        422: {"model": Problem},
+    },
+)
+def get_statement(
+    account: Account,
+    state: State,
+    period: Annotated[str, Query(description="a calendar month in UTC: YYYY-MM")],
+    format: Annotated[str, Query(pattern=r"^(json|csv|pdf)$")] = "json",
+) -> Response:
+    """The month's statement: opening balance, payments, refunds, adjustments, charges
+    by resource (GPU-seconds, rates), closing balance."""
+    st = collect(state.ledger, account, Period.parse(period))
+    name = f"statement-{account}-{st.period}.{format}"
+    if format == "json":
+        return Response(json.dumps(to_dict(st)), media_type="application/json")
+    body: bytes = to_csv(st).encode() if format == "csv" else to_pdf(st)
+    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    return Response(body, media_type=_MEDIA[format], headers=headers)

@@ -74,6 +74,12 @@ class ApiProcess:
         """/metrics, /healthz, /readyz (the operational port)."""
         return f"http://127.0.0.1:{self.ops_port}"
 
+    def _sandbox_secret_file(self) -> Path:
+        """The secret travels in a file, as in production, never as an argument."""
+        path = self.workdir / "sandbox-secret"
+        path.write_text(SANDBOX_SECRET)
+        return path
+
     def start(self, timeout_s: float = 30.0) -> ApiProcess:
         cmd = [
             sys.executable, "-m", "gpucloud.api.main",
@@ -81,7 +87,7 @@ class ApiProcess:
             "--ops-port", str(self.ops_port),
             "--database-url", self.database_url,
             "--clock", self.clock,
-            "--sandbox-secret", SANDBOX_SECRET,
+            "--sandbox-secret-file", str(self._sandbox_secret_file()),
             "--voucher-dir", str(self.workdir / "vouchers"),
             *self.extra_args,
         ]  # fmt: skip

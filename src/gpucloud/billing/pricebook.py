@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -135,11 +136,17 @@ class PriceBook(_Spec):
     storage: StoragePrices
     models: ModelPrices
 
+    @field_validator("currency")
+    @classmethod
+    def _known_currency(cls, value: str) -> str:
+        # validated on the field, so the error names spec.currency
+        if value not in CURRENCY_EXPONENTS:
+            known = ", ".join(sorted(CURRENCY_EXPONENTS))
+            raise ValueError(f"{value!r} is not a currency the billing core rounds ({known})")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if self.currency not in CURRENCY_EXPONENTS:
-            known = ", ".join(sorted(CURRENCY_EXPONENTS))
-            raise ValueError(f"currency {self.currency!r} is not supported (known: {known})")
         seen: set[str] = set()
         for gpu in self.gpus:
             if gpu.product in seen:

@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from gpucloud.crd.common import (
-    CURRENCY_PATTERN,
     DNS_LABEL,
+    Currency,
     StatusBase,
     Timestamp,
     optional,
@@ -34,8 +34,8 @@ class AccountSpec(Spec):
     namespaces: Annotated[list[Namespace], ListType("set")] = Field(
         description="Namespaces whose resources bill to this account.", max_length=256
     )
-    currency: Annotated[str, immutable("currency")] = Field(
-        default="CNY", description="Currency of the balance.", pattern=CURRENCY_PATTERN
+    currency: Annotated[Currency, immutable("currency")] = Field(
+        default="CNY", description="Currency of the balance: one the billing core rounds."
     )
     instance_limit: int = Field(
         default=5, description="Most instances that may run at once.", ge=0, le=10000

@@ -14,7 +14,9 @@ DECIMAL_PATTERN = r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,6})?$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # GPU Feature Discovery writes the product name with spaces replaced by dashes.
 GPU_PRODUCT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
-CURRENCY_PATTERN = r"^[A-Z]{3}$"
+# Exactly the currencies the billing core rounds (gpucloud.billing.money's
+# CURRENCY_EXPONENTS; a test keeps the two equal): any other is refused at admission.
+Currency = Literal["CNY", "EUR", "JPY", "USD"]
 
 # Money is an exact decimal string, never a YAML float.
 DecimalStr = Annotated[str, Field(pattern=DECIMAL_PATTERN, max_length=20)]

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from gpucloud.crd.common import (
-    CURRENCY_PATTERN,
     GPU_PRODUCT_PATTERN,
+    Currency,
     DecimalStr,
     PositiveDecimal,
     StatusBase,
@@ -94,8 +94,8 @@ class ModelPrices(Spec):
 
 
 class PriceBookSpec(Spec):
-    currency: Annotated[str, LISTED] = Field(
-        default="CNY", description="ISO 4217 currency code.", pattern=CURRENCY_PATTERN
+    currency: Annotated[Currency, LISTED] = Field(
+        default="CNY", description="ISO 4217 currency code: one the billing core rounds."
     )
     gpus: Annotated[list[GPUPrice], ListType("map", ("product",))] = Field(
         description="One entry per GPU product offered.", min_length=1, max_length=64

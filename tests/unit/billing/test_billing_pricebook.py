@@ -90,7 +90,7 @@ def test_yaml_float_is_refused_with_a_hint_to_quote_it() -> None:
         (lambda s: s["models"].update(perImage="0.0000001"), "7 decimal places"),
         (lambda s: s["models"].update(perVideo="NaN"), "spec.models.perVideo"),
         (lambda s: s["models"].update(perVideo=True), "not a boolean"),
-        (lambda s: s.update(currency="GBP"), "currency 'GBP' is not supported"),
+        (lambda s: s.update(currency="GBP"), "spec.currency: 'GBP' is not a currency"),
         (lambda s: s["gpus"].append(dict(s["gpus"][0])), "listed twice"),
         (lambda s: s.update(gpus=[]), "spec.gpus"),
         (lambda s: s["storage"].update(instancePerGbHour="1"), "Extra inputs"),
