@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from gpucloud import ownership
 from gpucloud.billing import (
     CURRENCY_EXPONENTS,
     BillingError,
@@ -27,7 +28,6 @@ from gpucloud.ledger import (
 from gpucloud.recharge import SandboxProvider
 from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
-from gpucloud_operator import ownership
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import KubeAPI

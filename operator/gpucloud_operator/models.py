@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from gpucloud import ownership
 from gpucloud.autoscale import (
     Action,
     AutoscaleError,
@@ -56,7 +57,6 @@ from gpucloud.model_manifests import (
     build_model_service,
     deployment_name,
 )
-from gpucloud_operator import ownership
 from gpucloud_operator.accounts import money
 from gpucloud_operator.config import OperatorConfig
 

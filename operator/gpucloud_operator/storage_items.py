@@ -37,6 +37,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from gpucloud import ownership
 from gpucloud.billing import PriceBook, PriceBookError
 from gpucloud.clock import Clock
 from gpucloud.crd import SpecError, parse
@@ -44,7 +45,6 @@ from gpucloud.crd.storageitems import CloudDiskSpec, ImageSpec
 from gpucloud.ledger import ImageCopy, Ledger, NotFound
 from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
-from gpucloud_operator import ownership
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import KubeAPI

@@ -118,6 +118,18 @@ def test_account_members_come_from_the_account_and_rbac(
         assert balance(tenancy["payer"], tenancy["other_account"]) == 403
         # an account with no Account resource: nobody but admins
         assert balance(tenancy["payer"], "no-such-account") == 403
+        # a later Account listing prod too does not make prod's payer its member: prod
+        # bills to the Account that claimed it first (the operator's rule)
+        late = f"{account}-late"
+        testbed.apply(yaml.safe_dump({
+            "apiVersion": "gpucloud.dev/v1alpha1", "kind": "Account", "metadata": {"name": late},
+            "spec": {"namespaces": [tenancy["prod"]], "currency": "CNY"},
+        }))  # fmt: skip
+        try:
+            assert balance(tenancy["payer"], late) == 403
+            assert balance(tenancy["payer"]) == 200
+        finally:
+            testbed.kubectl("delete", "account", late, "--wait=false")
 
         # the Account stops listing prod: payer is out, without restarting anything
         testbed.kubectl(

@@ -162,7 +162,7 @@ def check_service_accounts(tb: Testbed, release: dict[str, Any]) -> None:
         (api, "list", "gpuinstances.gpucloud.dev", None, False),  # it reads the ledger
         # who may use an account: the Account's namespaces and a SubjectAccessReview
         (api, "get", "accounts.gpucloud.dev", None, True),
-        (api, "list", "accounts.gpucloud.dev", None, False),
+        (api, "list", "accounts.gpucloud.dev", None, True),  # who owns a shared namespace
         (api, "patch", "accounts.gpucloud.dev", None, False),
         (api, "create", "subjectaccessreviews.authorization.k8s.io", None, True),
         (api, "patch", "gpuinstances.gpucloud.dev", other, False),

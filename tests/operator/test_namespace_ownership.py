@@ -4,10 +4,10 @@ billing core cannot round gets a condition naming spec.currency."""
 
 from __future__ import annotations
 
-from gpucloud_operator import ownership
 from gpucloud_operator.accounts import AccountReconciler
 from opworld import NS, World
 
+from gpucloud import ownership
 from gpucloud.ledger import EntryKind
 
 L40S = "NVIDIA-L40S"

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
+from gpucloud import ownership
 from gpucloud.billing import (
     BillingMode,
     Decision,
@@ -22,7 +23,6 @@ from gpucloud.billing import (
     payg_start_decision,
 )
 from gpucloud.ledger import NotFound, Unposted
-from gpucloud_operator import ownership
 from gpucloud_operator import rules as r
 from gpucloud_operator.instances.core import Core, Pass
 from gpucloud_operator.instances.kubeapi import PLURAL, Obj

@@ -11,11 +11,11 @@ from datetime import datetime
 from functools import cached_property
 from typing import Any
 
+from gpucloud import ownership
 from gpucloud.billing import PriceBook, PriceBookError, UnknownProduct
 from gpucloud.crd import SpecError, parse
 from gpucloud.crd.gpuinstance import GPUInstanceSpec
 from gpucloud_operator import builders as b
-from gpucloud_operator import ownership
 from gpucloud_operator import rules as r
 from gpucloud_operator.instances.concurrency import ReconcilerState
 from gpucloud_operator.instances.kubeapi import PLURAL, Obj

@@ -4,8 +4,10 @@ An Account resource names the namespaces that bill to it (``spec.namespaces``). 
 is a member of the account when the API server's RBAC lets them create Recharges in one
 of those namespaces (a SubjectAccessReview for the caller's user and groups): the same
 right that lets them recharge with ``kubectl apply``, so the API and kubectl never
-disagree about who pays for what. Admins and static demo tokens are decided by
-``AuthPolicy`` before this is asked.
+disagree about who pays for what. A namespace two Accounts list bills to the one created
+first (``gpucloud.ownership``, the operator's rule), so only that Account's members are
+members through it. Admins and static demo tokens are decided by ``AuthPolicy`` before
+this is asked.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Protocol
 import httpx
 from cachetools import TTLCache
 
+from gpucloud import ownership
 from gpucloud.api.auth import AuthError, ClusterAccess, Principal
 from gpucloud.kube_names import GROUP, VERSION
 
@@ -68,14 +71,14 @@ class ClusterMembership:
         return member
 
     async def _namespaces(self, account: str) -> list[str]:
-        path = f"/apis/{GROUP}/{VERSION}/accounts/{account}"
-        resp = await self._request("GET", path)
-        if resp.status_code == 404:
-            return []  # no such Account: nobody but admins (and no hint that it is missing)
+        """The namespaces that bill to ``account``: those it lists, less those another
+        Account claimed first. No such Account: none (nobody but admins, and no hint
+        that it is missing)."""
+        resp = await self._request("GET", f"/apis/{GROUP}/{VERSION}/accounts")
         if resp.status_code >= 300:
-            raise AuthError(503, f"Account {account!r}: API server answered {resp.status_code}")
-        spec = resp.json().get("spec") or {}
-        return [ns for ns in spec.get("namespaces") or [] if isinstance(ns, str)]
+            raise AuthError(503, f"Accounts: API server answered {resp.status_code}")
+        items = [a for a in resp.json().get("items") or [] if isinstance(a, dict)]
+        return sorted(ownership.owned(items, account))
 
     async def _may_pay(self, principal: Principal, namespace: str) -> bool:
         body = {
