@@ -16,26 +16,8 @@ import httpx
 import yaml
 
 from gpucloud.billing import PriceBook
+from gpucloud.testing.model_prices import PRICEBOOK_SPEC, PRODUCT  # noqa: F401 (re-exported)
 from gpucloud.testing.net import free_port
-
-PRODUCT = "NVIDIA-A100-SXM4-80GB"
-
-# Prices chosen so that single requests cost fractions of a fen: rounding is exercised.
-PRICEBOOK_SPEC: dict[str, Any] = {
-    "currency": "CNY",
-    "gpus": [{"product": PRODUCT, "payAsYouGoPerHour": "9.80", "modelOnlinePerHour": "7.21"}],
-    "storage": {
-        "instancePerGBHour": "0.0004",
-        "cloudDiskPerGBHour": "0.0003",
-        "imagePerGBHour": "0.0002",
-    },
-    "models": {
-        "per1KTokens": "0.0137",
-        "perImage": "0.0815",
-        "perVideo": "1.2345",
-        "personalPerRequestSecond": "0.0031",
-    },
-}
 
 
 def pricebook() -> PriceBook:

@@ -19,26 +19,9 @@ from gpucloud.billing import PriceBook, model_online_charge, to_minor
 from gpucloud.billing.model_charges import ModelPlan, UsageEvent
 from gpucloud.ledger import EntryKind, IdempotencyConflict, Ledger, open_ledger
 from gpucloud.ledger.import_model_store import import_store, main
+from gpucloud.testing.model_prices import PRICEBOOK_SPEC, PRODUCT
 
-PRODUCT = "NVIDIA-A100-SXM4-80GB"
-# Prices that do not divide evenly: single requests cost fractions of a fen.
-PB = PriceBook.from_spec(
-    {
-        "currency": "CNY",
-        "gpus": [{"product": PRODUCT, "payAsYouGoPerHour": "9.80", "modelOnlinePerHour": "7.21"}],
-        "storage": {
-            "instancePerGBHour": "0.0004",
-            "cloudDiskPerGBHour": "0.0003",
-            "imagePerGBHour": "0.0002",
-        },
-        "models": {
-            "per1KTokens": "0.0137",
-            "perImage": "0.0815",
-            "perVideo": "1.2345",
-            "personalPerRequestSecond": "0.0031",
-        },
-    }
-)
+PB = PriceBook.from_spec(PRICEBOOK_SPEC)  # single requests cost fractions of a fen
 TEXT = ModelPlan("ns", "m", "owner", "Public", "Official", "TextGeneration", PRODUCT)
 PERSONAL = ModelPlan("ns", "p", "owner", "Public", "Personal", None, PRODUCT)
 PRIVATE = ModelPlan("ns", "priv", "owner", product=PRODUCT, gpus_per_replica=2)
