@@ -52,9 +52,9 @@ from typing import Any
 
 import yaml
 
-from gpucloud.billing import PriceBook
 from gpucloud.billing.model_charges import ModelPlan
 from gpucloud.clock import clock_from_env
+from gpucloud.crd.pricebook import price_book
 from gpucloud_gateway.app import Gateway
 from gpucloud_gateway.callers import Callers, Directory, directory_from_plans
 from gpucloud_gateway.discovery import (
@@ -276,8 +276,7 @@ def build(config_path: Path) -> Runtime:
         for key in ("queue", "pricebook"):
             if not isinstance(billing.get(key), str):
                 raise ConfigError(f"billing.{key}: required (a file path)")
-        pb_doc = yaml.safe_load((base / billing["pricebook"]).read_text())
-        pb = PriceBook.from_resource(pb_doc) if "spec" in pb_doc else PriceBook.from_spec(pb_doc)
+        pb = price_book(yaml.safe_load((base / billing["pricebook"]).read_text()))
         fsync = billing.get("fsync", False)
         if not isinstance(fsync, bool):
             raise ConfigError(f"billing.fsync: true or false, got {fsync!r}")

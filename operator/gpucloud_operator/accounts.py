@@ -11,13 +11,13 @@ from gpucloud import ownership
 from gpucloud.billing import (
     CURRENCY_EXPONENTS,
     BillingError,
-    PriceBook,
     available_balance,
     format_money,
     parse_amount,
     to_minor,
 )
 from gpucloud.clock import Clock
+from gpucloud.crd.pricebook import price_book
 from gpucloud.ledger import (
     IdempotencyConflict,
     Ledger,
@@ -142,7 +142,7 @@ class AccountReconciler:
         pb_obj = self.kube.get_pricebook(self.cfg.pricebook)
         if pb_obj is not None:
             try:
-                pb = PriceBook.from_resource(pb_obj)
+                pb = price_book(pb_obj)
                 burn = ar.account_burn_rate(
                     pb, mine("gpuinstances"), mine("clouddisks"), mine("images"), now
                 )

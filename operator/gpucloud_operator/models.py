@@ -49,6 +49,7 @@ from gpucloud.billing.model_charges import ModelBillingError, ModelPlan, Rule
 from gpucloud.clock import Clock
 from gpucloud.crd import SpecError, parse
 from gpucloud.crd.modeldeployment import ModelDeploymentSpec
+from gpucloud.crd.pricebook import price_book
 from gpucloud.ledger import Ledger
 from gpucloud.model_manifests import (
     MODEL_LABEL,
@@ -545,7 +546,7 @@ class ModelReconciler:
             raise Refusal("NoPriceBook", f"PriceBook {self.cfg.pricebook!r} does not exist")
         version = pb_obj["metadata"].get("resourceVersion", "")
         if self._pb is None or self._pb[0] != version:
-            self._pb = (version, PriceBook.from_resource(pb_obj))
+            self._pb = (version, price_book(pb_obj))
         pb = self._pb[1]
         plan = ModelPlan.from_resource(md, account=acct["metadata"]["name"])
         try:

@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from gpucloud import ownership
-from gpucloud.billing import PriceBook, PriceBookError
+from gpucloud.billing import PriceBookError
 from gpucloud.clock import Clock
 from gpucloud.crd import SpecError, parse
+from gpucloud.crd.pricebook import price_book
 from gpucloud.crd.storageitems import CloudDiskSpec, ImageSpec
 from gpucloud.ledger import ImageCopy, Ledger, NotFound
 from gpucloud_operator import arrears as ar
@@ -237,7 +238,7 @@ class StorageItems:
             )
             return
         try:
-            pb = PriceBook.from_resource(pb_obj)
+            pb = price_book(pb_obj)
         except PriceBookError as exc:
             self._fail(plural, obj, "InvalidPriceBook", str(exc), now)
             return

@@ -16,12 +16,13 @@ import httpx
 import yaml
 
 from gpucloud.billing import PriceBook
+from gpucloud.crd.pricebook import price_book
 from gpucloud.testing.model_prices import PRICEBOOK_SPEC, PRODUCT  # noqa: F401 (re-exported)
 from gpucloud.testing.net import free_port
 
 
 def pricebook() -> PriceBook:
-    return PriceBook.from_spec(PRICEBOOK_SPEC)
+    return price_book(PRICEBOOK_SPEC)
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 from ledger_helpers import T0
 
-from gpucloud.billing import PriceBook, model_online_charge, to_minor
+from gpucloud.billing import model_online_charge, to_minor
 from gpucloud.billing.model_charges import ModelPlan, UsageEvent
+from gpucloud.crd.pricebook import price_book
 from gpucloud.ledger import EntryKind, IdempotencyConflict, Ledger, open_ledger
 from gpucloud.ledger.import_model_store import import_store, main
 from gpucloud.testing.model_prices import PRICEBOOK_SPEC, PRODUCT
 
-PB = PriceBook.from_spec(PRICEBOOK_SPEC)  # single requests cost fractions of a fen
+PB = price_book(PRICEBOOK_SPEC)  # single requests cost fractions of a fen
 TEXT = ModelPlan("ns", "m", "owner", "Public", "Official", "TextGeneration", PRODUCT)
 PERSONAL = ModelPlan("ns", "p", "owner", "Public", "Personal", None, PRODUCT)
 PRIVATE = ModelPlan("ns", "priv", "owner", product=PRODUCT, gpus_per_replica=2)

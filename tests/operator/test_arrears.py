@@ -15,7 +15,8 @@ from gpucloud_operator.accounts import AccountReconciler
 from gpucloud_operator.notify import Notifier
 from opworld import NS, ROOT, T0, World
 
-from gpucloud.billing import PackagePeriod, PriceBook, Term, leave_package
+from gpucloud.billing import PackagePeriod, Term, leave_package
+from gpucloud.crd.pricebook import price_book
 from gpucloud.ledger import EntryKind
 
 WEEK = timedelta(days=7)
@@ -290,7 +291,7 @@ def test_arrears_shutdown_refunds_the_unused_package_term_once(
 def test_shutdown_refund_reading_of_the_billing_core() -> None:
     """The rule the arrears shutdown applies (docs/billing.md, reading 10): used time at
     the pay-as-you-go rate, capped at the prepaid amount, the rest refunded."""
-    pb = PriceBook.from_resource(yaml.safe_load((ROOT / "examples/pricebook.yaml").read_text()))
+    pb = price_book(yaml.safe_load((ROOT / "examples/pricebook.yaml").read_text()))
     term = Term.starting(T0, PackagePeriod.DAY)
     early = leave_package(pb, "NVIDIA-L40S", 1, term, 112_00, T0 + timedelta(hours=5))
     assert (early.used_minor, early.refund_minor, early.capped) == (26_00, 86_00, False)

@@ -16,11 +16,11 @@ from gpucloud_operator.instances.admission import (
 )
 from opworld import ROOT
 
-from gpucloud.billing import PriceBook
+from gpucloud.crd.pricebook import price_book
 from gpucloud.ledger import Unposted
 
 A100 = "NVIDIA-A100-SXM4-80GB"
-PB = PriceBook.from_resource(yaml.safe_load((ROOT / "examples/pricebook.yaml").read_text()))
+PB = price_book(yaml.safe_load((ROOT / "examples/pricebook.yaml").read_text()))
 
 
 def decide(balance: int, key: str, *, open_: int = 0, closed: int = 0, reserved: int = 0):

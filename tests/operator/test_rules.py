@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opworld import ROOT
 
-from gpucloud.billing import PriceBook
+from gpucloud.crd.pricebook import price_book
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -78,7 +78,7 @@ def test_reservations_against_a_plain_oracle(instances: list[tuple]) -> None:
     """What an account has committed but not been charged: an admitted package start
     without a term covering now (its term), a running auto-renewing package whose term
     ended (its renewal). Nothing else, and only the account's own namespaces."""
-    pb = PriceBook.from_resource(yaml.safe_load((ROOT / "examples/pricebook.yaml").read_text()))
+    pb = price_book(yaml.safe_load((ROOT / "examples/pricebook.yaml").read_text()))
     objs, expected = [], 0
     for i, (phase, mode, renew, ends, gpus, mine) in enumerate(instances):
         package = mode in PRICES

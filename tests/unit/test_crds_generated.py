@@ -2,10 +2,15 @@
 
 import subprocess
 import sys
+from dataclasses import MISSING, fields
+from typing import Any
 
+import pytest
 import yaml
 
-from gpucloud.billing import CURRENCY_EXPONENTS, GPUPackages, GPUPrice
+from gpucloud.billing import CURRENCY_EXPONENTS
+from gpucloud.billing import pricebook as billing
+from gpucloud.crd import pricebook as crd
 from gpucloud.testing.testbed import REPO
 
 
@@ -40,18 +45,39 @@ def _required(model: type) -> set[str]:
     return {f.alias or n for n, f in model.model_fields.items() if f.is_required()}  # type: ignore[attr-defined]
 
 
-def test_pricebook_schema_requires_what_the_billing_core_requires() -> None:
-    """The PriceBook CRD and the billing core agree on what is optional: a GPU sold only
-    by the hour (no packages), without spot, or not offered for models (no
-    modelOnlinePerHour) is a normal product (docs/billing.md)."""
+def test_pricebook_schema_requires_only_product_and_pay_as_you_go() -> None:
+    """A GPU sold only by the hour (no packages), without spot, or not offered for
+    models (no modelOnlinePerHour) is a normal product (docs/billing.md)."""
     gpu = _pricebook_schema()["properties"]["gpus"]["items"]
-    assert set(gpu["required"]) == _required(GPUPrice) == {"product", "payAsYouGoPerHour"}
-    assert set(gpu["properties"]) == {f.alias or n for n, f in GPUPrice.model_fields.items()}
+    assert set(gpu["required"]) == _required(crd.GPUPrice) == {"product", "payAsYouGoPerHour"}
+    assert set(gpu["properties"]) == {f.alias or n for n, f in crd.GPUPrice.model_fields.items()}
     packages = gpu["properties"]["packages"]
-    assert "required" not in packages and not _required(GPUPackages)
+    assert "required" not in packages and not _required(crd.Packages)
     # the spot rule only applies when a spot price is given
     (rule,) = gpu["x-kubernetes-validations"]
     assert rule["rule"].startswith("!has(self.spotPerHour) || ")
+
+
+PRICE_TYPES = [
+    (crd.PriceBookSpec, billing.PriceBook),
+    (crd.GPUPrice, billing.GPUPrice),
+    (crd.Packages, billing.GPUPackages),
+    (crd.StoragePrices, billing.StoragePrices),
+    (crd.ModelPrices, billing.ModelPrices),
+]
+
+
+@pytest.mark.parametrize(("model", "data"), PRICE_TYPES, ids=lambda t: t.__name__)
+def test_the_billing_core_prices_hold_every_field_of_the_spec(model: Any, data: Any) -> None:
+    """The CRD model is the one model of a price book; the billing core's types are the
+    plain values it is turned into: the same fields, absent ("not offered") exactly where
+    the spec may leave them out, and no default of their own (defaults are the model's)."""
+    assert {f.name for f in fields(data)} == set(model.model_fields)
+    for f in fields(data):
+        spec_field = model.model_fields[f.name]
+        offered_only_if_given = spec_field.default is None and not spec_field.is_required()
+        assert (f.default is None) == offered_only_if_given, f.name
+        assert f.default is None or f.default is MISSING, f.name
 
 
 def test_recharge_amount_is_at_most_the_finest_minor_unit() -> None:

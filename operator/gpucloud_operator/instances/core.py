@@ -15,6 +15,7 @@ from gpucloud import ownership
 from gpucloud.billing import PriceBook, PriceBookError, UnknownProduct
 from gpucloud.crd import SpecError, parse
 from gpucloud.crd.gpuinstance import GPUInstanceSpec
+from gpucloud.crd.pricebook import price_book
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.instances.concurrency import ReconcilerState
@@ -201,6 +202,6 @@ class Core(ReconcilerState):
         version = obj["metadata"].get("resourceVersion", "")
         cached = self._pb_cache
         if cached is None or cached[0] != version:
-            cached = (version, PriceBook.from_resource(obj))
+            cached = (version, price_book(obj))
             self._pb_cache = cached
         return cached[1]

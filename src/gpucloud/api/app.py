@@ -32,7 +32,7 @@ from gpucloud.api.rating import RatingLoop
 from gpucloud.api.schemas import Problem
 from gpucloud.api.settings import Settings
 from gpucloud.billing.errors import BillingError
-from gpucloud.billing.pricebook import PriceBook
+from gpucloud.crd import pricebook as pricebooks
 from gpucloud.ledger import (
     IdempotencyConflict,
     InvalidInput,
@@ -153,8 +153,7 @@ def _add_ops_routes(app: FastAPI) -> None:
         if path is None:
             raise HTTPException(404, "no price book is configured")
         doc = yaml.safe_load(path.read_text())
-        book = PriceBook.from_resource(doc) if "spec" in doc else PriceBook.from_spec(doc)
-        return book.to_spec()
+        return pricebooks.read(doc).dump()
 
 
 _STATUS: list[tuple[type[Exception], int]] = [

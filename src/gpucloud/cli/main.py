@@ -25,7 +25,6 @@ from typer.completion import completion_init, get_completion_script
 from gpucloud.billing.errors import BillingError
 from gpucloud.billing.money import format_money, format_price, from_minor
 from gpucloud.billing.money import parse_amount as billing_parse_amount
-from gpucloud.billing.pricebook import PriceBook
 from gpucloud.cli import kubeconfig
 from gpucloud.cli.client import ApiClient, ApiError
 from gpucloud.cli.estimate import (
@@ -41,6 +40,7 @@ from gpucloud.cli.output import Format, OutputOpt, console, emit, err_console
 from gpucloud.cli.output import table as _table
 from gpucloud.cli.progress import progress_reporter
 from gpucloud.cli.wait import KINDS, KubeReader, WaitError, Want, parse_duration, wait_for
+from gpucloud.crd.pricebook import price_book
 from gpucloud.recharge.qr import qr_text
 from gpucloud.recharge.sandbox import SandboxProvider
 
@@ -502,10 +502,9 @@ def estimate_cmd(
     try:
         spec = parse_manifest(yaml.safe_load(file.read_text()))
         if pricebook is not None:
-            doc = yaml.safe_load(pricebook.read_text())
-            pb = PriceBook.from_resource(doc) if "spec" in doc else PriceBook.from_spec(doc)
+            pb = price_book(yaml.safe_load(pricebook.read_text()))
         else:
-            pb = PriceBook.from_spec(call(c.client().get, "/v1/pricebook"))
+            pb = price_book(call(c.client().get, "/v1/pricebook"))
         balance_minor = None
         if balance_amount is not None:
             balance_minor = parse_amount(balance_amount, pb.currency)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 
 from gpucloud.crd.k8s import DATE_TIME, INT64, Cel, ListType, Spec, immutable
 
@@ -18,8 +19,31 @@ GPU_PRODUCT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 # CURRENCY_EXPONENTS; a test keeps the two equal): any other is refused at admission.
 Currency = Literal["CNY", "EUR", "JPY", "USD"]
 
+
+def _quoted(value: Any) -> Any:
+    """A number where a decimal string belongs: say to quote it (the API server refuses
+    it as "must be of type string", which does not say why)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError(
+            "decimal_string", "a decimal must be a quoted string, not a boolean"
+        )
+    if isinstance(value, float):
+        raise PydanticCustomError(
+            "decimal_string",
+            '{value} is a YAML/JSON float, which is inexact: quote it, e.g. "{value}"',
+            {"value": repr(value)},
+        )
+    if isinstance(value, int):
+        raise PydanticCustomError(
+            "decimal_string",
+            'a decimal is written as a string: quote it, e.g. "{value}"',
+            {"value": str(value)},
+        )
+    return value
+
+
 # Money is an exact decimal string, never a YAML float.
-DecimalStr = Annotated[str, Field(pattern=DECIMAL_PATTERN, max_length=20)]
+DecimalStr = Annotated[str, BeforeValidator(_quoted), Field(pattern=DECIMAL_PATTERN, max_length=20)]
 POSITIVE = Cel("double(self) > 0.0", "must be greater than zero", check=lambda v: Decimal(v) > 0)
 PositiveDecimal = Annotated[DecimalStr, POSITIVE]
 Name = Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]

@@ -56,10 +56,43 @@ def immutable(what: str) -> Cel:
 
 @dataclass(frozen=True)
 class ListType:
-    """``x-kubernetes-list-type`` (and the map keys of a map list)."""
+    """``x-kubernetes-list-type`` (and the map keys of a map list). A set's items and a
+    map's keys are unique: the API server refuses a duplicate, and so does the parse."""
 
     kind: str
     keys: tuple[str, ...] = ()
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        schema = handler(source)
+        if self.kind not in ("set", "map"):
+            return schema
+
+        def run(value: Any) -> Any:
+            seen: set[Any] = set()
+            for item in value or ():
+                key = item if self.kind == "set" else tuple(_by_alias(item, k) for k in self.keys)
+                if key in seen:
+                    what = repr(item) if self.kind == "set" else _describe_key(self.keys, key)
+                    raise PydanticCustomError(
+                        "list_unique",
+                        "{what} is listed twice (x-kubernetes-list-type: {kind})",
+                        {"what": what, "kind": self.kind},
+                    )
+                seen.add(key)
+            return value
+
+        return core_schema.no_info_after_validator_function(run, schema)
+
+
+def _by_alias(item: BaseModel, alias: str) -> Any:
+    for name, f in type(item).model_fields.items():
+        if (f.alias or name) == alias:
+            return getattr(item, name)
+    raise KeyError(alias)
+
+
+def _describe_key(keys: tuple[str, ...], values: tuple[Any, ...]) -> str:
+    return ", ".join(f"{k} {v!r}" for k, v in zip(keys, values, strict=True))
 
 
 @dataclass(frozen=True)

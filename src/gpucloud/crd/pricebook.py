@@ -1,12 +1,21 @@
-"""PriceBook: prices of GPU time, storage and models (cluster-wide, set by admins)."""
+"""PriceBook: prices of GPU time, storage and models (cluster-wide, set by admins).
+
+``PriceBookSpec`` is the one model of a price book's spec: the CRD schema is generated
+from it, and everything that reads a price book (operator, API, gateway, CLI) parses it
+here (``read``) and hands the billing core the plain ``Decimal`` prices it rates with
+(``PriceBookSpec.prices``, the one conversion). The direction is one-way: this room
+builds the billing core's type; the billing core knows nothing of CRDs."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import Field
 
+from gpucloud.billing import pricebook as billing
+from gpucloud.billing.errors import PriceBookError
 from gpucloud.crd.common import (
     GPU_PRODUCT_PATTERN,
     Currency,
@@ -15,7 +24,7 @@ from gpucloud.crd.common import (
     StatusBase,
     money,
 )
-from gpucloud.crd.k8s import LISTED, Cel, ListType, Spec
+from gpucloud.crd.k8s import LISTED, Cel, ListType, Spec, SpecError, parse
 from gpucloud.crd.schema import Column, Definition
 
 
@@ -102,6 +111,65 @@ class PriceBookSpec(Spec):
     )
     storage: StoragePrices
     models: ModelPrices
+
+    def prices(self) -> billing.PriceBook:
+        """The billing core's price book: the same prices as exact Decimals."""
+        return billing.PriceBook(
+            currency=self.currency,
+            gpus=tuple(_gpu(g) for g in self.gpus),
+            storage=billing.StoragePrices(
+                instance_per_gb_hour=Decimal(self.storage.instance_per_gb_hour),
+                cloud_disk_per_gb_hour=Decimal(self.storage.cloud_disk_per_gb_hour),
+                image_per_gb_hour=Decimal(self.storage.image_per_gb_hour),
+            ),
+            models=billing.ModelPrices(
+                per_1k_tokens=Decimal(self.models.per_1k_tokens),
+                per_image=Decimal(self.models.per_image),
+                per_video=Decimal(self.models.per_video),
+                personal_per_request_second=Decimal(self.models.personal_per_request_second),
+            ),
+        )
+
+
+def _dec(text: str | None) -> Decimal | None:
+    return None if text is None else Decimal(text)
+
+
+def _gpu(g: GPUPrice) -> billing.GPUPrice:
+    p = g.packages
+    packages = None if p is None else billing.GPUPackages(_dec(p.day), _dec(p.week), _dec(p.month))
+    return billing.GPUPrice(
+        product=g.product,
+        pay_as_you_go_per_hour=Decimal(g.pay_as_you_go_per_hour),
+        spot_per_hour=_dec(g.spot_per_hour),
+        packages=packages,
+        model_online_per_hour=_dec(g.model_online_per_hour),
+    )
+
+
+def read(doc: Any) -> PriceBookSpec:
+    """A PriceBook resource (``kind``, ``spec``...) or its bare spec, through the model.
+    PriceBookError names every field refused and the rule it breaks."""
+    if not isinstance(doc, Mapping):
+        raise PriceBookError(f"a PriceBook is a mapping, got {type(doc).__name__}")
+    spec: Any = doc
+    if "spec" in doc or "kind" in doc:  # a whole resource, not a bare spec
+        if doc.get("kind", "PriceBook") != "PriceBook":
+            raise PriceBookError(f"kind: expected PriceBook, got {doc.get('kind')!r}")
+        if "spec" not in doc:
+            raise PriceBookError("spec: required")
+        spec = doc["spec"]
+        if not isinstance(spec, Mapping):
+            raise PriceBookError(f"spec: expected a mapping, got {type(spec).__name__}")
+    try:
+        return parse(PriceBookSpec, spec)
+    except SpecError as exc:
+        raise PriceBookError(f"invalid PriceBook: {exc}") from None
+
+
+def price_book(doc: Any) -> billing.PriceBook:
+    """What the billing core prices with, from a PriceBook resource or its spec."""
+    return read(doc).prices()
 
 
 class PriceBookStatus(StatusBase):

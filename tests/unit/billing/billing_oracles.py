@@ -11,6 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from gpucloud.billing import PriceBook
+from gpucloud.crd.pricebook import price_book
 
 PROPS = settings(max_examples=200, deadline=None)
 
@@ -46,21 +47,24 @@ def sample_spec() -> dict[str, Any]:
 
 
 def sample_pricebook() -> PriceBook:
-    return PriceBook.from_spec(sample_spec())
+    return price_book(sample_spec())
 
 
-# Prices: up to 6 places, from zero to a few thousand, with round and ragged values.
+# Prices: up to 6 places, from zero to a few thousand, with round and ragged values,
+# written as the PriceBook CRD takes them (plain decimal strings, no exponent).
 price_strings = st.one_of(
-    st.integers(0, 10**10).map(lambda n: str(Decimal(n).scaleb(-6))),
-    st.integers(0, 10**6).map(lambda n: str(Decimal(n).scaleb(-2))),
+    st.integers(0, 10**10).map(lambda n: format(Decimal(n).scaleb(-6), "f")),
+    st.integers(0, 10**6).map(lambda n: format(Decimal(n).scaleb(-2), "f")),
     st.sampled_from(["0", "0.005", "0.015", "0.000001", "9.80", "3.90", "0.0004", "12.345"]),
 )
+# GPU, spot, package and model-online prices must be greater than zero (the CRD's rule).
+positive_price_strings = price_strings.filter(lambda s: Decimal(s) > 0)
 
 
 @st.composite
 def pricebooks(draw: st.DrawFn, currency: str | None = None) -> PriceBook:
-    payg = draw(price_strings)
-    spot = draw(price_strings)
+    payg = draw(positive_price_strings)
+    spot = draw(positive_price_strings)
     if Decimal(spot) > Decimal(payg):
         spot = payg
     spec = {
@@ -70,8 +74,8 @@ def pricebooks(draw: st.DrawFn, currency: str | None = None) -> PriceBook:
                 "product": A100,
                 "payAsYouGoPerHour": payg,
                 "spotPerHour": spot,
-                "packages": {p: draw(price_strings) for p in ("day", "week", "month")},
-                "modelOnlinePerHour": draw(price_strings),
+                "packages": {p: draw(positive_price_strings) for p in ("day", "week", "month")},
+                "modelOnlinePerHour": draw(positive_price_strings),
             }
         ],
         "storage": {
@@ -83,7 +87,7 @@ def pricebooks(draw: st.DrawFn, currency: str | None = None) -> PriceBook:
             for k in ("per1KTokens", "perImage", "perVideo", "personalPerRequestSecond")
         },
     }
-    return PriceBook.from_spec(spec)
+    return price_book(spec)
 
 
 EXP = {"CNY": 2, "USD": 2, "EUR": 2, "JPY": 0}

@@ -9,7 +9,6 @@ from gpucloud.billing import (
     BillingMode,
     NotOffered,
     PackagePeriod,
-    PriceBook,
     Term,
     TermError,
     enter_package,
@@ -24,6 +23,7 @@ from gpucloud.billing import (
     renewal_start,
     to_minor,
 )
+from gpucloud.crd.pricebook import price_book
 
 PB = sample_pricebook()
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
@@ -127,7 +127,7 @@ def test_payg_start_one_hour_rule() -> None:
 def test_one_hour_rule_at_the_seed_boundary_with_ragged_prices() -> None:
     """19.80/h and 9.90/h (spot), 0.0005/GiB-h storage: a balance equal to the hour is
     refused, one minor unit more is allowed."""
-    pb = PriceBook.from_spec(
+    pb = price_book(
         {
             "currency": "CNY",
             "gpus": [{"product": H100, "payAsYouGoPerHour": "19.80", "spotPerHour": "9.90"}],
