@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from gpucloud import ownership
 from gpucloud.billing.model_charges import ModelPlan
 from gpucloud.kube_names import GROUP, VERSION
 from gpucloud.model_manifests import MODEL_LABEL, MODEL_PORT, deployment_name
@@ -107,12 +108,10 @@ def plans_from_cluster(
     model_deployments: Iterable[Mapping[str, Any]], accounts: Iterable[Mapping[str, Any]]
 ) -> list[ModelPlan]:
     """The models to serve: every ModelDeployment whose namespace an Account lists (its
-    charges go there). One without an account, or with a spec billing cannot read, is
+    charges go there; a namespace two Accounts list bills to the one created first, the
+    operator's rule). One without an account, or with a spec billing cannot read, is
     left out (logged): serving traffic nobody can be billed for is refused with a 404."""
-    owner: dict[str, str] = {}
-    for acct in accounts:
-        for ns in (acct.get("spec") or {}).get("namespaces") or []:
-            owner.setdefault(ns, acct["metadata"]["name"])
+    owner = ownership.owners(accounts)
     plans = []
     for md in model_deployments:
         meta = md["metadata"]
@@ -135,18 +134,16 @@ def plans_from_cluster(
 
 
 def directory_from_accounts(accounts: Iterable[Mapping[str, Any]]) -> Directory:
-    """Namespace -> account (``spec.namespaces``; the first Account listing one wins, as
-    for model owners) and account -> ``status.state`` (Active, LowBalance, Arrears)."""
-    owners: dict[str, str] = {}
+    """Namespace -> account (``spec.namespaces``; the Account that claimed it first, as
+    for model owners and in the operator) and account -> ``status.state`` (Active,
+    LowBalance, Arrears)."""
+    listed = list(accounts)
     states: dict[str, str] = {}
-    for acct in accounts:
-        name = acct["metadata"]["name"]
-        for ns in (acct.get("spec") or {}).get("namespaces") or []:
-            owners.setdefault(ns, name)
+    for acct in listed:
         state = (acct.get("status") or {}).get("state")
         if isinstance(state, str):
-            states[name] = state
-    return Directory(owners, states)
+            states[acct["metadata"]["name"]] = state
+    return Directory(ownership.owners(listed), states)
 
 
 class GatewayPeers:

@@ -1,4 +1,10 @@
-"""Account status, Recharge and RechargeReview reconciliation (ledger <-> resources)."""
+"""Account status, Recharge and RechargeReview reconciliation (ledger <-> resources).
+
+The three specs are read through their CRD models (``gpucloud.crd``), defaults
+included. A spec the models refuse (written before a schema tightened, or around the
+API server's validation) gets ``Valid=False`` (Account, Recharge) or ``Applied=False``
+(RechargeReview), reason ``InvalidSpec``, and a Warning event, both naming the field and
+the rule; nothing is submitted to, credited in or charged through the ledger for it."""
 
 from __future__ import annotations
 
@@ -9,7 +15,6 @@ from typing import Any
 
 from gpucloud import ownership
 from gpucloud.billing import (
-    CURRENCY_EXPONENTS,
     BillingError,
     available_balance,
     format_money,
@@ -17,7 +22,11 @@ from gpucloud.billing import (
     to_minor,
 )
 from gpucloud.clock import Clock
+from gpucloud.crd import SpecError, parse
+from gpucloud.crd.account import AccountSpec
 from gpucloud.crd.pricebook import price_book
+from gpucloud.crd.recharge import Online, RechargeSpec
+from gpucloud.crd.rechargereview import RechargeReviewSpec
 from gpucloud.ledger import (
     IdempotencyConflict,
     Ledger,
@@ -72,31 +81,34 @@ def submitter(rc: Obj) -> str:
     return str(user) if user else f"recharge:{meta['namespace']}/{meta['name']}"
 
 
-def review_mismatch(review: Obj, rc: Obj) -> str | None:
+def review_mismatch(review: RechargeReviewSpec, recharge: RechargeSpec, rc: Obj) -> str | None:
     """What differs between what the admin saw (pinned in the review) and the Recharge
-    and voucher now; None when they match."""
-    spec = review["spec"]
-    pinned = spec["rechargeRef"].get("uid")
-    if pinned != rc["metadata"].get("uid"):
+    ``rc`` (whose spec is ``recharge``) and its voucher now; None when they match."""
+    ref = review.recharge_ref
+    if ref.uid != rc["metadata"].get("uid"):
         return (
-            f"spec.rechargeRef.uid: the review is for Recharge {pinned!r}, "
-            f"{spec['rechargeRef']['name']!r} is now {rc['metadata'].get('uid')!r}"
+            f"spec.rechargeRef.uid: the review is for Recharge {ref.uid!r}, "
+            f"{ref.name!r} is now {rc['metadata'].get('uid')!r}"
         )
-    try:
-        same_amount = Decimal(str(spec.get("amount"))) == Decimal(str(rc["spec"]["amount"]))
-    except ArithmeticError:
-        same_amount = False
-    if not same_amount:
+    if Decimal(review.amount) != Decimal(recharge.amount):  # both exact decimal strings
         return (
-            f"spec.amount: the review is for {spec.get('amount')}, the Recharge is for "
-            f"{rc['spec']['amount']}"
+            f"spec.amount: the review is for {review.amount}, the Recharge is for {recharge.amount}"
         )
-    if spec.get("voucherId") != (rc.get("status") or {}).get("orderId"):
+    order_id = (rc.get("status") or {}).get("orderId")
+    if review.voucher_id != order_id:
         return (
-            f"spec.voucherId: the review is for voucher {spec.get('voucherId')!r}, the "
-            f"Recharge's is {(rc.get('status') or {}).get('orderId')!r}"
+            f"spec.voucherId: the review is for voucher {review.voucher_id!r}, the "
+            f"Recharge's is {order_id!r}"
         )
     return None
+
+
+def account_refused(name: str, exc: SpecError) -> str:
+    """Why nothing is credited to an Account whose spec the models refuse."""
+    return (
+        f"spec.account: Account {name!r} has a spec the models refuse ({exc}); nothing is "
+        "credited to it until an admin fixes it"
+    )
 
 
 class AccountReconciler:
@@ -117,7 +129,7 @@ class AccountReconciler:
     def _assess(
         self,
         acct: Obj,
-        spec: Obj,
+        spec: AccountSpec,
         balance: int,
         available: int,
         owed: int,
@@ -154,25 +166,32 @@ class AccountReconciler:
             available_minor=available,
             currency=currency,
             burn_per_hour=burn,
-            warning_hours=int(spec.get("lowBalanceWarningHours", ar.DEFAULT_WARNING_HOURS)),
+            warning_hours=spec.low_balance_warning_hours,
             arrears_since=r.parse(status.get("arrearsSince")),
             now=now,
             retention=self.cfg.arrears_retention,
         )
         return verdict, burn
 
-    def webhook_url(self, acct: Obj) -> str:
-        return ((acct.get("spec") or {}).get("webhook") or {}).get("url") or self.cfg.webhook_url
+    def webhook_url(self, spec: AccountSpec) -> str:
+        """The Account's own webhook, else the installation's."""
+        return spec.webhook.url if spec.webhook else self.cfg.webhook_url
 
     def _notify_transitions(
-        self, acct: Obj, status: Obj, verdict: ar.Assessment, new: Obj, now: datetime
+        self,
+        acct: Obj,
+        spec: AccountSpec,
+        status: Obj,
+        verdict: ar.Assessment,
+        new: Obj,
+        now: datetime,
     ) -> list[Obj]:
         """Event + condition + webhook on entering/leaving arrears and on the low-balance
         warning; conditions remember what was already sent, so each is sent once."""
         name = acct["metadata"]["name"]
         old = {c["type"]: c.get("status") for c in status.get("conditions") or []}
         conds: list[Obj] = []
-        url = self.webhook_url(acct)
+        url = self.webhook_url(spec)
         figures = {"balance": new["balance"], "available": new["available"]}
         hours = verdict.hours_left
         warn = verdict.state in (ar.LOW, ar.ARREARS)
@@ -221,13 +240,14 @@ class AccountReconciler:
     # -- Account --------------------------------------------------------------------
     def refresh_account(self, acct: Obj) -> None:
         name = acct["metadata"]["name"]
-        spec = acct.get("spec") or {}
-        currency = spec.get("currency", "CNY")
         now = r.second(self.clock.now())
         status = dict(acct.get("status") or {})
-        if currency not in CURRENCY_EXPONENTS:  # the CRD's enum refuses it; older objects
-            self._invalid_currency(acct, status, currency, now)
+        try:
+            spec = parse(AccountSpec, acct.get("spec"))
+        except SpecError as exc:  # the CRD refuses it: an older object, or one written around it
+            self._invalid_spec(acct, status, str(exc), now)
             return
+        currency = spec.currency
         self.ledger.ensure_account(name, currency)
         balance = self.ledger.balance(name)
         unposted = self.ledger.unposted(name, now)
@@ -289,20 +309,22 @@ class AccountReconciler:
                     f"account is {state}: balance {new['balance']}, available "
                     f"{new['available']} {currency}",
                 )
-        conds += self._notify_transitions(acct, status, verdict, new, now)
+        conds += self._notify_transitions(acct, spec, status, verdict, new, now)
         conds += self._namespace_conflicts(acct, status, ownership.conflicts(accounts, name), now)
+        if (_condition(status, "Valid") or ("True",))[0] == "False":  # refused before, fixed now
+            conds.append(b.condition("Valid", True, "SpecAccepted", "spec accepted", r.fmt(now)))
         if conds:
             new["conditions"] = b.merge_conditions(status.get("conditions"), conds)
         changes = {k: v for k, v in new.items() if status.get(k) != v}
         if changes:
             self.kube.patch_status("accounts", None, name, changes)
 
-    def _invalid_currency(self, acct: Obj, status: Obj, currency: str, now: datetime) -> None:
-        known = ", ".join(sorted(CURRENCY_EXPONENTS))
-        msg = f"spec.currency: {currency!r} is not a currency the billing core rounds ({known})"
-        cond = b.condition("Valid", False, "UnsupportedCurrency", msg, r.fmt(now))
+    def _invalid_spec(self, acct: Obj, status: Obj, msg: str, now: datetime) -> None:
+        """Valid=False naming the field and the rule, said once: no ledger account is
+        made and no figure computed for a spec the models refuse."""
+        cond = b.condition("Valid", False, "InvalidSpec", msg, r.fmt(now))
         if _condition(status, "Valid") != ("False", msg):
-            self.kube.event(acct, "Warning", "UnsupportedCurrency", msg)
+            self.kube.event(acct, "Warning", "InvalidSpec", msg)
             conditions = b.merge_conditions(status.get("conditions"), [cond])
             self.kube.patch_status("accounts", None, acct["metadata"]["name"], {
                 "conditions": conditions
@@ -326,13 +348,18 @@ class AccountReconciler:
 
     # -- Recharge -------------------------------------------------------------------
     def reconcile_recharge(self, rc: Obj) -> None:
-        meta, spec = rc["metadata"], rc["spec"]
+        meta = rc["metadata"]
         status = dict(rc.get("status") or {})
         phase = status.get("phase")
         if phase in ("Credited", "Rejected", "Expired", "Failed"):
             return
+        try:
+            spec = parse(RechargeSpec, rc.get("spec"))
+        except SpecError as exc:
+            self._recharge_refused(rc, "InvalidSpec", str(exc))
+            return
         now = r.second(self.clock.now())
-        account = spec["account"]
+        account = spec.account
         acct = self.kube_account(account)
         if acct is None:
             self._recharge_status(
@@ -353,20 +380,24 @@ class AccountReconciler:
                 },
             )
             return
-        currency = acct.get("spec", {}).get("currency", "CNY")
+        try:
+            currency = parse(AccountSpec, acct.get("spec")).currency
+        except SpecError as exc:
+            self._recharge_refused(rc, "InvalidAccount", account_refused(account, exc))
+            return
         self.ledger.ensure_account(account, currency)
         try:  # never rounded: 10.123 is refused, not credited as 10.12
-            amount = parse_amount(spec["amount"], currency, "spec.amount")
+            amount = parse_amount(spec.amount, currency, "spec.amount")
         except BillingError as exc:
             if not status.get("orderId"):
                 self._recharge_status(rc, {"phase": "Failed", "reason": str(exc)})
                 return
             # submitted to the ledger before amounts were checked: finish it as it was
-            amount = to_minor(Decimal(spec["amount"]), currency)
-        if spec["method"] == "Online":
-            self._online(rc, account, amount, currency, now)
+            amount = to_minor(Decimal(spec.amount), currency)
+        if spec.method == "Online":
+            self._online(rc, spec, amount, currency, now)
         else:
-            self._bank_transfer(rc, account, amount, now)
+            self._bank_transfer(rc, spec, amount, now)
 
     def kube_account(self, name: str) -> Obj | None:
         return next(
@@ -394,14 +425,32 @@ class AccountReconciler:
                     changes.get("reason") or f"recharge is {changes['phase']}",
                 )
 
-    def _online(self, rc: Obj, account: str, amount: int, currency: str, now: Any) -> None:
+    def _recharge_refused(self, rc: Obj, reason: str, msg: str) -> None:
+        """Valid=False and a Warning event naming the field and the rule, said once.
+        Nothing is submitted for it: one not submitted yet fails; one the ledger already
+        holds (status.orderId, from before a schema tightened) keeps its phase, since an
+        online payment is credited by the payment callback and a transfer voucher can be
+        reviewed through the API (``POST /v1/vouchers/{id}/review``), never from here."""
+        status = rc.get("status") or {}
+        if _condition(status, "Valid") == ("False", msg):
+            return
+        now = r.fmt(r.second(self.clock.now()))
+        cond = b.condition("Valid", False, reason, msg, now)
+        changes: Obj = {"conditions": b.merge_conditions(status.get("conditions"), [cond])}
+        if not status.get("orderId"):
+            changes |= {"phase": "Failed", "reason": msg}
+        meta = rc["metadata"]
+        self.kube.patch_status("recharges", meta["namespace"], meta["name"], changes)
+        self.kube.event(rc, "Warning", reason, msg)
+
+    def _online(self, rc: Obj, spec: RechargeSpec, amount: int, currency: str, now: Any) -> None:
         ref = f"rc-{rc['metadata']['uid']}"  # one order per Recharge, whatever its name
-        order = self.ledger.find_order(account, ref)
+        order = self.ledger.find_order(spec.account, ref)
         if order is None:
             order = self.ledger.create_order(
-                account,
+                spec.account,
                 amount,
-                (rc["spec"].get("online") or {}).get("provider", "sandbox"),
+                (spec.online or Online()).provider,  # the model's default provider
                 now + timedelta(seconds=self.cfg.order_ttl_s),
                 client_ref=ref,
                 actor=submitter(rc),
@@ -428,33 +477,23 @@ class AccountReconciler:
             changes["phase"] = "AwaitingPayment"
         self._recharge_status(rc, changes)
 
-    def _bank_transfer(self, rc: Obj, account: str, amount: int, now: Any) -> None:
+    def _bank_transfer(self, rc: Obj, spec: RechargeSpec, amount: int, now: Any) -> None:
         """Submit the voucher once (its id goes to status.orderId), then follow it. The
-        voucher reference is required (the CRD says so too): without it nothing is
-        submitted and the Recharge fails naming the field."""
-        bt = rc["spec"]["bankTransfer"]
+        model requires spec.bankTransfer (with its voucher reference) for this method."""
+        bt = spec.bank_transfer
+        assert bt is not None  # RechargeSpec's rule: required when method is BankTransfer
         submitted = (rc.get("status") or {}).get("orderId")
         try:
             if submitted:
                 voucher = self.ledger.get_voucher(submitted)
-            elif not bt.get("voucherRef"):
-                self._recharge_status(
-                    rc,
-                    {
-                        "phase": "Failed",
-                        "reason": "spec.bankTransfer.voucherRef: required: upload the transfer "
-                        "voucher and give its sha256:<hex> reference for the admin to review",
-                    },
-                )
-                return
             else:
                 voucher = self.ledger.submit_voucher(
-                    account,
+                    spec.account,
                     amount,
-                    bt["payer"],
-                    bt["bank"],
-                    bt["transferNumber"],
-                    bt["voucherRef"].removeprefix("sha256:"),
+                    bt.payer,
+                    bt.bank,
+                    bt.transfer_number,
+                    bt.voucher_ref.removeprefix("sha256:"),
                     now,
                     submitter=submitter(rc),
                 )
@@ -478,42 +517,50 @@ class AccountReconciler:
         deleted and recreated under the same name is another Recharge). The reviewer is
         the annotation ``gpucloud.dev/reviewer``, which the chart's admission policy
         makes equal to the Kubernetes user who created the review; a review without it
-        is refused, and so is one by the Recharge's submitter. The ledger refuses a
-        second review; a refusal that matches this decision means it was already
-        applied (an interrupted earlier pass)."""
+        is refused, and so is one by the Recharge's submitter. A review, or a Recharge,
+        whose spec the models refuse is refused naming the field (nothing credited).
+        The ledger refuses a second review; a refusal that matches this decision means
+        it was already applied (an interrupted earlier pass)."""
         status = review.get("status") or {}
         if status.get("applied"):
             return
-        spec = review["spec"]
-        ref = spec["rechargeRef"]
-        rc = self.kube.get_namespaced_object("recharges", ref["namespace"], ref["name"])
+        try:
+            spec = parse(RechargeReviewSpec, review.get("spec"))
+        except SpecError as exc:
+            self._refuse_review(review, str(exc), "InvalidSpec", "InvalidSpec")
+            return
+        ref = spec.recharge_ref
+        rc = self.kube.get_namespaced_object("recharges", ref.namespace, ref.name)
         if rc is None or not (rc.get("status") or {}).get("orderId"):
             return  # not there yet, or the voucher is not submitted yet: retry later
-        if rc["spec"]["method"] != "BankTransfer":
+        try:
+            recharge = parse(RechargeSpec, rc.get("spec"))
+        except SpecError as exc:
+            msg = f"Recharge {ref.namespace}/{ref.name} has a spec the models refuse: {exc}"
+            self._refuse_review(review, msg, "InvalidRecharge", "InvalidRecharge")
+            return
+        if recharge.method != "BankTransfer":
             self._review_status(review, False, "only bank transfers are reviewed")
             return
         reviewer = (review["metadata"].get("annotations") or {}).get(REVIEWER)
-        problem = review_mismatch(review, rc)
+        problem = review_mismatch(spec, recharge, rc)
         if problem is None and not reviewer:
             problem = f"metadata.annotations[{REVIEWER!r}]: required (the reviewing user)"
         if problem is None and reviewer == submitter(rc):
             problem = f"{reviewer!r} submitted this recharge: another admin must review it"
         if problem is not None:
-            if status.get("conditions") is None or all(
-                c.get("message") != problem for c in status["conditions"]
-            ):
-                self._review_status(review, False, problem)
-                self.kube.event(review, "Warning", "Refused", problem)
+            self._refuse_review(review, problem)
             return
         assert reviewer is not None
-        approve = spec["decision"] == "Approve"
+        approve = spec.decision == "Approve"
         now = r.second(self.clock.now())
         voucher_id = rc["status"]["orderId"]
-        currency = self._currency_of(rc)
-        expect = to_minor(Decimal(spec["amount"]), currency)
+        # the currency the ledger holds the account in (fixed when it was made)
+        currency = self.ledger.get_account(self.ledger.get_voucher(voucher_id).account).currency
+        expect = to_minor(Decimal(spec.amount), currency)
         try:
             voucher = self.ledger.review_voucher(
-                voucher_id, approve, reviewer, spec.get("reason") or "", now, expect_amount=expect
+                voucher_id, approve, reviewer, spec.reason or "", now, expect_amount=expect
             )
         except ReviewRefused as exc:
             voucher = self.ledger.get_voucher(voucher_id)
@@ -536,13 +583,20 @@ class AccountReconciler:
         self.kube.event(review, "Normal", "Applied", f"voucher {voucher_id} {voucher.status.value}")
         self.reconcile_recharge(rc)
 
-    def _currency_of(self, rc: Obj) -> str:
-        acct = self.kube_account(rc["spec"]["account"]) or {}
-        return str((acct.get("spec") or {}).get("currency", "CNY"))
+    def _refuse_review(
+        self, review: Obj, message: str, reason: str = "NotApplied", event: str = "Refused"
+    ) -> None:
+        """Applied=False and a Warning event, once per message."""
+        conditions = (review.get("status") or {}).get("conditions")
+        if conditions is None or all(c.get("message") != message for c in conditions):
+            self._review_status(review, False, message, reason)
+            self.kube.event(review, "Warning", event, message)
 
-    def _review_status(self, review: Obj, applied: bool, message: str) -> None:
+    def _review_status(
+        self, review: Obj, applied: bool, message: str, reason: str = "NotApplied"
+    ) -> None:
         now = r.fmt(r.second(self.clock.now()))
-        cond = b.condition("Applied", applied, "NotApplied", message, now)
+        cond = b.condition("Applied", applied, reason, message, now)
         self.kube.patch_status(
             "rechargereviews",
             None,

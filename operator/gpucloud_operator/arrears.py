@@ -35,7 +35,6 @@ from gpucloud_operator import rules as r
 
 Obj = dict[str, Any]
 ACTIVE, LOW, ARREARS = "Active", "LowBalance", "Arrears"
-DEFAULT_WARNING_HOURS = 24
 
 
 @dataclass(frozen=True)

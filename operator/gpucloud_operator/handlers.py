@@ -77,6 +77,8 @@ def register(
 
     # Cluster-scoped kinds: an operator limited to some namespaces serves only the
     # accounts and reviews of those namespaces (several test operators share one cluster).
+    # Routing only, so read leniently: an object its model refuses must still reach the
+    # reconciler, which says why (InvalidSpec).
     def account_served(spec: kopf.Spec, **_: Any) -> bool:
         return any(cfg.serves(ns) for ns in (spec.get("namespaces") or [None]))
 

@@ -34,6 +34,10 @@ def _claim_order(acct: Obj) -> tuple[str, str]:
 
 
 def claimed(acct: Obj) -> list[str]:
+    """The namespaces an Account lists. Read as written, not through ``AccountSpec``: an
+    Account whose spec its model refuses still holds its namespaces, so their bills never
+    move to an Account that claimed them later; nothing bills to it until it is fixed
+    (its readers refuse it, naming the field). For a valid spec the two reads agree."""
     return [ns for ns in (acct.get("spec") or {}).get("namespaces") or [] if isinstance(ns, str)]
 
 

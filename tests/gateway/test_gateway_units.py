@@ -277,3 +277,20 @@ def test_only_the_streams_own_done_line_settles_it_not_generated_text() -> None:
     tap.feed(b"data: [DO")  # the real end, split across two chunks
     assert tap.ends_stream(b"NE]\n\n")
     assert not UsageTap("/v1/x", "application/json").ends_stream(b"data: [DONE]\n\n")
+
+
+def test_a_namespace_two_accounts_list_bills_to_the_one_created_first() -> None:
+    """The gateway applies the operator's rule (gpucloud.ownership), not the list order."""
+    from gpucloud_gateway.kube import directory_from_accounts
+
+    def account(name: str, created: str) -> dict:
+        meta = {"name": name, "creationTimestamp": created}
+        return {"metadata": meta, "spec": {"namespaces": ["acme-research"]}}
+
+    accounts = [
+        account("aaa-late", "2026-02-01T00:00:00Z"),
+        account("acme", "2026-01-01T00:00:00Z"),
+    ]
+    assert directory_from_accounts(accounts).owners == {"acme-research": "acme"}
+    (plan,) = plans_from_cluster([md()], accounts)
+    assert plan.account == "acme"

@@ -165,17 +165,19 @@ def test_recharge_for_a_foreign_account_fails(world: World) -> None:
 
 
 def test_a_recharge_finer_than_the_minor_unit_fails_and_credits_nothing(world: World) -> None:
-    """The CRD refuses 10.123 (CEL); should one get past it (a JPY account, whose minor
-    unit is 1 yen, or an object stored before the rule), the operator refuses it too,
-    naming the field: it never rounds it into the ledger."""
+    """The CRD refuses 10.123 (CEL), and so does the operator's parse of an object stored
+    before the rule; a JPY account's minor unit is 1 yen, finer than any CEL rule can
+    know, so 100.50 yen is refused by the billing core: neither is ever rounded into the
+    ledger."""
     w = world
     rc = recharge(w, "odd", "Online", "10.123")
     rec(w).reconcile_recharge(rc)
     st = w.kube.namespaced[("recharges", NS, "odd")]["status"]
     assert st["phase"] == "Failed"
     assert st["reason"] == (
-        "spec.amount: '10.123' is finer than the minor unit of CNY (at most 2 decimal "
-        "places); amounts are never rounded"
+        "spec.amount: must not be finer than the currency's minor unit: at most 2 decimal "
+        "places (0.01 CNY); amounts are never rounded (rule: "
+        "self.matches('^[0-9]+([.][0-9]{1,2})?$'))"
     )
     assert not w.ledger.entries("acme") and "rc-" not in str(w.ledger.audit_events("acme"))
     w.kube.add_cluster(  # an account in yen, whose minor unit is the yen itself
@@ -203,13 +205,12 @@ def test_a_recharge_finer_than_the_minor_unit_fails_and_credits_nothing(world: W
 
 def test_a_bank_transfer_without_its_voucher_fails_naming_the_field(world: World) -> None:
     """The CRD requires spec.bankTransfer.voucherRef; an object stored before that rule
-    is not submitted: nothing for an admin to approve without the voucher."""
+    is refused by the model too and not submitted: nothing to approve without it."""
     w = world
     bt = {"payer": "ACME", "bank": "Bank", "transferNumber": "TRF-2"}
     rc = recharge(w, "novoucher", "BankTransfer", "2000.00", bankTransfer=bt)
     rec(w).reconcile_recharge(rc)
     st = w.kube.namespaced[("recharges", NS, "novoucher")]["status"]
-    assert st["phase"] == "Failed" and st["reason"].startswith(
-        "spec.bankTransfer.voucherRef: required"
-    )
+    assert st["phase"] == "Failed"
+    assert st["reason"] == "spec.bankTransfer.voucherRef: Field required"
     assert w.ledger.vouchers() == []

@@ -97,14 +97,8 @@ def test_an_unsupported_currency_is_a_condition_naming_the_field(world: World) -
     rec = AccountReconciler(w.kube, w.ledger, w.clock, w.cfg)
     rec.refresh_account(gbp)
     (cond,) = gbp["status"]["conditions"]
-    assert (cond["type"], cond["status"], cond["reason"]) == (
-        "Valid",
-        "False",
-        "UnsupportedCurrency",
-    )
-    assert cond["message"] == (
-        "spec.currency: 'GBP' is not a currency the billing core rounds (CNY, EUR, JPY, USD)"
-    )
+    assert (cond["type"], cond["status"], cond["reason"]) == ("Valid", "False", "InvalidSpec")
+    assert cond["message"] == "spec.currency: Input should be 'CNY', 'EUR', 'JPY' or 'USD'"
     assert "balance" not in gbp["status"]  # nothing posted, no ledger account made
     events = [e for e in w.kube.events if e[0] == "pounds"]
     rec.refresh_account(gbp)

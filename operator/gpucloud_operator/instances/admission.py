@@ -25,7 +25,7 @@ from gpucloud.billing import (
 from gpucloud.ledger import NotFound, Unposted
 from gpucloud_operator import rules as r
 from gpucloud_operator.instances.core import Core, Pass
-from gpucloud_operator.instances.kubeapi import PLURAL, Obj
+from gpucloud_operator.instances.kubeapi import PLURAL
 
 
 def start_decision(
@@ -196,24 +196,17 @@ class Admission(Core):
             self._accrual_memo[account] = (now, time.monotonic(), value)
         return value
 
-    def _account_obj(self, account: str) -> Obj:
-        return next(
-            (
-                a
-                for a in self.kube.list_cluster_objects("accounts", ttl=2.0)
-                if a["metadata"]["name"] == account
-            ),
-            {},
-        )
-
     def _owned(self, account: str) -> set[str]:
         """The namespaces billing to ``account`` (not those another Account claimed first)."""
         return ownership.owned(self.kube.list_cluster_objects("accounts", ttl=2.0), account)
 
     def _admit(self, p: Pass, money: Decision | None) -> bool:
-        """The instance limit, then the money rule (decided by _money_rule)."""
-        acct = self._account_obj(p.account)
-        limit = int(acct.get("spec", {}).get("instanceLimit", 5))
+        """The Account's spec, the instance limit, then the money rule (decided by
+        _money_rule)."""
+        if p.account_spec is None:  # refused by its model: nothing new for it
+            self._refuse(p, "InvalidAccount", p.account_refused)
+            return False
+        limit = p.account_spec.instance_limit
         namespaces = self._owned(p.account)
         refusal = instance_limit_refusal(p.account, self._active_count(namespaces, p.uid), limit)
         if refusal is not None:

@@ -14,8 +14,10 @@ from typing import Any
 from gpucloud import ownership
 from gpucloud.billing import PriceBook, PriceBookError, UnknownProduct
 from gpucloud.crd import SpecError, parse
+from gpucloud.crd.account import AccountSpec
 from gpucloud.crd.gpuinstance import GPUInstanceSpec
 from gpucloud.crd.pricebook import price_book
+from gpucloud.ledger import NotFound
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.instances.concurrency import ReconcilerState
@@ -32,7 +34,11 @@ class Pass:
     now: datetime
     status: Obj
     account: str = ""
-    currency: str = "CNY"
+    currency: str = ""  # the account's, once resolved
+    # the Account's spec as its model reads it; None when the model refuses it, and then
+    # ``account_refused`` says why (nothing new is admitted for such an Account)
+    account_spec: AccountSpec | None = None
+    account_refused: str = ""
     pb: PriceBook | None = None
     # changes to send with the pass's next patch (saves an API call per pass)
     deferred: Obj = field(default_factory=dict)
@@ -178,7 +184,8 @@ class Core(ReconcilerState):
             return False
         p.account = acct["metadata"]["name"]
         p.acct_status = acct.get("status") or {}
-        p.currency = acct.get("spec", {}).get("currency", "CNY")
+        if not self._account_spec(p, acct):
+            return False
         if p.account not in self._ledger_accounts:
             self.ledger.ensure_account(p.account, p.currency)
             self._ledger_accounts.add(p.account)
@@ -195,6 +202,28 @@ class Core(ReconcilerState):
         except PriceBookError as exc:
             self._refuse(p, "InvalidPriceBook", str(exc))
             return False
+        return True
+
+    def _account_spec(self, p: Pass, acct: Obj) -> bool:
+        """The Account's spec through its model. One the model refuses admits nothing new
+        (``_admit``); what already runs bills on to the ledger account it had when valid
+        (its currency is fixed there), so usage is neither lost nor charged elsewhere.
+        False (after a refusal) when there is no such ledger account: nothing to bill."""
+        try:
+            p.account_spec = parse(AccountSpec, acct.get("spec"))
+        except SpecError as exc:
+            p.account_refused = (
+                f"Account {p.account!r} has a spec the models refuse ({exc}); it admits no "
+                "new instance until an admin fixes it"
+            )
+            try:
+                p.currency = self.ledger.get_account(p.account).currency
+            except NotFound:
+                if p.phase not in r.ACTIVE_PHASES:
+                    self._refuse(p, "InvalidAccount", p.account_refused)
+                return False
+            return True
+        p.currency = p.account_spec.currency
         return True
 
     def _pricebook(self, obj: Obj) -> PriceBook:
