@@ -4,7 +4,8 @@ The three specs are read through their CRD models (``gpucloud.crd``), defaults
 included. A spec the models refuse (written before a schema tightened, or around the
 API server's validation) gets ``Valid=False`` (Account, Recharge) or ``Applied=False``
 (RechargeReview), reason ``InvalidSpec``, and a Warning event, both naming the field and
-the rule; nothing is submitted to, credited in or charged through the ledger for it."""
+the rule; nothing is submitted to or credited in the ledger for it, and no ledger
+account is made for it (docs/operator.md, "Accounts and recharges")."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from gpucloud.crd.rechargereview import RechargeReviewSpec
 from gpucloud.ledger import (
     IdempotencyConflict,
     Ledger,
+    NotFound,
     OrderStatus,
     ReviewRefused,
     VoucherStatus,
@@ -242,11 +244,16 @@ class AccountReconciler:
         name = acct["metadata"]["name"]
         now = r.second(self.clock.now())
         status = dict(acct.get("status") or {})
+        refused = ""
         try:
             spec = parse(AccountSpec, acct.get("spec"))
         except SpecError as exc:  # the CRD refuses it: an older object, or one written around it
-            self._invalid_spec(acct, status, str(exc), now)
-            return
+            refused = str(exc)
+            held = self._held_spec(name)
+            if held is None:
+                self._invalid_spec(acct, status, refused, now)
+                return
+            spec = held
         currency = spec.currency
         self.ledger.ensure_account(name, currency)
         balance = self.ledger.balance(name)
@@ -311,7 +318,9 @@ class AccountReconciler:
                 )
         conds += self._notify_transitions(acct, spec, status, verdict, new, now)
         conds += self._namespace_conflicts(acct, status, ownership.conflicts(accounts, name), now)
-        if (_condition(status, "Valid") or ("True",))[0] == "False":  # refused before, fixed now
+        if refused:
+            conds.append(self._refused_condition(acct, status, refused, now))
+        elif (_condition(status, "Valid") or ("True",))[0] == "False":  # refused, fixed now
             conds.append(b.condition("Valid", True, "SpecAccepted", "spec accepted", r.fmt(now)))
         if conds:
             new["conditions"] = b.merge_conditions(status.get("conditions"), conds)
@@ -319,12 +328,27 @@ class AccountReconciler:
         if changes:
             self.kube.patch_status("accounts", None, name, changes)
 
-    def _invalid_spec(self, acct: Obj, status: Obj, msg: str, now: datetime) -> None:
-        """Valid=False naming the field and the rule, said once: no ledger account is
-        made and no figure computed for a spec the models refuse."""
-        cond = b.condition("Valid", False, "InvalidSpec", msg, r.fmt(now))
+    def _held_spec(self, name: str) -> AccountSpec | None:
+        """For an Account whose spec is refused but which has a ledger account (what runs
+        in its namespaces bills on there): its ledger currency and the model's defaults
+        for the rest, so balance, arrears and warnings are still enforced. None without
+        a ledger account: nothing has been or will be charged to it."""
+        try:
+            currency = self.ledger.get_account(name).currency
+        except NotFound:
+            return None
+        return AccountSpec(namespaces=[], currency=currency)  # type: ignore[arg-type]
+
+    def _refused_condition(self, acct: Obj, status: Obj, msg: str, now: datetime) -> Obj:
+        """Valid=False naming the field and the rule; the Warning event is sent once."""
         if _condition(status, "Valid") != ("False", msg):
             self.kube.event(acct, "Warning", "InvalidSpec", msg)
+        return b.condition("Valid", False, "InvalidSpec", msg, r.fmt(now))
+
+    def _invalid_spec(self, acct: Obj, status: Obj, msg: str, now: datetime) -> None:
+        """A refused spec and no ledger account: none is made, no figure computed."""
+        if _condition(status, "Valid") != ("False", msg):
+            cond = self._refused_condition(acct, status, msg, now)
             conditions = b.merge_conditions(status.get("conditions"), [cond])
             self.kube.patch_status("accounts", None, acct["metadata"]["name"], {
                 "conditions": conditions

@@ -316,3 +316,30 @@ def test_a_valid_review_still_credits_once(world: World) -> None:
     assert w.kube.cluster[("rechargereviews", "ok")]["status"]["applied"] is True
     assert w.ledger.balance("acme") == 250_00
     assert stored(w, "wire")["status"]["phase"] == "Credited"
+
+
+def test_arrears_are_still_enforced_for_a_refused_account_that_has_a_ledger_account(
+    world: World,
+) -> None:
+    """What runs bills on, so the balance, arrears and the shutdown go on too (the
+    model's defaults stand in for what is refused); Valid=False says why."""
+    w = world
+    w.fund(10_44)  # two hours of L40S 5.20/h + 50 GiB x 0.0004/h
+    w.instance("job", "NVIDIA-L40S")
+    w.tick()
+    acct = w.kube.cluster[("accounts", "acme")]
+    acct["spec"]["instanceLimit"] = 20_000
+    r = rec(w)
+    r.refresh_account(acct)
+    assert acct["status"]["state"] == "LowBalance"  # under the default 24 hours
+    cond = condition(acct, "Valid")
+    assert (cond["status"], cond["reason"]) == ("False", "InvalidSpec")
+    assert cond["message"].startswith("spec.instanceLimit: Input should be less than")
+    w.clock.advance(timedelta(hours=2, minutes=1))
+    w.tick("job")
+    r.refresh_account(acct)
+    assert acct["status"]["state"] == "Arrears"
+    assert condition(acct, "Valid")["status"] == "False"
+    assert w.kube.reasons("acme").count("InvalidSpec") == 1
+    w.tick("job")
+    assert w.status("job")["phase"] != "Running"  # shut down in arrears, as for any account
