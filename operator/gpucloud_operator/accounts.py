@@ -32,7 +32,7 @@ from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import KubeAPI
 from gpucloud_operator.metrics import AccountMetrics
-from gpucloud_operator.notify import Notifier
+from gpucloud_operator.notify import Notifier, payload, webhook_url
 
 log = logging.getLogger("gpucloud.operator.accounts")
 Obj = dict[str, Any]
@@ -162,7 +162,7 @@ class AccountReconciler:
         return verdict, burn
 
     def webhook_url(self, acct: Obj) -> str:
-        return ((acct.get("spec") or {}).get("webhook") or {}).get("url") or self.cfg.webhook_url
+        return webhook_url(acct, self.cfg.webhook_url)
 
     def _notify_transitions(
         self, acct: Obj, status: Obj, verdict: ar.Assessment, new: Obj, now: datetime
@@ -184,7 +184,7 @@ class AccountReconciler:
             )
             conds.append(b.condition("LowBalanceWarning", True, "LowBalance", msg, r.fmt(now)))
             self.kube.event(acct, "Warning", "LowBalanceWarning", msg)
-            self.notifier.notify(url, ar.payload("LowBalanceWarning", name, msg, now, **figures))
+            self.notifier.notify(url, payload("LowBalanceWarning", name, msg, now, **figures))
         elif not warn and old.get("LowBalanceWarning") == "True":
             conds.append(
                 b.condition(
@@ -201,7 +201,7 @@ class AccountReconciler:
             self.kube.event(acct, "Warning", "ArrearsShutdown", msg)
             self.notifier.notify(
                 url,
-                ar.payload(
+                payload(
                     "Arrears",
                     name,
                     msg,
@@ -215,7 +215,7 @@ class AccountReconciler:
             msg = "arrears cleared: the data deletion countdown stopped; start instances again"
             conds.append(b.condition("Arrears", False, "Cleared", msg, r.fmt(now)))
             self.kube.event(acct, "Normal", "ArrearsCleared", msg)
-            self.notifier.notify(url, ar.payload("ArrearsCleared", name, msg, now, **figures))
+            self.notifier.notify(url, payload("ArrearsCleared", name, msg, now, **figures))
         return conds
 
     # -- Account --------------------------------------------------------------------
