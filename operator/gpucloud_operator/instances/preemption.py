@@ -74,8 +74,10 @@ class Preemption(Core):
             v.now = p.now
             if v.phase not in r.ACTIVE_PHASES or v.phase == "Stopping" or v.status.get("preemptAt"):
                 return False
+            # another namespace's instance is not named in the message (its tenant's)
+            wanted = p.name if p.ns == v.ns else "an instance in another namespace"
             message = (
-                f"preempted for {p.resource} ({p.model.billing.mode}): this spot "
+                f"preempted for {wanted} ({p.model.billing.mode}): this spot "
                 f"instance stops at {r.fmt(deadline)} (grace {self.cfg.preemption_grace_s} s); "
                 "its data is kept and billing ends at the stop"
             )
