@@ -55,6 +55,17 @@ def preempt(w: World, at: int = 600) -> None:
     w.tick("payg")
 
 
+def queued(w: World) -> World:
+    """``spot`` (with resume) preempted by ``payg``, and queued."""
+    w.fund(1000_00)
+    spot(w, resume=True)
+    preempt(w)
+    w.clock.advance(120)
+    w.tick()
+    assert w.status("spot")["phase"] == "Queued"
+    return w
+
+
 def counter(w: World, name: str) -> float:
     metric = getattr(w.rec.spot_metrics, name)
     return metric.labels(L40S)._value.get()
@@ -256,13 +267,7 @@ def test_resume_queues_then_starts_a_new_run_on_its_node_when_gpus_free_up(
 
 
 def test_a_queued_instance_is_taken_off_the_queue_by_a_stop(world: World) -> None:
-    w = world
-    w.fund(1000_00)
-    spot(w, resume=True)
-    preempt(w)
-    w.clock.advance(120)
-    w.tick()
-    assert w.status("spot")["phase"] == "Queued"
+    w = queued(world)
     w.kube.update_spec("gpuinstances", NS, "spot", {"state": "Stopped"})
     w.kube.update_spec("gpuinstances", NS, "payg", {"state": "Stopped"})
     w.tick()
@@ -272,13 +277,7 @@ def test_a_queued_instance_is_taken_off_the_queue_by_a_stop(world: World) -> Non
 def test_arrears_take_a_queued_instance_off_the_queue(world: World) -> None:
     """Arrears shut instances down until the user starts them again: a queued one too,
     or it would start on its own once the debt is paid."""
-    w = world
-    w.fund(1000_00)
-    spot(w, resume=True)
-    preempt(w)
-    w.clock.advance(120)
-    w.tick()
-    assert w.status("spot")["phase"] == "Queued"
+    w = queued(world)
     w.ledger.post_entry("acme", EntryKind.ADJUSTMENT, -2000_00, "debt", at=w.clock.now())
     w.kube.cluster[("accounts", "acme")]["status"] = {
         "state": "Arrears",
@@ -293,6 +292,20 @@ def test_arrears_take_a_queued_instance_off_the_queue(world: World) -> None:
     w.kube.cluster[("accounts", "acme")]["status"] = {"state": "Active"}
     w.tick()
     assert w.status("spot")["phase"] == "Stopped" and (NS, "spot-gpu") not in w.kube.pods
+
+
+def test_a_queued_instance_refused_at_its_resume_holds_no_gpus(world: World) -> None:
+    """Its turn comes but spot is no longer offered for the product: it is Refused (tried
+    again on every pass, as any refusal) and counts on no GPUs of its node meanwhile."""
+    w = queued(world)
+    pb = w.kube.cluster[("pricebooks", "default")]
+    next(g for g in pb["spec"]["gpus"] if g["product"] == L40S).pop("spotPerHour")
+    pb["metadata"]["resourceVersion"] = "2"
+    w.kube.update_spec("gpuinstances", NS, "payg", {"state": "Stopped"})
+    w.tick()
+    assert w.status("spot")["phase"] == "Refused" and "NotOffered" in w.kube.reasons("spot")
+    assert w.kube.instance(NS, "spot")["metadata"]["uid"] not in w.rec._assumed
+    assert counter(w, "resumes") == 0
 
 
 def test_two_queued_instances_do_not_count_on_the_same_gpus(world: World) -> None:

@@ -191,6 +191,9 @@ class Preemption(Core):
         self._start(p)
         if p.phase == "Pending":
             self.spot_metrics.resumes.labels(p.product).inc()
+        else:  # refused before admission (or waiting for a disk): hold no GPUs for it
+            with self._placement_lock:
+                self._assumed.pop(p.uid, None)
 
     def _mark_waiting(self, resource: str | None, now: datetime) -> None:
         """The instance a preemption frees GPUs for is still waiting for them now (its
