@@ -308,6 +308,25 @@ def test_a_queued_instance_refused_at_its_resume_holds_no_gpus(world: World) -> 
     assert counter(w, "resumes") == 0
 
 
+def test_a_run_no_pod_list_ever_showed_holds_no_gpus_once_it_stops(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's pod list is cached for seconds: a run that starts and stops inside
+    that time is never listed. Its placement, counted meanwhile, must end with the run,
+    or the queued instance waits forever for GPUs that are free."""
+    listed = world.kube.gpu_pods
+    monkeypatch.setattr(
+        world.kube, "gpu_pods", lambda ttl=0.0: [x for x in listed() if x["name"] != "payg-gpu"]
+    )
+    w = queued(world)
+    w.tick()
+    assert w.status("spot")["phase"] == "Queued"  # payg's placement holds 2 of the 4 GPUs
+    w.kube.update_spec("gpuinstances", NS, "payg", {"state": "Stopped"})
+    w.tick()
+    w.tick()
+    assert w.status("spot")["phase"] == "Running" and w.status("spot")["runs"] == 2
+
+
 def test_two_queued_instances_do_not_count_on_the_same_gpus(world: World) -> None:
     w = world
     w.fund(1000_00)

@@ -32,11 +32,13 @@ Locks, outermost first (a thread takes them in this order only, so none can dead
     claims the run, and the pod, come after it is let go (a burst of starts on one
     account would queue on those API calls). Never held with the placement lock.
 ``_placement_lock``
-    Serialises placement: ``Placement._place`` reads the node and pod lists (cached)
-    and reads and writes ``_assumed``, so two first placements never count on the same
-    GPUs. Held by ``Lifecycle._start`` and ``Storage._volume_node`` around ``_place``,
-    and around ``_assumed.pop`` when a start is refused or the instance released. Never
-    held with the admission lock (``_start`` lets it go before admission).
+    Serialises placement: ``Placement._place`` and ``Placement._room_on`` (a queued
+    spot instance's resume) read the node and pod lists (cached) and read and write
+    ``_assumed``, so two placements never count on the same GPUs. Held by
+    ``Lifecycle._start`` and ``Storage._volume_node`` around ``_place``, by ``_room_on``,
+    and around ``_assumed.pop`` when a start is refused, a run stops or the instance is
+    released. Never held with the admission lock (``_start`` lets it go before
+    admission).
 ``_guard``
     A leaf lock over the small in-memory tables below: held for a few dictionary or set
     operations, never across an API or ledger call, and no other lock is taken under
@@ -64,8 +66,11 @@ attribute                 guarded by         what it is, and what a stale entry 
                                              figure reused for ``accrual_reuse_s`` of
                                              real time within the same second.
 ``_assumed``              placement lock     placement: uid -> (namespace, pod, node,
-                                             GPUs) of first placements whose pods the
-                                             cached pod list does not show yet.
+                                             GPUs) of first placements and resumes
+                                             whose pods the cached pod list does not
+                                             show yet; dropped when it shows them, or
+                                             the run stops (a pod deleted before any
+                                             list saw it would hold its GPUs forever).
 ``_awaiting_bind``        ``_guard``         storage: instances whose pod waits for its
                                              claim to bind; the claim's Bound event
                                              starts their next pass (``claim_changed``).

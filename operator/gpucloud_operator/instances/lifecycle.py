@@ -399,6 +399,8 @@ class Lifecycle(Core):
         crash_point("stop-saved")
         stopped_at = r.parse(p.status.get("stoppedAt")) or p.now
         self.kube.delete_pod(p.ns, b.pod_name(p.name))
+        with self._placement_lock:  # its pod is gone: nothing of it to count on its node
+            self._assumed.pop(p.uid, None)
         meter_id = p.status.get("meterId")
         if meter_id:
             self._close_meter(p, meter_id, stopped_at)
