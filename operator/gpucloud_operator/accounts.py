@@ -43,7 +43,7 @@ from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import KubeAPI
 from gpucloud_operator.metrics import AccountMetrics
-from gpucloud_operator.notify import Notifier
+from gpucloud_operator.notify import Notifier, payload
 
 log = logging.getLogger("gpucloud.operator.accounts")
 Obj = dict[str, Any]
@@ -205,7 +205,7 @@ class AccountReconciler:
             )
             conds.append(b.condition("LowBalanceWarning", True, "LowBalance", msg, r.fmt(now)))
             self.kube.event(acct, "Warning", "LowBalanceWarning", msg)
-            self.notifier.notify(url, ar.payload("LowBalanceWarning", name, msg, now, **figures))
+            self.notifier.notify(url, payload("LowBalanceWarning", name, msg, now, **figures))
         elif not warn and old.get("LowBalanceWarning") == "True":
             conds.append(
                 b.condition(
@@ -222,7 +222,7 @@ class AccountReconciler:
             self.kube.event(acct, "Warning", "ArrearsShutdown", msg)
             self.notifier.notify(
                 url,
-                ar.payload(
+                payload(
                     "Arrears",
                     name,
                     msg,
@@ -236,7 +236,7 @@ class AccountReconciler:
             msg = "arrears cleared: the data deletion countdown stopped; start instances again"
             conds.append(b.condition("Arrears", False, "Cleared", msg, r.fmt(now)))
             self.kube.event(acct, "Normal", "ArrearsCleared", msg)
-            self.notifier.notify(url, ar.payload("ArrearsCleared", name, msg, now, **figures))
+            self.notifier.notify(url, payload("ArrearsCleared", name, msg, now, **figures))
         return conds
 
     # -- Account --------------------------------------------------------------------

@@ -138,8 +138,3 @@ def deletion_confirmed(kube: Any, ledger: Any, account: str, now: datetime) -> b
     if st.get("state") != ARREARS or due is None or now < due:
         return False
     return ledger.balance(account) <= 0 or ledger.available_balance(account, now) < 0
-
-
-def payload(kind: str, account: str, message: str, now: datetime, **extra: object) -> Obj:
-    """The webhook's JSON body (docs/arrears.md)."""
-    return {"type": kind, "account": account, "message": message, "at": r.fmt(now), **extra}

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from gpucloud import kube_names
+from gpucloud.crd.gpuinstance import Checkpoint
 from gpucloud.kube_names import GPU_RESOURCE, MANAGED_BY, PRODUCT_LABEL
 
 INSTANCE_LABEL = "gpucloud.dev/instance"
@@ -32,6 +33,15 @@ DATA_ROOT = "/var/lib/gpucloud/instances"
 DATA_MOUNT = "/root/data"
 DISK_MOUNT = "/root/disks"  # each attached cloud disk at /root/disks/<name>
 DISK_LABEL = "gpucloud.dev/clouddisk"
+# The preemption notice inside the pod (docs/spot.md): a downward-API file that shows the
+# pod's annotation, empty until a notice, then the RFC 3339 stop time. The kubelet
+# refreshes such files when the annotation changes (env vars would stay as they were).
+NOTICE_ANNOTATION = "gpucloud.dev/preempt-at"
+NOTICE_DIR = "/etc/gpucloud/notice"
+NOTICE_FILE = "preempt-at"
+NOTICE_ENV = "GPUCLOUD_PREEMPT_NOTICE_FILE"
+NOTICE_VOLUME = "preemption-notice"
+DEFAULT_TERMINATION_GRACE_S = 30
 DISK_STORAGE_CLASS = "gpucloud-disk"
 
 Manifest = dict[str, Any]
@@ -84,10 +94,13 @@ def gpu_summary(product: str, count: int) -> str:
 
 def build_instance_pod(instance: Manifest, run: int) -> Manifest:
     """The pod of one run of an instance: GPUs as limits, the product as a node selector,
-    the instance volume mounted, and no restarts of a finished container (a stop is
-    decided by the operator, not by the kubelet)."""
+    the instance volume and the preemption notice file mounted, a spot checkpoint as the
+    container's preStop hook (its timeout as the pod's termination grace period), and no
+    restarts of a finished container (a stop is decided by the operator, not by the
+    kubelet)."""
     meta, spec = instance["metadata"], instance["spec"]
     gpu = spec["gpu"]
+    notice_path = f"{NOTICE_DIR}/{NOTICE_FILE}"
     container: Manifest = {
         "name": "main",
         "image": spec.get("image") or "nvcr.io/nvidia/pytorch:24.08-py3",
@@ -96,9 +109,15 @@ def build_instance_pod(instance: Manifest, run: int) -> Manifest:
             "requests": {GPU_RESOURCE: str(gpu.get("count", 1))},
         },
         "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT}],
+        "env": [{"name": NOTICE_ENV, "value": notice_path}],
     }
     if spec.get("command"):
         container["command"] = list(spec["command"])
+    grace_s = DEFAULT_TERMINATION_GRACE_S
+    checkpoint = (spec.get("spot") or {}).get("checkpoint")
+    if checkpoint:
+        container["lifecycle"] = {"preStop": {"exec": {"command": list(checkpoint["command"])}}}
+        grace_s = checkpoint_seconds(spec)
     volumes: list[Manifest] = [
         {"name": "data", "persistentVolumeClaim": {"claimName": pvc_name(meta["name"])}}
     ]
@@ -110,6 +129,10 @@ def build_instance_pod(instance: Manifest, run: int) -> Manifest:
         container["volumeMounts"].append(
             {"name": f"cloud-disk-{i}", "mountPath": f"{DISK_MOUNT}/{disk}"}
         )
+    volumes.append(notice_volume())
+    container["volumeMounts"].append(
+        {"name": NOTICE_VOLUME, "mountPath": NOTICE_DIR, "readOnly": True}
+    )
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -117,6 +140,8 @@ def build_instance_pod(instance: Manifest, run: int) -> Manifest:
             "name": pod_name(meta["name"]),
             "namespace": meta["namespace"],
             "labels": {**instance_labels(instance), RUN_LABEL: str(run)},
+            # empty until a preemption notice: the notice file reads "" (not a missing key)
+            "annotations": {NOTICE_ANNOTATION: ""},
             "ownerReferences": [owner_reference(instance)],
         },
         "spec": {
@@ -129,9 +154,37 @@ def build_instance_pod(instance: Manifest, run: int) -> Manifest:
             ],
             "containers": [container],
             "volumes": volumes,
-            "terminationGracePeriodSeconds": 30,
+            "terminationGracePeriodSeconds": grace_s,
         },
     }
+
+
+def notice_volume() -> Manifest:
+    """The downward-API volume holding the preemption notice file."""
+    field = f"metadata.annotations['{NOTICE_ANNOTATION}']"
+    return {
+        "name": NOTICE_VOLUME,
+        "downwardAPI": {"items": [{"path": NOTICE_FILE, "fieldRef": {"fieldPath": field}}]},
+    }
+
+
+def pod_checkpoint_seconds(pod: Manifest) -> int:
+    """How long before its stop time a run's pod must be asked to stop: its termination
+    grace period when a container has a preStop hook (the checkpoint), else 0. Read from
+    the pod, not the spec: spec changes apply at the next start."""
+    spec = pod.get("spec") or {}
+    if not any((c.get("lifecycle") or {}).get("preStop") for c in spec.get("containers") or []):
+        return 0
+    return int(spec.get("terminationGracePeriodSeconds") or 0)
+
+
+def checkpoint_seconds(spec: Manifest) -> int:
+    """The spot checkpoint's timeout in seconds (the CRD's default when not given); 0
+    without a checkpoint."""
+    checkpoint = (spec.get("spot") or {}).get("checkpoint")
+    if not checkpoint:
+        return 0
+    return int(checkpoint.get("timeoutSeconds", Checkpoint.model_fields["timeout_seconds"].default))
 
 
 def _prebound_pvc(

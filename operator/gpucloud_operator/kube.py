@@ -306,14 +306,18 @@ class Kube:
             self._raw(self.core.list_namespaced_pod, namespace, label_selector=selector)["items"]
         )
 
-    def patch_pod_annotations(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+    def patch_pod_annotations(
+        self, namespace: str, name: str, annotations: dict[str, str]
+    ) -> Obj | None:
+        """Merge ``annotations`` into the pod's; the pod as patched (None: no such pod)."""
+        path = f"/api/v1/namespaces/{namespace}/pods/{name}"
+        body = {"metadata": {"annotations": annotations}}
         try:
-            self.core.patch_namespaced_pod(
-                name, namespace, {"metadata": {"annotations": annotations}}
-            )
+            return self._request("PATCH", path, body, content_type=MERGE_PATCH)
         except ApiException as exc:
             if exc.status != 404:
                 raise
+            return None
 
     # -- events -------------------------------------------------------------------
     def event(

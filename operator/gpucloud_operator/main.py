@@ -26,6 +26,7 @@ from gpucloud_operator.instances import InstanceReconciler
 from gpucloud_operator.kube import Kube
 from gpucloud_operator.metrics import OperatorMetrics
 from gpucloud_operator.models import ModelReconciler
+from gpucloud_operator.notify import Notifier
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, OperatorConfig]:
@@ -67,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     clock = clock_from_env(cfg.clock)
     ledger = open_ledger(cfg.ledger_url, clock=clock)
     kube = Kube(args.kubeconfig)
-    instances = InstanceReconciler(kube, ledger, clock, cfg)
     metrics = OperatorMetrics(stale_after_s=4 * cfg.account_interval_s + 60)
-    accounts = AccountReconciler(kube, ledger, clock, cfg, metrics=metrics.accounts)
+    notifier = Notifier()  # one webhook queue: account notices and preemption notices
+    instances = InstanceReconciler(kube, ledger, clock, cfg, notifier, metrics.spot)
+    accounts = AccountReconciler(kube, ledger, clock, cfg, notifier, metrics=metrics.accounts)
     if cfg.metrics_port:
         metrics.count_instances(lambda: kube.list_cluster_objects("gpuinstances", 5.0), cfg.serves)
         metrics.serve(cfg.metrics_port)

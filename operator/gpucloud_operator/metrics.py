@@ -1,5 +1,6 @@
-"""Prometheus metrics of the operator: account balances, arrears, cost per hour, and
-instances by phase, on the operator's own registry (``--metrics-port``).
+"""Prometheus metrics of the operator: account balances, arrears, cost per hour,
+instances by phase, and spot preemption counters, on the operator's own registry
+(``--metrics-port``).
 
 Money is exported in the currency's major units as a float. That is for display only
 (dashboards, alerts): the ledger keeps exact integer minor units, and nothing reads money
@@ -8,7 +9,8 @@ back from these gauges.
 Account figures are recorded by the account reconciler on each pass; an account not
 refreshed for ``stale_after_s`` (deleted, or no longer served) drops out of the
 exposition instead of showing its last figures forever. Instance phases are counted at
-scrape time from the (briefly cached) instance list.
+scrape time from the (briefly cached) instance list. The spot counters count what this
+process did (a replica that takes over starts from zero: use ``rate()``/``increase()``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -34,7 +37,7 @@ Obj = dict[str, Any]
 # Phases always exported (0 when none), so a dashboard's series do not come and go.
 PHASES = (
     "Pending", "Starting", "Running", "Stopping", "Stopped", "Preempted", "Expired", "Refused",
-    "Released",
+    "Released", "Queued",
 )  # fmt: skip
 
 
@@ -144,6 +147,32 @@ class InstancePhases(Collector):
         yield family
 
 
+class SpotMetrics:
+    """What spot preemption did, by GPU product (docs/spot.md)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
+        labels = ["product"]
+        self.notices = prometheus_client.Counter(
+            "gpucloud_spot_preemption_notices",
+            "Preemption notices given to spot instances",
+            labels,
+            registry=registry,
+        )
+        self.preemptions = prometheus_client.Counter(
+            "gpucloud_spot_preemptions",
+            "Spot instances stopped when their notice ran out (queued ones included)",
+            labels,
+            registry=registry,
+        )
+        self.resumes = prometheus_client.Counter(
+            "gpucloud_spot_resumes",
+            "Preempted spot instances (spec.spot.resume) started again on their node",
+            labels,
+            registry=registry,
+        )
+
+
 class OperatorMetrics:
     """The operator's registry and its collectors."""
 
@@ -151,6 +180,7 @@ class OperatorMetrics:
         self.registry = CollectorRegistry()
         self.accounts = AccountMetrics(stale_after_s)
         self.registry.register(self.accounts)
+        self.spot = SpotMetrics(self.registry)
 
     def count_instances(
         self, instances: Callable[[], Iterable[Obj]], serves: Callable[[str | None], bool]

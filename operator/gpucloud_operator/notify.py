@@ -1,6 +1,10 @@
 """Webhook notifications: JSON POSTed with httpx from a background thread.
 
-Enforcement (shutdown, deletion) must never wait on a tenant's web server, so
+Every message is ``payload(type, account, message, at, ...)`` (docs/arrears.md, docs/spot.md),
+sent to the Account's ``spec.webhook.url`` or else the operator's ``webhook_url``
+(``webhook_url``).
+
+Enforcement (shutdown, deletion, preemption) must never wait on a tenant's web server, so
 ``Notifier.notify`` only enqueues; one worker thread delivers in order, retrying a
 failed delivery (connection error or a non-2xx answer) with exponential backoff, and
 gives up after ``attempts`` tries (logged). A full queue drops the newest message
@@ -15,12 +19,25 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import httpx
 import tenacity
 
+from gpucloud_operator import rules as r
+
 log = logging.getLogger("gpucloud.operator.notify")
+
+
+def payload(kind: str, account: str, message: str, now: datetime, **extra: object) -> dict:
+    """A webhook's JSON body: what happened, to which account, when, and its figures."""
+    return {"type": kind, "account": account, "message": message, "at": r.fmt(now), **extra}
+
+
+def webhook_url(account: dict[str, Any] | None, default: str) -> str:
+    """Where an Account's notifications go: its spec.webhook.url, else ``default``."""
+    return (((account or {}).get("spec") or {}).get("webhook") or {}).get("url") or default
 
 
 @dataclass

@@ -146,6 +146,8 @@ def test_operator_exposition() -> None:
         {"metadata": {"namespace": "elsewhere"}, "status": {"phase": "Running"}},
     ]
     m.count_instances(lambda: instances, lambda ns: ns == "acme")
+    m.spot.notices.labels("NVIDIA-L40S").inc()
+    m.spot.resumes.labels("NVIDIA-L40S").inc()
     text = generate_latest(m.registry).decode()
     for line in (
         'gpucloud_account_balance{account="acme",currency="CNY"} -12.34',
@@ -156,6 +158,9 @@ def test_operator_exposition() -> None:
         'gpucloud_operator_instances{phase="Running"} 2.0',
         'gpucloud_operator_instances{phase="Pending"} 1.0',
         'gpucloud_operator_instances{phase="Stopped"} 0.0',
+        'gpucloud_operator_instances{phase="Queued"} 0.0',
+        'gpucloud_spot_preemption_notices_total{product="NVIDIA-L40S"} 1.0',
+        'gpucloud_spot_resumes_total{product="NVIDIA-L40S"} 1.0',
     ):
         assert line in text, (line, text)
     deletions = [

@@ -152,3 +152,35 @@ def test_spot_is_preempted_for_payg_with_notice_and_grace_and_keeps_its_data(
     assert pvc["status"]["phase"] == "Bound"
     files = h.kind.docker_exec(spot["node"], "cat", f"/var/lib/gpucloud/instances/{h.ns}/spot/kept")
     assert files.strip() == "spot-data"
+
+
+def test_the_notice_file_shows_the_stop_time_and_the_checkpoint_runs_before_it(
+    h: KindHarness,
+) -> None:
+    """What kwok cannot show: the real kubelet refreshes the pod's downward-API notice
+    file when the operator annotates the pod (empty before), and runs the checkpoint as
+    the preStop hook before the deadline; the checkpoint here copies the file into the
+    instance's data, read back from the node's disk."""
+    h.pay_online("topup", "100.00")
+    notice = "/etc/gpucloud/notice/preempt-at"
+    save = f"cat {notice} > /root/data/notice-seen"
+    checkpoint = {"command": ["sh", "-c", save], "timeoutSeconds": 5}
+    h.instance("spot", L40S, 4, ["sleep", "3600"], mode="Spot", spot={"checkpoint": checkpoint})
+    spot = h.wait_phase(GI, "spot", "Running")
+    h.wait(lambda: h.pod("spot") and h.pod("spot")["status"].get("phase") == "Running",
+           "the spot pod to run")  # fmt: skip
+
+    def read_notice() -> str:
+        out = h.kind.kubectl("exec", "-n", h.ns, "spot-gpu", "--", "cat", notice, check=False)
+        return out.stdout if out.returncode == 0 else "unreadable"
+
+    assert read_notice() == ""  # no notice yet: the file exists and is empty
+    h.instance("payg", L40S, 2, ["sleep", "3600"])
+    stop_at = h.wait(lambda: h.status(GI, "spot").get("preemptAt"), "the preemption notice")
+    h.wait(lambda: read_notice() == stop_at, "the kubelet to write the stop time into the file")
+    h.wait_phase(GI, "spot", "Preempted", timeout=90)
+    h.wait(lambda: h.pod("spot") is None, "the spot pod to be deleted")
+    seen = h.kind.docker_exec(
+        spot["node"], "cat", f"/var/lib/gpucloud/instances/{h.ns}/spot/notice-seen"
+    )
+    assert seen == stop_at  # the checkpoint ran, and read the notice

@@ -31,6 +31,7 @@ class FakeKube:
         self.pvs: dict[str, Obj] = {}
         self.pvcs: dict[tuple[str, str], Obj] = {}
         self.events: list[tuple[str, str, str, str]] = []  # (object name, type, reason, msg)
+        self.deleted_pods: list[tuple[str, str, int | None]] = []  # (ns, name, grace asked)
         self.start_delay_s = 0  # how long the kubelet takes from a pod's creation to its start
 
     # -- test helpers ---------------------------------------------------------------
@@ -137,11 +138,21 @@ class FakeKube:
         return copy.deepcopy(self.pods[key])
 
     def delete_pod(self, namespace: str, name: str, grace_s: int | None = None) -> None:
-        self.pods.pop((namespace, name), None)
+        if self.pods.pop((namespace, name), None) is not None:
+            self.deleted_pods.append((namespace, name, grace_s))
 
     def patch_pod_labels(self, namespace: str, name: str, labels: dict[str, str]) -> None:
         if (namespace, name) in self.pods:
             self.pods[(namespace, name)]["metadata"]["labels"].update(labels)
+
+    def patch_pod_annotations(
+        self, namespace: str, name: str, annotations: dict[str, str]
+    ) -> Obj | None:
+        pod = self.pods.get((namespace, name))
+        if pod is None:
+            return None
+        pod["metadata"].setdefault("annotations", {}).update(annotations)
+        return copy.deepcopy(pod)
 
     def ensure_pvc(self, pvc: Obj) -> None:
         self.pvcs.setdefault((pvc["metadata"]["namespace"], pvc["metadata"]["name"]), pvc)

@@ -2,57 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from gpucloud_operator.notify import Notifier
 
-
-class Hook(ThreadingHTTPServer):
-    fail_first = 0
-    delay_s = 0.0
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.received: list[dict] = []
-        self.attempts = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: Hook
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.attempts += 1
-        time.sleep(self.server.delay_s)
-        if self.server.attempts <= self.server.fail_first:
-            self.send_response(503)
-        else:
-            self.server.received.append(body)
-            self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
+from gpucloud.testing.webhook import Hook, running_hook
 
 
 @pytest.fixture
 def hook() -> Iterator[Hook]:
-    server = Hook()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running_hook() as server:
+        yield server
 
 
 def test_delivers_json_in_order(hook: Hook) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gpucloud_agent.imagecopy import make_image
 from gpucloud_agent.wipe import WIPE_FOLDERS, remove, resolve
+from gpucloud_operator.builders import NOTICE_DIR
 from gpucloud_operator.storage_items import StorageItems
 from opworld import NS, T0, World
 
@@ -230,10 +231,11 @@ def test_disk_volume_claim_and_attachment_rules(world: World, tmp_path: Path) ->
     w.tick()
     assert w.status("job")["phase"] == "Running"
     pod = w.kube.pods[(NS, "job-gpu")]
-    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]]
+    vols = pod["spec"]["volumes"]
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in vols if "persistentVolumeClaim" in v]
     assert claims == ["job-data", "other-clouddisk", "scratch-clouddisk"]
     mounts = [m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]]
-    assert mounts == ["/root/data", "/root/disks/other", "/root/disks/scratch"]
+    assert mounts == ["/root/data", "/root/disks/other", "/root/disks/scratch", NOTICE_DIR]
     # deleting the disk while the instance runs is held, with a condition and one event
     held = w.kube.namespaced[("clouddisks", NS, "scratch")]
     assert s.delete("clouddisks", held) is False

@@ -10,6 +10,7 @@ from gpucloud_operator.builders import (
     condition,
     gpu_summary,
     merge_conditions,
+    pod_checkpoint_seconds,
     pv_name,
 )
 from gpucloud_operator.config import OperatorConfig
@@ -39,6 +40,47 @@ def test_pod_requests_gpus_of_the_product_and_is_owned() -> None:
     owner = pod["metadata"]["ownerReferences"][0]
     assert owner["uid"] == "u-1" and owner["kind"] == "GPUInstance" and owner["controller"]
     assert pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "nb-data"
+
+
+def test_every_pod_has_the_preemption_notice_file_empty_until_a_notice() -> None:
+    """The downward-API file shows the pod's annotation: "" at creation (a key that
+    exists, so the file exists and is empty), the stop time once the operator annotates
+    the pod; its path is in the container's environment."""
+    pod = build_instance_pod(INST, run=1)
+    assert pod["metadata"]["annotations"] == {"gpucloud.dev/preempt-at": ""}
+    (notice,) = [v for v in pod["spec"]["volumes"] if "downwardAPI" in v]
+    assert notice["downwardAPI"]["items"] == [
+        {
+            "path": "preempt-at",
+            "fieldRef": {"fieldPath": "metadata.annotations['gpucloud.dev/preempt-at']"},
+        }
+    ]
+    c = pod["spec"]["containers"][0]
+    mount = next(m for m in c["volumeMounts"] if m["name"] == notice["name"])
+    assert mount == {
+        "name": "preemption-notice",
+        "mountPath": "/etc/gpucloud/notice",
+        "readOnly": True,
+    }
+    assert {"name": "GPUCLOUD_PREEMPT_NOTICE_FILE", "value": "/etc/gpucloud/notice/preempt-at"} in (
+        c["env"]
+    )
+    # no checkpoint: no hook, the default grace, nothing to stop early for
+    assert "lifecycle" not in c and pod["spec"]["terminationGracePeriodSeconds"] == 30
+    assert pod_checkpoint_seconds(pod) == 0
+
+
+def test_a_spot_checkpoint_is_the_prestop_hook_and_its_timeout_the_grace() -> None:
+    spot = {"checkpoint": {"command": ["python", "save.py"], "timeoutSeconds": 45}}
+    pod = build_instance_pod({**INST, "spec": {**INST["spec"], "spot": spot}}, run=1)
+    c = pod["spec"]["containers"][0]
+    assert c["lifecycle"] == {"preStop": {"exec": {"command": ["python", "save.py"]}}}
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 45
+    assert pod_checkpoint_seconds(pod) == 45
+    # the CRD's default timeout when the object was written around the API server
+    spot = {"checkpoint": {"command": ["sync"]}, "resume": True}
+    pod = build_instance_pod({**INST, "spec": {**INST["spec"], "spot": spot}}, run=1)
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 30 == pod_checkpoint_seconds(pod)
 
 
 def test_claim_is_prebound_to_a_local_volume_on_the_node() -> None:
@@ -79,7 +121,7 @@ DISK = {
 def test_attached_disks_are_mounted_under_root_disks() -> None:
     pod = build_instance_pod({**INST, "spec": {**INST["spec"], "cloudDisks": ["scratch", "ds"]}}, 1)
     vols = pod["spec"]["volumes"]
-    assert [v["persistentVolumeClaim"]["claimName"] for v in vols] == [
+    assert [v["persistentVolumeClaim"]["claimName"] for v in vols[:-1]] == [
         "nb-data",
         "scratch-clouddisk",
         "ds-clouddisk",
@@ -89,9 +131,10 @@ def test_attached_disks_are_mounted_under_root_disks() -> None:
         "data": "/root/data",
         "cloud-disk-0": "/root/disks/scratch",
         "cloud-disk-1": "/root/disks/ds",
+        "preemption-notice": "/etc/gpucloud/notice",
     }
     assert {v["name"] for v in vols} == set(mounts)  # every volume mounted, names unique
-    assert len(build_instance_pod(INST, 1)["spec"]["volumes"]) == 1  # none attached
+    assert len(build_instance_pod(INST, 1)["spec"]["volumes"]) == 2  # none attached
 
 
 def test_disk_volume_is_shared_hostpath_of_the_data_root_prebound_to_its_claim() -> None:

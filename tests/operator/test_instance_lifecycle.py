@@ -7,7 +7,9 @@ import pytest
 from gpucloud_operator import rules as r
 from gpucloud_operator.instances.lifecycle import Step, next_step
 
-PHASES = [None, "Pending", "Starting", "Running", "Stopped", "Expired", "Preempted", "Refused"]
+PHASES = [
+    None, "Pending", "Starting", "Running", "Stopped", "Expired", "Preempted", "Queued", "Refused",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -23,6 +25,9 @@ PHASES = [None, "Pending", "Starting", "Running", "Stopped", "Expired", "Preempt
         ("Expired", "Running", False, Step.START),  # the spec changed: start again
         ("Preempted", "Running", True, Step.STAY_DOWN),
         ("Refused", "Running", True, Step.START),  # a refusal is retried
+        ("Queued", "Running", False, Step.RESUME),  # preempted, spec.spot.resume: its turn?
+        ("Queued", "Running", True, Step.RESUME),
+        ("Queued", "Stopped", False, Step.MARK_STOPPED),  # taken off the queue
         ("Running", "Stopped", False, Step.STOP),
         ("Pending", "Stopped", False, Step.STOP),  # admitted, pod maybe created: stop it
         (None, "Stopped", False, Step.MARK_STOPPED),

@@ -4,8 +4,9 @@ then the money rule (pay-as-you-go and spot: the available balance must exceed o
 of the instance, storage quota included; a package: it must cover the term), the
 available balance being the balance less what running and stopped-but-unsettled runs owe
 and what other admissions reserved (package terms admitted but not charged yet, renewals
-due). The rules themselves are pure (``start_decision``, ``reserved_by_others``,
-``count_active``, ``instance_limit_refusal``); the mixin feeds them."""
+due). A spot checkpoint must fit in the preemption notice (``checkpoint_refusal``). The rules
+themselves are pure (``start_decision``, ``reserved_by_others``, ``count_active``,
+``instance_limit_refusal``, ``checkpoint_refusal``); the mixin feeds them."""
 
 from __future__ import annotations
 
@@ -22,10 +23,25 @@ from gpucloud.billing import (
     package_purchase_decision,
     payg_start_decision,
 )
+from gpucloud.crd.gpuinstance import GPUInstanceSpec
 from gpucloud.ledger import NotFound, Unposted
 from gpucloud_operator import rules as r
 from gpucloud_operator.instances.core import Core, Pass
 from gpucloud_operator.instances.kubeapi import PLURAL
+
+
+def checkpoint_refusal(spec: GPUInstanceSpec, grace_s: int) -> str | None:
+    """A spot checkpoint longer than the preemption notice could not run in it: the start
+    is refused, naming the field and the rule (the CRD cannot know the operator's
+    setting)."""
+    checkpoint = spec.spot.checkpoint if spec.spot else None
+    if checkpoint is None or checkpoint.timeout_seconds <= grace_s:
+        return None
+    return (
+        f"spec.spot.checkpoint.timeoutSeconds: {checkpoint.timeout_seconds} s is longer than "
+        f"the preemption notice ({grace_s} s, the operator's preemption_grace_s); the "
+        "checkpoint must fit in it"
+    )
 
 
 def start_decision(

@@ -11,6 +11,7 @@ from gpucloud.ledger import NotFound
 from gpucloud_operator import arrears as ar
 from gpucloud_operator import rules as r
 from gpucloud_operator.instances.core import Core, Pass
+from gpucloud_operator.instances.kubeapi import Obj
 
 
 class Arrears(Core):
@@ -46,7 +47,14 @@ class Arrears(Core):
             self._patch(p, {"haltedGeneration": p.meta.get("generation")})
         elif p.phase not in ("Stopped", *r.HALTED_PHASES) and p.phase is not None:
             # e.g. Refused: keep it down with the reason
-            self._patch(p, {"haltedGeneration": p.meta.get("generation")})
+            changes: Obj = {"haltedGeneration": p.meta.get("generation")}
+            if p.phase == "Queued":  # off the resume queue: it would start on its own
+                changes |= {
+                    "phase": "Stopped",
+                    "message": f"taken off the resume queue: account {p.account!r} is in "
+                    "arrears; recharge, then start it again",
+                }
+            self._patch(p, changes)
         deletion_at = r.parse(acct.get("dataDeletionAt"))
         if (
             deletion_at is not None

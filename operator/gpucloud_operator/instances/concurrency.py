@@ -15,6 +15,12 @@ Locks, outermost first (a thread takes them in this order only, so none can dead
     included. Every status read-modify-patch of the instance happens under it. A timer
     tick that finds it taken skips its pass (``wait=False``); an event waits, and then
     drops what its body showed (another pass ran meanwhile).
+    One pass may hold a second instance lock: a pass that gives a spot instance its
+    preemption notice (``Preemption._give_notice``) takes the victim's lock, so that the
+    notice and its delivery never interleave with the victim's own pass (which delivers
+    a notice a crash left undelivered). It waits at most ``notice_lock_s`` for it and
+    skips that victim otherwise (the next pass plans again), so two passes holding one
+    lock each and waiting for the other's cannot deadlock.
 ``_account_locks[account]`` (admission lock)
     Serialises admission per account in ``Lifecycle._start``: the instance limit
     count, the money rule applied to what others reserved, and the slot noted
@@ -26,11 +32,13 @@ Locks, outermost first (a thread takes them in this order only, so none can dead
     claims the run, and the pod, come after it is let go (a burst of starts on one
     account would queue on those API calls). Never held with the placement lock.
 ``_placement_lock``
-    Serialises placement: ``Placement._place`` reads the node and pod lists (cached)
-    and reads and writes ``_assumed``, so two first placements never count on the same
-    GPUs. Held by ``Lifecycle._start`` and ``Storage._volume_node`` around ``_place``,
-    and around ``_assumed.pop`` when a start is refused or the instance released. Never
-    held with the admission lock (``_start`` lets it go before admission).
+    Serialises placement: ``Placement._place`` and ``Placement._room_on`` (a queued
+    spot instance's resume) read the node and pod lists (cached) and read and write
+    ``_assumed``, so two placements never count on the same GPUs. Held by
+    ``Lifecycle._start`` and ``Storage._volume_node`` around ``_place``, by ``_room_on``,
+    and around ``_assumed.pop`` when a start is refused, a run stops or the instance is
+    released. Never held with the admission lock (``_start`` lets it go before
+    admission).
 ``_guard``
     A leaf lock over the small in-memory tables below: held for a few dictionary or set
     operations, never across an API or ledger call, and no other lock is taken under
@@ -58,8 +66,11 @@ attribute                 guarded by         what it is, and what a stale entry 
                                              figure reused for ``accrual_reuse_s`` of
                                              real time within the same second.
 ``_assumed``              placement lock     placement: uid -> (namespace, pod, node,
-                                             GPUs) of first placements whose pods the
-                                             cached pod list does not show yet.
+                                             GPUs) of first placements and resumes
+                                             whose pods the cached pod list does not
+                                             show yet; dropped when it shows them, or
+                                             the run stops (a pod deleted before any
+                                             list saw it would hold its GPUs forever).
 ``_awaiting_bind``        ``_guard``         storage: instances whose pod waits for its
                                              claim to bind; the claim's Bound event
                                              starts their next pass (``claim_changed``).
@@ -87,7 +98,8 @@ passes; the table itself is shared, and a single add, discard or assignment is a
 under the GIL. "None (GIL)": the same, with any thread writing any entry; a lost update
 only repeats an idempotent call.
 
-Tunables the tests turn: ``accrual_reuse_s`` (admission), ``claim_recheck_s`` (storage).
+Tunables the tests turn: ``accrual_reuse_s`` (admission), ``claim_recheck_s`` (storage),
+``notice_lock_s`` (preemption).
 ``_later`` runs the claim rechecks (``Storage._nudge_claim``) on its own thread; they take
 ``_guard`` only, not the instance lock: they read the volume and touch the claim's
 annotations, nothing a pass writes."""
@@ -105,16 +117,30 @@ from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances.kubeapi import KubeAPI
 from gpucloud_operator.later import Later
+from gpucloud_operator.metrics import SpotMetrics
+from gpucloud_operator.notify import Notifier
 
 
 class ReconcilerState:
-    """The locks, caches and hints of the module docstring, created together."""
+    """The locks, caches and hints of the module docstring, created together, and the
+    reconciler's collaborators (the API, the ledger, the clock, the webhook notifier and
+    the spot counters)."""
 
-    def __init__(self, kube: KubeAPI, ledger: Ledger, clock: Clock, cfg: OperatorConfig) -> None:
+    def __init__(
+        self,
+        kube: KubeAPI,
+        ledger: Ledger,
+        clock: Clock,
+        cfg: OperatorConfig,
+        notifier: Notifier | None = None,
+        spot_metrics: SpotMetrics | None = None,
+    ) -> None:
         self.kube = kube
         self.ledger = ledger
         self.clock = clock
         self.cfg = cfg
+        self.notifier = notifier or Notifier()
+        self.spot_metrics = spot_metrics or SpotMetrics()
         # locks, outermost first
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._account_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -132,6 +158,8 @@ class ReconcilerState:
         self._nudging: set[str] = set()
         self._later = Later()
         self.claim_recheck_s = 1.0
+        # preemption
+        self.notice_lock_s = 5.0
         # lifecycle: event hints
         self._status_written: set[str] = set()
         self._run_pods: dict[str, str] = {}

@@ -8,6 +8,7 @@
     an arrears stop stay down until the spec changes (status.haltedGeneration); with
     spec.state Running, a run whose pod ended starts again, and a Refused instance goes
     through admission again (the refusal may no longer hold).
+    Running --preempted, spec.spot.resume--> Queued --its node has room--> Pending
     any phase --deletion--> Released (settled first, then pod, claim, volume deleted)
 
 What one pass does, in order: settle closed runs whose grace is over, wait for a folder
@@ -25,8 +26,10 @@ from gpucloud.billing import BillingError, BillingMode
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.crash import crash_point
+from gpucloud_operator.instances.admission import checkpoint_refusal
 from gpucloud_operator.instances.core import Core, Pass, log
 from gpucloud_operator.instances.kubeapi import Obj
+from gpucloud_operator.instances.preemption import NOTICE_CLEARED
 from gpucloud_operator.instances.storage import bind_wait
 
 
@@ -40,6 +43,7 @@ class Step(enum.Enum):
     OBSERVE_RUNNING = "observe-running"  # running: meter, cost, pod gone?
     STAY_DOWN = "stay-down"  # halted (or stopped) and the spec did not change since
     START = "start"  # admission, placement, the run's pod
+    RESUME = "resume"  # queued after a preemption: start again once its node has room
 
 
 def next_step(phase: str | None, desired: str, halted_this_generation: bool) -> Step:
@@ -56,6 +60,8 @@ def next_step(phase: str | None, desired: str, halted_this_generation: bool) -> 
         return Step.OBSERVE_START
     if phase == "Running":
         return Step.OBSERVE_RUNNING
+    if phase == "Queued":
+        return Step.RESUME
     if phase in (*r.HALTED_PHASES, "Stopped") and halted_this_generation:
         return Step.STAY_DOWN
     return Step.START
@@ -127,6 +133,8 @@ class Lifecycle(Core):
             self._observe_running(p)
         elif step is Step.START:
             self._start(p)
+        elif step is Step.RESUME:
+            self._resume_queued(p)
         # NOTHING, STAY_DOWN: it stays down until the user changes the spec
 
     def _start(self, p: Pass) -> None:
@@ -138,6 +146,10 @@ class Lifecycle(Core):
         why = r.not_offered(p.pb, p.product, p.billing_key)
         if why is not None:  # the PriceBook leaves this mode out for the product
             self._refuse(p, "NotOffered", why)
+            return
+        why = checkpoint_refusal(p.model, self.cfg.preemption_grace_s)
+        if why is not None:
+            self._refuse(p, "CheckpointTooLong", why)
             return
         if not self._disks_ready(p):  # cloud disks (docs/arrears.md)
             return
@@ -176,8 +188,7 @@ class Lifecycle(Core):
                 "runs": runs,
                 "message": bind_wait(node) if waiting else f"placing run {runs}",
                 "haltedGeneration": None,
-                "preemptAt": None,
-                "preemptedFor": None,
+                **NOTICE_CLEARED,
                 "conditions": self._conditions(
                     p,
                     ("Ready", False, "Placing", "waiting for the pod to run"),
@@ -388,6 +399,8 @@ class Lifecycle(Core):
         crash_point("stop-saved")
         stopped_at = r.parse(p.status.get("stoppedAt")) or p.now
         self.kube.delete_pod(p.ns, b.pod_name(p.name))
+        with self._placement_lock:  # its pod is gone: nothing of it to count on its node
+            self._assumed.pop(p.uid, None)
         meter_id = p.status.get("meterId")
         if meter_id:
             self._close_meter(p, meter_id, stopped_at)
@@ -396,8 +409,7 @@ class Lifecycle(Core):
             "stopTarget": None,
             "node": None,
             "gpus": None,  # the pod and its GPUs are gone
-            "preemptAt": None,
-            "preemptedFor": None,
+            **NOTICE_CLEARED,
             "message": message,
             "conditions": self._conditions(p, ("Ready", False, reason, message)),
         }

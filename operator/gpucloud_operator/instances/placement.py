@@ -1,5 +1,6 @@
 """Placement: the node a first run's volume (and so every run of the instance) is pinned
-to. Serialised by the placement lock (see ``concurrency``): this process's own
+to, and whether that node has room again for a queued instance (``_room_on``).
+Serialised by the placement lock (see ``concurrency``): this process's own
 placements whose pods the cached pod list does not show yet (``_assumed``) and those of
 another process (status.volumeNode of an admitted instance without a pod) hold their
 GPUs, so two placements never count on the same GPUs. The scheduler has the last word
@@ -11,14 +12,22 @@ from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.instances.core import Core, Pass
 from gpucloud_operator.instances.kubeapi import PLURAL, Obj
-from gpucloud_operator.placement import PodGPUs, choose_node, fallback_node, largest_node
+from gpucloud_operator.placement import (
+    PodGPUs,
+    choose_node,
+    fallback_node,
+    free_gpus,
+    largest_node,
+)
 
 
 class Placement(Core):
     """The volume's node of a first placement."""
 
-    def _place(self, p: Pass) -> str | None:
-        nodes = self.kube.gpu_nodes()
+    def _held_gpus(self, p: Pass) -> list[PodGPUs]:
+        """What holds GPUs now, for placement (under the placement lock): the scheduled
+        pods, the starts of this process the list does not show yet, and those of
+        another process (``_placed_elsewhere``)."""
         # a few seconds stale at most: this pass's own placements are in _assumed until
         # the list shows them, and the scheduler has the last word on every pod
         listed = self.kube.gpu_pods(ttl=5.0)
@@ -29,7 +38,25 @@ class Placement(Core):
                 del self._assumed[uid]  # the list shows it now
             else:
                 pods.append(PodGPUs(ns, pod, node, gpus, spot=False, started_at=None))
-        pods += self._placed_elsewhere(p, seen)
+        return pods + self._placed_elsewhere(p, seen)
+
+    def _room_on(self, p: Pass, node: str) -> bool:
+        """Whether ``node`` (schedulable) has the instance's GPUs free now; if so they are
+        held for its start (``_assumed``) until its pod shows, so two queued instances
+        never count on the same GPUs."""
+        with self._placement_lock:
+            self._assumed.pop(p.uid, None)
+            nodes = self.kube.gpu_nodes()
+            if not any(n.name == node and n.schedulable for n in nodes):
+                return False
+            if free_gpus(nodes, self._held_gpus(p)).get(node, 0) < p.count:
+                return False
+            self._assumed[p.uid] = (p.ns, b.pod_name(p.name), node, p.count)
+            return True
+
+    def _place(self, p: Pass) -> str | None:
+        nodes = self.kube.gpu_nodes()
+        pods = self._held_gpus(p)
         node = (
             choose_node(nodes, pods, p.product, p.count)
             or fallback_node(nodes, p.product, p.count)

@@ -8,7 +8,7 @@ placement      the volume's node of a first run
 lifecycle      the pass, start, run, stop, release (the phase state machine)
 settlement     GPU meters opened, closed, settled; accrued cost shown
 packages       terms charged, reminded, renewed, left (mode switches)
-preemption     spot notices and their stops
+preemption     spot notices, their delivery and stops, the resume queue
 storage        the volume, hourly storage, deletion of the data
 arrears        an instance of an account in arrears
 concurrency    the locks and caches, and the rules for them

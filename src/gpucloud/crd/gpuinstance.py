@@ -57,12 +57,49 @@ class Storage(Spec):
     )
 
 
+class Checkpoint(Spec):
+    command: list[Annotated[str, Field(max_length=4096)]] = Field(
+        description="Run in the container as its preStop hook when a preemption notice "
+        "runs out (and on any other stop of the pod): save your work under /root/data.",
+        min_length=1,
+        max_length=64,
+    )
+    timeout_seconds: int = Field(
+        default=30,
+        description="How long the checkpoint may run: the pod is asked to stop this long "
+        "before the notice's stop time, and billing ends then. At most the operator's "
+        "preemption grace period (preemption_grace_s, 120 s by default): a longer one "
+        "refuses the start.",
+        ge=1,
+        le=3600,
+    )
+
+
+class SpotOptions(Spec):
+    checkpoint: Checkpoint | None = Field(
+        default=None, description="A command the container runs before a preemption stop."
+    )
+    resume: bool = Field(
+        default=False,
+        description="After a preemption, queue the instance (phase Queued) and start it "
+        "again on its node, with its data, when GPUs there free up.",
+    )
+
+
 CloudDiskName = Annotated[
     str, Field(description="CloudDisk name in this namespace.", pattern=DNS_LABEL, max_length=63)
 ]
 
 
 class GPUInstanceSpec(Spec):
+    cel = (
+        Cel(
+            "!has(self.spot) || self.billing.mode == 'Spot'",
+            "spot is only allowed when billing.mode is Spot",
+            ".spot",
+            lambda s: s.spot is None or s.billing.mode == "Spot",
+        ),
+    )
     gpu: InstanceGPU = Field(description="Which GPUs and how many for the instance.")
     image: str = Field(
         default="nvcr.io/nvidia/pytorch:24.08-py3",
@@ -83,6 +120,11 @@ class GPUInstanceSpec(Spec):
         description="Cloud disks to attach, mounted at /root/disks/<name>; each must exist and "
         "be Ready when the instance starts (changes apply at the next start).",
         max_length=16,
+    )
+    spot: SpotOptions | None = Field(
+        default=None,
+        description="What a spot instance does when it is preempted (only with billing.mode "
+        "Spot; changes apply at the next start). See docs/spot.md.",
     )
 
     @property
@@ -106,6 +148,7 @@ Phase = Literal[
     "Stopping",
     "Stopped",
     "Preempted",
+    "Queued",
     "Expired",
     "Refused",
     "Released",
@@ -166,6 +209,12 @@ class GPUInstanceStatus(StatusBase):
     stop_target: str | None = optional("Phase an interrupted stop ends in.")
     preempt_at: Timestamp | None = optional("When a preempted spot instance is stopped.")
     preempted_for: str | None = optional("Instance (namespace/name) the preemption frees GPUs for.")
+    preempt_notice_at: Timestamp | None = optional("When the preemption notice was given.")
+    preempt_stop_at: Timestamp | None = optional(
+        "When the preempted pod is asked to stop and its billing ends: preemptAt minus its "
+        "checkpoint's timeout, not before the notice. Set once the notice reached the pod's "
+        "notice file and the webhook."
+    )
     reminder_sent_for: Timestamp | None = optional("Package expiry the reminder was sent for.")
     halted_generation: Int64 | None = optional(
         "Generation that was stopped by expiry/preemption/refusal."

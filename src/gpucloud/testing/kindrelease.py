@@ -340,11 +340,12 @@ class KindHarness:
         command: list[str],
         quota_gi: int = 50,
         cloud_disks: list[str] | None = None,
+        spot: dict[str, Any] | None = None,
         **billing: Any,
     ) -> None:
         """A GPUInstance running ``command`` in busybox as root (a tenant's image), which
         exits on SIGTERM as a well-behaved workload does (a shell as PID 1 would ignore
-        it and hold every stop for the pod's whole grace period)."""
+        it and hold every stop for the pod's whole grace period); ``spot``: spec.spot."""
         billing.setdefault("mode", "PayAsYouGo")
         command = ["sh", "-c", f'trap "exit 0" TERM; {shlex.join(command)} & wait']
         self.apply(
@@ -358,6 +359,7 @@ class KindHarness:
                 "command": command,
                 "state": "Running",
                 **({"cloudDisks": cloud_disks} if cloud_disks else {}),
+                **({"spot": spot} if spot else {}),
             },
         )
 

@@ -143,9 +143,18 @@ class Harness:
             self.account, EntryKind.RECHARGE, minor, f"{self.ns}:{key}", at=self.clock.now()
         )
 
-    def instance(self, name: str, product: str, count: int = 1, **billing: Any) -> None:
+    def instance(
+        self,
+        name: str,
+        product: str,
+        count: int = 1,
+        *,
+        spot: dict[str, Any] | None = None,
+        **billing: Any,
+    ) -> None:
+        """Apply a GPUInstance; ``billing`` is spec.billing, ``spot`` spec.spot."""
         billing.setdefault("mode", "PayAsYouGo")
-        doc = {
+        doc: dict[str, Any] = {
             "apiVersion": "gpucloud.dev/v1alpha1",
             "kind": "GPUInstance",
             "metadata": {"name": name, "namespace": self.ns},
@@ -156,6 +165,8 @@ class Harness:
                 "state": "Running",
             },
         }
+        if spot is not None:
+            doc["spec"]["spot"] = spot
         self.tb.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:

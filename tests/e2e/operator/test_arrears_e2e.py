@@ -7,12 +7,9 @@ a cloud disk mounted into an instance pod through a Bound ReadWriteMany claim.""
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from gpucloud.billing import to_minor
 from gpucloud.ledger import EntryKind
 from gpucloud.testing.kube import get_json
 from gpucloud.testing.testbed import Testbed
+from gpucloud.testing.webhook import Hook, running_hook
 
 pytestmark = pytest.mark.e2e
 
@@ -30,33 +28,10 @@ L40S = "NVIDIA-L40S"
 WEEK = timedelta(days=7)
 
 
-class Hook(ThreadingHTTPServer):
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), HookHandler)
-        self.received: list[dict[str, Any]] = []
-
-
-class HookHandler(BaseHTTPRequestHandler):
-    server: Hook
-
-    def do_POST(self) -> None:
-        self.server.received.append(
-            json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        )
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def hook() -> Iterator[Hook]:
-    server = Hook()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running_hook() as server:
+        yield server
 
 
 @pytest.fixture
@@ -67,7 +42,7 @@ def arrears(testbed: Testbed, namespace: str, tmp_path: Path, hook: Hook) -> Ite
         tmp_path,
         data_root=tmp_path / "data",
         storage_interval_s=0.5,
-        webhook_url=f"http://127.0.0.1:{hook.server_address[1]}/hook",
+        webhook_url=hook.url,
     )
     h.setup()
     yield h
