@@ -18,20 +18,24 @@ from gpucloud.billing import (
     to_minor,
 )
 from gpucloud.clock import Clock
+from gpucloud.crd import SpecError, parse
+from gpucloud.crd.account import DEFAULT_RUNWAY_HOURS, AccountSpec
 from gpucloud.ledger import (
     IdempotencyConflict,
     Ledger,
     OrderStatus,
     ReviewRefused,
+    Unposted,
     VoucherStatus,
 )
 from gpucloud.recharge import SandboxProvider
 from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
+from gpucloud_operator.account_notices import AccountNotices
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import KubeAPI
-from gpucloud_operator.metrics import AccountMetrics
+from gpucloud_operator.metrics import AccountMetrics, NoticeCounters
 from gpucloud_operator.notify import Notifier
 
 log = logging.getLogger("gpucloud.operator.accounts")
@@ -108,16 +112,18 @@ class AccountReconciler:
         cfg: OperatorConfig,
         notifier: Notifier | None = None,
         metrics: AccountMetrics | None = None,
+        counters: NoticeCounters | None = None,
     ) -> None:
         self.kube, self.ledger, self.clock, self.cfg = kube, ledger, clock, cfg
         self.notifier = notifier or Notifier()
         self.metrics = metrics
+        self.notices = AccountNotices(kube, ledger, self.notifier, counters)
 
     # -- arrears (docs/arrears.md) ----------------------------------------------------
     def _assess(
         self,
         acct: Obj,
-        spec: Obj,
+        tiers: tuple[int, ...],
         balance: int,
         available: int,
         owed: int,
@@ -154,7 +160,7 @@ class AccountReconciler:
             available_minor=available,
             currency=currency,
             burn_per_hour=burn,
-            warning_hours=int(spec.get("lowBalanceWarningHours", ar.DEFAULT_WARNING_HOURS)),
+            warning_hours=max(tiers),  # LowBalance: below the largest runway tier
             arrears_since=r.parse(status.get("arrearsSince")),
             now=now,
             retention=self.cfg.arrears_retention,
@@ -229,8 +235,14 @@ class AccountReconciler:
             self._invalid_currency(acct, status, currency, now)
             return
         self.ledger.ensure_account(name, currency)
+        model, spec_conds = self._spec_model(acct, status, now)
+        tiers = model.runway_tiers() if model is not None else DEFAULT_RUNWAY_HOURS
         balance = self.ledger.balance(name)
-        unposted = self.ledger.unposted(name, now)
+        by_resource = self.ledger.unposted_by_resource(name, now)
+        unposted = Unposted(
+            sum(u.open_minor for u in by_resource.values()),
+            sum(u.closed_minor for u in by_resource.values()),
+        )
         available = available_balance(balance, [unposted.open_minor], [unposted.closed_minor])
         # this body is fresher than the cached list (a new Account may not be in it yet)
         accounts = [
@@ -247,7 +259,17 @@ class AccountReconciler:
         )
         # arrears, low-balance warning and their notifications (gpucloud_operator.arrears)
         verdict, burn = self._assess(
-            acct, spec, balance, available, unposted.closed_minor, currency, now, namespaces
+            acct, tiers, balance, available, unposted.closed_minor, currency, now, namespaces
+        )
+        url = self.webhook_url(acct)
+        budget, budget_conds, ratios = self.notices.budget(
+            acct,
+            model,
+            status,
+            currency,
+            now,
+            {res: u.total_minor for res, u in by_resource.items()},
+            url,
         )
         if self.metrics is not None:
             self.metrics.observe(
@@ -258,6 +280,7 @@ class AccountReconciler:
                 cost_per_hour=burn,
                 in_arrears=verdict.in_arrears,
                 data_deletion_at=verdict.data_deletion_at,
+                budget_ratios=ratios,
             )
         state = verdict.state
         new = {
@@ -269,8 +292,9 @@ class AccountReconciler:
             "observedGeneration": acct["metadata"].get("generation"),
             "arrearsSince": r.fmt(verdict.arrears_since) if verdict.arrears_since else None,
             "dataDeletionAt": r.fmt(verdict.data_deletion_at) if verdict.data_deletion_at else None,
+            "budget": budget,
         }
-        conds: list[Obj] = []
+        conds: list[Obj] = [*spec_conds, *budget_conds]
         if state != status.get("state"):
             conds.append(
                 b.condition(
@@ -290,12 +314,46 @@ class AccountReconciler:
                     f"{new['available']} {currency}",
                 )
         conds += self._notify_transitions(acct, status, verdict, new, now)
+        figures = {k: new[k] for k in ("balance", "available", "currency")}
+        new["runway"], runway_conds = self.notices.runway(
+            acct, tiers, status, verdict, burn, figures, now, url
+        )
+        conds += runway_conds
         conds += self._namespace_conflicts(acct, status, ownership.conflicts(accounts, name), now)
         if conds:
             new["conditions"] = b.merge_conditions(status.get("conditions"), conds)
         changes = {k: v for k, v in new.items() if status.get(k) != v}
+        for k in ("budget", "runway"):  # a merge patch merges objects: drop what is gone
+            was, fresh = status.get(k), changes.get(k)
+            if isinstance(was, dict) and isinstance(fresh, dict):
+                changes[k] = {**{x: None for x in was if x not in fresh}, **fresh}
         if changes:
             self.kube.patch_status("accounts", None, name, changes)
+
+    def _spec_model(
+        self, acct: Obj, status: Obj, now: datetime
+    ) -> tuple[AccountSpec | None, list[Obj]]:
+        """The spec as the CRD's model reads it, or None and ``Valid=False`` naming the
+        field and the rule (an object stored before a rule of the CRD): arrears are
+        still enforced, with the default runway tiers and no budget."""
+        old = _condition(status, "Valid")
+        try:
+            model = parse(AccountSpec, acct.get("spec"))
+        except SpecError as exc:
+            msg = str(exc)
+            if old != ("False", msg):
+                self.kube.event(acct, "Warning", "InvalidSpec", msg)
+            return None, [b.condition("Valid", False, "InvalidSpec", msg, r.fmt(now))]
+        if old is not None and old[0] == "False" and self._valid_reason(status) == "InvalidSpec":
+            return model, [b.condition("Valid", True, "Valid", "the spec is valid", r.fmt(now))]
+        return model, []
+
+    @staticmethod
+    def _valid_reason(status: Obj) -> str | None:
+        return next(
+            (c.get("reason") for c in status.get("conditions") or [] if c.get("type") == "Valid"),
+            None,
+        )
 
     def _invalid_currency(self, acct: Obj, status: Obj, currency: str, now: datetime) -> None:
         known = ", ".join(sorted(CURRENCY_EXPONENTS))

@@ -67,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     clock = clock_from_env(cfg.clock)
     ledger = open_ledger(cfg.ledger_url, clock=clock)
     kube = Kube(args.kubeconfig)
-    instances = InstanceReconciler(kube, ledger, clock, cfg)
     metrics = OperatorMetrics(stale_after_s=4 * cfg.account_interval_s + 60)
-    accounts = AccountReconciler(kube, ledger, clock, cfg, metrics=metrics.accounts)
+    instances = InstanceReconciler(kube, ledger, clock, cfg, counters=metrics.notices)
+    accounts = AccountReconciler(
+        kube, ledger, clock, cfg, metrics=metrics.accounts, counters=metrics.notices
+    )
     if cfg.metrics_port:
         metrics.count_instances(lambda: kube.list_cluster_objects("gpuinstances", 5.0), cfg.serves)
         metrics.serve(cfg.metrics_port)

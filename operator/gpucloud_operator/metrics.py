@@ -1,5 +1,6 @@
-"""Prometheus metrics of the operator: account balances, arrears, cost per hour, and
-instances by phase, on the operator's own registry (``--metrics-port``).
+"""Prometheus metrics of the operator: account balances, arrears, cost per hour, budget
+ratios, budget refusals, runway notices and instances by phase, on the operator's own
+registry (``--metrics-port``).
 
 Money is exported in the currency's major units as a float. That is for display only
 (dashboards, alerts): the ledger keeps exact integer minor units, and nothing reads money
@@ -24,6 +25,7 @@ from decimal import Decimal
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -47,6 +49,7 @@ class AccountSample:
     in_arrears: bool
     data_deletion_at: datetime | None
     seen: float  # time.monotonic() of the pass that recorded it
+    budget_ratios: tuple[tuple[str, float], ...] = ()  # (namespace or "", spent / monthly)
 
 
 class AccountMetrics(Collector):
@@ -67,7 +70,10 @@ class AccountMetrics(Collector):
         cost_per_hour: Decimal,
         in_arrears: bool,
         data_deletion_at: datetime | None,
+        budget_ratios: dict[str, float] | None = None,
     ) -> None:
+        """``budget_ratios``: spent / monthly of each budget, by namespace ("" for the
+        account's own)."""
         sample = AccountSample(
             currency=currency,
             balance=float(from_minor(balance_minor, currency)),
@@ -76,6 +82,7 @@ class AccountMetrics(Collector):
             in_arrears=in_arrears,
             data_deletion_at=data_deletion_at if in_arrears else None,
             seen=time.monotonic(),
+            budget_ratios=tuple(sorted((budget_ratios or {}).items())),
         )
         with self._lock:
             self._samples[account] = sample
@@ -111,14 +118,22 @@ class AccountMetrics(Collector):
             "When the data of an account in arrears is deleted (Unix time)",
             labels=["account"],
         )
+        budget = GaugeMetricFamily(
+            "gpucloud_account_budget_spent_ratio",
+            "This month's spending over the monthly budget (1 = all of it), per budget: "
+            'namespace="" is the account\'s own',
+            labels=["account", "namespace"],
+        )
         for name, s in samples:
+            for namespace, ratio in s.budget_ratios:
+                budget.add_metric([name, namespace], ratio)
             balance.add_metric([name, s.currency], s.balance)
             available.add_metric([name, s.currency], s.available)
             cost.add_metric([name, s.currency], s.cost_per_hour)
             arrears.add_metric([name], 1.0 if s.in_arrears else 0.0)
             if s.data_deletion_at is not None:
                 deletion.add_metric([name], s.data_deletion_at.timestamp())
-        yield from (balance, available, cost, arrears, deletion)
+        yield from (balance, available, cost, arrears, deletion, budget)
 
 
 class InstancePhases(Collector):
@@ -144,6 +159,32 @@ class InstancePhases(Collector):
         yield family
 
 
+class NoticeCounters:
+    """Counters of budget refusals and runway notices (on ``registry``; a fresh one by
+    default, so tests and processes never share counts)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry or CollectorRegistry()
+        self.budget_refusals = PromCounter(
+            "gpucloud_budget_refusals",
+            "Instance starts refused because a budget would be exceeded",
+            ["account"],
+            registry=registry,
+        )
+        self.runway_notices = PromCounter(
+            "gpucloud_runway_notices",
+            "Runway notices sent (the balance lasts less than the tier's hours)",
+            ["tier"],
+            registry=registry,
+        )
+        self.budget_notices = PromCounter(
+            "gpucloud_budget_notices",
+            "Budget notices sent, by tier (100: the budget is exceeded)",
+            ["percent"],
+            registry=registry,
+        )
+
+
 class OperatorMetrics:
     """The operator's registry and its collectors."""
 
@@ -151,6 +192,7 @@ class OperatorMetrics:
         self.registry = CollectorRegistry()
         self.accounts = AccountMetrics(stale_after_s)
         self.registry.register(self.accounts)
+        self.notices = NoticeCounters(self.registry)
 
     def count_instances(
         self, instances: Callable[[], Iterable[Obj]], serves: Callable[[str | None], bool]

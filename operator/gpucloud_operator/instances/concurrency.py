@@ -53,8 +53,9 @@ attribute                 guarded by         what it is, and what a stale entry 
                                              charged or the phase leaves Pending and
                                              Starting. Starts of another process are
                                              read from the instance list instead.
-``_accrual_memo``         ``_guard``         admission: account -> (second, monotonic
-                                             time, ``Unposted``): the ledger's accrual
+``_accrual_memo``         ``_guard``         admission and budgets: account -> (second,
+                                             monotonic time, ``Unposted`` by resource):
+                                             the ledger's accrual
                                              figure reused for ``accrual_reuse_s`` of
                                              real time within the same second.
 ``_assumed``              placement lock     placement: uid -> (namespace, pod, node,
@@ -105,16 +106,25 @@ from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances.kubeapi import KubeAPI
 from gpucloud_operator.later import Later
+from gpucloud_operator.metrics import NoticeCounters
 
 
 class ReconcilerState:
     """The locks, caches and hints of the module docstring, created together."""
 
-    def __init__(self, kube: KubeAPI, ledger: Ledger, clock: Clock, cfg: OperatorConfig) -> None:
+    def __init__(
+        self,
+        kube: KubeAPI,
+        ledger: Ledger,
+        clock: Clock,
+        cfg: OperatorConfig,
+        counters: NoticeCounters | None = None,
+    ) -> None:
         self.kube = kube
         self.ledger = ledger
         self.clock = clock
         self.cfg = cfg
+        self.counters = counters or NoticeCounters()  # budget refusals (metrics)
         # locks, outermost first
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._account_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -123,7 +133,7 @@ class ReconcilerState:
         # admission
         self._phases: dict[str, tuple[str, str]] | None = None
         self._reservations: dict[str, tuple[str, int]] = {}
-        self._accrual_memo: dict[str, tuple[datetime, float, Unposted]] = {}
+        self._accrual_memo: dict[str, tuple[datetime, float, dict[str, Unposted]]] = {}
         self.accrual_reuse_s = 1.0
         # placement
         self._assumed: dict[str, tuple[str, str, str, int]] = {}

@@ -6,6 +6,7 @@ event, refuse, resolve account, price book and product."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -15,6 +16,7 @@ from gpucloud import ownership
 from gpucloud.billing import PriceBook, PriceBookError, UnknownProduct
 from gpucloud.crd import SpecError, parse
 from gpucloud.crd.gpuinstance import GPUInstanceSpec
+from gpucloud.ledger import Unposted
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.instances.concurrency import ReconcilerState
@@ -36,6 +38,7 @@ class Pass:
     # changes to send with the pass's next patch (saves an API call per pass)
     deferred: Obj = field(default_factory=dict)
     acct_status: Obj = field(default_factory=dict)  # the Account's status (arrears)
+    acct_spec: Obj = field(default_factory=dict)  # the Account's spec (budgets)
     # What the watch event that started the pass said, so the pass need not ask again:
     # the instance's pod as the event showed it, or that its claim is Bound.
     pod_seen: Obj | None = None
@@ -177,6 +180,7 @@ class Core(ReconcilerState):
             return False
         p.account = acct["metadata"]["name"]
         p.acct_status = acct.get("status") or {}
+        p.acct_spec = acct.get("spec") or {}
         p.currency = acct.get("spec", {}).get("currency", "CNY")
         if p.account not in self._ledger_accounts:
             self.ledger.ensure_account(p.account, p.currency)
@@ -195,6 +199,23 @@ class Core(ReconcilerState):
             self._refuse(p, "InvalidPriceBook", str(exc))
             return False
         return True
+
+    def _unposted_by_resource(self, account: str, now: datetime) -> dict[str, Unposted]:
+        """The ledger's estimate of what the account's runs owe beyond their postings at
+        ``now`` (whole seconds), per resource, computed once per account and second: it
+        walks every unsettled meter of the account, and a burst of starts on a big
+        account asked for the same second's figure over and over (the one-hour rule and
+        budgets read it). A start changes no accrual (a new run starts at zero); the
+        figure is reused for one second of real time at most, as usage the agents send
+        meanwhile refines it (an injected clock may stand still)."""
+        with self._guard:
+            hit = self._accrual_memo.get(account)
+        if hit is not None and hit[0] == now and time.monotonic() - hit[1] < self.accrual_reuse_s:
+            return hit[2]
+        value = self.ledger.unposted_by_resource(account, now)
+        with self._guard:
+            self._accrual_memo[account] = (now, time.monotonic(), value)
+        return value
 
     def _pricebook(self, obj: Obj) -> PriceBook:
         """Parsed once per resourceVersion."""
