@@ -4,7 +4,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from opharness import Harness
+from opharness import Harness, Hook
 
 from gpucloud.testing.testbed import Testbed
 
@@ -15,3 +15,9 @@ def harness(testbed: Testbed, namespace: str, tmp_path: Path) -> Iterator[Harnes
     h.setup()
     yield h
     h.close()
+
+
+@pytest.fixture
+def hook() -> Iterator[Hook]:
+    with Hook() as server:
+        yield server

@@ -7,17 +7,14 @@ a cloud disk mounted into an instance pod through a Bound ReadWriteMany claim.""
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from opharness import Harness, node_agent
+from opharness import Harness, Hook, node_agent
 
 from gpucloud.billing import to_minor
 from gpucloud.ledger import EntryKind
@@ -30,35 +27,6 @@ L40S = "NVIDIA-L40S"
 WEEK = timedelta(days=7)
 
 
-class Hook(ThreadingHTTPServer):
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), HookHandler)
-        self.received: list[dict[str, Any]] = []
-
-
-class HookHandler(BaseHTTPRequestHandler):
-    server: Hook
-
-    def do_POST(self) -> None:
-        self.server.received.append(
-            json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        )
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def hook() -> Iterator[Hook]:
-    server = Hook()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture
 def arrears(testbed: Testbed, namespace: str, tmp_path: Path, hook: Hook) -> Iterator[Harness]:
     h = Harness(
@@ -67,7 +35,7 @@ def arrears(testbed: Testbed, namespace: str, tmp_path: Path, hook: Hook) -> Ite
         tmp_path,
         data_root=tmp_path / "data",
         storage_interval_s=0.5,
-        webhook_url=f"http://127.0.0.1:{hook.server_address[1]}/hook",
+        webhook_url=hook.url,
     )
     h.setup()
     yield h
