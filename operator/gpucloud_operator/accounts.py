@@ -239,10 +239,7 @@ class AccountReconciler:
         tiers = model.runway_tiers() if model is not None else DEFAULT_RUNWAY_HOURS
         balance = self.ledger.balance(name)
         by_resource = self.ledger.unposted_by_resource(name, now)
-        unposted = Unposted(
-            sum(u.open_minor for u in by_resource.values()),
-            sum(u.closed_minor for u in by_resource.values()),
-        )
+        unposted = Unposted.summed(by_resource.values())
         available = available_balance(balance, [unposted.open_minor], [unposted.closed_minor])
         # this body is fresher than the cached list (a new Account may not be in it yet)
         accounts = [

@@ -182,10 +182,7 @@ class Admission(Core):
     def _unposted(self, account: str, now: datetime) -> Unposted:
         """What the account's runs owe beyond their postings at ``now`` (the memo of
         ``Core._unposted_by_resource``, summed)."""
-        by_resource = self._unposted_by_resource(account, now).values()
-        return Unposted(
-            sum(u.open_minor for u in by_resource), sum(u.closed_minor for u in by_resource)
-        )
+        return Unposted.summed(self._unposted_by_resource(account, now).values())
 
     def _account_obj(self, account: str) -> Obj:
         return next(

@@ -20,11 +20,12 @@ Locks, outermost first (a thread takes them in this order only, so none can dead
     count, the money rule applied to what others reserved, and the slot noted
     (``_note_phase(..., "Pending")``) and the package term reserved, as one step, so
     two starts on one account never both count on the same slot or balance. The ledger
-    reads of the money rule are done before it is taken; under it only cached lists
-    are read (the Account list, and the instance list once per process to fill
-    ``_phases``), and a refusal (``_refuse``) patches the status. The status patch that
-    claims the run, and the pod, come after it is let go (a burst of starts on one
-    account would queue on those API calls). Never held with the placement lock.
+    reads of the money rule and of the account's budgets are done before it is taken;
+    under it only cached lists are read (the Account list, and the instance list once
+    per process to fill ``_phases``), and a refusal (``_refuse``) patches the status.
+    The status patch that claims the run, and the pod, come after it is let go (a burst
+    of starts on one account would queue on those API calls). Never held with the
+    placement lock.
 ``_placement_lock``
     Serialises placement: ``Placement._place`` reads the node and pod lists (cached)
     and reads and writes ``_assumed``, so two first placements never count on the same

@@ -35,10 +35,7 @@ class Accrual:
     def unposted(self, account: str, now: datetime) -> Unposted:
         """What the account's GPU runs owe beyond their postings (``unposted_by_resource``
         summed over the resources)."""
-        by_resource = self.unposted_by_resource(account, now).values()
-        return Unposted(
-            sum(u.open_minor for u in by_resource), sum(u.closed_minor for u in by_resource)
-        )
+        return Unposted.summed(self.unposted_by_resource(account, now).values())
 
     def unposted_by_resource(self, account: str, now: datetime) -> dict[str, Unposted]:
         """What the account's GPU runs owe beyond their postings, per meter resource (the
