@@ -34,15 +34,17 @@ from gpucloud.ledger import (
     NotFound,
     OrderStatus,
     ReviewRefused,
+    Unposted,
     VoucherStatus,
 )
 from gpucloud.recharge import SandboxProvider
 from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
+from gpucloud_operator.account_notices import AccountNotices
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import KubeAPI
-from gpucloud_operator.metrics import AccountMetrics
+from gpucloud_operator.metrics import AccountMetrics, NoticeCounters
 from gpucloud_operator.notify import Notifier, payload
 
 log = logging.getLogger("gpucloud.operator.accounts")
@@ -55,6 +57,14 @@ def _condition(status: Obj, type_: str) -> tuple[str, str] | None:
         if c.get("type") == type_:
             return str(c.get("status")), str(c.get("message"))
     return None
+
+
+def _valid_reason(status: Obj) -> str | None:
+    """The reason of the Valid condition, or None."""
+    return next(
+        (c.get("reason") for c in status.get("conditions") or [] if c.get("type") == "Valid"),
+        None,
+    )
 
 
 def account_state(balance_minor: int, available_minor: int) -> str:
@@ -122,16 +132,18 @@ class AccountReconciler:
         cfg: OperatorConfig,
         notifier: Notifier | None = None,
         metrics: AccountMetrics | None = None,
+        counters: NoticeCounters | None = None,
     ) -> None:
         self.kube, self.ledger, self.clock, self.cfg = kube, ledger, clock, cfg
         self.notifier = notifier or Notifier()
         self.metrics = metrics
+        self.notices = AccountNotices(kube, ledger, self.notifier, counters)
 
     # -- arrears (docs/arrears.md) ----------------------------------------------------
     def _assess(
         self,
         acct: Obj,
-        spec: AccountSpec,
+        tiers: tuple[int, ...],
         balance: int,
         available: int,
         owed: int,
@@ -168,7 +180,7 @@ class AccountReconciler:
             available_minor=available,
             currency=currency,
             burn_per_hour=burn,
-            warning_hours=spec.low_balance_warning_hours,
+            warning_hours=max(tiers),  # LowBalance: below the largest runway tier
             arrears_since=r.parse(status.get("arrearsSince")),
             now=now,
             retention=self.cfg.arrears_retention,
@@ -256,8 +268,11 @@ class AccountReconciler:
             spec = held
         currency = spec.currency
         self.ledger.ensure_account(name, currency)
+        model = None if refused else spec  # a refused spec sets no budget
+        tiers = spec.runway_tiers()
         balance = self.ledger.balance(name)
-        unposted = self.ledger.unposted(name, now)
+        by_resource = self.ledger.unposted_by_resource(name, now)
+        unposted = Unposted.summed(by_resource.values())
         available = available_balance(balance, [unposted.open_minor], [unposted.closed_minor])
         # this body is fresher than the cached list (a new Account may not be in it yet)
         accounts = [
@@ -274,7 +289,17 @@ class AccountReconciler:
         )
         # arrears, low-balance warning and their notifications (gpucloud_operator.arrears)
         verdict, burn = self._assess(
-            acct, spec, balance, available, unposted.closed_minor, currency, now, namespaces
+            acct, tiers, balance, available, unposted.closed_minor, currency, now, namespaces
+        )
+        url = self.webhook_url(spec)
+        budget, budget_conds, ratios = self.notices.budget(
+            acct,
+            model,
+            status,
+            currency,
+            now,
+            {res: u.total_minor for res, u in by_resource.items()},
+            url,
         )
         if self.metrics is not None:
             self.metrics.observe(
@@ -285,6 +310,7 @@ class AccountReconciler:
                 cost_per_hour=burn,
                 in_arrears=verdict.in_arrears,
                 data_deletion_at=verdict.data_deletion_at,
+                budget_ratios=ratios,
             )
         state = verdict.state
         new = {
@@ -296,8 +322,9 @@ class AccountReconciler:
             "observedGeneration": acct["metadata"].get("generation"),
             "arrearsSince": r.fmt(verdict.arrears_since) if verdict.arrears_since else None,
             "dataDeletionAt": r.fmt(verdict.data_deletion_at) if verdict.data_deletion_at else None,
+            "budget": budget,
         }
-        conds: list[Obj] = []
+        conds: list[Obj] = list(budget_conds)
         if state != status.get("state"):
             conds.append(
                 b.condition(
@@ -317,14 +344,25 @@ class AccountReconciler:
                     f"{new['available']} {currency}",
                 )
         conds += self._notify_transitions(acct, spec, status, verdict, new, now)
+        figures = {k: new[k] for k in ("balance", "available", "currency")}
+        new["runway"], runway_conds = self.notices.runway(
+            acct, tiers, status, verdict, burn, figures, now, url
+        )
+        conds += runway_conds
         conds += self._namespace_conflicts(acct, status, ownership.conflicts(accounts, name), now)
         if refused:
             conds.append(self._refused_condition(acct, status, refused, now))
-        elif (_condition(status, "Valid") or ("True",))[0] == "False":  # refused, fixed now
+        elif _valid_reason(status) == "InvalidSpec" and not any(
+            c["type"] == "Valid" for c in conds
+        ):  # refused, fixed now (an invalid budget says so itself)
             conds.append(b.condition("Valid", True, "SpecAccepted", "spec accepted", r.fmt(now)))
         if conds:
             new["conditions"] = b.merge_conditions(status.get("conditions"), conds)
         changes = {k: v for k, v in new.items() if status.get(k) != v}
+        for k in ("budget", "runway"):  # a merge patch merges objects: drop what is gone
+            was, fresh = status.get(k), changes.get(k)
+            if isinstance(was, dict) and isinstance(fresh, dict):
+                changes[k] = {**{x: None for x in was if x not in fresh}, **fresh}
         if changes:
             self.kube.patch_status("accounts", None, name, changes)
 

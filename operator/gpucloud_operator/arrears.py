@@ -9,7 +9,13 @@ As implemented (docs/arrears.md):
   available balance (balance minus what running meters accrued) is negative, or the
   balance is zero while something is billed per hour.
 - *LowBalance* (a warning) when not in arrears and the available balance lasts less than
-  ``lowBalanceWarningHours`` at the current burn rate.
+  the largest runway notice tier (``spec.runwayNoticeHours``, default 24) at the current
+  burn rate.
+- *Runway notices*: one per tier (``runway_notice``) when the runway falls below it, once
+  per episode; an episode ends when the runway is back at or above the largest tier (or
+  nothing burns). A pass that finds several tiers newly crossed sends one notice, for the
+  lowest (the most urgent), and counts the ones above it as sent. None while in arrears
+  (the Arrears notice says more).
 - The countdown starts at the first instant arrears were seen (``arrearsSince``) and
   runs while arrears last without interruption; data is deleted at
   ``arrearsSince + retention``. Leaving arrears (a recharge) clears it at once.
@@ -17,7 +23,7 @@ As implemented (docs/arrears.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -71,7 +77,7 @@ def assess(
     """The account's state at ``now``. ``arrears_since`` is the start of the arrears the
     account was already in (from its status), kept so the countdown does not restart."""
     if warning_hours < 1:
-        raise ValueError("spec.lowBalanceWarningHours: must be >= 1")
+        raise ValueError("spec.runwayNoticeHours: tiers must be >= 1")
     if retention <= timedelta(0):
         raise ValueError("arrears_retention_s: must be > 0")
     hours = hours_affordable(from_minor(max(available_minor, 0), currency), burn_per_hour)
@@ -80,6 +86,27 @@ def assess(
         return Assessment(ARREARS, hours, since, since + retention)
     state = LOW if hours is not None and hours < warning_hours else ACTIVE
     return Assessment(state, hours, None, None)
+
+
+def runway_notice(
+    hours_left: Decimal | None,
+    tiers: Sequence[int],
+    noticed: int | None,
+    in_arrears: bool,
+) -> tuple[int | None, int | None]:
+    """(the lowest tier noticed in the episode after this pass, the tier to notify now).
+    ``noticed``: the lowest tier already noticed in the current episode (None: no
+    episode); a tier at or above it counts as sent."""
+    if not tiers:
+        raise ValueError("spec.runwayNoticeHours: at least one tier")
+    if hours_left is None or hours_left >= max(tiers):
+        return None, None  # no episode, or it ended (a recharge, nothing burning)
+    if in_arrears:
+        return noticed, None
+    tier = min(t for t in tiers if hours_left < t)
+    if noticed is not None and tier >= noticed:
+        return noticed, None
+    return tier, tier
 
 
 def instance_load(inst: Obj, now: datetime) -> InstanceLoad | None:

@@ -70,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     kube = Kube(args.kubeconfig)
     metrics = OperatorMetrics(stale_after_s=4 * cfg.account_interval_s + 60)
     notifier = Notifier()  # one webhook queue: account notices and preemption notices
-    instances = InstanceReconciler(kube, ledger, clock, cfg, notifier, metrics.spot)
-    accounts = AccountReconciler(kube, ledger, clock, cfg, notifier, metrics=metrics.accounts)
+    instances = InstanceReconciler(
+        kube, ledger, clock, cfg, notifier, metrics.spot, counters=metrics.notices
+    )
+    accounts = AccountReconciler(
+        kube, ledger, clock, cfg, notifier, metrics=metrics.accounts, counters=metrics.notices
+    )
     if cfg.metrics_port:
         metrics.count_instances(lambda: kube.list_cluster_objects("gpuinstances", 5.0), cfg.serves)
         metrics.serve(cfg.metrics_port)

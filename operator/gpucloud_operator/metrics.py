@@ -1,6 +1,6 @@
-"""Prometheus metrics of the operator: account balances, arrears, cost per hour,
-instances by phase, and spot preemption counters, on the operator's own registry
-(``--metrics-port``).
+"""Prometheus metrics of the operator: account balances, arrears, cost per hour, budget
+ratios, budget refusals, runway notices, instances by phase, and spot preemption
+counters, on the operator's own registry (``--metrics-port``).
 
 Money is exported in the currency's major units as a float. That is for display only
 (dashboards, alerts): the ledger keeps exact integer minor units, and nothing reads money
@@ -50,6 +50,7 @@ class AccountSample:
     in_arrears: bool
     data_deletion_at: datetime | None
     seen: float  # time.monotonic() of the pass that recorded it
+    budget_ratios: tuple[tuple[str, float], ...] = ()  # (namespace or "", spent / monthly)
 
 
 class AccountMetrics(Collector):
@@ -70,7 +71,10 @@ class AccountMetrics(Collector):
         cost_per_hour: Decimal,
         in_arrears: bool,
         data_deletion_at: datetime | None,
+        budget_ratios: dict[str, float] | None = None,
     ) -> None:
+        """``budget_ratios``: spent / monthly of each budget, by namespace ("" for the
+        account's own)."""
         sample = AccountSample(
             currency=currency,
             balance=float(from_minor(balance_minor, currency)),
@@ -79,6 +83,7 @@ class AccountMetrics(Collector):
             in_arrears=in_arrears,
             data_deletion_at=data_deletion_at if in_arrears else None,
             seen=time.monotonic(),
+            budget_ratios=tuple(sorted((budget_ratios or {}).items())),
         )
         with self._lock:
             self._samples[account] = sample
@@ -114,14 +119,22 @@ class AccountMetrics(Collector):
             "When the data of an account in arrears is deleted (Unix time)",
             labels=["account"],
         )
+        budget = GaugeMetricFamily(
+            "gpucloud_account_budget_spent_ratio",
+            "This month's spending over the monthly budget (1 = all of it), per budget: "
+            'namespace="" is the account\'s own',
+            labels=["account", "namespace"],
+        )
         for name, s in samples:
+            for namespace, ratio in s.budget_ratios:
+                budget.add_metric([name, namespace], ratio)
             balance.add_metric([name, s.currency], s.balance)
             available.add_metric([name, s.currency], s.available)
             cost.add_metric([name, s.currency], s.cost_per_hour)
             arrears.add_metric([name], 1.0 if s.in_arrears else 0.0)
             if s.data_deletion_at is not None:
                 deletion.add_metric([name], s.data_deletion_at.timestamp())
-        yield from (balance, available, cost, arrears, deletion)
+        yield from (balance, available, cost, arrears, deletion, budget)
 
 
 class InstancePhases(Collector):
@@ -173,6 +186,32 @@ class SpotMetrics:
         )
 
 
+class NoticeCounters:
+    """Counters of budget refusals and runway notices (on ``registry``; a fresh one by
+    default, so tests and processes never share counts)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry or CollectorRegistry()
+        self.budget_refusals = prometheus_client.Counter(
+            "gpucloud_budget_refusals",
+            "Instance starts refused because a budget would be exceeded",
+            ["account"],
+            registry=registry,
+        )
+        self.runway_notices = prometheus_client.Counter(
+            "gpucloud_runway_notices",
+            "Runway notices sent (the balance lasts less than the tier's hours)",
+            ["tier"],
+            registry=registry,
+        )
+        self.budget_notices = prometheus_client.Counter(
+            "gpucloud_budget_notices",
+            "Budget notices sent, by tier (100: the budget is exceeded)",
+            ["percent"],
+            registry=registry,
+        )
+
+
 class OperatorMetrics:
     """The operator's registry and its collectors."""
 
@@ -181,6 +220,7 @@ class OperatorMetrics:
         self.accounts = AccountMetrics(stale_after_s)
         self.registry.register(self.accounts)
         self.spot = SpotMetrics(self.registry)
+        self.notices = NoticeCounters(self.registry)
 
     def count_instances(
         self, instances: Callable[[], Iterable[Obj]], serves: Callable[[str | None], bool]

@@ -210,6 +210,33 @@ INVALID: list[tuple[str, dict[str, object], list[str]]] = [
     ("account.yaml", {"spec.namespaces": ["Not_A_Namespace"]}, ["spec.namespaces[0]"]),
     ("account.yaml", {"spec.instanceLimit": -1}, ["spec.instanceLimit"]),
     ("account.yaml", {"spec.webhook": {"url": "ftp://example"}}, ["spec.webhook.url"]),
+    (
+        "account.yaml",
+        {"spec.budget.monthly": "0"},
+        ["spec.budget.monthly", "must be greater than zero"],
+    ),
+    (
+        "account.yaml",
+        {"spec.budget.monthly": "10.123"},
+        ["spec.budget.monthly", "must not be finer than the currency's minor unit"],
+    ),
+    (
+        "account.yaml",
+        {"spec.budget.monthly": DELETE},
+        ["spec.budget.monthly", "set monthly, namespaces, or both"],
+    ),
+    (
+        "account.yaml",
+        {"spec.budget.namespaces": [{"namespace": "elsewhere", "monthly": "5"}]},
+        ["spec.budget.namespaces", "must be one of spec.namespaces"],
+    ),
+    (
+        "account.yaml",
+        {"spec.budget.enforcement": "Stop"},
+        ["spec.budget.enforcement", "Unsupported value"],
+    ),
+    ("account.yaml", {"spec.budget.notifyAtPercent": [120]}, ["spec.budget.notifyAtPercent[0]"]),
+    ("account.yaml", {"spec.runwayNoticeHours": [0]}, ["spec.runwayNoticeHours[0]"]),
 ]
 
 
@@ -282,5 +309,17 @@ def test_pricebook_products_may_leave_out_spot_packages_and_model_prices(
         gpus[1]["spotPerHour"] = "99.00"
         proc = apply(testbed, doc)
         assert proc.returncode != 0 and "spotPerHour must not exceed" in proc.stderr
+    finally:
+        delete(testbed, doc)
+
+
+def test_a_budget_of_a_listed_namespace_applies(testbed: Testbed, namespace: str) -> None:
+    doc = localise(load("account.yaml"), namespace)
+    doc["spec"]["budget"]["namespaces"] = [{"namespace": namespace, "monthly": "100"}]
+    proc = apply(testbed, doc)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        got = get_json(testbed, "account", doc["metadata"]["name"])
+        assert got["spec"]["budget"]["namespaces"] == [{"namespace": namespace, "monthly": "100"}]
     finally:
         delete(testbed, doc)

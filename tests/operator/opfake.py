@@ -115,12 +115,7 @@ class FakeKube:
             if namespace is None
             else self.namespaced[(plural, namespace, name)]
         )
-        st = obj.setdefault("status", {})
-        for k, v in copy.deepcopy(status).items():
-            if v is None:
-                st.pop(k, None)
-            else:
-                st[k] = v
+        merge_patch(obj.setdefault("status", {}), copy.deepcopy(status))
         return copy.deepcopy(obj)
 
     def get_pod(self, namespace: str, name: str) -> Obj | None:
@@ -194,3 +189,15 @@ class FakeKube:
         self, obj: Obj, type_: str, reason: str, message: str, now: datetime | None = None
     ) -> None:
         self.events.append((obj["metadata"]["name"], type_, reason, message))
+
+
+def merge_patch(target: Obj, patch: Obj) -> None:
+    """RFC 7386, as the API server applies a merge patch: objects merge key by key, None
+    deletes, anything else (lists included) replaces."""
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+            merge_patch(target[k], v)
+        else:
+            target[k] = v

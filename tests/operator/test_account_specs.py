@@ -55,8 +55,8 @@ def test_the_low_balance_warning_reads_its_hours_and_webhook_through_the_model(
     world: World, hours: int | None
 ) -> None:
     """Two hours of balance (L40S 5.20/h + 50 GiB x 0.0004/h = 5.22/h): below the model's
-    default of 24 hours a LowBalance warning goes to the Account's own webhook; with
-    lowBalanceWarningHours 1 it is not low yet."""
+    default runway tiers (24, 3, 1 h) a LowBalance warning and a runway notice go to the
+    Account's own webhook; with lowBalanceWarningHours 1 (one tier) it is not low yet."""
     w = world
     w.fund(10_44)
     acct = w.kube.cluster[("accounts", "acme")]
@@ -70,7 +70,10 @@ def test_the_low_balance_warning_reads_its_hours_and_webhook_through_the_model(
     rec(w, sent).refresh_account(acct)
     if hours is None:
         assert acct["status"]["state"] == "LowBalance"
-        assert sent.sent == [("https://hooks.example/acme", "LowBalanceWarning")]
+        assert sorted(sent.sent) == [
+            ("https://hooks.example/acme", "LowBalanceWarning"),
+            ("https://hooks.example/acme", "account.runway"),
+        ]
     else:
         assert acct["status"]["state"] == "Active" and sent.sent == []
 

@@ -69,7 +69,7 @@ def test_countdown_keeps_its_start_and_is_due_exactly_at_day_7() -> None:
 
 
 def test_bad_settings_are_named() -> None:
-    with pytest.raises(ValueError, match="lowBalanceWarningHours"):
+    with pytest.raises(ValueError, match="runwayNoticeHours"):
         verdict(1, 1, hours=0)
 
 
@@ -106,7 +106,11 @@ def into_arrears(w: World, tmp_path: Path) -> tuple[AccountReconciler, Recorder,
     (tmp_path / "data/instances" / NS / "job/weights.bin").write_bytes(b"x" * 10_000)
     rec.refresh_account(acct)
     assert acct["status"]["state"] == "LowBalance"
-    assert [m["type"] for m in sent.sent] == ["LowBalanceWarning"]
+    # 2 h left: the low-balance warning, and one runway notice, for the lowest tier crossed
+    assert [(m["type"], m.get("tier")) for m in sent.sent] == [
+        ("LowBalanceWarning", None),
+        ("account.runway", 3),
+    ]
     assert "LowBalanceWarning" in w.kube.reasons("acme")
     w.clock.advance(timedelta(hours=1, minutes=59))
     rec.refresh_account(acct)
@@ -116,7 +120,12 @@ def into_arrears(w: World, tmp_path: Path) -> tuple[AccountReconciler, Recorder,
     st = acct["status"]
     assert st["state"] == "Arrears" and st["arrearsSince"] == "2026-01-01T02:01:00Z"
     assert st["dataDeletionAt"] == "2026-01-08T02:01:00Z"
-    assert [m["type"] for m in sent.sent] == ["LowBalanceWarning", "Arrears"]
+    assert [(m["type"], m.get("tier")) for m in sent.sent] == [
+        ("LowBalanceWarning", None),
+        ("account.runway", 3),
+        ("account.runway", 1),  # 1 min left at 1 h 59 min
+        ("Arrears", None),
+    ]
     return rec, sent, acct
 
 

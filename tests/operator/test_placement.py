@@ -321,13 +321,13 @@ def test_the_accrual_estimate_is_computed_once_per_account_and_second(
     second's figure. A new second (or a second of real time) computes it again."""
     world.fund(10**9)
     asked: list[object] = []
-    real = world.ledger.unposted
+    real = world.ledger.unposted_by_resource
 
     def counted(account: str, now: Any) -> Any:
         asked.append(now)
         return real(account, now)
 
-    monkeypatch.setattr(world.ledger, "unposted", counted)
+    monkeypatch.setattr(world.ledger, "unposted_by_resource", counted)
     world.rec.accrual_reuse_s = 600.0  # however slow the machine, the second is the key
     for name in ("a", "b", "c"):
         world.instance(name, "NVIDIA-A100-SXM4-80GB")

@@ -10,7 +10,6 @@ themselves are pure (``start_decision``, ``reserved_by_others``, ``count_active`
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -197,28 +196,23 @@ class Admission(Core):
             self._reservations[p.uid] = (p.account, decision.needed_minor)
 
     def _unposted(self, account: str, now: datetime) -> Unposted:
-        """The ledger's estimate of what the account's runs owe beyond their postings at
-        ``now`` (whole seconds), computed once per account and second: it walks every
-        unsettled meter of the account, and a burst of starts on a big account asked for
-        the same second's figure over and over. A start changes no accrual (a new run
-        starts at zero); the figure is reused for one second of real time at most, as
-        usage the agents send meanwhile refines it (an injected clock may stand still)."""
-        with self._guard:
-            hit = self._accrual_memo.get(account)
-        if hit is not None and hit[0] == now and time.monotonic() - hit[1] < self.accrual_reuse_s:
-            return hit[2]
-        value = self.ledger.unposted(account, now)
-        with self._guard:
-            self._accrual_memo[account] = (now, time.monotonic(), value)
-        return value
+        """What the account's runs owe beyond their postings at ``now`` (the memo of
+        ``Core._unposted_by_resource``, summed)."""
+        return Unposted.summed(self._unposted_by_resource(account, now).values())
 
     def _owned(self, account: str) -> set[str]:
         """The namespaces billing to ``account`` (not those another Account claimed first)."""
         return ownership.owned(self.kube.list_cluster_objects("accounts", ttl=2.0), account)
 
-    def _admit(self, p: Pass, money: Decision | None) -> bool:
+    def _admit(
+        self,
+        p: Pass,
+        money: Decision | None,
+        budget: Callable[[Decision | None], str | None] | None = None,
+    ) -> bool:
         """The Account's spec, the instance limit, then the money rule (decided by
-        _money_rule)."""
+        _money_rule), then the account's budgets (``Budgets._budget_rule``: the start's
+        cost against each)."""
         if p.account_spec is None:  # refused by its model: nothing new for it
             self._refuse(p, "InvalidAccount", p.account_refused)
             return False
@@ -228,11 +222,14 @@ class Admission(Core):
         if refusal is not None:
             self._refuse(p, "InstanceLimit", refusal)
             return False
-        if money is None:
-            return True
-        if not money.allowed:
+        if money is not None and not money.allowed:
             self._refuse(p, "InsufficientBalance", money.message)
-        return money.allowed
+            return False
+        why = budget(money) if budget is not None else None
+        if why is not None:
+            self._refuse(p, "BudgetExceeded", why)
+            return False
+        return True
 
     def _active_count(self, namespaces: set[str], exclude_uid: str) -> int:
         with self._guard:

@@ -26,11 +26,12 @@ Locks, outermost first (a thread takes them in this order only, so none can dead
     count, the money rule applied to what others reserved, and the slot noted
     (``_note_phase(..., "Pending")``) and the package term reserved, as one step, so
     two starts on one account never both count on the same slot or balance. The ledger
-    reads of the money rule are done before it is taken; under it only cached lists
-    are read (the Account list, and the instance list once per process to fill
-    ``_phases``), and a refusal (``_refuse``) patches the status. The status patch that
-    claims the run, and the pod, come after it is let go (a burst of starts on one
-    account would queue on those API calls). Never held with the placement lock.
+    reads of the money rule and of the account's budgets are done before it is taken;
+    under it only cached lists are read (the Account list, and the instance list once
+    per process to fill ``_phases``), and a refusal (``_refuse``) patches the status.
+    The status patch that claims the run, and the pod, come after it is let go (a burst
+    of starts on one account would queue on those API calls). Never held with the
+    placement lock.
 ``_placement_lock``
     Serialises placement: ``Placement._place`` and ``Placement._room_on`` (a queued
     spot instance's resume) read the node and pod lists (cached) and read and write
@@ -61,8 +62,9 @@ attribute                 guarded by         what it is, and what a stale entry 
                                              charged or the phase leaves Pending and
                                              Starting. Starts of another process are
                                              read from the instance list instead.
-``_accrual_memo``         ``_guard``         admission: account -> (second, monotonic
-                                             time, ``Unposted``): the ledger's accrual
+``_accrual_memo``         ``_guard``         admission and budgets: account -> (second,
+                                             monotonic time, ``Unposted`` by resource):
+                                             the ledger's accrual
                                              figure reused for ``accrual_reuse_s`` of
                                              real time within the same second.
 ``_assumed``              placement lock     placement: uid -> (namespace, pod, node,
@@ -117,7 +119,7 @@ from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances.kubeapi import KubeAPI
 from gpucloud_operator.later import Later
-from gpucloud_operator.metrics import SpotMetrics
+from gpucloud_operator.metrics import NoticeCounters, SpotMetrics
 from gpucloud_operator.notify import Notifier
 
 
@@ -134,6 +136,7 @@ class ReconcilerState:
         cfg: OperatorConfig,
         notifier: Notifier | None = None,
         spot_metrics: SpotMetrics | None = None,
+        counters: NoticeCounters | None = None,
     ) -> None:
         self.kube = kube
         self.ledger = ledger
@@ -141,6 +144,7 @@ class ReconcilerState:
         self.cfg = cfg
         self.notifier = notifier or Notifier()
         self.spot_metrics = spot_metrics or SpotMetrics()
+        self.counters = counters or NoticeCounters()  # budget refusals (metrics)
         # locks, outermost first
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._account_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -149,7 +153,7 @@ class ReconcilerState:
         # admission
         self._phases: dict[str, tuple[str, str]] | None = None
         self._reservations: dict[str, tuple[str, int]] = {}
-        self._accrual_memo: dict[str, tuple[datetime, float, Unposted]] = {}
+        self._accrual_memo: dict[str, tuple[datetime, float, dict[str, Unposted]]] = {}
         self.accrual_reuse_s = 1.0
         # placement
         self._assumed: dict[str, tuple[str, str, str, int]] = {}

@@ -6,6 +6,7 @@ event, refuse, resolve account, price book and product."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -17,7 +18,7 @@ from gpucloud.crd import SpecError, parse
 from gpucloud.crd.account import AccountSpec
 from gpucloud.crd.gpuinstance import GPUInstanceSpec
 from gpucloud.crd.pricebook import price_book
-from gpucloud.ledger import NotFound
+from gpucloud.ledger import NotFound, Unposted
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.instances.concurrency import ReconcilerState
@@ -225,6 +226,23 @@ class Core(ReconcilerState):
             return True
         p.currency = p.account_spec.currency
         return True
+
+    def _unposted_by_resource(self, account: str, now: datetime) -> dict[str, Unposted]:
+        """The ledger's estimate of what the account's runs owe beyond their postings at
+        ``now`` (whole seconds), per resource, computed once per account and second: it
+        walks every unsettled meter of the account, and a burst of starts on a big
+        account asked for the same second's figure over and over (the one-hour rule and
+        budgets read it). A start changes no accrual (a new run starts at zero); the
+        figure is reused for one second of real time at most, as usage the agents send
+        meanwhile refines it (an injected clock may stand still)."""
+        with self._guard:
+            hit = self._accrual_memo.get(account)
+        if hit is not None and hit[0] == now and time.monotonic() - hit[1] < self.accrual_reuse_s:
+            return hit[2]
+        value = self.ledger.unposted_by_resource(account, now)
+        with self._guard:
+            self._accrual_memo[account] = (now, time.monotonic(), value)
+        return value
 
     def _pricebook(self, obj: Obj) -> PriceBook:
         """Parsed once per resourceVersion."""

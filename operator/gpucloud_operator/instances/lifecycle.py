@@ -96,6 +96,8 @@ class Lifecycle(Core):
         if phase == "Stopping":  # a stop was interrupted: finish it first
             self._stop(p, p.status.get("stopTarget", "Stopped"), "Stopped", "stop completed")
             return
+        if self._budget_stop(p):  # StopPayAsYouGo and a spent budget (docs/budgets.md)
+            return
         if phase == "Running":
             switched = p.status.get("billingMode") != p.billing_key
             why = r.not_offered(p.pb, p.product, p.billing_key)
@@ -158,16 +160,17 @@ class Lifecycle(Core):
         if node is None:
             with self._placement_lock:
                 node = self._place(p)
-        # the money rule reads the ledger (a query per meter of the account) and the
-        # instance list: before the lock, as starting a run changes no balance; under
-        # it, the instance limit counts runs that other passes are claiming and the money
-        # rule deducts what other admissions reserved (a package term is charged only
+        # the money rule and a budget read the ledger (a query per meter of the account)
+        # and the instance list: before the lock, as starting a run changes no balance;
+        # under it, the instance limit counts runs that other passes are claiming and the
+        # money rule deducts what other admissions reserved (a package term is charged only
         # when its pod runs: two package starts must not both count on the same balance)
         money = self._money_rule(p)
         listed = self._listed_reservations(p) if money is not None else {}
+        budget = self._budget_rule(p)
         with self._lock(self._account_locks, p.account):
             decision = None if money is None else money(self._reserved(p, listed))
-            admitted = self._admit(p, decision)
+            admitted = self._admit(p, decision, budget)
             if admitted:
                 with self._guard:
                     held = (self._phases or {}).get(p.uid)

@@ -11,6 +11,7 @@ packages       terms charged, reminded, renewed, left (mode switches)
 preemption     spot notices, their delivery and stops, the resume queue
 storage        the volume, hourly storage, deletion of the data
 arrears        an instance of an account in arrears
+budget         a start refused by a budget; StopPayAsYouGo stops
 concurrency    the locks and caches, and the rules for them
 =============  ===============================================================
 """
@@ -22,6 +23,7 @@ from typing import Any
 from gpucloud_operator import builders as b
 from gpucloud_operator.instances.admission import Admission
 from gpucloud_operator.instances.arrears import Arrears
+from gpucloud_operator.instances.budget import Budgets
 from gpucloud_operator.instances.kubeapi import PLURAL, Obj
 from gpucloud_operator.instances.lifecycle import Lifecycle
 from gpucloud_operator.instances.packages import Packages
@@ -32,7 +34,7 @@ from gpucloud_operator.instances.storage import Storage
 
 
 class InstanceReconciler(
-    Lifecycle, Admission, Placement, Settlement, Packages, Preemption, Storage, Arrears
+    Lifecycle, Admission, Placement, Settlement, Packages, Preemption, Storage, Arrears, Budgets
 ):
     """The GPUInstance reconciler: level-triggered, one pass per event or timer tick.
 

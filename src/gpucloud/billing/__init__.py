@@ -7,6 +7,7 @@ package arithmetic, refunds and the one rounding rule. See docs/billing.md.
 from gpucloud.billing.decisions import (
     Decision,
     available_balance,
+    one_hour_exact,
     package_purchase_decision,
     payg_start_decision,
 )
@@ -127,6 +128,7 @@ __all__ = [
     "model_online_charge",
     "next_posting",
     "official_model_charge",
+    "one_hour_exact",
     "package_price",
     "package_purchase_decision",
     "parse_amount",

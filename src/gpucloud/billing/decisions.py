@@ -73,6 +73,22 @@ def _decide(needed: int, available: int, currency: str, what: str) -> Decision:
     return Decision(ok, needed, available, currency, message)
 
 
+def one_hour_exact(
+    pricebook: PriceBook,
+    product: str,
+    gpu_count: int,
+    *,
+    mode: BillingMode = BillingMode.PAY_AS_YOU_GO,
+    storage_gib: Exact = 0,
+) -> Fraction:
+    """One hour of a metered instance, exactly, in currency units: its GPUs at the hourly
+    price of ``mode`` plus its storage quota (the one-hour rule's figure)."""
+    hour = gpu_hourly_exact(pricebook, product, gpu_count, mode)
+    return hour + Fraction(pricebook.storage.instance_per_gb_hour) * quantity(
+        storage_gib, "storage_gib"
+    )
+
+
 def payg_start_decision(
     available_balance_minor: int,
     product: str,
@@ -89,8 +105,7 @@ def payg_start_decision(
     least balance that is greater than the exact hour cost (a comparison, not a posting:
     nothing is rounded to the even neighbour here)."""
     count_signed(available_balance_minor, "available_balance_minor")
-    hour = gpu_hourly_exact(pricebook, product, gpu_count, mode)
-    hour += Fraction(pricebook.storage.instance_per_gb_hour) * quantity(storage_gib, "storage_gib")
+    hour = one_hour_exact(pricebook, product, gpu_count, mode=mode, storage_gib=storage_gib)
     currency = pricebook.currency
     needed = math.floor(hour * 10 ** minor_exponent(currency)) + 1
     ok = available_balance_minor > hour * 10 ** minor_exponent(currency)

@@ -8,12 +8,16 @@ from pydantic import Field
 
 from gpucloud.crd.common import (
     DNS_LABEL,
+    MINOR_UNIT,
+    POSITIVE,
     Currency,
+    DecimalStr,
     StatusBase,
     Timestamp,
+    money,
     optional,
 )
-from gpucloud.crd.k8s import ListType, Spec, immutable
+from gpucloud.crd.k8s import Cel, ListType, Spec, immutable
 from gpucloud.crd.schema import Column, Definition
 
 Namespace = Annotated[str, Field(description="Namespace name.", pattern=DNS_LABEL, max_length=63)]
@@ -27,7 +31,77 @@ class Webhook(Spec):
     )
 
 
+# A budget amount: positive, in the account currency, never finer than its minor unit.
+BudgetAmount = Annotated[DecimalStr, POSITIVE, MINOR_UNIT]
+Percent = Annotated[int, Field(ge=1, le=100)]
+Hours = Annotated[int, Field(ge=1, le=8760)]
+DEFAULT_NOTIFY_PERCENT = [50, 80, 100]
+DEFAULT_RUNWAY_HOURS = (24, 3, 1)
+
+
+class NamespaceBudget(Spec):
+    namespace: Namespace
+    monthly: BudgetAmount = Field(
+        description=money("What the namespace may spend per calendar month (UTC).")
+    )
+
+
+class Budget(Spec):
+    """A monthly budget (docs/budgets.md): notices at the tiers of notifyAtPercent, and
+    the hard limit of ``enforcement`` at 100%."""
+
+    cel = (
+        Cel(
+            "has(self.monthly) || has(self.namespaces)",
+            "set monthly, namespaces, or both",
+            ".monthly",
+            lambda s: s.monthly is not None or s.namespaces is not None,
+        ),
+    )
+    monthly: BudgetAmount | None = Field(
+        default=None,
+        description=money(
+            "What the whole account may spend per calendar month (UTC): every charge the "
+            "ledger posts, GPU time, storage, packages and models."
+        ),
+    )
+    notify_at_percent: Annotated[list[Percent], ListType("set")] = Field(
+        default=DEFAULT_NOTIFY_PERCENT,
+        description="Notify (event, condition, webhook) once per month when the month's "
+        "spending reaches each of these percentages of the budget; 100 is the "
+        "BudgetExceeded notice, sent whether listed or not.",
+        max_length=10,
+    )
+    enforcement: Literal["None", "RefuseStarts", "StopPayAsYouGo"] = Field(
+        default="RefuseStarts",
+        description="At 100%: None (notices only), RefuseStarts (a start whose first hour "
+        "would exceed the budget is refused) or StopPayAsYouGo (also stop running "
+        "pay-as-you-go and spot instances; paid package terms keep running).",
+    )
+    namespaces: Annotated[list[NamespaceBudget] | None, ListType("map", ("namespace",))] = Field(
+        default=None,
+        description="Budgets of single namespaces of the account, each checked like the "
+        "account's (same tiers and enforcement).",
+        max_length=64,
+    )
+
+
+def _budget_namespaces_listed(spec: AccountSpec) -> bool:
+    if spec.budget is None or spec.budget.namespaces is None:
+        return True
+    return all(b.namespace in spec.namespaces for b in spec.budget.namespaces)
+
+
 class AccountSpec(Spec):
+    cel = (
+        Cel(
+            "!has(self.budget) || !has(self.budget.namespaces) || "
+            "self.budget.namespaces.all(b, b.namespace in self.namespaces)",
+            "each budget.namespaces[].namespace must be one of spec.namespaces",
+            ".budget.namespaces",
+            _budget_namespaces_listed,
+        ),
+    )
     display_name: str | None = Field(
         default=None, description="Human-readable tenant name.", max_length=128
     )
@@ -40,14 +114,61 @@ class AccountSpec(Spec):
     instance_limit: int = Field(
         default=5, description="Most instances that may run at once.", ge=0, le=10000
     )
-    low_balance_warning_hours: int = Field(
-        default=24,
-        description="Warn when the balance lasts less than this many hours at the current "
-        "burn rate.",
-        ge=1,
-        le=8760,
+    runway_notice_hours: Annotated[list[Hours] | None, ListType("set")] = Field(
+        default=None,
+        description="Notify once per tier when the balance lasts less than this many hours "
+        "at the current burn rate (default 24, 3, 1); the largest is the low-balance "
+        "warning.",
+        max_length=10,
+        min_length=1,
     )
+    low_balance_warning_hours: Hours | None = Field(
+        default=None,
+        description="Deprecated: runwayNoticeHours [N]. Ignored when runwayNoticeHours is set.",
+    )
+    budget: Budget | None = None
     webhook: Webhook | None = None
+
+    def runway_tiers(self) -> tuple[int, ...]:
+        """The runway notice tiers, largest first (the deprecated single field as one)."""
+        if self.runway_notice_hours:
+            return tuple(sorted(set(self.runway_notice_hours), reverse=True))
+        if self.low_balance_warning_hours is not None:
+            return (self.low_balance_warning_hours,)
+        return DEFAULT_RUNWAY_HOURS
+
+
+class NamespaceBudgetStatus(Spec):
+    namespace: str = Field(description="The namespace.")
+    monthly: str = Field(description="Its monthly budget.")
+    spent: str = Field(description="What it spent this month.")
+    percent: int = Field(description="spent / monthly, in whole percent (rounded down).", ge=0)
+    state: Literal["Ok", "Warning", "Exceeded"] = Field(description="Budget state.")
+    notified_percent: int | None = optional("The highest tier notified this month.")
+
+
+class BudgetStatus(Spec):
+    month: str = Field(description="The calendar month (UTC) the figures are for, YYYY-MM.")
+    spent: str = Field(
+        description="What the account spent this month: charges posted in it, net of "
+        "refunds, plus what its runs accrued and the ledger has not posted yet."
+    )
+    monthly: str | None = optional("The account's monthly budget.")
+    percent: int | None = Field(
+        default=None, description="spent / monthly, in whole percent (rounded down).", ge=0
+    )
+    state: Literal["Ok", "Warning", "Exceeded"] | None = optional("The account budget's state.")
+    notified_percent: int | None = optional("The highest tier notified this month.")
+    namespaces: list[NamespaceBudgetStatus] | None = optional("Per-namespace budgets.")
+
+
+class RunwayStatus(Spec):
+    hours_left: str | None = optional(
+        "How long the available balance lasts at the current burn rate; absent when "
+        "nothing is billed per hour."
+    )
+    cost_per_hour: str = Field(description="The current burn rate, per hour.")
+    noticed_hours: int | None = optional("The lowest runway tier notified in the current episode.")
 
 
 class AccountStatus(StatusBase):
@@ -60,6 +181,8 @@ class AccountStatus(StatusBase):
     running_instances: int | None = Field(default=None, description="Instances running now.", ge=0)
     arrears_since: Timestamp | None = optional("Start of the current arrears.")
     data_deletion_at: Timestamp | None = optional("When data is deleted if arrears go on.")
+    budget: BudgetStatus | None = optional("This month's spending against the budget.")
+    runway: RunwayStatus | None = optional("How long the balance lasts (runway notices).")
 
 
 DEFINITION = Definition(
@@ -76,5 +199,6 @@ DEFINITION = Definition(
         Column("Available", ".status.available"),
         Column("Currency", ".status.currency"),
         Column("Running", ".status.runningInstances", "integer"),
+        Column("Budget%", ".status.budget.percent", "integer"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -46,6 +47,14 @@ def _quoted(value: Any) -> Any:
 DecimalStr = Annotated[str, BeforeValidator(_quoted), Field(pattern=DECIMAL_PATTERN, max_length=20)]
 POSITIVE = Cel("double(self) > 0.0", "must be greater than zero", check=lambda v: Decimal(v) > 0)
 PositiveDecimal = Annotated[DecimalStr, POSITIVE]
+# the finest minor unit of the supported currencies (a fen, a cent); the operator
+# refuses amounts finer than the account currency's own (JPY: 0)
+MINOR_UNIT = Cel(
+    "self.matches('^[0-9]+([.][0-9]{1,2})?$')",
+    "must not be finer than the currency's minor unit: at most 2 decimal places "
+    "(0.01 CNY); amounts are never rounded",
+    check=lambda v: re.match(r"^[0-9]+([.][0-9]{1,2})?$", v) is not None,
+)
 Name = Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
 Timestamp = Annotated[str, DATE_TIME]
 Int64 = Annotated[int, INT64]

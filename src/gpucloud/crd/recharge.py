@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from decimal import Decimal
 from typing import Annotated, Literal
 
@@ -10,6 +9,7 @@ from pydantic import Field
 
 from gpucloud.crd.common import (
     DNS_LABEL,
+    MINOR_UNIT,
     POSITIVE,
     DecimalStr,
     Name,
@@ -29,14 +29,7 @@ Amount = Annotated[
         "must be at most 1000000",
         check=lambda v: Decimal(v) <= 1_000_000,
     ),
-    # the finest minor unit of the supported currencies (a fen, a cent); the operator
-    # refuses amounts finer than the account currency's own (JPY: 0)
-    Cel(
-        "self.matches('^[0-9]+([.][0-9]{1,2})?$')",
-        "must not be finer than the currency's minor unit: at most 2 decimal places "
-        "(0.01 CNY); amounts are never rounded",
-        check=lambda v: re.match(r"^[0-9]+([.][0-9]{1,2})?$", v) is not None,
-    ),
+    MINOR_UNIT,
 ]
 
 

@@ -31,7 +31,7 @@ ORDER = {
     "boolean": ["type", "description", "default"],
     "array": [
         "type", "minItems", "maxItems", "description", "x-kubernetes-list-type",
-        "x-kubernetes-list-map-keys", "items",
+        "x-kubernetes-list-map-keys", "default", "items",
     ],
     "object": ["type", "properties", "required", "description", "x-kubernetes-validations"],
 }  # fmt: skip

@@ -33,7 +33,13 @@ class Accrual:
         self._accounts = accounts
 
     def unposted(self, account: str, now: datetime) -> Unposted:
-        """What the account's GPU runs owe beyond their postings, minor units >= 0:
+        """What the account's GPU runs owe beyond their postings (``unposted_by_resource``
+        summed over the resources)."""
+        return Unposted.summed(self.unposted_by_resource(account, now).values())
+
+    def unposted_by_resource(self, account: str, now: datetime) -> dict[str, Unposted]:
+        """What the account's GPU runs owe beyond their postings, per meter resource (the
+        instance ``<ns>/<name>``), minor units >= 0:
 
         * an open meter: its ingested-but-unrated usage plus ``gpus`` x the time from the
           end of its last usage (or opened_at) to ``now``;
@@ -46,7 +52,7 @@ class Accrual:
         for the whole grace period."""
         v.instant(now, "now")
         now_s = schema.to_us(now) // 1_000_000
-        open_minor = closed_minor = 0
+        out: dict[str, Unposted] = {}
         with self._s.read() as conn:
             acct = self._s.account_row(conn, account)
             rows = conn.execute(
@@ -91,11 +97,12 @@ class Accrual:
                     quantity = max(quantity, held)
                 estimate = rating.rounded_cost(quantity, meter, acct.currency)
                 owed = max(0, estimate - meter.posted_minor)
+                was = out.get(meter.resource, Unposted(0, 0))
                 if window[1] is None:
-                    open_minor += owed
+                    out[meter.resource] = Unposted(was.open_minor + owed, was.closed_minor)
                 else:
-                    closed_minor += owed
-        return Unposted(open_minor, closed_minor)
+                    out[meter.resource] = Unposted(was.open_minor, was.closed_minor + owed)
+        return out
 
     def accrued_unsettled(self, account: str, now: datetime) -> int:
         """Everything the account's GPU runs owe beyond their postings (``unposted``)."""

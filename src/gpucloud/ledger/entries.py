@@ -235,3 +235,27 @@ class Entries:
                 .group_by(E.c.resource)
             ).all()
         return {res: -int(total) for res, total in rows}
+
+    def spent_by_resource(
+        self, account: str, since: datetime, until: datetime
+    ) -> dict[str | None, int]:
+        """What the account spent per resource in ``[since, until)`` (by each entry's
+        ``at``, the statement's rule): its charges net of its refunds, in positive minor
+        units (a resource refunded more than charged in the window is negative).
+        Recharges and adjustments are not spending. Budgets (gpucloud_operator.budgets)
+        read it; a statement's charge and refund lines of the month sum to the same."""
+        v.instant(since, "since")
+        v.instant(until, "until")
+        with self._s.read() as conn:
+            acct = self._s.account_row(conn, account)
+            rows = conn.execute(
+                select(E.c.resource, func.sum(E.c.amount_minor))
+                .where(
+                    E.c.account_id == acct.id,
+                    E.c.kind.in_((EntryKind.CHARGE.value, EntryKind.REFUND.value)),
+                    E.c.at >= since,
+                    E.c.at < until,
+                )
+                .group_by(E.c.resource)
+            ).all()
+        return {res: -int(total) for res, total in rows}

@@ -173,6 +173,7 @@ class Ledger:
     entries = _to("_entries", Entries.entries)
     get_entry = _to("_entries", Entries.get_entry)
     charges_by_resource = _to("_entries", Entries.charges_by_resource)
+    spent_by_resource = _to("_entries", Entries.spent_by_resource)
 
     # -- usage (usage.py) --------------------------------------------------------------
     ingest_usage = _to("_usage", Usage.ingest_usage)
@@ -190,6 +191,7 @@ class Ledger:
 
     # -- accrual (accrual.py) ----------------------------------------------------------
     unposted = _to("_accrual", Accrual.unposted)
+    unposted_by_resource = _to("_accrual", Accrual.unposted_by_resource)
     accrued_unsettled = _to("_accrual", Accrual.accrued_unsettled)
     available_balance = _to("_accrual", Accrual.available_balance)
 

@@ -86,6 +86,8 @@ entries = Table(
     Column("recorded_at", Instant, nullable=False),
     Index("ix_ledger_entries_account", "account_id", "id"),
     Index("ix_ledger_entries_account_resource", "account_id", "resource", "id"),
+    # a month's spending of an account (budgets): a range of ``at``, not all entries
+    Index("ix_ledger_entries_account_at", "account_id", "at"),
 )
 
 usage = Table(

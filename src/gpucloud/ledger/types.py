@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -139,6 +140,12 @@ class Unposted:
     @property
     def total_minor(self) -> int:
         return self.open_minor + self.closed_minor
+
+    @staticmethod
+    def summed(parts: Iterable[Unposted]) -> Unposted:
+        """Parts (e.g. ``Ledger.unposted_by_resource``'s values) added up."""
+        parts = list(parts)
+        return Unposted(sum(u.open_minor for u in parts), sum(u.closed_minor for u in parts))
 
 
 @dataclass(frozen=True, slots=True)

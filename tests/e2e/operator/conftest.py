@@ -7,6 +7,7 @@ import pytest
 from opharness import Harness
 
 from gpucloud.testing.testbed import Testbed
+from gpucloud.testing.webhook import Hook, running_hook
 
 
 @pytest.fixture
@@ -15,3 +16,9 @@ def harness(testbed: Testbed, namespace: str, tmp_path: Path) -> Iterator[Harnes
     h.setup()
     yield h
     h.close()
+
+
+@pytest.fixture
+def hook() -> Iterator[Hook]:
+    with running_hook() as server:
+        yield server

@@ -20,18 +20,12 @@ from gpucloud.billing import to_minor
 from gpucloud.ledger import EntryKind
 from gpucloud.testing.kube import get_json
 from gpucloud.testing.testbed import Testbed
-from gpucloud.testing.webhook import Hook, running_hook
+from gpucloud.testing.webhook import Hook
 
 pytestmark = pytest.mark.e2e
 
 L40S = "NVIDIA-L40S"
 WEEK = timedelta(days=7)
-
-
-@pytest.fixture
-def hook() -> Iterator[Hook]:
-    with running_hook() as server:
-        yield server
 
 
 @pytest.fixture
