@@ -269,6 +269,8 @@ class AccountReconciler:
             "observedGeneration": acct["metadata"].get("generation"),
             "arrearsSince": r.fmt(verdict.arrears_since) if verdict.arrears_since else None,
             "dataDeletionAt": r.fmt(verdict.data_deletion_at) if verdict.data_deletion_at else None,
+            # the burn rate the verdict used: the console's runway divides by it
+            "costPerHour": format(burn, "f"),
         }
         conds: list[Obj] = []
         if state != status.get("state"):

@@ -105,6 +105,8 @@ def into_arrears(w: World, tmp_path: Path) -> tuple[AccountReconciler, Recorder,
     (tmp_path / "data/instances" / NS / "job/weights.bin").write_bytes(b"x" * 10_000)
     rec.refresh_account(acct)
     assert acct["status"]["state"] == "LowBalance"
+    # the burn rate the verdict used, published for the console's runway (exact)
+    assert acct["status"]["costPerHour"] == "5.22"
     assert [m["type"] for m in sent.sent] == ["LowBalanceWarning"]
     assert "LowBalanceWarning" in w.kube.reasons("acme")
     w.clock.advance(timedelta(hours=1, minutes=59))

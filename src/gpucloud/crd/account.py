@@ -60,6 +60,13 @@ class AccountStatus(StatusBase):
     running_instances: int | None = Field(default=None, description="Instances running now.", ge=0)
     arrears_since: Timestamp | None = optional("Start of the current arrears.")
     data_deletion_at: Timestamp | None = optional("When data is deleted if arrears go on.")
+    cost_per_hour: str | None = Field(
+        default=None,
+        description="What the account spends per hour now (its burn rate), in the account "
+        "currency, exact; the console's runway is the available balance over it.",
+        pattern=r"^[0-9]+(\.[0-9]+)?$",
+        max_length=80,
+    )
 
 
 DEFINITION = Definition(
@@ -76,5 +83,6 @@ DEFINITION = Definition(
         Column("Available", ".status.available"),
         Column("Currency", ".status.currency"),
         Column("Running", ".status.runningInstances", "integer"),
+        Column("Cost/h", ".status.costPerHour", priority=1),
     ],
 )
