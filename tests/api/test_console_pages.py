@@ -19,12 +19,14 @@ from fastapi.testclient import TestClient
 
 from gpucloud.api import Settings
 from gpucloud.api.app import create_app
-from gpucloud.api.auth import StaticTokenAuthenticator
+from gpucloud.api.auth import ClusterAccess, StaticTokenAuthenticator
 from gpucloud.api.console.session import LOGIN_COOKIE, SESSION_COOKIE, csrf_for
-from gpucloud.api.kube import FixedCluster
+from gpucloud.api.kube import FixedCluster, KubeReader
+from gpucloud.api.main import parse_args
 from gpucloud.clock import ManualClock
 from gpucloud.ledger import EntryKind, Ledger
 from gpucloud.recharge import ProviderRegistry, SandboxProvider
+from gpucloud.testing.net import free_port
 
 EVIL = '<script>alert("owned")</script>'
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
@@ -377,3 +379,32 @@ def test_statement_filters_and_the_csv_closes_at_the_ledgers_balance(
     pdf = console.get(f"/console/a/acme/statement.pdf?period={month}")
     assert pdf.content.startswith(b"%PDF")
     assert console.get(f"/console/a/acme/statement.txt?period={month}").status_code == 422
+
+
+# -- the cluster edge ------------------------------------------------------------------------
+def test_an_unreachable_cluster_still_shows_the_money(
+    db_url: str, clock: ManualClock, ledger: Ledger
+) -> None:
+    """The real KubeReader against a port nobody listens on: the page says what it could
+    not read and still shows the ledger's figures."""
+    settings = Settings(
+        database_url=db_url,
+        authenticator=StaticTokenAuthenticator(TOKENS),
+        clock=clock,
+        cluster=KubeReader(ClusterAccess(server=f"http://127.0.0.1:{free_port()}"), timeout_s=2),
+    )
+    ledger.ensure_account("acme", "CNY")
+    fund(ledger, 19_80)
+    with TestClient(create_app(settings), follow_redirects=False) as c:
+        login(c, "tenant-token")
+        page = c.get("/console/a/acme")
+        assert page.status_code == 200 and "The cluster could not be read" in page.text
+        assert 'data-field="balance">19.80 CNY<' in page.text
+        assert "unknown: the operator has not published" in page.text
+        assert c.get("/console/").status_code == 503  # whose accounts: the cluster must say
+
+
+def test_console_poll_interval_must_be_positive() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--console-poll-s", "0"])
+    assert parse_args(["--console-poll-s", "0.5"]).console_poll_s == 0.5

@@ -22,6 +22,7 @@ NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
         (47 * 3600 + 59 * 60, "47 h 59 min"),
         (48 * 3600, "2 d"),
         (3 * 86400 + 4 * 3600 + 30 * 60, "3 d 4 h"),
+        (2124 * 86400 + 9 * 3600, "5 y 299 d"),
     ],
 )
 def test_duration_text(seconds: int, text: str) -> None:

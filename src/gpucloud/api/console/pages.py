@@ -31,11 +31,11 @@ KINDS = {"": "all", "recharge": "payments", "refund": "refunds",
 # -- logging in and out ------------------------------------------------------------------
 def _login_page(request: Request, next_url: str, message: str, error: str, status: int) -> Any:
     nonce = s.new_nonce()
-    response = page(
-        request, "login.html",
-        {"title": "Log in", "nonce": nonce, "next": next_url, "message": message, "error": error},
-        status=status,
-    )  # fmt: skip
+    # the audience TokenReview requires, for the hint how to mint a token
+    audiences = getattr(request.app.state.gpucloud.settings.authenticator, "audiences", None)
+    context = {"title": "Log in", "nonce": nonce, "next": next_url, "message": message,
+               "error": error, "audience": (audiences or [""])[0]}  # fmt: skip
+    response = page(request, "login.html", context, status=status)
     s.set_login_nonce(request, response, nonce)
     if request.cookies.get(s.SESSION_COOKIE):
         s.end_session(request, response)  # a session that brought you here has ended

@@ -26,12 +26,14 @@ _TASKS = {
 
 
 def duration_text(seconds: int) -> str:
-    """A rough length for people: "6 h 20 min", "3 d 4 h", "45 min"."""
+    """A rough length for people: "6 h 20 min", "3 d 4 h", "45 min", "5 y 299 d"."""
     if seconds < 60:
         return "less than a minute"
     minutes = seconds // 60
     days, rest = divmod(minutes, 24 * 60)
     hours, mins = divmod(rest, 60)
+    if days >= 365:
+        return f"{days // 365} y {days % 365} d"
     if days >= 2:
         return f"{days} d {hours} h" if hours else f"{days} d"
     hours += days * 24
