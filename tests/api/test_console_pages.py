@@ -408,3 +408,12 @@ def test_console_poll_interval_must_be_positive() -> None:
     with pytest.raises(SystemExit):
         parse_args(["--console-poll-s", "0"])
     assert parse_args(["--console-poll-s", "0.5"]).console_poll_s == 0.5
+
+
+def test_static_files_are_served_with_the_same_headers(console: TestClient) -> None:
+    js = console.get("/console/static/console.js")
+    assert js.status_code == 200 and "textContent" in js.text
+    assert "innerHTML" not in js.text  # tenant strings are never parsed as markup
+    assert js.headers["cache-control"] == "public, max-age=300"
+    assert js.headers["x-content-type-options"] == "nosniff"
+    assert console.get("/console/static/../app.py").status_code == 404

@@ -75,6 +75,8 @@ def install(app: FastAPI) -> None:
     async def headers(request: Request, call_next: Any) -> Any:
         response = await call_next(request)
         if _console(request):
+            if request.scope["path"].startswith(f"{PREFIX}/static/"):
+                response.headers.setdefault("Cache-Control", "public, max-age=300")
             for name, value in HEADERS.items():
                 response.headers.setdefault(name, value)
         return response

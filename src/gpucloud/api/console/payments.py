@@ -54,6 +54,12 @@ def _errors(exc: ValidationError) -> dict[str, str]:
     return out
 
 
+def _refused(detail: str) -> dict[str, str]:
+    """A refusal as a form error, under the field its detail names ("amount: ...")."""
+    field, sep, _ = detail.partition(":")
+    return {field if sep and " " not in field else "form": detail}
+
+
 def _fields(form: FormData, names: tuple[str, ...]) -> dict[str, str]:
     return {n: v.strip() for n in names if isinstance(v := form.get(n), str)}
 
@@ -89,7 +95,7 @@ async def start_online(
         return await _form_page(request, state, viewer, account, "online", typed, _errors(exc), 422)
     except REFUSALS as exc:
         code, detail = refusal(exc)
-        errors = {detail.split(":", 1)[0] if ":" in detail else "form": detail}
+        errors = _refused(detail)
         return await _form_page(request, state, viewer, account, "online", typed, errors, code)
     return RedirectResponse(
         console_path(request, f"/a/{account}/orders/{order.order_id}"), status_code=303
@@ -111,7 +117,9 @@ def _order_view(state: AppState, account: str, order_id: str) -> dict[str, Any]:
     }
 
 
-async def _order(state: AppState, account: str, order_id: str) -> dict[str, Any]:
+async def _order(state: AppState, viewer: s.Viewer, account: str, order_id: str) -> dict[str, Any]:
+    """The order as the pages show it, for a member of its account only."""
+    await require_member(state, viewer, account)
     try:
         return await run_in_threadpool(_order_view, state, account, order_id)
     except REFUSALS as exc:
@@ -123,8 +131,7 @@ async def _order(state: AppState, account: str, order_id: str) -> dict[str, Any]
 async def order_live(
     account: AccountName, order_id: OrderId, viewer: Console, state: State
 ) -> JSONResponse:
-    await require_member(state, viewer, account)
-    order = await _order(state, account, order_id)
+    order = await _order(state, viewer, account, order_id)
     order.pop("payment_url")
     return JSONResponse(order)
 
@@ -133,8 +140,7 @@ async def order_live(
 async def order_page(
     request: Request, account: AccountName, order_id: OrderId, viewer: Console, state: State
 ) -> Response:
-    await require_member(state, viewer, account)
-    order = await _order(state, account, order_id)
+    order = await _order(state, viewer, account, order_id)
     base = console_path(request, f"/a/{account}/orders/{order_id}")
     context = {"title": f"Pay {order['amount']}", "account": account, "order": order,
                "live_url": f"{base}.json", "qr_url": f"{base}/qr.png",
@@ -146,8 +152,7 @@ async def order_page(
 async def order_qr(
     account: AccountName, order_id: OrderId, viewer: Console, state: State
 ) -> Response:
-    await require_member(state, viewer, account)
-    order = await _order(state, account, order_id)
+    order = await _order(state, viewer, account, order_id)
     return Response(qr_png(order["payment_url"]), media_type="image/png")
 
 
@@ -178,7 +183,7 @@ async def submit_transfer(
         )
     except (ConsoleError, *REFUSALS) as exc:
         code, detail = (exc.status, exc.detail) if isinstance(exc, ConsoleError) else refusal(exc)
-        errors = {detail.split(":", 1)[0] if ":" in detail else "form": detail}
+        errors = _refused(detail)
         return await _form_page(request, state, viewer, account, "transfer", typed, errors, code)
     finally:
         if isinstance(upload, UploadFile):
