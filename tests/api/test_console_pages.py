@@ -417,3 +417,11 @@ def test_static_files_are_served_with_the_same_headers(console: TestClient) -> N
     assert js.headers["cache-control"] == "public, max-age=300"
     assert js.headers["x-content-type-options"] == "nosniff"
     assert console.get("/console/static/../app.py").status_code == 404
+
+
+def test_the_login_page_keeps_a_live_session(console: TestClient) -> None:
+    """A link to the login page (from anywhere) does not log anyone out."""
+    login(console, "tenant-token")
+    again = console.get("/console/login?next=/console/a/acme")
+    assert again.status_code == 303 and again.headers["location"] == "/console/a/acme"
+    assert console.get("/console/a/acme").status_code == 200

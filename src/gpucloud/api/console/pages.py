@@ -37,21 +37,32 @@ def _login_page(request: Request, next_url: str, message: str, error: str, statu
                "error": error, "audience": (audiences or [""])[0]}  # fmt: skip
     response = page(request, "login.html", context, status=status)
     s.set_login_nonce(request, response, nonce)
-    if request.cookies.get(s.SESSION_COOKIE):
-        s.end_session(request, response)  # a session that brought you here has ended
     return response
 
 
 @router.get("/login")
 async def login_form(
     request: Request,
+    state: State,
     next: Annotated[str, Query(max_length=2000)] = "",
     ended: Annotated[str, Query(max_length=1)] = "",
     bye: Annotated[str, Query(max_length=1)] = "",
 ) -> Any:
+    next_url = s.safe_next(request, next)
     message = "Your session ended: its token expired or was revoked." if ended else ""
     message = "You are logged out." if bye else message
-    return _login_page(request, s.safe_next(request, next), message, "", 200)
+    stale = False
+    if token := request.cookies.get(s.SESSION_COOKIE):
+        try:
+            if await state.settings.authenticator.authenticate(token) is not None:
+                return RedirectResponse(next_url, status_code=303)  # signed in already
+            stale = True
+        except AuthError:
+            pass  # the cluster cannot say now: show the form, keep the cookie
+    response = _login_page(request, next_url, message, "", 200)
+    if stale:
+        s.end_session(request, response)
+    return response
 
 
 @router.post("/login")
