@@ -74,6 +74,8 @@ def console(
 
 
 def login(c: TestClient, token: str, **headers: str) -> Any:
+    """Log in afresh (as another user: a signed-in browser is sent on by the form)."""
+    c.cookies.delete(SESSION_COOKIE)
     form = c.get("/console/login")
     nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
     assert nonce is not None
