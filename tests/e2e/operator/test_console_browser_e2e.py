@@ -104,10 +104,10 @@ def stack(harness: Harness, tmp_path: Path) -> Iterator[tuple[Harness, ApiProces
 
 
 def _text(d: Any, css: str) -> str:
-    from selenium.webdriver.common.by import By
-
-    els = d.find_elements(By.CSS_SELECTOR, css)
-    return els[0].text if els else ""
+    """The rendered text of the first match, read in one script call (a live refresh can
+    replace elements between a find and a read)."""
+    script = "const e = document.querySelector(arguments[0]); return e ? e.innerText : ''"
+    return str(d.execute_script(script, css)).strip()
 
 
 def _has(d: Any, css: str, text: str) -> bool:
@@ -173,6 +173,13 @@ def test_console_in_a_real_browser(stack: tuple[Harness, ApiProcess, dict], tmp_
         row = _text(d, "tbody[data-rows=instances] tr")
         assert all(t in row for t in (f"{h.ns}/train", "Running", f"1 × {L40S}", "pay-as-you-go"))
         shots.shot("balance")
+        # refreshes that change nothing leave the rows alone (focus inside stays put)
+        d.execute_script("window.row = document.querySelector('tbody[data-rows] tr')")
+        polls = "return performance.getEntriesByType('resource')" \
+                ".filter(e => e.name.endsWith('/live.json')).length"  # fmt: skip
+        seen = d.execute_script(polls)
+        wait(lambda d: d.execute_script(polls) >= seen + 2, "two more refreshes")
+        assert d.execute_script("return document.querySelector('tbody[data-rows] tr') === row")
 
         # -- the balance runs out: arrears and the retention countdown, live --------------
         h.advance(2 * 3600 + 60)

@@ -25,8 +25,26 @@
     return el;
   }
 
+  // What a table body shows, cell by cell: rows are rebuilt only when it changes, so
+  // keyboard focus inside a table is not lost to a refresh that changed nothing.
+  function shown(tbody) {
+    return Array.from(tbody.rows, function (tr) {
+      return Array.from(tr.cells, function (c) { return c.textContent.trim(); }).join("\u0001");
+    }).join("\u0002");
+  }
+
+  function wanted(rows, cols, empty) {
+    if (!rows.length) return empty;
+    return rows.map(function (row) {
+      return cols.map(function (col) {
+        return row[col] == null ? "" : String(row[col]).trim();
+      }).join("\u0001");
+    }).join("\u0002");
+  }
+
   function fillRows(tbody, rows) {
     var cols = tbody.getAttribute("data-cols").split(",");
+    if (shown(tbody) === wanted(rows, cols, tbody.getAttribute("data-empty") || "")) return;
     var out = [];
     if (!rows.length) {
       var tr = document.createElement("tr");
