@@ -77,6 +77,7 @@ class Demo:
         self.api = ApiProcess(WORK / "api", nodes=gpu_nodes).start()
         ledger_url = self.api.database_url
         print(f"metering API     {self.api.url}   (ledger {ledger_url})")
+        print(f"billing console  {self.api.url}/console/   (demo token: tenant-token)")
         kube = ["--kubeconfig", str(self.tb.kubeconfig)]
         for node in gpu_nodes:
             sock = WORK / f"{node}.sock"

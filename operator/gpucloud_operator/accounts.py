@@ -323,6 +323,8 @@ class AccountReconciler:
             "arrearsSince": r.fmt(verdict.arrears_since) if verdict.arrears_since else None,
             "dataDeletionAt": r.fmt(verdict.data_deletion_at) if verdict.data_deletion_at else None,
             "budget": budget,
+            # the burn rate the verdict used: the console's runway divides by it
+            "costPerHour": format(burn, "f"),
         }
         conds: list[Obj] = list(budget_conds)
         if state != status.get("state"):

@@ -159,7 +159,11 @@ def check_service_accounts(tb: Testbed, release: dict[str, Any]) -> None:
         (agent, "get", "nodes", None, True),  # fake NVML only (agent.nvml=fake here)
         (agent, "patch", "nodes", None, False),
         (api, "create", "tokenreviews.authentication.k8s.io", None, True),
-        (api, "list", "gpuinstances.gpucloud.dev", None, False),  # it reads the ledger
+        # the console lists an account's instances and model deployments, writes none
+        (api, "list", "gpuinstances.gpucloud.dev", None, True),
+        (api, "watch", "modeldeployments.gpucloud.dev", other, True),
+        (api, "create", "gpuinstances.gpucloud.dev", other, False),
+        (api, "list", "clouddisks.gpucloud.dev", None, False),
         # who may use an account: the Account's namespaces and a SubjectAccessReview
         (api, "get", "accounts.gpucloud.dev", None, True),
         (api, "list", "accounts.gpucloud.dev", None, True),  # who owns a shared namespace

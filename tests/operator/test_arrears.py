@@ -106,6 +106,8 @@ def into_arrears(w: World, tmp_path: Path) -> tuple[AccountReconciler, Recorder,
     (tmp_path / "data/instances" / NS / "job/weights.bin").write_bytes(b"x" * 10_000)
     rec.refresh_account(acct)
     assert acct["status"]["state"] == "LowBalance"
+    # the burn rate the verdict used, published for the console's runway (exact)
+    assert acct["status"]["costPerHour"] == "5.22"
     # 2 h left: the low-balance warning, and one runway notice, for the lowest tier crossed
     assert [(m["type"], m.get("tier")) for m in sent.sent] == [
         ("LowBalanceWarning", None),

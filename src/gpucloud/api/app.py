@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
 from gpucloud.api import (
+    console,
     routes_accounts,
     routes_image_copies,
     routes_recharge,
@@ -25,21 +26,15 @@ from gpucloud.api import (
     routes_wipes,
 )
 from gpucloud.api.deps import AppState, State
+from gpucloud.api.errors import STATUS, refusal
 from gpucloud.api.gate import FairLock
 from gpucloud.api.guard import SMALL_BODY, RequestGuard
 from gpucloud.api.metrics import ApiMetrics
 from gpucloud.api.rating import RatingLoop
 from gpucloud.api.schemas import Problem
 from gpucloud.api.settings import Settings
-from gpucloud.billing.errors import BillingError
 from gpucloud.crd import pricebook as pricebooks
 from gpucloud.ledger import (
-    IdempotencyConflict,
-    InvalidInput,
-    LedgerError,
-    NotFound,
-    OrderRefused,
-    ReviewRefused,
     open_ledger,
 )
 from gpucloud.recharge.provider import MAX_NOTICE_BYTES
@@ -64,6 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
             await rating.stop()
             await settings.authenticator.aclose()
             await settings.membership.aclose()
+            await settings.cluster.aclose()
             ledger.close()
 
     app = FastAPI(
@@ -79,6 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_recharge.router)
     app.include_router(routes_wipes.router)
     app.include_router(routes_image_copies.router)
+    console.install(app)
     _add_ops_routes(app)
     _add_error_handlers(app)
     _add_latency_middleware(app, metrics)
@@ -88,11 +85,12 @@ def create_app(settings: Settings) -> FastAPI:
         limits=[
             (r"/v1/usage", "POST", routes_usage.MAX_BODY_BYTES),
             (r"/v1/accounts/[^/]+/recharges/bank-transfer", "POST", voucher_body),
+            (console.UPLOAD_PATH, "POST", settings.max_voucher_bytes + SMALL_BODY),
             (r"/v1/payments/[^/]+/callback", "POST", MAX_NOTICE_BYTES),
         ],
         open_paths=[
             r"/healthz", r"/readyz", r"/openapi\.json", r"/docs.*", r"/v1/pricebook",
-            r"/v1/payments/[^/]+/callback",
+            r"/v1/payments/[^/]+/callback", *console.OPEN_PATHS,
         ],
     )  # fmt: skip
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -156,27 +154,16 @@ def _add_ops_routes(app: FastAPI) -> None:
         return pricebooks.read(doc).dump()
 
 
-_STATUS: list[tuple[type[Exception], int]] = [
-    (NotFound, 404),
-    (InvalidInput, 422),
-    (IdempotencyConflict, 409),
-    (OrderRefused, 409),
-    (ReviewRefused, 409),
-    (LedgerError, 409),
-    (BillingError, 422),
-]
-
-
 def _add_error_handlers(app: FastAPI) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        status = next(code for cls, code in _STATUS if isinstance(exc, cls))
-        body: dict[str, Any] = {"detail": str(exc)}
+        status, detail = refusal(exc)
+        body: dict[str, Any] = {"detail": detail}
         reason = getattr(exc, "reason", None)
         if reason is not None:
             body["reason"] = reason
         return JSONResponse(body, status_code=status)
 
-    for cls, _ in _STATUS:
+    for cls, _ in STATUS:
         app.add_exception_handler(cls, handle)
 
 

@@ -121,6 +121,14 @@ class ClusterAccess:
             bearer_token=(IN_CLUSTER_DIR / "token").read_text().strip(),
         )
 
+    def async_client(self, timeout_s: float) -> httpx.AsyncClient:
+        """A client for this API server, authenticated as configured (bearer token; a
+        client certificate is in ``verify``'s SSL context)."""
+        headers = {"Authorization": f"Bearer {self.bearer_token}"} if self.bearer_token else {}
+        return httpx.AsyncClient(
+            base_url=self.server, verify=self.verify, timeout=timeout_s, headers=headers
+        )
+
     def _material(self, section: dict[str, Any], key: str, base: Path) -> str | None:
         """A file path for ``key`` or ``key-data`` (base64 inline data is spilled to a file)."""
         if section.get(f"{key}-data"):
@@ -157,10 +165,7 @@ class TokenReviewAuthenticator:
         self.cache_ttl_s = cache_ttl_s
         # verdicts by token hash; asyncio only (one thread), so no lock around it
         self._cache: TTLCache[str, Principal | None] = TTLCache(10000, cache_ttl_s)
-        # Client certificates, if any, are loaded into the SSL context (``verify``).
-        self._client = httpx.AsyncClient(
-            base_url=access.server, verify=access.verify, timeout=timeout_s
-        )
+        self._client = access.async_client(timeout_s)
 
     async def authenticate(self, token: str) -> Principal | None:
         key = hashlib.sha256(token.encode()).hexdigest()  # never keep raw tokens around
@@ -175,13 +180,8 @@ class TokenReviewAuthenticator:
         if self.audiences:
             spec["audiences"] = self.audiences
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
-        headers = {}
-        if self.access.bearer_token:
-            headers["Authorization"] = f"Bearer {self.access.bearer_token}"
         try:
-            resp = await self._client.post(
-                "/apis/authentication.k8s.io/v1/tokenreviews", json=body, headers=headers
-            )
+            resp = await self._client.post("/apis/authentication.k8s.io/v1/tokenreviews", json=body)
         except httpx.HTTPError as exc:
             raise AuthError(503, f"TokenReview: API server unreachable ({exc})") from exc
         if resp.status_code >= 300:

@@ -27,6 +27,7 @@ from gpucloud.api.auth import (
     StaticTokenAuthenticator,
     TokenReviewAuthenticator,
 )
+from gpucloud.api.kube import ClusterReader, KubeReader, NoCluster
 from gpucloud.api.membership import ClusterMembership, Membership, NoMembership
 from gpucloud.api.settings import Settings
 from gpucloud.clock import clock_from_env
@@ -99,8 +100,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--order-ttl", type=int, default=int(env("GPUCLOUD_ORDER_TTL_S", "900")))
     p.add_argument("--voucher-dir", default=env("GPUCLOUD_VOUCHER_DIR"))
     p.add_argument("--pricebook", default=env("GPUCLOUD_PRICEBOOK"))
+    p.add_argument(
+        "--console-poll-s",
+        type=float,
+        default=float(env("GPUCLOUD_CONSOLE_POLL_S", "5")),
+        help="how often an open console page refreshes its figures",
+    )
     p.add_argument("--log-level", default=env("GPUCLOUD_LOG_LEVEL", "warning"))
     args = p.parse_args(argv)
+    if not args.console_poll_s > 0:
+        p.error(f"--console-poll-s: must be > 0 seconds, got {args.console_poll_s}")
     if args.sandbox_secret is not None:
         p.error(
             "--sandbox-secret: secrets are not accepted on the command line (visible in ps); "
@@ -159,6 +168,10 @@ def _membership(args: argparse.Namespace, access: ClusterAccess | None) -> Membe
     return ClusterMembership(access, cache_ttl_s=args.membership_cache_s)
 
 
+def _cluster(access: ClusterAccess | None) -> ClusterReader:
+    return NoCluster() if access is None else KubeReader(access)
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     access = _cluster_access(args)
     policy = AuthPolicy(
@@ -182,6 +195,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         order_ttl_s=args.order_ttl,
         voucher_dir=Path(args.voucher_dir) if args.voucher_dir else None,
         pricebook_path=Path(args.pricebook) if args.pricebook else None,
+        cluster=_cluster(access),
+        console_poll_s=args.console_poll_s,
     )
 
 

@@ -57,9 +57,7 @@ class ClusterMembership:
         self.cache_ttl_s = cache_ttl_s
         # asyncio only (one thread), so no lock around it
         self._cache: TTLCache[tuple[str, frozenset[str], str], bool] = TTLCache(10000, cache_ttl_s)
-        self._client = httpx.AsyncClient(
-            base_url=access.server, verify=access.verify, timeout=timeout_s
-        )
+        self._client = access.async_client(timeout_s)
 
     async def is_member(self, principal: Principal, account: str) -> bool:
         key = (principal.username, principal.groups, account)
@@ -102,11 +100,8 @@ class ClusterMembership:
         return bool((resp.json().get("status") or {}).get("allowed"))
 
     async def _request(self, method: str, path: str, json: Any = None) -> httpx.Response:
-        headers = {}
-        if self.access.bearer_token:
-            headers["Authorization"] = f"Bearer {self.access.bearer_token}"
         try:
-            return await self._client.request(method, path, json=json, headers=headers)
+            return await self._client.request(method, path, json=json)
         except httpx.HTTPError as exc:
             raise AuthError(503, f"account membership: API server unreachable ({exc})") from exc
 

@@ -26,7 +26,7 @@ from gpucloud.api.schemas import (
     UsageRowOut,
 )
 from gpucloud.billing.money import format_money
-from gpucloud.billing.statement import Period
+from gpucloud.billing.statement import Period, Statement
 from gpucloud.statements import collect, to_csv, to_dict, to_pdf
 
 router = APIRouter(
@@ -188,10 +188,14 @@ def get_statement(
 ) -> Response:
     """The month's statement: opening balance, payments, refunds, adjustments, charges
     by resource (GPU-seconds, rates), closing balance."""
-    st = collect(state.ledger, account, Period.parse(period))
-    name = f"statement-{account}-{st.period}.{format}"
+    return statement_response(collect(state.ledger, account, Period.parse(period)), format)
+
+
+def statement_response(st: Statement, format: str) -> Response:
+    """The statement as JSON, or as a CSV or PDF download (the console's too)."""
     if format == "json":
         return Response(json.dumps(to_dict(st)), media_type="application/json")
+    name = f"statement-{st.account}-{st.period}.{format}"
     body: bytes = to_csv(st).encode() if format == "csv" else to_pdf(st)
     headers = {"Content-Disposition": f'attachment; filename="{name}"'}
     return Response(body, media_type=_MEDIA[format], headers=headers)

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from gpucloud.api import recharges
 from gpucloud.api.deps import Account, Admin, Caller, State, may_access_account
 from gpucloud.api.guard import StrictRoute
 from gpucloud.api.schemas import (
-    MAX_AMOUNT_MINOR,
     BankTransferIn,
     CallbackOut,
     OnlineRechargeIn,
@@ -24,7 +23,7 @@ from gpucloud.api.schemas import (
     VoucherOut,
     VouchersOut,
 )
-from gpucloud.billing.money import format_money, parse_amount
+from gpucloud.billing.money import format_money
 from gpucloud.ledger import NotFound, Order, OrderStatus, Voucher
 from gpucloud.recharge import CallbackError, PaymentNotice, SignatureError
 from gpucloud.recharge.qr import qr_png
@@ -35,35 +34,6 @@ _AUTH = {401: {"model": Problem}, 403: {"model": Problem}}
 OrderId = Annotated[str, Path(min_length=1, max_length=64)]
 ProviderName = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z0-9_-]+$")]
 VoucherId = Annotated[str, Path(min_length=1, max_length=64)]
-
-
-def _currency(state: State, account: str) -> str:
-    try:
-        return state.ledger.get_account(account).currency
-    except NotFound:
-        return state.ledger.ensure_account(account, state.settings.currency).currency
-
-
-def _minor(body: OnlineRechargeIn | BankTransferIn, currency: str) -> int:
-    """The amount in minor units; ``amount`` is checked against the account's currency
-    (a 422 naming the field when it is finer than the minor unit: never rounded)."""
-    if body.amount_minor is not None:
-        return body.amount_minor
-    assert body.amount is not None
-    minor = parse_amount(body.amount, currency, "amount")
-    if minor > MAX_AMOUNT_MINOR:
-        raise HTTPException(422, f"amount: at most {format_money(MAX_AMOUNT_MINOR, currency)}")
-    return minor
-
-
-def _payment_url(state: State, order: Order, currency: str) -> str:
-    provider = state.settings.providers.get(order.provider)
-    if provider is None:
-        raise HTTPException(409, f"provider {order.provider!r} is no longer configured")
-    # Providers derive the URL purely from the order, so it is never stored.
-    return provider.create_payment(
-        order.order_id, order.amount_minor, currency, order.expires_at
-    ).url
 
 
 def _order_out(state: State, request: Request, order: Order) -> OrderOut:
@@ -80,16 +50,9 @@ def _order_out(state: State, request: Request, order: Order) -> OrderOut:
         created_at=order.created_at,
         expires_at=order.expires_at,
         paid_at=order.paid_at,
-        payment_url=_payment_url(state, order, currency),
+        payment_url=recharges.payment_url(state, order, currency),
         qr_png_url=str(qr),
     )
-
-
-def _account_order(state: State, account: str, order_id: str) -> Order:
-    order = state.ledger.get_order(order_id)
-    if order.account != account:  # do not reveal other accounts' orders
-        raise NotFound(f"order {order_id!r} not found")
-    return order
 
 
 @router.post(
@@ -102,18 +65,8 @@ def create_online_recharge(
     account: Account, body: OnlineRechargeIn, caller: Caller, state: State, request: Request
 ) -> OrderOut:
     """A payment order: open ``payment_url`` or scan the QR code at ``qr_png_url``."""
-    if state.settings.providers.get(body.provider) is None:
-        known = ", ".join(state.settings.providers.names()) or "none"
-        raise HTTPException(422, f"provider: {body.provider!r} is not configured (known: {known})")
-    amount = _minor(body, _currency(state, account))
-    expires_at = state.settings.clock.now() + timedelta(seconds=state.settings.order_ttl_s)
-    order = state.ledger.create_order(
-        account,
-        amount,
-        body.provider,
-        expires_at,
-        client_ref=body.client_order_id,
-        actor=caller.username,
+    order = recharges.open_order(
+        state, account, body.amount, body.amount_minor, body.provider, caller, body.client_order_id
     )
     return _order_out(state, request, order)
 
@@ -124,7 +77,7 @@ def create_online_recharge(
     responses={**_AUTH, 404: {"model": Problem}},
 )
 def get_order(account: Account, order_id: OrderId, state: State, request: Request) -> OrderOut:
-    return _order_out(state, request, _account_order(state, account, order_id))
+    return _order_out(state, request, recharges.account_order(state, account, order_id))
 
 
 @router.get(
@@ -133,8 +86,8 @@ def get_order(account: Account, order_id: OrderId, state: State, request: Reques
     responses={200: {"content": {"image/png": {}}}, **_AUTH, 404: {"model": Problem}},
 )
 def get_order_qr(account: Account, order_id: OrderId, state: State) -> Response:
-    order = _account_order(state, account, order_id)
-    url = _payment_url(state, order, state.ledger.get_account(account).currency)
+    order = recharges.account_order(state, account, order_id)
+    url = recharges.payment_url(state, order, state.ledger.get_account(account).currency)
     return Response(qr_png(url), media_type="image/png")
 
 
@@ -221,29 +174,14 @@ def submit_bank_transfer(
     (the seed has the payer upload it). Only its SHA-256 goes into the ledger; the file
     itself is kept under the configured voucher directory, where the reviewing admin
     reads it (``GET /v1/vouchers/{id}/file``)."""
-    amount = _minor(body, _currency(state, account))  # before the file is kept
     try:
         content = base64.b64decode(body.file.content_base64, validate=True)
     except (binascii.Error, ValueError):
         raise HTTPException(422, "file.content_base64: not valid base64") from None
-    if not content:
-        raise HTTPException(422, "file.content_base64: the voucher file is empty")
-    if len(content) > state.settings.max_voucher_bytes:
-        raise HTTPException(413, f"file: larger than {state.settings.max_voucher_bytes} bytes")
-    digest = hashlib.sha256(content).hexdigest()
-    if state.settings.voucher_dir is not None:
-        state.settings.voucher_dir.mkdir(parents=True, exist_ok=True)
-        (state.settings.voucher_dir / digest).write_bytes(content)
-    voucher = state.ledger.submit_voucher(
-        account,
-        amount,
-        body.payer,
-        body.bank,
-        body.transfer_no,
-        digest,
-        state.settings.clock.now(),
-        submitter=caller.username,
-    )
+    voucher = recharges.keep_voucher(
+        state, account, body.amount, body.amount_minor, body.payer, body.bank,
+        body.transfer_no, content, caller,
+    )  # fmt: skip
     return _voucher_out(state, voucher)
 
 
@@ -283,16 +221,7 @@ async def get_voucher(voucher_id: VoucherId, caller: Caller, state: State) -> Vo
 def get_voucher_file(voucher_id: VoucherId, _: Admin, state: State) -> Response:
     """Admins: the uploaded voucher file, to check before approving. Its SHA-256 is the
     one recorded in the ledger (checked again here)."""
-    voucher = state.ledger.get_voucher(voucher_id)
-    folder = state.settings.voucher_dir
-    if not voucher.file_sha256 or folder is None:
-        raise NotFound(f"voucher {voucher_id!r} has no file kept by this API")
-    path = folder / voucher.file_sha256
-    if not path.is_file():
-        raise NotFound(f"voucher {voucher_id!r}: file {voucher.file_sha256} is not kept here")
-    content = path.read_bytes()
-    if hashlib.sha256(content).hexdigest() != voucher.file_sha256:
-        raise HTTPException(409, f"voucher {voucher_id!r}: the kept file does not match its hash")
+    content = recharges.voucher_file(state, voucher_id)
     return Response(content, media_type="application/octet-stream")
 
 
@@ -305,13 +234,5 @@ def review_voucher(voucher_id: VoucherId, body: ReviewIn, admin: Admin, state: S
     """Admins: approve (credits exactly once) or reject (a reason is required). 409 for
     a voucher already reviewed, one the caller submitted (``own_voucher``), or a transfer
     already credited to an account (``transfer_credited``)."""
-    if body.decision == "reject" and not body.reason.strip():
-        raise HTTPException(422, "reason: required when rejecting a voucher")
-    voucher = state.ledger.review_voucher(
-        voucher_id,
-        body.decision == "approve",
-        admin.username,
-        body.reason.strip(),
-        state.settings.clock.now(),
-    )
+    voucher = recharges.review(state, voucher_id, body.decision == "approve", admin, body.reason)
     return _voucher_out(state, voucher)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpucloud.api.auth import Authenticator, AuthPolicy
+from gpucloud.api.kube import ClusterReader, NoCluster
 from gpucloud.api.membership import Membership, NoMembership
 from gpucloud.clock import Clock, SystemClock
 from gpucloud.recharge.provider import ProviderRegistry
@@ -30,3 +31,7 @@ class Settings:
     max_voucher_bytes: int = 10 * 1024 * 1024
     # A PriceBook resource YAML served at GET /v1/pricebook (for `gpucloud estimate`).
     pricebook_path: Path | None = None
+    # The console's reads of Accounts, GPUInstances and ModelDeployments (gpucloud.api.kube).
+    cluster: ClusterReader = field(default_factory=NoCluster)
+    # How often an open console page asks for fresh figures (seconds).
+    console_poll_s: float = 5.0

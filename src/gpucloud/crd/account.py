@@ -183,6 +183,13 @@ class AccountStatus(StatusBase):
     data_deletion_at: Timestamp | None = optional("When data is deleted if arrears go on.")
     budget: BudgetStatus | None = optional("This month's spending against the budget.")
     runway: RunwayStatus | None = optional("How long the balance lasts (runway notices).")
+    cost_per_hour: str | None = Field(
+        default=None,
+        description="What the account spends per hour now (its burn rate), in the account "
+        "currency, exact; the console's runway is the available balance over it.",
+        pattern=r"^[0-9]+(\.[0-9]+)?$",
+        max_length=80,
+    )
 
 
 DEFINITION = Definition(
@@ -200,5 +207,6 @@ DEFINITION = Definition(
         Column("Currency", ".status.currency"),
         Column("Running", ".status.runningInstances", "integer"),
         Column("Budget%", ".status.budget.percent", "integer"),
+        Column("Cost/h", ".status.costPerHour", priority=1),
     ],
 )

@@ -225,13 +225,20 @@ class Entries:
             name = self._s.names(conn, {row.account_id})[row.account_id]
         return entry_of(row, name)
 
-    def charges_by_resource(self, account: str) -> dict[str | None, int]:
-        """Net amount charged per resource, positive minor units (charges only)."""
+    def charges_by_resource(
+        self, account: str, *, net_of_refunds: bool = False
+    ) -> dict[str | None, int]:
+        """Amount charged per resource, positive minor units: charges only, or with
+        ``net_of_refunds`` less what was refunded to the resource (a package left early):
+        what it has cost so far."""
+        kinds = [EntryKind.CHARGE.value]
+        if net_of_refunds:
+            kinds.append(EntryKind.REFUND.value)
         with self._s.read() as conn:
             acct = self._s.account_row(conn, account)
             rows = conn.execute(
                 select(E.c.resource, func.sum(E.c.amount_minor))
-                .where(E.c.account_id == acct.id, E.c.kind == EntryKind.CHARGE.value)
+                .where(E.c.account_id == acct.id, E.c.kind.in_(kinds))
                 .group_by(E.c.resource)
             ).all()
         return {res: -int(total) for res, total in rows}

@@ -199,6 +199,7 @@ class Ledger:
     create_order = _to("_orders", Orders.create_order)
     find_order = _to("_orders", Orders.find_order)
     get_order = _to("_orders", Orders.get_order)
+    orders = _to("_orders", Orders.orders)
     settle_order = _to("_orders", Orders.settle_order)
     expire_orders = _to("_orders", Orders.expire_orders)
 

@@ -108,6 +108,18 @@ class Orders:
             ).first()
         return None if row is None else order_of(row, account)
 
+    def orders(self, account: str, *, newest: int = 20) -> list[Order]:
+        """The account's ``newest`` orders, the most recently created first."""
+        with self._s.read() as conn:
+            acct = self._s.account_row(conn, account)
+            rows = conn.execute(
+                select(ORD)
+                .where(ORD.c.account_id == acct.id)
+                .order_by(ORD.c.created_at.desc(), ORD.c.order_id.desc())
+                .limit(v.positive(newest, "newest"))
+            ).all()
+        return [order_of(r, account) for r in rows]
+
     def get_order(self, order_id: str) -> Order:
         with self._s.read() as conn:
             row = self._order_row(conn, order_id)
