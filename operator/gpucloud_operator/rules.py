@@ -14,7 +14,7 @@ from gpucloud.billing import (
     BillingMode,
     PackagePeriod,
     PriceBook,
-    instance_storage_charge,
+    instance_storage_charge_exact,
     package_price,
     to_minor,
 )
@@ -93,13 +93,16 @@ def storage_window_exact(
 ) -> Fraction:
     """The exact charge of one storage window, excluding the seconds inside package terms.
     Not rounded: the windows of an instance add up in a ``RunningTotal``, which posts the
-    delta of rounded cumulative totals (rounding each hour lost money)."""
+    delta of rounded cumulative totals (rounding each hour lost money). The exact
+    rational, not its Decimal: a price per hour over seconds (x/3,600) often does not
+    terminate, and a Decimal cut at its precision made the hours of a span sum to a hair
+    under the half-fen tie the whole span sat on (a fen lost; property test)."""
     intervals = []
     for t in terms:
         a, b = parse(t["start"]), parse(t["end"])
         if a is not None and b is not None and b > a:
             intervals.append((a, b))
-    return Fraction(instance_storage_charge(pb, quota_gib, window[0], window[1], intervals))
+    return instance_storage_charge_exact(pb, quota_gib, window[0], window[1], intervals)
 
 
 def active_term(terms: list[dict[str, Any]], now: datetime) -> dict[str, Any] | None:

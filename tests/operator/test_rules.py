@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 
 import pytest
 import yaml
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opworld import ROOT
 
+from gpucloud.billing import RunningTotal
 from gpucloud.crd.pricebook import price_book
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -119,3 +121,20 @@ def test_reservations_against_a_plain_oracle(instances: list[tuple]) -> None:
     for uid, res in got.items():
         seq = len(next(o for o in objs if o["metadata"]["uid"] == uid)["status"]["packageTerms"])
         assert res.key == f"package:{uid}:{seq + 1}"
+
+
+def test_storage_hours_that_sum_to_a_half_fen_tie_post_the_tie_rounded_once() -> None:
+    """The example hypothesis found: 430 GiB at 9.80/GiB-h for 1,161 s across an hour
+    edge is exactly 1359.015 CNY; the hours' Decimals summed to a hair under it and
+    posted 1359.01. The exact windows post 1359.02 (half to even)."""
+    spec = yaml.safe_load((ROOT / "examples" / "pricebook.yaml").read_text())["spec"]
+    spec["storage"]["instancePerGBHour"] = "9.80"
+    pb = price_book(spec)
+    edge = datetime(2026, 1, 1, 1, tzinfo=UTC)
+    lo, hi = edge - timedelta(seconds=4751), edge - timedelta(seconds=4751 - 1161)
+    total, posted = RunningTotal(), 0
+    for window in r.storage_windows(lo, hi, 3600):
+        total, delta = total.add(r.storage_window_exact(pb, 430, window, []), "CNY")
+        posted += delta
+    assert total.exact == Fraction(271803, 200)
+    assert posted == 135902
