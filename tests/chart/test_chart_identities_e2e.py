@@ -376,11 +376,13 @@ def test_api_and_agent_on_their_own_tokens(bed: Bed, instance: dict[str, Any]) -
                          "-o", "name")  # fmt: skip
     assert elsewhere.strip(), "expected pods on other nodes (the release's agents)"
 
-    # What the API's token may not do: it reads nothing from Kubernetes but Accounts.
+    # What the API's token may not do: it reads Accounts, and GPUInstances and
+    # ModelDeployments for the console (read only), nothing else.
+    bed.ids["api"].ok("get", "gpuinstances.gpucloud.dev", "-A")
     for args in (
         ("get", "secrets", "-n", ns),
         ("get", "pods", "-n", other),
-        ("get", "gpuinstances.gpucloud.dev", "-A"),
+        ("delete", "gpuinstances.gpucloud.dev", "nb", "-n", other, "--wait=false"),
         ("patch", "gpuinstances.gpucloud.dev", "nb", "-n", other, "--type=merge", "-p",
          '{"spec": {"state": "Stopped"}}'),
     ):  # fmt: skip
