@@ -45,7 +45,7 @@ from gpucloud_operator.account_notices import AccountNotices
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import KubeAPI
 from gpucloud_operator.metrics import AccountMetrics, NoticeCounters
-from gpucloud_operator.notify import Notifier, payload
+from gpucloud_operator.notify import Notifier, payload, webhook_url
 
 log = logging.getLogger("gpucloud.operator.accounts")
 Obj = dict[str, Any]
@@ -189,7 +189,7 @@ class AccountReconciler:
 
     def webhook_url(self, spec: AccountSpec) -> str:
         """The Account's own webhook, else the installation's."""
-        return spec.webhook.url if spec.webhook else self.cfg.webhook_url
+        return webhook_url(spec, self.cfg.webhook_url)
 
     def _notify_transitions(
         self,

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import tenacity
 
+from gpucloud.crd.account import AccountSpec
 from gpucloud_operator import rules as r
 
 log = logging.getLogger("gpucloud.operator.notify")
@@ -35,9 +36,10 @@ def payload(kind: str, account: str, message: str, now: datetime, **extra: objec
     return {"type": kind, "account": account, "message": message, "at": r.fmt(now), **extra}
 
 
-def webhook_url(account: dict[str, Any] | None, default: str) -> str:
-    """Where an Account's notifications go: its spec.webhook.url, else ``default``."""
-    return (((account or {}).get("spec") or {}).get("webhook") or {}).get("url") or default
+def webhook_url(spec: AccountSpec | None, default: str) -> str:
+    """Where an Account's notifications go: its spec.webhook.url (as the model reads it),
+    else ``default`` (also for a spec the model refuses: None)."""
+    return spec.webhook.url if spec is not None and spec.webhook else default
 
 
 @dataclass

@@ -12,6 +12,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from gpucloud import ownership
+from gpucloud.crd import SpecError, parse
+from gpucloud.crd.account import AccountSpec
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.crash import crash_point
@@ -139,7 +141,11 @@ class Preemption(Core):
                 reason="GPUsNeeded",
                 resume=resume,
             )
-            self.notifier.notify(webhook_url(acct, self.cfg.webhook_url), body)
+            try:
+                spec: AccountSpec | None = parse(AccountSpec, acct.get("spec"))
+            except SpecError:  # the account pass reports it; the notice still goes out
+                spec = None
+            self.notifier.notify(webhook_url(spec, self.cfg.webhook_url), body)
         self._patch(p, {"preemptStopAt": r.fmt(stop_at)})
 
     def _preemption_due(self, p: Pass) -> bool:
