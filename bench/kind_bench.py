@@ -1,16 +1,21 @@
 """Kind tier figures: the cold build (as recorded by the builds), a warm cluster create,
 our image sizes, helm install to every pod Ready, the start latency of 20 GPU instances
-applied at once beside 20 bare pods with the same GPU requests and claims, and the
+applied at once beside 20 bare pods with the same GPU requests and claims (and 20 with an
+emptyDir instead of the claim: the kubelet's own floor), and the
 memory of each component's pod from the kubelet's stats.
 
-Recreates the kind cluster (`make kind` afterwards gives it back with the test values).
+Recreates the kind cluster (`make kind` afterwards gives it back with the test values);
+`--reuse` keeps the running cluster and measures only the install, the starts and the
+memory. `BENCH_DEBUG=1` prints where each instance's start time went.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -89,6 +94,39 @@ def _running_times(kind: KindCluster, kind_of: str, names: list[str]) -> dict[st
     return out
 
 
+def _timeline(kind: KindCluster) -> None:
+    """Where each instance's start went: seconds after the instance's creation at which
+    its claim and pod were created, the pod was scheduled, its container started
+    (kubelet) and the pod was Ready, from the API server's timestamps."""
+
+    def at(stamp: str | None, created: datetime) -> str:
+        if not stamp:
+            return "-"
+        return f"{(datetime.fromisoformat(stamp) - created).total_seconds():5.1f}"
+
+    items = {i["metadata"]["name"]: i for i in kind.get_json("gpuinstances", "-n", NS)["items"]}
+    pods = {p["metadata"]["name"]: p for p in kind.get_json("pods", "-n", NS)["items"]}
+    pvcs = {c["metadata"]["name"]: c for c in kind.get_json("pvc", "-n", NS)["items"]}
+    print("# instance  claim  pod  scheduled  container  ready  startedAt")
+    for name, it in sorted(items.items()):
+        created = datetime.fromisoformat(it["metadata"]["creationTimestamp"])
+        pod = pods.get(f"{name}-gpu") or {}
+        conds = {c["type"]: c for c in (pod.get("status") or {}).get("conditions", [])}
+        running = [
+            (c.get("state") or {}).get("running", {}).get("startedAt")
+            for c in (pod.get("status") or {}).get("containerStatuses", [])
+        ]
+        claim = (pvcs.get(f"{name}-data") or {}).get("metadata", {}).get("creationTimestamp")
+        pod_created = pod.get("metadata", {}).get("creationTimestamp")
+        print(
+            f"# {name:8} {at(claim, created)} {at(pod_created, created)}"
+            f" {at(conds.get('PodScheduled', {}).get('lastTransitionTime'), created)}"
+            f" {at(running[0] if running else None, created)}"
+            f" {at(conds.get('Ready', {}).get('lastTransitionTime'), created)}"
+            f" {at((it.get('status') or {}).get('startedAt'), created)}"
+        )
+
+
 def _set_fake_gpus(kind: KindCluster, counts: dict[str, int]) -> None:
     for node, count in counts.items():
         kind.kubectl("label", "node", node, f"gpucloud.dev/fake-gpu.count={count}", "--overwrite")
@@ -142,21 +180,29 @@ def _bare(i: int, product: str, busybox: str) -> list[dict]:
     return [pv, pvc, pod]
 
 
+def _without_claim(pod: dict) -> dict:
+    spec = pod["spec"]
+    return {**pod, "metadata": dict(pod["metadata"]),
+            "spec": {**spec, "volumes": [{"name": "data", "emptyDir": {}}]}}  # fmt: skip
+
+
 def main() -> None:
-    if (cold := cold_build_seconds()) is not None:
-        print(f"kind_cold_build_s: {cold} s")
+    reuse = "--reuse" in sys.argv[1:]
     kind = KindCluster()
-    kind.up()  # builds what is missing; then a warm create from scratch
-    subprocess.run(["bash", "hack/kind/kind.sh", "down"], check=True, env=kind.env())
-    t0 = time.monotonic()
-    kind.up()
-    print(f"kind_warm_create_s: {time.monotonic() - t0:.1f} s")
-    for c in ("operator", "api", "gateway", "agent", "fake-model-server"):
-        size = subprocess.run(
-            ["docker", "image", "inspect", "-f", "{{.Size}}", f"gpucloud/{c}:0.1.0"],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-        print(f"image_{c.replace('-', '_')}_mib: {int(size) / 2**20:.0f} MiB")
+    kind.up()  # builds what is missing
+    if not reuse:
+        if (cold := cold_build_seconds()) is not None:
+            print(f"kind_cold_build_s: {cold} s")
+        subprocess.run(["bash", "hack/kind/kind.sh", "down"], check=True, env=kind.env())
+        t0 = time.monotonic()
+        kind.up()  # a warm create from scratch
+        print(f"kind_warm_create_s: {time.monotonic() - t0:.1f} s")
+        for c in ("operator", "api", "gateway", "agent", "fake-model-server"):
+            size = subprocess.run(
+                ["docker", "image", "inspect", "-f", "{{.Size}}", f"gpucloud/{c}:0.1.0"],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            print(f"image_{c.replace('-', '_')}_mib: {int(size) / 2**20:.0f} MiB")
 
     with TemporaryDirectory() as tmp:
         t0 = time.monotonic()
@@ -164,6 +210,8 @@ def main() -> None:
         print(f"kind_install_ready_s: {time.monotonic() - t0:.1f} s")
 
     _set_fake_gpus(kind, GPU_NODES)
+    # a namespace left by an earlier run (--reuse) may still be terminating
+    kind.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", timeout=300)
     kind.kubectl("create", "namespace", NS)
     h = KindHarness(kind, NS, RELEASE_NAMESPACE)
     h.setup(instance_limit=N)
@@ -183,6 +231,8 @@ def main() -> None:
     gi = _running_times(kind, "gpuinstances", [f"gi-{i}" for i in range(N)])
     print(f"kind_instance_running_p95_s: {p95(list(gi.values())):.1f} s")
     print(f"kind_instance_running_p50_s: {statistics.median(gi.values()):.1f} s")
+    if os.environ.get("BENCH_DEBUG"):
+        _timeline(kind)
     kind.kubectl("delete", "gpuinstances", "--all", "-n", NS, "--wait=true", timeout=300)
 
     bare = [d for i, p in enumerate(products) for d in _bare(i, p, busybox)]
@@ -190,6 +240,16 @@ def main() -> None:
     pods = _running_times(kind, "pods", [f"bare-{i}" for i in range(N)])
     print(f"kind_bare_pod_running_p95_s: {p95(list(pods.values())):.1f} s")
     print(f"kind_start_overhead_ratio: {p95(list(gi.values())) / p95(list(pods.values())):.2f}")
+    kind.kubectl("delete", "pods", "--all", "-n", NS, "--wait=true", timeout=300)
+
+    # The kubelet's own floor: the same pods with an emptyDir instead of a claim, so no
+    # PV controller in the way; what instances take beyond this is the operator's share.
+    plain = [_without_claim(d) for d in bare if d["kind"] == "Pod"]
+    for d in plain:
+        d["metadata"]["name"] = d["metadata"]["name"].replace("bare-", "plain-")
+    kind.apply(plain)
+    floor = _running_times(kind, "pods", [f"plain-{i}" for i in range(N)])
+    print(f"kind_plain_pod_running_p95_s: {p95(list(floor.values())):.1f} s")
 
     summary = {}
     for node in kind.get_json("nodes")["items"]:
