@@ -60,6 +60,7 @@ from gpucloud.model_manifests import (
 )
 from gpucloud_operator.accounts import money
 from gpucloud_operator.config import OperatorConfig
+from gpucloud_operator.currency import account_currency, mismatch
 
 log = logging.getLogger("gpucloud.operator.models")
 
@@ -553,8 +554,14 @@ class ModelReconciler:
             pb.gpu_price(plan.product)
         except UnknownProduct as exc:
             raise Refusal("UnknownProduct", f"spec.gpu.product: {exc}") from None
+        currency = account_currency(self.ledger, acct)
+        if currency is None:
+            msg = f"Account {plan.account!r} has a spec the models refuse"
+            raise Refusal("InvalidAccount", msg)
+        if wrong := mismatch(plan.account, currency, self.cfg.pricebook, pb.currency):
+            raise Refusal("CurrencyMismatch", wrong)
         if plan.account not in self._ledger_accounts:
-            self.ledger.ensure_account(plan.account, pb.currency)
+            self.ledger.ensure_account(plan.account, currency)
             self._ledger_accounts.add(plan.account)
         return plan, pb
 

@@ -48,6 +48,7 @@ from gpucloud_operator import arrears as ar
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
+from gpucloud_operator.currency import account_currency, mismatch
 from gpucloud_operator.instances import KubeAPI
 
 log = logging.getLogger("gpucloud.operator.storage")
@@ -242,6 +243,14 @@ class StorageItems:
         except PriceBookError as exc:
             self._fail(plural, obj, "InvalidPriceBook", str(exc), now)
             return
+        currency = account_currency(self.ledger, acct)
+        if currency is None:
+            msg = f"Account {account!r} has a spec the models refuse"
+            self._fail(plural, obj, "InvalidAccount", msg, now)
+            return
+        if wrong := mismatch(account, currency, self.cfg.pricebook, pb.currency):
+            self._fail(plural, obj, "CurrencyMismatch", wrong, now)
+            return
         folder = self.folder(plural, ns, name)
         bound, start, node = True, now, None
         if plural == "images":
@@ -259,7 +268,7 @@ class StorageItems:
         if since is None:
             since = start
             self._status(plural, obj, {"billedSince": r.fmt(since)})  # persisted first
-        self.ledger.ensure_account(account, pb.currency)
+        self.ledger.ensure_account(account, currency)
         price = (
             pb.storage.cloud_disk_per_gb_hour
             if plural == "clouddisks"

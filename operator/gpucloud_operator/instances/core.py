@@ -21,6 +21,7 @@ from gpucloud.crd.pricebook import price_book
 from gpucloud.ledger import NotFound, Unposted
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
+from gpucloud_operator.currency import mismatch
 from gpucloud_operator.instances.concurrency import ReconcilerState
 from gpucloud_operator.instances.kubeapi import PLURAL, Obj
 
@@ -202,6 +203,9 @@ class Core(ReconcilerState):
             return False
         except PriceBookError as exc:
             self._refuse(p, "InvalidPriceBook", str(exc))
+            return False
+        if wrong := mismatch(p.account, p.currency, self.cfg.pricebook, p.pb.currency):
+            self._refuse(p, "CurrencyMismatch", wrong)
             return False
         return True
 
