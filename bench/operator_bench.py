@@ -37,8 +37,9 @@ from gpucloud.testing.kube import install_crds
 from gpucloud.testing.testbed import REPO, Binaries, Testbed, parse_node_mix
 
 INSTANCES = int(os.environ.get("BENCH_INSTANCES", "200"))
-# 16 GPUs a node: the 200 instances (300 GPUs) and the 200 bare pods beside them both fit
-NODES = os.environ.get("GPUCLOUD_TESTBED_NODES", "NVIDIA-L40S:25:16,NVIDIA-A100-SXM4-80GB:25:16")
+# 32 GPUs a node: the 200 instances (300 GPUs) and the two sets of 200 bare pods beside
+# them (300 GPUs each) all fit, with room to spare
+NODES = os.environ.get("GPUCLOUD_TESTBED_NODES", "NVIDIA-L40S:25:32,NVIDIA-A100-SXM4-80GB:25:32")
 NS = "opbench"
 QUOTA_GI = 20
 Obj = dict[str, Any]
