@@ -218,7 +218,8 @@ class PhaseWatch:
             "custom-columns=S:.metadata.namespace,N:.metadata.name,P:.status.phase",
         ]
         self.all_namespaces = namespace is None
-        self.proc = subprocess.Popen(cmd, env=tb.env(), stdout=subprocess.PIPE, text=True)
+        self._cmd, self._env, self._closed = cmd, tb.env(), False
+        self.proc = self._open()
         self.t0 = time.monotonic()
         self.seen: dict[str, float] = {}  # first sight: the object was created
         self.running: dict[str, float] = {}
@@ -226,21 +227,33 @@ class PhaseWatch:
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
+    def _open(self) -> subprocess.Popen[str]:
+        return subprocess.Popen(self._cmd, env=self._env, stdout=subprocess.PIPE, text=True)
+
     def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            ns, name, phase = [*line.split(), "", "", ""][:3]
-            key = f"{ns}/{name}" if self.all_namespaces else name
-            now = time.monotonic() - self.t0
-            self.seen.setdefault(key, now)
-            self.phases[key] = phase
-            if phase == "Running":
-                self.running.setdefault(key, now)
+        while True:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                ns, name, phase = [*line.split(), "", "", ""][:3]
+                key = f"{ns}/{name}" if self.all_namespaces else name
+                now = time.monotonic() - self.t0
+                self.seen.setdefault(key, now)
+                self.phases[key] = phase
+                if phase == "Running":
+                    self.running.setdefault(key, now)
+            if self._closed:
+                return
+            # the API server ended the watch (a busy one does): watch again; the new
+            # listing shows what changed meanwhile, a little later than it happened
+            print("# the watch ended; watching again", file=sys.stderr)
+            self.proc.wait()
+            self.proc = self._open()
 
     def count(self, phase: str) -> int:
         return sum(1 for p in list(self.phases.values()) if p == phase)
 
     def close(self) -> None:
+        self._closed = True
         self.proc.terminate()
         self.proc.wait(timeout=10)
 
