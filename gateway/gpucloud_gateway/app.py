@@ -218,6 +218,10 @@ class Gateway:
                 ),
                 auto_decompress=False,
                 skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept", "Content-Type"),
+                # One session serves every caller: a cookie a replica sets must go back
+                # to its caller only (relayed as a header), never be kept and sent along
+                # with other callers' requests. No jar also saves its per-request lookups.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 

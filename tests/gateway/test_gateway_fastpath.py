@@ -164,3 +164,42 @@ def test_servers_run_on_uvloop_where_it_is_installed() -> None:
     uvloop = pytest.importorskip("uvloop")
     factory = loop_factory()
     assert factory is uvloop.new_event_loop
+
+
+def test_a_cookie_one_callers_replica_sets_never_reaches_another_callers_request() -> None:
+    """The upstream session is shared by all callers: it keeps no cookies (aiohttp's default
+    jar keeps those of replicas addressed by name; pod IPs it would refuse)."""
+    import httpx
+    from aiohttp import web
+
+    seen: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        resp = web.json_response({"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+        resp.set_cookie("session", "caller-one-secret")
+        return resp
+
+    async def run() -> list[str]:
+        upstream = web.Application()
+        upstream.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(upstream)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        gateway = Gateway([PLAN], StaticEndpoints({"team-a/llm": [f"http://localhost:{port}"]}))
+        transport = httpx.ASGITransport(app=gateway.app())
+        try:
+            got = []
+            for _ in range(2):  # two callers, each its own client (and cookie jar)
+                async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+                    got.append(await c.post("/team-a/llm/v1/chat/completions"))
+        finally:
+            await gateway.aclose()
+            await runner.cleanup()
+        return [r.headers.get("set-cookie", "") for r in got]
+
+    cookies = asyncio.run(run())
+    assert all("caller-one-secret" in c for c in cookies)  # relayed to its caller
+    assert seen == [None, None]  # and never sent upstream again
