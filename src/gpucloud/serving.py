@@ -14,10 +14,13 @@ from typing import Any
 import uvicorn
 
 
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop where it is installed (the gateway's image has it), as
-    uvicorn's own ``loop="auto"`` picks, which ``asyncio.run`` here would bypass: the
-    proxy's socket reads, writes and callbacks cost about half as much CPU."""
+def loop_factory(uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """With ``uvloop``, uvloop's event loop where it is installed (the gateway's image
+    has it, as its extra requires): the loop uvicorn's own ``loop="auto"`` would pick,
+    which running the servers in our own loop bypasses; the proxy's socket reads,
+    writes and callbacks cost much less CPU. Else (or not installed) asyncio's."""
+    if not uvloop:
+        return None
     try:
         import uvloop
     except ImportError:
@@ -26,8 +29,9 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def serve(app: Any, host: str, port: int, ops_app: Any, ops_host: str, ops_port: int,
-          log_level: str = "warning") -> None:  # fmt: skip
-    """Run both until SIGTERM/SIGINT; when either server stops, the other stops too."""
+          log_level: str = "warning", *, uvloop: bool = False) -> None:  # fmt: skip
+    """Run both until SIGTERM/SIGINT; when either server stops, the other stops too.
+    ``uvloop``: on uvloop's event loop where installed (see ``loop_factory``)."""
 
     async def both() -> None:
         main = uvicorn.Server(
@@ -44,5 +48,5 @@ def serve(app: Any, host: str, port: int, ops_app: Any, ops_host: str, ops_port:
         main.should_exit = ops.should_exit = True
         await asyncio.gather(*tasks)
 
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(uvloop)) as runner:
         runner.run(both())

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from gpucloud_gateway.app import Gateway, ProxyFastPath
 from gpucloud_gateway.discovery import StaticEndpoints
+from gpucloud_gateway.main import main as gateway_main
 from gpucloud_gateway.outbox import Outbox, UsageQueue, _decode, _encode
 from starlette.requests import Request
 from starlette.responses import Response
@@ -160,10 +161,11 @@ def test_request_ids_are_unique_across_gateways_and_uuid_shaped() -> None:
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
 
 
-def test_servers_run_on_uvloop_where_it_is_installed() -> None:
+def test_the_gateway_asks_for_uvloop_and_gets_it_where_installed() -> None:
     uvloop = pytest.importorskip("uvloop")
-    factory = loop_factory()
-    assert factory is uvloop.new_event_loop
+    assert loop_factory(True) is uvloop.new_event_loop
+    assert loop_factory(False) is None  # the others stay on asyncio's loop
+    assert "uvloop=True" in Path(gateway_main.__code__.co_filename).read_text()
 
 
 def test_a_cookie_one_callers_replica_sets_never_reaches_another_callers_request() -> None:
