@@ -10,6 +10,9 @@ account is made for it (docs/operator.md, "Accounts and recharges")."""
 from __future__ import annotations
 
 import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -46,6 +49,7 @@ from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import KubeAPI
 from gpucloud_operator.metrics import AccountMetrics, NoticeCounters
 from gpucloud_operator.notify import Notifier, payload, webhook_url
+from gpucloud_operator.runout import Alarms, run_out_at
 
 log = logging.getLogger("gpucloud.operator.accounts")
 Obj = dict[str, Any]
@@ -133,11 +137,21 @@ class AccountReconciler:
         notifier: Notifier | None = None,
         metrics: AccountMetrics | None = None,
         counters: NoticeCounters | None = None,
+        alarms: Alarms | None = None,
+        wake_instance: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.kube, self.ledger, self.clock, self.cfg = kube, ledger, clock, cfg
         self.notifier = notifier or Notifier()
         self.metrics = metrics
         self.notices = AccountNotices(kube, ledger, self.notifier, counters)
+        # enforcement at the run-out instant (gpucloud_operator.runout): the next pass is
+        # asked for then, and entering arrears starts a pass of each active instance
+        # (``wake_instance(namespace, name, uid)``) instead of waiting for its tick
+        self.alarms = alarms
+        self.wake_instance = wake_instance
+        # one pass per account at a time: the Kopf handlers and the alarms both call it
+        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._guard = threading.Lock()  # leaf: over _locks only
 
     # -- arrears (docs/arrears.md) ----------------------------------------------------
     def _assess(
@@ -252,7 +266,22 @@ class AccountReconciler:
         return conds
 
     # -- Account --------------------------------------------------------------------
+    def refresh_named(self, name: str) -> None:
+        """A pass over the Account ``name`` as it is now (an alarm's pass: read fresh)."""
+        accounts = self.kube.list_cluster_objects("accounts")
+        acct = next((a for a in accounts if a["metadata"]["name"] == name), None)
+        if acct is not None:
+            self.refresh_account(acct)
+
     def refresh_account(self, acct: Obj) -> None:
+        """One pass over the Account, one at a time per account."""
+        name = acct["metadata"]["name"]
+        with self._guard:
+            lock = self._locks[name]
+        with lock:
+            self._refresh(acct)
+
+    def _refresh(self, acct: Obj) -> None:
         name = acct["metadata"]["name"]
         now = r.second(self.clock.now())
         status = dict(acct.get("status") or {})
@@ -367,6 +396,50 @@ class AccountReconciler:
                 changes[k] = {**{x: None for x in was if x not in fresh}, **fresh}
         if changes:
             self.kube.patch_status("accounts", None, name, changes)
+        self._plan_next_pass(name, verdict, available, len(by_resource), burn, currency, now)
+        if verdict.in_arrears and status.get("state") != ar.ARREARS:
+            self._enforce_now(namespaces)
+
+    def _plan_next_pass(
+        self,
+        name: str,
+        verdict: ar.Assessment,
+        available: int,
+        meters: int,
+        burn: Decimal,
+        currency: str,
+        now: datetime,
+    ) -> None:
+        """Ask for the next pass at the predicted run-out instant (``runout``); none
+        while in arrears or while nothing burns (the periodic pass still runs)."""
+        if self.alarms is None:
+            return
+        at = None if verdict.in_arrears else run_out_at(now, available, meters, burn, currency)
+        if at is None:
+            self.alarms.cancel(name)
+        else:
+            self.alarms.set(name, at, lambda: self.refresh_named(name))
+
+    def _enforce_now(self, namespaces: set[str]) -> None:
+        """The account just entered arrears: a pass of each of its active instances now
+        (they stop at the arrears instant), not at their next tick. The cached Account
+        list predates this pass's status, so it is dropped first: the instance passes
+        read the Arrears state."""
+        if self.wake_instance is None:
+            return
+        self.kube.forget("accounts")
+        wake = self.wake_instance
+        for inst in self.kube.list_cluster_objects("gpuinstances", ttl=2.0):
+            meta = inst["metadata"]
+            if (
+                meta.get("namespace") in namespaces
+                and (inst.get("status") or {}).get("phase") in r.ACTIVE_PHASES
+            ):
+                args = (meta["namespace"], meta["name"], meta["uid"])
+                if self.alarms is None:
+                    wake(*args)
+                else:
+                    self.alarms.submit(lambda a=args: wake(*a))
 
     def _held_spec(self, name: str) -> AccountSpec | None:
         """For an Account whose spec is refused but which has a ledger account (what runs
