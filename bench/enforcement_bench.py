@@ -23,7 +23,8 @@ then the clock jumps past the metering grace, every run is settled, and
 (fen). On stderr: the load average before and after, the operator's CPU, and where the
 lag goes (run-out -> the account's ``arrearsSince`` -> the pod's deletion). The bench
 fails when a pod is deleted before its account ran out, or an account ran out with a
-pod left running.
+pod left running. BENCH_PROFILE=<file> records the operator with py-spy during the
+enforcement phase (collapsed stacks; pip install py-spy into the venv first).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Any
 import kubernetes
 import yaml
 from gpucloud_operator.builders import INSTANCE_LABEL
-from operator_bench import cpu_s, percentile
+from operator_bench import cpu_s, percentile, start_profiler, stop_profiler
 from urllib3.exceptions import ProtocolError
 
 from gpucloud.clock import FileClock
@@ -306,10 +307,12 @@ def main() -> int:
                 )
             due[acct] = run_out(runs[acct], ledger.balance(acct))
         load_before, cpu_before = os.getloadavg()[0], cpu_s(proc.pid)
+        profiler = start_profiler(proc.pid)  # BENCH_PROFILE=<file>: the enforcement phase
         last = max(due.values())
         while len(pods.deleted) < total and clock.now_s() < last + 120:
             time.sleep(0.2)
         cpu_used = cpu_s(proc.pid) - cpu_before
+        stop_profiler(profiler)
         problems, lags, account_lag, pass_lag = [], [], [], []
         statuses = {
             a["metadata"]["name"]: a.get("status") or {}

@@ -59,6 +59,24 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_profiler(pid: int) -> subprocess.Popen[bytes] | None:
+    """py-spy recording ``pid`` into BENCH_PROFILE (collapsed stacks), if that is set;
+    stop it with SIGINT (``stop_profiler``)."""
+    if not os.environ.get("BENCH_PROFILE"):
+        return None
+    py_spy = str(Path(sys.executable).parent / "py-spy")
+    args = ["--format", "raw", "--gil", "--nonblocking", "-r", "100", "--pid", str(pid)]
+    return subprocess.Popen(
+        [py_spy, "record", *args, "-o", os.environ["BENCH_PROFILE"]], stdout=subprocess.DEVNULL
+    )
+
+
+def stop_profiler(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)
+        profiler.wait(timeout=60)
+
+
 def manifests() -> str:
     docs = []
     for i in range(INSTANCES):
@@ -271,25 +289,7 @@ def main() -> int:
         requests_before = api_requests(tb) if os.environ.get("BENCH_DEBUG") else {}
         cpu_all_before = process_cpu()
         watch = PhaseWatch(tb)
-        profiler = None
-        if os.environ.get("BENCH_PROFILE"):  # collapsed stacks of the operator (py-spy)
-            profiler = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "py-spy"),
-                    "record",
-                    "--format",
-                    "raw",
-                    "--gil",
-                    "--nonblocking",
-                    "-r",
-                    "100",
-                    "-o",
-                    os.environ["BENCH_PROFILE"],
-                    "--pid",
-                    str(proc.pid),
-                ],
-                stdout=subprocess.DEVNULL,
-            )
+        profiler = start_profiler(proc.pid)
         time.sleep(1)  # the watch is open (it lists nothing yet)
         t0, t0_wall = time.monotonic(), time.time()
         watch.t0 = t0
@@ -302,9 +302,7 @@ def main() -> int:
             peak_rss = max(peak_rss, rss_mib(proc.pid))
             time.sleep(0.25)
         watch.close()
-        if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            profiler.wait(timeout=60)
+        stop_profiler(profiler)
         running = dict(watch.running)
         if len(running) < INSTANCES:
             print(f"# only {len(running)}/{INSTANCES} instances ran", file=sys.stderr)

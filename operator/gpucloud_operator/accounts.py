@@ -146,7 +146,8 @@ class AccountReconciler:
         self.notices = AccountNotices(kube, ledger, self.notifier, counters)
         # enforcement at the run-out instant (gpucloud_operator.runout): the next pass is
         # asked for then, and entering arrears starts a pass of each active instance
-        # (``wake_instance(namespace, name, uid)``) instead of waiting for its tick
+        # (``wake_instance(namespace, name, uid)``, which should not wait for the pass:
+        # main hands it to a pool) instead of waiting for its tick
         self.alarms = alarms
         self.wake_instance = wake_instance
         # one pass per account at a time: the Kopf handlers and the alarms both call it
@@ -267,9 +268,9 @@ class AccountReconciler:
 
     # -- Account --------------------------------------------------------------------
     def refresh_named(self, name: str) -> None:
-        """A pass over the Account ``name`` as it is now (an alarm's pass: read fresh)."""
-        accounts = self.kube.list_cluster_objects("accounts")
-        acct = next((a for a in accounts if a["metadata"]["name"] == name), None)
+        """A pass over the Account ``name`` as it is now (an alarm's pass: read fresh,
+        the one object: a list of every Account per alarm cost the operator's CPU)."""
+        acct = self.kube.get_cluster_object("accounts", name)
         if acct is not None:
             self.refresh_account(acct)
 
@@ -428,18 +429,13 @@ class AccountReconciler:
         if self.wake_instance is None:
             return
         self.kube.forget("accounts")
-        wake = self.wake_instance
         for inst in self.kube.list_cluster_objects("gpuinstances", ttl=2.0):
             meta = inst["metadata"]
             if (
                 meta.get("namespace") in namespaces
                 and (inst.get("status") or {}).get("phase") in r.ACTIVE_PHASES
             ):
-                args = (meta["namespace"], meta["name"], meta["uid"])
-                if self.alarms is None:
-                    wake(*args)
-                else:
-                    self.alarms.submit(lambda a=args: wake(*a))
+                self.wake_instance(meta["namespace"], meta["name"], meta["uid"])
 
     def _held_spec(self, name: str) -> AccountSpec | None:
         """For an Account whose spec is refused but which has a ledger account (what runs

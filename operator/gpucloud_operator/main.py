@@ -27,7 +27,7 @@ from gpucloud_operator.kube import Kube
 from gpucloud_operator.metrics import OperatorMetrics
 from gpucloud_operator.models import ModelReconciler
 from gpucloud_operator.notify import Notifier
-from gpucloud_operator.runout import Alarms
+from gpucloud_operator.runout import Alarms, background
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, OperatorConfig]:
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         kube, ledger, clock, cfg, notifier, metrics.spot, counters=metrics.notices
     )
     alarms = Alarms(clock)  # account passes at each account's run-out instant
+    # instance passes of an account just in arrears: their own pool, so that they never
+    # queue behind (or hold up) the account passes of the alarms
+    wake = background(8, "gpucloud-wake")
     accounts = AccountReconciler(
         kube,
         ledger,
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics=metrics.accounts,
         counters=metrics.notices,
         alarms=alarms,
-        wake_instance=instances.reconcile_named,
+        wake_instance=lambda ns, name, uid: wake(lambda: instances.reconcile_named(ns, name, uid)),
     )
     alarms.start()
     if cfg.metrics_port:

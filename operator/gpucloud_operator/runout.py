@@ -61,8 +61,7 @@ def run_out_at(
 
 class Alarms:
     """Calls keyed by name, each run once at an instant of ``clock`` (checked at least
-    every ``max_sleep_s`` real seconds, so a file clock that jumps is noticed).
-    ``workers=0``: ``submit`` runs its call at once, on the caller's thread (tests)."""
+    every ``max_sleep_s`` real seconds, so a file clock that jumps is noticed)."""
 
     def __init__(self, clock: Clock, workers: int = 4, max_sleep_s: float = 0.5) -> None:
         self.clock = clock
@@ -71,11 +70,7 @@ class Alarms:
         self._heap: list[tuple[datetime, int, str]] = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
-        self._pool = (
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gpucloud-alarm")
-            if workers
-            else None
-        )
+        self._submit = background(workers, "gpucloud-alarm")
         self._thread: threading.Thread | None = None
         self.fired = 0  # calls handed to the pool (tests and the bench read it)
 
@@ -125,7 +120,7 @@ class Alarms:
     def _run(self) -> None:
         while True:
             for call in self.take_due():
-                self.submit(call)
+                self._submit(call)
                 self.fired += 1
             with self._cv:
                 wait = self.max_sleep_s
@@ -135,16 +130,19 @@ class Alarms:
                 if wait > 0:
                     self._cv.wait(timeout=wait)
 
-    def submit(self, call: Callable[[], None]) -> None:
-        """Run ``call()`` on the pool now (follow-ups of an alarm's pass)."""
-        if self._pool is None:
-            self._safely(call)
-        else:
-            self._pool.submit(self._safely, call)
 
-    @staticmethod
-    def _safely(call: Callable[[], None]) -> None:
+def background(workers: int, name: str) -> Callable[[Callable[[], None]], None]:
+    """A function that runs calls on a pool of ``workers`` threads, logging errors (one
+    failed pass must not stop the others)."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+
+    def safely(call: Callable[[], None]) -> None:
         try:
             call()
-        except Exception:  # one failed pass must not stop the others
-            log.exception("alarm call failed")
+        except Exception:
+            log.exception("%s: call failed", name)
+
+    def submit(call: Callable[[], None]) -> None:
+        pool.submit(safely, call)
+
+    return submit

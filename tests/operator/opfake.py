@@ -102,6 +102,10 @@ class FakeKube:
             return [copy.deepcopy(o) for (p, _, _), o in self.namespaced.items() if p == plural]
         return [copy.deepcopy(o) for (p, _), o in self.cluster.items() if p == plural]
 
+    def get_cluster_object(self, plural: str, name: str) -> Obj | None:
+        obj = self.cluster.get((plural, name))
+        return copy.deepcopy(obj) if obj else None
+
     def forget(self, plural: str) -> None:
         self.forgotten.append(plural)  # nothing is cached here
 

@@ -33,7 +33,7 @@ def test_prediction_spends_the_available_balance_less_the_slack() -> None:
 
 def test_alarms_run_at_their_instant_and_a_later_set_moves_them() -> None:
     clock = ManualClock(T0)
-    alarms = Alarms(clock, workers=0)
+    alarms = Alarms(clock)
     ran: list[str] = []
     alarms.set("a", T0 + 10 * S, lambda: ran.append("a"))
     alarms.set("b", T0 + 5 * S, lambda: ran.append("b"))
@@ -79,7 +79,7 @@ def reconciler(w: World, alarms: Alarms) -> AccountReconciler:
 def test_the_shutdown_happens_at_the_run_out_instant_not_the_next_poll(world: World) -> None:
     w = world
     w.fund(10_44)  # L40S 5.20/h: about 2 h
-    alarms = Alarms(w.clock, workers=0)
+    alarms = Alarms(w.clock)
     rec = reconciler(w, alarms)
     acct = w.kube.cluster[("accounts", "acme")]
     w.instance("job", "NVIDIA-L40S")
@@ -116,7 +116,7 @@ def test_the_shutdown_happens_at_the_run_out_instant_not_the_next_poll(world: Wo
 def test_a_recharge_in_between_moves_the_pass(world: World) -> None:
     w = world
     w.fund(10_44)
-    alarms = Alarms(w.clock, workers=0)
+    alarms = Alarms(w.clock)
     rec = reconciler(w, alarms)
     acct = w.kube.cluster[("accounts", "acme")]
     w.instance("job", "NVIDIA-L40S")
