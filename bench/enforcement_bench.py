@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,14 @@ from typing import Any
 import kubernetes
 import yaml
 from gpucloud_operator.builders import INSTANCE_LABEL
-from operator_bench import cpu_s, percentile, start_profiler, stop_profiler
+from operator_bench import (
+    cpu_s,
+    percentile,
+    start_operator,
+    start_profiler,
+    stop_operator,
+    stop_profiler,
+)
 from urllib3.exceptions import ProtocolError
 
 from gpucloud.clock import FileClock
@@ -253,13 +259,7 @@ def main() -> int:
                 "GPUCLOUD_OPERATOR_NAMESPACES": ",".join(namespaces),
             }
         )
-        log = (tmp / "operator.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gpucloud_operator.main", "--standalone", "-A"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        proc = start_operator(env, tmp / "operator.log")
         pods = PodDeletions(kubeconfig, clock)
         tb.apply([instance(ns, i) for ns in namespaces for i in range(PER_ACCOUNT)])
         total = ACCOUNTS * PER_ACCOUNT
@@ -390,12 +390,7 @@ def main() -> int:
             return 1
         return 0
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_operator(proc)
         if clock is not None:
             clock.stop()
         tb.down()

@@ -59,6 +59,26 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_operator(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """The operator as its own process (standalone: no peering), output to ``log``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "gpucloud_operator.main", "--standalone", "-A"],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop_operator(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, as Kubernetes stops it; killed if it is not gone in 15 s."""
+    if proc is not None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def start_profiler(pid: int) -> subprocess.Popen[bytes] | None:
     """py-spy recording ``pid`` into BENCH_PROFILE (collapsed stacks), if that is set;
     stop it with SIGINT (``stop_profiler``)."""
@@ -277,13 +297,7 @@ def main() -> int:
             "GPUCLOUD_CLOCK": f"file:{clock.path}",
             "GPUCLOUD_OPERATOR_NAMESPACES": NS,
         }
-        log = (tmp / "operator.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gpucloud_operator.main", "--standalone", "-A"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        proc = start_operator(env, tmp / "operator.log")
         time.sleep(3)  # let the operator list and watch before the burst
         load_before, cpu_before = os.getloadavg()[0], cpu_s(proc.pid)
         requests_before = api_requests(tb) if os.environ.get("BENCH_DEBUG") else {}
@@ -330,12 +344,7 @@ def main() -> int:
         print(f"operator_rss_mib: {peak_rss:.0f}")
         return 0
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_operator(proc)
         tb.down()
 
 
