@@ -35,9 +35,11 @@ from gpucloud.ledger import (
     IdempotencyConflict,
     Ledger,
     NotFound,
+    Order,
     OrderStatus,
     ReviewRefused,
     Unposted,
+    Voucher,
     VoucherStatus,
 )
 from gpucloud.recharge import SandboxProvider
@@ -565,16 +567,31 @@ class AccountReconciler:
         online payment is credited by the payment callback and a transfer voucher can be
         reviewed through the API (``POST /v1/vouchers/{id}/review``), never from here."""
         status = rc.get("status") or {}
-        if _condition(status, "Valid") == ("False", msg):
+        now = r.second(self.clock.now())
+        submitted = status.get("orderId")
+        # what the ledger says of it now: paid or reviewed through the API meanwhile
+        follow = self._submitted_phase(submitted, now) if submitted else {}
+        said = _condition(status, "Valid") == ("False", msg)
+        if said and all(status.get(k) == v for k, v in follow.items()):
             return
-        now = r.fmt(r.second(self.clock.now()))
-        cond = b.condition("Valid", False, reason, msg, now)
+        cond = b.condition("Valid", False, reason, msg, r.fmt(now))
         changes: Obj = {"conditions": b.merge_conditions(status.get("conditions"), [cond])}
-        if not status.get("orderId"):
-            changes |= {"phase": "Failed", "reason": msg}
+        changes |= follow if submitted else {"phase": "Failed", "reason": msg}
         meta = rc["metadata"]
         self.kube.patch_status("recharges", meta["namespace"], meta["name"], changes)
-        self.kube.event(rc, "Warning", reason, msg)
+        if not said:
+            self.kube.event(rc, "Warning", reason, msg)
+
+    def _submitted_phase(self, order_id: str, now: datetime) -> Obj:
+        """The status of a submitted order or voucher as the ledger has it."""
+        try:
+            return _order_phase(self.ledger.get_order(order_id), now)
+        except NotFound:
+            pass
+        try:
+            return _voucher_phase(self.ledger.get_voucher(order_id), now)
+        except NotFound:
+            return {}
 
     def _online(self, rc: Obj, spec: RechargeSpec, amount: int, currency: str, now: Any) -> None:
         ref = f"rc-{rc['metadata']['uid']}"  # one order per Recharge, whatever its name
@@ -602,13 +619,7 @@ class AccountReconciler:
             "paymentURL": url,
             "expiresAt": r.fmt(order.expires_at),
         }
-        if order.status is OrderStatus.PAID:
-            changes |= {"phase": "Credited", "creditedAt": r.fmt(order.paid_at or now)}
-        elif order.status is OrderStatus.EXPIRED:
-            changes |= {"phase": "Expired", "reason": "the order expired unpaid"}
-        else:
-            changes["phase"] = "AwaitingPayment"
-        self._recharge_status(rc, changes)
+        self._recharge_status(rc, changes | _order_phase(order, now))
 
     def _bank_transfer(self, rc: Obj, spec: RechargeSpec, amount: int, now: Any) -> None:
         """Submit the voucher once (its id goes to status.orderId), then follow it. The
@@ -633,14 +644,7 @@ class AccountReconciler:
         except IdempotencyConflict as exc:
             self._recharge_status(rc, {"phase": "Failed", "reason": str(exc)})
             return
-        changes: Obj = {"orderId": voucher.voucher_id}
-        if voucher.status is VoucherStatus.APPROVED:
-            changes |= {"phase": "Credited", "creditedAt": r.fmt(voucher.reviewed_at or now)}
-        elif voucher.status is VoucherStatus.REJECTED:
-            changes |= {"phase": "Rejected", "reason": voucher.reason or "rejected"}
-        else:
-            changes["phase"] = "AwaitingReview"
-        self._recharge_status(rc, changes)
+        self._recharge_status(rc, {"orderId": voucher.voucher_id} | _voucher_phase(voucher, now))
 
     # -- RechargeReview -------------------------------------------------------------
     def reconcile_review(self, review: Obj) -> None:
@@ -741,3 +745,21 @@ class AccountReconciler:
                 ),
             },
         )
+
+
+def _order_phase(order: Order, now: datetime) -> Obj:
+    """A Recharge's phase from its online order."""
+    if order.status is OrderStatus.PAID:
+        return {"phase": "Credited", "creditedAt": r.fmt(order.paid_at or now)}
+    if order.status is OrderStatus.EXPIRED:
+        return {"phase": "Expired", "reason": "the order expired unpaid"}
+    return {"phase": "AwaitingPayment"}
+
+
+def _voucher_phase(voucher: Voucher, now: datetime) -> Obj:
+    """A Recharge's phase from its transfer voucher."""
+    if voucher.status is VoucherStatus.APPROVED:
+        return {"phase": "Credited", "creditedAt": r.fmt(voucher.reviewed_at or now)}
+    if voucher.status is VoucherStatus.REJECTED:
+        return {"phase": "Rejected", "reason": voucher.reason or "rejected"}
+    return {"phase": "AwaitingReview"}

@@ -216,7 +216,7 @@ def test_a_refused_recharge_fails_naming_the_field_and_credits_nothing(
 def test_a_submitted_recharge_whose_spec_is_refused_now_keeps_its_phase(world: World) -> None:
     """Submitted before a schema tightened: the ledger holds the order (a payment may be
     under way), so the phase stays; the condition says what is wrong and no second
-    order is made."""
+    order is made. Paid later (the callback), its status follows the ledger."""
     w = world
     rc = add_recharge(w, "early", {"account": "acme", "method": "Online", "amount": "5.00"})
     r = rec(w)
@@ -230,6 +230,28 @@ def test_a_submitted_recharge_whose_spec_is_refused_now_keeps_its_phase(world: W
     assert cond["reason"] == "InvalidSpec" and cond["message"].startswith("spec.bankTransfer:")
     assert "InvalidSpec" in w.kube.reasons("early")
     assert [e.action for e in w.ledger.audit_events("acme")].count("order.created") == 1
+    w.ledger.settle_order(rc["status"]["orderId"], "txn-1", 5_00, w.clock.now())
+    r.reconcile_recharge(rc)
+    assert rc["status"]["phase"] == "Credited"
+    assert rc["status"]["creditedAt"] == w.clock.now().isoformat().replace("+00:00", "Z")
+    assert condition(rc, "Valid")["reason"] == "InvalidSpec"  # still says what is wrong
+    assert w.kube.reasons("early").count("InvalidSpec") == 1  # the warning said once
+
+
+def test_a_submitted_transfer_whose_spec_is_refused_follows_its_review(world: World) -> None:
+    """Reviewed through the API (the operator applies no review of a refused Recharge):
+    the Recharge shows the ledger's verdict."""
+    w = world
+    rc = submitted_wire(w)
+    rc["spec"]["amount"] = "250.001"  # as a later rule would refuse it
+    r = rec(w)
+    r.reconcile_recharge(rc)
+    assert rc["status"]["phase"] == "AwaitingReview"
+    w.ledger.review_voucher(rc["status"]["orderId"], False, "admin:bob", "no such transfer",
+                            w.clock.now())  # fmt: skip
+    r.reconcile_recharge(rc)
+    assert (rc["status"]["phase"], rc["status"]["reason"]) == ("Rejected", "no such transfer")
+    assert w.ledger.balance("acme") == 0
 
 
 def test_a_recharge_to_an_account_the_model_refuses_credits_nothing(world: World) -> None:

@@ -373,3 +373,36 @@ def test_spot_options_only_with_spot_billing() -> None:
     spec["spot"] = {"checkpoint": {"command": []}}
     with pytest.raises(SpecError, match=r"spec\.spot\.checkpoint\.command"):
         parse(GPUInstanceSpec, spec)
+
+
+class Asked:
+    """Stands in for the reconciler's delayed-call thread: records what was asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, object]] = []
+
+    def call(self, delay_s: float, fn: object) -> None:
+        self.calls.append((delay_s, fn))
+
+
+def test_the_stop_is_asked_for_at_its_instant_not_at_the_next_tick(world: World) -> None:
+    """The notice's stop instant (the deadline less the checkpoint's timeout) gets a pass
+    of its own: at that instant the pod stops, with no timer tick in between."""
+    w = world
+    w.fund(1000_00)
+    asked = Asked()
+    w.rec._later = asked  # type: ignore[assignment]
+    spot(w, checkpoint={"command": ["sh", "-c", "sync"], "timeoutSeconds": 30})
+    preempt(w)
+    assert w.status("spot")["preemptStopAt"] == "2026-01-01T00:11:30Z"
+    (_, run), *_ = [c for c in asked.calls if c[0] == 90.0]  # 00:10:00 -> 00:11:30
+    w.clock.advance(89)
+    run()  # type: ignore[operator]
+    assert w.status("spot")["phase"] == "Running"  # a second early: nothing happens
+    w.clock.advance(1)
+    run()  # type: ignore[operator]
+    assert w.status("spot")["phase"] == "Preempted"
+    assert (NS, "spot-gpu") not in w.kube.pods
+    assert w.status("spot")["stoppedAt"] == "2026-01-01T00:11:30Z"  # billed to it
+    (meter,) = [m for m in w.ledger.meters("acme") if m.resource == f"{NS}/spot"]
+    assert (meter.closed_at - meter.opened_at).total_seconds() == 690

@@ -104,7 +104,9 @@ Tunables the tests turn: ``accrual_reuse_s`` (admission), ``claim_recheck_s`` (s
 ``notice_lock_s`` (preemption).
 ``_later`` runs the claim rechecks (``Storage._nudge_claim``) on its own thread; they take
 ``_guard`` only, not the instance lock: they read the volume and touch the claim's
-annotations, nothing a pass writes."""
+annotations, nothing a pass writes. It also runs the passes asked for at an instant
+(``Core._pass_at``: a spot stop at its notice's time); those are ordinary passes, taking
+the instance's lock like any other."""
 
 from __future__ import annotations
 

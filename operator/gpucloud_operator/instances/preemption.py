@@ -147,6 +147,7 @@ class Preemption(Core):
                 spec = None
             self.notifier.notify(webhook_url(spec, self.cfg.webhook_url), body)
         self._patch(p, {"preemptStopAt": r.fmt(stop_at)})
+        self._pass_at(p, stop_at)  # the stop comes on time, not at the next tick
 
     def _preemption_due(self, p: Pass) -> bool:
         """Deliver a notice not delivered yet; stop a spot instance whose notice ran out,
