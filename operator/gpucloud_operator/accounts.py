@@ -154,7 +154,8 @@ class AccountReconciler:
         self.wake_instance = wake_instance
         # one pass per account at a time: the Kopf handlers and the alarms both call it
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
-        self._guard = threading.Lock()  # leaf: over _locks only
+        self._alarm_written: set[str] = set()  # status patched by an alarm's pass
+        self._guard = threading.Lock()  # leaf: over _locks and _alarm_written only
 
     # -- arrears (docs/arrears.md) ----------------------------------------------------
     def _assess(
@@ -272,19 +273,31 @@ class AccountReconciler:
     def refresh_named(self, name: str) -> None:
         """A pass over the Account ``name`` as it is now (an alarm's pass: read fresh,
         the one object: a list of every Account per alarm cost the operator's CPU)."""
-        acct = self.kube.get_cluster_object("accounts", name)
-        if acct is not None:
-            self.refresh_account(acct)
+        self.refresh_account({"metadata": {"name": name}}, fresh=True)
 
-    def refresh_account(self, acct: Obj) -> None:
-        """One pass over the Account, one at a time per account."""
+    def refresh_account(self, acct: Obj, *, fresh: bool = False) -> None:
+        """One pass over the Account, one at a time per account. The body is read again
+        under the lock when ``fresh`` is asked for, or when an alarm's pass has patched
+        the status since Kopf last saw it: a Kopf body older than that pass's patch would
+        announce the same transition twice (an Arrears webhook sent again)."""
         name = acct["metadata"]["name"]
         with self._guard:
             lock = self._locks[name]
         with lock:
-            self._refresh(acct)
+            with self._guard:
+                stale = name in self._alarm_written
+                self._alarm_written.discard(name)
+            if fresh or stale:
+                read = self.kube.get_cluster_object("accounts", name)
+                if read is None:
+                    return
+                acct = read
+            if self._refresh(acct) and fresh:
+                with self._guard:
+                    self._alarm_written.add(name)
 
-    def _refresh(self, acct: Obj) -> None:
+    def _refresh(self, acct: Obj) -> bool:
+        """The pass; True if it patched the Account's status."""
         name = acct["metadata"]["name"]
         now = r.second(self.clock.now())
         status = dict(acct.get("status") or {})
@@ -296,7 +309,7 @@ class AccountReconciler:
             held = self._held_spec(name)
             if held is None:
                 self._invalid_spec(acct, status, refused, now)
-                return
+                return False
             spec = held
         currency = spec.currency
         self.ledger.ensure_account(name, currency)
@@ -402,6 +415,7 @@ class AccountReconciler:
         self._plan_next_pass(name, verdict, available, len(by_resource), burn, currency, now)
         if verdict.in_arrears and status.get("state") != ar.ARREARS:
             self._enforce_now(namespaces)
+        return bool(changes)
 
     def _plan_next_pass(
         self,

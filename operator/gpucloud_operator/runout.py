@@ -14,8 +14,11 @@ periodic pass rebuilds it):
 ``Alarms._cv``
     A leaf lock over ``_due`` (key -> (instant, call)) and ``_heap`` (instants in order,
     stale entries skipped): held for a few dictionary and heap operations, never while
-    a call runs. A call runs on the pool, so a slow pass never delays another alarm; the
-    account reconciler's per-account lock serialises it with the Kopf handlers.
+    a call runs. A call runs on the pool, so a slow pass never delays another alarm.
+``AccountReconciler._locks[account]``
+    One pass per account at a time, the alarms' and the Kopf handlers'. Under it a Kopf
+    pass that follows an alarm's status patch (``_alarm_written``, under the leaf
+    ``_guard``) reads the Account again: Kopf's body may predate the patch.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ instant the money runs out, against a real SQLite ledger and an injected clock."
 
 from __future__ import annotations
 
+import copy
 import threading
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -11,6 +12,7 @@ from fractions import Fraction
 
 from gpucloud_operator.accounts import AccountReconciler
 from gpucloud_operator.kube import Kube
+from gpucloud_operator.notify import Notifier
 from gpucloud_operator.runout import Alarms, run_out_at
 from opworld import NS, T0, World
 
@@ -157,3 +159,35 @@ def test_a_forgotten_list_is_loaded_again_even_if_a_load_was_under_way() -> None
     assert kube._cached("list:accounts", 60, load) == [0, 1]  # loaded again
     assert kube._cached("list:accounts", 60, load) == [0, 1, 2]  # that load predates a forget
     assert kube._cached("list:accounts", 60, load) == [0, 1, 2]
+
+
+class Sent(Notifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.types: list[str] = []
+
+    def notify(self, url: str | None, payload: dict) -> bool:
+        self.types.append(payload["type"])
+        return True
+
+
+def test_a_kopf_body_older_than_the_alarms_pass_announces_nothing_twice(world: World) -> None:
+    w = world
+    w.fund(10_44)
+    alarms, sent = Alarms(w.clock), Sent()
+    rec = AccountReconciler(
+        w.kube, w.ledger, w.clock, w.cfg, sent, alarms=alarms, wake_instance=w.rec.reconcile_named
+    )
+    acct = w.kube.cluster[("accounts", "acme")]
+    w.instance("job", "NVIDIA-L40S")
+    w.tick()
+    rec.refresh_account(acct)
+    while acct["status"]["state"] != "Arrears":
+        kopf_body = copy.deepcopy(acct)  # what Kopf last saw, before the alarm's patch
+        at = alarms.when("acme")
+        assert at is not None
+        w.clock.set(at)
+        alarms.run_due()
+    assert sent.types.count("Arrears") == 1
+    rec.refresh_account(kopf_body)  # the periodic pass, with a body from before arrears
+    assert sent.types.count("Arrears") == 1 and acct["status"]["state"] == "Arrears"
