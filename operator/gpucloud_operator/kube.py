@@ -39,6 +39,10 @@ class Kube:
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
         self.apps = kubernetes.client.AppsV1Api(self.client)
+        self._init_cache()
+
+    def _init_cache(self) -> None:
+        """The empty cache of ``_cached`` (tests use it without a cluster)."""
         self._cache: dict[str, tuple[float, Any]] = {}
         self._cache_lock = threading.Lock()
         self._forgotten: dict[str, float] = {}  # key -> when forget() dropped it

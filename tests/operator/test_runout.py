@@ -144,7 +144,7 @@ def test_a_recharge_in_between_moves_the_pass(world: World) -> None:
 
 def test_a_forgotten_list_is_loaded_again_even_if_a_load_was_under_way() -> None:
     kube = Kube.__new__(Kube)  # the cache only: no API server needed
-    kube._cache, kube._cache_lock, kube._forgotten, kube._loading = {}, threading.Lock(), {}, {}
+    kube._init_cache()
     loads: list[int] = []
 
     def load() -> list[int]:
