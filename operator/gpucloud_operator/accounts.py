@@ -10,6 +10,9 @@ account is made for it (docs/operator.md, "Accounts and recharges")."""
 from __future__ import annotations
 
 import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -48,6 +51,7 @@ from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import KubeAPI
 from gpucloud_operator.metrics import AccountMetrics, NoticeCounters
 from gpucloud_operator.notify import Notifier, payload, webhook_url
+from gpucloud_operator.runout import Alarms, run_out_at
 
 log = logging.getLogger("gpucloud.operator.accounts")
 Obj = dict[str, Any]
@@ -135,11 +139,23 @@ class AccountReconciler:
         notifier: Notifier | None = None,
         metrics: AccountMetrics | None = None,
         counters: NoticeCounters | None = None,
+        alarms: Alarms | None = None,
+        wake_instance: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.kube, self.ledger, self.clock, self.cfg = kube, ledger, clock, cfg
         self.notifier = notifier or Notifier()
         self.metrics = metrics
         self.notices = AccountNotices(kube, ledger, self.notifier, counters)
+        # enforcement at the run-out instant (gpucloud_operator.runout): the next pass is
+        # asked for then, and entering arrears starts a pass of each active instance
+        # (``wake_instance(namespace, name, uid)``, which should not wait for the pass:
+        # main hands it to a pool) instead of waiting for its tick
+        self.alarms = alarms
+        self.wake_instance = wake_instance
+        # one pass per account at a time: the Kopf handlers and the alarms both call it
+        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._alarm_written: set[str] = set()  # status patched by an alarm's pass
+        self._guard = threading.Lock()  # leaf: over _locks and _alarm_written only
 
     # -- arrears (docs/arrears.md) ----------------------------------------------------
     def _assess(
@@ -254,7 +270,34 @@ class AccountReconciler:
         return conds
 
     # -- Account --------------------------------------------------------------------
-    def refresh_account(self, acct: Obj) -> None:
+    def refresh_named(self, name: str) -> None:
+        """A pass over the Account ``name`` as it is now (an alarm's pass: read fresh,
+        the one object: a list of every Account per alarm cost the operator's CPU)."""
+        self.refresh_account({"metadata": {"name": name}}, fresh=True)
+
+    def refresh_account(self, acct: Obj, *, fresh: bool = False) -> None:
+        """One pass over the Account, one at a time per account. The body is read again
+        under the lock when ``fresh`` is asked for, or when an alarm's pass has patched
+        the status since Kopf last saw it: a Kopf body older than that pass's patch would
+        announce the same transition twice (an Arrears webhook sent again)."""
+        name = acct["metadata"]["name"]
+        with self._guard:
+            lock = self._locks[name]
+        with lock:
+            with self._guard:
+                stale = name in self._alarm_written
+                self._alarm_written.discard(name)
+            if fresh or stale:
+                read = self.kube.get_cluster_object("accounts", name)
+                if read is None:
+                    return
+                acct = read
+            if self._refresh(acct) and fresh:
+                with self._guard:
+                    self._alarm_written.add(name)
+
+    def _refresh(self, acct: Obj) -> bool:
+        """The pass; True if it patched the Account's status."""
         name = acct["metadata"]["name"]
         now = r.second(self.clock.now())
         status = dict(acct.get("status") or {})
@@ -266,7 +309,7 @@ class AccountReconciler:
             held = self._held_spec(name)
             if held is None:
                 self._invalid_spec(acct, status, refused, now)
-                return
+                return False
             spec = held
         currency = spec.currency
         self.ledger.ensure_account(name, currency)
@@ -369,6 +412,46 @@ class AccountReconciler:
                 changes[k] = {**{x: None for x in was if x not in fresh}, **fresh}
         if changes:
             self.kube.patch_status("accounts", None, name, changes)
+        self._plan_next_pass(name, verdict, available, len(by_resource), burn, currency, now)
+        if verdict.in_arrears and status.get("state") != ar.ARREARS:
+            self._enforce_now(namespaces)
+        return bool(changes)
+
+    def _plan_next_pass(
+        self,
+        name: str,
+        verdict: ar.Assessment,
+        available: int,
+        meters: int,
+        burn: Decimal,
+        currency: str,
+        now: datetime,
+    ) -> None:
+        """Ask for the next pass at the predicted run-out instant (``runout``); none
+        while in arrears or while nothing burns (the periodic pass still runs)."""
+        if self.alarms is None:
+            return
+        at = None if verdict.in_arrears else run_out_at(now, available, meters, burn, currency)
+        if at is None:
+            self.alarms.cancel(name)
+        else:
+            self.alarms.set(name, at, lambda: self.refresh_named(name))
+
+    def _enforce_now(self, namespaces: set[str]) -> None:
+        """The account just entered arrears: a pass of each of its active instances now
+        (they stop at the arrears instant), not at their next tick. The cached Account
+        list predates this pass's status, so it is dropped first: the instance passes
+        read the Arrears state."""
+        if self.wake_instance is None:
+            return
+        self.kube.forget("accounts")
+        for inst in self.kube.list_cluster_objects("gpuinstances", ttl=2.0):
+            meta = inst["metadata"]
+            if (
+                meta.get("namespace") in namespaces
+                and (inst.get("status") or {}).get("phase") in r.ACTIVE_PHASES
+            ):
+                self.wake_instance(meta["namespace"], meta["name"], meta["uid"])
 
     def _held_spec(self, name: str) -> AccountSpec | None:
         """For an Account whose spec is refused but which has a ledger account (what runs

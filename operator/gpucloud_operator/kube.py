@@ -39,8 +39,13 @@ class Kube:
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
         self.apps = kubernetes.client.AppsV1Api(self.client)
+        self._init_cache()
+
+    def _init_cache(self) -> None:
+        """The empty cache of ``_cached`` (tests use it without a cluster)."""
         self._cache: dict[str, tuple[float, Any]] = {}
         self._cache_lock = threading.Lock()
+        self._forgotten: dict[str, float] = {}  # key -> when forget() dropped it
         self._loading: dict[str, threading.Lock] = {}
 
     # -- helpers ------------------------------------------------------------------
@@ -106,20 +111,35 @@ class Kube:
         time: the others wait for its answer instead of all asking the API server at
         once when the entry expires (a burst of passes would multiply every list)."""
         with self._cache_lock:
-            hit = self._cache.get(key)
-            if hit is not None and time.monotonic() - hit[0] < ttl:
+            hit = self._fresh(key, ttl, time.monotonic())
+            if hit is not None:
                 return hit[1]
             loading = self._loading.setdefault(key, threading.Lock())
         with loading:
             now = time.monotonic()
             with self._cache_lock:
-                hit = self._cache.get(key)
-            if hit is not None and now - hit[0] < ttl:
+                hit = self._fresh(key, ttl, now)
+            if hit is not None:
                 return hit[1]
             value = load()
             with self._cache_lock:
                 self._cache[key] = (now, value)
             return value
+
+    def _fresh(self, key: str, ttl: float, now: float) -> tuple[float, Any] | None:
+        """The cache entry of ``key`` if younger than ``ttl`` and loaded after the last
+        ``forget`` of it (a load that began before is as stale as the entry). Under
+        ``_cache_lock``."""
+        hit = self._cache.get(key)
+        if hit is None or now - hit[0] >= ttl or hit[0] <= self._forgotten.get(key, -1.0):
+            return None
+        return hit
+
+    def forget(self, plural: str) -> None:
+        """Drop the cached list of ``plural``: this process just wrote something the
+        next reader must see (an Account entering arrears, read by its instances)."""
+        with self._cache_lock:
+            self._forgotten[f"list:{plural}"] = time.monotonic()
 
     # -- custom resources -----------------------------------------------------------
     def get_cluster_object(self, plural: str, name: str) -> Obj | None:

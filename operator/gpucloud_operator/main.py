@@ -27,6 +27,7 @@ from gpucloud_operator.kube import Kube
 from gpucloud_operator.metrics import OperatorMetrics
 from gpucloud_operator.models import ModelReconciler
 from gpucloud_operator.notify import Notifier
+from gpucloud_operator.runout import Alarms, background
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, OperatorConfig]:
@@ -73,9 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     instances = InstanceReconciler(
         kube, ledger, clock, cfg, notifier, metrics.spot, counters=metrics.notices
     )
+    alarms = Alarms(clock)  # account passes at each account's run-out instant
+    # instance passes of an account just in arrears: their own pool, so that they never
+    # queue behind (or hold up) the account passes of the alarms
+    wake = background(8, "gpucloud-wake")
     accounts = AccountReconciler(
-        kube, ledger, clock, cfg, notifier, metrics=metrics.accounts, counters=metrics.notices
+        kube,
+        ledger,
+        clock,
+        cfg,
+        notifier,
+        metrics=metrics.accounts,
+        counters=metrics.notices,
+        alarms=alarms,
+        wake_instance=lambda ns, name, uid: wake(lambda: instances.reconcile_named(ns, name, uid)),
     )
+    alarms.start()
     if cfg.metrics_port:
         metrics.count_instances(lambda: kube.list_cluster_objects("gpuinstances", 5.0), cfg.serves)
         metrics.serve(cfg.metrics_port)

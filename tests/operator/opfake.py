@@ -32,6 +32,7 @@ class FakeKube:
         self.pvcs: dict[tuple[str, str], Obj] = {}
         self.events: list[tuple[str, str, str, str]] = []  # (object name, type, reason, msg)
         self.deleted_pods: list[tuple[str, str, int | None]] = []  # (ns, name, grace asked)
+        self.forgotten: list[str] = []  # cached lists the reconcilers dropped
         self.start_delay_s = 0  # how long the kubelet takes from a pod's creation to its start
 
     # -- test helpers ---------------------------------------------------------------
@@ -100,6 +101,13 @@ class FakeKube:
         if plural == "gpuinstances":
             return [copy.deepcopy(o) for (p, _, _), o in self.namespaced.items() if p == plural]
         return [copy.deepcopy(o) for (p, _), o in self.cluster.items() if p == plural]
+
+    def get_cluster_object(self, plural: str, name: str) -> Obj | None:
+        obj = self.cluster.get((plural, name))
+        return copy.deepcopy(obj) if obj else None
+
+    def forget(self, plural: str) -> None:
+        self.forgotten.append(plural)  # nothing is cached here
 
     def get_namespaced_object(self, plural: str, namespace: str, name: str) -> Obj | None:
         obj = self.namespaced.get((plural, namespace, name))

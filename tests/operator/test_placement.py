@@ -202,7 +202,7 @@ def test_an_event_body_without_status_is_not_trusted_once_a_pass_patched_it(
 
 def test_cached_loads_once_for_concurrent_callers() -> None:
     kube = Kube.__new__(Kube)  # only the cache: no cluster needed
-    kube._cache, kube._cache_lock, kube._loading = {}, threading.Lock(), {}
+    kube._init_cache()
     loads: list[int] = []
 
     def load() -> list[int]:
