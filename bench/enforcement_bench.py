@@ -249,9 +249,10 @@ def main() -> int:
         for acct in accounts:
             ledger.ensure_account(acct, "CNY")
             ledger.post_entry(acct, EntryKind.RECHARGE, 100_00, f"fund-{acct}", at=clock.file.now())
+        settings = chart_config()
         proc = start_operator(
             tmp, kubeconfig, clock.file, url,
-            **chart_config(), GPUCLOUD_OPERATOR_NAMESPACES=",".join(namespaces),
+            **settings, GPUCLOUD_OPERATOR_NAMESPACES=",".join(namespaces),
         )  # fmt: skip
         pods = PodDeletions(kubeconfig, clock)
         tb.apply([instance(ns, i) for ns in namespaces for i in range(PER_ACCOUNT)])
@@ -359,7 +360,7 @@ def main() -> int:
                 file=sys.stderr,
             )
         # settle: past the metering grace, every run's meter settled, then the balances
-        clock.jump(int(env.get("GPUCLOUD_OPERATOR_METERING_GRACE_S", "300")) + 10)
+        clock.jump(int(settings.get("GPUCLOUD_OPERATOR_METERING_GRACE_S", "300")) + 10)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             open_meters = [
