@@ -4,14 +4,13 @@ from the ledger (only what the meter admitted: the run's own node and GPUs), say
 when its GPUs have been idle (``gpucloud_operator.idle_gpus``, the pure rule). Status
 shows it; a notice (event, condition, ``instance.idle`` webhook) goes out once per idle
 stretch; with ``stopAfterMinutes`` the instance is stopped like a user stop, its data
-kept and billed to the second of the stop; a package instance is never stopped (its
-term is paid, a stop saves nothing)."""
+kept and billed to the second of the stop. Metered runs only (pay-as-you-go, spot: a GPU
+meter): a package term is paid whatever the GPUs do, and a stop would save nothing."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from gpucloud.billing import BillingMode
 from gpucloud.crd.account import IdlePolicy
 from gpucloud.usage import MAX_GPU_WINDOW_S
 from gpucloud_operator import idle_gpus as ig
@@ -54,8 +53,7 @@ class IdleGPUs(Core):
             return False
         if verdict.notify and p.status.get("idleNoticedFor") != r.fmt(since):
             self._idle_notice(p, since, policy)
-        package = r.mode_of(p.status.get("billingMode") or p.billing_key) is BillingMode.PACKAGE
-        if verdict.stop and not package:
+        if verdict.stop:
             minutes = policy.stop_after_minutes
             message = (
                 f"stopped: its GPUs were idle since {r.fmt(since)} (at most "
