@@ -110,7 +110,8 @@ class Agent:
         for d in self.devices:
             h = held.get(d.uuid)
             observed[self._gpu_refs[d.uuid]] = None if h is None else self._pod_ref(h)
-        records, added = self.meter.observe(second, observed)
+        samples = {g.uuid: (g.utilization_percent, g.memory_used_bytes) for g in readings}
+        records, added = self.meter.observe(second, observed, samples)
         self.wal.append([r.model_dump(mode="json") for r in records], {"meter": self.meter.state()})
         elapsed = time.perf_counter() - t0
         with self.stats.lock:

@@ -10,6 +10,10 @@ one (the fair choice for customers).
 
 Attributed seconds accumulate in an open window per GPU, closed into a record when it
 reaches 10 s, when the holder changes, or at a gap that is not bridged.
+
+Each window also keeps what the GPU did in its sampled seconds (the busiest second's
+utilization and memory, and how many seconds were sampled): the record's ``activity``,
+for idle-GPU detection. Bridged seconds were not sampled and add nothing to it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gpucloud.usage import MAX_GPU_WINDOW_S, GPURef, PodRef, UsageKind, UsageRecord
+from gpucloud.usage import MAX_GPU_WINDOW_S, Activity, GPURef, PodRef, UsageKind, UsageRecord
+
+# One sample of a GPU: (utilization percent, memory used in bytes).
+Sample = tuple[int, int]
 
 
 @dataclass
@@ -25,6 +32,23 @@ class Window:
     pod: PodRef
     start: int
     end: int  # exclusive
+    util_max: int = 0
+    memory_max: int = 0
+    samples: int = 0
+
+    def sampled(self, sample: Sample) -> None:
+        self.util_max = max(self.util_max, sample[0])
+        self.memory_max = max(self.memory_max, sample[1])
+        self.samples += 1
+
+    def activity(self) -> Activity | None:
+        if not self.samples:
+            return None
+        return Activity(
+            util_max_percent=min(100, max(0, self.util_max)),
+            memory_max_bytes=max(0, self.memory_max),
+            samples=self.samples,
+        )
 
 
 @dataclass
@@ -62,6 +86,7 @@ class Meter:
             quantity=w.end - w.start,
             gpu=gpu,
             pod=w.pod,
+            activity=w.activity(),
         )
 
     def _close(self, cur: GpuCursor, out: list[UsageRecord]) -> None:
@@ -70,9 +95,16 @@ class Meter:
             cur.open = None
 
     def _add(
-        self, cur: GpuCursor, pod: PodRef, start: int, end: int, out: list[UsageRecord]
+        self,
+        cur: GpuCursor,
+        pod: PodRef,
+        start: int,
+        end: int,
+        out: list[UsageRecord],
+        sample: Sample | None = None,
     ) -> None:
-        """Attribute [start, end) to pod, cutting windows at max_window_s."""
+        """Attribute [start, end) to pod, cutting windows at max_window_s; ``sample`` is
+        what the GPU did in the last second (end - 1), the one sampled."""
         w = cur.open
         if w is not None and (w.pod != pod or w.end != start):
             self._close(cur, out)
@@ -81,6 +113,8 @@ class Meter:
             w = cur.open = Window(pod, start, start)
         while True:
             w.end = min(end, w.start + self.max_window_s)
+            if sample is not None and w.end == end:
+                w.sampled(sample)
             if w.end - w.start < self.max_window_s:
                 break
             self._close(cur, out)
@@ -89,10 +123,14 @@ class Meter:
             w = cur.open = Window(pod, w.end, w.end)
 
     def observe(
-        self, second: int, holders: dict[GPURef, PodRef | None]
+        self,
+        second: int,
+        holders: dict[GPURef, PodRef | None],
+        samples: dict[str, Sample] | None = None,
     ) -> tuple[list[UsageRecord], list[Attributed]]:
-        """One sample taken during `second`: GPU -> holder (None: free). Closed records and
-        the seconds newly attributed (for the allocated-seconds counter)."""
+        """One sample taken during `second`: GPU -> holder (None: free), and by GPU UUID
+        what each GPU did in it. Closed records and the seconds newly attributed (for the
+        allocated-seconds counter)."""
         out: list[UsageRecord] = []
         added: list[Attributed] = []
         for gpu, pod in holders.items():
@@ -109,7 +147,8 @@ class Meter:
                 start = cur.next if bridge else second
                 if not bridge:
                     self._close(cur, out)
-                self._add(cur, pod, start, second + 1, out)
+                sample = samples.get(gpu.uuid) if samples is not None else None
+                self._add(cur, pod, start, second + 1, out, sample)
                 added.append(Attributed(gpu, pod, second + 1 - start))
             cur.next = second + 1
             cur.holder = pod
@@ -128,7 +167,12 @@ class Meter:
                 "holder": pod_json(c.holder),
                 "open": None
                 if c.open is None
-                else {"pod": pod_json(c.open.pod), "start": c.open.start, "end": c.open.end},
+                else {
+                    "pod": pod_json(c.open.pod),
+                    "start": c.open.start,
+                    "end": c.open.end,
+                    "activity": [c.open.util_max, c.open.memory_max, c.open.samples],
+                },
             }
             for uuid, c in self.cursors.items()
         }
@@ -141,5 +185,11 @@ class Meter:
                 gpu=GPURef(**c["gpu"]),
                 next=int(c["next"]),
                 holder=None if c["holder"] is None else PodRef(**c["holder"]),
-                open=None if o is None else Window(PodRef(**o["pod"]), o["start"], o["end"]),
+                open=None if o is None else _window(o),
             )
+
+
+def _window(o: dict[str, Any]) -> Window:
+    """An open window from the WAL (one written before activity was kept has none)."""
+    util, memory, samples = o.get("activity") or (0, 0, 0)
+    return Window(PodRef(**o["pod"]), o["start"], o["end"], util, memory, samples)

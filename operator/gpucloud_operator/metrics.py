@@ -187,7 +187,7 @@ class SpotMetrics:
 
 
 class NoticeCounters:
-    """Counters of budget refusals and runway notices (on ``registry``; a fresh one by
+    """Counters of budget refusals, runway and idle notices (on ``registry``; a fresh one by
     default, so tests and processes never share counts)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -208,6 +208,18 @@ class NoticeCounters:
             "gpucloud_budget_notices",
             "Budget notices sent, by tier (100: the budget is exceeded)",
             ["percent"],
+            registry=registry,
+        )
+        self.idle_notices = prometheus_client.Counter(
+            "gpucloud_idle_notices",
+            "Idle-GPU notices sent (an instance idle for its policy's notifyAfterMinutes)",
+            ["product"],
+            registry=registry,
+        )
+        self.idle_stops = prometheus_client.Counter(
+            "gpucloud_idle_stops",
+            "Instances stopped by their Account's idle policy (stopAfterMinutes)",
+            ["product"],
             registry=registry,
         )
 

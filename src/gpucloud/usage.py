@@ -55,6 +55,18 @@ class PodRef(BaseModel):
     uid: Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)]
 
 
+class Activity(BaseModel):
+    """What a GPU did in a gpu_time window, from the agent's samples (idle-GPU detection,
+    docs/idle.md): its busiest sampled second, and how many seconds were sampled (a
+    window bridged over a gap in sampling has fewer samples than seconds, or none).
+    Not billing data: it is kept beside the record, outside its content digest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    util_max_percent: Annotated[int, Field(ge=0, le=100)]
+    memory_max_bytes: Annotated[int, Field(ge=0, le=MAX_VOLUME_BYTES)]
+    samples: Annotated[int, Field(ge=1, le=MAX_GPU_WINDOW_S)]
+
+
 class UsageRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -67,6 +79,7 @@ class UsageRecord(BaseModel):
     pod: PodRef | None = None
     volume: Annotated[str | None, Field(default=None, min_length=1, max_length=253,
                                         pattern=TEXT_PATTERN)] = None  # fmt: skip
+    activity: Activity | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -79,6 +92,10 @@ class UsageRecord(BaseModel):
                 raise ValueError(f"gpu_time windows are at most {MAX_GPU_WINDOW_S} s")
             if self.quantity != self.end - self.start:
                 raise ValueError("gpu_time quantity must equal end - start (one GPU)")
+            if self.activity is not None and self.activity.samples > self.quantity:
+                raise ValueError("activity.samples must not exceed the window's seconds")
+        elif self.activity is not None:
+            raise ValueError(f"{self.kind} records carry no activity (gpu_time only)")
         elif self.volume is None:
             raise ValueError(f"{self.kind} records need volume")
         elif self.end - self.start > MAX_VOLUME_WINDOW_S:

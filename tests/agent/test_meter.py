@@ -124,3 +124,40 @@ def test_windows_carry_exactly_the_attributed_seconds(
     for a, b in itertools.pairwise(recs):
         if a.end == b.start and a.pod == b.pod:
             assert a.end - a.start == 10
+
+
+def test_windows_carry_the_busiest_sampled_second_and_the_sample_count() -> None:
+    """Activity (idle detection): per window the highest utilization and memory the GPU
+    showed in its sampled seconds, and how many were sampled; bridged seconds add none."""
+    m = Meter("n1")
+    out: list[UsageRecord] = []
+    utils = [3, 0, 41, 2, 0, 0, 7, 1, 0, 9, 0, 0]
+    for i, u in enumerate(utils):
+        out += m.observe(i, {G0: A}, {"GPU-0": (u, (u + 1) * 2**20)})[0]
+    out += m.observe(15, {G0: A}, {"GPU-0": (4, 2**20)})[0]  # 12-14 bridged, not sampled
+    out += m.observe(16, {G0: None})[0]
+    first, second = out
+    assert (first.start, first.end) == (0, 10) and first.activity is not None
+    assert (first.activity.util_max_percent, first.activity.samples) == (41, 10)
+    assert first.activity.memory_max_bytes == 42 * 2**20
+    assert (second.start, second.end) == (10, 16) and second.activity is not None
+    assert (second.activity.util_max_percent, second.activity.samples) == (4, 3)  # 10, 11, 15
+
+
+def test_an_open_windows_activity_survives_a_restart_and_old_state_has_none() -> None:
+    m = Meter("n1")
+    for i in range(4):
+        m.observe(i, {G0: A}, {"GPU-0": (60 if i == 1 else 0, 0)})
+    resumed = Meter("n1")
+    resumed.restore(m.state())
+    (rec,), _ = resumed.observe(4, {G0: None})
+    assert rec.activity is not None and (rec.activity.util_max_percent, rec.activity.samples) == (
+        60,
+        4,
+    )
+    old = m.state()
+    del old["GPU-0"]["open"]["activity"]  # a WAL written before activity was kept
+    resumed = Meter("n1")
+    resumed.restore(old)
+    (rec,), _ = resumed.observe(4, {G0: None})
+    assert rec.activity is None  # no sample recorded: no evidence, never "idle"

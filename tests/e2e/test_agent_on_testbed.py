@@ -8,11 +8,14 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from gpucloud_agent.fake_nvml import fake_gpu_uuid, fake_utilization_percent
+from sqlalchemy import text
 
 from gpucloud.api.testserver import ApiProcess, agent_token, free_port
 from gpucloud.ledger import open_ledger
@@ -144,5 +147,26 @@ def test_gpu_pod_is_metered_into_the_ledger(
         assert mine and {u.owner for u in mine} == {uid}
         assert {u.node for u in mine} == {NODE}
         assert all(0 < u.end - u.start <= 10 for u in mine)
+        # Each window carries what its GPU did (idle detection): the busiest sampled
+        # second of the fake NVML, whose utilization is a known function of the second.
+        with ledger.engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT subject, start_s, end_s, util_max, memory_max, samples "
+                    "FROM ledger_usage WHERE owner = :uid"
+                ),
+                {"uid": uid},
+            ).all()
+        assert rows
+        assert all(r.samples is not None and 1 <= r.samples <= r.end_s - r.start_s for r in rows)
+        full = [r for r in rows if r.samples == r.end_s - r.start_s]
+        assert full, "some windows were sampled every second"
+        gpu_index = {fake_gpu_uuid(NODE, i): i for i in range(16)}
+        for r in full:
+            # a reading may fall in the next second: each sample is f(s) or f(s + 1)
+            f = [fake_utilization_percent(gpu_index[r.subject], s)
+                 for s in range(r.start_s, r.end_s + 1)]  # fmt: skip
+            lowest = max(min(a, b) for a, b in pairwise(f))
+            assert lowest <= r.util_max <= max(f), r
     finally:
         ledger.close()

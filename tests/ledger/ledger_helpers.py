@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gpucloud.usage import GPURef, PodRef, UsageKind, UsageRecord
+from gpucloud.usage import Activity, GPURef, PodRef, UsageKind, UsageRecord
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 T0_S = int(T0.timestamp())
@@ -19,6 +19,7 @@ def gpu_record(
     pod_uid: str = "pod-1",
     namespace: str = "team-a",
     node: str = "node-1",
+    activity: Activity | None = None,
 ) -> UsageRecord:
     return UsageRecord(
         kind=UsageKind.GPU_TIME,
@@ -28,6 +29,7 @@ def gpu_record(
         quantity=length,
         gpu=GPURef(uuid=gpu, product="NVIDIA-H100"),
         pod=PodRef(namespace=namespace, name=f"pod-{pod_uid}", uid=pod_uid),
+        activity=activity,
     )
 
 

@@ -103,3 +103,41 @@ def test_usage_summary_by_resource_namespace_kind_and_time(ledger: Ledger) -> No
     assert since[0].gpu_seconds == 30
     until = ledger.usage_summary(account="alice", until=T0 + timedelta(seconds=30))
     assert until[0].gpu_seconds == 30
+
+
+def test_gpu_activity_is_read_by_meter_and_only_for_what_it_admitted(ledger: Ledger) -> None:
+    """A run's records with their activity, by its meter: the windows it rated, after
+    ``since_s``, oldest first; the same pod reported from another node is refused and
+    never read; rating later (rate_pending) keeps the activity of a record."""
+    from datetime import timedelta
+    from decimal import Decimal
+
+    from ledger_helpers import T0, T0_S, gpu_record
+
+    from gpucloud.ledger import GpuActivity
+    from gpucloud.usage import Activity
+
+    ledger.ensure_account("acct")
+    ledger.open_meter(
+        "m1", account="acct", resource="r/pod-1", kind="gpu_time", subject="pod-1",
+        unit_price=Decimal("19.80"), unit="gpu_hour", opened_at=T0, gpus=1, node="node-1",
+    )  # fmt: skip
+
+    def busy(util: int, samples: int = 10) -> Activity:
+        return Activity(util_max_percent=util, memory_max_bytes=util * 2**20, samples=samples)
+
+    now = T0 + timedelta(seconds=60)
+    rated_now = [gpu_record(T0_S, activity=busy(0)), gpu_record(T0_S + 10, activity=busy(73, 9))]
+    forged = gpu_record(T0_S + 20, node="node-2", activity=busy(0))
+    result = ledger.ingest_usage([*rated_now, forged], received_at=now, rate_at=now)
+    assert [i for i, _ in result.rejected] == [2]
+    ledger.ingest_usage([gpu_record(T0_S + 30)], received_at=now)  # old agent, rated later
+    ledger.rate_pending(now)
+    got = ledger.gpu_activity("m1", since_s=T0_S)
+    assert got == [
+        GpuActivity("GPU-a", T0_S, T0_S + 10, 0, 0, 10),
+        GpuActivity("GPU-a", T0_S + 10, T0_S + 20, 73, 73 * 2**20, 9),
+        GpuActivity("GPU-a", T0_S + 30, T0_S + 40, None, None, None),
+    ]
+    assert ledger.gpu_activity("m1", since_s=T0_S + 20) == got[2:]
+    assert ledger.gpu_activity("other", since_s=0) == []

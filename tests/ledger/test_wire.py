@@ -41,7 +41,8 @@ def test_a_valid_batch_takes_the_fast_path_with_the_same_rows() -> None:
     disk = {"kind": "cloud_disk", "node": "n", "start": 5, "end": 3605, "quantity": 2**40,
             "volume": "disk-1"}  # fmt: skip
     odd = _gpu(volume="vol-x", pod=None, gpu={"uuid": "GPU-b", "product": "P"})
-    records = [_gpu(), _gpu(T0_S + 10, 3), disk, {**disk, "pod": _gpu()["pod"]}]
+    busy = {"util_max_percent": 97, "memory_max_bytes": 2**33, "samples": 3}
+    records = [_gpu(), _gpu(T0_S + 10, 3, activity=busy), disk, {**disk, "pod": _gpu()["pod"]}]
     _same_rows(json.dumps({"records": records}).encode())
     assert parse_batch(json.dumps({"records": [odd]})) is None  # gpu_time without pod
     assert parse_batch(b'{"records": []}') is not None
@@ -62,6 +63,21 @@ def test_a_valid_batch_takes_the_fast_path_with_the_same_rows() -> None:
         _gpu(2**63),
         {"kind": "image", "node": "n", "start": 1, "end": 2, "quantity": 1},  # no volume
         {"kind": "tape", "node": "n", "start": 1, "end": 2, "quantity": 1, "volume": "v"},
+        # activity: bounded, at most one sample a second, gpu_time only
+        _gpu(activity={"util_max_percent": 101, "memory_max_bytes": 0, "samples": 1}),
+        _gpu(activity={"util_max_percent": 1, "memory_max_bytes": -1, "samples": 1}),
+        _gpu(length=3, activity={"util_max_percent": 1, "memory_max_bytes": 0, "samples": 4}),
+        _gpu(activity={"util_max_percent": 1, "memory_max_bytes": 0, "samples": 0}),
+        _gpu(activity={"util_max_percent": 1, "memory_max_bytes": 0}),
+        {
+            "kind": "image",
+            "node": "n",
+            "start": 1,
+            "end": 2,
+            "quantity": 1,
+            "volume": "v",
+            "activity": {"util_max_percent": 1, "memory_max_bytes": 0, "samples": 1},
+        },
     ],
 )
 def test_anything_doubtful_goes_to_the_model_path(record: dict[str, Any]) -> None:

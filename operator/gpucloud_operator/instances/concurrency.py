@@ -100,6 +100,9 @@ attribute                 guarded by         what it is, and what a stale entry 
                                              ledger answers idempotently).
 ``_cost_shown``           instance lock      settlement: uid -> when accruedCost was last
                           (per entry)        refreshed (display only).
+``_idle_checked``         instance lock      idle GPUs: uid -> the clock instant of its last
+                          (per entry)        check (one ledger read a minute per instance;
+                                             a miss only checks again).
 ``_ledger_accounts``      none (GIL)         core: ledger accounts known to exist (a miss
                                              repeats an idempotent ``ensure_account``).
 ``_pb_cache``             none (GIL)         core: the parsed PriceBook of one
@@ -112,7 +115,7 @@ under the GIL. "None (GIL)": the same, with any thread writing any entry; a lost
 only repeats an idempotent call.
 
 Tunables the tests turn: ``accrual_reuse_s`` (admission), ``claim_recheck_s`` (storage),
-``notice_lock_s`` (preemption).
+``notice_lock_s`` (preemption), ``idle_check_s`` (idle GPUs, clock seconds).
 ``_later`` runs the claim rechecks (``Storage._nudge_claim``) on its own thread; they take
 ``_guard`` only, not the instance lock: they read the volume and touch the claim's
 annotations, nothing a pass writes. It also runs the passes asked for at an instant
@@ -184,6 +187,9 @@ class ReconcilerState:
         # settlement
         self._open_meters: set[str] = set()
         self._cost_shown: dict[str, float] = {}  # uid -> monotonic time of the last update
+        # idle GPUs
+        self._idle_checked: dict[str, datetime] = {}
+        self.idle_check_s = 60
         # core
         self._ledger_accounts: set[str] = set()
         self._pb_cache: tuple[str, PriceBook] | None = None

@@ -98,6 +98,8 @@ class Lifecycle(Core):
             return
         if self._budget_stop(p):  # StopPayAsYouGo and a spent budget (docs/budgets.md)
             return
+        if self._idle_gpus(p):  # idle GPUs and an opt-in stop (docs/idle.md)
+            return
         if phase == "Running":
             switched = p.status.get("billingMode") != p.billing_key
             why = r.not_offered(p.pb, p.product, p.billing_key)

@@ -12,6 +12,7 @@ preemption     spot notices, their delivery and stops, the resume queue
 storage        the volume, hourly storage, deletion of the data
 arrears        an instance of an account in arrears
 budget         a start refused by a budget; StopPayAsYouGo stops
+idle           idle GPUs: status.idleSince, the notice, the opt-in stop
 concurrency    the locks and caches, and the rules for them
 =============  ===============================================================
 """
@@ -25,6 +26,7 @@ from gpucloud_operator import builders as b
 from gpucloud_operator.instances.admission import Admission
 from gpucloud_operator.instances.arrears import Arrears
 from gpucloud_operator.instances.budget import Budgets
+from gpucloud_operator.instances.idle import IdleGPUs
 from gpucloud_operator.instances.kubeapi import PLURAL, Obj
 from gpucloud_operator.instances.lifecycle import Lifecycle
 from gpucloud_operator.instances.packages import Packages
@@ -35,7 +37,16 @@ from gpucloud_operator.instances.storage import Storage
 
 
 class InstanceReconciler(
-    Lifecycle, Admission, Placement, Settlement, Packages, Preemption, Storage, Arrears, Budgets
+    Lifecycle,
+    Admission,
+    Placement,
+    Settlement,
+    Packages,
+    Preemption,
+    Storage,
+    Arrears,
+    Budgets,
+    IdleGPUs,
 ):
     """The GPUInstance reconciler: level-triggered, one pass per event or timer tick.
 

@@ -86,6 +86,67 @@ class Budget(Spec):
     )
 
 
+Minutes = Annotated[int, Field(ge=5, le=10080)]
+
+
+class IdlePolicy(Spec):
+    """Idle-GPU detection for the account's instances (docs/idle.md): an instance whose
+    GPUs all stay at most this busy is idle; notices and (opt-in) a stop follow."""
+
+    cel = (
+        Cel(
+            "self.notifyAfterMinutes >= self.idleAfterMinutes",
+            "notifyAfterMinutes must be at least idleAfterMinutes",
+            ".notifyAfterMinutes",
+            lambda s: s.notify_after_minutes >= s.idle_after_minutes,
+        ),
+        Cel(
+            "!has(self.stopAfterMinutes) || self.stopAfterMinutes >= self.idleAfterMinutes",
+            "stopAfterMinutes must be at least idleAfterMinutes",
+            ".stopAfterMinutes",
+            lambda s: s.stop_after_minutes is None or s.stop_after_minutes >= s.idle_after_minutes,
+        ),
+    )
+    utilization_percent: int = Field(
+        default=5,
+        description="A sampled second with GPU utilization at most this (percent) is idle.",
+        ge=0,
+        le=100,
+    )
+    memory_mib: int | None = Field(
+        default=None,
+        alias="memoryMiB",
+        description="If set, a second is idle only if the GPU also holds at most this much "
+        "memory (MiB): a loaded model then keeps the instance busy. Absent: memory is not "
+        "considered.",
+        ge=0,
+        le=2**30,
+    )
+    grace_minutes: int = Field(
+        default=10,
+        description="Minutes after each start that never count as idle (images load, data "
+        "is staged).",
+        ge=0,
+        le=1440,
+    )
+    idle_after_minutes: Minutes = Field(
+        default=10,
+        description="An instance is idle (status.idleSince, condition Idle) once all its "
+        "GPUs have been idle this long without a break.",
+    )
+    notify_after_minutes: Minutes = Field(
+        default=30,
+        description="Event, condition and webhook (instance.idle) once per idle stretch "
+        "after this long.",
+    )
+    stop_after_minutes: Minutes | None = Field(
+        default=None,
+        description="Opt-in: stop the instance (its data kept, billed to the second of the "
+        "stop) after this long idle. Package instances are never stopped (their term is "
+        "paid). Absent: never stopped.",
+    )
+
+
 def _budget_namespaces_listed(spec: AccountSpec) -> bool:
     if spec.budget is None or spec.budget.namespaces is None:
         return True
@@ -127,6 +188,7 @@ class AccountSpec(Spec):
         description="Deprecated: runwayNoticeHours [N]. Ignored when runwayNoticeHours is set.",
     )
     budget: Budget | None = None
+    idle: IdlePolicy | None = None
     webhook: Webhook | None = None
 
     def runway_tiers(self) -> tuple[int, ...]:

@@ -215,6 +215,17 @@ class GPUInstanceStatus(StatusBase):
         "checkpoint's timeout, not before the notice. Set once the notice reached the pod's "
         "notice file and the webhook."
     )
+    idle_since: Timestamp | None = optional(
+        "Since when all the run's GPUs have been idle by its Account's spec.idle policy, "
+        "once that lasted idleAfterMinutes (docs/idle.md); cleared by activity."
+    )
+    idle_seen_until: Timestamp | None = optional(
+        "The latest second the agents reported for every GPU of the run (idle evidence "
+        "runs to here)."
+    )
+    idle_noticed_for: Timestamp | None = optional(
+        "The idleSince of the idle stretch the notice was sent for (once per stretch)."
+    )
     reminder_sent_for: Timestamp | None = optional("Package expiry the reminder was sent for.")
     halted_generation: Int64 | None = optional(
         "Generation that was stopped by expiry/preemption/refusal."
@@ -239,6 +250,7 @@ DEFINITION = Definition(
         Column("Node", ".status.node"),
         Column("Mode", ".spec.billing.mode"),
         Column("Cost", ".status.accruedCost"),
+        Column("Idle", ".status.idleSince", type="date"),
         Column("Expires", ".status.packageExpiresAt", priority=1),
     ],
 )

@@ -46,6 +46,11 @@ COLUMNS = (
     "rated_until",
     "meter_id",
     "rated_at",
+    # what the GPU did (UsageRecord.activity; NULL without it): idle-GPU detection only,
+    # outside the digest (not billing data)
+    "util_max",
+    "memory_max",
+    "samples",
 )
 # Positions in a row of COLUMNS.
 KIND, SUBJECT, START, END, QUANTITY, MEASURE, OWNER, NODE, DIGEST = 0, 1, 2, 3, 4, 5, 6, 7, 11
@@ -104,7 +109,14 @@ def _row(r: UsageRecord, received_us: int) -> Row:
         start,  # rated_until: nothing rated yet
         None,  # meter_id
         None,  # rated_at
+        *_activity(r.activity.model_dump() if r.activity is not None else None),
     )
+
+
+def _activity(a: dict[str, int] | None) -> tuple[int | None, int | None, int | None]:
+    if a is None:
+        return (None, None, None)
+    return (a["util_max_percent"], a["memory_max_bytes"], a["samples"])
 
 
 def _wire_row(r: dict[str, Any], digest: str, received_us: int) -> Row:
@@ -124,7 +136,8 @@ def _wire_row(r: dict[str, Any], digest: str, received_us: int) -> Row:
     else:
         measure, owner = quantity * (end - start), str(volume)
     return (kind, subject, start, end, quantity, measure, owner, node, namespace, pod_name,
-            product, digest, received_us, start, None, None)  # fmt: skip
+            product, digest, received_us, start, None, None,
+            *_activity(r.get("activity")))  # fmt: skip
 
 
 def _rows(

@@ -180,6 +180,7 @@ class Ledger:
     unrated_usage = _to("_usage", Usage.unrated_usage)
     usage_summary = _to("_usage", Usage.usage_summary)
     gpus_seen = _to("_usage", Usage.gpus_seen)
+    gpu_activity = _to("_usage", Usage.gpu_activity)
 
     # -- meters (meters.py) ------------------------------------------------------------
     open_meter = _to("_meters", Meters.open_meter)

@@ -112,6 +112,10 @@ usage = Table(
     Column("rated_until", BigInteger, nullable=False),
     Column("meter_id", String(253)),  # the meter that rated it (last), NULL until then
     Column("rated_at", Instant),
+    # UsageRecord.activity (gpu_time; NULL without it): idle-GPU detection, not billing
+    Column("util_max", Integer),
+    Column("memory_max", BigInteger),
+    Column("samples", Integer),
     UniqueConstraint("kind", "subject", "start_s", name="uq_ledger_usage_natural_key"),
     Index(
         "ix_ledger_usage_unrated",
@@ -122,6 +126,7 @@ usage = Table(
         postgresql_where=text("rated_until < end_s"),
     ),
     Index("ix_ledger_usage_meter", "meter_id"),
+    Index("ix_ledger_usage_meter_end", "meter_id", "end_s"),
 )
 
 meters = Table(

@@ -116,6 +116,18 @@ class Meter:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuActivity:
+    """One gpu_time record of a run as idle detection reads it (UsageRecord.activity)."""
+
+    gpu: str  # GPU UUID
+    start: int  # POSIX seconds
+    end: int
+    util_max_percent: int | None  # None: the agent sent no activity for the window
+    memory_max_bytes: int | None
+    samples: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class UnratedUsage:
     id: int
     kind: str

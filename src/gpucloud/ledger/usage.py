@@ -19,7 +19,7 @@ from gpucloud.ledger import admission, ingest, schema
 from gpucloud.ledger import validate as v
 from gpucloud.ledger.meters import Meters
 from gpucloud.ledger.store import Store
-from gpucloud.ledger.types import IngestResult, UnratedUsage, UsageSummaryRow
+from gpucloud.ledger.types import GpuActivity, IngestResult, UnratedUsage, UsageSummaryRow
 from gpucloud.ledger.wire import WireBatch
 from gpucloud.usage import UsageKind, UsageRecord
 
@@ -173,7 +173,9 @@ class Usage:
             last_end = max(rows[i][ingest.END] for i in indexes)
             self._meters.charge(conn, m, quantity, last_end, now, len(indexes))
             for i in indexes:
-                out[i] = (*rows[i][: ingest.RATED.start], rows[i][ingest.END], meter_id, rated_at)
+                row = rows[i]
+                rated_cols = (row[ingest.END], meter_id, rated_at)
+                out[i] = (*row[: ingest.RATED.start], *rated_cols, *row[ingest.RATED.stop :])
         return out
 
     def unrated_usage(self, *, limit: int = 1000) -> list[UnratedUsage]:
@@ -256,3 +258,18 @@ class Usage:
         with self._s.read() as conn:
             subjects = conn.execute(rated.union(unrated)).scalars().all()
         return sorted(set(subjects))
+
+    def gpu_activity(self, meter_id: str, *, since_s: int) -> list[GpuActivity]:
+        """What the GPUs of a run did: its meter's records ending after ``since_s``
+        (POSIX seconds), oldest first, with their activity (None where the agent sent
+        none). Only records rated by the meter count: admitted for that run, on its node
+        (a node reports only for what it ran). Unrated ones join once rated."""
+        v.text(meter_id, "meter_id")
+        query = (
+            select(U.c.subject, U.c.start_s, U.c.end_s, U.c.util_max, U.c.memory_max, U.c.samples)
+            .where(U.c.meter_id == meter_id, U.c.end_s > int(since_s))
+            .order_by(U.c.end_s)
+        )
+        with self._s.read() as conn:
+            rows = conn.execute(query).all()
+        return [GpuActivity(*row) for row in rows]

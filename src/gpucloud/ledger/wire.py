@@ -22,6 +22,7 @@ from typing_extensions import TypedDict
 from gpucloud.usage import (
     MAX_GPU_WINDOW_S,
     MAX_VOLUME_WINDOW_S,
+    Activity,
     GPURef,
     Name,
     PodRef,
@@ -50,6 +51,13 @@ class _Pod(TypedDict):
 
 
 @with_config(_STRICT)
+class _Activity(TypedDict):
+    util_max_percent: Annotated[int, *Activity.model_fields["util_max_percent"].metadata]
+    memory_max_bytes: Annotated[int, *Activity.model_fields["memory_max_bytes"].metadata]
+    samples: Annotated[int, *Activity.model_fields["samples"].metadata]
+
+
+@with_config(_STRICT)
 class _Record(TypedDict):
     kind: Kind
     node: Name
@@ -59,6 +67,7 @@ class _Record(TypedDict):
     gpu: NotRequired[_Gpu | None]
     pod: NotRequired[_Pod | None]
     volume: NotRequired[Annotated[str | None, *UsageRecord.model_fields["volume"].metadata]]
+    activity: NotRequired[_Activity | None]
 
 
 @with_config(_STRICT)
@@ -123,14 +132,16 @@ def _valid(r: dict[str, Any]) -> bool:
     start, end = r["start"], r["end"]
     if end <= start:
         return False
+    activity = r.get("activity")
     if r["kind"] == _GPU:
         return (
             r.get("gpu") is not None
             and r.get("pod") is not None
             and end - start <= MAX_GPU_WINDOW_S
             and r["quantity"] == end - start
+            and (activity is None or activity["samples"] <= r["quantity"])
         )
-    return r.get("volume") is not None and end - start <= MAX_VOLUME_WINDOW_S
+    return activity is None and r.get("volume") is not None and end - start <= MAX_VOLUME_WINDOW_S
 
 
 def parse_batch(raw: bytes | str) -> WireBatch | None:
