@@ -27,13 +27,17 @@ class GPUPackages:
 
 @dataclass(frozen=True)
 class GPUPrice:
-    """Prices of one GPU product (its GPU Feature Discovery ``nvidia.com/gpu.product``)."""
+    """Prices of one GPU product (its GPU Feature Discovery ``nvidia.com/gpu.product``),
+    per unit of it: a whole GPU, a MIG slice or a time-sliced share (``kind``), requested
+    as ``resource`` (gpucloud.gpu_kinds names them; the CRD model validates the pair)."""
 
     product: str
     pay_as_you_go_per_hour: Decimal
     spot_per_hour: Decimal | None = None
     packages: GPUPackages | None = None
     model_online_per_hour: Decimal | None = None
+    kind: str = "whole"
+    resource: str = "nvidia.com/gpu"
 
     def hourly(self, mode: BillingMode) -> Decimal:
         """The per-GPU hourly price of a metered mode (pay-as-you-go or spot)."""

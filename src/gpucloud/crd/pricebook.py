@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -26,6 +26,15 @@ from gpucloud.crd.common import (
 )
 from gpucloud.crd.k8s import LISTED, Cel, ListType, Spec, SpecError, parse
 from gpucloud.crd.schema import Column, Definition
+from gpucloud.gpu_kinds import (
+    GPU_RESOURCE,
+    MIG_INFIX,
+    MIG_RESOURCE_PREFIX,
+    RESOURCE_PATTERN,
+    SHARED_RESOURCE,
+    SHARED_SUFFIX,
+    mig_profile,
+)
 
 
 def _package(p: str) -> Any:
@@ -52,12 +61,69 @@ class GPUPrice(Spec):
                 or Decimal(s.spot_per_hour) <= Decimal(s.pay_as_you_go_per_hour)
             ),
         ),
+        # what a product is decides what it takes (gpucloud.gpu_kinds, docs/fractional-gpus.md)
+        Cel(
+            f"self.kind != 'whole' || self.resource == '{GPU_RESOURCE}'",
+            f"a whole GPU takes resource {GPU_RESOURCE}",
+            ".resource",
+            lambda s: s.kind != "whole" or s.resource == GPU_RESOURCE,
+        ),
+        Cel(
+            f"!self.resource.startsWith('{MIG_RESOURCE_PREFIX}') || (self.kind == 'mig' && "
+            f"self.product.endsWith('{MIG_INFIX}' + self.resource.substring("
+            f"{len(MIG_RESOURCE_PREFIX)})))",
+            f"a {MIG_RESOURCE_PREFIX}<profile> resource is sold as kind mig, product "
+            f"<GPU>{MIG_INFIX}<profile>",
+            ".resource",
+            lambda s: (
+                (profile := mig_profile(s.resource)) is None
+                or (s.kind == "mig" and s.product.endswith(MIG_INFIX + profile))
+            ),
+        ),
+        Cel(
+            f"self.kind != 'mig' || self.product.contains('{MIG_INFIX}')",
+            f"a mig product is named <GPU>{MIG_INFIX}<profile>, as GPU Feature Discovery labels it",
+            ".product",
+            lambda s: s.kind != "mig" or MIG_INFIX in s.product,
+        ),
+        Cel(
+            f"self.kind != 'shared' || (self.resource != '{GPU_RESOURCE}' || "
+            f"self.product.endsWith('{SHARED_SUFFIX}'))",
+            f"a shared product sold through {GPU_RESOURCE} is named <GPU>{SHARED_SUFFIX}, as "
+            "GPU Feature Discovery labels time-sliced nodes",
+            ".product",
+            lambda s: (
+                s.kind != "shared"
+                or s.resource != GPU_RESOURCE
+                or s.product.endswith(SHARED_SUFFIX)
+            ),
+        ),
+        Cel(
+            f"self.resource != '{SHARED_RESOURCE}' || self.kind == 'shared'",
+            f"resource {SHARED_RESOURCE} is sold as kind shared",
+            ".kind",
+            lambda s: s.resource != SHARED_RESOURCE or s.kind == "shared",
+        ),
     )
     # what the billing core requires (docs/billing.md): spot, packages and the model
     # price are optional ("not offered", or the pay-as-you-go price for models)
     product: str = Field(
         description="GPU product (nvidia.com/gpu.product label value).",
         pattern=GPU_PRODUCT_PATTERN,
+    )
+    kind: Literal["whole", "mig", "shared"] = Field(
+        default="whole",
+        description="What one unit is: a whole GPU, a MIG slice (product <GPU>-MIG-<profile>), "
+        "or a time-sliced share of a GPU (one replica of the device plugin's sharing config). "
+        "Prices are per unit.",
+    )
+    resource: str = Field(
+        default=GPU_RESOURCE,
+        description=f"The extended resource an instance requests: {GPU_RESOURCE}, "
+        f"{SHARED_RESOURCE} (time-slicing with renameByDefault) or "
+        f"{MIG_RESOURCE_PREFIX}<profile> (MIG, mixed strategy).",
+        pattern=RESOURCE_PATTERN,
+        max_length=64,
     )
     pay_as_you_go_per_hour: PositiveDecimal = Field(
         description=money("Pay-as-you-go price per GPU-hour.")
@@ -140,6 +206,8 @@ def _gpu(g: GPUPrice) -> billing.GPUPrice:
     packages = None if p is None else billing.GPUPackages(_dec(p.day), _dec(p.week), _dec(p.month))
     return billing.GPUPrice(
         product=g.product,
+        kind=g.kind,
+        resource=g.resource,
         pay_as_you_go_per_hour=Decimal(g.pay_as_you_go_per_hour),
         spot_per_hour=_dec(g.spot_per_hour),
         packages=packages,
