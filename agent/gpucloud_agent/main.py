@@ -105,8 +105,8 @@ def _wait_for_signal() -> threading.Event:
 
 def serve_podresources(args: argparse.Namespace) -> int:
     from gpucloud_agent.podresources.fake_server import (
-        KubePodSource,
         DeviceIds,
+        KubePodSource,
         fake_device_ids,
         node_device_ids,
         serve,

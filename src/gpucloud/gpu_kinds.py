@@ -84,6 +84,15 @@ def device_kind(device_id: str) -> GPUKind:
     return GPUKind.WHOLE
 
 
+def gpu_kind(product: str) -> GPUKind:
+    """What a product is, from its name (the price book's rules make names and kinds agree)."""
+    if MIG_INFIX in product:
+        return GPUKind.MIG
+    if product.endswith(SHARED_SUFFIX):
+        return GPUKind.SHARED
+    return GPUKind.WHOLE
+
+
 def replica_parent(device_id: str) -> str:
     """``GPU-x::3`` -> ``GPU-x`` (the physical GPU a replica runs on); others unchanged."""
     return device_id.split(REPLICA_SEP, 1)[0]

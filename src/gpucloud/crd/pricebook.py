@@ -33,6 +33,7 @@ from gpucloud.gpu_kinds import (
     RESOURCE_PATTERN,
     SHARED_RESOURCE,
     SHARED_SUFFIX,
+    gpu_kind,
     mig_profile,
 )
 
@@ -87,16 +88,19 @@ class GPUPrice(Spec):
             lambda s: s.kind != "mig" or MIG_INFIX in s.product,
         ),
         Cel(
-            f"self.kind != 'shared' || (self.resource != '{GPU_RESOURCE}' || "
-            f"self.product.endsWith('{SHARED_SUFFIX}'))",
-            f"a shared product sold through {GPU_RESOURCE} is named <GPU>{SHARED_SUFFIX}, as "
-            "GPU Feature Discovery labels time-sliced nodes",
+            f"self.kind != 'shared' || self.product.endsWith('{SHARED_SUFFIX}')",
+            f"a shared product is named <GPU>{SHARED_SUFFIX}, as GPU Feature Discovery labels "
+            "time-sliced nodes",
             ".product",
-            lambda s: (
-                s.kind != "shared"
-                or s.resource != GPU_RESOURCE
-                or s.product.endswith(SHARED_SUFFIX)
-            ),
+            lambda s: s.kind != "shared" or s.product.endswith(SHARED_SUFFIX),
+        ),
+        Cel(
+            f"self.kind != 'whole' || !(self.product.contains('{MIG_INFIX}') || "
+            f"self.product.endsWith('{SHARED_SUFFIX}'))",
+            f"a <GPU>{MIG_INFIX}<profile> or <GPU>{SHARED_SUFFIX} product is not a whole GPU: "
+            "set kind",
+            ".kind",
+            lambda s: s.kind != "whole" or gpu_kind(s.product) == "whole",
         ),
         Cel(
             f"self.resource != '{SHARED_RESOURCE}' || self.kind == 'shared'",
