@@ -59,7 +59,7 @@ def test_single_strategy_and_time_slicing_labels() -> None:
     ids = shared.device_ids()["nvidia.com/gpu.shared"]
     gpus = [d.uuid for d in shared.devices()]
     assert ids == [f"{g}::{n}" for g in gpus for n in range(4)]
-    with pytest.raises(ValueError, match="nvidia.com/gpu.replicas"):
+    with pytest.raises(ValueError, match=r"nvidia\.com/gpu\.replicas"):
         FakeNvml.from_node_labels(
             "t", {**LABELS, "nvidia.com/gpu.replicas": "4"}, {"nvidia.com/gpu.shared": "6"}
         )

@@ -56,7 +56,7 @@ def test_seven_1g_slices_each_billed_exactly_its_slice(
     """A GPU split 7 x 1g.10gb, seven tenants, uneven run lengths: each account pays
     2.83/h x its own seconds, rounded once."""
     seconds = [1234, 601, 3599, 7, 2500, 999, 3600]
-    for i, n in enumerate(seconds):
+    for i in range(len(seconds)):
         _meter(ledger, f"pod-{i}", MIG, f"tenant-{i}")
     records = [r for i, n in enumerate(seconds) for r in _records(f"pod-{i}", _mig(i), MIG, n)]
     clock.set(T0 + timedelta(hours=2))
