@@ -30,7 +30,6 @@ PRODUCT_LABEL = "nvidia.com/gpu.product"
 MEMORY_LABEL = "nvidia.com/gpu.memory"  # MiB, as GPU Feature Discovery writes it
 REPLICAS_LABEL = "nvidia.com/gpu.replicas"  # GPU Feature Discovery, time-slicing
 GPU_RESOURCE = gk.GPU_RESOURCE
-MIG_SLICES = 7  # compute slices of an A100/H100 in MIG mode
 _UUID_NAMESPACE = uuid.UUID("6f1d3a52-8d0e-4c55-9a3e-1b6c2f0a9d11")
 MIB = 1 << 20
 
@@ -41,23 +40,6 @@ def fake_gpu_uuid(node: str, index: int) -> str:
 
 def fake_mig_uuid(node: str, gpu: int, slot: int) -> str:
     return "MIG-" + str(uuid.uuid5(_UUID_NAMESPACE, f"{node}/{gpu}/mig/{slot}"))
-
-
-def _slices(profile: str) -> int:
-    return int(profile.split("g.", 1)[0])
-
-
-def pack_mig(profiles: list[str]) -> list[list[str]]:
-    """MIG profiles packed first-fit into GPUs of 7 compute slices, largest first."""
-    gpus: list[list[str]] = []
-    for profile in sorted(profiles, key=_slices, reverse=True):
-        for layout in gpus:
-            if sum(map(_slices, layout)) + _slices(profile) <= MIG_SLICES:
-                layout.append(profile)
-                break
-        else:
-            gpus.append([profile])
-    return gpus
 
 
 def _int(capacity: Mapping[str, str | int], name: str) -> int:
@@ -147,9 +129,10 @@ class FakeNvml:
         if gk.MIG_INFIX in label:  # single strategy: every nvidia.com/gpu is a MIG device
             product, profile = label.split(gk.MIG_INFIX, 1)
             profiles, whole, strategy = [profile] * gpus, 0, "single"
-        elif label.endswith(gk.SHARED_SUFFIX):  # time-slicing without renameByDefault
+        elif label.endswith(gk.SHARED_SUFFIX):  # time-sliced: no whole GPU is sold
             product, whole = label.removesuffix(gk.SHARED_SUFFIX), 0
-            shared, shared_resource = gpus, GPU_RESOURCE
+            if not shared:  # without renameByDefault the replicas are nvidia.com/gpu
+                shared, shared_resource = gpus, GPU_RESOURCE
         for name in capacity:
             profile = gk.mig_profile(name)
             if profile is not None:
@@ -160,7 +143,7 @@ class FakeNvml:
                 f"capacity: {shared} time-slicing replicas is not a multiple of the "
                 f"{per_gpu} of label {REPLICAS_LABEL}"
             )
-        layouts = pack_mig(profiles)
+        layouts = gk.pack_mig(profiles)
         count = whole + len(layouts) + shared // per_gpu
         mig = {whole + i: layout for i, layout in enumerate(layouts)}
         first_shared = whole + len(layouts)

@@ -29,6 +29,7 @@ REPLICA_SEP = "::"
 PROFILE_PATTERN = r"[1-7]g\.[0-9]{1,4}gb"
 RESOURCE_PATTERN = rf"^nvidia\.com/(gpu|gpu\.shared|mig-{PROFILE_PATTERN})$"
 _RESOURCE = re.compile(RESOURCE_PATTERN)
+MIG_SLICES = 7  # compute slices of an A100/H100 in MIG mode
 
 
 class GPUKind(StrEnum):
@@ -82,6 +83,23 @@ def device_kind(device_id: str) -> GPUKind:
     if REPLICA_SEP in device_id:
         return GPUKind.SHARED
     return GPUKind.WHOLE
+
+
+def _slices(profile: str) -> int:
+    return int(profile.split("g.", 1)[0])
+
+
+def pack_mig(profiles: list[str]) -> list[list[str]]:
+    """MIG profiles packed first-fit into GPUs of 7 compute slices, largest first."""
+    gpus: list[list[str]] = []
+    for profile in sorted(profiles, key=_slices, reverse=True):
+        for layout in gpus:
+            if sum(map(_slices, layout)) + _slices(profile) <= MIG_SLICES:
+                layout.append(profile)
+                break
+        else:
+            gpus.append([profile])
+    return gpus
 
 
 def gpu_kind(product: str) -> GPUKind:

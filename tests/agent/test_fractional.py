@@ -5,6 +5,7 @@ socket, and the records the agent writes for them."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,13 +13,14 @@ from pathlib import Path
 import pytest
 from gpucloud_agent.agent import Agent, AgentConfig
 from gpucloud_agent.devices import DeviceMap
-from gpucloud_agent.fake_nvml import FakeNvml, pack_mig
+from gpucloud_agent.fake_nvml import FakeNvml
 from gpucloud_agent.nvml import GpuDevice, MigDevice
 from gpucloud_agent.podresources.client import PodResourcesClient
 from gpucloud_agent.podresources.fake_server import FakePod, serve
 from gpucloud_agent.pods import DerivedUidResolver
 from gpucloud_agent.wal import Wal
 
+from gpucloud import gpu_kinds as gk
 from gpucloud.clock import ManualClock
 from gpucloud.usage import UsageRecord
 
@@ -39,8 +41,8 @@ def test_seven_1g_slices_of_a_mixed_node_are_one_gpu_in_mig_mode() -> None:
 
 
 def test_mig_profiles_pack_into_gpus_of_seven_compute_slices() -> None:
-    assert pack_mig(["1g.10gb"] * 8) == [["1g.10gb"] * 7, ["1g.10gb"]]
-    assert pack_mig(["1g.10gb", "3g.40gb", "3g.40gb", "2g.20gb"]) == [
+    assert gk.pack_mig(["1g.10gb"] * 8) == [["1g.10gb"] * 7, ["1g.10gb"]]
+    assert gk.pack_mig(["1g.10gb", "3g.40gb", "3g.40gb", "2g.20gb"]) == [
         ["3g.40gb", "3g.40gb", "1g.10gb"],
         ["2g.20gb"],
     ]
@@ -145,3 +147,16 @@ def test_pod_resources_client_attributes_every_nvidia_gpu_resource(
         client.close()
     assert set(held) == {i for ids in nvml.device_ids().values() for i in ids}
     assert {h.pod for h in only_whole.values()} == {"whole"}
+
+
+def test_the_kind_device_plugins_devices_file_of_a_mig_node(tmp_path: Path) -> None:
+    """What fake-gpu-device-plugin writes for ``gpucloud.dev/fake-gpu.mig=8x1g.10gb``
+    (its spec_test.go pins the same MIG UUID)."""
+    uuids = ["GPU-11111111-2222-5333-8444-555555555555", "GPU-aaaaaaaa-bbbb-5ccc-8ddd-eeeeeeeeeeee"]
+    cfg = {"node": "node-a", "labels": LABELS, "capacity": {"nvidia.com/mig-1g.10gb": 8},
+           "uuids": uuids}  # fmt: skip
+    (tmp_path / "devices.json").write_text(json.dumps(cfg))
+    nvml = FakeNvml.from_config(tmp_path / "devices.json")
+    assert [d.uuid for d in nvml.devices()] == uuids
+    ids = nvml.device_ids()["nvidia.com/mig-1g.10gb"]
+    assert ids[3] == "MIG-fd1f585b-c631-5b4d-ac5a-f333708c27f3" and len(ids) == 8

@@ -36,7 +36,7 @@ def test_mig_and_shared_products_carry_their_kind_and_resource() -> None:
         {"product": f"{H100}-SHARED", "kind": "shared", "resource": "nvidia.com/gpu.shared",
          "payAsYouGoPerHour": "4.95"},
     )  # fmt: skip
-    got = {g.product: (g.kind, g.resource, g.pay_as_you_go_per_hour) for g in pb.gpus}
+    got = {g.product: (g.unit_kind, g.unit_resource, g.pay_as_you_go_per_hour) for g in pb.gpus}
     assert got == {
         H100: ("whole", "nvidia.com/gpu", Decimal("19.80")),
         f"{H100}-MIG-1g.10gb": ("mig", "nvidia.com/mig-1g.10gb", Decimal("2.83")),
@@ -74,7 +74,7 @@ def test_refusals_name_the_field_and_the_rule(gpu: dict[str, Any], field: str, s
 def test_the_crd_carries_the_same_rules_on_the_api_server() -> None:
     schema = object_schema(PriceBookSpec)["properties"]["gpus"]["items"]
     assert schema["properties"]["kind"]["enum"] == ["whole", "mig", "shared"]
-    assert schema["properties"]["resource"]["default"] == "nvidia.com/gpu"
+    assert "default" not in schema["properties"]["resource"]  # omitted: nvidia.com/gpu
     paths = [r.get("fieldPath") for r in schema["x-kubernetes-validations"]]
     assert {".resource", ".product", ".kind"} <= set(paths)
 

@@ -35,7 +35,7 @@ def resource_of(pb: PriceBook | None, product: str | None) -> str:
     if pb is None or product is None:
         return GPU_RESOURCE
     try:
-        return pb.gpu_price(product).resource
+        return pb.gpu_price(product).unit_resource
     except UnknownProduct:
         return GPU_RESOURCE
 
@@ -234,7 +234,7 @@ class Core(ReconcilerState):
         except PriceBookError as exc:
             self._refuse(p, "InvalidPriceBook", str(exc))
             return False
-        if price.kind == GPUKind.SHARED and p.count != 1:
+        if price.unit_kind == GPUKind.SHARED and p.count != 1:
             # NVIDIA's device plugin refuses a pod asking for more than one replica
             # (failRequestsGreaterThanOne): two shares of one GPU are not twice the GPU
             self._refuse(p, "SharedGPUCount", (

@@ -36,8 +36,19 @@ class GPUPrice:
     spot_per_hour: Decimal | None = None
     packages: GPUPackages | None = None
     model_online_per_hour: Decimal | None = None
-    kind: str = "whole"
-    resource: str = "nvidia.com/gpu"
+    # None: a whole GPU, nvidia.com/gpu (the spec's omitted fields)
+    kind: str | None = None
+    resource: str | None = None
+
+    @property
+    def unit_kind(self) -> str:
+        """whole, mig or shared (gpucloud.gpu_kinds.GPUKind)."""
+        return self.kind or "whole"
+
+    @property
+    def unit_resource(self) -> str:
+        """The extended resource an instance of it requests."""
+        return self.resource or "nvidia.com/gpu"
 
     def hourly(self, mode: BillingMode) -> Decimal:
         """The per-GPU hourly price of a metered mode (pay-as-you-go or spot)."""

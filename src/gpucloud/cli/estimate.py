@@ -104,7 +104,7 @@ class Estimate:
 
 def estimate(spec: InstanceSpec, pb: PriceBook, balance_minor: int | None = None) -> Estimate:
     gpu_price = pb.gpu_price(spec.product)  # UnknownProduct names the known ones
-    if gpu_price.kind == "shared" and spec.gpus != 1:
+    if gpu_price.unit_kind == "shared" and spec.gpus != 1:
         # the operator's rule too (SharedGPUCount): one replica per instance
         raise ManifestError(
             f"spec.gpu.count: {spec.product} is a time-sliced share of a GPU; an instance "
@@ -140,8 +140,8 @@ def estimate(spec: InstanceSpec, pb: PriceBook, balance_minor: int | None = None
     return Estimate(
         spec=spec,
         currency=pb.currency,
-        kind=gpu_price.kind,
-        resource=gpu_price.resource,
+        kind=gpu_price.unit_kind,
+        resource=gpu_price.unit_resource,
         payg_gpu_per_hour=to_decimal(payg),
         spot_gpu_per_hour=None if spot is None else to_decimal(spot),
         storage_per_hour=to_decimal(storage),
