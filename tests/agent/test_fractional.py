@@ -160,3 +160,83 @@ def test_the_kind_device_plugins_devices_file_of_a_mig_node(tmp_path: Path) -> N
     assert [d.uuid for d in nvml.devices()] == uuids
     ids = nvml.device_ids()["nvidia.com/mig-1g.10gb"]
     assert ids[3] == "MIG-fd1f585b-c631-5b4d-ac5a-f333708c27f3" and len(ids) == 8
+
+
+class _StubNvml:
+    """NVML's MIG calls as a driver answers them for one H100 in MIG mode with 3 of its 7
+    slots filled (the GPU is hardware: a stand-in for it, not for our code)."""
+
+    NVML_DEVICE_MIG_ENABLE = 1
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NotFound(NVMLError):
+        pass
+
+    class NVMLError_NotSupported(NVMLError):
+        pass
+
+    class NVMLError_LibraryNotFound(NVMLError):
+        pass
+
+    class _Mem:
+        def __init__(self, total: int) -> None:
+            self.total, self.used = total, 0
+
+    def __init__(self, mig_mode: int | None) -> None:
+        self.mig_mode = mig_mode
+        self.filled = {0: "a", 2: "b", 5: "c"}
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
+        return "gpu"
+
+    def nvmlDeviceGetUUID(self, handle: str) -> bytes:
+        return b"GPU-0000" if handle == "gpu" else f"MIG-{handle}".encode()
+
+    def nvmlDeviceGetName(self, handle: str) -> str:
+        return "NVIDIA H100 80GB HBM3" + ("" if handle == "gpu" else " MIG 1g.10gb")
+
+    def nvmlDeviceGetMemoryInfo(self, handle: str) -> _Mem:
+        return self._Mem(81559 << 20 if handle == "gpu" else 9856 << 20)
+
+    def nvmlDeviceGetMigMode(self, handle: str) -> list[int]:
+        if self.mig_mode is None:
+            raise self.NVMLError_NotSupported()
+        return [self.mig_mode, self.mig_mode]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: str) -> int:
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: str, i: int) -> str:
+        if i not in self.filled:
+            raise self.NVMLError_NotFound()
+        return self.filled[i]
+
+
+@pytest.mark.parametrize(("mode", "migs"), [(1, ["MIG-a", "MIG-b", "MIG-c"]), (0, []), (None, [])])
+def test_the_real_backend_lists_mig_devices_through_nvmls_mig_handles(
+    monkeypatch: pytest.MonkeyPatch, mode: int | None, migs: list[str]
+) -> None:
+    """MIG mode on: the filled slots, skipped where NVML answers NotFound, each named as
+    GPU Feature Discovery labels it; MIG off, or a GPU without MIG: none."""
+    import sys
+
+    from gpucloud_agent.nvml import NvmlBackend
+
+    monkeypatch.setitem(sys.modules, "pynvml", _StubNvml(mode))
+    nvml = NvmlBackend()
+    found = nvml.mig_devices(0)
+    assert [m.uuid for m in found] == migs
+    assert {m.product for m in found} <= {MIG_1G}
+    assert all(m.memory_total_bytes == 9856 << 20 and m.parent_index == 0 for m in found)
+    assert nvml.devices()[0].product == H100
