@@ -7,8 +7,9 @@ tests). A ServiceAccount ``system:serviceaccount:<ns>:<name>`` calls for the Acc
 lists ``<ns>`` in ``spec.namespaces`` (the same map that decides who owns a model); a
 principal that carries exactly one account (static tokens) calls for that one.
 
-* Public model: the caller's account pays each request. It must not be in arrears and
-  must have a positive balance: else ``402``.
+* Public model: the caller's account pays each request. It must not be in arrears, must
+  have a positive balance and must keep it in the currency the price book charges (no
+  conversion): else ``402``.
 * Private model: billed by online time to its owner; only the owner's callers (a token
   of a namespace the owning Account lists) may call it: else ``403``.
 * No token, or one that does not check out: ``401``.
@@ -71,6 +72,14 @@ def directory_from_plans(
 
 
 @dataclass(frozen=True)
+class Funds:
+    """What the ledger says an account can pay with."""
+
+    balance_minor: int
+    currency: str | None  # None: not in the ledger yet
+
+
+@dataclass(frozen=True)
 class Caller:
     account: str
     username: str
@@ -81,15 +90,17 @@ class Callers:
         self,
         checker: TokenChecker,
         directory: Directory,
-        balance: Callable[[str], int | None] | None = None,
+        funds: Callable[[str], Funds | None] | None = None,
         ttl_s: float = 5.0,
+        currency: str | None = None,
     ) -> None:
         self.checker = checker
         self.directory = directory
-        self.balance = balance  # sync (the ledger): run in a thread, cached
+        self.funds = funds  # sync (the ledger): run in a thread, cached; None: unknown
         self.ttl_s = ttl_s
+        self.currency = currency  # the price book's: what public requests are charged in
         self._accounts: dict[str, tuple[float, Caller | CallerError]] = {}
-        self._balances: dict[str, tuple[float, int | None]] = {}
+        self._funds: dict[str, tuple[float, Funds | None]] = {}
 
     async def aclose(self) -> None:
         await self.checker.aclose()
@@ -111,12 +122,21 @@ class Callers:
                 402,
                 f"account {caller.account!r} is in arrears: recharge it to call public models",
             )
-        balance = await self._balance(caller.account)
-        if balance is not None and balance <= 0:
+        funds = await self._funds_of(caller.account)
+        if funds is None:  # the ledger cannot say now: serve; the usage is posted later
+            return caller
+        if funds.currency is not None and self.currency and funds.currency != self.currency:
             raise CallerError(
                 402,
-                f"account {caller.account!r} has no balance ({balance} minor units): "
-                "public models are paid by the caller; recharge it first",
+                f"account {caller.account!r} keeps its balance in {funds.currency} but public "
+                f"models here are priced in {self.currency}: nothing is billed across "
+                "currencies",
+            )
+        if funds.balance_minor <= 0:
+            raise CallerError(
+                402,
+                f"account {caller.account!r} has no balance ({funds.balance_minor} minor "
+                "units): public models are paid by the caller; recharge it first",
             )
         return caller
 
@@ -168,13 +188,13 @@ class Callers:
             return Caller(next(iter(accounts)), username)
         return None
 
-    async def _balance(self, account: str) -> int | None:
-        if self.balance is None:
+    async def _funds_of(self, account: str) -> Funds | None:
+        if self.funds is None:
             return None
         now = time.monotonic()
-        hit = self._balances.get(account)
+        hit = self._funds.get(account)
         if hit is not None and hit[0] > now:
             return hit[1]
-        value = await asyncio.to_thread(self.balance, account)
-        self._balances[account] = (now + self.ttl_s, value)
+        value = await asyncio.to_thread(self.funds, account)
+        self._funds[account] = (now + self.ttl_s, value)
         return value

@@ -56,7 +56,7 @@ from gpucloud.billing.model_charges import ModelPlan
 from gpucloud.clock import clock_from_env
 from gpucloud.crd.pricebook import price_book
 from gpucloud_gateway.app import Gateway
-from gpucloud_gateway.callers import Callers, Directory, directory_from_plans
+from gpucloud_gateway.callers import Callers, Directory, Funds, directory_from_plans
 from gpucloud_gateway.discovery import (
     CommandScaler,
     EndpointSource,
@@ -137,7 +137,7 @@ def _accounts(cfg: Any) -> dict[str, list[str]]:
     return cfg
 
 
-def _callers(cfg: Any, directory: Directory, ledger: Any) -> Callers | None:
+def _callers(cfg: Any, directory: Directory, ledger: Any, currency: str | None) -> Callers | None:
     cfg = {"kind": "tokenreview"} if cfg is None else cfg
     if not isinstance(cfg, dict):
         raise ConfigError("auth: a mapping {kind: tokenreview|static|none, ...}")
@@ -164,21 +164,22 @@ def _callers(cfg: Any, directory: Directory, ledger: Any) -> Callers | None:
         checker = LazyTokenReview(audiences, float(ttl))
     else:
         raise ConfigError(f"auth.kind: {kind!r} is not one of tokenreview, static, none")
-    balance = None
+    funds = None
     if ledger is not None:
 
-        def balance(account: str) -> int | None:
+        def funds(account: str) -> Funds | None:
             from gpucloud.ledger import NotFound
 
             try:
-                return ledger.balance(account)
+                acct = ledger.get_account(account)
             except NotFound:  # no such account in the ledger: nothing to pay with
-                return 0
+                return Funds(0, None)
             except Exception as exc:  # ledger down: serve; usage is posted once it is back
                 print(f"gpucloud-gateway: balance of {account!r} unknown: {exc}", file=sys.stderr)
                 return None
+            return Funds(acct.balance_minor, acct.currency)
 
-    return Callers(checker, directory, balance, ttl_s=float(ttl))
+    return Callers(checker, directory, funds, ttl_s=float(ttl), currency=currency)
 
 
 class LazyTokenReview:
@@ -264,7 +265,7 @@ def build(config_path: Path) -> Runtime:
             "Authorization: Bearer <token> and pay for public models (see auth)",
             file=sys.stderr,
         )
-    outbox = drain = None
+    outbox = drain = pb = None
     ledger = None
     billing = cfg.get("billing")
     if billing:
@@ -300,7 +301,10 @@ def build(config_path: Path) -> Runtime:
         retry_after_s=int(cfg.get("retryAfterSeconds", 30)),
         window_s=float(cfg.get("windowSeconds", 600)),
         callers=_callers(
-            cfg.get("auth"), directory_from_plans(plans, _accounts(cfg.get("accounts"))), ledger
+            cfg.get("auth"),
+            directory_from_plans(plans, _accounts(cfg.get("accounts"))),
+            ledger,
+            pb.currency if pb is not None else None,
         ),
         peers=_peers(cfg.get("stats")),
     )

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from gpucloud_gateway.app import ModelStats
+from gpucloud_gateway.callers import Funds
 from gpucloud_gateway.kube import plans_from_cluster
 from gpucloud_gateway.main import main as gateway_main
 from gpucloud_gateway.metering import Counts, UsageTap
@@ -253,7 +254,8 @@ def test_an_account_in_arrears_by_its_status_gets_402_even_with_balance() -> Non
     directory = directory_from_accounts(accounts)
     assert directory.owners == {"a": "ok", "b": "late"}
     tokens = {f"t-{ns}": Principal(f"system:serviceaccount:{ns}:default") for ns in "ab"}
-    callers = Callers(StaticTokenAuthenticator(tokens), directory, balance=lambda _: 500)
+    funds = {"ok": Funds(500, "CNY"), "late": Funds(500, "CNY")}
+    callers = Callers(StaticTokenAuthenticator(tokens), directory, funds.get, currency="CNY")
     public = ModelPlan("x", "m", "owner", visibility="Public", publisher="Personal")
 
     async def check(token: str) -> str:
@@ -264,6 +266,39 @@ def test_an_account_in_arrears_by_its_status_gets_402_even_with_balance() -> Non
 
     assert asyncio.run(check("t-a")) == "ok"
     assert asyncio.run(check("t-b")).startswith("402: account 'late' is in arrears")
+
+
+def test_a_public_model_refuses_a_caller_whose_money_is_in_another_currency() -> None:
+    """Requests are charged in the price book's currency; an account kept in USD would
+    pay CNY figures as dollars. Nothing converts: 402 naming both currencies. An account
+    the ledger does not know yet has nothing to pay with."""
+    import asyncio
+
+    from gpucloud_gateway.callers import CallerError, Callers, Directory
+
+    from gpucloud.api.auth import Principal, StaticTokenAuthenticator
+
+    owners = {"us": "dollars", "cn": "yuan", "new": "fresh"}
+    tokens = {f"t-{ns}": Principal(f"system:serviceaccount:{ns}:default") for ns in owners}
+    funds = {"dollars": Funds(10_000, "USD"), "yuan": Funds(10_000, "CNY"),
+             "fresh": Funds(0, None)}  # fmt: skip
+    callers = Callers(
+        StaticTokenAuthenticator(tokens), Directory(owners, {}), funds.get, currency="CNY"
+    )
+    public = ModelPlan("x", "m", "owner", visibility="Public", publisher="Personal")
+
+    async def check(token: str) -> str:
+        try:
+            return (await callers.check(public, f"Bearer {token}")).account
+        except CallerError as exc:
+            return f"{exc.status}: {exc.message}"
+
+    assert asyncio.run(check("t-cn")) == "yuan"
+    assert asyncio.run(check("t-us")) == (
+        "402: account 'dollars' keeps its balance in USD but public models here are priced "
+        "in CNY: nothing is billed across currencies"
+    )
+    assert asyncio.run(check("t-new")).startswith("402: account 'fresh' has no balance (0 ")
 
 
 def test_only_the_streams_own_done_line_settles_it_not_generated_text() -> None:
