@@ -5,10 +5,17 @@ usage queue and the ledger on, as in production, with a SQLite ledger) as real p
 
 * overhead: sequential requests, alternating a direct call to the model server and the
   same call through the gateway; overhead pN = pN(through gateway) - pN(direct);
-* throughput: 64 concurrent clients (in 2 client processes) through the gateway.
+* throughput: 64 concurrent clients (in 2 client processes), alternating windows
+  direct to the model server and through the gateway (``--rounds`` of each, the same
+  clients), so both see the same machine load; ``gateway_throughput_ratio`` is the
+  median over rounds of gateway_rps / direct_rps of the same round. The CPU time the
+  gateway and the model server burn per request (from /proc) is reported too: it does
+  not depend on how busy the machine is, unlike the rates.
 
-Prints ``gateway_overhead_p50_ms``, ``gateway_overhead_p99_ms`` and ``gateway_rps``
-(goal: p99 overhead < 5 ms). Usage: ``.venv/bin/python bench/gateway_bench.py``.
+Prints ``gateway_overhead_p50_ms``, ``gateway_overhead_p99_ms``, ``direct_rps``,
+``gateway_rps``, ``gateway_throughput_ratio`` (goals: p99 overhead <= 1 ms, ratio >= 0.5)
+and ``*_cpu_us_per_request``. ``--profile FILE`` records the gateway with py-spy during
+its throughput windows. Usage: ``.venv/bin/python bench/gateway_bench.py``.
 """
 
 from __future__ import annotations
@@ -133,11 +140,33 @@ def throughput(url: str, clients: int, seconds: float, procs: int = 2) -> float:
     return total / seconds
 
 
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU time of a process (or of one of its threads) so far (Linux)."""
+    stat = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(url: str, pid: int, args: argparse.Namespace) -> tuple[float, float, float]:
+    """Requests per second, and the CPU microseconds process ``pid`` spent per request,
+    all threads and its main thread (the event loop) alone."""
+    cpu, main_cpu = cpu_seconds(pid), cpu_seconds(pid, pid)
+    rps = throughput(url, args.clients, args.seconds)
+    n = max(1.0, rps * args.seconds)
+    return rps, (cpu_seconds(pid) - cpu) * 1e6 / n, (cpu_seconds(pid, pid) - main_cpu) * 1e6 / n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=2000, help="sequential requests per path")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="direct/gateway throughput pairs")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy profile of the gateway: .svg flame graph, else collapsed stacks",
+    )
     ap.add_argument("--no-billing", action="store_true", help="metering without billing")
     ap.add_argument("--fsync", action="store_true", help="sync every queue commit to disk")
     args = ap.parse_args()
@@ -221,8 +250,38 @@ def main() -> int:
         gateway = f"http://127.0.0.1:{gport}"
         wait_up(gateway)
         d50, d99, g50, g99 = overhead(direct, gateway + "/bench/llm", args.n)
-        direct_rps = throughput(direct, args.clients, args.seconds)
-        rps = throughput(gateway + "/bench/llm", args.clients, args.seconds)
+        server_pid, gateway_pid = procs[0].pid, procs[1].pid
+        spy = None
+        if args.profile:
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(gateway_pid),
+                 "-r", "250", "-o", str(args.profile), "--nonblocking",
+                 "-f", "flamegraph" if args.profile.suffix == ".svg" else "raw"],
+            )  # fmt: skip
+            os.kill(spy.pid, signal.SIGSTOP)  # recording only while the gateway is loaded
+        rounds = []
+        for _ in range(args.rounds):
+            d_rps, d_cpu, _ = measured(direct, server_pid, args)
+            if spy is not None:
+                os.kill(spy.pid, signal.SIGCONT)
+            g_cpu0 = cpu_seconds(server_pid)
+            g_rps, g_cpu, g_loop = measured(gateway + "/bench/llm", gateway_pid, args)
+            if spy is not None:
+                os.kill(spy.pid, signal.SIGSTOP)
+            s_cpu = (cpu_seconds(server_pid) - g_cpu0) * 1e6 / max(1.0, g_rps * args.seconds)
+            rounds.append((d_rps, g_rps, g_rps / d_rps, d_cpu, g_cpu, s_cpu, g_loop))
+            print(
+                f"round: direct {d_rps:.0f}/s, gateway {g_rps:.0f}/s, ratio {g_rps / d_rps:.3f}; "
+                f"CPU per request: server {d_cpu:.0f} us direct, {s_cpu:.0f} us behind the "
+                f"gateway, gateway {g_cpu:.0f} us ({g_loop:.0f} us in its event loop's thread)",
+                flush=True,
+            )
+        if spy is not None:
+            os.kill(spy.pid, signal.SIGCONT)
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+        rounds.sort(key=lambda r: r[2])
+        direct_rps, rps, ratio, d_cpu, g_cpu, s_cpu, g_loop = rounds[len(rounds) // 2]
         print(f"direct_p50_ms: {d50:.3f}")
         print(f"direct_p99_ms: {d99:.3f}")
         print(f"gateway_p50_ms: {g50:.3f}")
@@ -231,6 +290,10 @@ def main() -> int:
         print(f"gateway_overhead_p99_ms: {g99 - d99:.3f}")
         print(f"direct_rps: {direct_rps:.0f}")
         print(f"gateway_rps: {rps:.0f}")
+        print(f"gateway_throughput_ratio: {ratio:.3f}")
+        print(f"server_cpu_us_per_request: {d_cpu:.0f}")
+        print(f"gateway_cpu_us_per_request: {g_cpu:.0f}")
+        print(f"gateway_loop_cpu_us_per_request: {g_loop:.0f}")
     finally:
         for p in reversed(procs):
             os.killpg(p.pid, signal.SIGTERM)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from gpucloud_operator.builders import STORAGE_CLASS
 
 from gpucloud.clock import FileClock
 from gpucloud.ledger import EntryKind, open_ledger
@@ -36,8 +37,11 @@ from gpucloud.testing.kube import install_crds
 from gpucloud.testing.testbed import REPO, Binaries, Testbed, parse_node_mix
 
 INSTANCES = int(os.environ.get("BENCH_INSTANCES", "200"))
-NODES = os.environ.get("GPUCLOUD_TESTBED_NODES", "NVIDIA-L40S:25:8,NVIDIA-A100-SXM4-80GB:25:8")
+# 32 GPUs a node: the 200 instances (300 GPUs) and the two sets of 200 bare pods beside
+# them (300 GPUs each) all fit, with room to spare
+NODES = os.environ.get("GPUCLOUD_TESTBED_NODES", "NVIDIA-L40S:25:32,NVIDIA-A100-SXM4-80GB:25:32")
 NS = "opbench"
+QUOTA_GI = 20
 Obj = dict[str, Any]
 
 
@@ -59,23 +63,89 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def shape(i: int) -> tuple[str, int]:
+    """Instance ``i``'s GPU product and count (the bare pods copy them)."""
+    return ("NVIDIA-L40S" if i % 2 else "NVIDIA-A100-SXM4-80GB"), 1 + i % 2
+
+
 def manifests() -> str:
     docs = []
     for i in range(INSTANCES):
-        product = "NVIDIA-L40S" if i % 2 else "NVIDIA-A100-SXM4-80GB"
+        product, count = shape(i)
         docs.append(
             {
                 "apiVersion": "gpucloud.dev/v1alpha1",
                 "kind": "GPUInstance",
                 "metadata": {"name": f"i{i:03d}", "namespace": NS},
                 "spec": {
-                    "gpu": {"product": product, "count": 1 + i % 2},
+                    "gpu": {"product": product, "count": count},
                     "billing": {"mode": "PayAsYouGo"},
-                    "storage": {"quotaGi": 20},
+                    "storage": {"quotaGi": QUOTA_GI},
                 },
             }
         )
     return yaml.safe_dump_all(docs)
+
+
+def bare_manifests(group: str) -> tuple[list[Obj], list[Obj]]:
+    """Pods like the instances' own, without the operator: the same GPU requests and
+    product selector, each with a claim pre-bound to a hostPath volume of the quota
+    (the operator's storage class, no provisioner). Returns the volumes and claims, and
+    the pods; ``group`` prefixes the names and is their ``bench`` label."""
+    claims: list[Obj] = []
+    pods: list[Obj] = []
+    for i in range(INSTANCES):
+        product, count = shape(i)
+        name = f"{group}-{i:03d}"
+        claims.append(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": f"{NS}-{name}", "labels": {"bench": group}},
+                "spec": {
+                    "capacity": {"storage": f"{QUOTA_GI}Gi"},
+                    "accessModes": ["ReadWriteOnce"],
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "storageClassName": STORAGE_CLASS,
+                    "volumeMode": "Filesystem",
+                    "hostPath": {"path": f"/var/lib/opbench/{name}", "type": "DirectoryOrCreate"},
+                    "claimRef": {"namespace": NS, "name": name},
+                },
+            }
+        )
+        claims.append(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": name, "namespace": NS, "labels": {"bench": group}},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": STORAGE_CLASS,
+                    "volumeName": f"{NS}-{name}",
+                    "resources": {"requests": {"storage": f"{QUOTA_GI}Gi"}},
+                },
+            }
+        )
+        container = {
+            "name": "main",
+            "image": "busybox",
+            "command": ["sleep", "infinity"],
+            "resources": {"limits": {"nvidia.com/gpu": str(count)}},
+            "volumeMounts": [{"name": "data", "mountPath": "/root/data"}],
+        }
+        pods.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": NS, "labels": {"bench": group}},
+                "spec": {
+                    "nodeSelector": {"nvidia.com/gpu.product": product},
+                    "containers": [container],
+                    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": name}}],
+                },
+            }
+        )
+    return claims, pods
 
 
 def api_requests(tb: Testbed) -> dict[str, float]:
@@ -127,36 +197,63 @@ def debug_requests(before: dict[str, float], after: dict[str, float]) -> None:
 
 
 class PhaseWatch:
-    """When each instance was first seen Running, from one ``kubectl get -w``: polling
-    with a kubectl per look would spend much of a small machine's CPU on measuring."""
+    """When each object was first seen and first seen Running, from one ``kubectl get
+    -w`` (``namespace`` None: all namespaces; names are then ``ns/name``): polling with
+    a kubectl per look would spend much of a small machine's CPU on measuring."""
 
-    def __init__(self, tb: Testbed) -> None:
-        cmd = [str(tb.bin.kubectl), "--kubeconfig", str(tb.kubeconfig), "get", "gpuinstances"]
+    def __init__(
+        self,
+        tb: Testbed,
+        resource: str = "gpuinstances",
+        namespace: str | None = NS,
+        selector: str | None = None,
+    ) -> None:
+        cmd = [str(tb.bin.kubectl), "--kubeconfig", str(tb.kubeconfig), "get", resource]
+        cmd += ["-n", namespace] if namespace else ["-A"]
+        cmd += ["-l", selector] if selector else []
         cmd += [
-            "-n",
-            NS,
             "-w",
             "--no-headers",
             "-o",
-            "custom-columns=N:.metadata.name,P:.status.phase",
+            "custom-columns=S:.metadata.namespace,N:.metadata.name,P:.status.phase",
         ]
-        self.proc = subprocess.Popen(cmd, env=tb.env(), stdout=subprocess.PIPE, text=True)
+        self.all_namespaces = namespace is None
+        self._cmd, self._env, self._closed = cmd, tb.env(), False
+        self.proc = self._open()
         self.t0 = time.monotonic()
-        self.seen: dict[str, float] = {}  # first sight: the instance was created
+        self.seen: dict[str, float] = {}  # first sight: the object was created
         self.running: dict[str, float] = {}
+        self.phases: dict[str, str] = {}  # the last phase seen
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
+    def _open(self) -> subprocess.Popen[str]:
+        return subprocess.Popen(self._cmd, env=self._env, stdout=subprocess.PIPE, text=True)
+
     def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            name, _, phase = line.strip().partition(" ")
-            now = time.monotonic() - self.t0
-            self.seen.setdefault(name, now)
-            if phase.strip() == "Running":
-                self.running.setdefault(name, now)
+        while True:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                ns, name, phase = [*line.split(), "", "", ""][:3]
+                key = f"{ns}/{name}" if self.all_namespaces else name
+                now = time.monotonic() - self.t0
+                self.seen.setdefault(key, now)
+                self.phases[key] = phase
+                if phase == "Running":
+                    self.running.setdefault(key, now)
+            if self._closed:
+                return
+            # the API server ended the watch (a busy one does): watch again; the new
+            # listing shows what changed meanwhile, a little later than it happened
+            print("# the watch ended; watching again", file=sys.stderr)
+            self.proc.wait()
+            self.proc = self._open()
+
+    def count(self, phase: str) -> int:
+        return sum(1 for p in list(self.phases.values()) if p == phase)
 
     def close(self) -> None:
+        self._closed = True
         self.proc.terminate()
         self.proc.wait(timeout=10)
 
@@ -217,6 +314,96 @@ def debug_timeline(
         )
 
 
+def start_operator(tmp: Path, kubeconfig: Path, clock: FileClock, url: str, **env: str) -> Any:
+    """The operator as its own process on the bench's clock and ledger; ``env`` adds
+    its settings (``GPUCLOUD_OPERATOR_*``). Its log goes to ``tmp/operator.log``."""
+    env = dict(os.environ) | {
+        "KUBECONFIG": str(kubeconfig),
+        "GPUCLOUD_LEDGER_URL": url,
+        "GPUCLOUD_CLOCK": f"file:{clock.path}",
+        **env,
+    }
+    log = (tmp / "operator.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "gpucloud_operator.main", "--standalone", "-A"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop_process(proc: Any) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def start_profiler(pid: int) -> Any:
+    """py-spy recording ``pid`` into BENCH_PROFILE (collapsed stacks), if it is set;
+    stop it with ``stop_profiler``."""
+    if not os.environ.get("BENCH_PROFILE"):
+        return None
+    py_spy = str(Path(sys.executable).parent / "py-spy")
+    args = ["record", "--format", "raw", "--gil", "--nonblocking", "-r", "100"]
+    args += ["-o", os.environ["BENCH_PROFILE"], "--pid", str(pid)]
+    return subprocess.Popen([py_spy, *args], stdout=subprocess.DEVNULL)
+
+
+def stop_profiler(profiler: Any) -> None:
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)
+        profiler.wait(timeout=60)
+
+
+def wait_running(watch: PhaseWatch, count: int, pid: int, timeout: float) -> float:
+    """Wait until ``count`` objects of the watch are Running; the operator's peak RSS."""
+    peak_rss = rss_mib(pid)
+    deadline = time.monotonic() + timeout
+    while len(watch.running) < count and time.monotonic() < deadline:
+        peak_rss = max(peak_rss, rss_mib(pid))
+        time.sleep(0.25)
+    return peak_rss
+
+
+def latencies(watch: PhaseWatch) -> list[float]:
+    """Each object's time from its creation (first sight) to Running."""
+    return [t - watch.seen.get(n, 0.0) for n, t in dict(watch.running).items()]
+
+
+def bare_pods(tb: Testbed, group: str, bound_first: bool) -> list[float] | None:
+    """200 bare pods beside the running instances; each one's creation -> Running (None:
+    not all ran). ``bound_first`` False: volume, claim and pod of each in one apply, as
+    the instances were sent. True: the volumes and claims applied and bound first, then
+    the pods in one apply (the pods never wait for a bind)."""
+    claims, pods = bare_manifests(group)
+    if bound_first:
+        tb.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(claims), timeout=300)
+        tb.kubectl(
+            *("wait", "pvc", "-n", NS, "-l", f"bench={group}", "--timeout=300s"),
+            "--for=jsonpath={.status.phase}=Bound",
+            timeout=310,
+        )
+        docs = pods
+    else:  # volume, claim, pod; one after another
+        docs = [d for i in range(INSTANCES) for d in (claims[2 * i], claims[2 * i + 1], pods[i])]
+    watch = PhaseWatch(tb, "pods", NS, selector=f"bench={group}")
+    time.sleep(1)  # the watch is open
+    watch.t0 = time.monotonic()
+    try:
+        tb.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs), timeout=300)
+        deadline = time.monotonic() + 300
+        while len(watch.running) < INSTANCES and time.monotonic() < deadline:
+            time.sleep(0.25)
+    finally:
+        watch.close()
+    if len(watch.running) < INSTANCES:
+        print(f"# only {len(watch.running)}/{INSTANCES} {group} pods ran", file=sys.stderr)
+        return None
+    return latencies(watch)
+
+
 def main() -> int:
     name = os.environ.get("GPUCLOUD_TESTBED_NAME", "gpucloud-opbench")
     tmp = Path(tempfile.mkdtemp(prefix="opbench-"))
@@ -253,58 +440,22 @@ def main() -> int:
         ledger.ensure_account("bench", "CNY")
         ledger.post_entry("bench", EntryKind.RECHARGE, 10**9, "bench-fund", at=clock.now())
         ledger.close()
-        env = dict(os.environ) | {
-            "KUBECONFIG": str(kubeconfig),
-            "GPUCLOUD_LEDGER_URL": url,
-            "GPUCLOUD_CLOCK": f"file:{clock.path}",
-            "GPUCLOUD_OPERATOR_NAMESPACES": NS,
-        }
-        log = (tmp / "operator.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gpucloud_operator.main", "--standalone", "-A"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        proc = start_operator(tmp, kubeconfig, clock, url, GPUCLOUD_OPERATOR_NAMESPACES=NS)
         time.sleep(3)  # let the operator list and watch before the burst
         load_before, cpu_before = os.getloadavg()[0], cpu_s(proc.pid)
         requests_before = api_requests(tb) if os.environ.get("BENCH_DEBUG") else {}
         cpu_all_before = process_cpu()
         watch = PhaseWatch(tb)
-        profiler = None
-        if os.environ.get("BENCH_PROFILE"):  # collapsed stacks of the operator (py-spy)
-            profiler = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "py-spy"),
-                    "record",
-                    "--format",
-                    "raw",
-                    "--gil",
-                    "--nonblocking",
-                    "-r",
-                    "100",
-                    "-o",
-                    os.environ["BENCH_PROFILE"],
-                    "--pid",
-                    str(proc.pid),
-                ],
-                stdout=subprocess.DEVNULL,
-            )
+        profiler = start_profiler(proc.pid)
         time.sleep(1)  # the watch is open (it lists nothing yet)
         t0, t0_wall = time.monotonic(), time.time()
         watch.t0 = t0
         # BENCH_APPLY_ARGS: e.g. --server-side (one request per object: a faster burst)
         extra = os.environ.get("BENCH_APPLY_ARGS", "").split()
         tb.kubectl("apply", *extra, "-f", "-", input=manifests(), timeout=120)
-        peak_rss = rss_mib(proc.pid)
-        deadline = t0 + 300
-        while len(watch.running) < INSTANCES and time.monotonic() < deadline:
-            peak_rss = max(peak_rss, rss_mib(proc.pid))
-            time.sleep(0.25)
+        peak_rss = wait_running(watch, INSTANCES, proc.pid, timeout=300 - (time.monotonic() - t0))
         watch.close()
-        if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            profiler.wait(timeout=60)
+        stop_profiler(profiler)
         running = dict(watch.running)
         if len(running) < INSTANCES:
             print(f"# only {len(running)}/{INSTANCES} instances ran", file=sys.stderr)
@@ -323,21 +474,30 @@ def main() -> int:
             f"operator CPU {cpu_used:.1f} s over {elapsed:.1f} s",
             file=sys.stderr,
         )
-        # each instance from its creation (first sight in the watch) to Running
-        latency = [running[n] - watch.seen.get(n, 0.0) for n in running]
+        latency = latencies(watch)
         print(f"instances_running_p95_s: {percentile(latency, 95):.1f}")
         print(f"instances_running_p50_s: {percentile(latency, 50):.1f}")
         print(f"instances_apply_s: {max(watch.seen.values()):.1f}")
         print(f"instances_all_running_s: {max(running.values()):.1f}")
-        print(f"operator_rss_mib: {peak_rss:.0f}")
+        print(f"operator_rss_mib: {peak_rss:.0f}", flush=True)
+        # the same GPU requests and claims without the operator, on the same cluster now
+        bare = bare_pods(tb, "bare", bound_first=False)
+        if bare is None:
+            return 1
+        bound = bare_pods(tb, "bound", bound_first=True)
+        if bound is None:
+            return 1
+        print(f"bare_pods_running_p95_s: {percentile(bare, 95):.1f}")
+        print(f"bare_pods_running_p50_s: {percentile(bare, 50):.1f}")
+        ratio = percentile(latency, 95) / max(percentile(bare, 95), 0.1)
+        print(f"operator_start_overhead_ratio: {ratio:.2f}")
+        print(f"bound_claim_pods_running_p95_s: {percentile(bound, 95):.1f}")
+        strict = percentile(latency, 95) / max(percentile(bound, 95), 0.1)
+        print(f"operator_start_overhead_ratio_bound_claims: {strict:.2f}")
         return 0
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
         tb.down()
 
 

@@ -133,14 +133,12 @@ def run_agent(args: argparse.Namespace) -> int:
     from gpucloud.usage import UsageKind
     from gpucloud_agent.agent import Agent, AgentConfig
     from gpucloud_agent.disk import LAYOUT, parse_kinds
-    from gpucloud_agent.imagecopy import ImageCopier, ImageCopyCollector
     from gpucloud_agent.metrics import AgentCollector, serve_http
     from gpucloud_agent.nvml import NoGpus, Nvml, NvmlBackend, NvmlError
     from gpucloud_agent.podresources.client import PodResourcesClient
     from gpucloud_agent.pods import DerivedUidResolver, KubeUidResolver, PodUidResolver
     from gpucloud_agent.shipper import Shipper
     from gpucloud_agent.wal import Wal
-    from gpucloud_agent.wipe import WipeCollector, Wiper
 
     if not args.node_name:
         return _fail("--node-name (or GPUCLOUD_AGENT_NODE_NAME) is required")
@@ -220,6 +218,10 @@ def run_agent(args: argparse.Namespace) -> int:
     )
     wiper = None
     if args.disk_root:
+        # only nodes that keep instance volumes wipe and copy: the rest skip these imports
+        from gpucloud_agent.imagecopy import ImageCopier, ImageCopyCollector
+        from gpucloud_agent.wipe import WipeCollector, Wiper
+
         copier = None
         if {UsageKind.INSTANCE_VOLUME, UsageKind.IMAGE} <= disk_kinds:
             # images are copied from an instance's folder on the node that holds both

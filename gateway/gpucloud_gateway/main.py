@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     app = rt.gateway.app(on_shutdown=[*stops, *finish], on_startup=starts)
     serve(
         app, args.host, args.port, rt.gateway.ops_app(), args.ops_host or args.host,
-        args.ops_port, args.log_level,
+        args.ops_port, args.log_level, uvloop=True,
     )  # fmt: skip
     return 0
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import queue
@@ -67,9 +68,22 @@ class RequestLedger(Protocol):
     ) -> tuple[list[tuple[str, datetime]], dict[str, tuple[int, datetime | None]]]: ...
 
 
+@functools.lru_cache(maxsize=4096)
+def _plan_json(plan: ModelPlan) -> str:
+    """A plan's JSON, once per plan (frozen; the same few for every request)."""
+    return json.dumps(dataclasses.asdict(plan))
+
+
+_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(UsageEvent))
+
+
 def _encode(plan: ModelPlan, event: UsageEvent, payer: str | None) -> str:
-    ev = dataclasses.asdict(event) | {"at": event.at.isoformat()}
-    return json.dumps({"plan": dataclasses.asdict(plan), "event": ev, "payer": payer})
+    # flat dataclasses: a shallow dict is what asdict's deep copy would give, cheaper
+    ev = {name: getattr(event, name) for name in _EVENT_FIELDS}
+    ev["at"] = event.at.isoformat()
+    return (
+        f'{{"plan": {_plan_json(plan)}, "event": {json.dumps(ev)}, "payer": {json.dumps(payer)}}}'
+    )
 
 
 def _decode(text: str) -> Record:
@@ -171,13 +185,14 @@ def restored_stats(
     return arrivals, totals
 
 
-def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
-    if fut.done():  # the request was cancelled meanwhile: its record stands anyway
-        return
-    if error is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(error)
+def _resolve(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for fut in futures:
+        if fut.done():  # the request was cancelled meanwhile: its record stands anyway
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
 
 
 class Outbox:
@@ -227,9 +242,13 @@ class Outbox:
             except Exception as exc:  # the waiting requests fail: no answer without a record
                 log.exception("committing %d usage records failed", len(batch))
                 error = exc
+            # one wake-up per event loop for the whole group, not one per request
+            waiting: dict[Any, list[asyncio.Future[None]]] = {}
             for *_, loop, fut in batch:
                 if fut is not None:
-                    loop.call_soon_threadsafe(_resolve, fut, error)
+                    waiting.setdefault(loop, []).append(fut)
+            for loop, futures in waiting.items():
+                loop.call_soon_threadsafe(_resolve, futures, error)
             if error is None and self.on_commit is not None:
                 self.on_commit()
 
@@ -241,19 +260,28 @@ class Outbox:
 
 class LedgerDrain:
     """Moves queued records into the ledger: at startup (records a killed gateway left),
-    after each commit, and every ``tick_s`` while records wait (a ledger that was down
-    or slow). It also checkpoints the queue every ``tick_s`` (not every pass: a
-    checkpoint syncs the disk), so with ``fsync: false`` a host crash loses at most the
-    records of the last ``tick_s`` seconds and a pass's time (a killed process loses
-    none)."""
+    after each commit (passes at least ``gap_s`` apart), and every ``tick_s`` while
+    records wait (a ledger that was down or slow). It also checkpoints the queue every
+    ``tick_s`` (not every pass: a checkpoint syncs the disk), so with ``fsync: false`` a
+    host crash loses at most the records of the last ``tick_s`` seconds and a pass's
+    time (a killed process loses none)."""
 
     def __init__(
-        self, usage: UsageQueue, ledger: RequestLedger, pricebook: PriceBook, tick_s: float = 1.0
+        self,
+        usage: UsageQueue,
+        ledger: RequestLedger,
+        pricebook: PriceBook,
+        tick_s: float = 1.0,
+        gap_s: float = 0.2,
     ) -> None:
         self.usage = usage
         self.ledger = ledger
         self.pricebook = pricebook
         self.tick_s = tick_s
+        # Passes start at least gap_s apart: under load one ledger transaction takes the
+        # records of many requests (a pass costs much more than a record in it), and a
+        # charge lands at most gap_s later.
+        self.gap_s = gap_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -293,12 +321,16 @@ class LedgerDrain:
         assert self._wake is not None
         while True:
             self._wake.clear()  # before the pass: a commit during it wakes the next one
+            started = time.monotonic()
             try:
                 await asyncio.to_thread(self._pass)
             except Exception:
                 log.exception("usage drain pass failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.tick_s)
+            rest = self.gap_s - (time.monotonic() - started)
+            if rest > 0:
+                await asyncio.sleep(rest)
 
     async def stop(self, timeout_s: float = 20.0) -> None:
         """Stop, after one last pass (bounded: everything queued is durable anyway)."""

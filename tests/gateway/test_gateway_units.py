@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -235,13 +236,30 @@ def test_tap_reads_a_cut_stream_as_the_content_deltas_delivered() -> None:
     assert whole.result() == Counts(prompt_tokens=9, completion_tokens=3)
 
 
-def test_an_account_in_arrears_by_its_status_gets_402_even_with_balance() -> None:
+def public_caller(directory: Any, funds: dict[str, Funds]) -> Callable[[str], str]:
+    """Checks a token against a public model: the paying account, or "status: message"."""
     import asyncio
 
     from gpucloud_gateway.callers import CallerError, Callers
-    from gpucloud_gateway.kube import directory_from_accounts
 
     from gpucloud.api.auth import Principal, StaticTokenAuthenticator
+
+    namespaces = set(directory.owners)
+    tokens = {f"t-{ns}": Principal(f"system:serviceaccount:{ns}:default") for ns in namespaces}
+    callers = Callers(StaticTokenAuthenticator(tokens), directory, funds.get, currency="CNY")
+    public = ModelPlan("x", "m", "owner", visibility="Public", publisher="Personal")
+
+    async def check(token: str) -> str:
+        try:
+            return (await callers.check(public, f"Bearer {token}")).account
+        except CallerError as exc:
+            return f"{exc.status}: {exc.message}"
+
+    return lambda token: asyncio.run(check(token))
+
+
+def test_an_account_in_arrears_by_its_status_gets_402_even_with_balance() -> None:
+    from gpucloud_gateway.kube import directory_from_accounts
 
     accounts = [
         {"metadata": {"name": "ok"}, "spec": {"namespaces": ["a"]}, "status": {"state": "Active"}},
@@ -253,52 +271,27 @@ def test_an_account_in_arrears_by_its_status_gets_402_even_with_balance() -> Non
     ]
     directory = directory_from_accounts(accounts)
     assert directory.owners == {"a": "ok", "b": "late"}
-    tokens = {f"t-{ns}": Principal(f"system:serviceaccount:{ns}:default") for ns in "ab"}
-    funds = {"ok": Funds(500, "CNY"), "late": Funds(500, "CNY")}
-    callers = Callers(StaticTokenAuthenticator(tokens), directory, funds.get, currency="CNY")
-    public = ModelPlan("x", "m", "owner", visibility="Public", publisher="Personal")
-
-    async def check(token: str) -> str:
-        try:
-            return (await callers.check(public, f"Bearer {token}")).account
-        except CallerError as exc:
-            return f"{exc.status}: {exc.message}"
-
-    assert asyncio.run(check("t-a")) == "ok"
-    assert asyncio.run(check("t-b")).startswith("402: account 'late' is in arrears")
+    check = public_caller(directory, {"ok": Funds(500, "CNY"), "late": Funds(500, "CNY")})
+    assert check("t-a") == "ok"
+    assert check("t-b").startswith("402: account 'late' is in arrears")
 
 
 def test_a_public_model_refuses_a_caller_whose_money_is_in_another_currency() -> None:
     """Requests are charged in the price book's currency; an account kept in USD would
     pay CNY figures as dollars. Nothing converts: 402 naming both currencies. An account
     the ledger does not know yet has nothing to pay with."""
-    import asyncio
-
-    from gpucloud_gateway.callers import CallerError, Callers, Directory
-
-    from gpucloud.api.auth import Principal, StaticTokenAuthenticator
+    from gpucloud_gateway.callers import Directory
 
     owners = {"us": "dollars", "cn": "yuan", "new": "fresh"}
-    tokens = {f"t-{ns}": Principal(f"system:serviceaccount:{ns}:default") for ns in owners}
     funds = {"dollars": Funds(10_000, "USD"), "yuan": Funds(10_000, "CNY"),
              "fresh": Funds(0, None)}  # fmt: skip
-    callers = Callers(
-        StaticTokenAuthenticator(tokens), Directory(owners, {}), funds.get, currency="CNY"
-    )
-    public = ModelPlan("x", "m", "owner", visibility="Public", publisher="Personal")
-
-    async def check(token: str) -> str:
-        try:
-            return (await callers.check(public, f"Bearer {token}")).account
-        except CallerError as exc:
-            return f"{exc.status}: {exc.message}"
-
-    assert asyncio.run(check("t-cn")) == "yuan"
-    assert asyncio.run(check("t-us")) == (
+    check = public_caller(Directory(owners, {}), funds)
+    assert check("t-cn") == "yuan"
+    assert check("t-us") == (
         "402: account 'dollars' keeps its balance in USD but public models here are priced "
         "in CNY: nothing is billed across currencies"
     )
-    assert asyncio.run(check("t-new")).startswith("402: account 'fresh' has no balance (0 ")
+    assert check("t-new").startswith("402: account 'fresh' has no balance (0 ")
 
 
 def test_only_the_streams_own_done_line_settles_it_not_generated_text() -> None:

@@ -138,9 +138,10 @@ class Core(ReconcilerState):
         changes = {k: v for k, v in changes.items() if p.status.get(k) != v}
         if not changes:
             return
-        self.kube.patch_status(PLURAL, p.ns, p.name, changes)
+        patched = self.kube.patch_status(PLURAL, p.ns, p.name, changes)
         with self._guard:
             self._status_written.add(p.uid)
+        self._saw_version(p.uid, patched)
         if "phase" in changes:
             self._note_phase(p.uid, p.ns, changes["phase"])
         for k, v in changes.items():

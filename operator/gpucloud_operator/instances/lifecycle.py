@@ -481,5 +481,6 @@ class Lifecycle(Core):
         with self._guard:
             self._awaiting_bind.discard(p.uid)
             self._status_written.discard(p.uid)
+            self._known_version.pop(p.uid, None)
             self._run_pods.pop(p.uid, None)
         return True

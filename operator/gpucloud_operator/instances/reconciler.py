@@ -18,6 +18,7 @@ concurrency    the locks and caches, and the rules for them
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from gpucloud_operator import builders as b
@@ -63,10 +64,8 @@ class InstanceReconciler(
         pass over the instance is already running, rather than hold a worker thread on
         the lock for a pass that repeats it."""
         meta = inst["metadata"]
-        # no status yet: unless a pass of this process patched it (checked under the
-        # lock), nothing has, and the body is as fresh as a read would be
-        body = None if inst.get("status") else inst
-        self._reconcile_fresh(meta["namespace"], meta["name"], meta["uid"], wait=wait, body=body)
+        # the body stands for a read if it is as fresh (checked under the lock)
+        self._reconcile_fresh(meta["namespace"], meta["name"], meta["uid"], wait=wait, body=inst)
 
     def _reconcile_fresh(
         self,
@@ -85,13 +84,15 @@ class InstanceReconciler(
             lock.acquire()
             seen = {}  # another pass ran meanwhile: what the event showed may be out of date
         try:
-            with self._guard:
-                if uid in self._status_written:
-                    body = None
-            # read under the lock: the body of the event may predate the last pass's patches
-            fresh = body or self.kube.get_namespaced_object(PLURAL, namespace, name)
+            # read under the lock: the body of the event may predate the last pass's
+            # patches; one of the version the last pass read or left is current
+            if body is not None and self._body_current(uid, body):
+                fresh: Obj | None = copy.deepcopy(body)  # a pass edits its status
+            else:
+                fresh = self.kube.get_namespaced_object(PLURAL, namespace, name)
             if fresh is None or fresh["metadata"]["uid"] != uid:
                 return
+            self._saw_version(uid, fresh)
             if fresh["metadata"].get("deletionTimestamp"):
                 return  # the release handler owns it now
             self._reconcile(self._pass(fresh, **seen))

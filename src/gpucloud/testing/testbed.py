@@ -269,9 +269,9 @@ class KubectlClient:
             raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
         return proc
 
-    def apply(self, manifests: list[dict] | str, *extra: str) -> str:
+    def apply(self, manifests: list[dict] | str, *extra: str, timeout: float = 60) -> str:
         text = manifests if isinstance(manifests, str) else yaml.safe_dump_all(manifests)
-        return self.kubectl("apply", "-f", "-", *extra, input=text).stdout
+        return self.kubectl("apply", "-f", "-", *extra, input=text, timeout=timeout).stdout
 
 
 class Testbed(KubectlClient):
@@ -353,7 +353,8 @@ class Testbed(KubectlClient):
                 raise RuntimeError(f"kwokctl create cluster failed:\n{proc.stderr[-4000:]}")
             self.write_kubeconfig()
         self.wait_ready(timeout)
-        self.apply([build_node(n) for n in (nodes or parse_node_mix())])
+        # hundreds of nodes (the scale bench) take longer than one minute on a busy box
+        self.apply([build_node(n) for n in (nodes or parse_node_mix())], timeout=timeout)
         self.wait_nodes_ready(timeout)
         return self.kubeconfig
 

@@ -1,0 +1,207 @@
+"""The request path's shortcuts (issue 20) keep the behaviour they replace: the proxy
+fast path routes as Starlette's table does, the outbox's group commit answers every
+waiting request with its group's outcome, and records encode as they always did."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gpucloud_gateway.app import Gateway, ProxyFastPath
+from gpucloud_gateway.discovery import StaticEndpoints
+from gpucloud_gateway.main import main as gateway_main
+from gpucloud_gateway.outbox import Outbox, UsageQueue, _decode, _encode
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.testclient import TestClient
+
+from gpucloud.billing.model_charges import ModelPlan, UsageEvent
+from gpucloud.serving import loop_factory
+
+PLAN = ModelPlan(
+    namespace="team-a",
+    name="llm",
+    account="alice",
+    visibility="Public",
+    publisher="Official",
+    task="TextGeneration",
+)
+
+
+def event(request_id: str) -> UsageEvent:
+    return UsageEvent(
+        request_id=request_id,
+        namespace="team-a",
+        model="llm",
+        at=datetime(2026, 12, 5, 4, 30, 0, 123456, tzinfo=UTC),
+        runtime_ms=1234,
+        status=200,
+        prompt_tokens=7,
+        completion_tokens=19,
+    )
+
+
+# Paths and methods the fast path takes, and ones it must leave to Starlette.
+CASES = [
+    ("POST", "/team-a/llm/v1/chat/completions"),
+    ("GET", "/team-a/llm/"),
+    ("GET", "/nobody/none/v1/models"),
+    ("DELETE", "/team-a/llm/a/b/c"),
+    ("GET", "/team-a/llm"),  # no path part: not the proxy route
+    ("GET", "/team-a"),
+    ("GET", "//llm/x"),  # empty namespace
+    ("TRACE", "/team-a/llm/x"),  # a method the route does not take
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), CASES)
+def test_the_fast_path_answers_as_starlettes_route_table(method: str, path: str) -> None:
+    # No replica and an instant wake timeout: a known model answers 503, an unknown 404.
+    gateway = Gateway([PLAN], StaticEndpoints({}), wake_timeout_s=0.0)
+    app = gateway.app()
+    assert isinstance(app, ProxyFastPath)
+    with TestClient(app) as fast, TestClient(app.app) as reference:
+        got = fast.request(method, path, follow_redirects=False)
+        want = reference.request(method, path, follow_redirects=False)
+    assert (got.status_code, got.content) == (want.status_code, want.content)
+    assert got.headers.get("retry-after") == want.headers.get("retry-after")
+
+
+def test_a_failing_handler_answers_500_and_the_error_is_raised() -> None:
+    async def boom(request: Request) -> Response:
+        raise RuntimeError("handler broke")
+
+    inner = Gateway([PLAN], StaticEndpoints({})).app().app
+    with TestClient(ProxyFastPath(inner, boom), raise_server_exceptions=False) as client:
+        r = client.post("/team-a/llm/v1/chat/completions")
+    assert (r.status_code, r.text) == (500, "Internal Server Error")
+    with (
+        TestClient(ProxyFastPath(inner, boom)) as client,
+        pytest.raises(RuntimeError, match="handler broke"),
+    ):
+        client.post("/team-a/llm/v1/chat/completions")
+
+
+def test_a_record_encodes_as_the_deep_copy_did_and_decodes_back() -> None:
+    ev = event("abc")
+    text = _encode(PLAN, ev, "bob")
+    old = {
+        "plan": dataclasses.asdict(PLAN),
+        "event": dataclasses.asdict(ev) | {"at": ev.at.isoformat()},
+        "payer": "bob",
+    }
+    assert json.loads(text) == old
+    assert _decode(text) == (PLAN, ev, "bob")
+    assert _decode(_encode(PLAN, ev, None)) == (PLAN, ev, None)
+
+
+def test_every_request_of_a_commit_group_is_answered_once_committed(tmp_path: Path) -> None:
+    usage = UsageQueue(tmp_path / "q.db")
+    gate = threading.Event()
+    real_append = usage.append_many
+    groups: list[int] = []
+
+    def held(records: Any) -> None:
+        gate.wait(10)  # the first commit waits: the others queue up behind it as a group
+        records = list(records)
+        groups.append(len(records))
+        real_append(records)
+
+    usage.append_many = held  # type: ignore[method-assign]
+    outbox = Outbox(usage)
+
+    async def run() -> None:
+        tasks = [asyncio.create_task(outbox.record(PLAN, event(f"r{i}"), "bob")) for i in range(50)]
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in tasks)  # none answered before its commit
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+    asyncio.run(run())
+    outbox.close()
+    assert sum(groups) == 50 and len(groups) < 50  # grouped
+    assert sorted(e.request_id for _, (_, e, _) in usage.peek()) == sorted(
+        f"r{i}" for i in range(50)
+    )
+    usage.close()
+
+
+def test_a_failed_group_commit_fails_every_request_in_it(tmp_path: Path) -> None:
+    usage = UsageQueue(tmp_path / "q.db")
+
+    def broken(records: Any) -> None:
+        raise OSError("disk full")
+
+    usage.append_many = broken  # type: ignore[method-assign]
+    outbox = Outbox(usage)
+
+    async def run() -> list[Any]:
+        calls = [outbox.record(PLAN, event(f"r{i}"), "bob") for i in range(20)]
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+
+    results = asyncio.run(run())
+    outbox.close()
+    assert all(isinstance(r, OSError) and "disk full" in str(r) for r in results)
+    assert usage.pending() == 0
+    usage.close()
+
+
+def test_request_ids_are_unique_across_gateways_and_uuid_shaped() -> None:
+    a, b = Gateway([PLAN], StaticEndpoints({})), Gateway([PLAN], StaticEndpoints({}))
+    ids = [a._request_id() for _ in range(1000)] + [b._request_id() for _ in range(1000)]
+    assert len(set(ids)) == 2000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_the_gateway_asks_for_uvloop_and_gets_it_where_installed() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    assert loop_factory(True) is uvloop.new_event_loop
+    assert loop_factory(False) is None  # the others stay on asyncio's loop
+    assert "uvloop=True" in Path(gateway_main.__code__.co_filename).read_text()
+
+
+def test_a_cookie_one_callers_replica_sets_never_reaches_another_callers_request() -> None:
+    """The upstream session is shared by all callers: it keeps no cookies (aiohttp's default
+    jar keeps those of replicas addressed by name; pod IPs it would refuse)."""
+    import httpx
+    from aiohttp import web
+
+    seen: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        resp = web.json_response({"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+        resp.set_cookie("session", "caller-one-secret")
+        return resp
+
+    async def run() -> list[str]:
+        upstream = web.Application()
+        upstream.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(upstream)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        gateway = Gateway([PLAN], StaticEndpoints({"team-a/llm": [f"http://localhost:{port}"]}))
+        transport = httpx.ASGITransport(app=gateway.app())
+        try:
+            got = []
+            for _ in range(2):  # two callers, each its own client (and cookie jar)
+                async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+                    got.append(await c.post("/team-a/llm/v1/chat/completions"))
+        finally:
+            await gateway.aclose()
+            await runner.cleanup()
+        return [r.headers.get("set-cookie", "") for r in got]
+
+    cookies = asyncio.run(run())
+    assert all("caller-one-secret" in c for c in cookies)  # relayed to its caller
+    assert seen == [None, None]  # and never sent upstream again
