@@ -12,6 +12,7 @@ from typing import Any
 from gpucloud.clock import Clock
 from gpucloud.usage import HOUR_S, GPURef, PodRef, UsageKind, UsageRecord
 from gpucloud_agent import disk
+from gpucloud_agent.devices import DeviceMap
 from gpucloud_agent.meter import Meter
 from gpucloud_agent.metrics import GpuReading, Stats, quantile
 from gpucloud_agent.nvml import Nvml
@@ -54,7 +55,8 @@ class Agent:
         self.meter = Meter(config.node)
         self.devices = nvml.devices()
         self.stats.nvml_ok = True
-        self._gpu_refs = {d.uuid: GPURef(uuid=d.uuid, product=d.product) for d in self.devices}
+        self.device_map = DeviceMap(self.devices, {d.index: nvml.mig_devices(d.index)
+                                                   for d in self.devices})  # fmt: skip
         self._pod_refs: dict[tuple[str, str, str], PodRef] = {}
         state = wal.state or {}
         if "meter" in state:
@@ -106,11 +108,19 @@ class Agent:
                 self.stats.sample_errors_total += 1
                 self.stats.gpus = readings
             return []
-        observed: dict[GPURef, PodRef | None] = {}
-        for d in self.devices:
-            h = held.get(d.uuid)
-            observed[self._gpu_refs[d.uuid]] = None if h is None else self._pod_ref(h)
-        samples = {g.uuid: (g.utilization_percent, g.memory_used_bytes) for g in readings}
+        known = [c.gpu for c in self.meter.cursors.values()]
+        observed: dict[GPURef, PodRef | None] = {
+            gpu: None if h is None else self._pod_ref(h)
+            for gpu, h in self.device_map.observe(held, known).items()
+        }
+        # what each device did (idle detection); a time-sliced replica (<uuid>::<n>)
+        # shows the readings of its GPU
+        by_uuid = {g.uuid: (g.utilization_percent, g.memory_used_bytes) for g in readings}
+        samples = {
+            gpu.uuid: by_uuid[base]
+            for gpu in observed
+            if (base := gpu.uuid.split("::", 1)[0]) in by_uuid
+        }
         records, added = self.meter.observe(second, observed, samples)
         self.wal.append([r.model_dump(mode="json") for r in records], {"meter": self.meter.state()})
         elapsed = time.perf_counter() - t0

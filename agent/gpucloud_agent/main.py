@@ -105,16 +105,23 @@ def _wait_for_signal() -> threading.Event:
 
 def serve_podresources(args: argparse.Namespace) -> int:
     from gpucloud_agent.podresources.fake_server import (
+        DeviceIds,
         KubePodSource,
         fake_device_ids,
-        node_gpu_count,
+        node_device_ids,
         serve,
     )
 
-    count = args.gpus if args.gpus is not None else node_gpu_count(args.node_name, args.kubeconfig)
+    ids: DeviceIds = (
+        fake_device_ids(args.node_name, args.gpus)
+        if args.gpus is not None
+        else node_device_ids(args.node_name, args.kubeconfig)
+    )
     source = KubePodSource(args.node_name, args.kubeconfig)
-    server = serve(args.socket, source, fake_device_ids(args.node_name, count))
-    log.info("serving pod-resources for %s (%d GPUs) on %s", args.node_name, count, args.socket)
+    server = serve(args.socket, source, ids)
+    counts = ids if isinstance(ids, dict) else {"nvidia.com/gpu": ids}
+    log.info("serving pod-resources for %s (%s) on %s", args.node_name,
+             ", ".join(f"{len(v)} {k}" for k, v in counts.items()), args.socket)  # fmt: skip
     _wait_for_signal().wait()
     server.stop(grace=1).wait()
     return 0

@@ -16,6 +16,17 @@ class GpuDevice:
 
 
 @dataclass(frozen=True)
+class MigDevice:
+    """One MIG device of a GPU in MIG mode: what a ``nvidia.com/mig-<profile>`` (or, in the
+    single strategy, ``nvidia.com/gpu``) device ID names."""
+
+    parent_index: int
+    uuid: str  # MIG-...
+    product: str  # <GPU>-MIG-<profile>, as GPU Feature Discovery labels it
+    memory_total_bytes: int
+
+
+@dataclass(frozen=True)
 class GpuProcess:
     pid: int
     used_memory_bytes: int
@@ -34,6 +45,10 @@ class Nvml(Protocol):
 
     def processes(self, index: int) -> list[GpuProcess]: ...
 
+    def mig_devices(self, index: int) -> list[MigDevice]:
+        """The MIG devices of GPU ``index`` (none unless it is in MIG mode)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -50,6 +65,9 @@ class NoGpus:
         raise IndexError(index)
 
     def processes(self, index: int) -> list[GpuProcess]:
+        raise IndexError(index)
+
+    def mig_devices(self, index: int) -> list[MigDevice]:
         raise IndexError(index)
 
     def close(self) -> None:
@@ -89,6 +107,7 @@ class NvmlBackend:
             raise NvmlError(f"NVML initialisation failed: {exc}") from exc
         self._handles: list[Any] = []
         self._devices: list[GpuDevice] = []
+        self._migs: list[list[MigDevice]] = []
         try:
             for index in range(pynvml.nvmlDeviceGetCount()):
                 handle = pynvml.nvmlDeviceGetHandleByIndex(index)
@@ -101,12 +120,44 @@ class NvmlBackend:
                         memory_total_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
                     )
                 )
+                self._migs.append(self._read_migs(index, handle))
         except pynvml.NVMLError as exc:
             pynvml.nvmlShutdown()
             raise NvmlError(f"NVML could not enumerate devices: {exc}") from exc
 
+    def _read_migs(self, index: int, handle: Any) -> list[MigDevice]:
+        """MIG devices through NVML's MIG handles. A GPU without MIG support answers
+        NotSupported to the mode query: no MIG devices. The layout is read once: the
+        device plugin is restarted (and so is the agent) when an admin repartitions."""
+        nv = self._nvml
+        try:
+            current, _pending = nv.nvmlDeviceGetMigMode(handle)
+        except nv.NVMLError_NotSupported:
+            return []
+        if current != nv.NVML_DEVICE_MIG_ENABLE:
+            return []
+        out = []
+        for i in range(nv.nvmlDeviceGetMaxMigDeviceCount(handle)):
+            try:
+                mig = nv.nvmlDeviceGetMigDeviceHandleByIndex(handle, i)
+            except nv.NVMLError_NotFound:
+                continue  # a slot with no MIG device in it
+            out.append(
+                MigDevice(
+                    parent_index=index,
+                    uuid=_text(nv.nvmlDeviceGetUUID(mig)),
+                    # NVML names a MIG device "<GPU name> MIG 1g.10gb"
+                    product=product_label(_text(nv.nvmlDeviceGetName(mig))),
+                    memory_total_bytes=int(nv.nvmlDeviceGetMemoryInfo(mig).total),
+                )
+            )
+        return out
+
     def devices(self) -> list[GpuDevice]:
         return list(self._devices)
+
+    def mig_devices(self, index: int) -> list[MigDevice]:
+        return list(self._migs[index])
 
     def utilization_percent(self, index: int) -> int:
         return int(self._nvml.nvmlDeviceGetUtilizationRates(self._handles[index]).gpu)

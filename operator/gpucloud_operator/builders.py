@@ -21,6 +21,7 @@ from typing import Any
 
 from gpucloud import kube_names
 from gpucloud.crd.gpuinstance import Checkpoint
+from gpucloud.gpu_kinds import node_product
 from gpucloud.kube_names import GPU_RESOURCE, MANAGED_BY, PRODUCT_LABEL
 
 INSTANCE_LABEL = "gpucloud.dev/instance"
@@ -92,8 +93,9 @@ def gpu_summary(product: str, count: int) -> str:
     return f"{product} x{count}"
 
 
-def build_instance_pod(instance: Manifest, run: int) -> Manifest:
-    """The pod of one run of an instance: GPUs as limits, the product as a node selector,
+def build_instance_pod(instance: Manifest, run: int, resource: str = GPU_RESOURCE) -> Manifest:
+    """The pod of one run of an instance: its product's ``resource`` (whole GPUs, a MIG
+    profile, time-sliced shares) as limits, its nodes' product label as a node selector,
     the instance volume and the preemption notice file mounted, a spot checkpoint as the
     container's preStop hook (its timeout as the pod's termination grace period), and no
     restarts of a finished container (a stop is decided by the operator, not by the
@@ -105,8 +107,8 @@ def build_instance_pod(instance: Manifest, run: int) -> Manifest:
         "name": "main",
         "image": spec.get("image") or "nvcr.io/nvidia/pytorch:24.08-py3",
         "resources": {
-            "limits": {GPU_RESOURCE: str(gpu.get("count", 1))},
-            "requests": {GPU_RESOURCE: str(gpu.get("count", 1))},
+            "limits": {resource: str(gpu.get("count", 1))},
+            "requests": {resource: str(gpu.get("count", 1))},
         },
         "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT}],
         "env": [{"name": NOTICE_ENV, "value": notice_path}],
@@ -146,7 +148,7 @@ def build_instance_pod(instance: Manifest, run: int) -> Manifest:
         },
         "spec": {
             "restartPolicy": "Always",
-            "nodeSelector": {PRODUCT_LABEL: gpu["product"]},
+            "nodeSelector": {PRODUCT_LABEL: node_product(gpu["product"], resource)},
             "tolerations": [
                 {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
                 # kwok's fake nodes carry this taint in some setups

@@ -9,6 +9,7 @@ object is ``None`` on reads and not an error on deletes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.rest import ApiException
 
+from gpucloud.gpu_kinds import offered_product
 from gpucloud.kube_names import GPU_RESOURCE, GROUP, MANAGED_BY, PRODUCT_LABEL, VERSION
 from gpucloud_operator.placement import NodeGPUs
 
@@ -240,28 +242,35 @@ class Kube:
         resp = call(*args, _preload_content=False, **kwargs)
         return json.loads(resp.data)
 
-    def gpu_nodes(self) -> list[NodeGPUs]:
+    def gpu_nodes(self, resource: str = GPU_RESOURCE) -> list[NodeGPUs]:
+        """The nodes' units of ``resource`` (whole GPUs, one MIG profile, time-sliced
+        shares: each its own pool), with the product each node sells through it."""
+
         def load() -> list[NodeGPUs]:
             nodes = self._raw(self.core.list_node, label_selector=PRODUCT_LABEL)["items"]
-            return [
-                NodeGPUs(
-                    name=n["metadata"]["name"],
-                    product=(n["metadata"].get("labels") or {}).get(PRODUCT_LABEL),
-                    allocatable=int(
-                        (n.get("status", {}).get("allocatable") or {}).get(GPU_RESOURCE, "0")
-                    ),
-                    schedulable=not n.get("spec", {}).get("unschedulable", False),
+            out = []
+            for n in nodes:
+                label = (n["metadata"].get("labels") or {}).get(PRODUCT_LABEL)
+                allocatable = (n.get("status", {}).get("allocatable") or {}).get(resource, "0")
+                out.append(
+                    NodeGPUs(
+                        name=n["metadata"]["name"],
+                        product=None if label is None else offered_product(label, resource),
+                        allocatable=int(allocatable),
+                        schedulable=not n.get("spec", {}).get("unschedulable", False),
+                    )
                 )
-                for n in nodes
-            ]
+            return out
 
-        return self._cached("nodes", 5.0, load)
+        return self._cached(f"nodes:{resource}", 5.0, load)
 
-    def gpu_pods(self, ttl: float = 0.0) -> list[Obj]:
-        """Every scheduled, unfinished pod that requests GPUs, as JSON (all namespaces)."""
-        return self._cached("gpu_pods", ttl, self._gpu_pods) if ttl else self._gpu_pods()
+    def gpu_pods(self, ttl: float = 0.0, resource: str = GPU_RESOURCE) -> list[Obj]:
+        """Every scheduled, unfinished pod that requests ``resource``, as JSON (all
+        namespaces)."""
+        load = functools.partial(self._gpu_pods, resource)
+        return self._cached(f"gpu_pods:{resource}", ttl, load) if ttl else load()
 
-    def _gpu_pods(self) -> list[Obj]:
+    def _gpu_pods(self, resource: str) -> list[Obj]:
         pods = self._raw(
             self.core.list_pod_for_all_namespaces,
             field_selector="status.phase!=Succeeded,status.phase!=Failed",
@@ -272,7 +281,7 @@ class Kube:
             if not spec.get("nodeName"):
                 continue
             gpus = sum(
-                int(((c.get("resources") or {}).get("limits") or {}).get(GPU_RESOURCE, "0"))
+                int(((c.get("resources") or {}).get("limits") or {}).get(resource, "0"))
                 for c in spec.get("containers") or []
             )
             if gpus:

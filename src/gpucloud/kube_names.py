@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from gpucloud.gpu_kinds import GPU_RESOURCE as GPU_RESOURCE  # its home; re-exported
+
 GROUP = "gpucloud.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
-GPU_RESOURCE = "nvidia.com/gpu"
 PRODUCT_LABEL = "nvidia.com/gpu.product"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "gpucloud-operator"}
 

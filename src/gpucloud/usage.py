@@ -28,6 +28,8 @@ MAX_VOLUME_WINDOW_S = HOUR_S
 # No control characters (PostgreSQL refuses NUL in text; none belongs in a name).
 TEXT_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
+DEVICE_ID_PATTERN = r"^(GPU-[0-9A-Za-z-]{1,64}(::[0-9]{1,4})?|MIG-[0-9A-Za-z/-]{1,96})$"
+
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=TEXT_PATTERN)]
 Seconds = Annotated[int, Field(ge=0, le=MAX_POSIX_S)]
 Quantity = Annotated[int, Field(ge=0, le=MAX_VOLUME_BYTES)]
@@ -44,7 +46,9 @@ class UsageKind(StrEnum):
 
 class GPURef(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    uuid: Annotated[str, Field(pattern=r"^GPU-[0-9A-Za-z-]{1,64}$")]
+    # a GPU UUID, a MIG device UUID (``MIG-<uuid>``, or the older ``MIG-GPU-<uuid>/gi/ci``)
+    # or a time-slicing replica (``GPU-<uuid>::<n>``): gpucloud.gpu_kinds.device_kind
+    uuid: Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
     product: Name
 
 

@@ -73,6 +73,32 @@ def test_estimate_from_files_needs_no_api() -> None:
     assert "pays for 2 month term(s)" in out
 
 
+def test_estimate_knows_mig_slices_and_time_sliced_shares(tmp_path: Path) -> None:
+    mig = ROOT / "examples" / "gpuinstance-mig.yaml"
+    code, out = cli(None, "x", "estimate", "-f", str(mig), "--pricebook", str(PRICEBOOK),
+                    "--balance", "100", "-o", "json")  # fmt: skip
+    assert code == 0, out
+    data = json.loads(out)
+    assert (data["kind"], data["resource"]) == ("mig", "nvidia.com/mig-1g.10gb")
+    # 2.83 per slice-hour + 20 GiB x 0.0004 = 2.838; 100 / 2.838 h = 35 h 14 min
+    assert (data["payg_gpu_per_hour"], data["selected_per_hour"]) == ("2.83", "2.838")
+    assert data["lasts_seconds"] == 126849
+    code, out = cli(None, "x", "estimate", "-f", str(mig), "--pricebook", str(PRICEBOOK),
+                    "--balance", "100")  # fmt: skip
+    assert code == 0 and "pay-as-you-go MIG slices / hour" in out
+    shared = yaml.safe_load(mig.read_text())
+    shared["spec"]["gpu"] = {"product": "NVIDIA-H100-80GB-HBM3-SHARED", "count": 2}
+    (tmp_path / "shared.yaml").write_text(yaml.safe_dump(shared))
+    code, out = cli(None, "x", "estimate", "-f", str(tmp_path / "shared.yaml"),
+                    "--pricebook", str(PRICEBOOK), "--balance", "100")  # fmt: skip
+    assert code == 1 and "spec.gpu.count" in out and "time-sliced share" in out
+    shared["spec"]["gpu"]["count"] = 1
+    (tmp_path / "shared.yaml").write_text(yaml.safe_dump(shared))
+    code, out = cli(None, "x", "estimate", "-f", str(tmp_path / "shared.yaml"),
+                    "--pricebook", str(PRICEBOOK), "--balance", "100")  # fmt: skip
+    assert code == 0 and "pay-as-you-go time-sliced shares / hour" in out and "4.95 CNY" in out
+
+
 def test_estimate_rejects_bad_manifests(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(

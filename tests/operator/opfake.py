@@ -173,21 +173,21 @@ class FakeKube:
     def delete_pv(self, name: str) -> None:
         self.pvs.pop(name, None)
 
-    def gpu_nodes(self) -> list[NodeGPUs]:
-        return list(self.nodes)
+    def gpu_nodes(self, resource: str = "nvidia.com/gpu") -> list[NodeGPUs]:
+        return list(self.nodes) if resource == "nvidia.com/gpu" else []
 
-    def gpu_pods(self, ttl: float = 0.0) -> list[Obj]:
+    def gpu_pods(self, ttl: float = 0.0, resource: str = "nvidia.com/gpu") -> list[Obj]:
         out = []
         for pod in self.pods.values():
-            if pod["spec"].get("nodeName"):
-                limits = pod["spec"]["containers"][0]["resources"]["limits"]
+            limits = pod["spec"]["containers"][0]["resources"]["limits"]
+            if pod["spec"].get("nodeName") and resource in limits:
                 out.append(
                     {
                         "namespace": pod["metadata"]["namespace"],
                         "name": pod["metadata"]["name"],
                         "labels": pod["metadata"]["labels"],
                         "node": pod["spec"]["nodeName"],
-                        "gpus": int(limits["nvidia.com/gpu"]),
+                        "gpus": int(limits[resource]),
                         "deleting": False,
                     }
                 )

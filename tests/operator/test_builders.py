@@ -176,3 +176,25 @@ def test_long_disk_names_make_valid_labels() -> None:
     pv = build_disk_pv({**DISK, "metadata": {**DISK["metadata"], "name": long}}, data_root="/d")
     value = pv["metadata"]["labels"]["gpucloud.dev/clouddisk"]
     assert len(value) <= 63 and value[-1].isalnum()
+
+
+@pytest.mark.parametrize(
+    ("product", "resource", "label"),
+    [
+        # mixed strategy: the MIG resource; nodes keep the GPU's own product label
+        ("NVIDIA-H100-80GB-HBM3-MIG-1g.10gb", "nvidia.com/mig-1g.10gb", "NVIDIA-H100-80GB-HBM3"),
+        # single strategy: nvidia.com/gpu on nodes labelled with the profile
+        ("NVIDIA-H100-80GB-HBM3-MIG-1g.10gb", "nvidia.com/gpu",
+         "NVIDIA-H100-80GB-HBM3-MIG-1g.10gb"),
+        # time-slicing, renameByDefault: nodes labelled <GPU>-SHARED
+        ("NVIDIA-H100-80GB-HBM3-SHARED", "nvidia.com/gpu.shared", "NVIDIA-H100-80GB-HBM3-SHARED"),
+    ],
+)  # fmt: skip
+def test_a_fractional_product_requests_its_resource_on_its_nodes(
+    product: str, resource: str, label: str
+) -> None:
+    inst = {**INST, "spec": {**INST["spec"], "gpu": {"product": product, "count": 1}}}
+    pod = build_instance_pod(inst, run=1, resource=resource)
+    res = pod["spec"]["containers"][0]["resources"]
+    assert res["limits"] == res["requests"] == {resource: "1"}
+    assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": label}

@@ -316,7 +316,11 @@ def test_a_run_no_pod_list_ever_showed_holds_no_gpus_once_it_stops(
     or the queued instance waits forever for GPUs that are free."""
     listed = world.kube.gpu_pods
     monkeypatch.setattr(
-        world.kube, "gpu_pods", lambda ttl=0.0: [x for x in listed() if x["name"] != "payg-gpu"]
+        world.kube,
+        "gpu_pods",
+        lambda ttl=0.0, resource="nvidia.com/gpu": [
+            x for x in listed(resource=resource) if x["name"] != "payg-gpu"
+        ],
     )
     w = queued(world)
     w.tick()

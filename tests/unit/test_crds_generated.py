@@ -53,9 +53,11 @@ def test_pricebook_schema_requires_only_product_and_pay_as_you_go() -> None:
     assert set(gpu["properties"]) == {f.alias or n for n, f in crd.GPUPrice.model_fields.items()}
     packages = gpu["properties"]["packages"]
     assert "required" not in packages and not _required(crd.Packages)
-    # the spot rule only applies when a spot price is given
-    (rule,) = gpu["x-kubernetes-validations"]
+    # the spot rule only applies when a spot price is given; the others name what a
+    # fractional product takes (docs/fractional-gpus.md), an omitted kind being whole
+    rule, *kinds = gpu["x-kubernetes-validations"]
     assert rule["rule"].startswith("!has(self.spotPerHour) || ")
+    assert all("has(self.kind)" in k["rule"] or "has(self.resource)" in k["rule"] for k in kinds)
 
 
 PRICE_TYPES = [

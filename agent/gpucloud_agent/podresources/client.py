@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from gpucloud.gpu_kinds import is_gpu_resource
 from gpucloud_agent.podresources import api_pb2, api_pb2_grpc
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
-GPU_RESOURCE = "nvidia.com/gpu"
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,10 @@ class PodResourcesError(RuntimeError):
 
 class PodResourcesClient:
     def __init__(
-        self, socket_path: str = DEFAULT_SOCKET, resource: str = GPU_RESOURCE, timeout_s: float = 2
+        self, socket_path: str = DEFAULT_SOCKET, resource: str | None = None, timeout_s: float = 2
     ) -> None:
+        """``resource``: the one resource to attribute; None: every NVIDIA GPU resource
+        (``nvidia.com/gpu``, ``nvidia.com/gpu.shared``, ``nvidia.com/mig-<profile>``)."""
         self.socket_path = socket_path
         self.resource = resource
         self.timeout_s = timeout_s
@@ -42,12 +44,14 @@ class PodResourcesClient:
             ) from exc
 
     def holders(self) -> dict[str, DeviceHolder]:
-        """Device ID (a GPU UUID for the NVIDIA device plugin) -> the container holding it."""
+        """Device ID (a GPU UUID, a MIG UUID or a time-slicing replica ``<GPU UUID>::<n>``)
+        -> the container holding it."""
         out: dict[str, DeviceHolder] = {}
         for pod in self.list_raw().pod_resources:
             for container in pod.containers:
                 for devices in container.devices:
-                    if devices.resource_name != self.resource:
+                    name = devices.resource_name
+                    if name != self.resource if self.resource else not is_gpu_resource(name):
                         continue
                     for device_id in devices.device_ids:
                         out[device_id] = DeviceHolder(pod.namespace, pod.name, container.name)

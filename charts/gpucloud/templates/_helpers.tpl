@@ -187,6 +187,12 @@ currency: {{ .Values.currency | quote }}
 gpus:
 {{- range $pb.gpus }}
   - product: {{ .product | quote }}
+    {{- with .kind }}
+    kind: {{ . | quote }}
+    {{- end }}
+    {{- with .resource }}
+    resource: {{ . | quote }}
+    {{- end }}
     payAsYouGoPerHour: {{ .payAsYouGoPerHour | quote }}
     {{- with .spotPerHour }}
     spotPerHour: {{ . | quote }}

@@ -243,7 +243,7 @@ class Lifecycle(Core):
         anchor = r.fmt(r.second_up(self.clock.now()))
         self._patch(p, {"podCreatedAt": anchor, "podWaitingAt": None})
         crash_point("anchor-saved")
-        pod = self.kube.create_pod(b.build_instance_pod(p.inst, runs))
+        pod = self.kube.create_pod(b.build_instance_pod(p.inst, runs, p.gpu_resource))
         crash_point("pod-created")
         with self._guard:
             self._run_pods[p.uid] = (pod.get("metadata") or {}).get("uid", "")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
-from gpucloud_operator.instances.core import Core, Pass
+from gpucloud_operator.instances.core import Core, Pass, resource_of
 from gpucloud_operator.instances.kubeapi import PLURAL, Obj
 from gpucloud_operator.placement import (
     PodGPUs,
@@ -30,7 +30,7 @@ class Placement(Core):
         another process (``_placed_elsewhere``)."""
         # a few seconds stale at most: this pass's own placements are in _assumed until
         # the list shows them, and the scheduler has the last word on every pod
-        listed = self.kube.gpu_pods(ttl=5.0)
+        listed = self.kube.gpu_pods(ttl=5.0, resource=p.gpu_resource)
         seen = {(x["namespace"], x["name"]) for x in listed}
         pods = [self._pod_gpus(x, {}) for x in listed]
         for uid, (ns, pod, node, gpus) in list(self._assumed.items()):
@@ -46,7 +46,7 @@ class Placement(Core):
         never count on the same GPUs."""
         with self._placement_lock:
             self._assumed.pop(p.uid, None)
-            nodes = self.kube.gpu_nodes()
+            nodes = self.kube.gpu_nodes(p.gpu_resource)
             if not any(n.name == node and n.schedulable for n in nodes):
                 return False
             if free_gpus(nodes, self._held_gpus(p)).get(node, 0) < p.count:
@@ -55,7 +55,7 @@ class Placement(Core):
             return True
 
     def _place(self, p: Pass) -> str | None:
-        nodes = self.kube.gpu_nodes()
+        nodes = self.kube.gpu_nodes(p.gpu_resource)
         pods = self._held_gpus(p)
         node = (
             choose_node(nodes, pods, p.product, p.count)
@@ -83,7 +83,10 @@ class Placement(Core):
                 and meta["uid"] not in (p.uid, *self._assumed)
                 and pod not in seen
             ):
-                count = int(((inst.get("spec") or {}).get("gpu") or {}).get("count", 1))
+                gpu = (inst.get("spec") or {}).get("gpu") or {}
+                if resource_of(p.pb, gpu.get("product")) != p.gpu_resource:
+                    continue  # another pool of the node (a MIG profile, shares, whole GPUs)
+                count = int(gpu.get("count", 1))
                 out.append(PodGPUs(meta["namespace"], meta["name"], node, count, False, None))
         return out
 

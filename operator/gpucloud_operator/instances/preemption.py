@@ -41,9 +41,14 @@ class Preemption(Core):
             (i["metadata"]["namespace"], i["metadata"]["name"]): i
             for i in self.kube.list_cluster_objects(PLURAL)
         }
-        pods = [self._pod_gpus(x, instances) for x in self.kube.gpu_pods()]
+        listed = self.kube.gpu_pods(resource=p.gpu_resource)
+        pods = [self._pod_gpus(x, instances) for x in listed]
         plan = plan_preemption(
-            self.kube.gpu_nodes(), pods, p.product, p.count, only_node=p.status.get("volumeNode")
+            self.kube.gpu_nodes(p.gpu_resource),
+            pods,
+            p.product,
+            p.count,
+            only_node=p.status.get("volumeNode"),
         )
         if plan is None:
             return

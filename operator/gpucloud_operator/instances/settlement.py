@@ -45,6 +45,8 @@ class Settlement(Core):
             opened_at=since,
             memo=f"{mode} {b.gpu_summary(p.product, p.count)}",
             gpus=p.count,
+            # the product's devices only: a MIG slice, a share or a whole GPU
+            gpu_product=p.product,
             # only this node's agent may report the pod's usage (gpucloud.ledger.admission)
             node=(pod.get("spec") or {}).get("nodeName"),
         )

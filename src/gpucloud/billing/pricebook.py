@@ -27,13 +27,28 @@ class GPUPackages:
 
 @dataclass(frozen=True)
 class GPUPrice:
-    """Prices of one GPU product (its GPU Feature Discovery ``nvidia.com/gpu.product``)."""
+    """Prices of one GPU product (its GPU Feature Discovery ``nvidia.com/gpu.product``),
+    per unit of it: a whole GPU, a MIG slice or a time-sliced share (``kind``), requested
+    as ``resource`` (gpucloud.gpu_kinds names them; the CRD model validates the pair)."""
 
     product: str
     pay_as_you_go_per_hour: Decimal
     spot_per_hour: Decimal | None = None
     packages: GPUPackages | None = None
     model_online_per_hour: Decimal | None = None
+    # None: a whole GPU, nvidia.com/gpu (the spec's omitted fields)
+    kind: str | None = None
+    resource: str | None = None
+
+    @property
+    def unit_kind(self) -> str:
+        """whole, mig or shared (gpucloud.gpu_kinds.GPUKind)."""
+        return self.kind or "whole"
+
+    @property
+    def unit_resource(self) -> str:
+        """The extended resource an instance of it requests."""
+        return self.resource or "nvidia.com/gpu"
 
     def hourly(self, mode: BillingMode) -> Decimal:
         """The per-GPU hourly price of a metered mode (pay-as-you-go or spot)."""

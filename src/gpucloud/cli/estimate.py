@@ -81,10 +81,16 @@ def parse_manifest(doc: Any) -> InstanceSpec:
     )
 
 
+# what one unit of a product is, in the estimate's words (gpucloud.gpu_kinds.GPUKind)
+UNITS = {"whole": "GPUs", "mig": "MIG slices", "shared": "time-sliced shares"}
+
+
 @dataclass(frozen=True)
 class Estimate:
     spec: InstanceSpec
     currency: str
+    kind: str  # whole, mig or shared
+    resource: str  # what the instance's pod requests
     payg_gpu_per_hour: Decimal
     spot_gpu_per_hour: Decimal | None
     storage_per_hour: Decimal
@@ -98,6 +104,12 @@ class Estimate:
 
 def estimate(spec: InstanceSpec, pb: PriceBook, balance_minor: int | None = None) -> Estimate:
     gpu_price = pb.gpu_price(spec.product)  # UnknownProduct names the known ones
+    if gpu_price.unit_kind == "shared" and spec.gpus != 1:
+        # the operator's rule too (SharedGPUCount): one replica per instance
+        raise ManifestError(
+            f"spec.gpu.count: {spec.product} is a time-sliced share of a GPU; an instance "
+            f"takes exactly 1, not {spec.gpus}"
+        )
     payg = gpu_hourly_exact(pb, spec.product, spec.gpus, BillingMode.PAY_AS_YOU_GO)
     spot = None
     if gpu_price.spot_per_hour is not None:
@@ -128,6 +140,8 @@ def estimate(spec: InstanceSpec, pb: PriceBook, balance_minor: int | None = None
     return Estimate(
         spec=spec,
         currency=pb.currency,
+        kind=gpu_price.unit_kind,
+        resource=gpu_price.unit_resource,
         payg_gpu_per_hour=to_decimal(payg),
         spot_gpu_per_hour=None if spot is None else to_decimal(spot),
         storage_per_hour=to_decimal(storage),

@@ -29,6 +29,7 @@ from gpucloud.cli import kubeconfig
 from gpucloud.cli.client import ApiClient, ApiError
 from gpucloud.cli.estimate import (
     MODE_NAMES,
+    UNITS,
     ManifestError,
     estimate,
     human_duration,
@@ -517,6 +518,7 @@ def estimate_cmd(
     cur = est.currency
     data = {
         "instance": spec.name, "product": spec.product, "gpus": spec.gpus,
+        "kind": est.kind, "resource": est.resource,
         "storage_gib": spec.quota_gib, "mode": MODE_NAMES[spec.mode], "currency": cur,
         "payg_gpu_per_hour": _plain(est.payg_gpu_per_hour, cur),
         "spot_gpu_per_hour": _plain(est.spot_gpu_per_hour, cur),
@@ -538,14 +540,15 @@ def _plain(amount: Any, currency: str) -> str | None:
 
 def _estimate_text(spec: Any, est: Any) -> Any:
     cur = est.currency
+    units = UNITS[est.kind]
     lines: list[Any] = [
-        f"instance: {spec.name or '(unnamed)'}: {spec.gpus} x {spec.product}, "
-        f"{spec.quota_gib} GiB storage"
+        f"instance: {spec.name or '(unnamed)'}: {spec.gpus} x {spec.product} "
+        f"({units}, {est.resource}), {spec.quota_gib} GiB storage"
     ]
     table = _table("price", "amount")
-    table.add_row("pay-as-you-go GPUs / hour", format_price(est.payg_gpu_per_hour, cur))
+    table.add_row(f"pay-as-you-go {units} / hour", format_price(est.payg_gpu_per_hour, cur))
     if est.spot_gpu_per_hour is not None:
-        table.add_row("spot GPUs / hour", format_price(est.spot_gpu_per_hour, cur))
+        table.add_row(f"spot {units} / hour", format_price(est.spot_gpu_per_hour, cur))
     table.add_row("instance storage / hour", format_price(est.storage_per_hour, cur))
     for period, price in est.packages.items():
         table.add_row(f"{period} package (storage included)", format_price(price, cur))

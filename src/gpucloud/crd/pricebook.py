@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -26,6 +26,16 @@ from gpucloud.crd.common import (
 )
 from gpucloud.crd.k8s import LISTED, Cel, ListType, Spec, SpecError, parse
 from gpucloud.crd.schema import Column, Definition
+from gpucloud.gpu_kinds import (
+    GPU_RESOURCE,
+    MIG_INFIX,
+    MIG_RESOURCE_PREFIX,
+    RESOURCE_PATTERN,
+    SHARED_RESOURCE,
+    SHARED_SUFFIX,
+    gpu_kind,
+    mig_profile,
+)
 
 
 def _package(p: str) -> Any:
@@ -41,6 +51,11 @@ class Packages(Spec):
     month: PositiveDecimal | None = _package("month")
 
 
+# an omitted kind or resource, in CEL: the defaults the model's properties apply
+_KIND = "(has(self.kind) ? self.kind : 'whole')"
+_RES = f"(has(self.resource) ? self.resource : '{GPU_RESOURCE}')"
+
+
 class GPUPrice(Spec):
     cel = (
         Cel(
@@ -52,12 +67,72 @@ class GPUPrice(Spec):
                 or Decimal(s.spot_per_hour) <= Decimal(s.pay_as_you_go_per_hour)
             ),
         ),
+        # what a product is decides what it takes (gpucloud.gpu_kinds, docs/fractional-gpus.md)
+        Cel(
+            f"{_KIND} != 'whole' || {_RES} == '{GPU_RESOURCE}'",
+            f"a whole GPU takes resource {GPU_RESOURCE}",
+            ".resource",
+            lambda s: s.unit_kind != "whole" or s.unit_resource == GPU_RESOURCE,
+        ),
+        Cel(
+            f"!{_RES}.startsWith('{MIG_RESOURCE_PREFIX}') || ({_KIND} == 'mig' && "
+            f"self.product.endsWith('{MIG_INFIX}' + {_RES}.substring({len(MIG_RESOURCE_PREFIX)})))",
+            f"a {MIG_RESOURCE_PREFIX}<profile> resource is sold as kind mig, product "
+            f"<GPU>{MIG_INFIX}<profile>",
+            ".resource",
+            lambda s: (
+                (profile := mig_profile(s.unit_resource)) is None
+                or (s.unit_kind == "mig" and s.product.endswith(MIG_INFIX + profile))
+            ),
+        ),
+        Cel(
+            f"{_KIND} != 'mig' || self.product.contains('{MIG_INFIX}')",
+            f"a mig product is named <GPU>{MIG_INFIX}<profile>, as GPU Feature Discovery labels it",
+            ".product",
+            lambda s: s.unit_kind != "mig" or MIG_INFIX in s.product,
+        ),
+        Cel(
+            f"{_KIND} != 'shared' || self.product.endsWith('{SHARED_SUFFIX}')",
+            f"a shared product is named <GPU>{SHARED_SUFFIX}, as GPU Feature Discovery labels "
+            "time-sliced nodes",
+            ".product",
+            lambda s: s.unit_kind != "shared" or s.product.endswith(SHARED_SUFFIX),
+        ),
+        Cel(
+            f"{_KIND} != 'whole' || !(self.product.contains('{MIG_INFIX}') || "
+            f"self.product.endsWith('{SHARED_SUFFIX}'))",
+            f"a <GPU>{MIG_INFIX}<profile> or <GPU>{SHARED_SUFFIX} product is not a whole GPU: "
+            "set kind",
+            ".kind",
+            lambda s: s.unit_kind != "whole" or gpu_kind(s.product) == "whole",
+        ),
+        Cel(
+            f"{_RES} != '{SHARED_RESOURCE}' || {_KIND} == 'shared'",
+            f"resource {SHARED_RESOURCE} is sold as kind shared",
+            ".kind",
+            lambda s: s.unit_resource != SHARED_RESOURCE or s.unit_kind == "shared",
+        ),
     )
     # what the billing core requires (docs/billing.md): spot, packages and the model
     # price are optional ("not offered", or the pay-as-you-go price for models)
     product: str = Field(
         description="GPU product (nvidia.com/gpu.product label value).",
         pattern=GPU_PRODUCT_PATTERN,
+        max_length=63,  # what the pattern allows; bounds the cost of the CEL rules
+    )
+    kind: Literal["whole", "mig", "shared"] | None = Field(
+        default=None,
+        description="What one unit is: a whole GPU, a MIG slice (product <GPU>-MIG-<profile>), "
+        "or a time-sliced share of a GPU (one replica of the device plugin's sharing config). "
+        "Prices are per unit. Omitted: whole.",
+    )
+    resource: str | None = Field(
+        default=None,
+        description=f"The extended resource an instance requests: {GPU_RESOURCE}, "
+        f"{SHARED_RESOURCE} (time-slicing with renameByDefault) or "
+        f"{MIG_RESOURCE_PREFIX}<profile> (MIG, mixed strategy). Omitted: {GPU_RESOURCE}.",
+        pattern=RESOURCE_PATTERN,
+        max_length=64,
     )
     pay_as_you_go_per_hour: PositiveDecimal = Field(
         description=money("Pay-as-you-go price per GPU-hour.")
@@ -71,6 +146,15 @@ class GPUPrice(Spec):
         description="Prepaid package prices per GPU (day 24 h, week 7x24 h, month 30x24 h); "
         "they include the instance storage. Omitted: the product is sold by the hour only.",
     )
+
+    @property
+    def unit_kind(self) -> str:
+        return self.kind or "whole"
+
+    @property
+    def unit_resource(self) -> str:
+        return self.resource or GPU_RESOURCE
+
     model_online_per_hour: PositiveDecimal | None = Field(
         default=None,
         description=money(
@@ -140,6 +224,8 @@ def _gpu(g: GPUPrice) -> billing.GPUPrice:
     packages = None if p is None else billing.GPUPackages(_dec(p.day), _dec(p.week), _dec(p.month))
     return billing.GPUPrice(
         product=g.product,
+        kind=g.kind,
+        resource=g.resource,
         pay_as_you_go_per_hour=Decimal(g.pay_as_you_go_per_hour),
         spot_per_hour=_dec(g.spot_per_hour),
         packages=packages,

@@ -4,8 +4,10 @@ A meter records what it was opened for: its ``node`` (the pod's node, given by t
 operator, or else bound by the first report), the GPU UUIDs of its pod (``gpu_uuids``,
 bound by the first reports of that node, at most ``gpus`` of them) and, for a volume, its
 ``max_bytes`` (quota or capacity). A usage record that touches a meter's window is
-refused when it comes from another node, names a GPU beyond the pod's count, or reports
-more bytes than the volume holds. No two records of one GPU overlap (ingest), so a
+refused when it comes from another node, names a GPU beyond the pod's count, names another
+GPU product than the meter's ``gpu_product`` or a device of another kind (a MIG slice for
+a whole GPU, a whole GPU for a time-sliced share: gpucloud.gpu_kinds), or reports more
+bytes than the volume holds. No two records of one GPU overlap (ingest), so a
 meter's GPU-seconds in any window are at most ``gpus`` x its seconds.
 
 Two places apply the same terms: ``Guard`` at ingestion (per record, with a reason, for
@@ -22,13 +24,15 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, update
 
+from gpucloud.gpu_kinds import device_kind, gpu_kind
 from gpucloud.ledger import schema
 from gpucloud.usage import UsageKind
 
 M = schema.meters
 _GPU = UsageKind.GPU_TIME.value
 WRONG_NODE, UNBOUND_GPU, OVER_CAPACITY = "wrong_node", "unbound_gpu", "over_capacity"
-RULES = (WRONG_NODE, UNBOUND_GPU, OVER_CAPACITY)
+WRONG_PRODUCT, WRONG_DEVICE = "wrong_product", "wrong_device"
+RULES = (WRONG_NODE, UNBOUND_GPU, OVER_CAPACITY, WRONG_PRODUCT, WRONG_DEVICE)
 
 
 def uuids_of(raw: str | None) -> list[str]:
@@ -48,6 +52,7 @@ class Terms:
     node: str | None
     uuids: list[str]
     max_bytes: int | None
+    product: str | None = None
     changed: bool = False
 
     @classmethod
@@ -56,15 +61,20 @@ class Terms:
         closed = None if m.closed_at is None else schema.to_us(m.closed_at) // 1_000_000
         return cls(
             m.meter_id, m.account_id, m.kind, opened, closed, m.gpus, m.node,
-            uuids_of(m.gpu_uuids), m.max_bytes,
+            uuids_of(m.gpu_uuids), m.max_bytes, m.gpu_product,
         )  # fmt: skip
 
     def touches(self, start: int, end: int) -> bool:
         return end > self.opened and (self.closed is None or start < self.closed)
 
-    def refusal(self, node: str, subject: str, quantity: int) -> tuple[str, str] | None:
+    def refusal(
+        self, node: str, subject: str, quantity: int, product: str | None = None
+    ) -> tuple[str, str] | None:
         """(rule, message) if this meter may not be charged for the record, binding the
         node and GPU UUIDs on first sight."""
+        wrong = self._wrong_product(subject, product)
+        if wrong is not None:
+            return wrong
         if self.node is None:
             self.node, self.changed = node, True
         elif node != self.node:
@@ -84,6 +94,23 @@ class Terms:
             return OVER_CAPACITY, (
                 f"quantity: {quantity} bytes is more than the {self.max_bytes} bytes of "
                 f"meter {self.meter_id}'s volume"
+            )
+        return None
+
+    def _wrong_product(self, subject: str, product: str | None) -> tuple[str, str] | None:
+        """A GPU meter of a product takes that product's devices only: an agent cannot
+        bill a 1g slice as a whole GPU, a share as a slice, or one profile as another."""
+        if self.kind != _GPU or self.product is None:
+            return None
+        if product != self.product:
+            return WRONG_PRODUCT, (
+                f"gpu.product: meter {self.meter_id} is for {self.product!r}, not {product!r}"
+            )
+        want, got = gpu_kind(self.product), device_kind(subject)
+        if want is not got:
+            return WRONG_DEVICE, (
+                f"gpu.uuid: {subject!r} names a {got.value} device; meter {self.meter_id} "
+                f"({self.product}) takes {want.value} devices only"
             )
         return None
 
@@ -109,10 +136,10 @@ class Guard:
     refused: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
 
     def check(self, kind: str, owner: str, node: str, subject: str, start: int, end: int,
-              quantity: int) -> tuple[str, str] | None:  # fmt: skip
+              quantity: int, product: str | None = None) -> tuple[str, str] | None:  # fmt: skip
         for t in self.meters.get((kind, owner), ()):
             if t.touches(start, end):
-                refusal = t.refusal(node, subject, quantity)
+                refusal = t.refusal(node, subject, quantity, product)
                 if refusal is not None:
                     self.refused.setdefault(t.meter_id, []).append((*refusal, node))
                     return refusal
@@ -142,14 +169,17 @@ def bind_pending(conn: Connection, m: Row[Any], pending_cond: str, params: dict[
             return t
         t.node, t.changed = first[0], True
     if t.kind == _GPU:
+        product_cond, product_params = _product_sql(t)
         rows = conn.execute(
             text(
                 f"SELECT subject, min(start_s) AS s FROM ledger_usage WHERE {pending_cond} "
-                "AND node = :bind_node GROUP BY subject ORDER BY s, subject"
+                f"AND node = :bind_node{product_cond} GROUP BY subject ORDER BY s, subject"
             ),
-            {**params, "bind_node": t.node},
+            {**params, **product_params, "bind_node": t.node},
         ).all()
         for subject, _ in rows:
+            if t._wrong_product(subject, t.product) is not None:
+                continue  # a device of another kind: never charged to this meter
             if len(t.uuids) >= t.gpus:
                 break
             if subject not in t.uuids:
@@ -157,6 +187,12 @@ def bind_pending(conn: Connection, m: Row[Any], pending_cond: str, params: dict[
                 t.changed = True
     save(conn, [t])
     return t
+
+
+def _product_sql(t: Terms) -> tuple[str, dict[str, Any]]:
+    if t.product is None:
+        return "", {}
+    return " AND gpu_product = :t_product", {"t_product": t.product}
 
 
 def terms_sql(t: Terms) -> tuple[str, dict[str, Any]]:
@@ -171,6 +207,9 @@ def terms_sql(t: Terms) -> tuple[str, dict[str, Any]]:
         names = [f"t_u{i}" for i in range(len(t.uuids))]
         cond += f" AND subject IN ({', '.join(':' + n for n in names)})"
         params.update(zip(names, t.uuids, strict=True))
+        product_cond, product_params = _product_sql(t)
+        cond += product_cond
+        params.update(product_params)
     elif t.max_bytes is not None:
         cond += " AND quantity <= :t_max_bytes"
         params["t_max_bytes"] = t.max_bytes

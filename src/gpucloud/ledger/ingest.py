@@ -53,7 +53,9 @@ COLUMNS = (
     "samples",
 )
 # Positions in a row of COLUMNS.
-KIND, SUBJECT, START, END, QUANTITY, MEASURE, OWNER, NODE, DIGEST = 0, 1, 2, 3, 4, 5, 6, 7, 11
+KIND, SUBJECT, START, END, QUANTITY, MEASURE, OWNER, NODE, PRODUCT, DIGEST = (
+    0, 1, 2, 3, 4, 5, 6, 7, 10, 11,
+)  # fmt: skip
 RATED = slice(13, 16)  # rated_until, meter_id, rated_at
 
 Row = tuple[Any, ...]

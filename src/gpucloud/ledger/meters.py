@@ -68,6 +68,7 @@ def meter_of(row: Row[Any], account: str) -> Meter:
         node=row.node,
         gpu_uuids=tuple(admission.uuids_of(row.gpu_uuids)),
         max_bytes=row.max_bytes,
+        gpu_product=row.gpu_product,
     )
 
 
@@ -93,6 +94,7 @@ class Meters:
         gpus: int = 1,
         node: str | None = None,
         max_bytes: int | None = None,
+        gpu_product: str | None = None,
     ) -> Meter:
         """Start rating usage of ``subject`` (a pod UID for gpu_time, else a volume id)
         against ``account`` at ``unit_price`` per GPU-hour or per GiB-hour.
@@ -104,6 +106,9 @@ class Meters:
         ``node`` only (None: the node of the first report), for at most ``gpus`` GPU
         UUIDs (the first ones reported), and for a volume at most ``max_bytes`` bytes
         (its quota or capacity; None: no cap). ``gpus`` also drives accrual estimates.
+        ``gpu_product`` (gpu_time): the product it is priced as; records of another
+        product, or of another kind of device (MIG slice, time-sliced replica, whole GPU),
+        are refused (None: any).
         """
         v.text(meter_id, "meter_id")
         v.text(resource, "resource")
@@ -123,6 +128,10 @@ class Meters:
             v.text(node, "node")
         if max_bytes is not None:
             v.positive(max_bytes, "max_bytes")
+        if gpu_product is not None:
+            if kind is not MeterKind.GPU_TIME:
+                raise InvalidInput(f"gpu_product: only a gpu_time meter has one, not {kind.value}")
+            v.text(gpu_product, "gpu_product")
         with self._s.engine.begin() as conn:
             acct = self._s.account_row(conn, account, lock=True)
             row = conn.execute(select(M).where(M.c.meter_id == meter_id)).first()
@@ -135,6 +144,7 @@ class Meters:
                     and Decimal(row.unit_price) == price
                     and row.unit == unit.value
                     and row.opened_at == opened_at
+                    and row.gpu_product == gpu_product
                 )
                 if not same:
                     raise IdempotencyConflict(f"meter:{meter_id}", "meter opened with other terms")
@@ -168,6 +178,7 @@ class Meters:
                     last_usage_end=None,
                     node=node,
                     max_bytes=max_bytes,
+                    gpu_product=gpu_product,
                 )
             )
             row = conn.execute(select(M).where(M.c.meter_id == meter_id)).one()

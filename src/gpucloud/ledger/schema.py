@@ -163,6 +163,9 @@ meters = Table(
     Column("node", String(253)),
     Column("gpu_uuids", Text),
     Column("max_bytes", BigInteger),
+    # The GPU product it was opened for (NULL: any): records of another product, or whose
+    # device is of another kind (a MIG slice, a replica, a whole GPU), are refused.
+    Column("gpu_product", String(253)),
     Index("ix_ledger_meters_subject", "kind", "subject"),
     Index("ix_ledger_meters_account", "account_id"),
 )

@@ -113,6 +113,7 @@ class Meter:
     node: str | None = None
     gpu_uuids: tuple[str, ...] = ()
     max_bytes: int | None = None
+    gpu_product: str | None = None  # GPU meters: the product its devices must report
 
 
 @dataclass(frozen=True, slots=True)

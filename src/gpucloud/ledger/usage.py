@@ -91,7 +91,8 @@ class Usage:
         at: datetime,
     ) -> list[tuple[int, ingest.Row]]:
         """Refuse the records their meters may not be charged for (gpucloud.ledger.
-        admission): another node's, a GPU beyond the pod's count, more bytes than the
+        admission): another node's, a GPU beyond the pod's count, another product or kind of
+        device than the meter's, more bytes than the
         volume holds. Loads (and locks) the batch's meters into ``loaded`` for the rater;
         binds first reports; one audit event per meter and rule refused."""
         if not rows:
@@ -110,7 +111,7 @@ class Usage:
         for i, r in rows:
             refusal = guard.check(
                 r[at_.KIND], r[at_.OWNER], r[at_.NODE], r[at_.SUBJECT],
-                r[at_.START], r[at_.END], r[at_.QUANTITY],
+                r[at_.START], r[at_.END], r[at_.QUANTITY], r[at_.PRODUCT],
             )  # fmt: skip
             if refusal is None:
                 kept.append((i, r))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,8 +28,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+from gpucloud import gpu_kinds as gk
 
 REPO = Path(__file__).resolve().parents[3]
 BUILD_SCRIPT = REPO / "hack" / "testbed" / "build.sh"
@@ -107,9 +111,32 @@ class Binaries:
 
 @dataclass(frozen=True)
 class NodeSpec:
+    """A fake node. ``mig``: MIG devices besides the ``gpus`` whole GPUs, as the device
+    plugin's mixed strategy advertises them (``nvidia.com/mig-<profile>``); ``replicas``:
+    every GPU time-sliced that many ways (``nvidia.com/gpu.shared``, renameByDefault),
+    the node labelled ``<GPU>-SHARED`` as GPU Feature Discovery does."""
+
     name: str
     product: str | None  # None: a CPU-only node
     gpus: int
+    mig: tuple[str, ...] = ()  # one profile per MIG device, e.g. ("1g.10gb",) * 7
+    replicas: int = 0
+
+
+def parse_fraction(text: str) -> dict[str, Any]:
+    """A node mix's 4th part: ``mig=7x1g.10gb[+1x3g.40gb]`` or ``shared=4``."""
+    key, _, value = text.partition("=")
+    if key == "shared" and value.isdigit() and int(value) > 1:
+        return {"replicas": int(value)}
+    if key == "mig" and value:
+        mig: list[str] = []
+        for part in value.split("+"):
+            n, _, profile = part.partition("x")
+            if not n.isdigit() or not re.fullmatch(gk.PROFILE_PATTERN, profile):
+                raise ValueError(f"GPUCLOUD_TESTBED_NODES: {part!r} is not COUNTxPROFILE")
+            mig += [profile] * int(n)
+        return {"mig": tuple(mig)}
+    raise ValueError(f"GPUCLOUD_TESTBED_NODES: {text!r} is not mig=NxPROFILE or shared=N")
 
 
 def parse_node_mix(spec: str = "") -> list[NodeSpec]:
@@ -121,11 +148,15 @@ def parse_node_mix(spec: str = "") -> list[NodeSpec]:
             count = int(parts[1]) if len(parts) > 1 else 1
             nodes += [NodeSpec(f"cpu-{i}", None, 0) for i in range(count)]
             continue
-        if len(parts) != 3:
-            raise ValueError(f"GPUCLOUD_TESTBED_NODES: {item!r} is not PRODUCT:NODES:GPUS")
+        if len(parts) not in (3, 4):
+            raise ValueError(
+                f"GPUCLOUD_TESTBED_NODES: {item!r} is not PRODUCT:NODES:GPUS[:mig=..|shared=N]"
+            )
         product, count, gpus = parts[0], int(parts[1]), int(parts[2])
+        extra = parse_fraction(parts[3]) if len(parts) == 4 else {}
         short = SHORT_NAMES.get(product, product.lower().replace("nvidia-", ""))[:20]
-        nodes += [NodeSpec(f"gpu-{short}-{i}", product, gpus) for i in range(count)]
+        kind = "-mig" if "mig" in extra else "-ts" if extra else ""
+        nodes += [NodeSpec(f"gpu-{short}{kind}-{i}", product, gpus, **extra) for i in range(count)]
     return nodes
 
 
@@ -147,6 +178,18 @@ def build_node(spec: NodeSpec) -> dict:
             "gpucloud.dev/gpu-node": "true",
         }
         resources["nvidia.com/gpu"] = str(spec.gpus)
+        if spec.mig:
+            labels["nvidia.com/mig.strategy"] = "mixed"
+            labels["nvidia.com/gpu.count"] = str(spec.gpus + len(gk.pack_mig(list(spec.mig))))
+            for profile in sorted(set(spec.mig)):
+                n = str(spec.mig.count(profile))
+                labels[f"nvidia.com/mig-{profile}.count"] = n
+                resources[f"{gk.MIG_RESOURCE_PREFIX}{profile}"] = n
+        if spec.replicas:
+            labels["nvidia.com/gpu.product"] = gk.shared_product(spec.product)
+            labels["nvidia.com/gpu.replicas"] = str(spec.replicas)
+            resources[gk.SHARED_RESOURCE] = str(spec.gpus * spec.replicas)
+            resources["nvidia.com/gpu"] = "0"
     return {
         "apiVersion": "v1",
         "kind": "Node",

@@ -226,28 +226,43 @@ class Harness:
 
 
 @contextmanager
-def node_agent(h: Harness, node: str) -> Iterator[str]:
+def node_agent(h: Harness, node: str, *, gpus: bool = False) -> Iterator[str]:
     """The metering API on the operator's ledger and a real agent process for ``node``
     whose disk root is the data root: it makes the images and removes the node-local
-    folders the operator asks for. It meters no GPU (no pod-resources socket), and
-    records disk use only once an hour of the test's file clock ends. Yields the agent's
+    folders the operator asks for. It records disk use only once an hour of the test's
+    file clock ends. It meters no GPU unless ``gpus``: then a fake pod-resources server
+    (``serve-podresources``) hands the node's device IDs (whole GPUs, MIG devices,
+    time-slicing replicas, from its capacity) to the pods the scheduler bound there, and
+    the agent samples every 0.2 s and names pods by their real UIDs. Yields the agent's
     metrics URL (``/debug/state``)."""
+    tmp = h.tmp / f"agent-{node}"
+    tmp.mkdir(exist_ok=True)
     api = ApiProcess(
-        h.tmp / "api", database_url=h.ledger_url, nodes=[node], clock=f"file:{h.clock.path}"
+        tmp / "api", database_url=h.ledger_url, nodes=[node], clock=f"file:{h.clock.path}"
     ).start()
-    token = h.tmp / "agent-token"
+    token = tmp / "agent-token"
     token.write_text(agent_token(node))
-    log = (h.tmp / "agent.log").open("ab")
+    log = (tmp / "agent.log").open("ab")
     port = free_port()
+    sock = tmp / ("kubelet.sock" if gpus else "no-pod-resources.sock")
+    podres: subprocess.Popen[bytes] | None = None
+    extra: list[str] = ["--pod-uid-source", "derived"]
+    if gpus:
+        podres = subprocess.Popen(
+            [sys.executable, "-m", "gpucloud_agent.main", "serve-podresources", "--node-name",
+             node, "--socket", str(sock), "--kubeconfig", str(h.tb.kubeconfig)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_for(sock.exists, timeout=30, what=f"the pod-resources socket of {node}")
+        extra = ["--pod-uid-source", "kube", "--sample-period", "0.2"]
     # fmt: off
     agent = subprocess.Popen(
         [
             sys.executable, "-m", "gpucloud_agent.main", "run", "--node-name", node,
             "--nvml", "fake", "--fake-from-kube", "--kubeconfig", str(h.tb.kubeconfig),
-            "--pod-uid-source", "derived",
-            "--pod-resources-socket", str(h.tmp / "no-pod-resources.sock"),
+            *extra, "--pod-resources-socket", str(sock),
             "--api-url", api.url, "--token-file", str(token),
-            "--wal-dir", str(h.tmp / "agent-wal"), "--disk-root", str(h.tmp / "data"),
+            "--wal-dir", str(tmp / "agent-wal"), "--disk-root", str(h.tmp / "data"),
             "--wipe-interval", "0.5",
             "--metrics-address", "127.0.0.1", "--metrics-port", str(port),
         ],
@@ -261,5 +276,8 @@ def node_agent(h: Harness, node: str) -> Iterator[str]:
     finally:
         agent.terminate()
         agent.wait(10)
+        if podres is not None:
+            podres.terminate()
+            podres.wait(10)
         log.close()
         api.stop()

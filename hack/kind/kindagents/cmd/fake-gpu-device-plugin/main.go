@@ -10,6 +10,12 @@
 //	gpucloud.dev/fake-gpu.product  e.g. NVIDIA-H100-80GB-HBM3
 //	gpucloud.dev/fake-gpu.count    e.g. 8
 //	gpucloud.dev/fake-gpu.memory   MiB per GPU, e.g. 81559
+//
+// and, to split them (docs/fractional-gpus.md), one of
+//
+//	gpucloud.dev/fake-gpu.mig       e.g. 7x1g.10gb: MIG devices as nvidia.com/mig-1g.10gb
+//	                                (mixed strategy), on as many GPUs as they fill
+//	gpucloud.dev/fake-gpu.replicas  e.g. 4: each GPU time-sliced 4 ways, nvidia.com/gpu.shared
 package main
 
 import (
@@ -69,7 +75,7 @@ func main() {
 	if err := api.LabelNode(ctx, node, spec.gfdLabels()); err != nil {
 		log.Fatalf("label node %s: %v", node, err)
 	}
-	log.Printf("node %s: %d x %s (%d MiB), devices in %s", node, spec.count, spec.product, spec.memoryMiB, devicesFile)
+	log.Printf("node %s: %d x %s (%d MiB), %d %s devices in %s", node, spec.count, spec.product, spec.memoryMiB, len(spec.deviceIDs), spec.resource(), devicesFile)
 
 	// Serve until the kubelet restarts (it removes plugin sockets when it does) or we
 	// are told to stop; then register again on a fresh socket.
@@ -99,10 +105,10 @@ func serveOnce(ctx context.Context, dir string, spec nodeSpec) error {
 	go func() { served <- srv.Serve(lis) }()
 	defer srv.Stop()
 
-	if err := register(ctx, filepath.Join(dir, filepath.Base(pluginapi.KubeletSocket))); err != nil {
+	if err := register(ctx, filepath.Join(dir, filepath.Base(pluginapi.KubeletSocket)), spec.resource()); err != nil {
 		return err
 	}
-	log.Printf("registered %d %s devices with the kubelet", spec.count, resourceName)
+	log.Printf("registered %d %s devices with the kubelet", len(spec.deviceIDs), spec.resource())
 	tick := time.NewTicker(2 * time.Second)
 	defer tick.Stop()
 	for {
@@ -119,7 +125,7 @@ func serveOnce(ctx context.Context, dir string, spec nodeSpec) error {
 	}
 }
 
-func register(ctx context.Context, kubeletSocket string) error {
+func register(ctx context.Context, kubeletSocket, resource string) error {
 	conn, err := grpc.NewClient("unix://"+kubeletSocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return fmt.Errorf("dial kubelet: %w", err)
@@ -130,7 +136,7 @@ func register(ctx context.Context, kubeletSocket string) error {
 	_, err = pluginapi.NewRegistrationClient(conn).Register(rctx, &pluginapi.RegisterRequest{
 		Version:      pluginapi.Version,
 		Endpoint:     socketName,
-		ResourceName: resourceName,
+		ResourceName: resource,
 	})
 	if err != nil {
 		return fmt.Errorf("register with kubelet: %w", err)
@@ -148,8 +154,8 @@ func (p *plugin) GetDevicePluginOptions(context.Context, *pluginapi.Empty) (*plu
 }
 
 func (p *plugin) ListAndWatch(_ *pluginapi.Empty, s pluginapi.DevicePlugin_ListAndWatchServer) error {
-	devs := make([]*pluginapi.Device, 0, len(p.spec.uuids))
-	for _, id := range p.spec.uuids {
+	devs := make([]*pluginapi.Device, 0, len(p.spec.deviceIDs))
+	for _, id := range p.spec.deviceIDs {
 		devs = append(devs, &pluginapi.Device{ID: id, Health: pluginapi.Healthy})
 	}
 	if err := s.Send(&pluginapi.ListAndWatchResponse{Devices: devs}); err != nil {
@@ -162,8 +168,8 @@ func (p *plugin) ListAndWatch(_ *pluginapi.Empty, s pluginapi.DevicePlugin_ListA
 // Allocate answers as NVIDIA's plugin does with its default (envvar) strategy: the
 // container learns its GPUs' UUIDs from NVIDIA_VISIBLE_DEVICES.
 func (p *plugin) Allocate(_ context.Context, r *pluginapi.AllocateRequest) (*pluginapi.AllocateResponse, error) {
-	known := make(map[string]bool, len(p.spec.uuids))
-	for _, id := range p.spec.uuids {
+	known := make(map[string]bool, len(p.spec.deviceIDs))
+	for _, id := range p.spec.deviceIDs {
 		known[id] = true
 	}
 	resp := &pluginapi.AllocateResponse{}

@@ -23,3 +23,34 @@ func TestSpecFromLabelsNamesTheBadLabel(t *testing.T) {
 		t.Fatalf("unexpected error: %v", err)
 	}
 }
+
+// The same MIG UUIDs as gpucloud_agent.fake_nvml.fake_mig_uuid, packed floor(7/g) a GPU.
+func TestMIGLayoutMatchesTheAgentsFakeNVML(t *testing.T) {
+	s, err := specFromLabels("node-a", map[string]string{labelPrefix + "product": "X", labelPrefix + "count": "1", labelPrefix + "memory": "1", labelPrefix + "mig": "8x1g.10gb"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.resource() != "nvidia.com/mig-1g.10gb" || s.count != 2 || len(s.deviceIDs) != 8 {
+		t.Fatalf("unexpected layout: %s, %d GPUs, %d devices", s.resource(), s.count, len(s.deviceIDs))
+	}
+	// uuid.uuid5(UUID("6f1d3a52-8d0e-4c55-9a3e-1b6c2f0a9d11"), "node-a/0/mig/3") in Python
+	if s.deviceIDs[3] != "MIG-fd1f585b-c631-5b4d-ac5a-f333708c27f3" || s.deviceIDs[7] != fakeMIGUUID("node-a", 1, 0) {
+		t.Fatalf("differs from the agent's fake_mig_uuid: %v", s.deviceIDs)
+	}
+	if s.gfdLabels()["nvidia.com/mig-1g.10gb.count"] != "8" {
+		t.Fatalf("labels: %v", s.gfdLabels())
+	}
+}
+
+func TestTimeSlicedReplicasAreSharedDevices(t *testing.T) {
+	s, err := specFromLabels("node-a", map[string]string{labelPrefix + "product": "X", labelPrefix + "count": "2", labelPrefix + "memory": "1", labelPrefix + "replicas": "4"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.resource() != "nvidia.com/gpu.shared" || len(s.deviceIDs) != 8 || s.deviceIDs[5] != s.uuids[1]+"::1" {
+		t.Fatalf("unexpected replicas: %s %v", s.resource(), s.deviceIDs)
+	}
+	if l := s.gfdLabels(); l["nvidia.com/gpu.product"] != "X-SHARED" || l["nvidia.com/gpu.replicas"] != "4" {
+		t.Fatalf("labels: %v", l)
+	}
+}
