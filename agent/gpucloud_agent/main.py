@@ -130,7 +130,7 @@ def serve_podresources(args: argparse.Namespace) -> int:
 def run_agent(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
-    from gpucloud.usage import UsageKind
+    from gpucloud.usage_rules import UsageKind
     from gpucloud_agent.agent import Agent, AgentConfig
     from gpucloud_agent.disk import LAYOUT, parse_kinds
     from gpucloud_agent.metrics import AgentCollector, serve_http
