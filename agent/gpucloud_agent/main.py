@@ -128,12 +128,10 @@ def serve_podresources(args: argparse.Namespace) -> int:
 
 
 def run_agent(args: argparse.Namespace) -> int:
-    from prometheus_client import CollectorRegistry
-
     from gpucloud.usage_rules import UsageKind
     from gpucloud_agent.agent import Agent, AgentConfig
     from gpucloud_agent.disk import LAYOUT, parse_kinds
-    from gpucloud_agent.metrics import AgentCollector, serve_http
+    from gpucloud_agent.metrics import AgentCollector, Collector, serve_http
     from gpucloud_agent.nvml import NoGpus, Nvml, NvmlBackend, NvmlError
     from gpucloud_agent.podresources.client import PodResourcesClient
     from gpucloud_agent.pods import DerivedUidResolver, KubeUidResolver, PodUidResolver
@@ -207,15 +205,14 @@ def run_agent(args: argparse.Namespace) -> int:
         backoff_base_s=args.backoff_base,
         backoff_cap_s=args.backoff_cap,
     )
-    registry = CollectorRegistry()
-    registry.register(
+    collectors: list[Collector] = [
         AgentCollector(
             agent.stats,
             lambda: wal.backlog,
             lambda: shipper.errors_total,
             shipper.dead_letters.snapshot,
         )
-    )
+    ]
     wiper = None
     if args.disk_root:
         # only nodes that keep instance volumes wipe and copy: the rest skip these imports
@@ -241,11 +238,11 @@ def run_agent(args: argparse.Namespace) -> int:
             )
         except ValueError as exc:
             return _fail(str(exc))
-        registry.register(WipeCollector(wiper))
+        collectors.append(WipeCollector(wiper))
         if copier is not None:
-            registry.register(ImageCopyCollector(copier))
+            collectors.append(ImageCopyCollector(copier))
     http = serve_http(
-        args.metrics_address, args.metrics_port, registry, agent.ready, agent.debug_state
+        args.metrics_address, args.metrics_port, collectors, agent.ready, agent.debug_state
     )
     done = _wait_for_signal()
     threading.Thread(target=shipper.run, name="shipper", daemon=True).start()
@@ -261,6 +258,7 @@ def run_agent(args: argparse.Namespace) -> int:
         wiper.stop()
     shipper.stop()
     http.shutdown()
+    http.server_close()
     wal.close()
     nvml.close()
     podres.close()
