@@ -104,13 +104,17 @@ def _wait_for_signal() -> threading.Event:
 
 
 def serve_podresources(args: argparse.Namespace) -> int:
-    from gpucloud_agent.podresources.fake_server import (
-        DeviceIds,
-        KubePodSource,
-        fake_device_ids,
-        node_device_ids,
-        serve,
-    )
+    try:
+        from gpucloud_agent.podresources.fake_server import (
+            DeviceIds,
+            KubePodSource,
+            fake_device_ids,
+            node_device_ids,
+            serve,
+        )
+    except ModuleNotFoundError as exc:  # grpcio/protobuf: the dev install's, not the agent's
+        return _fail(f"serve-podresources is a test-bed tool and needs {exc.name} "
+                     "(pip install 'gpucloud[dev]')")  # fmt: skip
 
     ids: DeviceIds = (
         fake_device_ids(args.node_name, args.gpus)

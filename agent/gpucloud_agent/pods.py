@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -20,7 +21,12 @@ class DerivedUidResolver:
     Two pods that reuse one name share it; production uses KubeUidResolver."""
 
     def uid(self, namespace: str, name: str) -> str | None:
-        return str(uuid.uuid5(_DERIVED_NS, f"{namespace}/{name}"))
+        return _derived_uid(namespace, name)
+
+
+@functools.lru_cache(maxsize=4096)  # asked for every held GPU every second; uuid5 is a SHA-1
+def _derived_uid(namespace: str, name: str) -> str:
+    return str(uuid.uuid5(_DERIVED_NS, f"{namespace}/{name}"))
 
 
 class KubeUidResolver:
