@@ -61,11 +61,12 @@ def _dropped(conn: http.client.HTTPConnection) -> bool:
 
 
 class HttpClient:
-    def __init__(self, timeout_s: float = 10.0) -> None:
+    def __init__(self, timeout_s: float = 10.0, ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: for https:// (default: the system's CA store)."""
         self.timeout_s = timeout_s
         self._idle: dict[Origin, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()  # guards _idle; a request holds its connection alone
-        self._ssl_context: ssl.SSLContext | None = None
+        self._ssl_context = ssl_context
 
     def _connection(self, origin: Origin) -> http.client.HTTPConnection:
         scheme, host, port = origin

@@ -135,6 +135,8 @@ def run_agent(args: argparse.Namespace) -> int:
     from gpucloud.usage_rules import UsageKind
     from gpucloud_agent.agent import Agent, AgentConfig
     from gpucloud_agent.disk import LAYOUT, parse_kinds
+    from gpucloud_agent.httpclient import HTTPError
+    from gpucloud_agent.kubeapi import KubeApi, KubeApiError
     from gpucloud_agent.metrics import AgentCollector, Collector, serve_http
     from gpucloud_agent.nvml import NoGpus, Nvml, NvmlBackend, NvmlError
     from gpucloud_agent.podresources.client import PodResourcesClient
@@ -165,26 +167,24 @@ def run_agent(args: argparse.Namespace) -> int:
         if args.fake_config:
             nvml = FakeNvml.from_config(args.fake_config, clock)
         elif args.fake_from_kube:
-            from kubernetes import client, config
-
-            if args.kubeconfig:
-                config.load_kube_config(config_file=args.kubeconfig)
-            else:
-                config.load_incluster_config()
-            node = client.CoreV1Api().read_node(args.node_name)
-            nvml = FakeNvml.from_node_labels(
-                args.node_name, node.metadata.labels or {}, node.status.capacity or {}, clock
-            )
+            try:
+                labels, capacity = KubeApi.from_flags(args.kubeconfig).node(args.node_name)
+            except (KubeApiError, HTTPError) as exc:
+                return _fail(f"--fake-from-kube: reading Node {args.node_name}: {exc}")
+            nvml = FakeNvml.from_node_labels(args.node_name, labels, capacity, clock)
         else:
             return _fail("--nvml fake needs --fake-config or --fake-from-kube")
     uid_source = args.pod_uid_source or (
         "kube" if args.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST") else "derived"
     )
-    resolver: PodUidResolver = (
-        KubeUidResolver(args.node_name, args.kubeconfig)
-        if uid_source == "kube"
-        else DerivedUidResolver()
-    )
+    try:
+        resolver: PodUidResolver = (
+            KubeUidResolver(args.node_name, args.kubeconfig)
+            if uid_source == "kube"
+            else DerivedUidResolver()
+        )
+    except KubeApiError as exc:
+        return _fail(f"--pod-uid-source kube: {exc}")
     podres = PodResourcesClient(args.pod_resources_socket)
     wal = Wal(args.wal_dir, args.wal_segment_bytes)
     agent = Agent(

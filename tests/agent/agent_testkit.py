@@ -242,3 +242,24 @@ class ApiReceiver:
             for u in self._ledger.unrated_usage(limit=1_000_000)
             if u.kind == "gpu_time"
         ]
+
+
+def make_pki(d: Path) -> None:
+    """A CA (ca.crt), a server certificate for 127.0.0.1 (server.crt/.key) and a client
+    certificate (client.crt/.key), all signed by it, made with openssl in ``d``."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
+            "-out", "ca.crt", "-days", "1", "-subj", "/CN=test-ca")  # fmt: skip
+    for name, ext in (
+        ("server", "subjectAltName=IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr", "-subj", f"/CN={name}")  # fmt: skip
+        (d / f"{name}.ext").write_text(ext + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.crt", "-days", "1",
+                "-extfile", f"{name}.ext")  # fmt: skip

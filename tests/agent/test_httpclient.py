@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_testkit import make_pki
 from gpucloud_agent import httpclient
 from gpucloud_agent.httpclient import HttpClient, HTTPError
 
@@ -115,26 +115,10 @@ def test_no_answer_is_an_http_error_naming_the_url() -> None:
         HttpClient().get("unix:///x")
 
 
-def _pki(d: Path) -> None:
-    """A CA and a server certificate for 127.0.0.1 signed by it."""
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
-            "-out", "ca.crt", "-days", "1", "-subj", "/CN=test-ca")  # fmt: skip
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
-            "-out", "server.csr", "-subj", "/CN=server")  # fmt: skip
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.crt", "-days", "1",
-            "-extfile", "server.ext")  # fmt: skip
-
-
 def test_https_trusts_the_system_store_or_ssl_cert_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _pki(tmp_path)
+    make_pki(tmp_path)
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(tmp_path / "server.crt", tmp_path / "server.key")
     server = Server(tls)

@@ -136,13 +136,14 @@ HEAVY = ("pydantic", "pydantic_core", "httpx", "tenacity", "grpc", "google.proto
 
 def test_the_agent_process_loads_no_heavy_library() -> None:
     """Every module `gpucloud-agent run` imports (main.run_agent's, and those it imports
-    only with --disk-root or --nvml fake), in a fresh interpreter."""
+    only with --disk-root, --nvml fake or --fake-from-kube), in a fresh interpreter."""
     code = (
         "import sys\n"
         "import gpucloud_agent.main as m\n"
         "assert m.main(['run']) == 2  # run_agent's imports, then: --node-name is required\n"
         "import gpucloud_agent.wipe, gpucloud_agent.imagecopy, gpucloud_agent.fake_nvml\n"
         "import gpucloud_agent.podresources.client, gpucloud_agent.records\n"
+        "import gpucloud_agent.kubeapi, gpucloud_agent.pods\n"
         "print(' '.join(sorted(sys.modules)))\n"
     )
     out = subprocess.run(
