@@ -128,15 +128,7 @@ class UsageRecord:
                 raise ValueError(f"{name}: must be a {cls.__name__}, got {type(value).__name__}")
         if self.volume is not None:
             _text("volume", self.volume)
-        problem = record_problem(
-            self.kind,
-            self.start,
-            self.end,
-            self.quantity,
-            self.gpu is not None and self.pod is not None,
-            self.volume,
-            None if self.activity is None else self.activity.samples,
-        )
+        problem = record_problem(self)
         if problem is not None:
             raise ValueError(problem)
 

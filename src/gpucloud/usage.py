@@ -78,15 +78,7 @@ class UsageRecord(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        problem = record_problem(
-            self.kind,
-            self.start,
-            self.end,
-            self.quantity,
-            self.gpu is not None and self.pod is not None,
-            self.volume,
-            None if self.activity is None else self.activity.samples,
-        )
+        problem = record_problem(self)
         if problem is not None:
             raise ValueError(problem)
         return self

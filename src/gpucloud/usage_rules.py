@@ -7,6 +7,7 @@ from here, so the two cannot drift apart.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Protocol
 
 MAX_GPU_WINDOW_S = 10
 HOUR_S = 3600
@@ -33,30 +34,49 @@ class UsageKind(StrEnum):
     IMAGE = "image"  # quantity: bytes used, measured
 
 
-def record_problem(
-    kind: UsageKind,
-    start: int,
-    end: int,
-    quantity: int,
-    has_gpu_and_pod: bool,
-    volume: str | None,
-    activity_samples: int | None,
-) -> str | None:
+class _Activity(Protocol):
+    @property
+    def samples(self) -> int: ...
+
+
+class RecordFields(Protocol):
+    """What ``record_problem`` reads of a record: both record classes have it."""
+
+    @property
+    def kind(self) -> UsageKind: ...
+    @property
+    def start(self) -> int: ...
+    @property
+    def end(self) -> int: ...
+    @property
+    def quantity(self) -> int: ...
+    @property
+    def gpu(self) -> object | None: ...
+    @property
+    def pod(self) -> object | None: ...
+    @property
+    def volume(self) -> str | None: ...
+    @property
+    def activity(self) -> _Activity | None: ...
+
+
+def record_problem(r: RecordFields) -> str | None:
     """What is wrong with a record whose fields are each valid, as a whole; None: nothing."""
+    kind, start, end, quantity = r.kind, r.start, r.end, r.quantity
     if end <= start:
         return "end must be after start"
     if kind is UsageKind.GPU_TIME:
-        if not has_gpu_and_pod:
+        if r.gpu is None or r.pod is None:
             return "gpu_time records need gpu and pod"
         if end - start > MAX_GPU_WINDOW_S:
             return f"gpu_time windows are at most {MAX_GPU_WINDOW_S} s"
         if quantity != end - start:
             return "gpu_time quantity must equal end - start (one GPU)"
-        if activity_samples is not None and activity_samples > quantity:
+        if r.activity is not None and r.activity.samples > quantity:
             return "activity.samples must not exceed the window's seconds"
-    elif activity_samples is not None:
+    elif r.activity is not None:
         return f"{kind} records carry no activity (gpu_time only)"
-    elif volume is None:
+    elif r.volume is None:
         return f"{kind} records need volume"
     elif end - start > MAX_VOLUME_WINDOW_S:
         return f"{kind} windows are at most {MAX_VOLUME_WINDOW_S} s"

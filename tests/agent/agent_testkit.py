@@ -22,6 +22,16 @@ from gpucloud.usage import UsageBatch
 REPO = Path(__file__).resolve().parents[2]
 
 
+def send_json(handler: BaseHTTPRequestHandler, code: int, body: Any) -> None:
+    """Answer a request of an http.server handler with ``body`` as JSON."""
+    out = json.dumps(body).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(out)))
+    handler.end_headers()
+    handler.wfile.write(out)
+
+
 def wait_for(cond: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -104,15 +114,9 @@ class Receiver:
                             receiver.duplicates += 1
                         else:
                             receiver.conflicts.append((old, data))
-                out = json.dumps(
-                    {"accepted": accepted, "duplicates": duplicate, "errors": errors}
-                ).encode()
                 stored = accepted + duplicate
-                self.send_response(200 if not errors else 207 if stored else 422)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
+                out = {"accepted": accepted, "duplicates": duplicate, "errors": errors}
+                send_json(self, 200 if not errors else 207 if stored else 422, out)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

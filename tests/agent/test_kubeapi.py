@@ -6,7 +6,6 @@ reads them in tests/e2e/test_agent_on_testbed.py."""
 from __future__ import annotations
 
 import base64
-import json
 import ssl
 import threading
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
-from agent_testkit import make_pki
+from agent_testkit import make_pki, send_json
 from gpucloud_agent.kubeapi import KubeApi, KubeApiError
 from gpucloud_agent.main import main
 from gpucloud_agent.pods import KubeUidResolver
@@ -53,12 +52,7 @@ class ApiServer:
                 self._send(404, {"kind": "Status", "reason": "NotFound"})
 
             def _send(self, code: int, body: dict[str, Any]) -> None:
-                out = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
+                send_json(self, code, body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
