@@ -394,7 +394,7 @@ class Lifecycle(Core):
         assert pod is not None
         self._ensure_meter(p, pod)
         refreshed = self._update_cost(p, force=False)
-        if refreshed or not p.status.get("gpus"):
+        if refreshed or (not p.status.get("gpus") and self._gpus_eager(p, pod)):
             self._show_gpus(p, pod)
 
     def _stop(self, p: Pass, final: str, reason: str, message: str) -> None:
@@ -494,4 +494,6 @@ class Lifecycle(Core):
             self._status_written.discard(p.uid)
             self._known_version.pop(p.uid, None)
             self._run_pods.pop(p.uid, None)
+        self._gpus_asked.pop(p.uid, None)
+        self._cost_shown.pop(p.uid, None)
         return True
