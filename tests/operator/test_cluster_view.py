@@ -184,3 +184,13 @@ def test_view_converges_to_the_cluster_whatever_the_event_order(ops: list[Write]
     lister.items, lister.version = list(cluster.values()), len(ops)
     clock.t += 11
     assert names(view) == {n: o["metadata"]["resourceVersion"] for n, o in cluster.items()}
+
+
+def test_rows_leave_out_managed_fields_and_share_the_rest():
+    body = obj("a", 3)
+    body["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    view = ClusterView("gpuinstances", Lister(), monotonic=Clock())
+    view.saw(body)
+    (row,) = view.objects()
+    assert "managedFields" not in row["metadata"] and row["status"] is body["status"]
+    assert "managedFields" in body["metadata"]  # the event's own body is left as it was
