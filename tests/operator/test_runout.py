@@ -79,6 +79,13 @@ def reconciler(w: World, alarms: Alarms) -> AccountReconciler:
     )
 
 
+def funded(w: World, minor: int) -> tuple[Alarms, AccountReconciler, dict]:
+    """The account funded with ``minor``, its alarms, reconciler and Account."""
+    w.fund(minor)
+    alarms = Alarms(w.clock)
+    return alarms, reconciler(w, alarms), w.kube.cluster[("accounts", "acme")]
+
+
 def test_the_shutdown_happens_at_the_run_out_instant_not_the_next_poll(world: World) -> None:
     w = world
     w.fund(10_44)  # L40S 5.20/h: about 2 h
@@ -118,10 +125,7 @@ def test_the_shutdown_happens_at_the_run_out_instant_not_the_next_poll(world: Wo
 
 def test_a_recharge_in_between_moves_the_pass(world: World) -> None:
     w = world
-    w.fund(10_44)
-    alarms = Alarms(w.clock)
-    rec = reconciler(w, alarms)
-    acct = w.kube.cluster[("accounts", "acme")]
+    alarms, rec, acct = funded(w, 10_44)
     w.instance("job", "NVIDIA-L40S")
     w.tick()
     rec.refresh_account(acct)
@@ -242,10 +246,8 @@ def test_a_budget_stop_lands_at_the_instant_it_is_spent_not_the_next_poll(
     world: World, scope: str
 ) -> None:
     w = world
-    w.fund(1000_00)  # the money lasts days: the budget is what stops the run
-    alarms = Alarms(w.clock)
-    rec = reconciler(w, alarms)
-    acct = w.kube.cluster[("accounts", "acme")]
+    # the money lasts days: the budget is what stops the run
+    alarms, rec, acct = funded(w, 1000_00)
     acct["spec"]["namespaces"] = [NS, "team-b"]
     w.instance("job", A100)
     # another namespace's run: outside a namespace budget, it must not bring the
@@ -279,8 +281,9 @@ def test_a_budget_stop_lands_at_the_instant_it_is_spent_not_the_next_poll(
     assert st["stoppedAt"] == due.strftime("%Y-%m-%dT%H:%M:%SZ")
     assert "BudgetExceeded" in w.kube.reasons("job") and "StopPayAsYouGo" in st["message"]
     assert w.kube.forgotten == ["accounts"]  # the instance pass read the Exceeded state
-    gpu = next(m for m in w.ledger.meters("acme") if m.kind == "gpu_time" and m.resource
-               == f"{NS}/job")  # fmt: skip
+    [gpu] = [
+        m for m in w.ledger.meters("acme") if (m.kind, m.resource) == ("gpu_time", f"{NS}/job")
+    ]
     assert gpu.closed_at == due  # billed to the second the budget was spent
     other = w.kube.instance("team-b", "other")["status"]["phase"]
     assert other == ("Running" if scope == "namespace" else "Stopped")
@@ -288,10 +291,7 @@ def test_a_budget_stop_lands_at_the_instant_it_is_spent_not_the_next_poll(
 
 def test_a_budget_raised_before_the_instant_moves_the_stop(world: World) -> None:
     w = world
-    w.fund(1000_00)
-    alarms = Alarms(w.clock)
-    rec = reconciler(w, alarms)
-    acct = w.kube.cluster[("accounts", "acme")]
+    alarms, rec, acct = funded(w, 1000_00)
     w.instance("job", A100)
     w.tick()
     start = started(w, "job")
