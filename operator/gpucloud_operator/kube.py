@@ -9,6 +9,7 @@ object is ``None`` on reads and not an error on deletes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import threading
@@ -351,14 +352,21 @@ class Kube:
             raise
 
     def apply_deployment(self, dep: Obj) -> Obj:
-        """Create the Deployment, or merge-patch an existing one to match ``dep``."""
+        """Create the Deployment, or merge-patch an existing one to match ``dep``. A
+        strategic merge patch merges maps key by key, so each container's ``resources``
+        is replaced whole (``$patch: replace``): a product now sold as another resource
+        (a MIG profile instead of nvidia.com/gpu) must not keep asking for the old one."""
         ns, name = dep["metadata"]["namespace"], dep["metadata"]["name"]
         try:
             return self._raw(self.apps.create_namespaced_deployment, ns, dep)
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        return self._raw(self.apps.patch_namespaced_deployment, name, ns, dep)
+        patch = copy.deepcopy(dep)
+        for c in patch["spec"]["template"]["spec"]["containers"]:
+            if "resources" in c:
+                c["resources"] = {"$patch": "replace", **c["resources"]}
+        return self._raw(self.apps.patch_namespaced_deployment, name, ns, patch)
 
     def apply_service(self, svc: Obj) -> None:
         """Create the Service if missing (its spec is fixed by the ModelDeployment's name)."""

@@ -56,6 +56,7 @@ def test_refusals_cost_nothing(world: World) -> None:
     w.fund(10_00)  # one hour of 2 x A100 is 19.60 + storage
     w.instance("big", A100, 2)
     w.instance("odd", "NVIDIA-B200", 1)
+    w.instance("shares", "NVIDIA-H100-80GB-HBM3-SHARED", 2)
     w.tick()
     st = w.status("big")
     assert st["phase"] == "Refused"
@@ -63,6 +64,12 @@ def test_refusals_cost_nothing(world: World) -> None:
     assert cond["reason"] == "InsufficientBalance" and "19.62 CNY" in cond["message"]
     assert w.status("odd")["phase"] == "Refused"
     assert "NVIDIA-B200" in w.status("odd")["message"]
+    shares = w.status("shares")
+    assert shares["phase"] == "Refused" and "SharedGPUCount" in w.kube.reasons("shares")
+    assert shares["message"] == (
+        "spec.gpu.count: NVIDIA-H100-80GB-HBM3-SHARED is a time-sliced share of a GPU; an "
+        "instance takes exactly 1, not 2"
+    )
     assert not w.kube.pods and charges(w) == 0
 
 
