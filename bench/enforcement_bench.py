@@ -24,7 +24,7 @@ then the clock jumps past the metering grace, every run is settled, and
 lag goes (run-out -> the account's ``arrearsSince`` -> the pod's deletion). The bench
 fails when a pod is deleted before its account ran out, or an account ran out with a
 pod left running. BENCH_PROFILE=<file> records the operator with py-spy during the
-enforcement phase (collapsed stacks; pip install py-spy into the venv first).
+enforcement phase (collapsed stacks; py-spy is a dev dependency).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ took to create them all: kubectl sends one object after another) and
 (GPUCLOUD_TESTBED_NAME, default ``gpucloud-opbench``) so the shared default cluster is
 left alone, and deletes it afterwards. BENCH_DEBUG=1 adds, on stderr, the CPU of every
 process, the API requests of the burst and a timeline with the slowest instances;
-BENCH_PROFILE=<file> records the operator with py-spy (collapsed stacks; pip install
-py-spy into the venv first).
+BENCH_PROFILE=<file> records the operator with py-spy (collapsed stacks; py-spy is
+a dev dependency).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gpucloud.billing.model_charges import ModelPlan, Rule
@@ -53,11 +53,13 @@ class TokenChecker(Protocol):
 
 @dataclass
 class Directory:
-    """Namespace -> account, and account -> state (``Account.status.state``, when the
-    gateway reads Accounts from the cluster). Replaced as a whole when it changes."""
+    """Namespace -> account, and account -> state (``Account.status.state``) and
+    currency (``spec.currency``, immutable; the ledger account is made in it), when the
+    gateway reads Accounts from the cluster. Replaced as a whole when it changes."""
 
     owners: Mapping[str, str]
     states: Mapping[str, str]
+    currencies: Mapping[str, str] = field(default_factory=dict)
 
 
 def directory_from_plans(
@@ -123,15 +125,20 @@ class Callers:
                 f"account {caller.account!r} is in arrears: recharge it to call public models",
             )
         funds = await self._funds_of(caller.account)
-        if funds is None:  # the ledger cannot say now: serve; the usage is posted later
-            return caller
-        if funds.currency is not None and self.currency and funds.currency != self.currency:
+        # the ledger's word on the currency, else the Account's own (spec.currency): a
+        # request served while the ledger is unreachable is still posted later, and must
+        # not be posted in another currency's units
+        currency = funds.currency if funds is not None else None
+        currency = currency or self.directory.currencies.get(caller.account)
+        if currency is not None and self.currency and currency != self.currency:
             raise CallerError(
                 402,
-                f"account {caller.account!r} keeps its balance in {funds.currency} but public "
+                f"account {caller.account!r} keeps its balance in {currency} but public "
                 f"models here are priced in {self.currency}: nothing is billed across "
                 "currencies",
             )
+        if funds is None:  # the ledger cannot say now: serve; the usage is posted later
+            return caller
         if funds.balance_minor <= 0:
             raise CallerError(
                 402,

@@ -15,6 +15,7 @@ from typing import Any
 
 from gpucloud import ownership
 from gpucloud.billing.model_charges import ModelPlan
+from gpucloud.crd.account import AccountSpec
 from gpucloud.kube_names import GROUP, VERSION
 from gpucloud.model_manifests import MODEL_LABEL, MODEL_PORT, deployment_name
 from gpucloud_gateway.callers import Directory
@@ -133,17 +134,25 @@ def plans_from_cluster(
     return plans
 
 
+DEFAULT_CURRENCY: str = AccountSpec.model_fields["currency"].default
+
+
 def directory_from_accounts(accounts: Iterable[Mapping[str, Any]]) -> Directory:
     """Namespace -> account (``spec.namespaces``; the Account that claimed it first, as
     for model owners and in the operator) and account -> ``status.state`` (Active,
-    LowBalance, Arrears)."""
+    LowBalance, Arrears) and -> ``spec.currency`` (its default when unset)."""
     listed = list(accounts)
     states: dict[str, str] = {}
+    currencies: dict[str, str] = {}
     for acct in listed:
+        name = acct["metadata"]["name"]
         state = (acct.get("status") or {}).get("state")
         if isinstance(state, str):
-            states[acct["metadata"]["name"]] = state
-    return Directory(ownership.owners(listed), states)
+            states[name] = state
+        currency = (acct.get("spec") or {}).get("currency", DEFAULT_CURRENCY)
+        if isinstance(currency, str):
+            currencies[name] = currency
+    return Directory(ownership.owners(listed), states, currencies)
 
 
 class GatewayPeers:

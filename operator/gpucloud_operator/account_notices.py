@@ -8,6 +8,7 @@ episode for runway)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_DOWN, Decimal
 from typing import Any
@@ -39,6 +40,19 @@ def hours_text(hours: Decimal) -> str:
     return str(hours.quantize(Decimal("0.1"), rounding=ROUND_DOWN))
 
 
+@dataclass(frozen=True)
+class BudgetPass:
+    """What an account pass learnt of its budget: ``status.budget``, its conditions, spent
+    / monthly by namespace (``""``: the account's) for the metrics, and the readings of
+    the scopes whose enforcement is StopPayAsYouGo (the account reconciler predicts when
+    each is spent and wakes the instances of a spent one: ``runout``)."""
+
+    status: Obj | None = None
+    conditions: list[Obj] = field(default_factory=list)
+    ratios: dict[str, float] = field(default_factory=dict)
+    stops: tuple[bu.Reading, ...] = ()
+
+
 class AccountNotices:
     def __init__(
         self,
@@ -60,8 +74,8 @@ class AccountNotices:
         now: datetime,
         unposted: Mapping[str, int],
         url: str,
-    ) -> tuple[Obj | None, list[Obj], dict[str, float]]:
-        """(status.budget, conditions, spent/monthly by namespace for the metrics)."""
+    ) -> BudgetPass:
+        """The month's spending per scope: notices, conditions and status (``BudgetPass``)."""
         old = _old(status)
         stamp = r.fmt(now)
         budget = spec.budget if spec is not None else None
@@ -71,7 +85,7 @@ class AccountNotices:
             msg = str(exc)
             if old.get("Valid") != ("False", "InvalidBudget"):
                 self.kube.event(acct, "Warning", "InvalidBudget", msg)
-            return None, [b.condition("Valid", False, "InvalidBudget", msg, stamp)], {}
+            return BudgetPass(conditions=[b.condition("Valid", False, "InvalidBudget", msg, stamp)])
         conds: list[Obj] = []
         if spec is not None and old.get("Valid") == ("False", "InvalidBudget"):
             conds.append(b.condition("Valid", True, "Valid", "the spec is valid", stamp))
@@ -79,7 +93,7 @@ class AccountNotices:
             for type_ in ("BudgetWarning", "BudgetExceeded"):
                 if old.get(type_, ("",))[0] == "True":
                     conds.append(b.condition(type_, False, "NoBudget", "no budget is set", stamp))
-            return None, conds, {}
+            return BudgetPass(conditions=conds)
         name = acct["metadata"]["name"]
         month = bu.month_of(now)
         posted = self.ledger.spent_by_resource(name, month.start, month.end)
@@ -109,7 +123,8 @@ class AccountNotices:
         ratios = {
             rd.scope.namespace or "": rd.spent_minor / rd.scope.monthly_minor for rd in readings
         }
-        return out, conds, ratios
+        stops = tuple(readings) if budget.enforcement == bu.STOP_PAYG else ()
+        return BudgetPass(out, conds, ratios, stops)
 
     def _budget_notice(
         self,

@@ -20,6 +20,7 @@ from typing import Any
 from gpucloud import ownership
 from gpucloud.billing import (
     BillingError,
+    BillingMode,
     available_balance,
     format_money,
     parse_amount,
@@ -44,6 +45,7 @@ from gpucloud.ledger import (
 )
 from gpucloud.recharge import SandboxProvider
 from gpucloud_operator import arrears as ar
+from gpucloud_operator import budgets as bu
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.account_notices import AccountNotices
@@ -171,27 +173,11 @@ class AccountReconciler:
     ) -> tuple[ar.Assessment, Decimal]:
         """The verdict, and the burn rate (currency units per hour) it was made with."""
 
-        def mine(plural: str) -> list[Obj]:
-            return [
-                o
-                for o in self.kube.list_cluster_objects(plural, ttl=2.0)
-                if o["metadata"].get("namespace") in namespaces
-            ]
-
         # stopped runs not yet settled count as owed (``Ledger.unposted``; the ledger, not
         # the cached, lagging instance status, says which ones): the available balance
         # already deducts them, the balance the rules judge does too
         balance -= owed
-        burn = Decimal(0)
-        pb_obj = self.kube.get_pricebook(self.cfg.pricebook)
-        if pb_obj is not None:
-            try:
-                pb = price_book(pb_obj)
-                burn = ar.account_burn_rate(
-                    pb, mine("gpuinstances"), mine("clouddisks"), mine("images"), now
-                )
-            except BillingError as exc:  # a bad price book must not stop enforcement
-                log.error("burn rate of %s: %s", acct["metadata"]["name"], exc)
+        burn = self._burn(acct["metadata"]["name"], namespaces, now)
         status = acct.get("status") or {}
         verdict = ar.assess(
             balance_minor=balance,
@@ -204,6 +190,28 @@ class AccountReconciler:
             retention=self.cfg.arrears_retention,
         )
         return verdict, burn
+
+    def _burn(self, name: str, namespaces: set[str], now: datetime) -> Decimal:
+        """What the account's instances, cloud disks and images in ``namespaces`` cost per
+        hour now (currency units); 0 without a usable price book."""
+
+        def mine(plural: str) -> list[Obj]:
+            return [
+                o
+                for o in self.kube.list_cluster_objects(plural, ttl=2.0)
+                if o["metadata"].get("namespace") in namespaces
+            ]
+
+        pb_obj = self.kube.get_pricebook(self.cfg.pricebook)
+        if pb_obj is None:
+            return Decimal(0)
+        try:
+            return ar.account_burn_rate(
+                price_book(pb_obj), mine("gpuinstances"), mine("clouddisks"), mine("images"), now
+            )
+        except BillingError as exc:  # a bad price book must not stop enforcement
+            log.error("burn rate of %s: %s", name, exc)
+            return Decimal(0)
 
     def webhook_url(self, spec: AccountSpec) -> str:
         """The Account's own webhook, else the installation's."""
@@ -337,7 +345,7 @@ class AccountReconciler:
             acct, tiers, balance, available, unposted.closed_minor, currency, now, namespaces
         )
         url = self.webhook_url(spec)
-        budget, budget_conds, ratios = self.notices.budget(
+        budget_pass = self.notices.budget(
             acct,
             model,
             status,
@@ -355,7 +363,7 @@ class AccountReconciler:
                 cost_per_hour=burn,
                 in_arrears=verdict.in_arrears,
                 data_deletion_at=verdict.data_deletion_at,
-                budget_ratios=ratios,
+                budget_ratios=budget_pass.ratios,
             )
         state = verdict.state
         new = {
@@ -367,11 +375,11 @@ class AccountReconciler:
             "observedGeneration": acct["metadata"].get("generation"),
             "arrearsSince": r.fmt(verdict.arrears_since) if verdict.arrears_since else None,
             "dataDeletionAt": r.fmt(verdict.data_deletion_at) if verdict.data_deletion_at else None,
-            "budget": budget,
+            "budget": budget_pass.status,
             # the burn rate the verdict used: the console's runway divides by it
             "costPerHour": format(burn, "f"),
         }
-        conds: list[Obj] = list(budget_conds)
+        conds: list[Obj] = list(budget_pass.conditions)
         if state != status.get("state"):
             conds.append(
                 b.condition(
@@ -412,46 +420,82 @@ class AccountReconciler:
                 changes[k] = {**{x: None for x in was if x not in fresh}, **fresh}
         if changes:
             self.kube.patch_status("accounts", None, name, changes)
-        self._plan_next_pass(name, verdict, available, len(by_resource), burn, currency, now)
+        if self.alarms is not None:
+            run_out = None if verdict.in_arrears else run_out_at(
+                now, available, len(by_resource), burn, currency
+            )  # fmt: skip
+            spent_at = self._budget_spent_at(
+                name, budget_pass.stops, by_resource, burn, now, currency
+            )
+            self._plan_next_pass(name, [run_out, *spent_at])
         if verdict.in_arrears and status.get("state") != ar.ARREARS:
             self._enforce_now(namespaces)
+        elif spent := {
+            ns for rd in budget_pass.stops if bu.stop_due(rd.spent_minor, rd.scope)
+            for ns in namespaces if rd.scope.covers(ns)
+        }:  # fmt: skip
+            self._enforce_now(spent, metered_only=True)
         return bool(changes)
 
-    def _plan_next_pass(
+    def _budget_spent_at(
         self,
         name: str,
-        verdict: ar.Assessment,
-        available: int,
-        meters: int,
-        burn: Decimal,
-        currency: str,
+        stops: tuple[bu.Reading, ...],
+        by_resource: dict[str, Unposted],
+        account_burn: Decimal,
         now: datetime,
-    ) -> None:
-        """Ask for the next pass at the predicted run-out instant (``runout``); none
-        while in arrears or while nothing burns (the periodic pass still runs)."""
-        if self.alarms is None:
-            return
-        at = None if verdict.in_arrears else run_out_at(now, available, meters, burn, currency)
+        currency: str,
+    ) -> list[datetime | None]:
+        """When each StopPayAsYouGo scope not spent yet will be (``runout.run_out_at`` over
+        what its budget has left, at the burn rate of its namespaces, less one minor unit
+        per unsettled meter of the scope for rounding)."""
+        out: list[datetime | None] = []
+        for rd in stops:
+            ns = rd.scope.namespace
+            if bu.stop_due(rd.spent_minor, rd.scope):
+                continue  # spent: its instances are woken now
+            burn = account_burn if ns is None else self._burn(name, {ns}, now)
+            meters = sum(1 for res in by_resource if ns is None or bu.namespace_of(res) == ns)
+            left = rd.scope.monthly_minor - rd.spent_minor
+            out.append(run_out_at(now, left, meters, burn, currency))
+        return out
+
+    def _plan_next_pass(self, name: str, instants: list[datetime | None]) -> None:
+        """Ask for the next pass at the earliest predicted instant (``runout``): the money
+        running out or a StopPayAsYouGo budget spent; none when nothing is predicted
+        (in arrears, nothing burns: the periodic pass still runs)."""
+        assert self.alarms is not None
+        at = min((t for t in instants if t is not None), default=None)
         if at is None:
             self.alarms.cancel(name)
         else:
             self.alarms.set(name, at, lambda: self.refresh_named(name))
 
-    def _enforce_now(self, namespaces: set[str]) -> None:
-        """The account just entered arrears: a pass of each of its active instances now
-        (they stop at the arrears instant), not at their next tick. The cached Account
-        list predates this pass's status, so it is dropped first: the instance passes
-        read the Arrears state."""
+    def _enforce_now(self, namespaces: set[str], *, metered_only: bool = False) -> None:
+        """A pass of each active instance of ``namespaces`` now, not at its next tick: the
+        account just entered arrears (every instance stops at the arrears instant), or a
+        StopPayAsYouGo budget covering them is spent (``metered_only``: pay-as-you-go and
+        spot instances stop; a paid package term runs on). The cached Account list
+        predates this pass's status, so it is dropped first: the instance passes read the
+        Arrears or Exceeded state."""
         if self.wake_instance is None:
             return
-        self.kube.forget("accounts")
+        woken = []
         for inst in self.kube.list_cluster_objects("gpuinstances", ttl=2.0):
-            meta = inst["metadata"]
-            if (
-                meta.get("namespace") in namespaces
-                and (inst.get("status") or {}).get("phase") in r.ACTIVE_PHASES
+            meta, st = inst["metadata"], inst.get("status") or {}
+            if meta.get("namespace") not in namespaces or st.get("phase") not in r.ACTIVE_PHASES:
+                continue
+            if metered_only and (
+                st.get("phase") == "Stopping"
+                or r.mode_of(st.get("billingMode") or r.billing_key(inst["spec"]["billing"]))
+                is BillingMode.PACKAGE
             ):
-                self.wake_instance(meta["namespace"], meta["name"], meta["uid"])
+                continue
+            woken.append((meta["namespace"], meta["name"], meta["uid"]))
+        if woken:
+            self.kube.forget("accounts")
+        for ns, inst_name, uid in woken:
+            self.wake_instance(ns, inst_name, uid)
 
     def _held_spec(self, name: str) -> AccountSpec | None:
         """For an Account whose spec is refused but which has a ledger account (what runs

@@ -17,7 +17,8 @@
 - Hard limit: a start is refused when the scope's spent plus the start's cost (one hour
   of a metered instance, or the package term it buys) would exceed the budget; with
   ``StopPayAsYouGo`` running metered (pay-as-you-go, spot) instances stop once spent
-  reaches the budget.
+  reaches the budget, at that second: the account pass predicts it and wakes them
+  (``gpucloud_operator.runout``).
 """
 
 from __future__ import annotations

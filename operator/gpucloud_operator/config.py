@@ -46,6 +46,9 @@ class OperatorConfig(BaseModel):
     tick_interval_s: Interval = 30.0
     account_interval_s: Interval = 15.0
     recharge_interval_s: Interval = 5.0
+    # Real seconds between full lists that check the watch-fed tables of instances and
+    # accounts (gpucloud_operator.cluster_view): a deletion the watch missed lasts that long.
+    view_resync_s: Interval = 60.0
     # Real seconds between refreshes of a running instance's status.accruedCost.
     cost_refresh_s: NonNegativeFloat = 60.0
     # Clock seconds: how long to wait for agents' usage of a stopped run before billing the

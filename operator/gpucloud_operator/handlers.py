@@ -16,6 +16,7 @@ import kopf
 from gpucloud.kube_names import GROUP, MANAGED_BY, VERSION
 from gpucloud.model_manifests import MODEL_LABEL
 from gpucloud_operator.accounts import AccountReconciler
+from gpucloud_operator.cluster_view import ClusterView
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances import InstanceReconciler
 from gpucloud_operator.models import ModelReconciler
@@ -36,6 +37,7 @@ def register(
     cfg: OperatorConfig,
     instances: InstanceReconciler,
     accounts: AccountReconciler,
+    views: dict[str, ClusterView] | None = None,
 ) -> None:
     gi = (GROUP, VERSION, "gpuinstances")
 
@@ -109,6 +111,29 @@ def register(
         accounts.reconcile_review(dict(body))
 
     register_storage(registry, cfg, instances)
+    register_views(registry, views or {})
+
+
+def register_views(registry: kopf.OperatorRegistry, views: dict[str, ClusterView]) -> None:
+    """Every event of a viewed kind, of every namespace (placement and admission count
+    what other operators' namespaces hold on the same nodes), into its view; of pods,
+    those this operator made. Async: a dictionary update needs no worker thread."""
+    for plural, view in views.items():
+        group, version, labels = (
+            ("", "v1", MANAGED_BY) if plural == "pods" else (GROUP, VERSION, None)
+        )
+
+        async def seen(
+            body: kopf.Body, type: str | None, view: ClusterView = view, **_: Any
+        ) -> None:
+            if type == "DELETED":
+                view.gone(dict(body))
+            else:
+                view.saw(dict(body))
+
+        kopf.on.event(
+            group, version, plural, labels=labels, registry=registry, id=f"view-{plural}"
+        )(seen)
 
 
 # --- arrears, cloud disks and images (docs/arrears.md) ---------------------------------

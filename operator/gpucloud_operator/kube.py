@@ -9,6 +9,7 @@ object is ``None`` on reads and not an error on deletes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import threading
@@ -22,6 +23,7 @@ from kubernetes.client.rest import ApiException
 
 from gpucloud.gpu_kinds import offered_product
 from gpucloud.kube_names import GPU_RESOURCE, GROUP, MANAGED_BY, PRODUCT_LABEL, VERSION
+from gpucloud_operator.cluster_view import ClusterView
 from gpucloud_operator.placement import NodeGPUs
 
 Obj = dict[str, Any]
@@ -49,6 +51,22 @@ class Kube:
         self._cache_lock = threading.Lock()
         self._forgotten: dict[str, float] = {}  # key -> when forget() dropped it
         self._loading: dict[str, threading.Lock] = {}
+        self.views: dict[str, ClusterView] = {}  # plural -> its watch-fed table
+
+    def keep_view(self, plural: str, resync_s: float = 60.0) -> ClusterView:
+        """Answer cached lists of ``plural`` from a table fed by watch events
+        (``ClusterView``); the caller routes the events of its watch to the view.
+        ``pods``: the pods this operator made (``MANAGED_BY``), for ``seen_pod``."""
+        if plural == "pods":
+            view = ClusterView(plural, self._list_managed_pods, resync_s)
+        else:
+            view = ClusterView(plural, lambda: self._list_with_version(plural), resync_s)
+        self.views[plural] = view
+        return view
+
+    def _list_managed_pods(self) -> tuple[list[Obj], str]:
+        out = self._request("GET", "/api/v1/pods", query=[("labelSelector", MANAGED_SELECTOR)])
+        return list(out.get("items", [])), str(out.get("metadata", {}).get("resourceVersion", ""))
 
     # -- helpers ------------------------------------------------------------------
     def _json(self, call: Any, *args: Any, **kwargs: Any) -> Obj | None:
@@ -139,7 +157,8 @@ class Kube:
 
     def forget(self, plural: str) -> None:
         """Drop the cached list of ``plural``: this process just wrote something the
-        next reader must see (an Account entering arrears, read by its instances)."""
+        next reader must see (an Account entering arrears, read by its instances). A
+        view needs no forgetting: ``patch_status`` feeds it the write's answer."""
         with self._cache_lock:
             self._forgotten[f"list:{plural}"] = time.monotonic()
 
@@ -148,11 +167,19 @@ class Kube:
         return self._json(self.custom.get_cluster_custom_object, GROUP, VERSION, plural, name)
 
     def list_cluster_objects(self, plural: str, ttl: float = 0.0) -> list[Obj]:
-        def load() -> list[Obj]:
-            out = self._raw(self.custom.list_cluster_custom_object, GROUP, VERSION, plural)
-            return list(out.get("items", []))
+        """Every object of ``plural``. ``ttl`` > 0: an answer that old will do, from the
+        kind's view if it has one (as fresh as the watch), else a list cached that long;
+        0: a list read now."""
+        if ttl:
+            view = self.views.get(plural)
+            if view is not None:
+                return view.objects()
+            return self._cached(f"list:{plural}", ttl, lambda: self._list_with_version(plural)[0])
+        return self._list_with_version(plural)[0]
 
-        return self._cached(f"list:{plural}", ttl, load) if ttl else load()
+    def _list_with_version(self, plural: str) -> tuple[list[Obj], str]:
+        out = self._request("GET", f"/apis/{GROUP}/{VERSION}/{plural}")
+        return list(out.get("items", [])), str(out.get("metadata", {}).get("resourceVersion", ""))
 
     def get_namespaced_object(self, plural: str, namespace: str, name: str) -> Obj | None:
         return self._get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}/{name}")
@@ -166,16 +193,34 @@ class Kube:
         """A JSON merge patch of .status (None values delete fields)."""
         scope = "" if namespace is None else f"namespaces/{namespace}/"
         path = f"/apis/{GROUP}/{VERSION}/{scope}{plural}/{name}/status"
-        return self._request("PATCH", path, {"status": status}, content_type=MERGE_PATCH)
+        obj = self._request("PATCH", path, {"status": status}, content_type=MERGE_PATCH)
+        self._saw(plural, obj)
+        return obj
+
+    def _saw(self, plural: str, obj: Obj | None) -> None:
+        """A write's answer or a fresh read into the kind's view, if it has one: readers
+        after it see it without waiting for the watch."""
+        view = self.views.get(plural)
+        if view is not None and obj is not None:
+            view.saw(obj)
 
     # -- pods, volumes ------------------------------------------------------------
     def get_pod(self, namespace: str, name: str) -> Obj | None:
-        return self._get(f"/api/v1/namespaces/{namespace}/pods/{name}")
+        pod = self._get(f"/api/v1/namespaces/{namespace}/pods/{name}")
+        self._saw("pods", pod)
+        return pod
+
+    def seen_pod(self, namespace: str, name: str) -> Obj | None:
+        """The pod as the watch last showed it (``get_pod`` without a pods view). For
+        a check repeated on every tick; what it says is gone, ask ``get_pod`` again."""
+        view = self.views.get("pods")
+        return self.get_pod(namespace, name) if view is None else view.get(namespace, name)
 
     def create_pod(self, pod: Obj) -> Obj:
         ns = pod["metadata"]["namespace"]
         created = self._create(f"/api/v1/namespaces/{ns}/pods", pod)
         if created is not None:
+            self._saw("pods", created)
             return created
         existing = self.get_pod(ns, pod["metadata"]["name"])  # an earlier, interrupted attempt
         if existing is None:
@@ -307,14 +352,21 @@ class Kube:
             raise
 
     def apply_deployment(self, dep: Obj) -> Obj:
-        """Create the Deployment, or merge-patch an existing one to match ``dep``."""
+        """Create the Deployment, or merge-patch an existing one to match ``dep``. A
+        strategic merge patch merges maps key by key, so each container's ``resources``
+        is replaced whole (``$patch: replace``): a product now sold as another resource
+        (a MIG profile instead of nvidia.com/gpu) must not keep asking for the old one."""
         ns, name = dep["metadata"]["namespace"], dep["metadata"]["name"]
         try:
             return self._raw(self.apps.create_namespaced_deployment, ns, dep)
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        return self._raw(self.apps.patch_namespaced_deployment, name, ns, dep)
+        patch = copy.deepcopy(dep)
+        for c in patch["spec"]["template"]["spec"]["containers"]:
+            if "resources" in c:
+                c["resources"] = {"$patch": "replace", **c["resources"]}
+        return self._raw(self.apps.patch_namespaced_deployment, name, ns, patch)
 
     def apply_service(self, svc: Obj) -> None:
         """Create the Service if missing (its spec is fixed by the ModelDeployment's name)."""

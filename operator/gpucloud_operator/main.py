@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     clock = clock_from_env(cfg.clock)
     ledger = open_ledger(cfg.ledger_url, clock=clock)
     kube = Kube(args.kubeconfig)
+    for plural in ("gpuinstances", "accounts", "pods"):  # read by every pass: watch-fed
+        kube.keep_view(plural, resync_s=cfg.view_resync_s)
     metrics = OperatorMetrics(stale_after_s=4 * cfg.account_interval_s + 60)
     notifier = Notifier()  # one webhook queue: account notices and preemption notices
     instances = InstanceReconciler(
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.count_instances(lambda: kube.list_cluster_objects("gpuinstances", 5.0), cfg.serves)
         metrics.serve(cfg.metrics_port)
     registry = kopf.OperatorRegistry()
-    register(registry, cfg, instances, accounts)
+    register(registry, cfg, instances, accounts, kube.views)
     register_models(registry, cfg, ModelReconciler(kube, ledger, clock, cfg))
 
     @kopf.on.login(registry=registry)

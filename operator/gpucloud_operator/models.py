@@ -50,6 +50,7 @@ from gpucloud.clock import Clock
 from gpucloud.crd import SpecError, parse
 from gpucloud.crd.modeldeployment import ModelDeploymentSpec
 from gpucloud.crd.pricebook import price_book
+from gpucloud.gpu_kinds import shared_count_refusal
 from gpucloud.ledger import Ledger
 from gpucloud.model_manifests import (
     MODEL_LABEL,
@@ -61,6 +62,7 @@ from gpucloud.model_manifests import (
 from gpucloud_operator.accounts import money
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.currency import account_currency, mismatch
+from gpucloud_operator.rules import resource_of
 
 log = logging.getLogger("gpucloud.operator.models")
 
@@ -314,6 +316,15 @@ def set_condition(
     return [c for c in conds if c["type"] != type_] + [new]
 
 
+def _gpu_request(dep: Obj) -> tuple[Any, ...]:
+    """What a Deployment's replicas ask for: node selector and container resources."""
+    pod = ((dep.get("spec") or {}).get("template") or {}).get("spec") or {}
+    return (
+        pod.get("nodeSelector"),
+        [c.get("resources") for c in pod.get("containers") or []],
+    )
+
+
 # -- the reconciler ---------------------------------------------------------------------
 
 
@@ -427,8 +438,11 @@ class ModelReconciler:
         else:
             decision = decide(policy, obs, now)
 
-        if ensure or dep is None:
-            self.kube.apply_deployment(build_model_deployment(md, replicas=decision.desired))
+        built = self._deployment(md, decision.desired)
+        if ensure or dep is None or _gpu_request(dep) != _gpu_request(built):
+            # also when the price book sells the product as another resource now (or the
+            # Deployment predates fractional GPUs): its replicas must ask for that one
+            self.kube.apply_deployment(built)
             self.kube.apply_service(build_model_service(md))
         elif decision.desired != current:
             for victim in decision.victims:
@@ -497,7 +511,7 @@ class ModelReconciler:
         dep = self.kube.get_deployment(ns, deployment_name(name))
         if reason != "InvalidSpec":
             if ensure or dep is None:
-                self.kube.apply_deployment(build_model_deployment(md, replicas=0))
+                self.kube.apply_deployment(self._deployment(md, 0))
                 self.kube.apply_service(build_model_service(md))
             elif (dep.get("spec") or {}).get("replicas"):
                 self.kube.scale_deployment(ns, deployment_name(name), 0)
@@ -551,9 +565,16 @@ class ModelReconciler:
         pb = self._pb[1]
         plan = ModelPlan.from_resource(md, account=acct["metadata"]["name"])
         try:
-            pb.gpu_price(plan.product)
+            price = pb.gpu_price(plan.product)
         except UnknownProduct as exc:
             raise Refusal("UnknownProduct", f"spec.gpu.product: {exc}") from None
+        # a replica takes one time-sliced share, as an instance does (the device plugin
+        # refuses a pod asking for more)
+        why = shared_count_refusal(
+            plan.product, price.unit_kind, plan.gpus_per_replica, "a model replica"
+        )
+        if why is not None:
+            raise Refusal("SharedGPUCount", why)
         currency = account_currency(self.ledger, acct)
         if currency is None:
             msg = f"Account {plan.account!r} has a spec the models refuse"
@@ -564,6 +585,14 @@ class ModelReconciler:
             self.ledger.ensure_account(plan.account, currency)
             self._ledger_accounts.add(plan.account)
         return plan, pb
+
+    def _deployment(self, md: Obj, replicas: int) -> Obj:
+        """The Deployment, its replicas requesting the resource the price book sells the
+        product as (``rules.resource_of``, as for an instance's pod; nvidia.com/gpu
+        before a price book is read)."""
+        pb = self._pb[1] if self._pb is not None else None
+        product = ((md.get("spec") or {}).get("gpu") or {}).get("product")
+        return build_model_deployment(md, replicas, resource_of(pb, product))
 
     @staticmethod
     def _selector(md: Obj) -> str:

@@ -1,5 +1,6 @@
 """Pure decisions of the instance reconciler: timestamps, modes, settlement amounts,
-storage windows and package terms. No API calls, no clock: ``now`` is passed in."""
+storage windows and package terms, and the resource a product is requested as (the model
+reconciler's too). No API calls, no clock: ``now`` is passed in."""
 
 from __future__ import annotations
 
@@ -14,10 +15,26 @@ from gpucloud.billing import (
     BillingMode,
     PackagePeriod,
     PriceBook,
+    UnknownProduct,
     instance_storage_charge_exact,
     package_price,
     to_minor,
 )
+from gpucloud.gpu_kinds import GPU_RESOURCE
+
+
+def resource_of(pb: PriceBook | None, product: str | None) -> str:
+    """The extended resource ``product`` is requested as, from the price book: whole GPUs,
+    a MIG profile or time-sliced shares (nvidia.com/gpu before the price book is read, or
+    for a product it no longer lists). GPUInstance pods and ModelDeployment replicas
+    alike; their nodes' product label is ``gpu_kinds.node_product(product, resource)``."""
+    if pb is None or product is None:
+        return GPU_RESOURCE
+    try:
+        return pb.gpu_price(product).unit_resource
+    except UnknownProduct:
+        return GPU_RESOURCE
+
 
 # Phases that hold (or are about to hold) GPUs: they count against the instance limit.
 ACTIVE_PHASES = frozenset({"Pending", "Starting", "Running", "Stopping"})

@@ -1,11 +1,39 @@
-"""Enforcement at the predicted run-out instant, not at the next poll (docs/arrears.md,
-"When enforcement happens").
+"""Enforcement at the predicted instant, not at the next poll: an account's money
+running out (docs/arrears.md, "When enforcement happens") and a ``StopPayAsYouGo``
+budget being spent (docs/budgets.md, "Enforcement").
 
-Each account pass knows the available balance and the burn rate, so it knows when the
-money runs out; it asks for its next pass at that instant of the operator's clock
-(``Alarms.set``). A later pass moves the alarm (a recharge pushes it back, a new
-instance brings it forward) or cancels it (nothing burns, already in arrears). The
-periodic pass (``account_interval_s``) stays as the safety net.
+Rules (one mechanism for both):
+
+1. **One alarm per account**, keyed by its name, at the earliest instant one of its
+   predictions falls due; its call is an account pass (``refresh_named``). Each account
+   pass knows the figures, so it predicts with ``run_out_at`` (an amount left, spent at
+   a burn rate):
+
+   - *run-out*: the available balance at the account's burn rate, less a minor unit per
+     unsettled meter; none while in arrears;
+   - *a StopPayAsYouGo budget spent*: for each such scope (the account's, or one
+     namespace's) not spent yet, what its budget has left (monthly less spent) at the
+     burn rate of the scope's namespaces, less a minor unit per unsettled meter of the
+     scope.
+
+2. **Early, never late.** The slack covers the ledger's rounding of each meter on its
+   own, and the burn rate counts storage, which is posted hourly, not accrued: a pass
+   that comes early finds nothing due and predicts again, a second at a time near the
+   end. The exception is a charge posted in one step that no burn rate predicts (an
+   hour of storage crossing a budget just after a pass, a model's online time, gateway
+   requests): the first account pass after it is posted sees it, at most
+   ``account_interval_s`` later.
+3. **Every pass moves or cancels the alarm** from its own figures (a recharge or a
+   larger budget pushes it back, a new instance brings it forward; nothing predicted
+   cancels it). The periodic pass (``account_interval_s``) stays as the safety net, and
+   after a restart it sets the alarms again.
+4. **The pass that finds it due acts at once**, after patching the Account's status: it
+   drops the cached Account list and wakes the instances concerned
+   (``AccountReconciler._enforce_now`` -> ``wake_instance``) instead of waiting for
+   their ticks: every active instance of the account on entering arrears; the active
+   pay-as-you-go and spot instances of a spent StopPayAsYouGo scope, on every pass that
+   finds it spent (none is left once they are stopped). Each instance pass confirms
+   against the ledger and stops the run at its own ``now``, settled by the second.
 
 Locks and state (the rules of ``instances/concurrency.py`` hold here too: everything is
 a hint, the record is the Account's status and the ledger, a restart empties it and the
@@ -49,12 +77,12 @@ def run_out_at(
     currency: str,
 ) -> datetime | None:
     """The whole second at which the next pass should look: when ``available_minor``
-    less ``slack_minor`` is spent at ``burn_per_hour`` (currency units), never before
-    ``now + 1 s``; None when nothing burns. ``slack_minor`` covers rounding: the ledger
-    rounds each meter's accrual on its own (half to even), so with n open meters the
-    balance can run out up to n/2 minor units before the exact figure says; the pass
-    is early, finds money left and asks again, one second at a time near the end, but
-    never late."""
+    (the available balance, or what a budget has left) less ``slack_minor`` is spent at
+    ``burn_per_hour`` (currency units), never before ``now + 1 s``; None when nothing
+    burns. ``slack_minor`` covers rounding: the ledger rounds each meter's accrual on its
+    own (half to even), so with n open meters the amount can be spent up to n/2 minor
+    units before the exact figure says; the pass is early, finds some left and asks
+    again, one second at a time near the end, but never late."""
     if burn_per_hour <= 0:
         return None
     per_second = burn_per_hour * 10 ** minor_exponent(currency) / 3600

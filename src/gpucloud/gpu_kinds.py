@@ -111,6 +111,19 @@ def gpu_kind(product: str) -> GPUKind:
     return GPUKind.WHOLE
 
 
+def shared_count_refusal(product: str, kind: str, count: int, taker: str) -> str | None:
+    """Why ``count`` units of ``product`` cannot be taken at once, naming the field, or
+    None. A time-sliced share is taken one at a time: NVIDIA's device plugin refuses a pod
+    asking for more than one replica (``failRequestsGreaterThanOne``), and two shares of
+    one GPU are not twice the GPU. ``taker`` says who takes them ("an instance")."""
+    if kind != GPUKind.SHARED or count == 1:
+        return None
+    return (
+        f"spec.gpu.count: {product} is a time-sliced share of a GPU; {taker} takes exactly 1, "
+        f"not {count}"
+    )
+
+
 def replica_parent(device_id: str) -> str:
     """``GPU-x::3`` -> ``GPU-x`` (the physical GPU a replica runs on); others unchanged."""
     return device_id.split(REPLICA_SEP, 1)[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from gpucloud import kube_names
+from gpucloud.gpu_kinds import node_product
 from gpucloud.kube_names import GPU_RESOURCE, MANAGED_BY, PRODUCT_LABEL
 
 MODEL_LABEL = "gpucloud.dev/model-deployment"
@@ -67,9 +68,15 @@ def _gpu_count(md: Manifest) -> int:
     return count
 
 
-def build_model_deployment(md: Manifest, replicas: int | None = None) -> Manifest:
+def build_model_deployment(
+    md: Manifest, replicas: int | None = None, resource: str = GPU_RESOURCE
+) -> Manifest:
     """The Deployment serving the model. ``replicas`` is the autoscaler's decision
-    (``Decision.desired``); by default ``status.replicas``, else ``spec.minReplicas``."""
+    (``Decision.desired``); by default ``status.replicas``, else ``spec.minReplicas``.
+    Each replica requests ``spec.gpu.count`` of ``resource``, the extended resource the
+    price book sells the product as (whole GPUs, a MIG profile, time-sliced shares: the
+    operator resolves it as for an instance), on the nodes labelled for it
+    (``gpu_kinds.node_product``: the GPU's own name for a mixed-strategy MIG resource)."""
     meta, spec = md["metadata"], _field(md, "spec")
     product = _field(md, "spec.gpu.product")
     gpus = str(_gpu_count(md))
@@ -86,7 +93,7 @@ def build_model_deployment(md: Manifest, replicas: int | None = None) -> Manifes
             {"name": "PORT", "value": str(MODEL_PORT)},
         ],
         "ports": [{"name": "http", "containerPort": MODEL_PORT, "protocol": "TCP"}],
-        "resources": {"limits": {GPU_RESOURCE: gpus}, "requests": {GPU_RESOURCE: gpus}},
+        "resources": {"limits": {resource: gpus}, "requests": {resource: gpus}},
         "readinessProbe": {
             "httpGet": {"path": "/healthz", "port": "http"},
             "periodSeconds": 2,
@@ -113,7 +120,7 @@ def build_model_deployment(md: Manifest, replicas: int | None = None) -> Manifes
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
-                    "nodeSelector": {PRODUCT_LABEL: product},
+                    "nodeSelector": {PRODUCT_LABEL: node_product(product, resource)},
                     "tolerations": [
                         {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
                         {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"},

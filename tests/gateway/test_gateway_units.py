@@ -294,6 +294,23 @@ def test_a_public_model_refuses_a_caller_whose_money_is_in_another_currency() ->
     assert check("t-new").startswith("402: account 'fresh' has no balance (0 ")
 
 
+def test_while_the_ledger_cannot_answer_the_account_s_own_currency_decides() -> None:
+    """A request served while the ledger is unreachable is posted when the drain runs,
+    in the price book's currency: an Account kept in USD is refused by its spec.currency
+    (the gateway reads Accounts from the cluster), not served and billed in yuan."""
+    from gpucloud_gateway.kube import directory_from_accounts
+
+    accounts = [
+        {"metadata": {"name": "dollars"}, "spec": {"namespaces": ["us"], "currency": "USD"}},
+        {"metadata": {"name": "yuan"}, "spec": {"namespaces": ["cn"]}},  # the default: CNY
+    ]
+    directory = directory_from_accounts(accounts)
+    assert directory.currencies == {"dollars": "USD", "yuan": "CNY"}
+    check = public_caller(directory, {})  # funds unknown for everyone
+    assert check("t-cn") == "yuan"
+    assert check("t-us").startswith("402: account 'dollars' keeps its balance in USD")
+
+
 def test_only_the_streams_own_done_line_settles_it_not_generated_text() -> None:
     """The gateway records a stream's usage (durably) just before the chunk that ends it:
     a model tricked into writing "[DONE]" must not end the metering early."""

@@ -34,6 +34,7 @@ class FakeKube:
         self.deleted_pods: list[tuple[str, str, int | None]] = []  # (ns, name, grace asked)
         self.forgotten: list[str] = []  # cached lists the reconcilers dropped
         self.start_delay_s = 0  # how long the kubelet takes from a pod's creation to its start
+        self.unseen_pods: set[tuple[str, str]] = set()  # (ns, name): the pods view lags
 
     # -- test helpers ---------------------------------------------------------------
     def add_cluster(self, plural: str, obj: Obj) -> Obj:
@@ -129,6 +130,13 @@ class FakeKube:
     def get_pod(self, namespace: str, name: str) -> Obj | None:
         pod = self.pods.get((namespace, name))
         return copy.deepcopy(pod) if pod else None
+
+    def seen_pod(self, namespace: str, name: str) -> Obj | None:
+        """The watch-fed view's answer: the pod now, unless a test made the view lag
+        (``unseen_pods``: pods the view has not seen yet)."""
+        if (namespace, name) in self.unseen_pods:
+            return None
+        return self.get_pod(namespace, name)
 
     def create_pod(self, pod: Obj) -> Obj:
         key = (pod["metadata"]["namespace"], pod["metadata"]["name"])

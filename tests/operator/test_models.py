@@ -37,9 +37,9 @@ from opworld import NS, ROOT, T0
 
 from gpucloud.billing import to_minor
 from gpucloud.clock import ManualClock
-from gpucloud.kube_names import PRODUCT_LABEL
+from gpucloud.kube_names import GPU_RESOURCE, PRODUCT_LABEL
 from gpucloud.ledger import open_ledger
-from gpucloud.model_manifests import MODEL_LABEL, deployment_name
+from gpucloud.model_manifests import MODEL_LABEL, build_model_deployment, deployment_name
 
 Obj = dict[str, Any]
 L40S = "NVIDIA-L40S"
@@ -47,10 +47,14 @@ L40S = "NVIDIA-L40S"
 
 class ModelKube(FakeKube):
     """FakeKube plus Deployments, Services and a Deployment controller that creates and
-    removes pods (lowest pod-deletion-cost first) and schedules them by GPU product."""
+    removes pods (lowest pod-deletion-cost first) and schedules them as the scheduler
+    would: onto a node with the product label the pod selects and room in the resource
+    it requests (``fractional``: nodes selling a resource other than nvidia.com/gpu, each
+    with its product label)."""
 
     def __init__(self, nodes: list[NodeGPUs]) -> None:
         super().__init__(nodes)
+        self.fractional: dict[str, list[NodeGPUs]] = {}
         self.deployments: dict[tuple[str, str], Obj] = {}
         self.services: dict[tuple[str, str], Obj] = {}
         self.scales: list[int] = []
@@ -117,11 +121,14 @@ class ModelKube(FakeKube):
         for pod in self.pods.values():
             if pod["status"]["phase"] != "Pending" or "nodeSelector" not in pod["spec"]:
                 continue
-            product = pod["spec"]["nodeSelector"][PRODUCT_LABEL]
-            need = int(pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-            for node in self.nodes:
-                used = sum(p["gpus"] for p in self.gpu_pods() if p["node"] == node.name)
-                if node.product == product and used + need <= node.allocatable:
+            label = pod["spec"]["nodeSelector"][PRODUCT_LABEL]
+            [(resource, need)] = pod["spec"]["containers"][0]["resources"]["limits"].items()
+            pool = self.nodes if resource == GPU_RESOURCE else self.fractional.get(resource, [])
+            for node in pool:
+                used = sum(
+                    p["gpus"] for p in self.gpu_pods(resource=resource) if p["node"] == node.name
+                )
+                if node.product == label and used + int(need) <= node.allocatable:
                     pod["spec"]["nodeName"] = node.name
                     self.ips += 1
                     ip = f"10.0.0.{self.ips}"
@@ -364,6 +371,109 @@ def test_refused_without_account_and_holds_on_missing_stats(m: Models) -> None:
     d = m.tick()
     assert (d.action, d.desired, d.reason) == ("hold", 1, "gateway stats unavailable")
     assert m.posted() == price(5000)  # billing goes on without stats
+
+
+H100 = "NVIDIA-H100-80GB-HBM3"
+MIG, SHARED = f"{H100}-MIG-1g.10gb", f"{H100}-SHARED"
+
+
+def fractional_world(tmp: Path, product: str, count: int = 1) -> Models:
+    """One replica of ``product`` wanted; nodes selling each fractional kind: an H100 split
+    7 x 1g.10gb (mixed strategy: labelled as the GPU), one labelled with the profile (the
+    single strategy's nvidia.com/gpu) and one time-sliced 4 ways."""
+    w = Models(tmp, gpu={"product": product, "count": count}, minReplicas=1)
+    w.kube.nodes.append(NodeGPUs("gpu-h100-mig-single", MIG, 7))
+    w.kube.fractional = {
+        "nvidia.com/mig-1g.10gb": [NodeGPUs("gpu-h100-mig-mixed", H100, 7)],
+        "nvidia.com/gpu.shared": [NodeGPUs("gpu-h100-ts", SHARED, 4)],
+    }
+    return w
+
+
+def single_strategy(w: Models) -> None:
+    """The price book sells the 1g.10gb slice as the single strategy does: nvidia.com/gpu
+    on nodes labelled with the profile (a new resourceVersion, as the API server gives)."""
+    pb = w.kube.cluster[("pricebooks", "default")]
+    [mig] = [g for g in pb["spec"]["gpus"] if g["product"] == MIG]
+    mig["resource"] = GPU_RESOURCE
+    pb["metadata"]["resourceVersion"] = "2"
+
+
+@pytest.mark.parametrize(
+    ("product", "single", "resource", "label", "node", "per_hour", "fen"),
+    [
+        (L40S, False, GPU_RESOURCE, L40S, "gpu-l40s-0", "5.20", 144),
+        # mixed strategy: the MIG resource on nodes keeping the GPU's own product label
+        (MIG, False, "nvidia.com/mig-1g.10gb", H100, "gpu-h100-mig-mixed", "2.83", 79),
+        (MIG, True, GPU_RESOURCE, MIG, "gpu-h100-mig-single", "2.83", 79),
+        (SHARED, False, "nvidia.com/gpu.shared", SHARED, "gpu-h100-ts", "4.95", 138),
+    ],
+)  # fmt: skip
+def test_a_replica_requests_its_products_resource_and_pays_its_price(
+    tmp_path: Path,
+    product: str,
+    single: bool,
+    resource: str,
+    label: str,
+    node: str,
+    per_hour: str,
+    fen: int,
+) -> None:
+    m = fractional_world(tmp_path, product)
+    if single:
+        single_strategy(m)
+    m.tick(ensure=True)
+    tmpl = m.kube.deployments[(NS, deployment_name("llm"))]["spec"]["template"]["spec"]
+    assert tmpl["containers"][0]["resources"] == {
+        "limits": {resource: "1"},
+        "requests": {resource: "1"},
+    }
+    assert tmpl["nodeSelector"] == {PRODUCT_LABEL: label}
+    m.tick()
+    [pod] = m.pods()
+    assert pod["spec"]["nodeName"] == node and m.status()["readyReplicas"] == 1
+    # online time at the product's own modelOnlinePerHour, per unit (slice, share, GPU)
+    m.advance(1000)
+    m.tick()
+    assert m.posted() == to_minor(Decimal(per_hour) * 1000 / 3600) == fen
+    m.ledger.close()
+
+
+def test_a_replica_of_a_time_sliced_share_takes_one(tmp_path: Path) -> None:
+    m = fractional_world(tmp_path, SHARED, count=2)
+    m.tick(ensure=True)
+    m.tick()
+    assert m.kube.deployments[(NS, deployment_name("llm"))]["spec"]["replicas"] == 0
+    assert m.pods() == [] and m.status()["state"] == "Cold"
+    ready = next(c for c in m.status()["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "SharedGPUCount"
+    assert ready["message"] == (
+        f"spec.gpu.count: {SHARED} is a time-sliced share of a GPU; a model replica takes "
+        "exactly 1, not 2"
+    )
+    assert m.kube.reasons("llm").count("SharedGPUCount") == 1  # said once, not per pass
+    m.kube.update_spec("modeldeployments", NS, "llm", {"gpu": {"product": SHARED, "count": 1}})
+    m.tick(ensure=True)
+    m.tick()
+    [pod] = m.pods()
+    assert pod["spec"]["nodeName"] == "gpu-h100-ts" and m.posted() == 0
+    m.ledger.close()
+
+
+def test_a_deployment_asking_for_the_old_resource_is_rebuilt(tmp_path: Path) -> None:
+    # as the operator built it before fractional GPUs: whole GPUs on nodes labelled with
+    # the slice's name, which no node is; the next timer pass (not only a spec change)
+    # applies it again, asking for the slice (the edge replaces the resources whole)
+    m = fractional_world(tmp_path, MIG)
+    md = m.kube.namespaced[("modeldeployments", NS, "llm")]
+    m.kube.apply_deployment(build_model_deployment(md, replicas=1))
+    m.tick()  # the pass, then the Deployment controller and the scheduler
+    tmpl = m.kube.deployments[(NS, deployment_name("llm"))]["spec"]["template"]["spec"]
+    assert tmpl["containers"][0]["resources"]["limits"] == {"nvidia.com/mig-1g.10gb": "1"}
+    assert tmpl["nodeSelector"] == {PRODUCT_LABEL: H100}
+    [pod] = m.pods()
+    assert pod["spec"]["nodeName"] == "gpu-h100-mig-mixed"
+    m.ledger.close()
 
 
 def test_stats_sources(tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ def test_refusals_cost_nothing(world: World) -> None:
     w.fund(10_00)  # one hour of 2 x A100 is 19.60 + storage
     w.instance("big", A100, 2)
     w.instance("odd", "NVIDIA-B200", 1)
+    w.instance("shares", "NVIDIA-H100-80GB-HBM3-SHARED", 2)
     w.tick()
     st = w.status("big")
     assert st["phase"] == "Refused"
@@ -63,6 +64,12 @@ def test_refusals_cost_nothing(world: World) -> None:
     assert cond["reason"] == "InsufficientBalance" and "19.62 CNY" in cond["message"]
     assert w.status("odd")["phase"] == "Refused"
     assert "NVIDIA-B200" in w.status("odd")["message"]
+    shares = w.status("shares")
+    assert shares["phase"] == "Refused" and "SharedGPUCount" in w.kube.reasons("shares")
+    assert shares["message"] == (
+        "spec.gpu.count: NVIDIA-H100-80GB-HBM3-SHARED is a time-sliced share of a GPU; an "
+        "instance takes exactly 1, not 2"
+    )
     assert not w.kube.pods and charges(w) == 0
 
 
@@ -274,3 +281,23 @@ def test_modes_a_product_is_not_offered_in_are_refused_not_crashed(world: World)
     billing = next(c for c in st["conditions"] if c["type"] == "Billing")
     assert billing["status"] == "False" and billing["reason"] == "NotOffered"
     assert w.kube.reasons("nb").count("NotOffered") == 1  # said once
+
+
+def test_a_lagging_pods_view_never_stops_a_running_instance(world: World) -> None:
+    """The tick asks the pods' watch-fed view; a pod the view has not seen yet is read
+    again, not taken for gone. A pod really gone stops the run."""
+    w = world
+    w.fund(100_00)
+    w.instance("nb", L40S, 1)
+    w.tick()
+    assert w.status("nb")["phase"] == "Running"
+    w.kube.unseen_pods.add((NS, "nb-gpu"))
+    w.clock.advance(30)
+    w.tick()
+    assert w.status("nb")["phase"] == "Running" and (NS, "nb-gpu") in w.kube.pods
+    assert "PodGone" not in w.kube.reasons("nb")
+    meter = w.status("nb")["meterId"]
+    del w.kube.pods[(NS, "nb-gpu")]
+    w.tick()
+    assert "PodGone" in w.kube.reasons("nb")
+    assert w.ledger.get_meter(meter).closed_at is not None  # that run is over

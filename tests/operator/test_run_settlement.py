@@ -129,3 +129,38 @@ def test_status_gpus_lists_what_the_agents_saw(world: World) -> None:
     w.ledger.ingest_usage(usage(w, "nb", "GPU-c", 0, 10), received_at=w.clock.now())
     w.tick()
     assert w.status("nb")["gpus"] == ["GPU-c"]
+
+
+def test_gpus_no_agent_reported_are_looked_up_eagerly_only_in_the_run_s_first_minute(
+    world: World, monkeypatch
+) -> None:
+    """A node whose agent never reports cost a ledger query on every tick: after the
+    run's first ``gpus_eager_s`` the lookup waits for the cost refresh."""
+    import gpucloud_operator.instances.settlement as settlement
+
+    w = world
+    w.cfg = w.cfg.with_overrides({"cost_refresh_s": 300})
+    w.restart()
+    real = [1000.0]
+    monkeypatch.setattr(settlement, "monotonic", lambda: real[0])
+    asked: list[str] = []
+    seen = w.ledger.gpus_seen
+    monkeypatch.setattr(
+        w.ledger, "gpus_seen", lambda pod, **kw: asked.append(pod) or seen(pod, **kw)
+    )
+    w.fund(100_00)
+    w.instance("nb", L40S, 1)
+    w.tick()
+    assert w.status("nb")["phase"] == "Running"
+    first = len(asked)
+    w.tick()
+    eager = len(asked)
+    assert eager > first  # every pass asks
+    real[0] += w.rec.gpus_eager_s
+    w.tick()
+    w.tick()
+    assert len(asked) == eager  # an agent that has not reported by now: no query
+    w.ledger.ingest_usage(usage(w, "nb", "GPU-b", 0, 20), received_at=w.clock.now())
+    real[0] += w.cfg.cost_refresh_s
+    w.tick()  # the cost refresh looks again
+    assert len(asked) > eager and w.status("nb")["gpus"] == ["GPU-b"]

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 
+import pytest
 from gpucloud_operator.accounts import AccountReconciler
 from gpucloud_operator.kube import Kube
 from gpucloud_operator.notify import Notifier
@@ -78,6 +79,13 @@ def reconciler(w: World, alarms: Alarms) -> AccountReconciler:
     )
 
 
+def funded(w: World, minor: int) -> tuple[Alarms, AccountReconciler, dict]:
+    """The account funded with ``minor``, its alarms, reconciler and Account."""
+    w.fund(minor)
+    alarms = Alarms(w.clock)
+    return alarms, reconciler(w, alarms), w.kube.cluster[("accounts", "acme")]
+
+
 def test_the_shutdown_happens_at_the_run_out_instant_not_the_next_poll(world: World) -> None:
     w = world
     w.fund(10_44)  # L40S 5.20/h: about 2 h
@@ -117,10 +125,7 @@ def test_the_shutdown_happens_at_the_run_out_instant_not_the_next_poll(world: Wo
 
 def test_a_recharge_in_between_moves_the_pass(world: World) -> None:
     w = world
-    w.fund(10_44)
-    alarms = Alarms(w.clock)
-    rec = reconciler(w, alarms)
-    acct = w.kube.cluster[("accounts", "acme")]
+    alarms, rec, acct = funded(w, 10_44)
     w.instance("job", "NVIDIA-L40S")
     w.tick()
     rec.refresh_account(acct)
@@ -191,3 +196,125 @@ def test_a_kopf_body_older_than_the_alarms_pass_announces_nothing_twice(world: W
     assert sent.types.count("Arrears") == 1
     rec.refresh_account(kopf_body)  # the periodic pass, with a body from before arrears
     assert sent.types.count("Arrears") == 1 and acct["status"]["state"] == "Arrears"
+
+
+# -- StopPayAsYouGo budgets: the stop at the instant the budget is spent ----------------
+
+A100 = "NVIDIA-A100-SXM4-80GB"  # 9.80/h; a budget of 3.33 is 1223.3 s of it
+
+
+def first_spent_second(monthly: int, start: datetime, *per_hour: str) -> datetime:
+    """The oracle: the first whole second at which the cost of runs started at ``start``,
+    each rounded to fen half to even, reaches ``monthly`` (StopPayAsYouGo: spent >=
+    monthly)."""
+    rates = [Fraction(p) * 100 / 3600 for p in per_hour]  # fen per second
+    s = 0
+    while sum(round(rate * s) for rate in rates) < monthly:
+        s += 1
+    return start + s * S
+
+
+def stop_budget(w: World, monthly: str, namespace: str | None = None) -> None:
+    budget = {"monthly": monthly} if namespace is None else {
+        "namespaces": [{"namespace": namespace, "monthly": monthly}]
+    }  # fmt: skip
+    w.kube.cluster[("accounts", "acme")]["spec"]["budget"] = {
+        **budget, "enforcement": "StopPayAsYouGo"
+    }  # fmt: skip
+
+
+def started(w: World, name: str, ns: str = NS) -> datetime:
+    since = w.kube.instance(ns, name)["status"]["meterSince"]
+    return datetime.fromisoformat(since.replace("Z", "+00:00"))
+
+
+def run_alarms_until_stopped(w: World, alarms: Alarms, name: str, due: datetime) -> int:
+    """Only the alarms run (no instance tick, no periodic account pass): how many passes
+    it took until ``name`` stopped; none is ever due after ``due``."""
+    passes = 0
+    while w.status(name)["phase"] != "Stopped":
+        at = alarms.when("acme")
+        assert at is not None and at <= due
+        w.clock.set(at)
+        assert alarms.run_due() == 1
+        passes += 1
+    return passes
+
+
+@pytest.mark.parametrize("scope", ["account", "namespace"])
+def test_a_budget_stop_lands_at_the_instant_it_is_spent_not_the_next_poll(
+    world: World, scope: str
+) -> None:
+    w = world
+    # the money lasts days: the budget is what stops the run
+    alarms, rec, acct = funded(w, 1000_00)
+    acct["spec"]["namespaces"] = [NS, "team-b"]
+    w.instance("job", A100)
+    # another namespace's run: outside a namespace budget, it must not bring the
+    # prediction forward nor be stopped (under the account's budget, it is both)
+    w.kube.add_namespaced("gpuinstances", {
+        "metadata": {"name": "other", "namespace": "team-b"},
+        "spec": {"gpu": {"product": "NVIDIA-L40S", "count": 1},
+                 "billing": {"mode": "PayAsYouGo"}, "state": "Running"},
+    })  # fmt: skip
+    w.tick()
+    assert w.status("job")["phase"] == "Running"
+    start = started(w, "job")
+    # set once running (a start is refused when its first hour would not fit)
+    stop_budget(w, "3.33", None if scope == "account" else NS)
+    rec.refresh_account(acct)
+    first = alarms.when("acme")
+    if scope == "namespace":
+        due = first_spent_second(333, start, "9.80")
+        assert due == start + timedelta(seconds=1222)
+    else:  # both runs count: 9.80 + 5.20 = 15.00/h
+        assert started(w, "other", "team-b") == start
+        due = first_spent_second(333, start, "9.80", "5.20")
+        assert due == start + timedelta(seconds=799)
+    # early by the storage in the burn rate and the rounding slack, never late
+    assert first is not None and due - timedelta(minutes=1) < first <= due
+    passes = run_alarms_until_stopped(w, alarms, "job", due)
+    # the prediction, then a second at a time while the slack runs out (a fen per meter:
+    # 2 fen at 0.42 fen/s for two runs, plus one of rounding): each a second, never late
+    assert passes <= 8
+    st = w.status("job")
+    assert st["stoppedAt"] == due.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert "BudgetExceeded" in w.kube.reasons("job") and "StopPayAsYouGo" in st["message"]
+    assert w.kube.forgotten == ["accounts"]  # the instance pass read the Exceeded state
+    [gpu] = [
+        m for m in w.ledger.meters("acme") if (m.kind, m.resource) == ("gpu_time", f"{NS}/job")
+    ]
+    assert gpu.closed_at == due  # billed to the second the budget was spent
+    other = w.kube.instance("team-b", "other")["status"]["phase"]
+    assert other == ("Running" if scope == "namespace" else "Stopped")
+
+
+def test_a_budget_raised_before_the_instant_moves_the_stop(world: World) -> None:
+    w = world
+    alarms, rec, acct = funded(w, 1000_00)
+    w.instance("job", A100)
+    w.tick()
+    start = started(w, "job")
+    stop_budget(w, "3.33")
+    rec.refresh_account(acct)
+    first = alarms.when("acme")
+    assert first is not None and first <= first_spent_second(333, start, "9.80")
+    w.clock.set(start + timedelta(minutes=10))
+    stop_budget(w, "6.66")  # raised before the instant
+    rec.refresh_account(acct)  # the Account's update handler
+    due = first_spent_second(666, start, "9.80")
+    assert due == start + timedelta(seconds=2445)
+    moved = alarms.when("acme")
+    assert moved is not None and due - timedelta(minutes=1) < moved <= due
+    w.clock.set(first)
+    assert alarms.run_due() == 0  # the old instant passes without a pass
+    assert w.status("job")["phase"] == "Running" and "BudgetExceeded" not in w.kube.reasons("job")
+    run_alarms_until_stopped(w, alarms, "job", due)
+    assert w.status("job")["stoppedAt"] == due.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    # enforcement that stops nothing predicts nothing: only the money's run-out is left,
+    # days away (1000.00 at the storage's 0.02/h, the run stopped)
+    acct["spec"]["budget"]["enforcement"] = "RefuseStarts"
+    rec.refresh_account(acct)
+    later = alarms.when("acme")
+    assert later is None or later - w.clock.now() > timedelta(days=30)

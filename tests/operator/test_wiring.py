@@ -3,7 +3,10 @@ and the settings keep Kopf's bookkeeping out of the (schema-pruned) status."""
 
 from __future__ import annotations
 
+import asyncio
+
 import kopf
+from gpucloud_operator.cluster_view import ClusterView
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.handlers import configure, register
 from gpucloud_operator.main import parse_args
@@ -24,6 +27,26 @@ def test_handlers_are_registered_for_every_kind() -> None:
     assert {h.selector.any_name: h.interval for h in timers}["gpuinstances"] == 0.5
     reasons = {h.reason for h in registry._changing.get_all_handlers()}
     assert "delete" in {str(r) for r in reasons}  # the release finalizer
+
+
+def test_watch_events_of_every_namespace_feed_the_views() -> None:
+    registry = kopf.OperatorRegistry()
+    view = ClusterView("gpuinstances", lambda: ([], "1"))
+    register(
+        registry, OperatorConfig(namespaces="team-a"), object(), object(), {"gpuinstances": view}
+    )  # type: ignore[arg-type]
+    (handler,) = [h for h in registry._watching.get_all_handlers() if h.id == "view-gpuinstances"]
+    assert handler.when is None  # not only the served namespaces: they share the nodes
+    body = {"metadata": {"namespace": "team-b", "name": "x", "resourceVersion": "5"}}
+    asyncio.run(handler.fn(body=kopf.Body(body), type="ADDED"))
+    assert [o["metadata"]["name"] for o in view.objects()] == ["x"]
+    asyncio.run(
+        handler.fn(
+            body=kopf.Body(body | {"metadata": body["metadata"] | {"resourceVersion": "6"}}),
+            type="DELETED",
+        )
+    )
+    assert view.objects() == []
 
 
 def test_settings_and_flags() -> None:

@@ -3,7 +3,10 @@ budget past its monthly amount is refused (``_budget_rule``, applied by admissio
 the admission lock), and with ``enforcement: StopPayAsYouGo`` a metered (pay-as-you-go,
 spot) instance stops once its account's or namespace's month is spent
 (``_budget_stop``), settled by the second like any stop; paid package terms run on.
-The decisions are ``gpucloud_operator.budgets``; this room reads the ledger for them."""
+The account pass predicts the instant a StopPayAsYouGo budget is spent and wakes the
+instance's pass then (``gpucloud_operator.runout``), so the stop lands at that second,
+not at the next tick. The decisions are ``gpucloud_operator.budgets``; this room reads
+the ledger for them."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from gpucloud.crd import SpecError, parse
 from gpucloud.crd.account import AccountSpec
 from gpucloud.crd.gpuinstance import GPUInstanceSpec
 from gpucloud.crd.pricebook import price_book
-from gpucloud.gpu_kinds import GPU_RESOURCE, GPUKind
+from gpucloud.gpu_kinds import shared_count_refusal
 from gpucloud.ledger import NotFound, Unposted
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
@@ -27,17 +27,6 @@ from gpucloud_operator.instances.concurrency import ReconcilerState
 from gpucloud_operator.instances.kubeapi import PLURAL, Obj
 
 log = logging.getLogger("gpucloud.operator.instances")
-
-
-def resource_of(pb: PriceBook | None, product: str | None) -> str:
-    """The extended resource ``product`` is requested as (nvidia.com/gpu before the price
-    book is read, or for a product it no longer lists)."""
-    if pb is None or product is None:
-        return GPU_RESOURCE
-    try:
-        return pb.gpu_price(product).unit_resource
-    except UnknownProduct:
-        return GPU_RESOURCE
 
 
 @dataclass
@@ -98,7 +87,7 @@ class Pass:
 
     @property
     def gpu_resource(self) -> str:
-        return resource_of(self.pb, self.product)
+        return r.resource_of(self.pb, self.product)
 
     @property
     def count(self) -> int:
@@ -235,13 +224,8 @@ class Core(ReconcilerState):
         except PriceBookError as exc:
             self._refuse(p, "InvalidPriceBook", str(exc))
             return False
-        if price.unit_kind == GPUKind.SHARED and p.count != 1:
-            # NVIDIA's device plugin refuses a pod asking for more than one replica
-            # (failRequestsGreaterThanOne): two shares of one GPU are not twice the GPU
-            self._refuse(p, "SharedGPUCount", (
-                f"spec.gpu.count: {p.product} is a time-sliced share of a GPU; an "
-                f"instance takes exactly 1, not {p.count}"
-            ))  # fmt: skip
+        if why := shared_count_refusal(p.product, price.unit_kind, p.count, "an instance"):
+            self._refuse(p, "SharedGPUCount", why)
             return False
         if wrong := mismatch(p.account, p.currency, self.cfg.pricebook, p.pb.currency):
             self._refuse(p, "CurrencyMismatch", wrong)

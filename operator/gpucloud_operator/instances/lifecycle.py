@@ -373,19 +373,28 @@ class Lifecycle(Core):
             self._package_rules(p)  # a day or week package is within the reminder lead
 
     def _observe_running(self, p: Pass) -> None:
-        pod = self.kube.get_pod(p.ns, b.pod_name(p.name))
+        """A running instance's pass (most are ticks): is its pod still this run's? Asked
+        of the pods' watch-fed view; what that says has ended is read again before the
+        run is stopped (a view lagging behind never stops a run)."""
         runs = str(p.status.get("runs"))
-        gone = (
-            pod is None
-            or (pod["metadata"].get("labels") or {}).get(b.RUN_LABEL) != runs
-            or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
-        )
-        if gone:
+
+        def gone(pod: Obj | None) -> bool:
+            return (
+                pod is None
+                or (pod["metadata"].get("labels") or {}).get(b.RUN_LABEL) != runs
+                or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+            )
+
+        pod = self.kube.seen_pod(p.ns, b.pod_name(p.name))
+        if gone(pod):
+            pod = self.kube.get_pod(p.ns, b.pod_name(p.name))
+        if gone(pod):
             self._stop(p, "Stopped", "PodGone", "the instance's pod ended; billing stopped")
             return
+        assert pod is not None
         self._ensure_meter(p, pod)
         refreshed = self._update_cost(p, force=False)
-        if refreshed or not p.status.get("gpus"):
+        if refreshed or (not p.status.get("gpus") and self._gpus_eager(p, pod)):
             self._show_gpus(p, pod)
 
     def _stop(self, p: Pass, final: str, reason: str, message: str) -> None:
@@ -485,4 +494,6 @@ class Lifecycle(Core):
             self._status_written.discard(p.uid)
             self._known_version.pop(p.uid, None)
             self._run_pods.pop(p.uid, None)
+        self._gpus_asked.pop(p.uid, None)
+        self._cost_shown.pop(p.uid, None)
         return True

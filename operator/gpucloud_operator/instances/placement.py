@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
-from gpucloud_operator.instances.core import Core, Pass, resource_of
+from gpucloud_operator.instances.core import Core, Pass
 from gpucloud_operator.instances.kubeapi import PLURAL, Obj
 from gpucloud_operator.placement import (
     PodGPUs,
@@ -84,7 +84,7 @@ class Placement(Core):
                 and pod not in seen
             ):
                 gpu = (inst.get("spec") or {}).get("gpu") or {}
-                if resource_of(p.pb, gpu.get("product")) != p.gpu_resource:
+                if r.resource_of(p.pb, gpu.get("product")) != p.gpu_resource:
                     continue  # another pool of the node (a MIG profile, shares, whole GPUs)
                 count = int(gpu.get("count", 1))
                 out.append(PodGPUs(meta["namespace"], meta["name"], node, count, False, None))

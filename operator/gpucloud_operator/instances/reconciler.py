@@ -23,6 +23,7 @@ import copy
 from typing import Any
 
 from gpucloud_operator import builders as b
+from gpucloud_operator.cluster_view import slim
 from gpucloud_operator.instances.admission import Admission
 from gpucloud_operator.instances.arrears import Arrears
 from gpucloud_operator.instances.budget import Budgets
@@ -98,7 +99,8 @@ class InstanceReconciler(
             # read under the lock: the body of the event may predate the last pass's
             # patches; one of the version the last pass read or left is current
             if body is not None and self._body_current(uid, body):
-                fresh: Obj | None = copy.deepcopy(body)  # a pass edits its status
+                # a pass edits its status: a copy of its own, less what no pass reads
+                fresh: Obj | None = copy.deepcopy(slim(body))
             else:
                 fresh = self.kube.get_namespaced_object(PLURAL, namespace, name)
             if fresh is None or fresh["metadata"]["uid"] != uid:

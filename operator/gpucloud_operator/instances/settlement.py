@@ -135,10 +135,20 @@ class Settlement(Core):
         self._patch(p, {"accruedCost": cost})
         return True
 
+    def _gpus_eager(self, p: Pass, pod: Obj) -> bool:
+        """Whether a pass of a run whose GPUs no agent has reported yet looks them up:
+        during its first ``gpus_eager_s`` (agents report within seconds), later only
+        with the cost refresh (``_gpus_asked`` in concurrency.py)."""
+        pod_uid, now = pod["metadata"]["uid"], monotonic()
+        asked = self._gpus_asked.get(p.uid)
+        if asked is None or asked[0] != pod_uid:  # this run's first ask
+            asked = self._gpus_asked[p.uid] = (pod_uid, now)
+        return now - asked[1] < self.gpus_eager_s
+
     def _show_gpus(self, p: Pass, pod: Obj) -> None:
         """status.gpus: the GPU UUIDs the agents reported for this run's pod (the pod UID
-        is new each run). Refreshed with accruedCost, and every tick until the first
-        usage arrives; patched only when it changes."""
+        is new each run). Refreshed with accruedCost, and on every pass of the run's
+        first minute until the first usage arrives; patched only when it changes."""
         gpus = self.ledger.gpus_seen(pod["metadata"]["uid"])
         if gpus:
             self._patch(p, {"gpus": gpus})

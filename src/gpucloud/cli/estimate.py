@@ -17,6 +17,7 @@ from gpucloud.billing.money import minor_exponent, to_decimal
 from gpucloud.billing.packages import package_price_exact
 from gpucloud.billing.pricebook import PriceBook
 from gpucloud.billing.rating import gpu_hourly_exact
+from gpucloud.gpu_kinds import shared_count_refusal
 
 MODES = {
     "PayAsYouGo": BillingMode.PAY_AS_YOU_GO,
@@ -104,12 +105,9 @@ class Estimate:
 
 def estimate(spec: InstanceSpec, pb: PriceBook, balance_minor: int | None = None) -> Estimate:
     gpu_price = pb.gpu_price(spec.product)  # UnknownProduct names the known ones
-    if gpu_price.unit_kind == "shared" and spec.gpus != 1:
-        # the operator's rule too (SharedGPUCount): one replica per instance
-        raise ManifestError(
-            f"spec.gpu.count: {spec.product} is a time-sliced share of a GPU; an instance "
-            f"takes exactly 1, not {spec.gpus}"
-        )
+    # the operator's rule too (SharedGPUCount): one replica per instance
+    if why := shared_count_refusal(spec.product, gpu_price.unit_kind, spec.gpus, "an instance"):
+        raise ManifestError(why)
     payg = gpu_hourly_exact(pb, spec.product, spec.gpus, BillingMode.PAY_AS_YOU_GO)
     spot = None
     if gpu_price.spot_per_hour is not None:

@@ -22,7 +22,7 @@ from gpucloud.clock import FileClock
 from gpucloud.ledger import EntryKind, Ledger, open_ledger
 from gpucloud.testing.kube import get_json, wait_for
 from gpucloud.testing.net import free_port
-from gpucloud.testing.testbed import REPO, Testbed
+from gpucloud.testing.testbed import REPO, NodeSpec, Testbed, build_node
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -223,6 +223,17 @@ class Harness:
             "get", "pod", f"{name}-gpu", "-n", self.ns, "-o", "json", check=False
         )
         return yaml.safe_load(proc.stdout) if proc.returncode == 0 else None
+
+
+@contextmanager
+def fake_node(tb: Testbed, spec: NodeSpec) -> Iterator[str]:
+    """A kwok node of this test only (its GPUs are no other test's), removed after."""
+    tb.apply([build_node(spec)])
+    try:
+        tb.kubectl("wait", "--for=condition=Ready", f"node/{spec.name}", "--timeout=60s")
+        yield spec.name
+    finally:
+        tb.kubectl("delete", "node", spec.name, "--wait=false", check=False)
 
 
 @contextmanager

@@ -7,32 +7,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from opharness import Harness, node_agent
+from opharness import Harness, fake_node, node_agent
 
 from gpucloud.billing import to_minor
-from gpucloud.testing.testbed import NodeSpec, Testbed, build_node
+from gpucloud.testing.testbed import NodeSpec, Testbed
 
 pytestmark = pytest.mark.e2e
 
 H100 = "NVIDIA-H100-80GB-HBM3"
 MIG, SHARED = f"{H100}-MIG-1g.10gb", f"{H100}-SHARED"
 PRICE = {MIG: Decimal("2.83"), SHARED: Decimal("4.95")}  # examples/pricebook.yaml
-
-
-@contextmanager
-def fake_node(tb: Testbed, spec: NodeSpec) -> Iterator[str]:
-    """A kwok node of this test only (its GPUs are no other test's), removed after."""
-    tb.apply([build_node(spec)])
-    try:
-        tb.kubectl("wait", "--for=condition=Ready", f"node/{spec.name}", "--timeout=60s")
-        yield spec.name
-    finally:
-        tb.kubectl("delete", "node", spec.name, "--wait=false", check=False)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """A private ModelDeployment run by the operator process on the test bed: woken by a
 request, scaled up under load, stepped down per quiet window, sent cold after the idle
-time, and billed exactly its replicas' online time x the GPU-hour price, to the fen.
+time, and billed exactly its replicas' online time x the GPU-hour price, to the fen. And
+one on a MIG slice: its replicas ask for the slice and run on a node split 7 x 1g.10gb.
 
 The gateway's ``/v1/stats`` is a JSON file the test writes (``model_stats_url=file:``);
 time rules run on the file clock; the Deployment controller, scheduler and fake kubelets
@@ -17,18 +18,20 @@ from typing import Any
 
 import pytest
 import yaml
-from opharness import T0, Harness
+from opharness import T0, Harness, fake_node
 
 from gpucloud.billing import to_minor
 from gpucloud.kube_names import PRODUCT_LABEL
-from gpucloud.model_manifests import deployment_name
+from gpucloud.model_manifests import build_model_deployment, deployment_name
 from gpucloud.testing.kube import get_json
-from gpucloud.testing.testbed import Testbed
+from gpucloud.testing.testbed import NodeSpec, Testbed
 
 pytestmark = pytest.mark.e2e
 
 A100 = "NVIDIA-A100-SXM4-80GB"
 PER_HOUR = Decimal("9.80")  # the example PriceBook's modelOnlinePerHour for the A100
+H100 = "NVIDIA-H100-80GB-HBM3"
+MIG = f"{H100}-MIG-1g.10gb"  # 2.83/h per slice, nvidia.com/mig-1g.10gb (mixed strategy)
 
 
 @pytest.fixture
@@ -86,17 +89,15 @@ class Model:
         )
 
 
-def test_private_model_wakes_scales_goes_cold_billed_to_the_fen(h: Harness) -> None:
-    m = Model(h)
-    h.start()
-    md = {
+def model_deployment(h: Harness, product: str, **spec: Any) -> dict[str, Any]:
+    return {
         "apiVersion": "gpucloud.dev/v1alpha1",
         "kind": "ModelDeployment",
         "metadata": {"name": "llm", "namespace": h.ns},
         "spec": {
             "model": "llama",
             "image": "vllm/vllm-openai:v0.6.3",
-            "gpu": {"product": A100, "count": 1},
+            "gpu": {"product": product, "count": 1},
             "visibility": "Private",
             "minReplicas": 0,
             "maxReplicas": 3,
@@ -105,8 +106,15 @@ def test_private_model_wakes_scales_goes_cold_billed_to_the_fen(h: Harness) -> N
                 "windowSeconds": 600,
                 "coldAfterSeconds": 1800,
             },
+            **spec,
         },
     }
+
+
+def test_private_model_wakes_scales_goes_cold_billed_to_the_fen(h: Harness) -> None:
+    m = Model(h)
+    h.start()
+    md = model_deployment(h, A100)
     h.tb.kubectl("apply", "-f", "-", input=yaml.safe_dump(md))
     h.wait(lambda: m.status().get("state") == "Cold", "the model to be created cold")
     assert m.replicas() == 0 and m.pods() == []
@@ -158,3 +166,30 @@ def test_private_model_wakes_scales_goes_cold_billed_to_the_fen(h: Harness) -> N
         "the ModelDeployment to be deleted",
     )
     assert h.charges() == expected
+
+
+def test_a_model_on_a_mig_slice_runs_on_the_split_node(h: Harness, namespace: str) -> None:
+    m = Model(h)
+    spec = NodeSpec(f"gpu-h100-mig-{namespace[-5:]}", H100, 0, mig=("1g.10gb",) * 7)
+    with fake_node(h.tb, spec) as node:
+        md = model_deployment(h, MIG, minReplicas=2, maxReplicas=2)
+        h.tb.kubectl("apply", "-f", "-", input=yaml.safe_dump(md))
+        # its Deployment as an operator before fractional GPUs made it: a whole GPU each,
+        # on nodes labelled with the slice's name (none is); the operator must replace
+        # the resources, not merge the slice in beside nvidia.com/gpu
+        md = get_json(h.tb, "modeldeployment", "llm", "-n", h.ns)
+        h.tb.apply([build_model_deployment(md, replicas=0)])
+        h.start()
+        h.wait(lambda: m.settled(2, 2, 0), "two replicas Running on the split node", timeout=60)
+        for pod in m.pods():
+            assert pod["spec"]["nodeName"] == node and pod["status"]["phase"] == "Running"
+            assert pod["spec"]["nodeSelector"] == {PRODUCT_LABEL: H100}
+            assert pod["spec"]["containers"][0]["resources"] == {
+                "limits": {"nvidia.com/mig-1g.10gb": "1"},
+                "requests": {"nvidia.com/mig-1g.10gb": "1"},
+            }
+        # 2 replicas x 1000 s x 2.83/h per slice = 1.572 -> 1.57
+        h.advance(1000)
+        h.wait(lambda: m.status().get("cost") == "1.57", "the slices' online cost", timeout=30)
+        assert h.charges() == to_minor(Decimal("2.83") * 2 * 1000 / 3600) == 157
+        h.tb.kubectl("delete", "modeldeployment", "llm", "-n", h.ns, "--wait=false")
