@@ -6,7 +6,7 @@ RSS and the p99 lateness of its sampling ticks (from the agent's /debug/state).
 
     .venv/bin/python bench/agent_bench.py [--duration 120]
 
-Goals: agent_cpu_percent <= 1, agent_rss_mib <= 80, agent_sample_drift_p99_ms <= 50.
+Goals: agent_cpu_percent <= 0.25, agent_rss_mib <= 40 (issue 20), agent_sample_drift_p99_ms <= 50.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpucloud.clock import Clock
-from gpucloud.usage import HOUR_S, GPURef, PodRef, UsageKind, UsageRecord
+from gpucloud.usage_rules import HOUR_S, UsageKind
 from gpucloud_agent import disk
 from gpucloud_agent.devices import DeviceMap
 from gpucloud_agent.meter import Meter
@@ -18,6 +18,7 @@ from gpucloud_agent.metrics import GpuReading, Stats, quantile
 from gpucloud_agent.nvml import Nvml
 from gpucloud_agent.podresources.client import DeviceHolder
 from gpucloud_agent.pods import PodUidResolver
+from gpucloud_agent.records import GPURef, PodRef, UsageRecord
 from gpucloud_agent.schedule import Ticker
 from gpucloud_agent.wal import Wal
 
@@ -122,7 +123,7 @@ class Agent:
             if (base := gpu.uuid.split("::", 1)[0]) in by_uuid
         }
         records, added = self.meter.observe(second, observed, samples)
-        self.wal.append([r.model_dump(mode="json") for r in records], {"meter": self.meter.state()})
+        self.wal.append([r.to_json() for r in records], {"meter": self.meter.state()})
         elapsed = time.perf_counter() - t0
         with self.stats.lock:
             s = self.stats
@@ -175,7 +176,7 @@ class Agent:
                     for v, n in usage.items()
                 ]
                 self.disk_cursor = hour
-                self.wal.append([r.model_dump(mode="json") for r in records], {"disk_hour": hour})
+                self.wal.append([r.to_json() for r in records], {"disk_hour": hour})
         return records
 
     def _disk_loop(self) -> None:

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
 from gpucloud import gpu_kinds as gk
-from gpucloud.usage import GPURef
 from gpucloud_agent.nvml import GpuDevice, MigDevice
+from gpucloud_agent.records import GPURef
 
 H = TypeVar("H")
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpucloud.usage import UsageKind
+from gpucloud.usage_rules import UsageKind
 
 # <root>/<folder>/<namespace>/<name>
 LAYOUT: dict[UsageKind, str] = {

@@ -24,15 +24,14 @@ import os
 import shutil
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from gpucloud_agent.disk import used_bytes
+from gpucloud_agent.exposition import Family
+from gpucloud_agent.httpclient import HttpClient
+from gpucloud_agent.metrics import counter_by_result
 from gpucloud_agent.wipe import Refused, resolve
 
 log = logging.getLogger(__name__)
@@ -123,7 +122,7 @@ class ImageCopier:
         node: str,
         api_url: str,
         disk_root: str,
-        client: httpx.Client,
+        client: HttpClient,
         headers: Callable[[], dict[str, str]],
     ) -> None:
         self.node = node
@@ -170,18 +169,19 @@ class ImageCopier:
         return True
 
 
-class ImageCopyCollector(Collector):
+class ImageCopyCollector:
+    """The ``gpucloud_agent_image_copies_total{result}`` counter."""
+
     def __init__(self, copier: ImageCopier) -> None:
         self.copier = copier
 
-    def collect(self) -> Iterable[Metric]:
+    def __call__(self) -> list[Family]:
         with self.copier.lock:
-            counts = dict(self.copier.counts)
-        family = CounterMetricFamily(
-            "gpucloud_agent_image_copies",
-            "Image copies the operator requested of this node, by result.",
-            labels=["result"],
-        )
-        for result in RESULTS:
-            family.add_metric([result], counts[result])
-        yield family
+            counts = {r: self.copier.counts[r] for r in RESULTS}
+        return [
+            counter_by_result(
+                "gpucloud_agent_image_copies",
+                "Image copies the operator requested of this node, by result.",
+                counts,
+            )
+        ]

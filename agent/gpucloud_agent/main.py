@@ -104,13 +104,17 @@ def _wait_for_signal() -> threading.Event:
 
 
 def serve_podresources(args: argparse.Namespace) -> int:
-    from gpucloud_agent.podresources.fake_server import (
-        DeviceIds,
-        KubePodSource,
-        fake_device_ids,
-        node_device_ids,
-        serve,
-    )
+    try:
+        from gpucloud_agent.podresources.fake_server import (
+            DeviceIds,
+            KubePodSource,
+            fake_device_ids,
+            node_device_ids,
+            serve,
+        )
+    except ModuleNotFoundError as exc:  # grpcio/protobuf: the dev install's, not the agent's
+        return _fail(f"serve-podresources is a test-bed tool and needs {exc.name} "
+                     "(pip install 'gpucloud[dev]')")  # fmt: skip
 
     ids: DeviceIds = (
         fake_device_ids(args.node_name, args.gpus)
@@ -128,12 +132,12 @@ def serve_podresources(args: argparse.Namespace) -> int:
 
 
 def run_agent(args: argparse.Namespace) -> int:
-    from prometheus_client import CollectorRegistry
-
-    from gpucloud.usage import UsageKind
+    from gpucloud.usage_rules import UsageKind
     from gpucloud_agent.agent import Agent, AgentConfig
     from gpucloud_agent.disk import LAYOUT, parse_kinds
-    from gpucloud_agent.metrics import AgentCollector, serve_http
+    from gpucloud_agent.httpclient import HTTPError
+    from gpucloud_agent.kubeapi import KubeApi, KubeApiError
+    from gpucloud_agent.metrics import AgentCollector, Collector, serve_http
     from gpucloud_agent.nvml import NoGpus, Nvml, NvmlBackend, NvmlError
     from gpucloud_agent.podresources.client import PodResourcesClient
     from gpucloud_agent.pods import DerivedUidResolver, KubeUidResolver, PodUidResolver
@@ -163,26 +167,24 @@ def run_agent(args: argparse.Namespace) -> int:
         if args.fake_config:
             nvml = FakeNvml.from_config(args.fake_config, clock)
         elif args.fake_from_kube:
-            from kubernetes import client, config
-
-            if args.kubeconfig:
-                config.load_kube_config(config_file=args.kubeconfig)
-            else:
-                config.load_incluster_config()
-            node = client.CoreV1Api().read_node(args.node_name)
-            nvml = FakeNvml.from_node_labels(
-                args.node_name, node.metadata.labels or {}, node.status.capacity or {}, clock
-            )
+            try:
+                labels, capacity = KubeApi.from_flags(args.kubeconfig).node(args.node_name)
+            except (KubeApiError, HTTPError) as exc:
+                return _fail(f"--fake-from-kube: reading Node {args.node_name}: {exc}")
+            nvml = FakeNvml.from_node_labels(args.node_name, labels, capacity, clock)
         else:
             return _fail("--nvml fake needs --fake-config or --fake-from-kube")
     uid_source = args.pod_uid_source or (
         "kube" if args.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST") else "derived"
     )
-    resolver: PodUidResolver = (
-        KubeUidResolver(args.node_name, args.kubeconfig)
-        if uid_source == "kube"
-        else DerivedUidResolver()
-    )
+    try:
+        resolver: PodUidResolver = (
+            KubeUidResolver(args.node_name, args.kubeconfig)
+            if uid_source == "kube"
+            else DerivedUidResolver()
+        )
+    except KubeApiError as exc:
+        return _fail(f"--pod-uid-source kube: {exc}")
     podres = PodResourcesClient(args.pod_resources_socket)
     wal = Wal(args.wal_dir, args.wal_segment_bytes)
     agent = Agent(
@@ -207,15 +209,14 @@ def run_agent(args: argparse.Namespace) -> int:
         backoff_base_s=args.backoff_base,
         backoff_cap_s=args.backoff_cap,
     )
-    registry = CollectorRegistry()
-    registry.register(
+    collectors: list[Collector] = [
         AgentCollector(
             agent.stats,
             lambda: wal.backlog,
             lambda: shipper.errors_total,
             shipper.dead_letters.snapshot,
         )
-    )
+    ]
     wiper = None
     if args.disk_root:
         # only nodes that keep instance volumes wipe and copy: the rest skip these imports
@@ -241,11 +242,11 @@ def run_agent(args: argparse.Namespace) -> int:
             )
         except ValueError as exc:
             return _fail(str(exc))
-        registry.register(WipeCollector(wiper))
+        collectors.append(WipeCollector(wiper))
         if copier is not None:
-            registry.register(ImageCopyCollector(copier))
+            collectors.append(ImageCopyCollector(copier))
     http = serve_http(
-        args.metrics_address, args.metrics_port, registry, agent.ready, agent.debug_state
+        args.metrics_address, args.metrics_port, collectors, agent.ready, agent.debug_state
     )
     done = _wait_for_signal()
     threading.Thread(target=shipper.run, name="shipper", daemon=True).start()
@@ -261,6 +262,7 @@ def run_agent(args: argparse.Namespace) -> int:
         wiper.stop()
     shipper.stop()
     http.shutdown()
+    http.server_close()
     wal.close()
     nvml.close()
     podres.close()

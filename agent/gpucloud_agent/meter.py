@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gpucloud.usage import MAX_GPU_WINDOW_S, Activity, GPURef, PodRef, UsageKind, UsageRecord
+from gpucloud.usage_rules import MAX_GPU_WINDOW_S, UsageKind
+from gpucloud_agent.records import Activity, GPURef, PodRef, UsageRecord
 
 # One sample of a GPU: (utilization percent, memory used in bytes).
 Sample = tuple[int, int]
@@ -158,11 +159,11 @@ class Meter:
 
     def state(self) -> dict[str, Any]:
         def pod_json(p: PodRef | None) -> Any:
-            return None if p is None else p.model_dump()
+            return None if p is None else p.to_json()
 
         return {
             uuid: {
-                "gpu": c.gpu.model_dump(),
+                "gpu": c.gpu.to_json(),
                 "next": c.next,
                 "holder": pod_json(c.holder),
                 "open": None

@@ -7,28 +7,27 @@ scrape, so every scrape is consistent and costs the sampling loop nothing.
 from __future__ import annotations
 
 import json
+import selectors
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer
-from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+from gpucloud_agent.exposition import CONTENT_TYPE, Family, Histogram, render
 
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# What /metrics shows: each collector's families, in order.
+Collector = Callable[[], Iterable[Family]]
 
 
 def _histogram(name: str, doc: str) -> Histogram:
-    # registry=None: not registered anywhere; AgentCollector yields it from the snapshot,
-    # under the stats lock, so a scrape sees it consistent with the other figures.
-    return Histogram(name, doc, buckets=DURATION_BUCKETS, registry=None)
+    # AgentCollector renders it from the snapshot, under the stats lock, so a scrape sees
+    # it consistent with the other figures
+    return Histogram(name, doc, DURATION_BUCKETS)
 
 
 @dataclass
@@ -69,7 +68,7 @@ class Stats:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class AgentCollector(Collector):
+class AgentCollector:
     def __init__(
         self,
         stats: Stats,
@@ -82,66 +81,71 @@ class AgentCollector(Collector):
         self.shipping_errors = shipping_errors
         self.dead_lettered = dead_lettered
 
-    def collect(self) -> Iterable[Metric]:
+    def __call__(self) -> list[Family]:
         s = self.stats
         with s.lock:
             gpus = list(s.gpus)
             allocated = dict(s.allocated)
             disk = dict(s.disk)
-            histograms = [*s.sample_duration.collect(), *s.tick_lateness.collect()]
+            histograms = [*s.sample_duration.families(), *s.tick_lateness.families()]
             samples, sample_errors = s.samples_total, s.sample_errors_total
-        labels = ["node", "gpu_uuid", "gpu_index", "product"]
-        util = GaugeMetricFamily(
-            "gpucloud_gpu_utilization_ratio", "GPU utilisation (0..1) from NVML.", labels=labels
-        )
-        used = GaugeMetricFamily(
-            "gpucloud_gpu_memory_used_bytes", "GPU memory in use, from NVML.", labels=labels
-        )
-        total = GaugeMetricFamily(
-            "gpucloud_gpu_memory_total_bytes", "GPU memory size, from NVML.", labels=labels
-        )
+        gpu_labels = ("node", "gpu_uuid", "gpu_index", "product")
+        util = Family("gpucloud_gpu_utilization_ratio", "gauge",
+                      "GPU utilisation (0..1) from NVML.", gpu_labels)  # fmt: skip
+        used = Family("gpucloud_gpu_memory_used_bytes", "gauge",
+                      "GPU memory in use, from NVML.", gpu_labels)  # fmt: skip
+        total = Family("gpucloud_gpu_memory_total_bytes", "gauge",
+                       "GPU memory size, from NVML.", gpu_labels)  # fmt: skip
         for g in gpus:
-            lv = [s.node, g.uuid, str(g.index), g.product]
-            util.add_metric(lv, g.utilization_percent / 100)
-            used.add_metric(lv, g.memory_used_bytes)
-            total.add_metric(lv, g.memory_total_bytes)
-        alloc = CounterMetricFamily(
+            lv = (s.node, g.uuid, str(g.index), g.product)
+            util.add(lv, g.utilization_percent / 100)
+            used.add(lv, g.memory_used_bytes)
+            total.add(lv, g.memory_total_bytes)
+        alloc = Family(
             "gpucloud_gpu_allocated_seconds",
+            "counter",
             "GPU-seconds attributed to each pod by this agent since it started.",
-            labels=["namespace", "pod", "gpu_uuid", "product"],
+            ("namespace", "pod", "gpu_uuid", "product"),
         )
         for key, secs in sorted(allocated.items()):
-            alloc.add_metric(list(key), secs)
-        disk_fam = GaugeMetricFamily(
+            alloc.add(key, secs)
+        disk_fam = Family(
             "gpucloud_disk_used_bytes",
+            "gauge",
             "Bytes used by instance volumes, cloud disks and images on this node.",
-            labels=["kind", "namespace", "name"],
+            ("kind", "namespace", "name"),
         )
         for key, n in sorted(disk.items()):
-            disk_fam.add_metric(list(key), n)
-        backlog = GaugeMetricFamily(
-            "gpucloud_agent_wal_backlog_records", "Usage records in the WAL not yet acknowledged."
-        )
-        backlog.add_metric([], self.wal_backlog())
-        ship_err = CounterMetricFamily(
-            "gpucloud_agent_shipping_errors", "Failed attempts to ship usage records."
-        )
-        ship_err.add_metric([], self.shipping_errors())
-        dead = CounterMetricFamily(
+            disk_fam.add(key, n)
+        backlog = Family("gpucloud_agent_wal_backlog_records", "gauge",
+                         "Usage records in the WAL not yet acknowledged.")  # fmt: skip
+        backlog.add((), self.wal_backlog())
+        ship_err = Family("gpucloud_agent_shipping_errors", "counter",
+                          "Failed attempts to ship usage records.")  # fmt: skip
+        ship_err.add((), self.shipping_errors())
+        samples_fam = Family("gpucloud_agent_samples", "counter", "Samples taken.")
+        samples_fam.add((), samples)
+        errs = Family("gpucloud_agent_sample_errors", "counter",
+                      "Samples skipped because a source did not answer.")  # fmt: skip
+        errs.add((), sample_errors)
+        dead = Family(
             "gpucloud_agent_dead_letter_records",
+            "counter",
             "Usage records the API refused, moved to the dead-letter file, by rule.",
-            labels=["rule"],
+            ("rule",),
         )
         for rule, n in sorted(self.dead_lettered().items()):
-            dead.add_metric([rule], n)
-        samples_fam = CounterMetricFamily("gpucloud_agent_samples", "Samples taken.")
-        samples_fam.add_metric([], samples)
-        errs = CounterMetricFamily(
-            "gpucloud_agent_sample_errors", "Samples skipped because a source did not answer."
-        )
-        errs.add_metric([], sample_errors)
-        yield from (util, used, total, alloc, disk_fam, *histograms, backlog, ship_err)
-        yield from (samples_fam, errs, dead)
+            dead.add((rule,), n)
+        return [util, used, total, alloc, disk_fam, *histograms, backlog, ship_err,
+                samples_fam, errs, dead]  # fmt: skip
+
+
+def counter_by_result(name: str, help: str, counts: dict[str, int]) -> Family:
+    """A counter with one sample per ``result`` (wipes, image copies)."""
+    family = Family(name, "counter", help, ("result",))
+    for result, n in counts.items():
+        family.add((result,), n)
+    return family
 
 
 def quantile(values: list[float], q: float) -> float | None:
@@ -151,51 +155,87 @@ def quantile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-class _QuietHandler(WSGIRequestHandler):
+class _Handler(BaseHTTPRequestHandler):
+    """/metrics, the probes and /debug/state; any other path is 404."""
+
+    server: MetricsServer
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        plain = "text/plain; charset=utf-8"
+        srv = self.server
+        if path == "/metrics":
+            families = [f for collect in srv.collectors for f in collect()]
+            code, body, ctype = 200, render(families).encode(), CONTENT_TYPE
+        elif path == "/healthz":
+            code, body, ctype = 200, b"ok\n", plain
+        elif path == "/readyz":
+            ok = srv.ready()
+            code, body, ctype = (200, b"ready\n", plain) if ok else (503, b"not ready\n", plain)
+        elif path == "/debug/state":
+            code, body, ctype = 200, json.dumps(srv.debug_state()).encode(), "application/json"
+        else:
+            code, body, ctype = 404, b"not found\n", plain
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # scrapes every few seconds would flood the log
 
 
-def agent_app(
-    registry: CollectorRegistry,
-    ready: Callable[[], bool],
-    debug_state: Callable[[], dict[str, Any]],
-) -> WSGIApplication:
-    """prometheus_client's WSGI app on /metrics (it negotiates OpenMetrics and gzip), beside
-    the agent's probes and /debug/state; any other path is 404."""
-    metrics = make_wsgi_app(registry)
-    plain = "text/plain; charset=utf-8"
+class MetricsServer(ThreadingHTTPServer):
+    """The agent's HTTP endpoints, one thread per request. ``serve_forever`` sleeps until
+    a request or ``shutdown`` comes (socketserver's own wakes twice a second to look
+    for a shutdown)."""
 
-    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path == "/metrics":
-            return metrics(environ, start_response)
-        if path == "/healthz":
-            code, body, ctype = "200 OK", b"ok\n", plain
-        elif path == "/readyz":
-            ok = ready()
-            code = "200 OK" if ok else "503 Service Unavailable"
-            body, ctype = (b"ready\n" if ok else b"not ready\n"), plain
-        elif path == "/debug/state":
-            code, body, ctype = "200 OK", json.dumps(debug_state()).encode(), "application/json"
-        else:
-            code, body, ctype = "404 Not Found", b"not found\n", plain
-        start_response(code, [("Content-Type", ctype), ("Content-Length", str(len(body)))])
-        return [body]
+    daemon_threads = True
 
-    return app
+    def __init__(
+        self,
+        address: tuple[str, int],
+        collectors: list[Collector],
+        ready: Callable[[], bool],
+        debug_state: Callable[[], dict[str, Any]],
+    ) -> None:
+        super().__init__(address, _Handler)
+        self.collectors = collectors
+        self.ready = ready
+        self.debug_state = debug_state
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopped = threading.Event()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:  # the interval: unused
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self, selectors.EVENT_READ)
+                sel.register(self._wake_r, selectors.EVENT_READ)
+                while not any(key.fileobj is self._wake_r for key, _ in sel.select()):
+                    self.handle_request()  # the listening socket is readable: no wait
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop ``serve_forever`` and wait for it to return."""
+        self._wake_w.send(b"\0")
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_r.close()
+        self._wake_w.close()
 
 
 def serve_http(
     host: str,
     port: int,
-    registry: CollectorRegistry,
+    collectors: list[Collector],
     ready: Callable[[], bool],
     debug_state: Callable[[], dict[str, Any]],
-) -> WSGIServer:
-    """Serve `agent_app` on a daemon thread; `.shutdown()` stops it."""
-    server = make_server(
-        host, port, agent_app(registry, ready, debug_state), ThreadingWSGIServer, _QuietHandler
-    )
+) -> MetricsServer:
+    """Serve the endpoints on a daemon thread; `.shutdown()` stops it."""
+    server = MetricsServer((host, port), collectors, ready, debug_state)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server

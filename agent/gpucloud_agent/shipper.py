@@ -9,7 +9,7 @@ Batches in WAL order, and never waits behind one record:
 * A whole-batch 4xx (400, 413, a 422 about the body's shape): the batch is halved until
   the record at fault travels alone; then it is dead-lettered (413: only halved).
 * Connection errors and 5xx are retried with exponential backoff and full jitter
-  (tenacity). A batch that fails with a 5xx is halved before the next attempt, and a
+  (``full_jitter``). A batch that fails with a 5xx is halved before the next attempt, and a
   record that fails alone is parked with its own backoff, so a record that makes the API
   fail cannot hold back the records behind it; it is never dropped.
 * 401, 403, 408 and 429 say nothing about the records (a token being rotated, a
@@ -19,16 +19,15 @@ Batches in WAL order, and never waits behind one record:
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-import tenacity
-
 from gpucloud_agent.dead_letter import DeadLetters
+from gpucloud_agent.httpclient import HttpClient, HTTPError, Response
 from gpucloud_agent.wal import Wal
 
 log = logging.getLogger(__name__)
@@ -65,12 +64,12 @@ class Shipper:
         self.last_error: str | None = None
         self._limit = batch_size  # halved while a batch fails, to isolate a bad record
         self._parked: dict[int, tuple[float, int]] = {}  # WAL id -> (retry after, failures)
-        self._client = httpx.Client(timeout=timeout_s)
+        self._client = HttpClient(timeout_s)
         self._stop = threading.Event()
         self._sleep = sleep or self._stop.wait
 
     @property
-    def client(self) -> httpx.Client:
+    def client(self) -> HttpClient:
         """The HTTP client, shared with the wipe loop (one connection pool, one token)."""
         return self._client
 
@@ -108,8 +107,8 @@ class Shipper:
             resp = self._client.post(
                 self.url, json={"records": [r for _, r in batch]}, headers=self.headers()
             )
-        except httpx.HTTPError as exc:
-            return self._fail(f"{type(exc).__name__}: {exc}")
+        except HTTPError as exc:
+            return self._fail(str(exc))
         status = resp.status_code
         if status == 200:
             self._done(batch, {})
@@ -164,19 +163,16 @@ class Shipper:
         return False
 
     def run(self) -> None:
-        # Full jitter: sleep uniform in [0, min(cap, base * 2^(attempt-1))] after each
-        # failure, so a fleet of agents does not hammer an API that is coming back.
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_result(lambda result: result is False),
-            wait=tenacity.wait_random_exponential(
-                multiplier=self.backoff_base_s, max=self.backoff_cap_s
-            ),
-            stop=lambda _: self._stop.is_set(),
-            sleep=self._sleep,
-            retry_error_callback=lambda _: None,
-        )
+        failures = 0  # in a row; progress starts the backoff over
         while not self._stop.is_set():
-            if retrying(self.ship_once) is None:
+            result = self.ship_once()
+            if result is False:
+                failures += 1
+                if not self._stop.is_set():
+                    self._sleep(full_jitter(failures, self.backoff_base_s, self.backoff_cap_s))
+                continue
+            failures = 0
+            if result is None:
                 self.wal.wait_pending(0.5)
 
     def stop(self) -> None:
@@ -188,7 +184,15 @@ class Shipper:
         self._client.close()
 
 
-def _record_errors(resp: httpx.Response, n: int) -> Refused | None:
+def full_jitter(attempt: int, base_s: float, cap_s: float) -> float:
+    """The wait after the ``attempt``-th failure in a row (1, 2, ...): uniform in
+    ``[0, min(cap, base * 2^(attempt-1))]`` ("full jitter", tenacity's
+    ``wait_random_exponential``), so a fleet of agents does not hammer an API that is
+    coming back in step."""
+    return random.uniform(0, min(cap_s, base_s * 2 ** min(attempt - 1, 62)))
+
+
+def _record_errors(resp: Response, n: int) -> Refused | None:
     """index -> (rule, field, message) of the refused records of a 207/422 that lists
     them; None when the body says nothing per record (a 422 about the whole body)."""
     try:

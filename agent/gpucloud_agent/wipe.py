@@ -17,15 +17,14 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from gpucloud_agent.disk import used_bytes
+from gpucloud_agent.exposition import Family
+from gpucloud_agent.httpclient import HttpClient, HTTPError
+from gpucloud_agent.metrics import counter_by_result
 
 if TYPE_CHECKING:
     from gpucloud_agent.imagecopy import ImageCopier
@@ -92,7 +91,7 @@ class Wiper:
         node: str,
         api_url: str,
         disk_root: str,
-        client: httpx.Client,
+        client: HttpClient,
         headers: Callable[[], dict[str, str]],
         interval_s: float = 30.0,
         copier: ImageCopier | None = None,
@@ -153,12 +152,12 @@ class Wiper:
             if self.copier is not None:
                 try:
                     self.copier.run_once()
-                except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as exc:
+                except (HTTPError, RuntimeError, KeyError, ValueError) as exc:
                     log.warning("image copies of node %s: %s", self.node, exc)
                     self.copier.count("error")
             try:
                 self.run_once()
-            except (httpx.HTTPError, RuntimeError, OSError, KeyError, ValueError) as exc:
+            except (HTTPError, RuntimeError, OSError, KeyError, ValueError) as exc:
                 log.warning("wipes of node %s: %s", self.node, exc)
                 self._count("error")
             self._stop.wait(self.interval_s)
@@ -167,18 +166,19 @@ class Wiper:
         self._stop.set()
 
 
-class WipeCollector(Collector):
+class WipeCollector:
+    """The ``gpucloud_agent_wipes_total{result}`` counter."""
+
     def __init__(self, wiper: Wiper) -> None:
         self.wiper = wiper
 
-    def collect(self) -> Iterable[Metric]:
+    def __call__(self) -> list[Family]:
         with self.wiper._lock:
-            counts = dict(self.wiper.counts)
-        family = CounterMetricFamily(
-            "gpucloud_agent_wipes",
-            "Wipes of node-local folders the operator requested, by result.",
-            labels=["result"],
-        )
-        for result in RESULTS:
-            family.add_metric([result], counts[result])
-        yield family
+            counts = {r: self.wiper.counts[r] for r in RESULTS}
+        return [
+            counter_by_result(
+                "gpucloud_agent_wipes",
+                "Wipes of node-local folders the operator requested, by result.",
+                counts,
+            )
+        ]

@@ -12,36 +12,25 @@ conflict.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAX_GPU_WINDOW_S = 10
-HOUR_S = 3600
-# Bounds that keep every stored integer inside 64 bits (issue 16): POSIX seconds up to
-# the year 4147, at most 1 PiB per volume, volume windows of at most an hour (the agent
-# reports hourly), so bytes x seconds < 2^62.
-MAX_POSIX_S = 2**36
-MAX_VOLUME_BYTES = 2**50
-MAX_VOLUME_WINDOW_S = HOUR_S
-# No control characters (PostgreSQL refuses NUL in text; none belongs in a name).
-TEXT_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+# The rules live in gpucloud.usage_rules (standard library only: the agent reads them
+# without pydantic); the API side imports them from here as before.
+from gpucloud.usage_rules import DEVICE_ID_PATTERN as DEVICE_ID_PATTERN
+from gpucloud.usage_rules import HOUR_S as HOUR_S
+from gpucloud.usage_rules import MAX_GPU_WINDOW_S as MAX_GPU_WINDOW_S
+from gpucloud.usage_rules import MAX_NAME_LENGTH, MAX_UID_LENGTH, record_problem
+from gpucloud.usage_rules import MAX_POSIX_S as MAX_POSIX_S
+from gpucloud.usage_rules import MAX_VOLUME_BYTES as MAX_VOLUME_BYTES
+from gpucloud.usage_rules import MAX_VOLUME_WINDOW_S as MAX_VOLUME_WINDOW_S
+from gpucloud.usage_rules import TEXT_PATTERN as TEXT_PATTERN
+from gpucloud.usage_rules import UsageKind as UsageKind
 
-DEVICE_ID_PATTERN = r"^(GPU-[0-9A-Za-z-]{1,64}(::[0-9]{1,4})?|MIG-[0-9A-Za-z/-]{1,96})$"
-
-Name = Annotated[str, Field(min_length=1, max_length=253, pattern=TEXT_PATTERN)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=TEXT_PATTERN)]
 Seconds = Annotated[int, Field(ge=0, le=MAX_POSIX_S)]
 Quantity = Annotated[int, Field(ge=0, le=MAX_VOLUME_BYTES)]
-
-
-class UsageKind(StrEnum):
-    GPU_TIME = "gpu_time"  # quantity: GPU-seconds (= end - start for one GPU)
-    INSTANCE_VOLUME = (
-        "instance_volume"  # quantity: bytes used (instance storage is billed by quota)
-    )
-    CLOUD_DISK = "cloud_disk"  # quantity: bytes used, measured
-    IMAGE = "image"  # quantity: bytes used, measured
 
 
 class GPURef(BaseModel):
@@ -56,7 +45,7 @@ class PodRef(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     namespace: Name
     name: Name
-    uid: Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)]
+    uid: Annotated[str, Field(min_length=1, max_length=MAX_UID_LENGTH, pattern=TEXT_PATTERN)]
 
 
 class Activity(BaseModel):
@@ -81,29 +70,17 @@ class UsageRecord(BaseModel):
     quantity: Annotated[Quantity, Field(description="GPU-seconds, or bytes used")]
     gpu: GPURef | None = None
     pod: PodRef | None = None
-    volume: Annotated[str | None, Field(default=None, min_length=1, max_length=253,
-                                        pattern=TEXT_PATTERN)] = None  # fmt: skip
+    volume: Annotated[
+        str | None,
+        Field(default=None, min_length=1, max_length=MAX_NAME_LENGTH, pattern=TEXT_PATTERN),
+    ] = None
     activity: Activity | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if self.end <= self.start:
-            raise ValueError("end must be after start")
-        if self.kind is UsageKind.GPU_TIME:
-            if self.gpu is None or self.pod is None:
-                raise ValueError("gpu_time records need gpu and pod")
-            if self.end - self.start > MAX_GPU_WINDOW_S:
-                raise ValueError(f"gpu_time windows are at most {MAX_GPU_WINDOW_S} s")
-            if self.quantity != self.end - self.start:
-                raise ValueError("gpu_time quantity must equal end - start (one GPU)")
-            if self.activity is not None and self.activity.samples > self.quantity:
-                raise ValueError("activity.samples must not exceed the window's seconds")
-        elif self.activity is not None:
-            raise ValueError(f"{self.kind} records carry no activity (gpu_time only)")
-        elif self.volume is None:
-            raise ValueError(f"{self.kind} records need volume")
-        elif self.end - self.start > MAX_VOLUME_WINDOW_S:
-            raise ValueError(f"{self.kind} windows are at most {MAX_VOLUME_WINDOW_S} s")
+        problem = record_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     @property

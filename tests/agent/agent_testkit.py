@@ -22,6 +22,16 @@ from gpucloud.usage import UsageBatch
 REPO = Path(__file__).resolve().parents[2]
 
 
+def send_json(handler: BaseHTTPRequestHandler, code: int, body: Any) -> None:
+    """Answer a request of an http.server handler with ``body`` as JSON."""
+    out = json.dumps(body).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(out)))
+    handler.end_headers()
+    handler.wfile.write(out)
+
+
 def wait_for(cond: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -104,15 +114,9 @@ class Receiver:
                             receiver.duplicates += 1
                         else:
                             receiver.conflicts.append((old, data))
-                out = json.dumps(
-                    {"accepted": accepted, "duplicates": duplicate, "errors": errors}
-                ).encode()
                 stored = accepted + duplicate
-                self.send_response(200 if not errors else 207 if stored else 422)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
+                out = {"accepted": accepted, "duplicates": duplicate, "errors": errors}
+                send_json(self, 200 if not errors else 207 if stored else 422, out)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -242,3 +246,24 @@ class ApiReceiver:
             for u in self._ledger.unrated_usage(limit=1_000_000)
             if u.kind == "gpu_time"
         ]
+
+
+def make_pki(d: Path) -> None:
+    """A CA (ca.crt), a server certificate for 127.0.0.1 (server.crt/.key) and a client
+    certificate (client.crt/.key), all signed by it, made with openssl in ``d``."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
+            "-out", "ca.crt", "-days", "1", "-subj", "/CN=test-ca")  # fmt: skip
+    for name, ext in (
+        ("server", "subjectAltName=IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr", "-subj", f"/CN={name}")  # fmt: skip
+        (d / f"{name}.ext").write_text(ext + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.crt", "-days", "1",
+                "-extfile", f"{name}.ext")  # fmt: skip

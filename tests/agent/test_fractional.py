@@ -18,11 +18,11 @@ from gpucloud_agent.nvml import GpuDevice, MigDevice
 from gpucloud_agent.podresources.client import PodResourcesClient
 from gpucloud_agent.podresources.fake_server import FakePod, serve
 from gpucloud_agent.pods import DerivedUidResolver
+from gpucloud_agent.records import UsageRecord
 from gpucloud_agent.wal import Wal
 
 from gpucloud import gpu_kinds as gk
 from gpucloud.clock import ManualClock
-from gpucloud.usage import UsageRecord
 
 H100 = "NVIDIA-H100-80GB-HBM3"
 MIG_1G = f"{H100}-MIG-1g.10gb"

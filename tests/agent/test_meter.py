@@ -3,10 +3,9 @@ from __future__ import annotations
 import itertools
 
 from gpucloud_agent.meter import Meter
+from gpucloud_agent.records import GPURef, PodRef, UsageRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from gpucloud.usage import GPURef, PodRef, UsageRecord
 
 G0 = GPURef(uuid="GPU-0", product="A100")
 G1 = GPURef(uuid="GPU-1", product="A100")

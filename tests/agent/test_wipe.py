@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import pytest
+from gpucloud_agent.httpclient import HttpClient
 from gpucloud_agent.main import build_parser
 from gpucloud_agent.wipe import Refused, WipeCollector, Wiper, resolve
 
@@ -62,7 +62,7 @@ def test_wipe_interval_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert build_parser().parse_args([]).wipe_interval == 2.5
     assert build_parser().parse_args(["--wipe-interval", "7"]).wipe_interval == 7.0
     with pytest.raises(ValueError, match="--wipe-interval: must be > 0"):
-        Wiper("n", "http://x", "/d", httpx.Client(), dict, interval_s=0)
+        Wiper("n", "http://x", "/d", HttpClient(), dict, interval_s=0)
 
 
 @pytest.fixture
@@ -95,7 +95,8 @@ def test_wiper_removes_its_nodes_folders_and_reports(
     ledger.request_wipe("node-a", "instances/ns/link", "s-link", "acme", T0)
     ledger.request_wipe("node-b", "instances/ns/other", "s-other", "acme", T0)
     token = {"Authorization": f"Bearer {agent_token('node-a')}"}
-    with httpx.Client(timeout=10) as client:
+    client = HttpClient(timeout_s=10)
+    try:
         wiper = Wiper("node-a", proc.url, str(root), client, lambda: token, interval_s=0.1)
         assert wiper.run_once() == 2
         assert not job.exists() and other.exists()
@@ -111,12 +112,16 @@ def test_wiper_removes_its_nodes_folders_and_reports(
         assert wiper.run_once() == 0
         assert wiper.counts == {"wiped": 1, "missing": 1, "refused": 2, "error": 0}
         samples = {
-            s.labels["result"]: s.value for m in WipeCollector(wiper).collect() for s in m.samples
+            dict(labels)["result"]: value
+            for family in WipeCollector(wiper)()
+            for _, labels, value in family.samples
         }
         assert samples["wiped"] == 1 and samples["refused"] == 2
         # a token of another node gets nothing
         bad = Wiper("node-a", proc.url, str(root), client, lambda: {"Authorization": "Bearer x"})
         with pytest.raises(RuntimeError, match="HTTP 401"):
             bad.run_once()
+    finally:
+        client.close()
     audit = [a.action for a in ledger.audit_events("acme")]
     assert audit.count("data.wiped") == 2 and audit.count("data.wipe_requested") == 4

@@ -1,15 +1,24 @@
-"""A real gRPC client of the kubelet's `v1.PodResourcesLister` service."""
+"""A client of the kubelet's `v1.PodResourcesLister` service (gRPC on a unix socket).
+
+It speaks gRPC through ``unary`` (HTTP/2 by ``h2``) and decodes the answer with
+``proto``: grpcio and protobuf cost the agent 13 MiB of memory and most of its CPU
+(issue 20). The generated ``api_pb2*`` modules serve the test beds' fake server only.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import grpc
-
 from gpucloud.gpu_kinds import is_gpu_resource
-from gpucloud_agent.podresources import api_pb2, api_pb2_grpc
+from gpucloud_agent.podresources.proto import (
+    ListPodResourcesResponse,
+    ProtobufError,
+    parse_list_response,
+)
+from gpucloud_agent.podresources.unary import RpcError, UnaryChannel
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+LIST = "/v1.PodResourcesLister/List"
 
 
 @dataclass(frozen=True)
@@ -32,16 +41,15 @@ class PodResourcesClient:
         self.socket_path = socket_path
         self.resource = resource
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(f"unix://{socket_path}")
-        self._stub = api_pb2_grpc.PodResourcesListerStub(self._channel)
+        self._channel = UnaryChannel(socket_path, timeout_s)
 
-    def list_raw(self) -> api_pb2.ListPodResourcesResponse:
+    def list_raw(self) -> ListPodResourcesResponse:
         try:
-            return self._stub.List(api_pb2.ListPodResourcesRequest(), timeout=self.timeout_s)
-        except grpc.RpcError as exc:
-            raise PodResourcesError(
-                f"pod-resources List on {self.socket_path} failed: {exc.code().name}"  # type: ignore[attr-defined]
-            ) from exc
+            # ListPodResourcesRequest has no fields: its encoding is empty
+            return parse_list_response(self._channel.call(LIST))
+        except (RpcError, ProtobufError) as exc:
+            why = f"pod-resources List on {self.socket_path} failed: {exc}"
+            raise PodResourcesError(why) from exc
 
     def holders(self) -> dict[str, DeviceHolder]:
         """Device ID (a GPU UUID, a MIG UUID or a time-slicing replica ``<GPU UUID>::<n>``)
