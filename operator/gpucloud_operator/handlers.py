@@ -2,8 +2,8 @@
 
 Handlers are registered on an explicit registry by ``register()`` because their
 intervals come from the configuration. Every handler is synchronous (Kopf runs it in
-its thread pool); the reconcilers lock per object, so a timer and a watch event for the
-same instance never interleave.
+its thread pool); the reconcilers lock per object, so a sweeper's or timer's pass and a
+watch event for the same object never interleave.
 """
 
 from __future__ import annotations
@@ -49,16 +49,8 @@ def register(
     def instance_changed(body: kopf.Body, **_: Any) -> None:
         instances.reconcile(dict(body))
 
-    # The first tick waits an interval: the create/resume handler makes the first pass.
-    @kopf.timer(
-        *gi,
-        interval=cfg.tick_interval_s,
-        initial_delay=cfg.tick_interval_s,
-        registry=registry,
-        when=served,
-    )
-    def instance_tick(body: kopf.Body, **_: Any) -> None:
-        instances.reconcile(dict(body), wait=False)  # a pass already running covers it
+    # No timer: the sweeper (instances/sweeper.py, started in main.py) runs a pass when
+    # one of the instance's time rules is due; these events run the others.
 
     @kopf.on.delete(*gi, registry=registry, when=served)
     def instance_released(body: kopf.Body, **_: Any) -> None:

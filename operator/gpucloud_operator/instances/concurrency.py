@@ -142,6 +142,7 @@ from gpucloud.ledger import Ledger, Unposted
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances.kubeapi import KubeAPI, Obj
+from gpucloud_operator.instances.sweeper import Sweeper
 from gpucloud_operator.later import Later
 from gpucloud_operator.metrics import NoticeCounters, SpotMetrics
 from gpucloud_operator.notify import Notifier
@@ -203,6 +204,8 @@ class ReconcilerState:
         # core
         self._ledger_accounts: set[str] = set()
         self._pb_cache: tuple[str, PriceBook] | None = None
+        # the schedule of passes (main.py attaches it; unit tests run passes by hand)
+        self.sweeper: Sweeper | None = None
 
     def _lock(self, table: defaultdict[str, threading.Lock], key: str) -> threading.Lock:
         with self._guard:

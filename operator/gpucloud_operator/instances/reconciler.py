@@ -22,11 +22,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from gpucloud.clock import monotonic
 from gpucloud_operator import builders as b
 from gpucloud_operator.cluster_view import slim
 from gpucloud_operator.instances.admission import Admission
 from gpucloud_operator.instances.arrears import Arrears
 from gpucloud_operator.instances.budget import Budgets
+from gpucloud_operator.instances.core import Pass
 from gpucloud_operator.instances.idle import IdleGPUs
 from gpucloud_operator.instances.kubeapi import PLURAL, Obj
 from gpucloud_operator.instances.lifecycle import Lifecycle
@@ -35,6 +37,7 @@ from gpucloud_operator.instances.placement import Placement
 from gpucloud_operator.instances.preemption import Preemption
 from gpucloud_operator.instances.settlement import Settlement
 from gpucloud_operator.instances.storage import Storage
+from gpucloud_operator.instances.sweeper import Seen, next_due
 
 
 class InstanceReconciler(
@@ -72,9 +75,9 @@ class InstanceReconciler(
             self.reconcile(inst)
 
     def reconcile(self, inst: Obj, *, wait: bool = True) -> None:
-        """A pass over ``inst`` as it is now. ``wait=False`` (timer ticks): skip it when a
-        pass over the instance is already running, rather than hold a worker thread on
-        the lock for a pass that repeats it."""
+        """A pass over ``inst`` as it is now. ``wait=False`` (the sweeper's passes): skip
+        it when a pass over the instance is already running, rather than hold a worker
+        thread on the lock for a pass that repeats it."""
         meta = inst["metadata"]
         # the body stands for a read if it is as fresh (checked under the lock)
         self._reconcile_fresh(meta["namespace"], meta["name"], meta["uid"], wait=wait, body=inst)
@@ -104,13 +107,61 @@ class InstanceReconciler(
             else:
                 fresh = self.kube.get_namespaced_object(PLURAL, namespace, name)
             if fresh is None or fresh["metadata"]["uid"] != uid:
+                self._unschedule(uid)
                 return
             self._saw_version(uid, fresh)
             if fresh["metadata"].get("deletionTimestamp"):
+                self._unschedule(uid)
                 return  # the release handler owns it now
-            self._reconcile(self._pass(fresh, **seen))
+            p = self._pass(fresh, **seen)
+            try:
+                self._reconcile(p)
+            finally:
+                self._schedule(p)  # under the lock: the entry follows the latest pass
         finally:
             lock.release()
+
+    def sweep_pass(self, namespace: str, name: str, uid: str, body: Obj | None = None) -> None:
+        """The sweeper's pass (``instances/sweeper.py``): skipped when another pass over
+        the instance runs (that one sets the next entry). ``body``: the instance as the
+        watch-fed table shows it; it stands for a read if it is as fresh."""
+        if body is not None and body["metadata"].get("uid") == uid:
+            self._reconcile_fresh(namespace, name, uid, wait=False, body=body)
+        else:
+            self._reconcile_fresh(namespace, name, uid, wait=False)
+
+    def _schedule(self, p: Pass) -> None:
+        """Tell the sweeper when this instance next needs a pass (``sweeper.next_due``)."""
+        if self.sweeper is None:
+            return
+        running, mono = p.phase == "Running", monotonic()
+        policy = p.account_spec.idle if p.account_spec is not None else None
+        with self._guard:
+            idle = self._idle_checked.get(p.uid)
+        idle_applies = policy is not None and running and bool(p.status.get("meterId"))
+        cost = self._cost_shown.get(p.uid)
+        asked = self._gpus_asked.get(p.uid)
+        seen = Seen(
+            status=p.status,
+            now=p.now,
+            in_arrears=bool(p.acct_status.get("arrearsSince")),
+            idle_checked=(idle or p.now) if idle_applies else None,
+            cost_left_s=(
+                self.cfg.cost_refresh_s - (mono - cost if cost is not None else 0.0)
+                if running
+                else None
+            ),
+            eager_left_s=(
+                self.gpus_eager_s - (mono - asked[1])
+                if running and asked is not None and not p.status.get("gpus")
+                else None
+            ),
+        )
+        self.sweeper.due(p.uid, p.ns, p.name, next_due(seen, self.cfg, self.idle_check_s))
+
+    def _unschedule(self, uid: str) -> None:
+        if self.sweeper is not None:
+            self.sweeper.forget(uid)
 
     def pod_changed(self, pod: Obj, deleted: bool) -> None:
         """A pod of an instance changed. Only changes that matter to the instance start
