@@ -5,6 +5,7 @@ everything due at once; nothing waits longer than ``sweep_max_interval_s``."""
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -298,3 +299,19 @@ def test_a_deleted_instance_leaves_the_schedule(world: World) -> None:
     w.clock.advance(timedelta(hours=2))
     assert s.run_due() == 1
     assert s.when(uid) is None
+
+
+def test_a_pass_leaves_the_body_it_was_given_as_it_was(world: World) -> None:
+    """The sweeper hands a pass the watch-fed table's row, shared and not copied: the
+    pass must not change it (an hour of storage, the cost and GPUs patched)."""
+    w = world
+    w.price("storage", "instancePerGBHour", "0.0005")
+    w.fund(1000_00)
+    w.instance("nb", L40S, quota=50)
+    w.tick()
+    body = copy.deepcopy(w.kube.instance(NS, "nb"))
+    before = copy.deepcopy(body)
+    w.clock.advance(timedelta(hours=1))
+    w.rec.reconcile(body, wait=False)
+    assert w.storage_charges() == 2  # the pass did its work on that body
+    assert body == before

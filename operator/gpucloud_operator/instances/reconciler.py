@@ -19,7 +19,6 @@ concurrency    the locks and caches, and the rules for them
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from gpucloud.clock import monotonic
@@ -102,8 +101,9 @@ class InstanceReconciler(
             # read under the lock: the body of the event may predate the last pass's
             # patches; one of the version the last pass read or left is current
             if body is not None and self._body_current(uid, body):
-                # a pass edits its status: a copy of its own, less what no pass reads
-                fresh: Obj | None = copy.deepcopy(slim(body))
+                # no copy: a pass never changes the body in place (``Pass.status`` is its
+                # own dict, and every change is a new value), so a shared row will do
+                fresh: Obj | None = slim(body)
             else:
                 fresh = self.kube.get_namespaced_object(PLURAL, namespace, name)
             if fresh is None or fresh["metadata"]["uid"] != uid:

@@ -172,7 +172,8 @@ class Sweeper:
         self._entries[uid] = (ns, name, at, deadline, seq)
         heapq.heappush(self._by_clock, (at, seq, uid))
         heapq.heappush(self._by_real, (deadline, seq, uid))
-        self._cv.notify()
+        # no notify: the loop looks every ``check_s`` anyway, and waking it on each of
+        # hundreds of passes a second cost more than the look (py-spy, 500 instances)
 
     def forget(self, uid: str) -> None:
         with self._cv:
