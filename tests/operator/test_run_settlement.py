@@ -164,3 +164,42 @@ def test_gpus_no_agent_reported_are_looked_up_eagerly_only_in_the_run_s_first_mi
     real[0] += w.cfg.cost_refresh_s
     w.tick()  # the cost refresh looks again
     assert len(asked) > eager and w.status("nb")["gpus"] == ["GPU-b"]
+
+
+def test_once_every_gpu_of_the_run_is_shown_the_cost_refresh_asks_no_more(
+    world: World, monkeypatch
+) -> None:
+    """The GPUs of a run do not change: once status.gpus lists as many as the run has,
+    the cost refresh skips the ledger query, until the next run (a new pod)."""
+    w = world
+    w.cfg = w.cfg.with_overrides({"cost_refresh_s": 0})  # refresh on every tick
+    w.restart()
+    asked: list[str] = []
+    seen = w.ledger.gpus_seen
+    monkeypatch.setattr(
+        w.ledger, "gpus_seen", lambda pod, **kw: asked.append(pod) or seen(pod, **kw)
+    )
+    w.fund(100_00)
+    w.instance("nb", L40S, 2)
+    w.tick()
+    w.ledger.ingest_usage(usage(w, "nb", "GPU-b", 0, 20), received_at=w.clock.now())
+    w.tick()
+    assert w.status("nb")["gpus"] == ["GPU-b"]
+    w.tick()
+    assert len(set(asked)) == 1 and len(asked) >= 3  # one of two shown: still asking
+    w.ledger.ingest_usage(usage(w, "nb", "GPU-a", 0, 20), received_at=w.clock.now())
+    w.tick()
+    assert w.status("nb")["gpus"] == ["GPU-a", "GPU-b"]
+    before = len(asked)
+    w.clock.advance(60)
+    w.tick()
+    w.tick()
+    assert len(asked) == before  # both shown: nothing new to learn for this pod
+    w.kube.update_spec("gpuinstances", NS, "nb", {"state": "Stopped"})
+    w.tick()
+    w.kube.update_spec("gpuinstances", NS, "nb", {"state": "Running"})
+    w.clock.advance(timedelta(minutes=5))
+    w.tick()
+    w.tick()
+    assert w.status("nb")["phase"] == "Running"
+    assert len(asked) > before and asked[-1] != asked[0]  # the new run's pod is asked
