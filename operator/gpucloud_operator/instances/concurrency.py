@@ -1,11 +1,11 @@
 """The instance reconciler's locks and in-memory caches, and the rules for them.
 
 Kopf runs handlers on a pool of worker threads (and the sweeper its passes on its own),
-so passes over different instances run at once, and the claim rechecks run on the ``Later`` thread. Everything below is a hint
-or a serialisation: the record is the instance's status and the ledger. A restart
-empties all of it, and a fresh process must (and does) reach the same postings with the
-same keys, so nothing here can lose or invent money; a lost entry costs at most an API
-read or a repeated idempotent call.
+so passes over different instances run at once, and the claim rechecks run on the
+``Later`` thread. Everything below is a hint or a serialisation: the record is the
+instance's status and the ledger. A restart empties all of it, and a fresh process must
+(and does) reach the same postings with the same keys, so nothing here can lose or
+invent money; a lost entry costs at most an API read or a repeated idempotent call.
 
 Locks, outermost first (a thread takes them in this order only, so none can deadlock):
 
