@@ -43,10 +43,17 @@ def register(
 
     served = namespace_filter(cfg)
 
+    def working() -> None:
+        """Kopf runs this process's handlers: it is not a paused standby (the sweeper
+        sweeps only then, sweeper.py rule 7)."""
+        if instances.sweeper is not None:
+            instances.sweeper.alive()
+
     @kopf.on.resume(*gi, registry=registry, when=served)
     @kopf.on.create(*gi, registry=registry, when=served)
     @kopf.on.update(*gi, registry=registry, when=served)
     def instance_changed(body: kopf.Body, **_: Any) -> None:
+        working()
         instances.reconcile(dict(body))
 
     # No timer: the sweeper (instances/sweeper.py, started in main.py) runs a pass when
@@ -59,6 +66,7 @@ def register(
 
     @kopf.on.event("", "v1", "pods", labels=MANAGED_BY, registry=registry, when=served)
     def pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+        working()
         instances.pod_changed(dict(body), deleted=type == "DELETED")
 
     @kopf.on.event(
@@ -84,6 +92,7 @@ def register(
     @kopf.on.update(*acct, registry=registry, when=account_served)
     @kopf.timer(*acct, interval=cfg.account_interval_s, registry=registry, when=account_served)
     def account(body: kopf.Body, **_: Any) -> None:
+        working()
         accounts.refresh_account(dict(body))
 
     rc = (GROUP, VERSION, "recharges")

@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         clock,
         lambda ns, name, uid: instances.sweep_pass(ns, name, uid, view.get(ns, name)),
         retry_s=cfg.tick_interval_s,
+        # with peering, only while Kopf works here (not a paused standby): the account
+        # timer alone says so every account_interval_s
+        lease_s=None if args.standalone else 4 * cfg.account_interval_s + 10,
     )
     alarms = Alarms(clock)  # account passes at each account's run-out instant
     # instance passes of an account just in arrears: their own pool, so that they never

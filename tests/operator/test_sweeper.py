@@ -315,3 +315,20 @@ def test_a_pass_leaves_the_body_it_was_given_as_it_was(world: World) -> None:
     w.rec.reconcile(body, wait=False)
     assert w.storage_charges() == 2  # the pass did its work on that body
     assert body == before
+
+
+def test_with_a_lease_it_sweeps_only_while_kopf_works_here() -> None:
+    """HA: a replica Kopf pauses (a live one of higher priority) stops sweeping within
+    the lease; its due entries run once Kopf works here again."""
+    clock, mono, ran = ManualClock(T0), Mono(), []
+    s = Sweeper(clock, lambda ns, name, uid: ran.append(uid), retry_s=10, lease_s=70,
+                monotonic=mono)  # fmt: skip
+    s.due("u1", NS, "a", Due(at=T0, real_s=0))
+    assert s.run_due() == 0  # no handler has run here yet
+    s.alive()
+    assert s.run_due() == 1
+    s.due("u1", NS, "a", Due(at=T0, real_s=0))
+    mono.t += 70.5  # no handler for longer than the lease: standing by
+    assert s.run_due() == 0 and s.when("u1") is not None
+    s.alive()
+    assert s.run_due() == 1 and ran == ["u1", "u1"]

@@ -32,6 +32,14 @@ Rules:
    ends. A pass that fails still sets it (``InstanceReconciler._reconcile_fresh``), and a
    call that fails outright is given the busy interval here, so an error is retried.
 
+7. **Only while Kopf works here** (HA, ``--peering``): Kopf pauses a replica that a
+   live one of higher priority outranks, its handlers and timers included, but not
+   this thread. With ``lease_s`` set, the sweeper runs passes only within ``lease_s`` of
+   the last Kopf handler call of this process (``alive``: every instance, pod and
+   account handler; the account timer alone calls it every ``account_interval_s``), so
+   a replica that stands by stops sweeping within ``lease_s``; its entries wait, due,
+   for the day it works again.
+
 Locks: ``_cv`` is a leaf lock over ``_entries`` and the two heaps (stale heap items are
 skipped by their sequence number), held for dictionary and heap operations only, never
 while a pass runs; passes run on their own pool (``background``).
@@ -133,12 +141,15 @@ class Sweeper:
         *,
         retry_s: float,
         check_s: float = 1.0,
+        lease_s: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.clock = clock
         self._run_pass = run
         self.retry_s = retry_s
         self.check_s = check_s
+        self.lease_s = lease_s
+        self._alive_at: float | None = None  # the last Kopf handler call (rule 7)
         self._monotonic = monotonic
         self._cv = threading.Condition()
         # uid -> (namespace, name, clock instant, monotonic deadline, sequence)
@@ -175,6 +186,10 @@ class Sweeper:
         # no notify: the loop looks every ``check_s`` anyway, and waking it on each of
         # hundreds of passes a second cost more than the look (py-spy, 500 instances)
 
+    def alive(self) -> None:
+        """Kopf ran a handler in this process: it is not paused (rule 7)."""
+        self._alive_at = self._monotonic()  # one assignment: atomic under the GIL
+
     def forget(self, uid: str) -> None:
         with self._cv:
             self._entries.pop(uid, None)
@@ -194,6 +209,9 @@ class Sweeper:
         or by real time."""
         now, mono = self.clock.now(), self._monotonic()
         out: list[tuple[str, str, str]] = []
+        alive = self._alive_at
+        if self.lease_s is not None and (alive is None or mono - alive > self.lease_s):
+            return out  # standing by (rule 7): the entries stay, due
         with self._cv:
             for heap, limit in ((self._by_clock, now), (self._by_real, mono)):
                 while heap and heap[0][0] <= limit:  # type: ignore[operator]
