@@ -175,6 +175,12 @@ def test_a_quiet_running_instance_waits_for_the_storage_hour_or_the_cost_refresh
     assert due.real_s == 42.5
 
 
+def test_a_refresh_due_now_waits_a_second_not_none() -> None:
+    """cost_refresh_s 0 (tests) or a refresh overdue: a pass a second, never a spin."""
+    due = next_due(Seen(status=running(), now=T0, cost_left_s=-5.0), CFG, 60)
+    assert due.real_s == 1.0
+
+
 def test_the_cap_holds_when_no_rule_is_due_sooner() -> None:
     cfg = OperatorConfig(tick_interval_s=10, sweep_max_interval_s=120, storage_settlement_s=0)
     due = next_due(Seen(status={"phase": "Stopped"}, now=T0), cfg, 60)

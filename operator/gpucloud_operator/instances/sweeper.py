@@ -124,8 +124,8 @@ def next_due(seen: Seen, cfg: OperatorConfig, idle_check_s: float) -> Due:
     if seen.idle_checked is not None:  # IdleGPUs._idle_gpus: once a minute of clock time
         at.append(seen.idle_checked + timedelta(seconds=idle_check_s))
     at.append(bu.month_of(now).end)  # budgets are per calendar month (Budgets)
-    if seen.cost_left_s is not None:
-        real.append(seen.cost_left_s)
+    if seen.cost_left_s is not None:  # not sooner than a second (cost_refresh_s may be 0)
+        real.append(max(seen.cost_left_s, 1.0))
     if seen.eager_left_s is not None and seen.eager_left_s > 0:
         real.append(min(seen.eager_left_s, cfg.tick_interval_s))
     return Due(at=max(now + timedelta(seconds=1), min(at)), real_s=max(0.0, min(real)))
