@@ -202,6 +202,19 @@ def test_a_busy_instance_is_checked_every_tick(status: dict) -> None:
     assert due == Due(at=T0 + timedelta(seconds=10), real_s=10)
 
 
+def test_a_pass_that_failed_is_retried_at_the_busy_pace() -> None:
+    due = next_due(Seen(status=running(), now=T0, failed=True), CFG, 60)
+    assert due == Due(at=T0 + timedelta(seconds=10), real_s=10)
+
+
+def test_a_spot_notice_is_due_at_its_stop() -> None:
+    stop = T0 + timedelta(seconds=95)
+    st_ = running(preemptAt=fmt(T0 + timedelta(seconds=120)), preemptStopAt=fmt(stop))
+    assert next_due(Seen(status=st_, now=T0), CFG, 60).at == stop
+    st_.pop("preemptStopAt")  # not delivered yet: the deadline itself
+    assert next_due(Seen(status=st_, now=T0), CFG, 60).at == T0 + timedelta(seconds=120)
+
+
 def test_an_account_in_arrears_makes_its_instances_busy() -> None:
     due = next_due(Seen(status=running(), now=T0, in_arrears=True), CFG, 60)
     assert due.at == T0 + timedelta(seconds=10)

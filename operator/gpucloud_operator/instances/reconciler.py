@@ -114,10 +114,12 @@ class InstanceReconciler(
                 self._unschedule(uid)
                 return  # the release handler owns it now
             p = self._pass(fresh, **seen)
+            failed = True
             try:
                 self._reconcile(p)
+                failed = False
             finally:
-                self._schedule(p)  # under the lock: the entry follows the latest pass
+                self._schedule(p, failed)  # under the lock: the entry follows the last pass
         finally:
             lock.release()
 
@@ -130,7 +132,7 @@ class InstanceReconciler(
         else:
             self._reconcile_fresh(namespace, name, uid, wait=False)
 
-    def _schedule(self, p: Pass) -> None:
+    def _schedule(self, p: Pass, failed: bool = False) -> None:
         """Tell the sweeper when this instance next needs a pass (``sweeper.next_due``)."""
         if self.sweeper is None:
             return
@@ -145,6 +147,7 @@ class InstanceReconciler(
             status=p.status,
             now=p.now,
             in_arrears=bool(p.acct_status.get("arrearsSince")),
+            failed=failed,
             idle_checked=(idle or p.now) if idle_applies else None,
             cost_left_s=(
                 self.cfg.cost_refresh_s - (mono - cost if cost is not None else 0.0)

@@ -29,8 +29,9 @@ Rules:
    back, so no due pass is skipped.
 6. **Taking** a due entry removes it; the pass runs on the pool with ``wait=False``: if
    another pass over the instance holds its lock, that pass sets the next entry when it
-   ends. A pass that fails still sets it (``InstanceReconciler._reconcile_fresh``), and a
-   call that fails outright is given the busy interval here, so an error is retried.
+   ends. A pass that fails still sets it, at the busy pace
+   (``InstanceReconciler._reconcile_fresh``), and a call that fails outright is given
+   the busy interval here, so an error is retried.
 
 7. **Only while Kopf works here** (HA, ``--peering``): Kopf pauses a replica that a
    live one of higher priority outranks, its handlers and timers included, but not
@@ -85,6 +86,7 @@ class Seen:
     status: dict
     now: datetime
     in_arrears: bool = False
+    failed: bool = False  # the pass raised: retried at the busy pace
     idle_checked: datetime | None = None  # None: the idle rule does not apply
     cost_left_s: float | None = None  # real seconds to the next accruedCost refresh
     eager_left_s: float | None = None  # real seconds left of the GPUs' first lookups
@@ -100,6 +102,7 @@ def next_due(seen: Seen, cfg: OperatorConfig, idle_check_s: float) -> Due:
         st.get("phase") not in QUIET_PHASES
         or bool(st.get("unsettledMeters"))
         or seen.in_arrears
+        or seen.failed
         or any(
             c.get("type") == "DataDeleted" and c.get("reason") == "WipePending"
             for c in st.get("conditions") or []
@@ -121,6 +124,9 @@ def next_due(seen: Seen, cfg: OperatorConfig, idle_check_s: float) -> Due:
             remind = end - cfg.reminder_lead
             if st.get("reminderSentFor") != r.fmt(end) and remind > now:
                 at.append(remind)
+    notice = r.parse(st.get("preemptStopAt") or st.get("preemptAt"))
+    if notice is not None:  # a spot notice's stop (Preemption._preemption_due)
+        at.append(notice)
     if seen.idle_checked is not None:  # IdleGPUs._idle_gpus: once a minute of clock time
         at.append(seen.idle_checked + timedelta(seconds=idle_check_s))
     at.append(bu.month_of(now).end)  # budgets are per calendar month (Budgets)
