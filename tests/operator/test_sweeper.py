@@ -6,6 +6,8 @@ everything due at once; nothing waits longer than ``sweep_max_interval_s``."""
 from __future__ import annotations
 
 import copy
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -351,3 +353,22 @@ def test_with_a_lease_it_sweeps_only_while_kopf_works_here() -> None:
     assert s.run_due() == 0 and s.when("u1") is not None
     s.alive()
     assert s.run_due() == 1 and ran == ["u1", "u1"]
+
+
+def test_the_thread_runs_what_falls_due_and_idles_while_standing_by() -> None:
+    """The daemon thread: a due entry runs on the pool within a check; standing by, it
+    waits a check at a time (no spin on the due entries it may not run)."""
+    clock, ran = ManualClock(T0), []
+    done = threading.Event()
+
+    def run(ns: str, name: str, uid: str) -> None:
+        ran.append(uid)
+        done.set()
+
+    s = Sweeper(clock, run, retry_s=10, check_s=0.05, lease_s=60)
+    s.due("u1", NS, "a", Due(at=T0, real_s=0))
+    s.start(lambda call: threading.Thread(target=call).start())
+    time.sleep(0.3)  # standing by: nothing runs (no handler has run here)
+    assert ran == []
+    s.alive()
+    assert done.wait(5) and ran == ["u1"]

@@ -215,9 +215,8 @@ class Sweeper:
         or by real time."""
         now, mono = self.clock.now(), self._monotonic()
         out: list[tuple[str, str, str]] = []
-        alive = self._alive_at
-        if self.lease_s is not None and (alive is None or mono - alive > self.lease_s):
-            return out  # standing by (rule 7): the entries stay, due
+        if self._standing_by(mono):
+            return out  # rule 7: the entries stay, due
         with self._cv:
             for heap, limit in ((self._by_clock, now), (self._by_real, mono)):
                 while heap and heap[0][0] <= limit:  # type: ignore[operator]
@@ -228,6 +227,11 @@ class Sweeper:
                         out.append((hit[0], hit[1], uid))
             self._compact()
         return out
+
+    def _standing_by(self, mono: float) -> bool:
+        """Rule 7: with a lease, no Kopf handler ran here for longer than it."""
+        alive = self._alive_at
+        return self.lease_s is not None and (alive is None or mono - alive > self.lease_s)
 
     def _compact(self) -> None:
         """Under ``_cv``: rebuild a heap that is mostly stale items (every pass pushes
@@ -277,8 +281,7 @@ class Sweeper:
                 self._submit(lambda ns=ns, name=name, uid=uid: self._pass(ns, name, uid))
                 self.passes += 1
             with self._cv:
-                wait = self.check_s
-                if self._by_real:
-                    wait = min(wait, self._by_real[0][0] - self._monotonic())
-                if wait > 0:
-                    self._cv.wait(timeout=wait)
+                wait, mono = self.check_s, self._monotonic()
+                if self._by_real and not self._standing_by(mono):  # else: due ones wait
+                    wait = min(wait, self._by_real[0][0] - mono)
+                self._cv.wait(timeout=max(wait, 0.01))
