@@ -28,8 +28,8 @@ from gpucloud.usage import MAX_GPU_WINDOW_S, UsageKind, UsageRecord
 # same GPU, and a rating pass sees no rows appear between its sum and its update.
 _INGEST_LOCK = 0x6770_7563_6C64_0002
 _GPU = UsageKind.GPU_TIME.value
-# Subjects per neighbour query: a node's GPUs in one; bounded, as SQLite caps an
-# expression's depth (an OR chain nests) and its parameters.
+# Subjects per neighbour query: a node's GPUs in one; bounded, as SQLite caps the
+# SELECTs of a compound statement (500) and its parameters.
 _SUBJECTS_PER_QUERY = 64
 
 COLUMNS = (
@@ -197,19 +197,19 @@ def _insert(conn: Connection, rows: list[Row]) -> None:
 
 def _neighbour_sql(conn: Connection, kind: str, subjects: int) -> str:
     """(subject, start, end, digest) of stored records of ``subjects`` subjects of one kind
-    that may touch each one's [lo, hi): one statement for the whole batch (on PostgreSQL
-    each statement is a round trip, paid with the write lock held)."""
+    that may touch each one's [lo, hi): one statement for a batch's subjects, as each
+    statement is a round trip on PostgreSQL, paid with the write lock held."""
     m = "%s" if conn.dialect.name == "postgresql" else "?"
     # GPU windows are short: a bounded range of the natural-key index. Other records
-    # may be long: the one that starts before lo may end after it.
+    # may be long: the one that starts before lo may end after it. One SELECT per
+    # subject, each with the subject as an equality of the index (with IN (...) or OR'd
+    # ranges, PostgreSQL factored out the range and scanned every subject's rows).
     lower = "start_s" if kind == _GPU else "end_s"
-    # kind in every term: SQLite then searches the natural-key index once per term
-    # (MULTI-INDEX OR); factored out, it scanned every row of the kind.
-    term = f"(kind = {m} AND subject = {m} AND start_s < {m} AND {lower} > {m})"
-    return (
+    one = (
         f"SELECT subject, start_s, end_s, digest FROM {schema.usage.name} "
-        f"WHERE {' OR '.join([term] * subjects)} ORDER BY subject, start_s"
+        f"WHERE kind = {m} AND subject = {m} AND start_s < {m} AND {lower} > {m}"
     )
+    return " UNION ALL ".join([one] * subjects) + " ORDER BY 1, 2"
 
 
 def _stored(
@@ -222,8 +222,7 @@ def _stored(
         chunk = bounds[first : first + _SUBJECTS_PER_QUERY]
         params: list[Any] = []
         for subject, lo, hi in chunk:
-            lower = lo - MAX_GPU_WINDOW_S if kind == _GPU else lo
-            params += (kind, subject, hi, lower)
+            params += (kind, subject, hi, lo - MAX_GPU_WINDOW_S if kind == _GPU else lo)
         cur.execute(_neighbour_sql(conn, kind, len(chunk)), params)
         for subject, start, end, dig in cur.fetchall():
             out.setdefault(subject, []).append((start, end, dig))
@@ -237,9 +236,9 @@ def ingest(
     rater: Rater | None = None,
     guard: Guard | None = None,
 ) -> IngestResult:
+    """Store a batch in the caller's transaction, which holds ``lock_usage``."""
     rejected: list[tuple[int, str]] = []
     rules: dict[int, str] = {}
-    lock_usage(conn)
     indexed = _rows(records, schema.to_us(received_at), rejected)
     if guard is not None:
         indexed = guard(indexed, rejected, rules)

@@ -85,6 +85,7 @@ class Usage:
         if not any(batches):
             return [IngestResult(0, 0, []) for _ in batches]
         with self._s.engine.begin() as conn:
+            ingest.lock_usage(conn)  # once for the group (a round trip on PostgreSQL)
             return [self._ingest_in(conn, b, received_at, rate_at) for b in batches]
 
     def _ingest_in(
