@@ -107,8 +107,10 @@ def test_a_drain_killed_after_the_ledger_commit_charges_nothing_twice(
     # The restarted gateway's counts: each request once, from the ledger and the queue.
     arrivals, totals = restored_stats(UsageQueue(tmp_path / "queue.db"), ledger, T0)
     assert len(arrivals) == 7 and totals["ns/m"][0] == 7
-    assert drain.drain_once() == 8
-    assert usage.pending() == 0 and drain.drain_once() == 0
+    assert drain.drain_once() == 8 and drain.drain_once() == 0
+    assert usage.pending() == 8  # forgotten at the drain's next tick, not per batch
+    drain.forget()
+    assert usage.pending() == 0 and LedgerDrain(usage, ledger, PB).drain_once() == 0
     assert ledger.balance("owner") == before
     assert charged(ledger, "owner", "model/ns/m") == to_minor(Decimal("0.0815") * 21) == 171
     usage.close()

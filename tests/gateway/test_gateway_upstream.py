@@ -10,15 +10,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-
 from gateway_testkit import start_model_server
-from gpucloud.testing.net import free_port
 from gpucloud_gateway.upstream import (
     ConnectError,
     UpstreamError,
     UpstreamPool,
     UpstreamTimeout,
 )
+
+from gpucloud.testing.net import free_port
 
 CHAT = b'{"messages": [{"role": "user", "content": "one two three"}], "max_tokens": 5}'
 JSON = [("content-type", "application/json")]
@@ -148,7 +148,7 @@ def test_a_replica_dying_mid_stream_breaks_the_body_off(tmp_path: Path) -> None:
         body = b'{"stream": true, "max_tokens": 10}'
         resp = await pool.request("POST", url, "/v1/chat/completions", JSON, body)
         got = []
-        with pytest.raises(UpstreamError, match="mid-response|lost"):
+        with pytest.raises(UpstreamError, match=r"mid-response|lost"):
             async for chunk in resp.chunks():
                 got.append(chunk)
         resp.release()
@@ -347,7 +347,7 @@ def test_a_malformed_answer_and_a_non_http_replica_are_errors() -> None:
         pool = UpstreamPool()
         with pytest.raises(UpstreamError, match="malformed"):
             await pool.request("GET", url, "/x", [], b"")
-        with pytest.raises(UpstreamError, match="only http://"):
+        with pytest.raises(UpstreamError, match=r"only http://"):
             await pool.request("GET", "https://example.invalid", "/x", [], b"")
         await pool.close()
         await srv.stop()
