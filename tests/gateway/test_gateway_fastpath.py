@@ -169,8 +169,8 @@ def test_the_gateway_asks_for_uvloop_and_gets_it_where_installed() -> None:
 
 
 def test_a_cookie_one_callers_replica_sets_never_reaches_another_callers_request() -> None:
-    """The upstream session is shared by all callers: it keeps no cookies (aiohttp's default
-    jar keeps those of replicas addressed by name; pod IPs it would refuse)."""
+    """The upstream pool is shared by all callers: it keeps no cookies (a cookie jar would
+    send one caller's cookie along with another caller's request)."""
     import httpx
     from aiohttp import web
 
