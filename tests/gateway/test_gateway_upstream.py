@@ -5,8 +5,9 @@ model server, and against a scripted TCP server for what a model server rarely d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,21 @@ class Scripted:
 
     async def stop(self) -> None:
         self.server.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    script: Script, close_after_answer: bool = False, **pool_args: float
+) -> AsyncIterator[tuple[Scripted, str, UpstreamPool]]:
+    """A scripted server, its URL and a pool, closed at the end."""
+    srv = Scripted(script, close_after_answer)
+    url = await srv.start()
+    pool = UpstreamPool(**pool_args)  # type: ignore[arg-type]
+    try:
+        yield srv, url, pool
+    finally:
+        await pool.close()
+        await srv.stop()
 
 
 def ok(body: bytes = b"hello", extra: bytes = b"") -> bytes:
@@ -170,16 +186,12 @@ def test_a_chunked_body_is_decoded_chunk_by_chunk() -> None:
         )
 
     async def go() -> None:
-        srv = Scripted(script)
-        url = await srv.start()
-        pool = UpstreamPool()
-        for _ in range(2):
-            resp = await pool.request("GET", url, "/x", [], b"")
-            assert resp.content_length is None
-            assert await body_of(resp) == b"hello world"
-        assert srv.connections == 1  # the terminating chunk ended it: reused
-        await pool.close()
-        await srv.stop()
+        async with serving(script) as (srv, url, pool):
+            for _ in range(2):
+                resp = await pool.request("GET", url, "/x", [], b"")
+                assert resp.content_length is None
+                assert await body_of(resp) == b"hello world"
+            assert srv.connections == 1  # the terminating chunk ended it: reused
 
     run(go())
 
@@ -189,15 +201,11 @@ def test_a_body_without_length_ends_with_the_connection_which_is_not_reused() ->
         return b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it"
 
     async def go() -> None:
-        srv = Scripted(script, close_after_answer=True)
-        url = await srv.start()
-        pool = UpstreamPool()
-        for _ in range(2):
-            resp = await pool.request("GET", url, "/x", [], b"")
-            assert await body_of(resp) == b"all of it"
-        assert srv.connections == 2
-        await pool.close()
-        await srv.stop()
+        async with serving(script, close_after_answer=True) as (srv, url, pool):
+            for _ in range(2):
+                resp = await pool.request("GET", url, "/x", [], b"")
+                assert await body_of(resp) == b"all of it"
+            assert srv.connections == 2
 
     run(go())
 
@@ -209,18 +217,14 @@ def test_connection_close_is_honoured_and_head_has_no_body() -> None:
         return ok(extra=b"connection: close\r\n")
 
     async def go() -> None:
-        srv = Scripted(script)
-        url = await srv.start()
-        pool = UpstreamPool()
-        resp = await pool.request("GET", url, "/x", [("x-a", "1")], b"")
-        assert await body_of(resp) == b"hello"
-        resp = await pool.request("HEAD", url, "/x", [], b"")
-        assert resp.content_length == 100 and await body_of(resp) == b""
-        assert srv.connections == 2
-        assert srv.requests[0].startswith(b"GET /x HTTP/1.1\r\nhost: 127.0.0.1:")
-        assert b"x-a: 1\r\n" in srv.requests[0] and b"content-length" not in srv.requests[0]
-        await pool.close()
-        await srv.stop()
+        async with serving(script) as (srv, url, pool):
+            resp = await pool.request("GET", url, "/x", [("x-a", "1")], b"")
+            assert await body_of(resp) == b"hello"
+            resp = await pool.request("HEAD", url, "/x", [], b"")
+            assert resp.content_length == 100 and await body_of(resp) == b""
+            assert srv.connections == 2
+            assert srv.requests[0].startswith(b"GET /x HTTP/1.1\r\nhost: 127.0.0.1:")
+            assert b"x-a: 1\r\n" in srv.requests[0] and b"content-length" not in srv.requests[0]
 
     run(go())
 
@@ -230,17 +234,14 @@ def test_an_idle_connection_the_replica_closed_is_not_used_a_post_goes_on_a_fres
         return ok(b"#%d" % n)
 
     async def go() -> None:
-        srv = Scripted(script, close_after_answer=True)  # closes after each answer
-        url = await srv.start()
-        pool = UpstreamPool()
-        resp = await pool.request("POST", url, "/x", [], b"a")
-        assert await body_of(resp) == b"#0"
-        await asyncio.sleep(0.05)  # the replica's close arrives while the connection idles
-        resp = await pool.request("POST", url, "/x", [], b"b")
-        assert await body_of(resp) == b"#1" and not resp.conn.reused
-        assert len(srv.requests) == 2  # sent once each
-        await pool.close()
-        await srv.stop()
+        # the replica closes each connection after its answer
+        async with serving(script, close_after_answer=True) as (srv, url, pool):
+            resp = await pool.request("POST", url, "/x", [], b"a")
+            assert await body_of(resp) == b"#0"
+            await asyncio.sleep(0.05)  # the replica's close arrives while the connection idles
+            resp = await pool.request("POST", url, "/x", [], b"b")
+            assert await body_of(resp) == b"#1" and not resp.conn.reused
+            assert len(srv.requests) == 2  # sent once each
 
     run(go())
 
@@ -253,19 +254,15 @@ def test_a_reused_connection_dying_without_an_answer_is_retried_only_if_idempote
         return None if n == 1 else ok(b"#%d" % n)  # the second request: closed, no answer
 
     async def go() -> None:
-        srv = Scripted(script)
-        url = await srv.start()
-        pool = UpstreamPool()
-        assert await body_of(await pool.request(method, url, "/x", [], b"")) == b"#0"
-        if retried:
-            resp = await pool.request(method, url, "/x", [], b"")
-            assert await body_of(resp) == b"#2" and srv.connections == 2
-        else:
-            with pytest.raises(UpstreamError):
-                await pool.request(method, url, "/x", [], b"")
-            assert len(srv.requests) == 2  # the POST the replica may have run: not resent
-        await pool.close()
-        await srv.stop()
+        async with serving(script) as (srv, url, pool):
+            assert await body_of(await pool.request(method, url, "/x", [], b"")) == b"#0"
+            if retried:
+                resp = await pool.request(method, url, "/x", [], b"")
+                assert await body_of(resp) == b"#2" and srv.connections == 2
+            else:
+                with pytest.raises(UpstreamError):
+                    await pool.request(method, url, "/x", [], b"")
+                assert len(srv.requests) == 2  # the POST the replica may have run: not resent
 
     run(go())
 
@@ -276,16 +273,12 @@ def test_no_answer_times_out_and_a_refused_connection_is_a_connect_error() -> No
         return ok()
 
     async def go() -> None:
-        srv = Scripted(script)
-        url = await srv.start()
-        pool = UpstreamPool(read_timeout_s=0.2)
-        with pytest.raises(UpstreamTimeout):
-            await pool.request("GET", url, "/x", [], b"")
-        with pytest.raises(ConnectError):
-            await pool.request("GET", f"http://127.0.0.1:{free_port()}", "/x", [], b"")
-        assert pool._open <= 1  # the timed-out connection is closing
-        await pool.close()
-        await srv.stop()
+        async with serving(script, read_timeout_s=0.2) as (_srv, url, pool):
+            with pytest.raises(UpstreamTimeout):
+                await pool.request("GET", url, "/x", [], b"")
+            with pytest.raises(ConnectError):
+                await pool.request("GET", f"http://127.0.0.1:{free_port()}", "/x", [], b"")
+            assert pool._open <= 1  # the timed-out connection is closing
 
     run(go())
 
@@ -296,18 +289,14 @@ def test_the_connection_limit_makes_requests_wait_for_a_free_connection() -> Non
         return ok(b"#%d" % n)
 
     async def go() -> None:
-        srv = Scripted(script)
-        url = await srv.start()
-        pool = UpstreamPool(limit=2)
+        async with serving(script, limit=2) as (srv, url, pool):
 
-        async def one() -> bytes:
-            return await body_of(await pool.request("GET", url, "/x", [], b""))
+            async def one() -> bytes:
+                return await body_of(await pool.request("GET", url, "/x", [], b""))
 
-        bodies = await asyncio.gather(*(one() for _ in range(6)))
-        assert sorted(bodies) == sorted(b"#%d" % i for i in range(6))
-        assert srv.max_open <= 2 and srv.connections == 2
-        await pool.close()
-        await srv.stop()
+            bodies = await asyncio.gather(*(one() for _ in range(6)))
+            assert sorted(bodies) == sorted(b"#%d" % i for i in range(6))
+            assert srv.max_open <= 2 and srv.connections == 2
 
     run(go())
 
@@ -319,20 +308,16 @@ def test_a_slow_reader_pauses_the_socket_and_gets_every_byte() -> None:
         return ok(big)
 
     async def go() -> None:
-        srv = Scripted(script)
-        url = await srv.start()
-        pool = UpstreamPool()
-        resp = await pool.request("GET", url, "/x", [], b"")
-        got = bytearray()
-        paused_seen = False
-        async for chunk in resp.chunks():
-            got += chunk
-            paused_seen = paused_seen or resp._paused
-            await asyncio.sleep(0.001)
-        resp.release()
-        assert bytes(got) == big and paused_seen
-        await pool.close()
-        await srv.stop()
+        async with serving(script) as (_srv, url, pool):
+            resp = await pool.request("GET", url, "/x", [], b"")
+            got = bytearray()
+            paused_seen = False
+            async for chunk in resp.chunks():
+                got += chunk
+                paused_seen = paused_seen or resp._paused
+                await asyncio.sleep(0.001)
+            resp.release()
+            assert bytes(got) == big and paused_seen
 
     run(go())
 
@@ -342,14 +327,10 @@ def test_a_malformed_answer_and_a_non_http_replica_are_errors() -> None:
         return b"SMTP ready\r\n\r\n"
 
     async def go() -> None:
-        srv = Scripted(script)
-        url = await srv.start()
-        pool = UpstreamPool()
-        with pytest.raises(UpstreamError, match="malformed"):
-            await pool.request("GET", url, "/x", [], b"")
-        with pytest.raises(UpstreamError, match=r"only http://"):
-            await pool.request("GET", "https://example.invalid", "/x", [], b"")
-        await pool.close()
-        await srv.stop()
+        async with serving(script) as (_srv, url, pool):
+            with pytest.raises(UpstreamError, match="malformed"):
+                await pool.request("GET", url, "/x", [], b"")
+            with pytest.raises(UpstreamError, match=r"only http://"):
+                await pool.request("GET", "https://example.invalid", "/x", [], b"")
 
     run(go())
