@@ -254,6 +254,8 @@ class Gateway:
         """The replica with the fewest requests in flight; ties rotate."""
         self._rr += 1
         n = len(urls)
+        if n == 1:
+            return urls[0]
         order = [urls[(self._rr + i) % n] for i in range(n)]
         return min(order, key=lambda u: self.replica_in_flight.get(u, 0))
 
@@ -416,7 +418,8 @@ class Gateway:
         upstream = None
         url = ""
         pool = self.pool()
-        target = path + (f"?{request.url.query}" if request.url.query else "")
+        query = request.scope["query_string"]  # as sent (request.url builds a URL object)
+        target = path + ("?" + query.decode("latin-1") if query else "")
         for attempt in range(2):  # a refused connection is retried once on another replica
             url = self.pick(urls)
             try:
