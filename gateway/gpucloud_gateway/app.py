@@ -463,7 +463,7 @@ class Gateway:
             if finished:
                 return
             finished = True
-            upstream.release()  # cut short: the connection is dropped, the replica stops
+            upstream.release()  # complete: pooled; cut short: closed, the replica stops
             left = self.replica_in_flight[url] - 1
             if left:
                 self.replica_in_flight[url] = left
