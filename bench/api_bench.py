@@ -6,18 +6,22 @@ Each request carries one node's records for ``--batch-windows`` consecutive wind
 (an agent catching up from its write-ahead log). Prints exactly::
 
     ingest_gpu_seconds_per_s_sqlite: N
-    ingest_gpu_seconds_per_s_postgres: N
+    ingest_gpu_seconds_per_s_postgres: N        (or ..._postgres_durable with --pg-durable)
     usage_to_balance_p95_s: N
 
-``usage_to_balance`` is measured with probe batches sent while the load runs: the time
-from the API acknowledging a probe to its charge being visible in the balance. The
-figure printed is the worse (higher) p95 of the two backends. Details go to stderr.
+Each backend's CPU time per record (the API process; PostgreSQL's server too) and the
+batches per transaction (group commit) go to stderr: figures that vary less with the
+machine's load than the rates do. ``usage_to_balance`` is measured with probe batches
+sent while the load runs: the time from the API acknowledging a probe to its charge
+being visible in the balance. The figure printed is the worse (higher) p95 of the two
+backends. Details go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -42,6 +46,48 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def log(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
+
+
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()  # fields from the 3rd (state) on
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """CPU time (user + system) of a process, with that of its exited children and, with
+    ``children``, of its live children (PostgreSQL's backends). 0 where /proc has none."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        f = _stat(pid)
+    except OSError:
+        return 0.0
+    total = sum(int(x) for x in f[11:15])  # utime stime cutime cstime
+    if children:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    c = _stat(int(entry))
+                except OSError:
+                    continue
+                if int(c[1]) == pid:
+                    total += int(c[11]) + int(c[12])
+    return total / tick
+
+
+def postmaster_pid(db_url: str) -> int | None:
+    """The bench's PostgreSQL server (by its port), for its CPU time."""
+    port = db_url.rsplit(":", 1)[1].split("/")[0]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"postgres") and b"-p" in argv and port.encode() in argv:
+            return int(entry)
+    return None
 
 
 def record(node: str, gpu: int, start: int) -> dict:
@@ -94,14 +140,23 @@ def run_backend(name: str, db_url: str, args: argparse.Namespace) -> tuple[float
         load_done = threading.Event()
         probe = threading.Thread(target=probe_loop, args=(api, t0, load_done, latencies, args))
         probe.start()
+        pm = postmaster_pid(db_url) if name == "postgres" else None
+        assert api.proc is not None
+        cpu0 = cpu_seconds(api.proc.pid), cpu_seconds(pm, children=True) if pm else 0.0
         start = time.perf_counter()
         sent = send_all(api, batches, args.clients)
         elapsed = time.perf_counter() - start
+        cpu1 = cpu_seconds(api.proc.pid), cpu_seconds(pm, children=True) if pm else 0.0
         load_done.set()
         probe.join()
         rate = sent / elapsed
         log(f"[{name}] {len(batches)} requests, {sent} GPU-seconds in {elapsed:.2f} s "
             f"({args.clients} clients, {args.batch_windows * GPUS} records/request)")  # fmt: skip
+        n_records = total_gpu_s // WINDOW_S
+        api_us, db_us = (1e6 * (b - a) / n_records for a, b in zip(cpu0, cpu1, strict=True))
+        log(f"[{name}] CPU per record: API process {api_us:.1f} us"
+            + (f", PostgreSQL server {db_us:.1f} us" if pm else "")
+            + f" (load average {os.getloadavg()[0]:.1f})")  # fmt: skip
         log_stages(api, name, elapsed)
         check_exact(api, name, total_gpu_s, nodes)
     return rate, latencies
@@ -173,6 +228,15 @@ def log_stages(api: ApiProcess, name: str, elapsed: float) -> None:
             sums[stage] = float(line.rsplit(" ", 1)[1])
     parts = ", ".join(f"{k} {v:.2f} s ({100 * v / elapsed:.0f}%)" for k, v in sorted(sums.items()))
     log(f"[{name}] API time by stage over {elapsed:.2f} s of load: {parts}")
+    group = {
+        line.split(" ")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("gpucloud_api_ingest_group_batches_")
+    }
+    commits = group.get("gpucloud_api_ingest_group_batches_count", 0.0)
+    if commits:
+        batches = group["gpucloud_api_ingest_group_batches_sum"]
+        log(f"[{name}] {batches:.0f} batches in {commits:.0f} transactions (group commit)")
 
 
 def check_exact(api: ApiProcess, name: str, total_gpu_s: int, nodes: list[str]) -> None:
@@ -238,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
             f"p95={p95(lat):.3f} s max={max(lat):.3f} s")  # fmt: skip
     for backend in ("sqlite", "postgres"):
         if backend in results:
-            print(f"ingest_gpu_seconds_per_s_{backend}: {results[backend]:.0f}")
+            name = f"{backend}_durable" if backend == "postgres" and args.pg_durable else backend
+            print(f"ingest_gpu_seconds_per_s_{name}: {results[backend]:.0f}")
     print(f"usage_to_balance_p95_s: {max(p95s):.3f}")
 
 

@@ -9,8 +9,8 @@ usage queue and the ledger on, as in production, with a SQLite ledger) as real p
   direct to the model server and through the gateway (``--rounds`` of each, the same
   clients), so both see the same machine load; ``gateway_throughput_ratio`` is the
   median over rounds of gateway_rps / direct_rps of the same round. The CPU time the
-  gateway and the model server burn per request (from /proc) is reported too: it does
-  not depend on how busy the machine is, unlike the rates.
+  gateway (with its drain process) and the model server burn per request (from /proc)
+  is reported too: it does not depend on how busy the machine is, unlike the rates.
 
 Prints ``gateway_overhead_p50_ms``, ``gateway_overhead_p99_ms``, ``direct_rps``,
 ``gateway_rps``, ``gateway_throughput_ratio`` (goals: p99 overhead <= 1 ms, ratio >= 0.5)
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -147,13 +148,30 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(url: str, pid: int, args: argparse.Namespace) -> tuple[float, float, float]:
-    """Requests per second, and the CPU microseconds process ``pid`` spent per request,
-    all threads and its main thread (the event loop) alone."""
-    cpu, main_cpu = cpu_seconds(pid), cpu_seconds(pid, pid)
+def children_cpu_seconds(pid: int) -> float:
+    """CPU time so far of the running child processes of ``pid`` (the gateway's drain)."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):  # exited meanwhile
+                total += cpu_seconds(int(child))
+    return total
+
+
+def measured(url: str, pid: int, args: argparse.Namespace) -> tuple[float, float, float, float]:
+    """Requests per second, and the CPU microseconds spent per request by process
+    ``pid`` and its child processes, by its main thread (the event loop) alone, and by
+    its child processes alone."""
+    cpu, main_cpu, kids = cpu_seconds(pid), cpu_seconds(pid, pid), children_cpu_seconds(pid)
     rps = throughput(url, args.clients, args.seconds)
     n = max(1.0, rps * args.seconds)
-    return rps, (cpu_seconds(pid) - cpu) * 1e6 / n, (cpu_seconds(pid, pid) - main_cpu) * 1e6 / n
+    kids_us = (children_cpu_seconds(pid) - kids) * 1e6 / n
+    return (
+        rps,
+        (cpu_seconds(pid) - cpu) * 1e6 / n + kids_us,
+        (cpu_seconds(pid, pid) - main_cpu) * 1e6 / n,
+        kids_us,
+    )
 
 
 def main() -> int:
@@ -261,19 +279,20 @@ def main() -> int:
             os.kill(spy.pid, signal.SIGSTOP)  # recording only while the gateway is loaded
         rounds = []
         for _ in range(args.rounds):
-            d_rps, d_cpu, _ = measured(direct, server_pid, args)
+            d_rps, d_cpu, _, _ = measured(direct, server_pid, args)
             if spy is not None:
                 os.kill(spy.pid, signal.SIGCONT)
             g_cpu0 = cpu_seconds(server_pid)
-            g_rps, g_cpu, g_loop = measured(gateway + "/bench/llm", gateway_pid, args)
+            g_rps, g_cpu, g_loop, g_drain = measured(gateway + "/bench/llm", gateway_pid, args)
             if spy is not None:
                 os.kill(spy.pid, signal.SIGSTOP)
             s_cpu = (cpu_seconds(server_pid) - g_cpu0) * 1e6 / max(1.0, g_rps * args.seconds)
-            rounds.append((d_rps, g_rps, g_rps / d_rps, d_cpu, g_cpu, s_cpu, g_loop))
+            rounds.append((d_rps, g_rps, g_rps / d_rps, d_cpu, g_cpu, s_cpu, g_loop, g_drain))
             print(
                 f"round: direct {d_rps:.0f}/s, gateway {g_rps:.0f}/s, ratio {g_rps / d_rps:.3f}; "
                 f"CPU per request: server {d_cpu:.0f} us direct, {s_cpu:.0f} us behind the "
-                f"gateway, gateway {g_cpu:.0f} us ({g_loop:.0f} us in its event loop's thread)",
+                f"gateway, gateway {g_cpu:.0f} us ({g_loop:.0f} us in its event loop's thread, "
+                f"{g_drain:.0f} us in its drain process)",
                 flush=True,
             )
         if spy is not None:
@@ -281,7 +300,7 @@ def main() -> int:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
         rounds.sort(key=lambda r: r[2])
-        direct_rps, rps, ratio, d_cpu, g_cpu, s_cpu, g_loop = rounds[len(rounds) // 2]
+        direct_rps, rps, ratio, d_cpu, g_cpu, s_cpu, g_loop, g_drain = rounds[len(rounds) // 2]
         print(f"direct_p50_ms: {d50:.3f}")
         print(f"direct_p99_ms: {d99:.3f}")
         print(f"gateway_p50_ms: {g50:.3f}")
@@ -294,6 +313,7 @@ def main() -> int:
         print(f"server_cpu_us_per_request: {d_cpu:.0f}")
         print(f"gateway_cpu_us_per_request: {g_cpu:.0f}")
         print(f"gateway_loop_cpu_us_per_request: {g_loop:.0f}")
+        print(f"gateway_drain_cpu_us_per_request: {g_drain:.0f}")
     finally:
         for p in reversed(procs):
             os.killpg(p.pid, signal.SIGTERM)

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-import aiohttp
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -45,6 +44,7 @@ from gpucloud.clock import Clock, SystemClock
 from gpucloud_gateway.callers import Caller, CallerError, Callers
 from gpucloud_gateway.discovery import EndpointSource, NoScaler, Scaler
 from gpucloud_gateway.metering import UsageTap
+from gpucloud_gateway.upstream import ConnectError, UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ HOP_BY_HOP = frozenset(
         "host",
     }
 )
+HOP_BY_HOP_RAW = frozenset(h.encode() for h in HOP_BY_HOP)
 REQUEST_ID_HEADER = "x-gpucloud-request-id"
 # Request headers not forwarded upstream (Accept-Encoding: the gateway reads usage from
 # the body; the caller's credentials never reach a model's code).
@@ -200,34 +201,26 @@ class Gateway:
         self._id_prefix = secrets.token_hex(8)
         self._id_counter = itertools.count()
         self.upstream_timeout_s = upstream_timeout_s
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
         # Readiness: each check names what is not ready yet (None: ready). Liveness
         # (/healthz) never looks at these: a gateway waiting for its first listing is
         # alive, and restarting it would not help.
         self.readiness: list[Callable[[], str | None]] = []
 
-    def session(self) -> aiohttp.ClientSession:
-        """The upstream client (aiohttp: about a tenth of httpx's CPU per proxied request),
-        created inside the running loop. Bodies pass through undecoded, and no header is
-        added that the client did not send (no Accept-Encoding: usage stays readable)."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0),
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=5.0, sock_read=self.upstream_timeout_s
-                ),
-                auto_decompress=False,
-                skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept", "Content-Type"),
-                # One session serves every caller: a cookie a replica sets must go back
-                # to its caller only (relayed as a header), never be kept and sent along
-                # with other callers' requests. No jar also saves its per-request lookups.
-                cookie_jar=aiohttp.DummyCookieJar(),
+    def pool(self) -> UpstreamPool:
+        """The upstream client (``gpucloud_gateway.upstream``): bodies pass through
+        undecoded, no header is added that the caller did not send but Host and
+        Content-Length (no Accept-Encoding: usage stays readable), no cookie is kept
+        (a cookie a replica sets goes back to its caller only, as a header)."""
+        if self._pool is None:
+            self._pool = UpstreamPool(
+                limit=1000, connect_timeout_s=5.0, read_timeout_s=self.upstream_timeout_s
             )
-        return self._session
+        return self._pool
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            await self._pool.close()
         if self.callers is not None:
             await self.callers.aclose()
         await self.scaler.close()
@@ -261,6 +254,8 @@ class Gateway:
         """The replica with the fewest requests in flight; ties rotate."""
         self._rr += 1
         n = len(urls)
+        if n == 1:
+            return urls[0]
         order = [urls[(self._rr + i) % n] for i in range(n)]
         return min(order, key=lambda u: self.replica_in_flight.get(u, 0))
 
@@ -319,18 +314,21 @@ class Gateway:
         urls = self.peers() if self.peers is not None else []
         if not urls:
             return self._error(503, "stats: no gateway replica is known yet (peers empty)")
-        session = self.session()
+        pool = self.pool()
 
         async def one(url: str) -> dict[str, Any]:
-            async with session.get(
-                url + "/v1/stats?scope=local", timeout=aiohttp.ClientTimeout(total=5)
-            ) as resp:
-                if resp.status != 200:
-                    raise aiohttp.ClientError(f"answered {resp.status}")
-                doc = await resp.json()
-                if not isinstance(doc, dict):
-                    raise aiohttp.ClientError("not a JSON object")
-                return doc
+            async with asyncio.timeout(5):
+                resp = await pool.request("GET", url, "/v1/stats?scope=local", [], b"")
+                try:
+                    body = b"".join([c async for c in resp.chunks()])
+                finally:
+                    resp.release()
+            if resp.status != 200:
+                raise UpstreamError(f"answered {resp.status}")
+            doc = json.loads(body)
+            if not isinstance(doc, dict):
+                raise UpstreamError("not a JSON object")
+            return doc
 
         results = await asyncio.gather(*(one(u) for u in urls), return_exceptions=True)
         for url, res in zip(urls, results, strict=True):
@@ -419,31 +417,28 @@ class Gateway:
         started = time.perf_counter()
         upstream = None
         url = ""
-        session = self.session()
+        pool = self.pool()
+        query = request.scope["query_string"]  # as sent (request.url builds a URL object)
+        target = path + ("?" + query.decode("latin-1") if query else "")
         for attempt in range(2):  # a refused connection is retried once on another replica
             url = self.pick(urls)
-            target = url + path + (f"?{request.url.query}" if request.url.query else "")
             try:
-                upstream = await session.request(
-                    request.method, target, headers=headers, data=body, allow_redirects=False
-                )
+                upstream = await pool.request(request.method, url, target, headers, body)
                 break
-            except aiohttp.ClientConnectorError:
+            except ConnectError:
                 if attempt == 1 or len(urls) < 2:
                     break
                 urls = [u for u in urls if u != url]
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except UpstreamError as exc:
                 log.warning("request %s to %s failed: %s", request_id, url, exc)
                 break
         if upstream is None:
             self.metrics.child("requests", ns, model, "502").inc()
             return self._error(502, f"no replica of {plan.key} answered the request")
         self.replica_in_flight[url] = self.replica_in_flight.get(url, 0) + 1
-        tap = UsageTap(path, upstream.headers.get("content-type", ""))
+        tap = UsageTap(path, upstream.content_type)
         raw_headers = [
-            (k.lower(), v)
-            for k, v in upstream.raw_headers
-            if k.lower().decode("latin-1") not in HOP_BY_HOP
+            (lk, v) for k, v in upstream.raw_headers if (lk := k.lower()) not in HOP_BY_HOP_RAW
         ]
         raw_headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
 
@@ -468,10 +463,7 @@ class Gateway:
             if finished:
                 return
             finished = True
-            if upstream.content.is_eof():
-                upstream.release()
-            else:  # cut short: drop the connection so the replica stops generating
-                upstream.close()
+            upstream.release()  # complete: pooled; cut short: closed, the replica stops
             left = self.replica_in_flight[url] - 1
             if left:
                 self.replica_in_flight[url] = left
@@ -488,7 +480,7 @@ class Gateway:
         async def relay() -> AsyncIterator[bytes]:
             sent = 0
             try:
-                async for chunk in upstream.content.iter_any():
+                async for chunk in upstream.chunks():
                     sent += len(chunk)
                     last = (
                         sent >= (upstream.content_length or 0)
@@ -504,7 +496,7 @@ class Gateway:
                     tap.feed(chunk)  # after the yield: only what was sent is counted
                 if event is None:  # a chunked body: settle before its terminating chunk
                     await settle()
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except UpstreamError as exc:
                 # The status line is sent already: all we can do is end the stream early.
                 log.warning("response of request %s broke off: %s", request_id, exc)
             finally:

@@ -7,18 +7,18 @@ end of a chunked body), so a caller never holds a complete answer whose usage a
 a local SQLite queue in one transaction (group commit): the request path never waits on
 the ledger, which may be slow, locked or remote.
 
-:class:`LedgerDrain` moves queued records into the ledger from startup on: a batch is
-recorded and charged in one ledger transaction (``Ledger.record_model_requests``,
-idempotent on (model, request id)) and only then removed from the queue. A kill between
-the two leaves records in the queue that the ledger already holds; the next drain finds
-them there and charges nothing again. So the queue holds only what the ledger may not
-have yet, and no answered request is lost or charged twice.
+:class:`LedgerDrain` moves queued records into the ledger, in a process of its own
+(``gpucloud_gateway.drain``) started with the gateway: a batch is recorded and charged in
+one ledger transaction (``Ledger.record_model_requests``, idempotent on (model, request
+id)) and removed from the queue afterwards (within a second). A kill between the two
+leaves records in the queue that the ledger already holds; the next drain finds them
+there and charges nothing again. So the queue holds only what the ledger may not have
+yet, and no answered request is lost or charged twice.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import json
@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,6 +110,9 @@ class UsageQueue:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         self._db.execute("PRAGMA busy_timeout=10000")
+        # No checkpoint by the writer: one would run inside a request's commit when the
+        # log passes 1,000 pages (and sync the disk); the drain checkpoints every second.
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(_SCHEMA)
         self._db.execute(
             "INSERT OR IGNORE INTO meta VALUES ('source', ?)", (f"gw-{uuid.uuid4().hex[:16]}",)
@@ -134,11 +137,13 @@ class UsageQueue:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def peek(self, limit: int = MAX_BATCH) -> list[tuple[int, Record]]:
-        """The oldest ``limit`` queued records, with their sequence numbers."""
+    def peek(self, limit: int = MAX_BATCH, after: int = 0) -> list[tuple[int, Record]]:
+        """The oldest ``limit`` queued records after sequence number ``after``, with
+        their sequence numbers."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, record FROM queued ORDER BY seq LIMIT ?", (limit,)
+                "SELECT seq, record FROM queued WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
             ).fetchall()
         return [(seq, _decode(text)) for seq, text in rows]
 
@@ -198,9 +203,8 @@ def _resolve(futures: list[asyncio.Future[None]], error: BaseException | None) -
 class Outbox:
     """Durable usage records, committed by one writer thread in groups."""
 
-    def __init__(self, usage: UsageQueue, on_commit: Callable[[], None] | None = None) -> None:
+    def __init__(self, usage: UsageQueue) -> None:
         self.usage = usage
-        self.on_commit = on_commit  # e.g. wake the drain (called from the writer thread)
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="usage-outbox", daemon=True)
         self._thread.start()
@@ -249,8 +253,6 @@ class Outbox:
                     waiting.setdefault(loop, []).append(fut)
             for loop, futures in waiting.items():
                 loop.call_soon_threadsafe(_resolve, futures, error)
-            if error is None and self.on_commit is not None:
-                self.on_commit()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Commit what is queued, then stop the writer."""
@@ -259,12 +261,13 @@ class Outbox:
 
 
 class LedgerDrain:
-    """Moves queued records into the ledger: at startup (records a killed gateway left),
-    after each commit (passes at least ``gap_s`` apart), and every ``tick_s`` while
-    records wait (a ledger that was down or slow). It also checkpoints the queue every
-    ``tick_s`` (not every pass: a checkpoint syncs the disk), so with ``fsync: false`` a
-    host crash loses at most the records of the last ``tick_s`` seconds and a pass's
-    time (a killed process loses none)."""
+    """Moves queued records into the ledger (run by ``gpucloud_gateway.drain``, a process
+    of its own): a pass records what is queued, a batch per ledger transaction; every
+    ``tick_s`` it also forgets the recorded records and checkpoints the queue (a
+    checkpoint syncs the disk), so with ``fsync: false`` a host crash loses at most the
+    records of the last ``tick_s`` seconds and a pass's time (a killed process loses
+    none). Passes run ``gap_s`` apart: under load one ledger transaction takes the records
+    of many requests (a transaction costs much more than a record in it)."""
 
     def __init__(
         self,
@@ -278,72 +281,38 @@ class LedgerDrain:
         self.ledger = ledger
         self.pricebook = pricebook
         self.tick_s = tick_s
-        # Passes start at least gap_s apart: under load one ledger transaction takes the
-        # records of many requests (a pass costs much more than a record in it), and a
-        # charge lands at most gap_s later.
         self.gap_s = gap_s
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._checkpointed = 0.0  # time.monotonic() of the last checkpoint
-
-    def wake(self) -> None:
-        """Thread-safe: new records were committed."""
-        if self._loop is not None and self._wake is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
-
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name="ledger-drain")
+        self._ticked = 0.0  # time.monotonic() of the last checkpoint
+        # Sequence numbers through which the ledger has the records, and through which
+        # the queue forgot them: the queue's deletes wait for the tick, so that the
+        # gateway's commits rarely meet this process's write lock.
+        self._recorded = 0
+        self._forgotten = 0
 
     def drain_once(self) -> int:
-        """Record one batch in the ledger, then forget it here; returns its size."""
-        batch = self.usage.peek(MAX_BATCH)
+        """Record the next batch in the ledger; returns its size."""
+        batch = self.usage.peek(MAX_BATCH, after=self._recorded)
         if not batch:
             return 0
         records = [rec for _, rec in batch]
         self.ledger.record_model_requests(records, self.pricebook, source=self.usage.source)
-        self.usage.remove_through(batch[-1][0])  # a kill before this: recorded again, no-op
+        self._recorded = batch[-1][0]
         return len(batch)
 
-    def _pass(self) -> None:
-        if time.monotonic() - self._checkpointed >= self.tick_s:
-            self._checkpointed = time.monotonic()
-            self.usage.checkpoint()
+    def forget(self) -> None:
+        """Remove what the ledger has from the queue (a kill before this: recorded again
+        at the next start, which charges nothing twice)."""
+        if self._recorded > self._forgotten:
+            self.usage.remove_through(self._recorded)
+            self._forgotten = self._recorded
+
+    def run_pass(self) -> None:
         try:
             while self.drain_once() == MAX_BATCH:
                 pass
         except Exception:  # they stay queued: the next pass retries
             log.exception("recording model usage in the ledger failed")
-
-    async def _run(self) -> None:
-        assert self._wake is not None
-        while True:
-            self._wake.clear()  # before the pass: a commit during it wakes the next one
-            started = time.monotonic()
-            try:
-                await asyncio.to_thread(self._pass)
-            except Exception:
-                log.exception("usage drain pass failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.tick_s)
-            rest = self.gap_s - (time.monotonic() - started)
-            if rest > 0:
-                await asyncio.sleep(rest)
-
-    async def stop(self, timeout_s: float = 20.0) -> None:
-        """Stop, after one last pass (bounded: everything queued is durable anyway)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        started = time.monotonic()
-        try:
-            await asyncio.wait_for(asyncio.to_thread(self._pass), timeout_s)
-        except TimeoutError:
-            log.warning(
-                "usage drain: %d records still queued after %.0fs; recorded at the next start",
-                self.usage.pending(),
-                time.monotonic() - started,
-            )
+        if time.monotonic() - self._ticked >= self.tick_s:
+            self._ticked = time.monotonic()
+            self.forget()
+            self.usage.checkpoint()

@@ -3,15 +3,20 @@ the gateway's usage queue drained into it."""
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from gateway_testkit import PRODUCT, pricebook
+import yaml
+from gateway_testkit import PRICEBOOK_SPEC, PRODUCT, pricebook, wait_for
+from gpucloud_gateway.drain import DrainProcess
 from gpucloud_gateway.outbox import LedgerDrain, UsageQueue, restored_stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -107,8 +112,10 @@ def test_a_drain_killed_after_the_ledger_commit_charges_nothing_twice(
     # The restarted gateway's counts: each request once, from the ledger and the queue.
     arrivals, totals = restored_stats(UsageQueue(tmp_path / "queue.db"), ledger, T0)
     assert len(arrivals) == 7 and totals["ns/m"][0] == 7
-    assert drain.drain_once() == 8
-    assert usage.pending() == 0 and drain.drain_once() == 0
+    assert drain.drain_once() == 8 and drain.drain_once() == 0
+    assert usage.pending() == 8  # forgotten at the drain's next tick, not per batch
+    drain.forget()
+    assert usage.pending() == 0 and LedgerDrain(usage, ledger, PB).drain_once() == 0
     assert ledger.balance("owner") == before
     assert charged(ledger, "owner", "model/ns/m") == to_minor(Decimal("0.0815") * 21) == 171
     usage.close()
@@ -203,3 +210,83 @@ def test_online_time_settled_at_any_instants_is_the_exact_total_rounded_once(
                 assert charged(led, "owner", "model/ns/m#online") == to_minor(exact)
         finally:
             led.close()
+
+
+def drain_config(tmp_path: Path, billing: bool = True) -> Path:
+    cfg: dict[str, object] = {"models": []}
+    if billing:
+        (tmp_path / "pricebook.yaml").write_text(
+            yaml.safe_dump({"kind": "PriceBook", "spec": PRICEBOOK_SPEC})
+        )
+        cfg["billing"] = {
+            "queue": "queue.db",
+            "pricebook": "pricebook.yaml",
+            "ledger": f"sqlite:///{tmp_path / 'ledger.db'}",
+        }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_the_drain_process_charges_the_queue_and_a_last_pass_on_sigterm(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    p = plan(visibility="Public", publisher="Official", task="ImageGeneration")
+    usage = UsageQueue(tmp_path / "queue.db")
+    usage.append_many([(p, event(i, images=3), None) for i in range(7)])
+    drain = DrainProcess(drain_config(tmp_path))
+
+    async def run() -> None:
+        await drain.start()
+        await async_wait(lambda: charged(ledger, "owner", "model/ns/m") == 171, "7 charged")
+        usage.append_many([(p, event(7, images=1), None)])  # in the last pass, at the latest
+        await drain.stop()
+
+    asyncio.run(run())
+    assert charged(ledger, "owner", "model/ns/m") == to_minor(Decimal("0.0815") * 22) == 179
+    assert usage.pending() == 0  # forgotten by the last pass
+    usage.close()
+
+
+def test_the_drain_process_ends_with_a_killed_gateway_and_restarts_after_a_crash(
+    tmp_path: Path,
+) -> None:
+    config = drain_config(tmp_path)
+    spawn = (
+        "import os, subprocess, sys, time;"
+        "p = subprocess.Popen([sys.executable, '-m', 'gpucloud_gateway.drain', '--config',"
+        f" {str(config)!r}, '--parent', str(os.getpid())]);"
+        "print(p.pid, flush=True); time.sleep(60)"
+    )
+    gateway = subprocess.Popen([sys.executable, "-c", spawn], stdout=subprocess.PIPE)
+    assert gateway.stdout is not None
+    child = int(gateway.stdout.readline())
+    gateway.kill()  # kill -9: the drain notices its parent is gone
+    gateway.wait()
+
+    def gone() -> bool:
+        try:
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_for(gone, timeout=10, what="the orphaned drain to exit")
+
+    (tmp_path / "nobilling").mkdir()
+    broken = DrainProcess(drain_config(tmp_path / "nobilling", billing=False), restart_s=0.05)
+
+    async def crash() -> None:
+        await broken.start()
+        first = broken.pid()
+        await async_wait(lambda: broken.pid() != first, "a restarted drain")
+        await broken.stop()
+
+    asyncio.run(crash())
+
+
+async def async_wait(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)

@@ -5,9 +5,11 @@ waiting request with its group's outcome, and records encode as they always did.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import threading
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -168,9 +170,31 @@ def test_the_gateway_asks_for_uvloop_and_gets_it_where_installed() -> None:
     assert "uvloop=True" in Path(gateway_main.__code__.co_filename).read_text()
 
 
+@contextlib.asynccontextmanager
+async def through_gateway(handler: Any, host: str) -> AsyncIterator[Any]:
+    """An aiohttp replica answering with ``handler`` (addressed as ``host``), behind a
+    gateway: yields an httpx transport to the gateway."""
+    import httpx
+    from aiohttp import web
+
+    upstream = web.Application()
+    upstream.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(upstream)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    gateway = Gateway([PLAN], StaticEndpoints({"team-a/llm": [f"http://{host}:{port}"]}))
+    try:
+        yield httpx.ASGITransport(app=gateway.app())
+    finally:
+        await gateway.aclose()
+        await runner.cleanup()
+
+
 def test_a_cookie_one_callers_replica_sets_never_reaches_another_callers_request() -> None:
-    """The upstream session is shared by all callers: it keeps no cookies (aiohttp's default
-    jar keeps those of replicas addressed by name; pod IPs it would refuse)."""
+    """The upstream pool is shared by all callers: it keeps no cookies (a cookie jar would
+    send one caller's cookie along with another caller's request)."""
     import httpx
     from aiohttp import web
 
@@ -183,25 +207,35 @@ def test_a_cookie_one_callers_replica_sets_never_reaches_another_callers_request
         return resp
 
     async def run() -> list[str]:
-        upstream = web.Application()
-        upstream.router.add_route("*", "/{tail:.*}", handler)
-        runner = web.AppRunner(upstream)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        gateway = Gateway([PLAN], StaticEndpoints({"team-a/llm": [f"http://localhost:{port}"]}))
-        transport = httpx.ASGITransport(app=gateway.app())
-        try:
-            got = []
+        got = []
+        async with through_gateway(handler, "localhost") as transport:
             for _ in range(2):  # two callers, each its own client (and cookie jar)
                 async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
                     got.append(await c.post("/team-a/llm/v1/chat/completions"))
-        finally:
-            await gateway.aclose()
-            await runner.cleanup()
         return [r.headers.get("set-cookie", "") for r in got]
 
     cookies = asyncio.run(run())
     assert all("caller-one-secret" in c for c in cookies)  # relayed to its caller
     assert seen == [None, None]  # and never sent upstream again
+
+
+def test_the_query_string_reaches_the_replica_as_sent() -> None:
+    import httpx
+    from aiohttp import web
+
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({})
+
+    async def run() -> None:
+        async with (
+            through_gateway(handler, "127.0.0.1") as transport,
+            httpx.AsyncClient(transport=transport, base_url="http://gw") as c,
+        ):
+            await c.get("/team-a/llm/v1/models?a=1&b=%20x%2F")
+            await c.get("/team-a/llm/v1/models")
+
+    asyncio.run(run())
+    assert seen == ["/v1/models?a=1&b=%20x%2F", "/v1/models"]

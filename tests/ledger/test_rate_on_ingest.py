@@ -144,3 +144,33 @@ def test_property_rate_at_ingest_equals_rating_after(
         assert _outcome(fast) == _outcome(slow)
         fast.close()
         slow.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    batches=st.lists(st.lists(_record, max_size=6), min_size=1, max_size=4),
+    close_s=st.integers(0, 60),
+    open_s=st.integers(0, 30),
+)
+def test_property_batches_in_one_transaction_equal_one_by_one(
+    batches: list[list[tuple[int, int, str, str]]], close_s: int, open_s: int
+) -> None:
+    """Group commit (ingest_batches): each batch gets what it would have got alone after
+    the ones before it (duplicates, overlaps across batches), and the charges are the
+    same."""
+    rate_at = T0 + timedelta(seconds=40)
+    with tempfile.TemporaryDirectory() as tmp:
+        grouped, single = (open_ledger(f"sqlite:///{tmp}/{n}.db") for n in ("group", "one"))
+        for lg in (grouped, single):
+            _setup(lg, close_s, open_s)
+        records = [
+            [gpu_record(T0_S + s, n, pod_uid=p, gpu=g) for s, n, p, g in batch] for batch in batches
+        ]
+        together = grouped.ingest_batches(records, received_at=NOW, rate_at=rate_at)
+        alone = [single.ingest_usage(b, received_at=NOW, rate_at=rate_at) for b in records]
+        assert together == alone
+        for lg in (grouped, single):
+            lg.rate_pending(NOW)
+        assert _outcome(grouped) == _outcome(single)
+        grouped.close()
+        single.close()

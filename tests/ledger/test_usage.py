@@ -47,6 +47,22 @@ def test_overlaps_of_one_gpu_are_rejected_stored_and_in_batch(ledger: Ledger) ->
     assert seconds == {"GPU-a": 30, "GPU-b": 10}
 
 
+def test_overlaps_are_found_for_each_of_many_subjects_in_one_batch(ledger: Ledger) -> None:
+    """The stored neighbours of a batch's subjects come from one query per 64 subjects:
+    each subject is checked against its own records only, past the first chunk too."""
+    gpus = [f"GPU-{i:03d}" for i in range(150)]
+    ledger.ingest_usage([gpu_record(T0_S + 10 * (i % 3), gpu=g) for i, g in enumerate(gpus)],
+                        received_at=T0)  # fmt: skip
+    batch = [gpu_record(T0_S + 10 * (i % 3) + 5, gpu=g) for i, g in enumerate(gpus)]  # overlaps
+    batch += [gpu_record(T0_S + 10 * (i % 3) + 10, gpu=g) for i, g in enumerate(gpus)]  # next
+    batch += [gpu_record(T0_S + 10 * (i % 3), gpu=g) for i, g in enumerate(gpus)]  # replays
+    result = ledger.ingest_usage(batch, received_at=T0)
+    assert (result.accepted, result.duplicates) == (150, 150)
+    assert [i for i, _ in result.rejected] == list(range(150))
+    assert all(f"{gpus[i]}:" in reason and "overlaps" in reason for i, reason in result.rejected)
+    assert len(ledger.unrated_usage(limit=1000)) == 300
+
+
 def test_in_batch_duplicate_and_conflict(ledger: Ledger) -> None:
     rec = gpu_record(T0_S)
     result = ledger.ingest_usage([rec, rec, gpu_record(T0_S, pod_uid="other")], received_at=T0)

@@ -51,7 +51,8 @@ def create_app(settings: Settings) -> FastAPI:
         ledger = await run_in_threadpool(open_ledger, settings.database_url, clock=settings.clock)
         gate = FairLock()
         rating = RatingLoop(ledger, settings.clock, metrics, settings.rating_interval_s, gate)
-        app.state.gpucloud = AppState(settings, ledger, metrics, rating, gate)
+        group = routes_usage.ingest_group(ledger, settings, metrics, gate)
+        app.state.gpucloud = AppState(settings, ledger, metrics, rating, gate, group)
         rating.start()
         try:
             yield

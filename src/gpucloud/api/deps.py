@@ -8,11 +8,14 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Path, Request
 
 from gpucloud.api.auth import AuthError, Principal
-from gpucloud.api.gate import FairLock
+from gpucloud.api.gate import FairLock, GroupCommit
 from gpucloud.api.metrics import ApiMetrics
 from gpucloud.api.rating import RatingLoop
 from gpucloud.api.settings import Settings
 from gpucloud.ledger import Ledger
+from gpucloud.ledger.types import IngestResult
+from gpucloud.ledger.wire import WireBatch
+from gpucloud.usage import UsageRecord
 
 AccountName = Annotated[
     str, Path(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -26,6 +29,8 @@ class AppState:
     metrics: ApiMetrics
     rating: RatingLoop
     write_gate: FairLock
+    # POST /v1/usage's batches, written in groups behind write_gate (routes_usage)
+    ingest_group: GroupCommit[WireBatch | list[UsageRecord], IngestResult]
 
 
 def get_state(request: Request) -> AppState:

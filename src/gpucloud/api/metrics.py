@@ -33,9 +33,16 @@ class ApiMetrics:
         self.rating_errors = Counter(
             "gpucloud_rating_errors", "Rating passes that failed", registry=self.registry
         )
+        self.ingest_batches = Histogram(
+            "gpucloud_api_ingest_group_batches",
+            "Usage batches (requests) written per transaction (group commit)",
+            buckets=(1, 2, 3, 4, 6, 8, 16, 32),
+            registry=self.registry,
+        )
         self.stage_seconds = Histogram(
             "gpucloud_api_stage_seconds",
-            "Time spent per stage of ingestion and rating (validate, gate_wait, ingest, rate)",
+            "Time spent per stage of ingestion and rating (validate, gate_wait, write_wait, "
+            "ingest, rate)",
             ["stage"],
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
             registry=self.registry,

@@ -10,11 +10,15 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from gpucloud.api.deps import Caller, State, agent_node
+from gpucloud.api.gate import FairLock, GroupCommit
 from gpucloud.api.guard import StrictRoute
-from gpucloud.api.ingest import BatchShapeError, NotJSON, RecordError, validate_body
+from gpucloud.api.ingest import MAX_RECORDS, BatchShapeError, NotJSON, RecordError, validate_body
+from gpucloud.api.metrics import ApiMetrics
 from gpucloud.api.schemas import IngestOut, Problem
-from gpucloud.ledger import admission
+from gpucloud.api.settings import Settings
+from gpucloud.ledger import Ledger, admission
 from gpucloud.ledger.admission import WRONG_NODE
+from gpucloud.ledger.types import IngestResult
 from gpucloud.ledger.wire import WireBatch, parse_batch
 from gpucloud.usage import UsageRecord
 
@@ -98,6 +102,22 @@ def _own_records(
     return [records[p] for p in keep], [indexes[p] for p in keep], errors
 
 
+def ingest_group(
+    ledger: Ledger, settings: Settings, metrics: ApiMetrics, gate: FairLock
+) -> GroupCommit[WireBatch | list[UsageRecord], IngestResult]:
+    """The batches of concurrent requests, written together: one transaction and one
+    durable commit per group; each request still gets its own batch's result, after the
+    commit."""
+
+    def write(batches: list[WireBatch | list[UsageRecord]]) -> list[IngestResult]:
+        metrics.ingest_batches.observe(len(batches))
+        with metrics.stage_seconds.labels("ingest").time():
+            now = settings.clock.now()
+            return ledger.ingest_batches(batches, received_at=now, rate_at=now)
+
+    return GroupCommit(gate, write, size=len, max_size=MAX_RECORDS)
+
+
 def _ingest(state: State, node: str, raw: bytes) -> IngestOut:
     stage = state.metrics.stage_seconds
     with stage.labels("validate").time():
@@ -109,14 +129,11 @@ def _ingest(state: State, node: str, raw: bytes) -> IngestOut:
     errors += foreign
     accepted = duplicates = 0
     if len(records):
-        waited = time.perf_counter()
-        with state.write_gate:
-            stage.labels("gate_wait").observe(time.perf_counter() - waited)
-            with stage.labels("ingest").time():
-                # Rated in the same transaction where possible (no second write of each
-                # row); the rating loop takes the rest (records straddling meters, ...).
-                now = state.settings.clock.now()
-                result = state.ledger.ingest_usage(records, received_at=now, rate_at=now)
+        queued = time.perf_counter()
+        # Rated in the same transaction where possible (no second write of each row);
+        # the rating loop takes the rest (records straddling meters, ...).
+        result = state.ingest_group.submit(records)
+        stage.labels("write_wait").observe(time.perf_counter() - queued)
         accepted, duplicates = result.accepted, result.duplicates
         for pos, reason in result.rejected:
             rule = result.rules.get(pos, "conflict")

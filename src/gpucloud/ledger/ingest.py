@@ -28,6 +28,9 @@ from gpucloud.usage import MAX_GPU_WINDOW_S, UsageKind, UsageRecord
 # same GPU, and a rating pass sees no rows appear between its sum and its update.
 _INGEST_LOCK = 0x6770_7563_6C64_0002
 _GPU = UsageKind.GPU_TIME.value
+# Subjects per neighbour query: a node's GPUs in one; bounded, as SQLite caps the
+# SELECTs of a compound statement (500) and its parameters.
+_SUBJECTS_PER_QUERY = 64
 
 COLUMNS = (
     "kind",
@@ -192,17 +195,38 @@ def _insert(conn: Connection, rows: list[Row]) -> None:
         cur.close()
 
 
-def _neighbour_sql(conn: Connection, kind: str) -> str:
-    """(start, end, digest) of stored records of one subject that may touch [lo, hi)."""
+def _neighbour_sql(conn: Connection, kind: str, subjects: int) -> str:
+    """(subject, start, end, digest) of stored records of ``subjects`` subjects of one kind
+    that may touch each one's [lo, hi): one statement for a batch's subjects, as each
+    statement is a round trip on PostgreSQL, paid with the write lock held."""
     m = "%s" if conn.dialect.name == "postgresql" else "?"
     # GPU windows are short: a bounded range of the natural-key index. Other records
-    # may be long: the one that starts before lo may end after it.
+    # may be long: the one that starts before lo may end after it. One SELECT per
+    # subject, each with the subject as an equality of the index (with IN (...) or OR'd
+    # ranges, PostgreSQL factored out the range and scanned every subject's rows).
     lower = "start_s" if kind == _GPU else "end_s"
-    return (
-        f"SELECT start_s, end_s, digest FROM {schema.usage.name} "
-        f"WHERE kind = {m} AND subject = {m} AND start_s < {m} AND {lower} > {m} "
-        "ORDER BY start_s"
+    one = (
+        f"SELECT subject, start_s, end_s, digest FROM {schema.usage.name} "
+        f"WHERE kind = {m} AND subject = {m} AND start_s < {m} AND {lower} > {m}"
     )
+    return " UNION ALL ".join([one] * subjects) + " ORDER BY 1, 2"
+
+
+def _stored(
+    cur: Any, conn: Connection, kind: str, bounds: list[tuple[str, int, int]]
+) -> dict[str, list[tuple[int, int, str]]]:
+    """subject -> its stored (start, end, digest) in start order, for each (subject, lo,
+    hi) of one kind: the records that may overlap the batch's candidates."""
+    out: dict[str, list[tuple[int, int, str]]] = {}
+    for first in range(0, len(bounds), _SUBJECTS_PER_QUERY):
+        chunk = bounds[first : first + _SUBJECTS_PER_QUERY]
+        params: list[Any] = []
+        for subject, lo, hi in chunk:
+            params += (kind, subject, hi, lo - MAX_GPU_WINDOW_S if kind == _GPU else lo)
+        cur.execute(_neighbour_sql(conn, kind, len(chunk)), params)
+        for subject, start, end, dig in cur.fetchall():
+            out.setdefault(subject, []).append((start, end, dig))
+    return out
 
 
 def ingest(
@@ -212,9 +236,9 @@ def ingest(
     rater: Rater | None = None,
     guard: Guard | None = None,
 ) -> IngestResult:
+    """Store a batch in the caller's transaction, which holds ``lock_usage``."""
     rejected: list[tuple[int, str]] = []
     rules: dict[int, str] = {}
-    lock_usage(conn)
     indexed = _rows(records, schema.to_us(received_at), rejected)
     if guard is not None:
         indexed = guard(indexed, rejected, rules)
@@ -229,15 +253,15 @@ def ingest(
     duplicates = 0
     accepted: list[Row] = []
     cur = _cursor(conn)
-    sql = {k: _neighbour_sql(conn, k) for k in {k for k, _ in groups}}
     try:
+        bounds: dict[str, list[tuple[str, int, int]]] = {}
         for (kind, subject), cands in groups.items():
             cands.sort()
-            lo = cands[0][0]
             hi = max(row[END] for _, _, row in cands)  # type: ignore[type-var]
-            lower = lo - MAX_GPU_WINDOW_S if kind == _GPU else lo
-            cur.execute(sql[kind], (kind, subject, hi, lower))
-            stored = cur.fetchall()
+            bounds.setdefault(kind, []).append((subject, cands[0][0], hi))  # type: ignore[arg-type]
+        stored_of = {kind: _stored(cur, conn, kind, b) for kind, b in bounds.items()}
+        for (kind, subject), cands in groups.items():
+            stored = stored_of[kind].get(subject, [])
             starts = [s for s, _, _ in stored]
             ends = [e for _, e, _ in stored]
             digests = [d for _, _, d in stored]

@@ -177,6 +177,7 @@ class Ledger:
 
     # -- usage (usage.py) --------------------------------------------------------------
     ingest_usage = _to("_usage", Usage.ingest_usage)
+    ingest_batches = _to("_usage", Usage.ingest_batches)
     unrated_usage = _to("_usage", Usage.unrated_usage)
     usage_summary = _to("_usage", Usage.usage_summary)
     gpus_seen = _to("_usage", Usage.gpus_seen)

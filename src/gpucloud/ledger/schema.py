@@ -125,7 +125,7 @@ usage = Table(
         sqlite_where=text("rated_until < end_s"),
         postgresql_where=text("rated_until < end_s"),
     ),
-    Index("ix_ledger_usage_meter", "meter_id"),
+    # (meter_id, end_s) serves lookups by meter alone too: no second index (0010)
     Index("ix_ledger_usage_meter_end", "meter_id", "end_s"),
 )
 

@@ -66,20 +66,45 @@ class Usage:
         subject whose window it touches: exactly what ``rate_pending(rate_at)`` would
         then do, without writing the record twice. The rest waits for rate_pending.
         """
+        return self.ingest_batches([records], received_at=received_at, rate_at=rate_at)[0]
+
+    def ingest_batches(
+        self,
+        batches: Sequence[Sequence[UsageRecord] | WireBatch],
+        *,
+        received_at: datetime,
+        rate_at: datetime | None = None,
+    ) -> list[IngestResult]:
+        """``ingest_usage`` of each batch in turn, all in one transaction (group commit:
+        one commit, one fsync, for the batches of several requests). Each result is what
+        the batch alone would have got after the ones before it; if the transaction
+        fails, none of them is stored."""
         v.instant(received_at, "received_at")
         if rate_at is not None:
             v.instant(rate_at, "rate_at")
+        if not any(batches):
+            return [IngestResult(0, 0, []) for _ in batches]
+        with self._s.engine.begin() as conn:
+            ingest.lock_usage(conn)  # once for the group (a round trip on PostgreSQL)
+            return [self._ingest_in(conn, b, received_at, rate_at) for b in batches]
+
+    def _ingest_in(
+        self,
+        conn: Connection,
+        records: Sequence[UsageRecord] | WireBatch,
+        received_at: datetime,
+        rate_at: datetime | None,
+    ) -> IngestResult:
         if not records:
             return IngestResult(0, 0, [])
-        with self._s.engine.begin() as conn:
-            loaded: list[Row[Any]] = []
-            rater = None
-            if rate_at is not None:
-                rater = lambda rows: self._rate_new(conn, rows, rate_at, loaded)  # noqa: E731
-            guard = lambda rows, rejected, rules: self._admit(  # noqa: E731
-                conn, rows, rejected, rules, loaded, received_at
-            )
-            return ingest.ingest(conn, records, received_at, rater, guard)
+        loaded: list[Row[Any]] = []
+        rater = None
+        if rate_at is not None:
+            rater = lambda rows: self._rate_new(conn, rows, rate_at, loaded)  # noqa: E731
+        guard = lambda rows, rejected, rules: self._admit(  # noqa: E731
+            conn, rows, rejected, rules, loaded, received_at
+        )
+        return ingest.ingest(conn, records, received_at, rater, guard)
 
     def _admit(
         self,

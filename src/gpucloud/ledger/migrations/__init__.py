@@ -1,4 +1,4 @@
 """Alembic migrations of the ledger schema, shipped inside the package."""
 
 # The newest revision; a test checks it against the scripts in versions/.
-HEAD = "0009_meter_gpu_product"
+HEAD = "0010_drop_usage_meter_index"
