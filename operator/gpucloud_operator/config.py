@@ -44,6 +44,10 @@ class OperatorConfig(BaseModel):
     pricebook: NonEmpty = "default"  # name of the cluster-scoped PriceBook
     # Real seconds between the periodic checks of each instance / account / recharge.
     tick_interval_s: Interval = 30.0
+    # The longest an instance waits for a pass, in clock and in real seconds, when no
+    # time rule of its own is due sooner (gpucloud_operator.instances.sweeper): passes
+    # run when something is due; this is the safety net for what no event announces.
+    sweep_max_interval_s: Interval = 300.0
     account_interval_s: Interval = 15.0
     recharge_interval_s: Interval = 5.0
     # Real seconds between full lists that check the watch-fed tables of instances and

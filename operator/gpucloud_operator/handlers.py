@@ -2,8 +2,8 @@
 
 Handlers are registered on an explicit registry by ``register()`` because their
 intervals come from the configuration. Every handler is synchronous (Kopf runs it in
-its thread pool); the reconcilers lock per object, so a timer and a watch event for the
-same instance never interleave.
+its thread pool); the reconcilers lock per object, so a sweeper's or timer's pass and a
+watch event for the same object never interleave.
 """
 
 from __future__ import annotations
@@ -43,22 +43,21 @@ def register(
 
     served = namespace_filter(cfg)
 
+    def working() -> None:
+        """Kopf runs this process's handlers: it is not a paused standby (the sweeper
+        sweeps only then, sweeper.py rule 7)."""
+        if instances.sweeper is not None:
+            instances.sweeper.alive()
+
     @kopf.on.resume(*gi, registry=registry, when=served)
     @kopf.on.create(*gi, registry=registry, when=served)
     @kopf.on.update(*gi, registry=registry, when=served)
     def instance_changed(body: kopf.Body, **_: Any) -> None:
+        working()
         instances.reconcile(dict(body))
 
-    # The first tick waits an interval: the create/resume handler makes the first pass.
-    @kopf.timer(
-        *gi,
-        interval=cfg.tick_interval_s,
-        initial_delay=cfg.tick_interval_s,
-        registry=registry,
-        when=served,
-    )
-    def instance_tick(body: kopf.Body, **_: Any) -> None:
-        instances.reconcile(dict(body), wait=False)  # a pass already running covers it
+    # No timer: the sweeper (instances/sweeper.py, started in main.py) runs a pass when
+    # one of the instance's time rules is due; these events run the others.
 
     @kopf.on.delete(*gi, registry=registry, when=served)
     def instance_released(body: kopf.Body, **_: Any) -> None:
@@ -67,6 +66,7 @@ def register(
 
     @kopf.on.event("", "v1", "pods", labels=MANAGED_BY, registry=registry, when=served)
     def pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+        working()
         instances.pod_changed(dict(body), deleted=type == "DELETED")
 
     @kopf.on.event(
@@ -92,6 +92,7 @@ def register(
     @kopf.on.update(*acct, registry=registry, when=account_served)
     @kopf.timer(*acct, interval=cfg.account_interval_s, registry=registry, when=account_served)
     def account(body: kopf.Body, **_: Any) -> None:
+        working()
         accounts.refresh_account(dict(body))
 
     rc = (GROUP, VERSION, "recharges")

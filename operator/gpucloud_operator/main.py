@@ -23,6 +23,7 @@ from gpucloud_operator.accounts import AccountReconciler
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.handlers import configure, register, register_models
 from gpucloud_operator.instances import InstanceReconciler
+from gpucloud_operator.instances.sweeper import Sweeper
 from gpucloud_operator.kube import Kube
 from gpucloud_operator.metrics import OperatorMetrics
 from gpucloud_operator.models import ModelReconciler
@@ -76,6 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     instances = InstanceReconciler(
         kube, ledger, clock, cfg, notifier, metrics.spot, counters=metrics.notices
     )
+    # one schedule of instance passes, run when something is due (instances/sweeper.py)
+    view = kube.views["gpuinstances"]
+    instances.sweeper = Sweeper(
+        clock,
+        lambda ns, name, uid: instances.sweep_pass(ns, name, uid, view.get(ns, name)),
+        retry_s=cfg.tick_interval_s,
+        # with peering, only while Kopf works here (not a paused standby): the account
+        # timer alone says so every account_interval_s
+        lease_s=None if args.standalone else 4 * cfg.account_interval_s + 10,
+    )
     alarms = Alarms(clock)  # account passes at each account's run-out instant
     # instance passes of an account just in arrears: their own pool, so that they never
     # queue behind (or hold up) the account passes of the alarms
@@ -92,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         wake_instance=lambda ns, name, uid: wake(lambda: instances.reconcile_named(ns, name, uid)),
     )
     alarms.start()
+    instances.sweeper.start(background(8, "gpucloud-sweep"))
     if cfg.metrics_port:
         metrics.count_instances(lambda: kube.list_cluster_objects("gpuinstances", 5.0), cfg.serves)
         metrics.serve(cfg.metrics_port)

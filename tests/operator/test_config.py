@@ -49,6 +49,7 @@ def test_empty_strings_refused_except_where_empty_means_none() -> None:
         ("metrics_port", "-1", "greater than or equal to 0"),
         ("peering_lifetime_s", "1.5", "valid integer"),
         ("tick_interval_s", "fast", "valid number"),
+        ("sweep_max_interval_s", "0", "greater than 0"),
     ],
 )
 def test_numbers_keep_their_rule(name: str, raw: str, rule: str) -> None:

@@ -139,17 +139,9 @@ def test_gpus_no_agent_reported_are_looked_up_eagerly_only_in_the_run_s_first_mi
     import gpucloud_operator.instances.settlement as settlement
 
     w = world
-    w.cfg = w.cfg.with_overrides({"cost_refresh_s": 300})
-    w.restart()
     real = [1000.0]
     monkeypatch.setattr(settlement, "monotonic", lambda: real[0])
-    asked: list[str] = []
-    seen = w.ledger.gpus_seen
-    monkeypatch.setattr(
-        w.ledger, "gpus_seen", lambda pod, **kw: asked.append(pod) or seen(pod, **kw)
-    )
-    w.fund(100_00)
-    w.instance("nb", L40S, 1)
+    asked = lookups_counted(w, monkeypatch, cost_refresh_s=300, gpus=1)
     w.tick()
     assert w.status("nb")["phase"] == "Running"
     first = len(asked)
@@ -164,3 +156,49 @@ def test_gpus_no_agent_reported_are_looked_up_eagerly_only_in_the_run_s_first_mi
     real[0] += w.cfg.cost_refresh_s
     w.tick()  # the cost refresh looks again
     assert len(asked) > eager and w.status("nb")["gpus"] == ["GPU-b"]
+
+
+def test_once_every_gpu_of_the_run_is_shown_the_cost_refresh_asks_no_more(
+    world: World, monkeypatch
+) -> None:
+    """The GPUs of a run do not change: once status.gpus lists as many as the run has,
+    the cost refresh skips the ledger query, until the next run (a new pod)."""
+    w = world
+    asked = lookups_counted(w, monkeypatch, cost_refresh_s=0, gpus=2)  # refresh every tick
+    w.tick()
+    w.ledger.ingest_usage(usage(w, "nb", "GPU-b", 0, 20), received_at=w.clock.now())
+    w.tick()
+    assert w.status("nb")["gpus"] == ["GPU-b"]
+    w.tick()
+    assert len(set(asked)) == 1 and len(asked) >= 3  # one of two shown: still asking
+    w.ledger.ingest_usage(usage(w, "nb", "GPU-a", 0, 20), received_at=w.clock.now())
+    w.tick()
+    assert w.status("nb")["gpus"] == ["GPU-a", "GPU-b"]
+    before = len(asked)
+    w.clock.advance(60)
+    w.tick()
+    w.tick()
+    assert len(asked) == before  # both shown: nothing new to learn for this pod
+    w.kube.update_spec("gpuinstances", NS, "nb", {"state": "Stopped"})
+    w.tick()
+    w.kube.update_spec("gpuinstances", NS, "nb", {"state": "Running"})
+    w.clock.advance(timedelta(minutes=5))
+    w.tick()
+    w.tick()
+    assert w.status("nb")["phase"] == "Running"
+    assert len(asked) > before and asked[-1] != asked[0]  # the new run's pod is asked
+
+
+def lookups_counted(w: World, monkeypatch, *, cost_refresh_s: float, gpus: int) -> list[str]:
+    """Instance nb (L40S x ``gpus``) funded, with ``cost_refresh_s``; the pod UIDs of the
+    ledger's GPU lookups, in order."""
+    w.cfg = w.cfg.with_overrides({"cost_refresh_s": cost_refresh_s})
+    w.restart()
+    asked: list[str] = []
+    seen = w.ledger.gpus_seen
+    monkeypatch.setattr(
+        w.ledger, "gpus_seen", lambda pod, **kw: asked.append(pod) or seen(pod, **kw)
+    )
+    w.fund(100_00)
+    w.instance("nb", L40S, gpus)
+    return asked

@@ -1,4 +1,5 @@
-"""The Kopf wiring: every kind has its handlers, timers use the configured intervals,
+"""The Kopf wiring: every kind has its handlers, timers use the configured intervals
+(instances have none: the sweeper runs their passes),
 and the settings keep Kopf's bookkeeping out of the (schema-pruned) status."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from gpucloud_operator.main import parse_args
 
 def test_handlers_are_registered_for_every_kind() -> None:
     registry = kopf.OperatorRegistry()
-    cfg = OperatorConfig(tick_interval_s=0.5)
+    cfg = OperatorConfig(account_interval_s=0.5)
     register(registry, cfg, object(), object())  # type: ignore[arg-type]
     handlers = [
         *registry._spawning.get_all_handlers(),
@@ -24,7 +25,9 @@ def test_handlers_are_registered_for_every_kind() -> None:
     names = {h.selector.any_name for h in handlers if h.selector is not None}
     assert {"gpuinstances", "accounts", "recharges", "rechargereviews", "pods"} <= names
     timers = [h for h in handlers if type(h).__name__ == "TimerHandler"]
-    assert {h.selector.any_name: h.interval for h in timers}["gpuinstances"] == 0.5
+    intervals = {h.selector.any_name: h.interval for h in timers}
+    assert intervals["accounts"] == 0.5
+    assert "gpuinstances" not in intervals  # the sweeper runs their passes, no Kopf timer
     reasons = {h.reason for h in registry._changing.get_all_handlers()}
     assert "delete" in {str(r) for r in reasons}  # the release finalizer
 

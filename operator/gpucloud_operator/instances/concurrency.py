@@ -1,19 +1,19 @@
 """The instance reconciler's locks and in-memory caches, and the rules for them.
 
-Kopf runs handlers on a pool of worker threads, so passes over different instances run
-at once, and the claim rechecks run on the ``Later`` thread. Everything below is a hint
-or a serialisation: the record is the instance's status and the ledger. A restart
-empties all of it, and a fresh process must (and does) reach the same postings with the
-same keys, so nothing here can lose or invent money; a lost entry costs at most an API
-read or a repeated idempotent call.
+Kopf runs handlers on a pool of worker threads (and the sweeper its passes on its own),
+so passes over different instances run at once, and the claim rechecks run on the
+``Later`` thread. Everything below is a hint or a serialisation: the record is the
+instance's status and the ledger. A restart empties all of it, and a fresh process must
+(and does) reach the same postings with the same keys, so nothing here can lose or
+invent money; a lost entry costs at most an API read or a repeated idempotent call.
 
 Locks, outermost first (a thread takes them in this order only, so none can deadlock):
 
 ``_locks[uid]`` (instance lock)
     One pass at a time per instance: held for the whole pass by
     ``InstanceReconciler._reconcile_fresh`` and ``release``, API and ledger calls
-    included. Every status read-modify-patch of the instance happens under it. A timer
-    tick that finds it taken skips its pass (``wait=False``); an event waits, and then
+    included. Every status read-modify-patch of the instance happens under it. A sweeper
+    pass that finds it taken skips (``wait=False``); an event waits, and then
     drops what its body showed (another pass ran meanwhile).
     One pass may hold a second instance lock: a pass that gives a spot instance its
     preemption notice (``Preemption._give_notice``) takes the victim's lock, so that the
@@ -83,7 +83,7 @@ attribute                 guarded by         what it is, and what a stale entry 
                                              status is out of date and is read again.
 ``_known_version``        ``_guard``         lifecycle: uid -> resourceVersion of the
                                              instance as a pass last read it or left it
-                                             (its status patch's answer). A timer tick's
+                                             (its status patch's answer). A sweeper pass's
                                              or event's body of that very version
                                              postdates every patch of this process, so
                                              the pass uses it and skips the read (at
@@ -108,6 +108,10 @@ attribute                 guarded by         what it is, and what a stale entry 
                                              refresh (a missing agent cost a ledger
                                              query per tick: a quarter of the idle CPU
                                              at 500 instances). A miss only asks again.
+``_gpus_known``           instance lock      settlement: uid -> the pod uid of the run
+                          (per entry)        whose GPUs ``status.gpus`` shows in full:
+                                             the cost refresh skips the ledger lookup.
+                                             Dropped on release; a miss only asks again.
 ``_idle_checked``         instance lock      idle GPUs: uid -> the clock instant of its last
                           (per entry)        check (one ledger read a minute per instance;
                                              a miss only checks again).
@@ -124,6 +128,9 @@ only repeats an idempotent call.
 
 Tunables the tests turn: ``accrual_reuse_s`` (admission), ``claim_recheck_s`` (storage),
 ``notice_lock_s`` (preemption), ``idle_check_s`` (idle GPUs, clock seconds).
+The sweeper (``instances/sweeper.py``) runs the passes nothing else asks for, taking
+the instance lock like a timer tick did (``wait=False``); each pass sets the instance's
+next entry under the instance lock (``InstanceReconciler._schedule``).
 ``_later`` runs the claim rechecks (``Storage._nudge_claim``) on its own thread; they take
 ``_guard`` only, not the instance lock: they read the volume and touch the claim's
 annotations, nothing a pass writes. It also runs the passes asked for at an instant
@@ -142,6 +149,7 @@ from gpucloud.ledger import Ledger, Unposted
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances.kubeapi import KubeAPI, Obj
+from gpucloud_operator.instances.sweeper import Sweeper
 from gpucloud_operator.later import Later
 from gpucloud_operator.metrics import NoticeCounters, SpotMetrics
 from gpucloud_operator.notify import Notifier
@@ -196,6 +204,7 @@ class ReconcilerState:
         self._open_meters: set[str] = set()
         self._cost_shown: dict[str, float] = {}  # uid -> monotonic time of the last update
         self._gpus_asked: dict[str, tuple[str, float]] = {}  # uid -> (pod uid, first ask)
+        self._gpus_known: dict[str, str] = {}  # uid -> pod uid whose GPUs status shows
         self.gpus_eager_s = 60.0
         # idle GPUs
         self._idle_checked: dict[str, datetime] = {}
@@ -203,6 +212,8 @@ class ReconcilerState:
         # core
         self._ledger_accounts: set[str] = set()
         self._pb_cache: tuple[str, PriceBook] | None = None
+        # the schedule of passes (main.py attaches it; unit tests run passes by hand)
+        self.sweeper: Sweeper | None = None
 
     def _lock(self, table: defaultdict[str, threading.Lock], key: str) -> threading.Lock:
         with self._guard:

@@ -140,10 +140,13 @@ class Core(ReconcilerState):
                 p.status[k] = v
 
     def _pass_at(self, p: Pass, at: datetime) -> None:
-        """Ask for a pass over this incarnation of the instance at ``at``, so a deadline
-        is kept to the second rather than at the next timer tick (the chart's 10 s). The
-        delay is counted in real seconds from the pass's instant; the timer pass stays
-        the backstop (after a restart, or when an injected clock runs at another pace)."""
+        """Ask for a pass over this incarnation of the instance at clock instant ``at``,
+        so a deadline is kept to the second (the sweeper checks its schedule every real
+        second). Without a sweeper (unit tests' reconcilers), a delayed call counted in
+        real seconds from the pass's instant."""
+        if self.sweeper is not None:
+            self.sweeper.earlier(p.uid, p.ns, p.name, at)
+            return
         delay = (at - p.now).total_seconds()
         if delay <= 0:
             return  # due now: this pass is the one

@@ -495,5 +495,6 @@ class Lifecycle(Core):
             self._known_version.pop(p.uid, None)
             self._run_pods.pop(p.uid, None)
         self._gpus_asked.pop(p.uid, None)
+        self._gpus_known.pop(p.uid, None)
         self._cost_shown.pop(p.uid, None)
         return True

@@ -19,14 +19,15 @@ concurrency    the locks and caches, and the rules for them
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
+from gpucloud.clock import monotonic
 from gpucloud_operator import builders as b
 from gpucloud_operator.cluster_view import slim
 from gpucloud_operator.instances.admission import Admission
 from gpucloud_operator.instances.arrears import Arrears
 from gpucloud_operator.instances.budget import Budgets
+from gpucloud_operator.instances.core import Pass
 from gpucloud_operator.instances.idle import IdleGPUs
 from gpucloud_operator.instances.kubeapi import PLURAL, Obj
 from gpucloud_operator.instances.lifecycle import Lifecycle
@@ -35,6 +36,7 @@ from gpucloud_operator.instances.placement import Placement
 from gpucloud_operator.instances.preemption import Preemption
 from gpucloud_operator.instances.settlement import Settlement
 from gpucloud_operator.instances.storage import Storage
+from gpucloud_operator.instances.sweeper import Seen, next_due
 
 
 class InstanceReconciler(
@@ -72,9 +74,9 @@ class InstanceReconciler(
             self.reconcile(inst)
 
     def reconcile(self, inst: Obj, *, wait: bool = True) -> None:
-        """A pass over ``inst`` as it is now. ``wait=False`` (timer ticks): skip it when a
-        pass over the instance is already running, rather than hold a worker thread on
-        the lock for a pass that repeats it."""
+        """A pass over ``inst`` as it is now. ``wait=False`` (the sweeper's passes): skip
+        it when a pass over the instance is already running, rather than hold a worker
+        thread on the lock for a pass that repeats it."""
         meta = inst["metadata"]
         # the body stands for a read if it is as fresh (checked under the lock)
         self._reconcile_fresh(meta["namespace"], meta["name"], meta["uid"], wait=wait, body=inst)
@@ -99,18 +101,70 @@ class InstanceReconciler(
             # read under the lock: the body of the event may predate the last pass's
             # patches; one of the version the last pass read or left is current
             if body is not None and self._body_current(uid, body):
-                # a pass edits its status: a copy of its own, less what no pass reads
-                fresh: Obj | None = copy.deepcopy(slim(body))
+                # no copy: a pass never changes the body in place (``Pass.status`` is its
+                # own dict, and every change is a new value), so a shared row will do
+                fresh: Obj | None = slim(body)
             else:
                 fresh = self.kube.get_namespaced_object(PLURAL, namespace, name)
             if fresh is None or fresh["metadata"]["uid"] != uid:
+                self._unschedule(uid)
                 return
             self._saw_version(uid, fresh)
             if fresh["metadata"].get("deletionTimestamp"):
+                self._unschedule(uid)
                 return  # the release handler owns it now
-            self._reconcile(self._pass(fresh, **seen))
+            p = self._pass(fresh, **seen)
+            failed = True
+            try:
+                self._reconcile(p)
+                failed = False
+            finally:
+                self._schedule(p, failed)  # under the lock: the entry follows the last pass
         finally:
             lock.release()
+
+    def sweep_pass(self, namespace: str, name: str, uid: str, body: Obj | None = None) -> None:
+        """The sweeper's pass (``instances/sweeper.py``): skipped when another pass over
+        the instance runs (that one sets the next entry). ``body``: the instance as the
+        watch-fed table shows it; it stands for a read if it is as fresh."""
+        if body is not None and body["metadata"].get("uid") == uid:
+            self._reconcile_fresh(namespace, name, uid, wait=False, body=body)
+        else:
+            self._reconcile_fresh(namespace, name, uid, wait=False)
+
+    def _schedule(self, p: Pass, failed: bool = False) -> None:
+        """Tell the sweeper when this instance next needs a pass (``sweeper.next_due``)."""
+        if self.sweeper is None:
+            return
+        running, mono = p.phase == "Running", monotonic()
+        policy = p.account_spec.idle if p.account_spec is not None else None
+        with self._guard:
+            idle = self._idle_checked.get(p.uid)
+        idle_applies = policy is not None and running and bool(p.status.get("meterId"))
+        cost = self._cost_shown.get(p.uid)
+        asked = self._gpus_asked.get(p.uid)
+        seen = Seen(
+            status=p.status,
+            now=p.now,
+            in_arrears=bool(p.acct_status.get("arrearsSince")),
+            failed=failed,
+            idle_checked=(idle or p.now) if idle_applies else None,
+            cost_left_s=(
+                self.cfg.cost_refresh_s - (mono - cost if cost is not None else 0.0)
+                if running
+                else None
+            ),
+            eager_left_s=(
+                self.gpus_eager_s - (mono - asked[1])
+                if running and asked is not None and not p.status.get("gpus")
+                else None
+            ),
+        )
+        self.sweeper.due(p.uid, p.ns, p.name, next_due(seen, self.cfg, self.idle_check_s))
+
+    def _unschedule(self, uid: str) -> None:
+        if self.sweeper is not None:
+            self.sweeper.forget(uid)
 
     def pod_changed(self, pod: Obj, deleted: bool) -> None:
         """A pod of an instance changed. Only changes that matter to the instance start

@@ -47,6 +47,7 @@ KIND_VALUES = {
     "operator": {
         "config": {
             "tick_interval_s": 1,
+            "sweep_max_interval_s": 5,  # a PriceBook or Account edit seen within seconds
             "account_interval_s": 2,
             "recharge_interval_s": 1,
             "cost_refresh_s": 5,

@@ -37,6 +37,9 @@ class Harness:
         self.ledger: Ledger = open_ledger(self.ledger_url, clock=self.clock)
         self.settings = {
             "tick_interval_s": "0.5",
+            # a pass at least every 2 s: a test that changes what no event announces
+            # (a price book, an Account) sees it within its waits
+            "sweep_max_interval_s": "2",
             "account_interval_s": "1",
             "recharge_interval_s": "0.5",
             "metering_grace_s": "60",

@@ -1,0 +1,287 @@
+"""The sweeper: one schedule of instance passes instead of a Kopf timer per instance.
+
+A timer per GPUInstance ran a pass every ``tick_interval_s`` whether anything was due
+or not: at 2,000 instances 200 passes a second, most of the operator's idle CPU
+(docs/benchmarks.md, "Scale"). The sweeper runs a pass only for an instance with
+something due; watch events (the instance's, its pod's and claim's, an account's
+arrears through ``wake_instance``) start the passes for everything else.
+
+Rules:
+
+1. **One entry per instance** (keyed by uid): the clock instant of its next pass and a
+   real-time deadline, whichever comes first. Every pass ends by setting it from what
+   the pass left (``next_due``), under the instance's lock, so the entry always follows
+   the latest pass. A deleted (or vanished) instance's entry is dropped.
+2. **Keyed by the injected clock.** The time rules (package expiry and reminder, the
+   storage hour, the metering grace, an idle check, a spot notice, a budget month) are
+   clock instants; the schedule is checked every ``check_s`` real seconds, so a file
+   clock that jumps makes everything due at once, at the next check.
+3. **Real seconds** only for what is counted in real seconds (the accruedCost refresh,
+   the first minute of a run waiting for its GPUs' report) and for the cap.
+4. **Nothing waits forever**: every entry is due at the latest ``sweep_max_interval_s``
+   after its pass, in clock and in real seconds (a clock that stands still, a rule the
+   schedule does not know: a price book or Account edit). An instance in a phase that
+   moves on its own (Pending, Starting, Stopping, Queued, Refused), with runs to settle,
+   of an account in arrears, or with a folder being wiped, is "busy": checked every
+   ``tick_interval_s`` as the timer did.
+5. **Earlier only** from outside a pass (``earlier``: a spot stop at its notice's time
+   asked for by another instance's pass): it can bring an entry forward, never push it
+   back, so no due pass is skipped.
+6. **Taking** a due entry removes it; the pass runs on the pool with ``wait=False``: if
+   another pass over the instance holds its lock, that pass sets the next entry when it
+   ends. A pass that fails still sets it, at the busy pace
+   (``InstanceReconciler._reconcile_fresh``), and a call that fails outright is given
+   the busy interval here, so an error is retried.
+
+7. **Only while Kopf works here** (HA, ``--peering``): Kopf pauses a replica that a
+   live one of higher priority outranks, its handlers and timers included, but not
+   this thread. With ``lease_s`` set, the sweeper runs passes only within ``lease_s`` of
+   the last Kopf handler call of this process (``alive``: every instance, pod and
+   account handler; the account timer alone calls it every ``account_interval_s``), so
+   a replica that stands by stops sweeping within ``lease_s``; its entries wait, due,
+   for the day it works again.
+
+Locks: ``_cv`` is a leaf lock over ``_entries`` and the two heaps (stale heap items are
+skipped by their sequence number), held for dictionary and heap operations only, never
+while a pass runs; passes run on their own pool (``background``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from gpucloud.clock import Clock
+from gpucloud_operator import budgets as bu
+from gpucloud_operator import rules as r
+from gpucloud_operator.config import OperatorConfig
+
+log = logging.getLogger(__name__)
+
+# Phases that move on their own, checked at the busy pace (rule 4).
+QUIET_PHASES = frozenset({"Running", "Stopped", "Expired", "Preempted"})
+
+Runner = Callable[[str, str, str], None]  # (namespace, name, uid): one pass, wait=False
+
+
+@dataclass(frozen=True)
+class Due:
+    """When an instance next needs a pass: at clock instant ``at`` or after ``real_s``
+    real seconds, whichever first."""
+
+    at: datetime
+    real_s: float
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a pass left that the schedule depends on (``next_due``'s input)."""
+
+    status: dict
+    now: datetime
+    in_arrears: bool = False
+    failed: bool = False  # the pass raised: retried at the busy pace
+    idle_checked: datetime | None = None  # None: the idle rule does not apply
+    cost_left_s: float | None = None  # real seconds to the next accruedCost refresh
+    eager_left_s: float | None = None  # real seconds left of the GPUs' first lookups
+
+
+def next_due(seen: Seen, cfg: OperatorConfig, idle_check_s: float) -> Due:
+    """The pure rule: the earliest instant a time rule of ``instances/*.py`` acts on
+    the instance after this pass, capped by ``sweep_max_interval_s`` (see the module
+    docstring; docs/operator.md, "Passes")."""
+    st, now = seen.status, seen.now
+    cap = cfg.sweep_max_interval_s
+    busy = (
+        st.get("phase") not in QUIET_PHASES
+        or bool(st.get("unsettledMeters"))
+        or seen.in_arrears
+        or seen.failed
+        or any(
+            c.get("type") == "DataDeleted" and c.get("reason") == "WipePending"
+            for c in st.get("conditions") or []
+        )
+    )
+    if busy:
+        cap = min(cap, cfg.tick_interval_s)
+    at = [now + timedelta(seconds=cap)]
+    real = [cap]
+    if cfg.storage_settlement_s:  # the next storage window's end (Storage._settle_storage)
+        window = cfg.storage_settlement_s
+        ts = int(now.timestamp())
+        at.append(datetime.fromtimestamp(ts - ts % window + window, now.tzinfo))
+    terms = st.get("packageTerms") or []
+    if (st.get("billingMode") or "").startswith("Package") and terms:
+        end = r.parse(terms[-1].get("end"))  # expiry or renewal (Packages._package_rules)
+        if end is not None:
+            at.append(end)
+            remind = end - cfg.reminder_lead
+            if st.get("reminderSentFor") != r.fmt(end) and remind > now:
+                at.append(remind)
+    notice = r.parse(st.get("preemptStopAt") or st.get("preemptAt"))
+    if notice is not None:  # a spot notice's stop (Preemption._preemption_due)
+        at.append(notice)
+    if seen.idle_checked is not None:  # IdleGPUs._idle_gpus: once a minute of clock time
+        at.append(seen.idle_checked + timedelta(seconds=idle_check_s))
+    at.append(bu.month_of(now).end)  # budgets are per calendar month (Budgets)
+    if seen.cost_left_s is not None:  # not sooner than a second (cost_refresh_s may be 0)
+        real.append(max(seen.cost_left_s, 1.0))
+    if seen.eager_left_s is not None and seen.eager_left_s > 0:
+        real.append(min(seen.eager_left_s, cfg.tick_interval_s))
+    return Due(at=max(now + timedelta(seconds=1), min(at)), real_s=max(0.0, min(real)))
+
+
+class Sweeper:
+    """The schedule of rule 1 and the thread that runs what falls due."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        run: Runner,
+        *,
+        retry_s: float,
+        check_s: float = 1.0,
+        lease_s: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
+        self._run_pass = run
+        self.retry_s = retry_s
+        self.check_s = check_s
+        self.lease_s = lease_s
+        self._alive_at: float | None = None  # the last Kopf handler call (rule 7)
+        self._monotonic = monotonic
+        self._cv = threading.Condition()
+        # uid -> (namespace, name, clock instant, monotonic deadline, sequence)
+        self._entries: dict[str, tuple[str, str, datetime, float, int]] = {}
+        self._by_clock: list[tuple[datetime, int, str]] = []
+        self._by_real: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._submit: Callable[[Callable[[], None]], None] | None = None
+        self.passes = 0  # passes handed to the pool (tests and the bench read it)
+
+    # -- the schedule ------------------------------------------------------------------
+    def due(self, uid: str, namespace: str, name: str, due: Due) -> None:
+        """Set the instance's next pass (replaces its entry: the latest pass knows)."""
+        deadline = self._monotonic() + due.real_s
+        with self._cv:
+            self._put(uid, namespace, name, due.at, deadline)
+
+    def earlier(self, uid: str, namespace: str, name: str, at: datetime) -> None:
+        """A pass at clock instant ``at`` if that is before the entry's (rule 5)."""
+        with self._cv:
+            old = self._entries.get(uid)
+            if old is None:
+                self._put(uid, namespace, name, at, self._monotonic() + self.retry_s)
+            elif at < old[2]:
+                self._put(uid, namespace, name, at, old[3])
+
+    def _put(self, uid: str, ns: str, name: str, at: datetime, deadline: float) -> None:
+        """Under ``_cv``."""
+        seq = next(self._seq)
+        self._entries[uid] = (ns, name, at, deadline, seq)
+        heapq.heappush(self._by_clock, (at, seq, uid))
+        heapq.heappush(self._by_real, (deadline, seq, uid))
+        # no notify: the loop looks every ``check_s`` anyway, and waking it on each of
+        # hundreds of passes a second cost more than the look (py-spy, 500 instances)
+
+    def alive(self) -> None:
+        """Kopf ran a handler in this process: it is not paused (rule 7)."""
+        self._alive_at = self._monotonic()  # one assignment: atomic under the GIL
+
+    def forget(self, uid: str) -> None:
+        with self._cv:
+            self._entries.pop(uid, None)
+
+    def when(self, uid: str) -> tuple[datetime, float] | None:
+        """The entry's clock instant and monotonic deadline (tests)."""
+        with self._cv:
+            hit = self._entries.get(uid)
+        return None if hit is None else (hit[2], hit[3])
+
+    def __len__(self) -> int:
+        with self._cv:
+            return len(self._entries)
+
+    def take_due(self) -> list[tuple[str, str, str]]:
+        """Remove and return (namespace, name, uid) of every entry due now, by the clock
+        or by real time."""
+        now, mono = self.clock.now(), self._monotonic()
+        out: list[tuple[str, str, str]] = []
+        if self._standing_by(mono):
+            return out  # rule 7: the entries stay, due
+        with self._cv:
+            for heap, limit in ((self._by_clock, now), (self._by_real, mono)):
+                while heap and heap[0][0] <= limit:  # type: ignore[operator]
+                    _, seq, uid = heapq.heappop(heap)
+                    hit = self._entries.get(uid)
+                    if hit is not None and hit[4] == seq:  # else moved or dropped
+                        del self._entries[uid]
+                        out.append((hit[0], hit[1], uid))
+            self._compact()
+        return out
+
+    def _standing_by(self, mono: float) -> bool:
+        """Rule 7: with a lease, no Kopf handler ran here for longer than it."""
+        alive = self._alive_at
+        return self.lease_s is not None and (alive is None or mono - alive > self.lease_s)
+
+    def _compact(self) -> None:
+        """Under ``_cv``: rebuild a heap that is mostly stale items (every pass pushes
+        two), so memory stays proportional to the instances."""
+        if len(self._by_clock) > 4 * len(self._entries) + 64:
+            self._by_clock = [(e[2], e[4], u) for u, e in self._entries.items()]
+            self._by_real = [(e[3], e[4], u) for u, e in self._entries.items()]
+            heapq.heapify(self._by_clock)
+            heapq.heapify(self._by_real)
+
+    # -- running -----------------------------------------------------------------------
+    def run_due(self) -> int:
+        """Run the due passes here, one after another (unit tests); how many ran."""
+        taken = self.take_due()
+        for ns, name, uid in taken:
+            self._pass(ns, name, uid)
+        return len(taken)
+
+    def _pass(self, ns: str, name: str, uid: str) -> None:
+        try:
+            self._run_pass(ns, name, uid)
+        except Exception:
+            log.exception("sweep pass over %s/%s failed", ns, name)
+            with self._cv:  # retried at the busy pace, unless a pass set it since
+                if uid not in self._entries:
+                    self._put(
+                        uid,
+                        ns,
+                        name,
+                        self.clock.now() + timedelta(seconds=self.retry_s),
+                        self._monotonic() + self.retry_s,
+                    )
+
+    def start(self, submit: Callable[[Callable[[], None]], None]) -> None:
+        """Check the schedule every ``check_s`` real seconds on a daemon thread and hand
+        the due passes to ``submit`` (a pool)."""
+        with self._cv:
+            if self._thread is None:
+                self._submit = submit
+                self._thread = threading.Thread(target=self._loop, name="sweeper", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        assert self._submit is not None
+        while True:
+            for ns, name, uid in self.take_due():
+                self._submit(lambda ns=ns, name=name, uid=uid: self._pass(ns, name, uid))
+                self.passes += 1
+            with self._cv:
+                wait, mono = self.check_s, self._monotonic()
+                if self._by_real and not self._standing_by(mono):  # else: due ones wait
+                    wait = min(wait, self._by_real[0][0] - mono)
+                self._cv.wait(timeout=max(wait, 0.01))
