@@ -505,8 +505,12 @@ class Gateway:
         # A body of known length ends by itself: relay it without Starlette's per-response
         # disconnect watcher (a task group per request). An open-ended stream (SSE,
         # chunked) keeps the watcher, so a client that leaves stops the generation.
-        response_class = BoundedRelay if bounded else OpenRelay
-        response = response_class(relay(), status_code=upstream.status)
+        response: OpenRelay
+        if bounded:
+            response = BoundedRelay(relay(), status_code=upstream.status)
+            response.length = upstream.content_length or 0
+        else:
+            response = OpenRelay(relay(), status_code=upstream.status)
         response.finish = finish  # the relay may never be resumed after a disconnect
         response.raw_headers = raw_headers  # as sent: repeated headers (Set-Cookie) kept
         return response
@@ -646,11 +650,27 @@ class OpenRelay(StreamingResponse):
 
 
 class BoundedRelay(OpenRelay):
-    """Streams a body of known length straight to the client (see ``_forward``)."""
+    """Streams a body of known length straight to the client (see ``_forward``); its
+    last bytes go out as the response's last message (not followed by an empty one)."""
+
+    length = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            await self.stream_response(send)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            left, ended = self.length, False
+            async for chunk in self.body_iterator:
+                left -= len(chunk)
+                ended = left <= 0
+                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+            if not ended:  # an empty body, or one that broke off (the server then cuts it)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.finish()
 

@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         outbox, drain = rt.outbox, rt.drain
 
         async def drain_usage() -> None:
+            outbox.flush()
             await asyncio.to_thread(outbox.close)
             await drain.stop()
 
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     app = rt.gateway.app(on_shutdown=[*stops, *finish], on_startup=starts)
     serve(
         app, args.host, args.port, rt.gateway.ops_app(), args.ops_host or args.host,
-        args.ops_port, args.log_level, uvloop=True,
+        args.ops_port, args.log_level, uvloop=True, proxy_headers=False,
     )  # fmt: skip
     return 0
 

@@ -3,9 +3,13 @@
 The gateway awaits :meth:`Outbox.record` before it sends a response's last bytes (the
 final chunk of a body of known length, the ``data: [DONE]`` event of a stream, or the
 end of a chunked body), so a caller never holds a complete answer whose usage a
-``kill -9`` could still lose. One writer thread appends whatever records are waiting to
-a local SQLite queue in one transaction (group commit): the request path never waits on
-the ledger, which may be slow, locked or remote.
+``kill -9`` could still lose. The records of one event loop iteration are appended to a
+local SQLite queue in one transaction (group commit), in the loop itself: a commit
+there costs less than handing it to a thread and being woken by it (issue 20). When the
+queue is busy (the drain process holds its write lock for a moment) or ``fsync`` makes a
+commit take milliseconds, a writer thread commits instead, so the loop never waits on a
+lock or the disk. The request path never waits on the ledger, which may be slow, locked
+or remote.
 
 :class:`LedgerDrain` moves queued records into the ledger, in a process of its own
 (``gpucloud_gateway.drain``) started with the gateway: a batch is recorded and charged in
@@ -19,6 +23,7 @@ yet, and no answered request is lost or charged twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
@@ -86,10 +91,17 @@ def _encode(plan: ModelPlan, event: UsageEvent, payer: str | None) -> str:
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _plan_of(fields: tuple[tuple[str, Any], ...]) -> ModelPlan:
+    """A decoded plan, built (and checked) once per distinct plan: the drain decodes the
+    same few in every record."""
+    return ModelPlan(**dict(fields))
+
+
 def _decode(text: str) -> Record:
     doc = json.loads(text)
     ev = doc["event"] | {"at": datetime.fromisoformat(doc["event"]["at"])}
-    return ModelPlan(**doc["plan"]), UsageEvent(**ev), doc["payer"]
+    return _plan_of(tuple(doc["plan"].items())), UsageEvent(**ev), doc["payer"]
 
 
 class UsageQueue:
@@ -104,8 +116,10 @@ class UsageQueue:
 
     def __init__(self, path: str | Path, *, fsync: bool = False) -> None:
         self.path = str(path)
+        self.fsync = fsync
         self._lock = threading.Lock()
         self._checkpointer: sqlite3.Connection | None = None
+        self._no_wait: sqlite3.Connection | None = None
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
@@ -122,20 +136,39 @@ class UsageQueue:
 
     def close(self) -> None:
         self._db.close()
-        if self._checkpointer is not None:
-            self._checkpointer.close()
+        for extra in (self._checkpointer, self._no_wait):
+            if extra is not None:
+                extra.close()
 
     def append_many(self, records: Iterable[Record]) -> None:
-        """Append a batch in one transaction."""
+        """Append a batch in one transaction (waits up to 10 s for the write lock)."""
         rows = [(_encode(p, e, payer),) for p, e, payer in records]
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("INSERT INTO queued (record) VALUES (?)", rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            _insert(self._db, rows)
+
+    def try_append_many(self, records: Iterable[Record]) -> bool:
+        """Append a batch in one transaction if that needs no wait: False (nothing
+        written) while another connection holds the queue's write lock. Its own
+        connection, which never waits (the event loop's)."""
+        rows = [(_encode(p, e, payer),) for p, e, payer in records]
+        if not self._lock.acquire(blocking=False):  # the writer thread is in a commit
+            return False
+        try:
+            if self._no_wait is None:
+                self._no_wait = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False
+                )
+                self._no_wait.execute("PRAGMA busy_timeout=0")
+                self._no_wait.execute("PRAGMA synchronous=NORMAL")
+                self._no_wait.execute("PRAGMA wal_autocheckpoint=0")
+            _insert(self._no_wait, rows)
+            return True
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                return False  # rolled back: nothing of it is in the queue
+            raise
+        finally:
+            self._lock.release()
 
     def peek(self, limit: int = MAX_BATCH, after: int = 0) -> list[tuple[int, Record]]:
         """The oldest ``limit`` queued records after sequence number ``after``, with
@@ -190,6 +223,16 @@ def restored_stats(
     return arrivals, totals
 
 
+def _insert(db: sqlite3.Connection, rows: list[tuple[str]]) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.executemany("INSERT INTO queued (record) VALUES (?)", rows)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 def _resolve(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
     for fut in futures:
         if fut.done():  # the request was cancelled meanwhile: its record stands anyway
@@ -201,10 +244,14 @@ def _resolve(futures: list[asyncio.Future[None]], error: BaseException | None) -
 
 
 class Outbox:
-    """Durable usage records, committed by one writer thread in groups."""
+    """Durable usage records, committed in groups: the records of one event loop
+    iteration in one transaction, in the loop; by the writer thread when that would wait
+    (the queue's write lock is taken, or ``fsync``)."""
 
     def __init__(self, usage: UsageQueue) -> None:
         self.usage = usage
+        self.in_loop = not usage.fsync  # an fsync'd commit takes milliseconds: the thread's
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Item]] = {}
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="usage-outbox", daemon=True)
         self._thread.start()
@@ -213,7 +260,7 @@ class Outbox:
         """Return once the record is committed (raises if it could not be)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._queue.put((plan, event, payer, loop, fut))
+        self._add((plan, event, payer, loop, fut), loop)
         await fut
 
     def alive(self) -> bool:
@@ -222,7 +269,43 @@ class Outbox:
 
     def record_later(self, plan: ModelPlan, event: UsageEvent, payer: str | None) -> None:
         """Queue a record nobody waits for (a cut response: the caller has no answer)."""
-        self._queue.put((plan, event, payer, None, None))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not called from a loop: the thread commits it
+            self._queue.put((plan, event, payer, None, None))
+            return
+        self._add((plan, event, payer, None, None), loop)
+
+    def _add(self, item: _Item, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.in_loop:
+            self._queue.put(item)
+            return
+        pending = self._pending.get(loop)
+        if pending is None:  # the first of this iteration: commit after the iteration's
+            pending = self._pending[loop] = []  # other callbacks (call_soon runs next)
+            loop.call_soon(self._commit, loop)
+        pending.append(item)
+
+    def _commit(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Commit one iteration's records in the loop, or hand them to the thread."""
+        batch = self._pending.pop(loop, [])
+        if not batch:
+            return
+        try:
+            done = self.usage.try_append_many([(p, e, payer) for p, e, payer, _, _ in batch])
+        except Exception as exc:  # the waiting requests fail: no answer without a record
+            log.exception("committing %d usage records failed", len(batch))
+            _resolve([fut for *_, fut in batch if fut is not None], exc)
+            return
+        if not done:  # busy: the thread waits for the lock, the loop goes on
+            for item in batch:
+                self._queue.put(item)
+            return
+        _resolve([fut for *_, fut in batch if fut is not None], None)
+
+    def flush(self) -> None:
+        """Commit what this loop has not committed yet (call in the loop, at shutdown)."""
+        self._commit(asyncio.get_running_loop())
 
     def _run(self) -> None:
         stop = False
@@ -252,10 +335,15 @@ class Outbox:
                 if fut is not None:
                     waiting.setdefault(loop, []).append(fut)
             for loop, futures in waiting.items():
-                loop.call_soon_threadsafe(_resolve, futures, error)
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_resolve, futures, error)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Commit what is queued, then stop the writer."""
+        """Commit what the thread has queued, then stop it (after ``flush`` in the loop)."""
+        for pending in self._pending.values():  # loops gone: nobody waits for these
+            for item in pending:
+                self._queue.put(item)
+        self._pending.clear()
         self._queue.put(None)
         self._thread.join(timeout_s)
 

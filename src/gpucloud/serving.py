@@ -29,14 +29,20 @@ def loop_factory(uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None
 
 
 def serve(app: Any, host: str, port: int, ops_app: Any, ops_host: str, ops_port: int,
-          log_level: str = "warning", *, uvloop: bool = False) -> None:  # fmt: skip
+          log_level: str = "warning", *, uvloop: bool = False,
+          proxy_headers: bool = True) -> None:  # fmt: skip
     """Run both until SIGTERM/SIGINT; when either server stops, the other stops too.
-    ``uvloop``: on uvloop's event loop where installed (see ``loop_factory``)."""
+    ``uvloop``: on uvloop's event loop where installed (see ``loop_factory``).
+    ``proxy_headers=False``: the main app never reads the client's address, so uvicorn's
+    X-Forwarded-For middleware (a layer per request) is left out."""
 
     async def both() -> None:
         main = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
-        )
+            uvicorn.Config(
+                app, host=host, port=port, log_level=log_level, access_log=False,
+                proxy_headers=proxy_headers,
+            )
+        )  # fmt: skip
         ops = uvicorn.Server(
             uvicorn.Config(
                 ops_app, host=ops_host, port=ops_port, log_level=log_level, access_log=False,

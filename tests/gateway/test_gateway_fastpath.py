@@ -1,6 +1,7 @@
 """The request path's shortcuts (issue 20) keep the behaviour they replace: the proxy
-fast path routes as Starlette's table does, the outbox's group commit answers every
-waiting request with its group's outcome, and records encode as they always did."""
+fast path routes as Starlette's table does, the outbox's group commit (in the event
+loop, or the writer thread while the queue is busy) answers every waiting request with
+its group's outcome, and records encode as they always did."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -105,45 +107,79 @@ def test_a_record_encodes_as_the_deep_copy_did_and_decodes_back() -> None:
     assert _decode(_encode(PLAN, ev, None)) == (PLAN, ev, None)
 
 
-def test_every_request_of_a_commit_group_is_answered_once_committed(tmp_path: Path) -> None:
+def test_one_loop_iterations_records_are_one_commit_in_the_loop(tmp_path: Path) -> None:
     usage = UsageQueue(tmp_path / "q.db")
-    gate = threading.Event()
-    real_append = usage.append_many
+    real = usage.try_append_many
     groups: list[int] = []
+    tasks: list[asyncio.Task[None]] = []
 
-    def held(records: Any) -> None:
-        gate.wait(10)  # the first commit waits: the others queue up behind it as a group
+    def spy(records: Any) -> bool:
+        assert threading.current_thread() is threading.main_thread()  # the loop's
+        assert not any(t.done() for t in tasks)  # none answered before its commit
         records = list(records)
         groups.append(len(records))
-        real_append(records)
+        return real(records)
 
-    usage.append_many = held  # type: ignore[method-assign]
+    usage.try_append_many = spy  # type: ignore[method-assign]
     outbox = Outbox(usage)
 
     async def run() -> None:
-        tasks = [asyncio.create_task(outbox.record(PLAN, event(f"r{i}"), "bob")) for i in range(50)]
-        await asyncio.sleep(0.05)
-        assert not any(t.done() for t in tasks)  # none answered before its commit
-        gate.set()
+        tasks.extend(
+            asyncio.create_task(outbox.record(PLAN, event(f"r{i}"), "bob")) for i in range(50)
+        )
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
 
     asyncio.run(run())
     outbox.close()
-    assert sum(groups) == 50 and len(groups) < 50  # grouped
+    assert groups == [50]  # the 50 tasks' first steps ran in one iteration: one commit
     assert sorted(e.request_id for _, (_, e, _) in usage.peek()) == sorted(
         f"r{i}" for i in range(50)
     )
     usage.close()
 
 
-def test_a_failed_group_commit_fails_every_request_in_it(tmp_path: Path) -> None:
+def test_a_busy_queue_is_committed_by_the_thread_while_the_loop_goes_on(tmp_path: Path) -> None:
+    """The drain process holds the queue's write lock for a moment each second: the
+    loop's commit then neither waits nor fails; the writer thread waits for the lock,
+    and the requests are answered once their records are committed."""
     usage = UsageQueue(tmp_path / "q.db")
+    holder = sqlite3.connect(tmp_path / "q.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # as the drain's DELETE does
+    outbox = Outbox(usage)
+
+    async def run() -> int:
+        ticks = 0
+        tasks = [asyncio.create_task(outbox.record(PLAN, event(f"r{i}"), "bob")) for i in range(20)]
+        outbox.record_later(PLAN, event("cut"), None)
+        while ticks < 20:  # the loop runs on while the lock is held
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not any(t.done() for t in tasks)  # not committed: not answered
+        holder.execute("COMMIT")
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return ticks
+
+    assert asyncio.run(run()) == 20
+    outbox.close()
+    holder.close()
+    assert sorted(e.request_id for _, (_, e, _) in usage.peek()) == sorted(
+        [f"r{i}" for i in range(20)] + ["cut"]
+    )
+    usage.close()
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_a_failed_group_commit_fails_every_request_in_it(tmp_path: Path, fsync: bool) -> None:
+    usage = UsageQueue(tmp_path / "q.db", fsync=fsync)
 
     def broken(records: Any) -> None:
         raise OSError("disk full")
 
+    # in the loop without fsync, in the writer thread with it
+    usage.try_append_many = broken  # type: ignore[method-assign]
     usage.append_many = broken  # type: ignore[method-assign]
     outbox = Outbox(usage)
+    assert outbox.in_loop is not fsync
 
     async def run() -> list[Any]:
         calls = [outbox.record(PLAN, event(f"r{i}"), "bob") for i in range(20)]
@@ -153,6 +189,27 @@ def test_a_failed_group_commit_fails_every_request_in_it(tmp_path: Path) -> None
     outbox.close()
     assert all(isinstance(r, OSError) and "disk full" in str(r) for r in results)
     assert usage.pending() == 0
+    usage.close()
+
+
+def test_with_fsync_the_writer_thread_commits(tmp_path: Path) -> None:
+    usage = UsageQueue(tmp_path / "q.db", fsync=True)
+    outbox = Outbox(usage)
+    threads: set[str] = set()
+    real = usage.append_many
+
+    def spy(records: Any) -> None:
+        threads.add(threading.current_thread().name)
+        real(records)
+
+    usage.append_many = spy  # type: ignore[method-assign]
+
+    async def run() -> None:
+        await asyncio.gather(*(outbox.record(PLAN, event(f"r{i}"), "bob") for i in range(5)))
+
+    asyncio.run(run())
+    outbox.close()
+    assert threads == {"usage-outbox"} and usage.pending() == 5
     usage.close()
 
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from gpucloud_gateway.app import ModelStats
 from gpucloud_gateway.callers import Funds
+from gpucloud_gateway.discovery import FileEndpoints
 from gpucloud_gateway.kube import plans_from_cluster
 from gpucloud_gateway.main import main as gateway_main
 from gpucloud_gateway.metering import Counts, UsageTap
@@ -339,3 +340,29 @@ def test_a_namespace_two_accounts_list_bills_to_the_one_created_first() -> None:
     assert directory_from_accounts(accounts).owners == {"acme-research": "acme"}
     (plan,) = plans_from_cluster([md()], accounts)
     assert plan.account == "acme"
+
+
+def test_the_endpoints_file_is_looked_at_once_per_interval_and_for_every_cold_model(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "endpoints.json"
+
+    def write(mapping: dict[str, list[str]]) -> None:  # atomically, as writers must
+        (tmp_path / "new.json").write_text(json.dumps(mapping))
+        (tmp_path / "new.json").replace(path)
+
+    source = FileEndpoints(path, check_s=3600)
+    assert source.endpoints("team", "a") == []  # no file yet
+    write({"team/a": ["http://a1"]})
+    assert source.endpoints("team", "a") == ["http://a1"]  # was cold: looked at once
+    write({"team/a": ["http://a2"], "team/b": ["http://b1"]})
+    assert source.endpoints("team", "a") == ["http://a1"]  # within the interval: kept
+    assert source.endpoints("team", "b") == ["http://b1"]  # cold: read again
+    assert source.endpoints("team", "a") == ["http://a2"]  # the same read
+    write({"team/a": ["http://a2"]})
+    fresh = FileEndpoints(path, check_s=0.0)
+    assert fresh.endpoints("team", "a") == ["http://a2"]
+    write({"team/a": ["http://a3"]})
+    assert fresh.endpoints("team", "a") == ["http://a3"]  # interval over: read again
+    path.unlink()
+    assert fresh.endpoints("team", "a") == []
