@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gpucloud.clock import Clock
+from gpucloud.clock import Clock, monotonic
 from gpucloud.usage_rules import HOUR_S, UsageKind
 from gpucloud_agent import disk
 from gpucloud_agent.devices import DeviceMap
@@ -34,6 +34,10 @@ class AgentConfig:
     # what this agent meters under disk_root: a node's agent its node-local instances/
     # and images/; the shared-storage meter the cloud disks every node sees (docs/agent.md)
     disk_kinds: frozenset[UsageKind] = frozenset(disk.LAYOUT)
+    # how long a pod's allocated-seconds series outlives the pod's last second on a GPU:
+    # kept forever, series of pods long gone would grow memory and every scrape without
+    # bound; by then Prometheus has scraped the final value many times (docs/agent.md)
+    series_retention_s: float = 3600.0
 
 
 class Agent:
@@ -45,8 +49,10 @@ class Agent:
         resolver: PodUidResolver,
         wal: Wal,
         clock: Clock,
+        monotonic: Callable[[], float] = monotonic,
     ) -> None:
         self.config = config
+        self.monotonic = monotonic  # series retention: real elapsed time, whatever the clock
         self.nvml = nvml
         self.holders = holders
         self.resolver = resolver
@@ -124,6 +130,7 @@ class Agent:
         }
         records, added = self.meter.observe(second, observed, samples)
         self.wal.append([r.to_json() for r in records], {"meter": self.meter.state()})
+        now = self.monotonic()
         elapsed = time.perf_counter() - t0
         with self.stats.lock:
             s = self.stats
@@ -137,6 +144,10 @@ class Agent:
             for a in added:
                 key = (a.pod.namespace, a.pod.name, a.gpu.uuid, a.gpu.product)
                 s.allocated[key] = s.allocated.get(key, 0) + a.seconds
+                s.allocated_at[key] = now
+            # only after a sample that saw every holder: an outage of pod-resources
+            # forgets no running pod
+            s.forget_allocated_before(now - self.config.series_retention_s)
         return records
 
     # --- disk ---

@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         _add(p, "metrics-address", "0.0.0.0")
         _add(p, "metrics-port", 9400, type=int)
         _add(p, "sample-period", 1.0, type=float, help="seconds between samples")
+        _add(
+            p,
+            "series-retention",
+            3600.0,
+            type=float,
+            help="seconds a gone pod's allocated-seconds series stays on /metrics",
+        )
         _add(p, "batch-size", 500, type=int)
         _add(p, "backoff-base", 0.5, type=float)
         _add(p, "backoff-cap", 30.0, type=float)
@@ -152,6 +159,8 @@ def run_agent(args: argparse.Namespace) -> int:
         disk_kinds = parse_kinds(args.disk_kinds)
     except ValueError as exc:
         return _fail(str(exc))
+    if args.series_retention < 0:
+        return _fail("--series-retention must not be negative")
     clock = clock_from_env()
     nvml: Nvml
     if args.nvml == "none":
@@ -194,6 +203,7 @@ def run_agent(args: argparse.Namespace) -> int:
             disk_root=args.disk_root,
             disk_metrics_interval_s=args.disk_metrics_interval,
             disk_kinds=disk_kinds,
+            series_retention_s=args.series_retention,
         ),
         nvml,
         podres.holders,

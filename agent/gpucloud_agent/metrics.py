@@ -46,6 +46,8 @@ class Stats:
     gpus: list[GpuReading] = field(default_factory=list)
     # (namespace, pod, gpu_uuid, product) -> seconds attributed since start
     allocated: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
+    # the same keys -> when (monotonic seconds) the pod last held the GPU
+    allocated_at: dict[tuple[str, str, str, str], float] = field(default_factory=dict)
     # (kind, namespace, name) -> bytes used
     disk: dict[tuple[str, str, str], int] = field(default_factory=dict)
     sample_duration: Histogram = field(
@@ -66,6 +68,14 @@ class Stats:
     nvml_ok: bool = False
     podresources_ok: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def forget_allocated_before(self, cutoff: float) -> None:
+        """Drop the allocated-seconds series of pods that last held their GPU before
+        ``cutoff``: a counter series that ends is what Prometheus expects of a gone pod.
+        A pod that comes back starts a new series at 0 (a counter reset to Prometheus,
+        which ``rate`` and ``increase`` read as one). Call with the lock held."""
+        for key in [k for k, at in self.allocated_at.items() if at < cutoff]:
+            del self.allocated[key], self.allocated_at[key]
 
 
 class AgentCollector:

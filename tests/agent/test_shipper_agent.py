@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -8,7 +9,9 @@ from pathlib import Path
 import pytest
 from agent_testkit import Receiver, wait_for
 from gpucloud_agent.agent import Agent, AgentConfig
+from gpucloud_agent.exposition import render
 from gpucloud_agent.fake_nvml import FakeNvml
+from gpucloud_agent.metrics import AgentCollector
 from gpucloud_agent.podresources.client import DeviceHolder
 from gpucloud_agent.pods import DerivedUidResolver
 from gpucloud_agent.shipper import Shipper
@@ -211,3 +214,88 @@ def test_a_disk_cursor_ahead_of_the_clock_restarts_at_the_current_hour(tmp_path:
     assert agent2.disk_tick() == [] and agent2.disk_cursor == 7200
     clock.advance(3600)
     assert [(r.volume, r.start) for r in agent2.disk_tick()] == [("team/d1", 7200)]
+
+
+def test_a_gone_pods_allocated_series_is_dropped_after_the_retention(tmp_path: Path) -> None:
+    """The allocated-seconds counter keeps a gone pod's series for --series-retention
+    (monotonic seconds since the pod last held its GPU), then drops it; running pods,
+    and pods that come back, keep counting."""
+    clock = ManualClock(datetime.fromtimestamp(36_000, UTC))
+    mono = [500.0]
+    held: dict[str, DeviceHolder] = {}
+    socket_up = [True]
+
+    def holders() -> dict[str, DeviceHolder]:
+        if not socket_up[0]:
+            raise ConnectionError("pod-resources down")
+        return dict(held)
+
+    nvml = FakeNvml.from_node_labels(
+        "n1",
+        {"nvidia.com/gpu.product": "T4", "nvidia.com/gpu.memory": "15360"},
+        {"nvidia.com/gpu": "2"},
+        clock,
+    )
+    agent = Agent(
+        AgentConfig(node="n1", series_retention_s=3600),
+        nvml,
+        holders,
+        DerivedUidResolver(),
+        Wal(tmp_path / "wal"),
+        clock,
+        monotonic=lambda: mono[0],
+    )
+    g0, g1 = (d.uuid for d in agent.devices)
+    job, other = ("team", "job", g0, "T4"), ("team", "other", g1, "T4")
+
+    def step(seconds: float = 1) -> None:
+        agent.sample_once()
+        clock.advance(seconds)
+        mono[0] += seconds
+
+    def exposed() -> dict[str, float]:
+        text = render(AgentCollector(agent.stats, lambda: 0, lambda: 0)())
+        prefix = "gpucloud_gpu_allocated_seconds_total{"
+        return {
+            re.search(r'pod="([^"]*)"', line)[1]: float(line.rsplit(" ", 1)[1])  # type: ignore[index]
+            for line in text.splitlines()
+            if line.startswith(prefix)
+        }
+
+    held[g0] = DeviceHolder("team", "job", "main")
+    held[g1] = DeviceHolder("team", "other", "main")
+    for _ in range(5):
+        step()
+    assert exposed() == {"job": 5, "other": 5}
+    # gone for a short while, back within the retention: the same series counts on
+    del held[g0]
+    for _ in range(10):
+        step()
+    assert exposed()["job"] == 5
+    held[g0] = DeviceHolder("team", "job", "main")
+    step()
+    assert exposed()["job"] == 6  # the free seconds were not attributed
+    # gone for good: held at the sample just taken (t); still shown at t + retention
+    del held[g0]
+    step(3599)
+    step(1)
+    assert agent.stats.allocated[job] == 6 and exposed()["job"] == 6
+    step()  # the first sample past t + retention
+    assert exposed() == {"other": agent.stats.allocated[other]}
+    assert job not in agent.stats.allocated and job not in agent.stats.allocated_at
+    # the same pod back later: a new series from 0 (a counter reset to Prometheus)
+    held[g0] = DeviceHolder("team", "job", "main")
+    step()
+    step()
+    assert exposed()["job"] == 2
+    # pod-resources down for longer than the retention forgets no running pod: its
+    # series is refreshed at the first sample that sees the holders again
+    socket_up[0] = False
+    step(4000)
+    socket_up[0] = True
+    step()
+    assert set(exposed()) == {"job", "other"}
+    # the usage records are untouched by what /metrics forgets: the closed windows hold
+    # 5 + 1 + 2 seconds (the second after the outage is in the open window)
+    recs = [r for _, r in agent.wal.pending(10_000) if r["pod"]["name"] == "job"]
+    assert sum(r["end"] - r["start"] for r in recs) == 8

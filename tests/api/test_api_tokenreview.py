@@ -26,6 +26,7 @@ from gpucloud.api.auth import (
     AuthError,
     AuthPolicy,
     ClusterAccess,
+    FileToken,
     Principal,
     TokenReviewAuthenticator,
 )
@@ -46,6 +47,8 @@ USERS: dict[str, dict[str, Any]] = {
 class FakeApiServer:
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.reviews: list[dict[str, Any]] = []
+        self.credentials = {API_SERVER_TOKEN}  # the bearer tokens it takes (rotation: two)
+        self.auths: list[str | None] = []  # each request's Authorization header
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -56,7 +59,8 @@ class FakeApiServer:
                     self.end_headers()
                     return
                 client_cert = tls is not None and self.connection.getpeercert()  # type: ignore[attr-defined]
-                token_ok = self.headers.get("Authorization") == f"Bearer {API_SERVER_TOKEN}"
+                outer.auths.append(self.headers.get("Authorization"))
+                token_ok = outer.auths[-1] in {f"Bearer {t}" for t in outer.credentials}
                 if not (token_ok or client_cert):
                     self.send_response(401)
                     self.end_headers()
@@ -235,3 +239,125 @@ def test_a_mapped_account_reports_as_its_mapped_name_wherever_it_runs() -> None:
     policy = AuthPolicy(sa_node_map={meter: "gpucloud-shared-storage"})
     assert policy.agent_node(Principal(meter, node="worker-1")) == "gpucloud-shared-storage"
     assert policy.agent_node(Principal(DEFAULT_AGENT_SA, node="worker-1")) == "worker-1"
+
+
+# --- tokens read from a file (projected ServiceAccount tokens, rotated by the kubelet) ---
+
+
+def _kubeconfig_with_token_file(path: Path, server: str, token_file: str) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "current-context": "test",
+                "clusters": [{"name": "c", "cluster": {"server": server}}],
+                # both: as client-go does, the file wins over the literal token
+                "users": [{"name": "u", "user": {"tokenFile": token_file, "token": "stale"}}],
+                "contexts": [{"name": "test", "context": {"cluster": "c", "user": "u"}}],
+            }
+        )
+    )
+    return path
+
+
+def test_a_rotated_token_file_is_read_again_on_401_and_the_request_retried_once(
+    tmp_path: Path, apiserver: FakeApiServer
+) -> None:
+    (tmp_path / "token").write_text("token-1\n")
+    apiserver.credentials = {"token-1"}
+    # a relative tokenFile: next to the kubeconfig, as kubectl reads it
+    kubeconfig = _kubeconfig_with_token_file(tmp_path / "kubeconfig", apiserver.url, "token")
+
+    async def go() -> None:
+        authn = TokenReviewAuthenticator(ClusterAccess.from_kubeconfig(kubeconfig))
+        try:
+            assert await authn.authenticate("bound-agent") is not None
+            assert apiserver.auths == ["Bearer token-1"]
+            # the kubelet writes a new token; the old one expires
+            (tmp_path / "token").write_text("token-2\n")
+            apiserver.credentials = {"token-2"}
+            p = await authn.authenticate("other-sa")
+            assert p is not None and p.username == "system:serviceaccount:default:default"
+            assert apiserver.auths[1:] == ["Bearer token-1", "Bearer token-2"]  # 401, retry
+            assert await authn.authenticate("unbound-agent") is not None
+            assert apiserver.auths[3:] == ["Bearer token-2"]  # the new token from now on
+            # refused while the file still holds the same token: no retry that would fail
+            apiserver.credentials = {"token-3"}
+            with pytest.raises(AuthError) as err:
+                await authn.authenticate("nope")
+            assert err.value.status == 503
+            assert apiserver.auths[4:] == ["Bearer token-2"]
+        finally:
+            await authn.aclose()
+
+    asyncio.run(go())
+    assert [r["spec"]["token"] for r in apiserver.reviews] == ["bound-agent", "other-sa",
+                                                                "unbound-agent"]  # fmt: skip
+
+
+def test_the_token_file_is_read_again_every_60_s(tmp_path: Path, apiserver: FakeApiServer) -> None:
+    token = tmp_path / "token"
+    token.write_text("token-1")
+    now = [1000.0]
+    access = ClusterAccess(
+        server=apiserver.url, token_file=FileToken(token, monotonic=lambda: now[0])
+    )
+    # a rotation: the kubelet writes a new token; the old one stays valid until it expires
+    apiserver.credentials = {"token-1", "token-2"}
+
+    async def go() -> None:
+        authn = TokenReviewAuthenticator(access)
+        try:
+            token.write_text("token-2")
+            now[0] += 59.9
+            await authn.authenticate("bound-agent")
+            now[0] += 0.1
+            await authn.authenticate("other-sa")
+            await authn.authenticate("unbound-agent")
+            # the file gone for a moment: the token in hand is kept
+            token.unlink()
+            now[0] += 600
+            await authn.authenticate("nope")
+        finally:
+            await authn.aclose()
+
+    asyncio.run(go())
+    assert apiserver.auths == ["Bearer token-1", "Bearer token-2", "Bearer token-2",
+                               "Bearer token-2"]  # fmt: skip
+
+
+def test_a_literal_token_stays_as_it_is(kubeconfig: Path) -> None:
+    access = ClusterAccess.from_kubeconfig(kubeconfig)
+    assert access.token_file is None and access.bearer_token == API_SERVER_TOKEN
+
+
+def test_in_cluster_reads_the_projected_token_again_after_rotation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API's and the gateway's in-cluster access: the ServiceAccount's CA and its
+    projected token, which the kubelet rotates."""
+    _pki(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(tmp_path / "server.crt", tmp_path / "server.key")
+    srv = FakeApiServer(tls)
+    srv.credentials = {"sa-token-1"}
+    srv.thread.start()
+    (tmp_path / "token").write_text("sa-token-1")
+    monkeypatch.setattr("gpucloud.api.auth.IN_CLUSTER_DIR", tmp_path)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(srv.server.server_address[1]))
+
+    async def go() -> None:
+        authn = TokenReviewAuthenticator(ClusterAccess.in_cluster())
+        try:
+            assert await authn.authenticate("bound-agent") is not None
+            (tmp_path / "token").write_text("sa-token-2")
+            srv.credentials = {"sa-token-2"}
+            assert await authn.authenticate("other-sa") is not None
+        finally:
+            await authn.aclose()
+
+    try:
+        asyncio.run(go())
+    finally:
+        srv.server.shutdown()
+    assert srv.auths == ["Bearer sa-token-1", "Bearer sa-token-1", "Bearer sa-token-2"]

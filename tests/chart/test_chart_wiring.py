@@ -83,6 +83,7 @@ def test_agent_reads_the_chart_settings(
     assert args.wal_dir == "/var/lib/gpucloud-agent/wal"
     assert args.disk_root == "/var/lib/gpucloud"
     assert int(args.metrics_port) == 9400 and float(args.sample_period) == 1.0
+    assert float(args.series_retention) == 3600.0
     # Every path the agent uses lies in a mounted volume.
     mounts = [m["mountPath"] for m in c["volumeMounts"]]
     for path in (args.token_file, args.pod_resources_socket, args.wal_dir, args.disk_root):

@@ -13,11 +13,12 @@ same rules apply whichever authenticator is plugged in.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import ssl
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,10 +27,14 @@ import httpx
 import yaml
 from cachetools import TTLCache
 
+from gpucloud.clock import monotonic
+
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 DEFAULT_AGENT_SA = "system:serviceaccount:gpucloud-system:gpucloud-agent"
 SA_PREFIX = "system:serviceaccount:"
 IN_CLUSTER_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# how long a token read from a file is used before the file is read again
+TOKEN_REREAD_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -74,14 +79,60 @@ class StaticTokenAuthenticator:
         return None
 
 
+class FileToken(httpx.Auth):
+    """A bearer token kept in a file that something else rotates: a projected
+    ServiceAccount token, which the kubelet replaces about hourly and which then expires.
+
+    The file is read when this is made (a missing file fails at start), again when the
+    token in hand is ``reread_s`` old, and at once when the API server answers 401; the
+    request is then sent once more, only if the file held a different token (the same
+    one would be refused again)."""
+
+    requires_request_body = True  # a retried POST sends its body again
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        reread_s: float = TOKEN_REREAD_S,
+        monotonic: Callable[[], float] = monotonic,
+    ) -> None:
+        self.path = Path(path)
+        self.reread_s = reread_s
+        self._monotonic = monotonic
+        self._token = self.path.read_text().strip()
+        self._read_at = monotonic()
+
+    def token(self, force: bool = False) -> str:
+        now = self._monotonic()
+        if force or now - self._read_at >= self.reread_s:
+            # gone for a moment (an unmounted volume): keep the last token, try next time
+            with contextlib.suppress(OSError):
+                self._token = self.path.read_text().strip()
+            self._read_at = now
+        return self._token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        sent = self.token()
+        request.headers["Authorization"] = f"Bearer {sent}"
+        response = yield request
+        if response.status_code == 401:
+            fresh = self.token(force=True)
+            if fresh != sent:
+                request.headers["Authorization"] = f"Bearer {fresh}"
+                yield request
+
+
 @dataclass
 class ClusterAccess:
     """Enough of a kubeconfig to POST to the API server."""
 
     server: str
     verify: ssl.SSLContext | bool = True
-    bearer_token: str | None = None
+    bearer_token: str | None = None  # a literal token: never changes
     client_cert: tuple[str, str] | None = None
+    # a token from a file (in-cluster, kubeconfig tokenFile): re-read as it is rotated;
+    # one for every client of this access, so they read the file once between them
+    token_file: FileToken | None = None
     _tmpfiles: list[str] = field(default_factory=list)
 
     @classmethod
@@ -101,7 +152,13 @@ class ClusterAccess:
             ctx.load_verify_locations(cafile=ca)
         access.bearer_token = user.get("token")
         if user.get("tokenFile"):
-            access.bearer_token = Path(user["tokenFile"]).read_text().strip()
+            # as client-go reads it: the file, read again and again, wins over ``token``;
+            # relative to the kubeconfig's folder (as kubectl and gpucloud.cli resolve it)
+            token_path = Path(user["tokenFile"]).expanduser()
+            access.token_file = FileToken(
+                token_path if token_path.is_absolute() else base / token_path
+            )
+            access.bearer_token = None
         cert = access._material(user, "client-certificate", base)
         key = access._material(user, "client-key", base)
         if cert and key:
@@ -118,15 +175,19 @@ class ClusterAccess:
         return cls(
             server=f"https://{host}:{port}",
             verify=ssl.create_default_context(cafile=str(IN_CLUSTER_DIR / "ca.crt")),
-            bearer_token=(IN_CLUSTER_DIR / "token").read_text().strip(),
+            token_file=FileToken(IN_CLUSTER_DIR / "token"),
         )
 
     def async_client(self, timeout_s: float) -> httpx.AsyncClient:
-        """A client for this API server, authenticated as configured (bearer token; a
-        client certificate is in ``verify``'s SSL context)."""
+        """A client for this API server, authenticated as configured (bearer token, read
+        again as its file is rotated; a client certificate is in ``verify``'s SSL context)."""
         headers = {"Authorization": f"Bearer {self.bearer_token}"} if self.bearer_token else {}
         return httpx.AsyncClient(
-            base_url=self.server, verify=self.verify, timeout=timeout_s, headers=headers
+            base_url=self.server,
+            verify=self.verify,
+            timeout=timeout_s,
+            headers=headers,
+            auth=self.token_file,
         )
 
     def _material(self, section: dict[str, Any], key: str, base: Path) -> str | None:
