@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         clock,
         lambda ns, name, uid: instances.sweep_pass(ns, name, uid, view.get(ns, name)),
         retry_s=cfg.tick_interval_s,
+        refresh=instances.refresh_shown,  # the accruedCost and GPU refreshes, batched
         # with peering, only while Kopf works here (not a paused standby): the account
         # timer alone says so every account_interval_s
         lease_s=None if args.standalone else 4 * cfg.account_interval_s + 10,

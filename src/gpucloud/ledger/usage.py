@@ -9,7 +9,7 @@ wholly inside one meter's window (``_rate_new``, through ``Meters.charge``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Row, bindparam, func, select
 
 from gpucloud.ledger import admission, ingest, schema
 from gpucloud.ledger import validate as v
+from gpucloud.ledger.entries import BATCH
 from gpucloud.ledger.meters import Meters
 from gpucloud.ledger.store import Store
 from gpucloud.ledger.types import GpuActivity, IngestResult, UnratedUsage, UsageSummaryRow
@@ -284,6 +285,24 @@ class Usage:
         with self._s.read() as conn:
             subjects = conn.execute(rated.union(unrated)).scalars().all()
         return sorted(set(subjects))
+
+    def gpus_seen_by_pod(self, pod_uids: Iterable[str]) -> dict[str, list[str]]:
+        """``gpus_seen`` for many pods at once (one query per ``BATCH`` of them), by pod
+        UID; a pod with no GPU reported is absent. Same two paths: rated usage through
+        the pods' meters, unrated through the unrated index."""
+        pods = sorted(set(pod_uids))
+        found: dict[str, set[str]] = {}
+        gpu = UsageKind.GPU_TIME.value
+        with self._s.read() as conn:
+            for i in range(0, len(pods), BATCH):
+                chunk = [v.text(p, "pod_uid") for p in pods[i : i + BATCH]]
+                conds = [U.c.kind == gpu, U.c.owner.in_(chunk)]
+                pod_meters = select(M.c.meter_id).where(M.c.kind == gpu, M.c.subject.in_(chunk))
+                rated = select(U.c.owner, U.c.subject).where(U.c.meter_id.in_(pod_meters), *conds)
+                unrated = select(U.c.owner, U.c.subject).where(U.c.rated_until < U.c.end_s, *conds)
+                for owner, subject in conn.execute(rated.union(unrated)).all():
+                    found.setdefault(owner, set()).add(subject)
+        return {pod: sorted(gpus) for pod, gpus in found.items()}
 
     def gpu_activity(self, meter_id: str, *, since_s: int) -> list[GpuActivity]:
         """What the GPUs of a run did: its meter's records ending after ``since_s``
