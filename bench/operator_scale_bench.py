@@ -208,6 +208,7 @@ def main() -> int:
         time.sleep(IDLE_S)
         cpu = (cpu_s(proc.pid) - cpu0) / (time.monotonic() - w0) * 100
         rss = rss_mib(proc.pid)
+        print(f"# {memory_split(proc.pid)}", file=sys.stderr)
         stop_profiler(profiler)
         print(
             f"# load average before the idle window {load[0]:.2f} {load[1]:.2f}; "
@@ -250,6 +251,23 @@ def main() -> int:
         if proc is not None:
             stop_process(proc)
         tb.down()
+
+
+def memory_split(pid: int) -> str:
+    """Where the RSS is (``/proc/<pid>/smaps_rollup``): anonymous memory (the heap:
+    Python objects, the extensions' own, what malloc keeps) against file-backed pages
+    (the interpreter, shared libraries, mapped files); and the thread count."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        if rest.strip().endswith("kB"):
+            fields[name] = int(rest.split()[0]) / 1024
+    threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
+    return (
+        f"smaps_rollup: Rss {fields.get('Rss', 0):.0f} MiB, Anonymous "
+        f"{fields.get('Anonymous', 0):.0f} MiB, file-backed "
+        f"{fields.get('Rss', 0) - fields.get('Anonymous', 0):.0f} MiB; {threads} threads"
+    )
 
 
 if __name__ == "__main__":
