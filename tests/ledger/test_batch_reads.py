@@ -75,6 +75,7 @@ def test_get_meters_match_get_meter(ledger: Ledger) -> None:
 
 
 def test_gpus_seen_by_pod_match_gpus_seen(ledger: Ledger) -> None:
+    assert ledger.usage_watermark() == 0
     ledger.ensure_account("alice")
     _meter(ledger, "m1", "alice", "a/nb1", "pod-1", gpus=2)
     now = T0 + timedelta(seconds=300)
@@ -85,6 +86,10 @@ def test_gpus_seen_by_pod_match_gpus_seen(ledger: Ledger) -> None:
     )
     # not rated on arrival (no rate_at): found through the unrated index
     ledger.ingest_usage([gpu_record(T0_S + 100, gpu="GPU-a")], received_at=now)
+    mark = ledger.usage_watermark()
+    assert mark > 0
+    ledger.ingest_usage([gpu_record(T0_S + 10, gpu="GPU-b")], received_at=now)
+    assert ledger.usage_watermark() > mark  # a record stored since: it moved
     pods = ["pod-1", "pod-2", "pod-3"]
     got = ledger.gpus_seen_by_pod(pods)
     assert got == {"pod-1": ["GPU-a", "GPU-b"], "pod-2": ["GPU-x"]}

@@ -93,16 +93,24 @@ def test_due_refreshes_are_one_batch_and_show_what_the_runs_cost(world: World, m
     assert s.run_due() == 3 and passes == []
     assert calls == {"charges_by_resources": 1, "get_meters": 1, "gpus_seen_by_pod": 1}
     assert w.status("a")["gpus"] == ["GPU-a1"] and "gpus" not in w.status("b")
-    # the next of the first minute's lookups: the GPUs only, of b and c (a's all shown)
+    # the next of the first minute's lookups, of b and c (a's all shown): no usage was
+    # stored since the last, so the ledger is not asked again
     calls.clear()
     mono.t += 10
     assert s.run_due() == 2 and passes == []
-    assert calls == {"gpus_seen_by_pod": 1}
+    assert calls == {}
+    w.ledger.ingest_usage(usage(w, "c", "GPU-c1", 0, 10), received_at=w.clock.now())
+    calls.clear()
+    mono.t += 10
+    assert s.run_due() == 2 and passes == []
+    assert calls == {"gpus_seen_by_pod": 1}  # new usage: one query for both, no cost
+    assert w.status("c")["gpus"] == ["GPU-c1"] and "gpus" not in w.status("b")
     # the cost refresh, 1,000 s of clock after the start (the hour's end is not due)
     calls.clear()
     w.clock.advance(1000)
     mono.t += 60
     assert s.run_due() == 3 and passes == []
+    # with the cost, b's and c's GPUs are asked whatever the watermark (c: 1 of 2 shown)
     assert calls == {"charges_by_resources": 1, "get_meters": 1, "gpus_seen_by_pod": 1}
     # 5.20/h x 1,000 s = 1.444..; 9.80/h: 2.722..; 2 x 5.20/h: 2.888..; rounded once
     assert [w.status(n)["accruedCost"] for n in "abc"] == ["1.44", "2.72", "2.89"]

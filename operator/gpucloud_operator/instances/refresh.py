@@ -49,6 +49,9 @@ class Ticket:
     gpus_wanted: int  # the run's GPU count: all shown, no more lookups
     cost_shown: str | None  # status.accruedCost now
     gpus_shown: tuple[str, ...]  # status.gpus now
+    # the ledger's usage watermark when a refresh last looked the GPUs up: unchanged, no
+    # record was stored since, and a lookup between cost refreshes is skipped
+    gpus_mark: int | None = None
 
 
 def running_minor(meter: Meter | None, now: datetime, currency: str) -> int:
@@ -86,12 +89,14 @@ class Tickets:
         with self._lock:
             return self._rows.get(uid)
 
-    def shown(self, uid: str, cost: str | None, gpus: tuple[str, ...]) -> None:
-        """What a refresh showed (its patch went through)."""
+    def shown(self, uid: str, cost: str | None, gpus: tuple[str, ...], mark: int | None) -> None:
+        """What a refresh showed (its patch, if any, went through), and the usage
+        watermark of its GPUs' lookup (None: it did not look)."""
         with self._lock:
             row = self._rows.get(uid)
             if row is not None:
-                self._rows[uid] = replace(row, cost_shown=cost, gpus_shown=gpus)
+                mark = row.gpus_mark if mark is None else mark
+                self._rows[uid] = replace(row, cost_shown=cost, gpus_shown=gpus, gpus_mark=mark)
 
     def __len__(self) -> int:
         with self._lock:

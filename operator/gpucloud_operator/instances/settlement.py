@@ -228,6 +228,16 @@ class Settlement(Core):
             for uid, t in tickets
             if not (self._gpus_known.get(uid) == t.pod_uid and len(t.gpus_shown) >= t.gpus_wanted)
         }
+        # the GPUs' first-minute lookups between cost refreshes only when usage was
+        # stored since the last (kwok has no agents: they were half the refreshes' CPU);
+        # the cost refresh looks whatever the watermark says (a PostgreSQL record may
+        # commit below it), so a skipped one waits a cost_refresh_s at most
+        mark = self.ledger.usage_watermark() if gpus_due else None
+        gpus_due = {
+            uid
+            for uid, t in tickets
+            if uid in gpus_due and (uid in cost_due or t.gpus_mark != mark)
+        }
         costed = [t for uid, t in tickets if uid in cost_due]
         pods = [t.pod_uid for uid, t in tickets if uid in gpus_due]
         posted: dict[tuple[str, str], int] = {}
@@ -258,7 +268,7 @@ class Settlement(Core):
                     with self._guard:
                         self._status_written.add(uid)
                     self._saw_version(uid, patched)
-                    self._tickets.shown(uid, cost, gpus)
+                self._tickets.shown(uid, cost, gpus, mark if uid in gpus_due else None)
             except Exception:
                 log.exception("refresh of %s/%s failed", t.namespace, t.name)
                 self._refreshed(uid, self.cfg.tick_interval_s)

@@ -31,6 +31,18 @@ BATCH = 500  # items per IN list of the batch reads (well under SQLite's variabl
 ENTRY_BY_KEY = select(E).where(E.c.key == bindparam("key"))
 LOCK_ACCOUNT = select(A).where(A.c.id == bindparam("acct_id")).with_for_update()
 _INSERT_ENTRY = insert(E).returning(E.c.id)
+# the batch read of ``charges_by_resources``: IN lists as expanding parameters, so the
+# statement is built and compiled once, whatever the lists' lengths
+_CHARGES_OF = (
+    select(A.c.name, E.c.resource, func.sum(E.c.amount_minor))
+    .join(A, A.c.id == E.c.account_id)
+    .where(
+        A.c.name.in_(bindparam("names", expanding=True)),
+        E.c.resource.in_(bindparam("resources", expanding=True)),
+        E.c.kind == bindparam("kind"),
+    )
+    .group_by(A.c.name, E.c.resource)
+)
 _SET_BALANCE = update(A).where(A.c.id == bindparam("acct_id")).values(balance_minor=bindparam("b"))
 
 
@@ -257,17 +269,15 @@ class Entries:
             for i in range(0, len(items), BATCH):
                 chunk = items[i : i + BATCH]
                 rows = conn.execute(
-                    select(A.c.name, E.c.resource, func.sum(E.c.amount_minor))
-                    .join(A, A.c.id == E.c.account_id)
-                    .where(
-                        A.c.name.in_({a for a, _ in chunk}),
-                        E.c.resource.in_({res for _, res in chunk}),
-                        E.c.kind == EntryKind.CHARGE.value,
-                    )
-                    .group_by(A.c.name, E.c.resource)
+                    _CHARGES_OF,
+                    {
+                        "names": sorted({a for a, _ in chunk}),
+                        "resources": sorted({res for _, res in chunk}),
+                        "kind": EntryKind.CHARGE.value,
+                    },
                 ).all()
                 for name, res, total in rows:
-                    if (name, res) in wanted:  # not a cross pair of the chunk's sets
+                    if (name, res) in wanted:  # not a cross pair of the chunk's lists
                         out[(name, res)] = -int(total)
         return out
 

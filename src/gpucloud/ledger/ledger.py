@@ -183,6 +183,7 @@ class Ledger:
     usage_summary = _to("_usage", Usage.usage_summary)
     gpus_seen = _to("_usage", Usage.gpus_seen)
     gpus_seen_by_pod = _to("_usage", Usage.gpus_seen_by_pod)
+    usage_watermark = _to("_usage", Usage.usage_watermark)
     gpu_activity = _to("_usage", Usage.gpu_activity)
 
     # -- meters (meters.py) ------------------------------------------------------------

@@ -31,6 +31,7 @@ from gpucloud.ledger.store import Store
 from gpucloud.ledger.types import EntryKind, Meter, MeterKind, MeterUnit
 
 M, U = schema.meters, schema.usage
+_METERS_BY_ID = select(M).where(M.c.meter_id.in_(bindparam("ids", expanding=True)))
 _RATE_CHUNK = 20_000  # usage rows rated per transaction and meter
 
 _SET_METER = (
@@ -302,7 +303,7 @@ class Meters:
         rows: list[Row[Any]] = []
         with self._s.read() as conn:
             for i in range(0, len(ids), BATCH):
-                rows += conn.execute(select(M).where(M.c.meter_id.in_(ids[i : i + BATCH]))).all()
+                rows += conn.execute(_METERS_BY_ID, {"ids": ids[i : i + BATCH]}).all()
             names = self._s.names(conn, {r.account_id for r in rows})
         return {r.meter_id: meter_of(r, names[r.account_id]) for r in rows}
 
