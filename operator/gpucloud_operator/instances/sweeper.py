@@ -15,7 +15,9 @@ Rules:
 2. **Keyed by the injected clock.** The time rules (package expiry and reminder, the
    storage hour, the metering grace, an idle check, a spot notice, a budget month) are
    clock instants; the schedule is checked every ``check_s`` real seconds, so a file
-   clock that jumps makes everything due at once, at the next check.
+   clock that jumps makes everything due at once, at the next check. Real-time
+   deadlines are checked at the same looks (up to ``check_s`` late), so that the
+   refreshes due within one look go together.
 3. **Real seconds** only for what is counted in real seconds (the accruedCost refresh,
    the first minute of a run waiting for its GPUs' report) and for the cap.
 3a. **Two kinds of work** (``Work``). A whole pass (``PASS``) for every time rule, a
@@ -388,8 +390,7 @@ class Sweeper:
                 chunk = refreshes[i : i + self.batch]
                 self._submit(lambda chunk=chunk: self._refresh_batch(chunk))
                 self.refreshes += len(chunk)
+            # one look per ``check_s``, not one per deadline: the refreshes that fell due
+            # meanwhile go as one batch (waking for each deadline made batches of one)
             with self._cv:
-                wait, mono = self.check_s, self._monotonic()
-                if self._by_real and not self._standing_by(mono):  # else: due ones wait
-                    wait = min(wait, self._by_real[0][0] - mono)
-                self._cv.wait(timeout=max(wait, 0.01))
+                self._cv.wait(timeout=self.check_s)
