@@ -15,7 +15,8 @@ x seconds, rounded once) and one hour of its storage quota.
 when one is, or when not all ran. BENCH_SCALE_INSTANCES / BENCH_SCALE_NODES shrink it
 (e.g. 100 / 25 for a try). Runs its own test bed cluster (GPUCLOUD_TESTBED_NAME, default
 ``gpucloud-opscale``) and deletes it afterwards; BENCH_PROFILE=<file> records the
-operator's idle window with py-spy.
+operator's idle window with py-spy; BENCH_IDLE_S its length (60 s);
+BENCH_MALLOC_ARENA_MAX the operator's malloc arenas (2, as its image; ``default``: glibc's).
 """
 
 from __future__ import annotations
@@ -171,7 +172,13 @@ def main() -> int:
             ledger.ensure_account(ns, "CNY")
             ledger.post_entry(ns, EntryKind.RECHARGE, 10**9, f"fund-{ns}", at=T0)
         tb.apply(docs)
-        proc = start_operator(tmp, kubeconfig, clock, url, GPUCLOUD_OPERATOR_TICK_INTERVAL_S=TICK_S)
+        # as the operator's image sets it (Dockerfile); BENCH_MALLOC_ARENA_MAX=default for
+        # glibc's own (8 arenas per core)
+        arenas = os.environ.get("BENCH_MALLOC_ARENA_MAX", "2")
+        malloc = {} if arenas == "default" else {"MALLOC_ARENA_MAX": arenas}
+        proc = start_operator(
+            tmp, kubeconfig, clock, url, GPUCLOUD_OPERATOR_TICK_INTERVAL_S=TICK_S, **malloc
+        )
         kubernetes.config.load_kube_config(str(kubeconfig))
         api = kubernetes.client.CustomObjectsApi()
         watch = PhaseWatch(tb, namespace=None)
