@@ -15,7 +15,8 @@ x seconds, rounded once) and one hour of its storage quota.
 when one is, or when not all ran. BENCH_SCALE_INSTANCES / BENCH_SCALE_NODES shrink it
 (e.g. 100 / 25 for a try). Runs its own test bed cluster (GPUCLOUD_TESTBED_NAME, default
 ``gpucloud-opscale``) and deletes it afterwards; BENCH_PROFILE=<file> records the
-operator's idle window with py-spy.
+operator's idle window with py-spy; BENCH_IDLE_S its length (60 s);
+BENCH_MALLOC_ARENA_MAX the operator's malloc arenas (2, as its image; ``default``: glibc's).
 """
 
 from __future__ import annotations
@@ -171,7 +172,13 @@ def main() -> int:
             ledger.ensure_account(ns, "CNY")
             ledger.post_entry(ns, EntryKind.RECHARGE, 10**9, f"fund-{ns}", at=T0)
         tb.apply(docs)
-        proc = start_operator(tmp, kubeconfig, clock, url, GPUCLOUD_OPERATOR_TICK_INTERVAL_S=TICK_S)
+        # as the operator's image sets it (Dockerfile); BENCH_MALLOC_ARENA_MAX=default for
+        # glibc's own (8 arenas per core)
+        arenas = os.environ.get("BENCH_MALLOC_ARENA_MAX", "2")
+        malloc = {} if arenas == "default" else {"MALLOC_ARENA_MAX": arenas}
+        proc = start_operator(
+            tmp, kubeconfig, clock, url, GPUCLOUD_OPERATOR_TICK_INTERVAL_S=TICK_S, **malloc
+        )
         kubernetes.config.load_kube_config(str(kubeconfig))
         api = kubernetes.client.CustomObjectsApi()
         watch = PhaseWatch(tb, namespace=None)
@@ -208,6 +215,7 @@ def main() -> int:
         time.sleep(IDLE_S)
         cpu = (cpu_s(proc.pid) - cpu0) / (time.monotonic() - w0) * 100
         rss = rss_mib(proc.pid)
+        print(f"# {memory_split(proc.pid)}", file=sys.stderr)
         stop_profiler(profiler)
         print(
             f"# load average before the idle window {load[0]:.2f} {load[1]:.2f}; "
@@ -250,6 +258,23 @@ def main() -> int:
         if proc is not None:
             stop_process(proc)
         tb.down()
+
+
+def memory_split(pid: int) -> str:
+    """Where the RSS is (``/proc/<pid>/smaps_rollup``): anonymous memory (the heap:
+    Python objects, the extensions' own, what malloc keeps) against file-backed pages
+    (the interpreter, shared libraries, mapped files); and the thread count."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        if rest.strip().endswith("kB"):
+            fields[name] = int(rest.split()[0]) / 1024
+    threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
+    return (
+        f"smaps_rollup: Rss {fields.get('Rss', 0):.0f} MiB, Anonymous "
+        f"{fields.get('Anonymous', 0):.0f} MiB, file-backed "
+        f"{fields.get('Rss', 0) - fields.get('Anonymous', 0):.0f} MiB; {threads} threads"
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from kubernetes.client.rest import ApiException
 
 from gpucloud.gpu_kinds import offered_product
 from gpucloud.kube_names import GPU_RESOURCE, GROUP, MANAGED_BY, PRODUCT_LABEL, VERSION
-from gpucloud_operator.cluster_view import ClusterView
+from gpucloud_operator.cluster_view import ClusterView, pod_row
 from gpucloud_operator.placement import NodeGPUs
 
 Obj = dict[str, Any]
@@ -58,7 +58,7 @@ class Kube:
         (``ClusterView``); the caller routes the events of its watch to the view.
         ``pods``: the pods this operator made (``MANAGED_BY``), for ``seen_pod``."""
         if plural == "pods":
-            view = ClusterView(plural, self._list_managed_pods, resync_s)
+            view = ClusterView(plural, self._list_managed_pods, resync_s, row=pod_row)
         else:
             view = ClusterView(plural, lambda: self._list_with_version(plural), resync_s)
         self.views[plural] = view
@@ -211,8 +211,9 @@ class Kube:
         return pod
 
     def seen_pod(self, namespace: str, name: str) -> Obj | None:
-        """The pod as the watch last showed it (``get_pod`` without a pods view). For
-        a check repeated on every tick; what it says is gone, ask ``get_pod`` again."""
+        """The pod as the watch last showed it (``get_pod`` without a pods view), as
+        the view keeps it: only ``cluster_view.pod_row``'s fields. For a check repeated on
+        every tick; what it says is gone, ask ``get_pod`` again."""
         view = self.views.get("pods")
         return self.get_pod(namespace, name) if view is None else view.get(namespace, name)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 from typing import Any
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         clock,
         lambda ns, name, uid: instances.sweep_pass(ns, name, uid, view.get(ns, name)),
         retry_s=cfg.tick_interval_s,
+        refresh=instances.refresh_shown,  # the accruedCost and GPU refreshes, batched
         # with peering, only while Kopf works here (not a paused standby): the account
         # timer alone says so every account_interval_s
         lease_s=None if args.standalone else 4 * cfg.account_interval_s + 10,
@@ -119,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: object) -> None:
         configure(settings, cfg)
+        # what importing and starting made (modules, schemas, clients) lives as long as
+        # the process: out of the collector's sight, so full collections skip it
+        gc.freeze()
 
     # Cluster-scoped kinds (Account, PriceBook, RechargeReview) need cluster-wide watching;
     # --namespace narrows the namespaced kinds through a filter (cfg.namespaces).

@@ -13,6 +13,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from gpucloud_operator.cluster_view import pod_row
 from gpucloud_operator.placement import NodeGPUs
 
 Obj = dict[str, Any]
@@ -136,7 +137,8 @@ class FakeKube:
         (``unseen_pods``: pods the view has not seen yet)."""
         if (namespace, name) in self.unseen_pods:
             return None
-        return self.get_pod(namespace, name)
+        pod = self.pods.get((namespace, name))
+        return pod_row(pod) if pod else None  # only what the real view keeps
 
     def create_pod(self, pod: Obj) -> Obj:
         key = (pod["metadata"]["namespace"], pod["metadata"]["name"])

@@ -194,3 +194,45 @@ def test_rows_leave_out_managed_fields_and_share_the_rest():
     (row,) = view.objects()
     assert "managedFields" not in row["metadata"] and row["status"] is body["status"]
     assert "managedFields" in body["metadata"]  # the event's own body is left as it was
+
+
+def test_the_pods_view_keeps_only_what_its_reader_reads():
+    """``pod_row``: the run label, uid, node and phase that ``_observe_running`` reads,
+    and the key and version; a pod built as the operator builds it, with a status as a
+    node would give it, keeps nothing else."""
+    from gpucloud_operator import builders as b
+    from gpucloud_operator.cluster_view import pod_row
+
+    inst = {
+        "apiVersion": "gpucloud.dev/v1alpha1",
+        "kind": "GPUInstance",
+        "metadata": {"name": "nb", "namespace": "team-a", "uid": "u-1"},
+        "spec": {
+            "gpu": {"product": "NVIDIA-L40S", "count": 2},
+            "billing": {"mode": "PayAsYouGo"},
+            "storage": {"quotaGi": 20},
+            "state": "Running",
+        },
+    }
+    pod = b.build_instance_pod(inst, 3)
+    pod["metadata"] |= {"uid": "p-1", "resourceVersion": "42", "managedFields": [{}]}
+    pod["spec"]["nodeName"] = "gpu-0"
+    pod["status"] = {"phase": "Running", "conditions": [{"type": "Ready"}], "podIP": "10.0.0.1"}
+    row = pod_row(pod)
+    assert row == {
+        "metadata": {
+            "name": "nb-gpu",
+            "namespace": "team-a",
+            "uid": "p-1",
+            "resourceVersion": "42",
+            "labels": pod["metadata"]["labels"],
+        },
+        "spec": {"nodeName": "gpu-0"},
+        "status": {"phase": "Running"},
+    }
+    assert row["metadata"]["labels"][b.RUN_LABEL] == "3"
+    view = ClusterView("pods", Lister(), monotonic=Clock(), row=pod_row)
+    view.saw(pod)
+    assert view.get("team-a", "nb-gpu") == row
+    view.saw({**pod, "metadata": {**pod["metadata"], "resourceVersion": "41"}})
+    assert view.get("team-a", "nb-gpu") == row  # an older event: the version rule holds

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from gpucloud_operator.config import OperatorConfig
-from gpucloud_operator.instances.sweeper import Due, Seen, Sweeper, next_due
+from gpucloud_operator.instances.sweeper import Due, Seen, Sweeper, Work, next_due
 from gpucloud_operator.rules import fmt
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -132,33 +132,48 @@ ops = st.lists(
 def test_no_due_pass_is_ever_skipped(steps: list[tuple[str, int, int]]) -> None:
     """Against a model: after any sequence of schedule changes and clock moves, each
     round takes exactly the instances whose latest wish is due, by clock or real time,
-    and every wish is taken once time has passed it."""
+    as whole passes, and as refreshes those whose only due thing is their refresh (once
+    each until ``refreshed``); every wish is taken once time has passed it."""
     clock, mono, ran = ManualClock(T0), Mono(), []
-    s = sweeper(clock, mono, ran)
-    model: dict[str, tuple[datetime, float]] = {}
+    refreshed: list[str] = []
+    s = Sweeper(clock, lambda ns, name, uid: ran.append(uid), retry_s=10, monotonic=mono,
+                refresh=lambda items: refreshed.extend(u for _, _, u in items))  # fmt: skip
+    # uid -> (clock instant, pass deadline, refresh deadline or None)
+    model: dict[str, tuple[datetime, float, float | None]] = {}
     for op, i, sec in steps:
         uid = f"u{i}"
         if op == "due":
-            s.due(uid, NS, uid, Due(at=clock.now() + timedelta(seconds=sec), real_s=sec + 5))
-            model[uid] = (clock.now() + timedelta(seconds=sec), mono.t + sec + 5)
+            refresh = sec // 2 + 1 if i % 2 else None
+            s.due(uid, NS, uid, Due(at=clock.now() + timedelta(seconds=sec), real_s=sec + 5,
+                                    refresh_s=refresh))  # fmt: skip
+            model[uid] = (
+                clock.now() + timedelta(seconds=sec),
+                mono.t + sec + 5,
+                None if refresh is None else mono.t + refresh,
+            )
         elif op == "earlier":
             at = clock.now() + timedelta(seconds=sec)
             s.earlier(uid, NS, uid, at)
             old = model.get(uid)
             if old is None:
-                model[uid] = (at, mono.t + 10)
+                model[uid] = (at, mono.t + 10, None)
             elif at < old[0]:
-                model[uid] = (at, old[1])
+                model[uid] = (at, old[1], old[2])
         elif op == "advance":
             clock.advance(sec)
         else:
             mono.t += sec
-        due = {u for u, (at, dl) in model.items() if at <= clock.now() or dl <= mono.t}
+        due = {u for u, (at, dl, _) in model.items() if at <= clock.now() or dl <= mono.t}
+        fresh = {u for u, (_, _, rf) in model.items() if u not in due and rf and rf <= mono.t}
         ran.clear()
+        refreshed.clear()
         s.run_due()
         assert sorted(ran) == sorted(due)
+        assert sorted(refreshed) == sorted(fresh)
         for u in due:
             del model[u]
+        for u in fresh:
+            model[u] = (model[u][0], model[u][1], None)  # in flight: not again
     clock.advance(timedelta(days=1))
     ran.clear()
     s.run_due()
@@ -244,6 +259,79 @@ def test_an_idle_policy_is_checked_a_clock_minute_after_the_last_check() -> None
 def test_the_gpus_first_lookups_keep_the_busy_pace() -> None:
     due = next_due(Seen(status=running(), now=T0, cost_left_s=60, eager_left_s=30), CFG, 60)
     assert due.real_s == 10
+
+
+# -- what kind of work is due (rule 3a) ----------------------------------------------
+def test_a_refreshable_run_s_cost_refresh_is_a_refresh_not_a_pass() -> None:
+    cfg = OperatorConfig(sweep_max_interval_s=300, tick_interval_s=10)
+    seen = Seen(status=running(), now=T0, cost_left_s=60, refreshable=True)
+    due = next_due(seen, cfg, 60)
+    assert (due.real_s, due.refresh_s) == (300, 60)  # the cap stays the pass's
+    assert due.work(T0, 59.9) is None
+    assert due.work(T0, 60) is Work.REFRESH
+    assert due.work(T0, 300) is Work.PASS  # the cap: a whole pass
+    assert due.work(due.at, 60) is Work.PASS  # a clock rule wins over a refresh
+
+
+def test_the_gpus_first_lookups_are_refreshes_at_the_busy_pace() -> None:
+    seen = Seen(status=running(), now=T0, cost_left_s=60, eager_left_s=30, refreshable=True)
+    due = next_due(seen, CFG, 60)
+    assert due.refresh_s == 10 and due.real_s == 300
+
+
+def test_without_a_ticket_the_refresh_is_a_whole_pass() -> None:
+    due = next_due(Seen(status=running(), now=T0, cost_left_s=42.5), CFG, 60)
+    assert (due.real_s, due.refresh_s) == (42.5, None)
+    assert due.work(T0, 42.5) is Work.PASS
+
+
+def test_a_busy_instance_gets_no_refresh_of_its_own() -> None:
+    """Its passes come every tick anyway, each refreshing what is due."""
+    seen = Seen(status=running(), now=T0, in_arrears=True, cost_left_s=60, refreshable=True)
+    due = next_due(seen, CFG, 60)
+    assert (due.real_s, due.refresh_s) == (10, None)
+
+
+def test_a_due_refresh_keeps_the_entry_s_pass_deadlines() -> None:
+    clock, mono, ran = ManualClock(T0), Mono(), []
+    batches: list[list[str]] = []
+    s = Sweeper(clock, lambda ns, name, uid: ran.append(uid), retry_s=10, monotonic=mono,
+                refresh=lambda items: batches.append([u for _, _, u in items]))  # fmt: skip
+    for i in range(3):
+        s.due(f"u{i}", NS, f"i{i}", Due(at=T0 + timedelta(seconds=100), real_s=300, refresh_s=60))
+    mono.t += 60
+    assert s.run_due() == 3 and ran == [] and batches == [["u0", "u1", "u2"]]
+    assert s.when("u0") == (T0 + timedelta(seconds=100), 1300.0)  # pass deadlines kept
+    assert s.refresh_at("u0") is None  # in flight until ``refreshed``
+    assert s.run_due() == 0
+    s.refreshed("u0", 60)
+    assert s.refresh_at("u0") == mono.t + 60
+    clock.advance(100)  # the clock rule: whole passes, not refreshes
+    assert s.run_due() == 3 and sorted(ran) == ["u0", "u1", "u2"] and len(batches) == 1
+    assert len(s) == 0
+    s.refreshed("u0", 60)  # a refresh that ends after a pass took the entry: no entry
+    assert len(s) == 0
+
+
+def test_a_failed_refresh_batch_is_asked_again_at_the_busy_pace() -> None:
+    clock, mono = ManualClock(T0), Mono()
+
+    def fail(items: list) -> None:
+        raise RuntimeError("ledger down")
+
+    s = Sweeper(clock, lambda *a: None, retry_s=10, monotonic=mono, refresh=fail)
+    s.due("u1", NS, "a", Due(at=T0 + timedelta(hours=1), real_s=300, refresh_s=5))
+    mono.t += 5
+    assert s.run_due() == 1
+    assert s.refresh_at("u1") == mono.t + 10
+
+
+def test_without_a_refresher_a_due_refresh_runs_as_a_pass() -> None:
+    clock, mono, ran = ManualClock(T0), Mono(), []
+    s = sweeper(clock, mono, ran)
+    s.due("u1", NS, "a", Due(at=T0 + timedelta(hours=1), real_s=300, refresh_s=5))
+    mono.t += 5
+    assert s.run_due() == 1 and ran == ["u1"] and len(s) == 0
 
 
 statuses = st.fixed_dictionaries(

@@ -112,6 +112,12 @@ attribute                 guarded by         what it is, and what a stale entry 
                           (per entry)        whose GPUs ``status.gpus`` shows in full:
                                              the cost refresh skips the ledger lookup.
                                              Dropped on release; a miss only asks again.
+``_tickets``              instance lock      settlement: uid -> what the batched refresh
+                          (per entry; the    of accruedCost and status.gpus needs, as the
+                          table: its own     last pass left it (``instances/refresh.py``,
+                          leaf lock)         whose rules it follows): put or dropped at
+                                             the end of every pass, dropped on release.
+                                             A miss makes the refresh a whole pass.
 ``_idle_checked``         instance lock      idle GPUs: uid -> the clock instant of its last
                           (per entry)        check (one ledger read a minute per instance;
                                              a miss only checks again).
@@ -130,7 +136,10 @@ Tunables the tests turn: ``accrual_reuse_s`` (admission), ``claim_recheck_s`` (s
 ``notice_lock_s`` (preemption), ``idle_check_s`` (idle GPUs, clock seconds).
 The sweeper (``instances/sweeper.py``) runs the passes nothing else asks for, taking
 the instance lock like a timer tick did (``wait=False``); each pass sets the instance's
-next entry under the instance lock (``InstanceReconciler._schedule``).
+next entry under the instance lock (``InstanceReconciler._schedule``). Its batched
+refreshes (``Settlement.refresh_shown``) take the lock of each instance of the batch
+without waiting, skipping those a pass holds, so one thread may hold many instance
+locks at once; it never waits for one while holding others, so none can deadlock.
 ``_later`` runs the claim rechecks (``Storage._nudge_claim``) on its own thread; they take
 ``_guard`` only, not the instance lock: they read the volume and touch the claim's
 annotations, nothing a pass writes. It also runs the passes asked for at an instant
@@ -149,6 +158,7 @@ from gpucloud.ledger import Ledger, Unposted
 from gpucloud_operator import rules as r
 from gpucloud_operator.config import OperatorConfig
 from gpucloud_operator.instances.kubeapi import KubeAPI, Obj
+from gpucloud_operator.instances.refresh import Tickets
 from gpucloud_operator.instances.sweeper import Sweeper
 from gpucloud_operator.later import Later
 from gpucloud_operator.metrics import NoticeCounters, SpotMetrics
@@ -206,6 +216,7 @@ class ReconcilerState:
         self._gpus_asked: dict[str, tuple[str, float]] = {}  # uid -> (pod uid, first ask)
         self._gpus_known: dict[str, str] = {}  # uid -> pod uid whose GPUs status shows
         self.gpus_eager_s = 60.0
+        self._tickets = Tickets()  # a room of its own: instances/refresh.py
         # idle GPUs
         self._idle_checked: dict[str, datetime] = {}
         self.idle_check_s = 60

@@ -50,6 +50,8 @@ class Pass:
     # the instance's pod as the event showed it, or that its claim is Bound.
     pod_seen: Obj | None = None
     claim_bound: bool = False
+    # the run's pod uid, once a Running pass saw that pod still runs (a refresh ticket)
+    pod_uid: str = ""
 
     @property
     def meta(self) -> Obj:

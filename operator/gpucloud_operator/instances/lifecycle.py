@@ -366,6 +366,8 @@ class Lifecycle(Core):
             self._patch(p, changes)
             crash_point("billing-saved")
             self._ensure_meter(p, pod)
+        p.pod_uid = pod["metadata"]["uid"]  # the run's pod: what a refresh asks about
+        self._gpus_eager(p, pod)  # the GPUs' first lookups start with the run
         self._event(
             p, "Normal", "Started", f"running on {node} since {r.fmt(since)}, billed as {key}"
         )
@@ -393,6 +395,7 @@ class Lifecycle(Core):
             return
         assert pod is not None
         self._ensure_meter(p, pod)
+        p.pod_uid = pod["metadata"]["uid"]
         refreshed = self._update_cost(p, force=False)
         if refreshed or (not p.status.get("gpus") and self._gpus_eager(p, pod)):
             self._show_gpus(p, pod)
@@ -497,4 +500,5 @@ class Lifecycle(Core):
         self._gpus_asked.pop(p.uid, None)
         self._gpus_known.pop(p.uid, None)
         self._cost_shown.pop(p.uid, None)
+        self._tickets.drop(p.uid)
         return True

@@ -143,6 +143,11 @@ class InstanceReconciler(
         idle_applies = policy is not None and running and bool(p.status.get("meterId"))
         cost = self._cost_shown.get(p.uid)
         asked = self._gpus_asked.get(p.uid)
+        ticket = None if failed else self._ticket(p)
+        if ticket is None:
+            self._tickets.drop(p.uid)
+        else:
+            self._tickets.put(p.uid, ticket)
         seen = Seen(
             status=p.status,
             now=p.now,
@@ -159,10 +164,12 @@ class InstanceReconciler(
                 if running and asked is not None and not p.status.get("gpus")
                 else None
             ),
+            refreshable=ticket is not None,
         )
         self.sweeper.due(p.uid, p.ns, p.name, next_due(seen, self.cfg, self.idle_check_s))
 
     def _unschedule(self, uid: str) -> None:
+        self._tickets.drop(uid)
         if self.sweeper is not None:
             self.sweeper.forget(uid)
 

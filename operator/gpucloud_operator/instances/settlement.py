@@ -7,17 +7,22 @@ status.accruedCost and status.gpus, for display (the ledger is the record)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 from datetime import datetime, timedelta
-from fractions import Fraction
 
-from gpucloud.billing import format_money, to_minor
 from gpucloud.clock import monotonic
-from gpucloud.ledger import NotFound
+from gpucloud.ledger import Meter, NotFound
 from gpucloud_operator import builders as b
 from gpucloud_operator import rules as r
 from gpucloud_operator.crash import crash_point
 from gpucloud_operator.instances.core import Core, Pass
-from gpucloud_operator.instances.kubeapi import Obj
+from gpucloud_operator.instances.kubeapi import PLURAL, Obj
+from gpucloud_operator.instances.refresh import Ticket, cost_text, running_minor
+from gpucloud_operator.instances.sweeper import refresh_after
+
+log = logging.getLogger(__name__)
 
 
 class Settlement(Core):
@@ -120,19 +125,13 @@ class Settlement(Core):
             return False
         self._cost_shown[p.uid] = monotonic()
         posted = self.ledger.charges_by_resource(p.account).get(p.resource, 0)
-        running = 0
+        meter = None
         meter_id = p.status.get("meterId")
         if meter_id and p.phase == "Running":
-            try:
-                m = self.ledger.get_meter(meter_id)
-            except NotFound:
-                m = None
-            if m is not None and m.closed_at is None:
-                seconds = max(0, int((p.now - m.opened_at).total_seconds()))
-                exact = Fraction(m.unit_price) * m.gpus * max(seconds, 0) / 3600
-                running = max(0, to_minor(exact, p.pb.currency) - m.posted_minor)
-        cost = format_money(posted + running, p.pb.currency).split()[0]
-        self._patch(p, {"accruedCost": cost})
+            with contextlib.suppress(NotFound):  # not opened yet: nothing running
+                meter = self.ledger.get_meter(meter_id)
+        running = running_minor(meter, p.now, p.pb.currency)
+        self._patch(p, {"accruedCost": cost_text(posted + running, p.pb.currency)})
         return True
 
     def _gpus_eager(self, p: Pass, pod: Obj) -> bool:
@@ -159,3 +158,133 @@ class Settlement(Core):
         if gpus:
             self._patch(p, {"gpus": gpus})
             self._gpus_known[p.uid] = pod_uid
+
+    # -- the refresh without a whole pass (instances/refresh.py; sweeper rule 3a) --------
+    def _ticket(self, p: Pass) -> Ticket | None:
+        """What a refresh of this instance needs, if its pass left it running with a meter
+        this process opened and saw its run's pod (``_observe_running``); else None."""
+        meter_id = p.status.get("meterId") or ""  # none: a package's run, charged ahead
+        if (
+            p.phase != "Running"
+            or not p.pod_uid
+            or (meter_id and meter_id not in self._open_meters)
+            or p.pb is None
+            or not p.account
+        ):
+            return None
+        return Ticket(
+            namespace=p.ns,
+            name=p.name,
+            account=p.account,
+            resource=p.resource,
+            meter_id=meter_id,
+            currency=p.pb.currency,
+            pod_uid=p.pod_uid,
+            gpus_wanted=p.count,
+            cost_shown=p.status.get("accruedCost"),
+            gpus_shown=tuple(p.status.get("gpus") or ()),
+        )
+
+    def refresh_shown(self, items: list[tuple[str, str, str]]) -> None:
+        """The sweeper's refreshes due at one check (namespace, name, uid): accruedCost
+        and the GPUs' lookup of each, as ``_update_cost`` and ``_show_gpus`` would, but
+        with one ledger query each for all of them, and a status patch only where the
+        shown value changed. An instance whose lock a pass holds is left to that pass;
+        one without a ticket gets a whole pass."""
+        held: list[tuple[str, Ticket, threading.Lock]] = []
+        whole: list[tuple[str, str, str]] = []
+        try:
+            for ns, name, uid in items:
+                lock = self._lock(self._locks, uid)
+                if not lock.acquire(blocking=False):
+                    self._refreshed(uid, self.cfg.tick_interval_s)  # the pass may be done
+                    continue
+                ticket = self._tickets.get(uid)
+                if ticket is None:
+                    lock.release()
+                    whole.append((ns, name, uid))
+                else:
+                    held.append((uid, ticket, lock))
+            if held:
+                self._refresh_held([(uid, t) for uid, t, _ in held])
+        finally:
+            for _, _, lock in held:
+                lock.release()
+        for ns, name, uid in whole:
+            self._reconcile_fresh(ns, name, uid, wait=False)
+
+    def _refresh_held(self, tickets: list[tuple[str, Ticket]]) -> None:
+        """Under each instance's lock: the batch reads, then one patch per change."""
+        now, mono = r.second(self.clock.now()), monotonic()
+        slack = self.sweeper.check_s if self.sweeper is not None else 1.0
+        cost_due = {
+            uid
+            for uid, _ in tickets
+            if (last := self._cost_shown.get(uid)) is None
+            or mono - last >= self.cfg.cost_refresh_s - slack
+        }
+        gpus_due = {
+            uid
+            for uid, t in tickets
+            if not (self._gpus_known.get(uid) == t.pod_uid and len(t.gpus_shown) >= t.gpus_wanted)
+        }
+        # the GPUs' first-minute lookups between cost refreshes only when usage was
+        # stored since the last (kwok has no agents: they were half the refreshes' CPU);
+        # the cost refresh looks whatever the watermark says (a PostgreSQL record may
+        # commit below it), so a skipped one waits a cost_refresh_s at most
+        mark = self.ledger.usage_watermark() if gpus_due else None
+        gpus_due = {
+            uid
+            for uid, t in tickets
+            if uid in gpus_due and (uid in cost_due or t.gpus_mark != mark)
+        }
+        costed = [t for uid, t in tickets if uid in cost_due]
+        pods = [t.pod_uid for uid, t in tickets if uid in gpus_due]
+        posted: dict[tuple[str, str], int] = {}
+        meters: dict[str, Meter] = {}
+        if costed:
+            posted = self.ledger.charges_by_resources((t.account, t.resource) for t in costed)
+            meters = self.ledger.get_meters(t.meter_id for t in costed if t.meter_id)
+        seen = self.ledger.gpus_seen_by_pod(pods) if pods else {}
+        for uid, t in tickets:
+            cost, gpus = t.cost_shown, t.gpus_shown
+            if uid in cost_due:
+                self._cost_shown[uid] = mono
+                owed = posted.get((t.account, t.resource), 0)
+                owed += running_minor(meters.get(t.meter_id), now, t.currency)
+                cost = cost_text(owed, t.currency)
+            found = seen.get(t.pod_uid)
+            if found:
+                gpus = tuple(found)
+                self._gpus_known[uid] = t.pod_uid
+            changes: Obj = {}
+            if cost is not None and cost != t.cost_shown:
+                changes["accruedCost"] = cost
+            if gpus != t.gpus_shown:
+                changes["gpus"] = list(gpus)
+            try:
+                if changes:
+                    patched = self.kube.patch_status(PLURAL, t.namespace, t.name, changes)
+                    with self._guard:
+                        self._status_written.add(uid)
+                    self._saw_version(uid, patched)
+                self._tickets.shown(uid, cost, gpus, mark if uid in gpus_due else None)
+            except Exception:
+                log.exception("refresh of %s/%s failed", t.namespace, t.name)
+                self._refreshed(uid, self.cfg.tick_interval_s)
+                continue
+            self._refreshed(uid, self._refresh_left(uid, bool(gpus), mono))
+
+    def _refresh_left(self, uid: str, gpus_shown: bool, mono: float) -> float | None:
+        """Real seconds to the instance's next refresh (``sweeper.refresh_after``)."""
+        cost = self._cost_shown.get(uid)
+        asked = self._gpus_asked.get(uid)
+        return refresh_after(
+            self.cfg.cost_refresh_s - (mono - cost if cost is not None else 0.0),
+            self.gpus_eager_s - (mono - asked[1]) if asked and not gpus_shown else None,
+            self.cfg,
+        )
+
+    def _refreshed(self, uid: str, refresh_s: float | None) -> None:
+        if self.sweeper is not None:
+            self.sweeper.refreshed(uid, refresh_s)

@@ -15,9 +15,20 @@ Rules:
 2. **Keyed by the injected clock.** The time rules (package expiry and reminder, the
    storage hour, the metering grace, an idle check, a spot notice, a budget month) are
    clock instants; the schedule is checked every ``check_s`` real seconds, so a file
-   clock that jumps makes everything due at once, at the next check.
+   clock that jumps makes everything due at once, at the next check. Real-time
+   deadlines are checked at the same looks (up to ``check_s`` late), so that the
+   refreshes due within one look go together.
 3. **Real seconds** only for what is counted in real seconds (the accruedCost refresh,
    the first minute of a run waiting for its GPUs' report) and for the cap.
+3a. **Two kinds of work** (``Work``). A whole pass (``PASS``) for every time rule, a
+   busy phase and the cap; a refresh (``REFRESH``) when all that is due is what
+   ``status`` shows for display, ``accruedCost`` and the GPUs' lookup, of a run whose
+   last pass left what a refresh needs (``Seen.refreshable``: ``instances/refresh.py``).
+   An entry holds both deadlines; the refresh one only if it comes before the pass's.
+   Every refresh due at one check is handed over in one batch (``refresh``): one
+   ledger query for them all instead of a whole pass each (at 2,000 instances the
+   refreshes were 33 whole passes a second, docs/benchmarks.md). A refresh keeps the
+   entry's pass deadlines and only moves its refresh deadline (``refreshed``).
 4. **Nothing waits forever**: every entry is due at the latest ``sweep_max_interval_s``
    after its pass, in clock and in real seconds (a clock that stands still, a rule the
    schedule does not know: a price book or Account edit). An instance in a phase that
@@ -48,6 +59,7 @@ while a pass runs; passes run on their own pool (``background``).
 
 from __future__ import annotations
 
+import enum
 import heapq
 import itertools
 import logging
@@ -66,17 +78,38 @@ log = logging.getLogger(__name__)
 
 # Phases that move on their own, checked at the busy pace (rule 4).
 QUIET_PHASES = frozenset({"Running", "Stopped", "Expired", "Preempted"})
+NEVER = float("inf")  # no refresh deadline
 
 Runner = Callable[[str, str, str], None]  # (namespace, name, uid): one pass, wait=False
+Item = tuple[str, str, str]  # (namespace, name, uid)
+Refresher = Callable[[list[Item]], None]  # the refreshes due at one check (rule 3a)
+
+
+class Work(enum.Enum):
+    """What is due for an instance (rule 3a)."""
+
+    PASS = "pass"  # a whole pass: a time rule, a busy phase, the cap, a failure
+    REFRESH = "refresh"  # only what status shows for display: accruedCost, the GPUs
 
 
 @dataclass(frozen=True)
 class Due:
     """When an instance next needs a pass: at clock instant ``at`` or after ``real_s``
-    real seconds, whichever first."""
+    real seconds, whichever first; and a refresh (rule 3a) after ``refresh_s`` real
+    seconds, when that comes before the pass's deadlines."""
 
     at: datetime
     real_s: float
+    refresh_s: float | None = None
+
+    def work(self, now: datetime, elapsed_s: float) -> Work | None:
+        """What is due at clock instant ``now``, ``elapsed_s`` real seconds after the
+        pass that set it: the whole pass wins over a refresh; None: nothing yet."""
+        if now >= self.at or elapsed_s >= self.real_s:
+            return Work.PASS
+        if self.refresh_s is not None and elapsed_s >= self.refresh_s:
+            return Work.REFRESH
+        return None
 
 
 @dataclass(frozen=True)
@@ -90,6 +123,23 @@ class Seen:
     idle_checked: datetime | None = None  # None: the idle rule does not apply
     cost_left_s: float | None = None  # real seconds to the next accruedCost refresh
     eager_left_s: float | None = None  # real seconds left of the GPUs' first lookups
+    # the pass left what a refresh needs (a ticket, instances/refresh.py): the cost and
+    # GPUs' deadlines are a refresh's, not a whole pass's (rule 3a)
+    refreshable: bool = False
+
+
+def refresh_after(
+    cost_left_s: float | None, eager_left_s: float | None, cfg: OperatorConfig
+) -> float | None:
+    """Real seconds to the next refresh of what status shows: the accruedCost refresh
+    (not sooner than a second: ``cost_refresh_s`` may be 0), or the next of the GPUs'
+    first lookups (at the busy pace); None when neither applies."""
+    out: list[float] = []
+    if cost_left_s is not None:
+        out.append(max(cost_left_s, 1.0))
+    if eager_left_s is not None and eager_left_s > 0:
+        out.append(min(eager_left_s, cfg.tick_interval_s))
+    return min(out) if out else None
 
 
 def next_due(seen: Seen, cfg: OperatorConfig, idle_check_s: float) -> Due:
@@ -130,11 +180,14 @@ def next_due(seen: Seen, cfg: OperatorConfig, idle_check_s: float) -> Due:
     if seen.idle_checked is not None:  # IdleGPUs._idle_gpus: once a minute of clock time
         at.append(seen.idle_checked + timedelta(seconds=idle_check_s))
     at.append(bu.month_of(now).end)  # budgets are per calendar month (Budgets)
-    if seen.cost_left_s is not None:  # not sooner than a second (cost_refresh_s may be 0)
-        real.append(max(seen.cost_left_s, 1.0))
-    if seen.eager_left_s is not None and seen.eager_left_s > 0:
-        real.append(min(seen.eager_left_s, cfg.tick_interval_s))
-    return Due(at=max(now + timedelta(seconds=1), min(at)), real_s=max(0.0, min(real)))
+    refresh = refresh_after(seen.cost_left_s, seen.eager_left_s, cfg)
+    if refresh is not None and not seen.refreshable:
+        real.append(refresh)  # only a whole pass can do it
+        refresh = None
+    real_s = max(0.0, min(real))
+    if refresh is not None and refresh >= real_s:
+        refresh = None  # the pass comes first and refreshes too
+    return Due(at=max(now + timedelta(seconds=1), min(at)), real_s=real_s, refresh_s=refresh)
 
 
 class Sweeper:
@@ -146,49 +199,69 @@ class Sweeper:
         run: Runner,
         *,
         retry_s: float,
+        refresh: Refresher | None = None,
         check_s: float = 1.0,
         lease_s: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        batch: int = 200,
     ) -> None:
         self.clock = clock
         self._run_pass = run
+        self._refresh = refresh  # None: a due refresh runs as a whole pass
         self.retry_s = retry_s
         self.check_s = check_s
+        self.batch = batch  # refreshes per call of ``refresh`` (spread over the pool)
         self.lease_s = lease_s
         self._alive_at: float | None = None  # the last Kopf handler call (rule 7)
         self._monotonic = monotonic
         self._cv = threading.Condition()
-        # uid -> (namespace, name, clock instant, monotonic deadline, sequence)
-        self._entries: dict[str, tuple[str, str, datetime, float, int]] = {}
+        # uid -> (namespace, name, clock instant, pass deadline, refresh deadline, seq):
+        # deadlines monotonic; the refresh one NEVER when none (rule 3a)
+        self._entries: dict[str, tuple[str, str, datetime, float, float, int]] = {}
         self._by_clock: list[tuple[datetime, int, str]] = []
-        self._by_real: list[tuple[float, int, str]] = []
+        self._by_real: list[tuple[float, int, str]] = []  # the earlier of the deadlines
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._submit: Callable[[Callable[[], None]], None] | None = None
         self.passes = 0  # passes handed to the pool (tests and the bench read it)
+        self.refreshes = 0  # refreshes handed over in batches
 
     # -- the schedule ------------------------------------------------------------------
     def due(self, uid: str, namespace: str, name: str, due: Due) -> None:
         """Set the instance's next pass (replaces its entry: the latest pass knows)."""
-        deadline = self._monotonic() + due.real_s
+        mono = self._monotonic()
+        refresh = NEVER if due.refresh_s is None else mono + due.refresh_s
         with self._cv:
-            self._put(uid, namespace, name, due.at, deadline)
+            self._put(uid, namespace, name, due.at, mono + due.real_s, refresh)
+
+    def refreshed(self, uid: str, refresh_s: float | None) -> None:
+        """A refresh ran (or could not, and asks again): the next one after ``refresh_s``
+        real seconds, the entry's pass deadlines kept (rule 3a). No entry (a pass took
+        it meanwhile, and sets it when it ends): nothing to do."""
+        mono = self._monotonic()
+        with self._cv:
+            old = self._entries.get(uid)
+            if old is not None:
+                refresh = NEVER if refresh_s is None else mono + refresh_s
+                self._put(uid, old[0], old[1], old[2], old[3], refresh)
 
     def earlier(self, uid: str, namespace: str, name: str, at: datetime) -> None:
         """A pass at clock instant ``at`` if that is before the entry's (rule 5)."""
         with self._cv:
             old = self._entries.get(uid)
             if old is None:
-                self._put(uid, namespace, name, at, self._monotonic() + self.retry_s)
+                self._put(uid, namespace, name, at, self._monotonic() + self.retry_s, NEVER)
             elif at < old[2]:
-                self._put(uid, namespace, name, at, old[3])
+                self._put(uid, namespace, name, at, old[3], old[4])
 
-    def _put(self, uid: str, ns: str, name: str, at: datetime, deadline: float) -> None:
+    def _put(
+        self, uid: str, ns: str, name: str, at: datetime, deadline: float, refresh: float
+    ) -> None:
         """Under ``_cv``."""
         seq = next(self._seq)
-        self._entries[uid] = (ns, name, at, deadline, seq)
+        self._entries[uid] = (ns, name, at, deadline, refresh, seq)
         heapq.heappush(self._by_clock, (at, seq, uid))
-        heapq.heappush(self._by_real, (deadline, seq, uid))
+        heapq.heappush(self._by_real, (min(deadline, refresh), seq, uid))
         # no notify: the loop looks every ``check_s`` anyway, and waking it on each of
         # hundreds of passes a second cost more than the look (py-spy, 500 instances)
 
@@ -201,32 +274,51 @@ class Sweeper:
             self._entries.pop(uid, None)
 
     def when(self, uid: str) -> tuple[datetime, float] | None:
-        """The entry's clock instant and monotonic deadline (tests)."""
+        """The entry's clock instant and monotonic pass deadline (tests)."""
         with self._cv:
             hit = self._entries.get(uid)
         return None if hit is None else (hit[2], hit[3])
+
+    def refresh_at(self, uid: str) -> float | None:
+        """The entry's monotonic refresh deadline, None if it has none (tests)."""
+        with self._cv:
+            hit = self._entries.get(uid)
+        return None if hit is None or hit[4] == NEVER else hit[4]
 
     def __len__(self) -> int:
         with self._cv:
             return len(self._entries)
 
-    def take_due(self) -> list[tuple[str, str, str]]:
-        """Remove and return (namespace, name, uid) of every entry due now, by the clock
-        or by real time."""
+    def take_due(self) -> tuple[list[Item], list[Item]]:
+        """What is due now, by the clock or by real time: (namespace, name, uid) of the
+        whole passes, whose entries are removed (the pass sets the next), and of the
+        refreshes, whose entries stay without a refresh deadline until ``refreshed``."""
         now, mono = self.clock.now(), self._monotonic()
-        out: list[tuple[str, str, str]] = []
+        passes: list[Item] = []
+        refreshes: list[Item] = []
         if self._standing_by(mono):
-            return out  # rule 7: the entries stay, due
+            return passes, refreshes  # rule 7: the entries stay, due
         with self._cv:
             for heap, limit in ((self._by_clock, now), (self._by_real, mono)):
                 while heap and heap[0][0] <= limit:  # type: ignore[operator]
                     _, seq, uid = heapq.heappop(heap)
                     hit = self._entries.get(uid)
-                    if hit is not None and hit[4] == seq:  # else moved or dropped
+                    if hit is None or hit[5] != seq:
+                        continue  # moved or dropped
+                    ns, name, at, deadline, refresh, _ = hit
+                    if at <= now or deadline <= mono:
                         del self._entries[uid]
-                        out.append((hit[0], hit[1], uid))
+                        passes.append((ns, name, uid))
+                    elif refresh <= mono:
+                        refreshes.append((ns, name, uid))  # in flight: no refresh deadline
+                        self._put(uid, ns, name, at, deadline, NEVER)
             self._compact()
-        return out
+        if self._refresh is None:  # no batched refresh here: a whole pass does it
+            with self._cv:
+                for _, _, uid in refreshes:
+                    self._entries.pop(uid, None)
+            passes, refreshes = passes + refreshes, []
+        return passes, refreshes
 
     def _standing_by(self, mono: float) -> bool:
         """Rule 7: with a lease, no Kopf handler ran here for longer than it."""
@@ -237,18 +329,21 @@ class Sweeper:
         """Under ``_cv``: rebuild a heap that is mostly stale items (every pass pushes
         two), so memory stays proportional to the instances."""
         if len(self._by_clock) > 4 * len(self._entries) + 64:
-            self._by_clock = [(e[2], e[4], u) for u, e in self._entries.items()]
-            self._by_real = [(e[3], e[4], u) for u, e in self._entries.items()]
+            self._by_clock = [(e[2], e[5], u) for u, e in self._entries.items()]
+            self._by_real = [(min(e[3], e[4]), e[5], u) for u, e in self._entries.items()]
             heapq.heapify(self._by_clock)
             heapq.heapify(self._by_real)
 
     # -- running -----------------------------------------------------------------------
     def run_due(self) -> int:
-        """Run the due passes here, one after another (unit tests); how many ran."""
-        taken = self.take_due()
-        for ns, name, uid in taken:
+        """Run what is due here, one after another (unit tests): how many passes and
+        refreshes ran."""
+        passes, refreshes = self.take_due()
+        for ns, name, uid in passes:
             self._pass(ns, name, uid)
-        return len(taken)
+        if refreshes:
+            self._refresh_batch(refreshes)
+        return len(passes) + len(refreshes)
 
     def _pass(self, ns: str, name: str, uid: str) -> None:
         try:
@@ -263,11 +358,21 @@ class Sweeper:
                         name,
                         self.clock.now() + timedelta(seconds=self.retry_s),
                         self._monotonic() + self.retry_s,
+                        NEVER,
                     )
+
+    def _refresh_batch(self, items: list[Item]) -> None:
+        assert self._refresh is not None
+        try:
+            self._refresh(items)
+        except Exception:
+            log.exception("refresh of %d instances failed", len(items))
+            for _, _, uid in items:  # asked again at the busy pace
+                self.refreshed(uid, self.retry_s)
 
     def start(self, submit: Callable[[Callable[[], None]], None]) -> None:
         """Check the schedule every ``check_s`` real seconds on a daemon thread and hand
-        the due passes to ``submit`` (a pool)."""
+        the due passes, and the due refreshes in batches, to ``submit`` (a pool)."""
         with self._cv:
             if self._thread is None:
                 self._submit = submit
@@ -277,11 +382,15 @@ class Sweeper:
     def _loop(self) -> None:
         assert self._submit is not None
         while True:
-            for ns, name, uid in self.take_due():
+            passes, refreshes = self.take_due()
+            for ns, name, uid in passes:
                 self._submit(lambda ns=ns, name=name, uid=uid: self._pass(ns, name, uid))
                 self.passes += 1
+            for i in range(0, len(refreshes), self.batch):
+                chunk = refreshes[i : i + self.batch]
+                self._submit(lambda chunk=chunk: self._refresh_batch(chunk))
+                self.refreshes += len(chunk)
+            # one look per ``check_s``, not one per deadline: the refreshes that fell due
+            # meanwhile go as one batch (waking for each deadline made batches of one)
             with self._cv:
-                wait, mono = self.check_s, self._monotonic()
-                if self._by_real and not self._standing_by(mono):  # else: due ones wait
-                    wait = min(wait, self._by_real[0][0] - mono)
-                self._cv.wait(timeout=max(wait, 0.01))
+                self._cv.wait(timeout=self.check_s)

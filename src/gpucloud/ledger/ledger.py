@@ -173,6 +173,7 @@ class Ledger:
     entries = _to("_entries", Entries.entries)
     get_entry = _to("_entries", Entries.get_entry)
     charges_by_resource = _to("_entries", Entries.charges_by_resource)
+    charges_by_resources = _to("_entries", Entries.charges_by_resources)
     spent_by_resource = _to("_entries", Entries.spent_by_resource)
 
     # -- usage (usage.py) --------------------------------------------------------------
@@ -181,6 +182,8 @@ class Ledger:
     unrated_usage = _to("_usage", Usage.unrated_usage)
     usage_summary = _to("_usage", Usage.usage_summary)
     gpus_seen = _to("_usage", Usage.gpus_seen)
+    gpus_seen_by_pod = _to("_usage", Usage.gpus_seen_by_pod)
+    usage_watermark = _to("_usage", Usage.usage_watermark)
     gpu_activity = _to("_usage", Usage.gpu_activity)
 
     # -- meters (meters.py) ------------------------------------------------------------
@@ -188,6 +191,7 @@ class Ledger:
     close_meter = _to("_meters", Meters.close_meter)
     settle_meter = _to("_meters", Meters.settle_meter)
     get_meter = _to("_meters", Meters.get_meter)
+    get_meters = _to("_meters", Meters.get_meters)
     meters = _to("_meters", Meters.meters)
     rate_pending = _to("_meters", Meters.rate_pending)
 

@@ -14,6 +14,7 @@ never charged.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -24,12 +25,13 @@ from gpucloud.billing.intervals import elapsed_seconds
 from gpucloud.billing.money import next_posting
 from gpucloud.ledger import admission, ingest, rating, schema
 from gpucloud.ledger import validate as v
-from gpucloud.ledger.entries import ENTRY_BY_KEY, LOCK_ACCOUNT, Entries
+from gpucloud.ledger.entries import BATCH, ENTRY_BY_KEY, LOCK_ACCOUNT, Entries
 from gpucloud.ledger.errors import IdempotencyConflict, InvalidInput
 from gpucloud.ledger.store import Store
 from gpucloud.ledger.types import EntryKind, Meter, MeterKind, MeterUnit
 
 M, U = schema.meters, schema.usage
+_METERS_BY_ID = select(M).where(M.c.meter_id.in_(bindparam("ids", expanding=True)))
 _RATE_CHUNK = 20_000  # usage rows rated per transaction and meter
 
 _SET_METER = (
@@ -293,6 +295,17 @@ class Meters:
             row = self.meter_row(conn, meter_id)
             name = self._s.names(conn, {row.account_id})[row.account_id]
         return meter_of(row, name)
+
+    def get_meters(self, meter_ids: Iterable[str]) -> dict[str, Meter]:
+        """``get_meter`` for many at once (one query per ``BATCH``), by id; an unknown id
+        is absent rather than NotFound."""
+        ids = sorted(set(meter_ids))
+        rows: list[Row[Any]] = []
+        with self._s.read() as conn:
+            for i in range(0, len(ids), BATCH):
+                rows += conn.execute(_METERS_BY_ID, {"ids": ids[i : i + BATCH]}).all()
+            names = self._s.names(conn, {r.account_id for r in rows})
+        return {r.meter_id: meter_of(r, names[r.account_id]) for r in rows}
 
     def meters(
         self,

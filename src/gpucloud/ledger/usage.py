@@ -9,7 +9,7 @@ wholly inside one meter's window (``_rate_new``, through ``Meters.charge``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Row, bindparam, func, select
 
 from gpucloud.ledger import admission, ingest, schema
 from gpucloud.ledger import validate as v
+from gpucloud.ledger.entries import BATCH
 from gpucloud.ledger.meters import Meters
 from gpucloud.ledger.store import Store
 from gpucloud.ledger.types import GpuActivity, IngestResult, UnratedUsage, UsageSummaryRow
@@ -34,6 +35,19 @@ _LOCK_METERS_OF = (
     .order_by(M.c.opened_at)
     .with_for_update()
 )
+
+
+def _gpus_of_pods() -> Any:
+    """The batch read of ``gpus_seen_by_pod``, built once (expanding IN parameters)."""
+    pods, gpu = bindparam("pods", expanding=True), bindparam("gpu")
+    conds = [U.c.kind == gpu, U.c.owner.in_(pods)]
+    pod_meters = select(M.c.meter_id).where(M.c.kind == gpu, M.c.subject.in_(pods))
+    rated = select(U.c.owner, U.c.subject).where(U.c.meter_id.in_(pod_meters), *conds)
+    unrated = select(U.c.owner, U.c.subject).where(U.c.rated_until < U.c.end_s, *conds)
+    return rated.union(unrated)
+
+
+_GPUS_OF_PODS = _gpus_of_pods()
 
 
 class Usage:
@@ -284,6 +298,26 @@ class Usage:
         with self._s.read() as conn:
             subjects = conn.execute(rated.union(unrated)).scalars().all()
         return sorted(set(subjects))
+
+    def gpus_seen_by_pod(self, pod_uids: Iterable[str]) -> dict[str, list[str]]:
+        """``gpus_seen`` for many pods at once (one query per ``BATCH`` of them), by pod
+        UID; a pod with no GPU reported is absent. Same two paths: rated usage through
+        the pods' meters, unrated through the unrated index."""
+        pods = sorted({v.text(p, "pod_uid") for p in pod_uids})
+        found: dict[str, set[str]] = {}
+        with self._s.read() as conn:
+            for i in range(0, len(pods), BATCH):
+                params = {"pods": pods[i : i + BATCH], "gpu": UsageKind.GPU_TIME.value}
+                for owner, subject in conn.execute(_GPUS_OF_PODS, params).all():
+                    found.setdefault(owner, set()).add(subject)
+        return {pod: sorted(gpus) for pod, gpus in found.items()}
+
+    def usage_watermark(self) -> int:
+        """The newest usage record's id (0 for none): a reader that saw an answer at
+        one watermark knows no record was stored since while it is unchanged (on
+        PostgreSQL a record of a transaction still open may commit below it later)."""
+        with self._s.read() as conn:
+            return int(conn.execute(select(func.max(U.c.id))).scalar() or 0)
 
     def gpu_activity(self, meter_id: str, *, since_s: int) -> list[GpuActivity]:
         """What the GPUs of a run did: its meter's records ending after ``since_s``
