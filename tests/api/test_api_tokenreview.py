@@ -8,7 +8,7 @@ import json
 import ssl
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,27 @@ class FakeApiServer:
             scheme = "https"
         self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+
+def _review_then_stop(
+    srv: FakeApiServer,
+    access: Callable[[], ClusterAccess],
+    review: Callable[[TokenReviewAuthenticator], Awaitable[None]],
+) -> None:
+    """Run ``review`` with an authenticator over ``access()`` (built inside the loop, as
+    the API builds it), then close it and stop the server of a test's own."""
+
+    async def go() -> None:
+        authn = TokenReviewAuthenticator(access())
+        try:
+            await review(authn)
+        finally:
+            await authn.aclose()
+
+    try:
+        asyncio.run(go())
+    finally:
+        srv.server.shutdown()
 
 
 @pytest.fixture
@@ -217,18 +238,11 @@ def test_kubeconfig_with_inline_tls_material(tmp_path: Path) -> None:
         )
     )
 
-    async def go() -> None:
-        authn = TokenReviewAuthenticator(ClusterAccess.from_kubeconfig(kubeconfig))
-        try:
-            p = await authn.authenticate("bound-agent")
-            assert p is not None and p.node == "gpu-node-1"
-        finally:
-            await authn.aclose()
+    async def review(authn: TokenReviewAuthenticator) -> None:
+        p = await authn.authenticate("bound-agent")
+        assert p is not None and p.node == "gpu-node-1"
 
-    try:
-        asyncio.run(go())
-    finally:
-        srv.server.shutdown()
+    _review_then_stop(srv, lambda: ClusterAccess.from_kubeconfig(kubeconfig), review)
     assert len(srv.reviews) == 1
 
 
@@ -346,18 +360,11 @@ def test_in_cluster_reads_the_projected_token_again_after_rotation(
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(srv.server.server_address[1]))
 
-    async def go() -> None:
-        authn = TokenReviewAuthenticator(ClusterAccess.in_cluster())
-        try:
-            assert await authn.authenticate("bound-agent") is not None
-            (tmp_path / "token").write_text("sa-token-2")
-            srv.credentials = {"sa-token-2"}
-            assert await authn.authenticate("other-sa") is not None
-        finally:
-            await authn.aclose()
+    async def review(authn: TokenReviewAuthenticator) -> None:
+        assert await authn.authenticate("bound-agent") is not None
+        (tmp_path / "token").write_text("sa-token-2")
+        srv.credentials = {"sa-token-2"}
+        assert await authn.authenticate("other-sa") is not None
 
-    try:
-        asyncio.run(go())
-    finally:
-        srv.server.shutdown()
+    _review_then_stop(srv, ClusterAccess.in_cluster, review)
     assert srv.auths == ["Bearer sa-token-1", "Bearer sa-token-1", "Bearer sa-token-2"]
