@@ -16,7 +16,10 @@ when one is, or when not all ran. BENCH_SCALE_INSTANCES / BENCH_SCALE_NODES shri
 (e.g. 100 / 25 for a try). Runs its own test bed cluster (GPUCLOUD_TESTBED_NAME, default
 ``gpucloud-opscale``) and deletes it afterwards; BENCH_PROFILE=<file> records the
 operator's idle window with py-spy; BENCH_IDLE_S its length (60 s);
-BENCH_MALLOC_ARENA_MAX the operator's malloc arenas (2, as its image; ``default``: glibc's).
+BENCH_MALLOC_ARENA_MAX the operator's malloc arenas (2, as its image; ``default``: glibc's);
+BENCH_IDLE_CLOCK_RATE: clock seconds per real second during the idle window (0: held
+still; 1: real time, so every cost refresh finds a new accruedCost to patch, as in a
+cluster).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ INSTANCES = int(os.environ.get("BENCH_SCALE_INSTANCES", "2000"))
 NODES = int(os.environ.get("BENCH_SCALE_NODES", "500"))
 ACCOUNTS = 20
 IDLE_S = float(os.environ.get("BENCH_IDLE_S", "60"))
+IDLE_CLOCK_RATE = float(os.environ.get("BENCH_IDLE_CLOCK_RATE", "0"))
 TICK_S = "10"  # the chart's operator.config.tick_interval_s
 QUOTA_GI = 20
 T0 = datetime(2026, 1, 1, tzinfo=UTC)  # on the hour: storage hours are clock hours
@@ -212,7 +216,7 @@ def main() -> int:
         load = os.getloadavg()
         profiler = start_profiler(proc.pid)
         cpu0, w0 = cpu_s(proc.pid), time.monotonic()
-        time.sleep(IDLE_S)
+        idle_clock(clock, IDLE_CLOCK_RATE, IDLE_S)
         cpu = (cpu_s(proc.pid) - cpu0) / (time.monotonic() - w0) * 100
         rss = rss_mib(proc.pid)
         print(f"# {memory_split(proc.pid)}", file=sys.stderr)
@@ -258,6 +262,16 @@ def main() -> int:
         if proc is not None:
             stop_process(proc)
         tb.down()
+
+
+def idle_clock(clock: FileClock, rate: float, seconds: float) -> None:
+    """Wait out the idle window; with a rate, move the clock from T0 at that rate meanwhile
+    (T1 stays ahead of it: the window is minutes, T1 - T0 over an hour)."""
+    start = time.monotonic()
+    while (elapsed := time.monotonic() - start) < seconds:
+        if rate:
+            clock.set(T0 + timedelta(seconds=elapsed * rate))
+        time.sleep(0.1 if rate else seconds - elapsed)
 
 
 def memory_split(pid: int) -> str:

@@ -76,3 +76,18 @@ def test_a_wrong_bill_is_reported(ledger: Ledger) -> None:
         "scale-01/i0001",
         "scale-00/i0004",
     ]
+
+
+def test_the_idle_window_moves_the_clock_only_when_asked(tmp_path: Path) -> None:
+    """BENCH_IDLE_CLOCK_RATE: at rate 1 the file clock follows real time from T0 through
+    the window (never past T1); at 0 it stays at T0."""
+    from gpucloud.clock import FileClock
+
+    clock = FileClock(tmp_path / "clock")
+    clock.set(bench.T0)
+    bench.idle_clock(clock, 0.0, 0.05)
+    assert clock.now() == bench.T0
+    bench.idle_clock(clock, 1.0, 0.35)
+    moved = clock.now() - bench.T0
+    assert timedelta(seconds=0.2) <= moved <= timedelta(seconds=0.35)
+    assert clock.now() < bench.T1
