@@ -141,8 +141,9 @@ class InstanceReconciler(
         with self._guard:
             idle = self._idle_checked.get(p.uid)
         idle_applies = policy is not None and running and bool(p.status.get("meterId"))
-        cost = self._cost_shown.get(p.uid)
-        asked = self._gpus_asked.get(p.uid)
+        cost_left, eager_left = (
+            self._shown_left(p.uid, bool(p.status.get("gpus")), mono) if running else (None, None)
+        )
         ticket = None if failed else self._ticket(p)
         if ticket is None:
             self._tickets.drop(p.uid)
@@ -154,16 +155,8 @@ class InstanceReconciler(
             in_arrears=bool(p.acct_status.get("arrearsSince")),
             failed=failed,
             idle_checked=(idle or p.now) if idle_applies else None,
-            cost_left_s=(
-                self.cfg.cost_refresh_s - (mono - cost if cost is not None else 0.0)
-                if running
-                else None
-            ),
-            eager_left_s=(
-                self.gpus_eager_s - (mono - asked[1])
-                if running and asked is not None and not p.status.get("gpus")
-                else None
-            ),
+            cost_left_s=cost_left,
+            eager_left_s=eager_left,
             refreshable=ticket is not None,
         )
         self.sweeper.due(p.uid, p.ns, p.name, next_due(seen, self.cfg, self.idle_check_s))

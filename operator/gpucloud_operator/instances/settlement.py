@@ -277,12 +277,17 @@ class Settlement(Core):
 
     def _refresh_left(self, uid: str, gpus_shown: bool, mono: float) -> float | None:
         """Real seconds to the instance's next refresh (``sweeper.refresh_after``)."""
+        return refresh_after(*self._shown_left(uid, gpus_shown, mono), self.cfg)
+
+    def _shown_left(self, uid: str, gpus_shown: bool, mono: float) -> tuple[float, float | None]:
+        """Of a running instance, at monotonic ``mono``: real seconds to its accruedCost
+        refresh, and left of its GPUs' first lookups (None: shown, or not asked yet).
+        What a pass's schedule and a refresh's both start from."""
         cost = self._cost_shown.get(uid)
         asked = self._gpus_asked.get(uid)
-        return refresh_after(
+        return (
             self.cfg.cost_refresh_s - (mono - cost if cost is not None else 0.0),
-            self.gpus_eager_s - (mono - asked[1]) if asked and not gpus_shown else None,
-            self.cfg,
+            self.gpus_eager_s - (mono - asked[1]) if asked is not None and not gpus_shown else None,
         )
 
     def _refreshed(self, uid: str, refresh_s: float | None) -> None:
