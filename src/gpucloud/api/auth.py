@@ -154,10 +154,7 @@ class ClusterAccess:
         if user.get("tokenFile"):
             # as client-go reads it: the file, read again and again, wins over ``token``;
             # relative to the kubeconfig's folder (as kubectl and gpucloud.cli resolve it)
-            token_path = Path(user["tokenFile"]).expanduser()
-            access.token_file = FileToken(
-                token_path if token_path.is_absolute() else base / token_path
-            )
+            access.token_file = FileToken(_beside(base, Path(user["tokenFile"]).expanduser()))
             access.bearer_token = None
         cert = access._material(user, "client-certificate", base)
         key = access._material(user, "client-key", base)
@@ -199,9 +196,13 @@ class ClusterAccess:
             self._tmpfiles.append(name)
             return name
         if section.get(key):
-            p = Path(section[key])
-            return str(p if p.is_absolute() else base / p)
+            return str(_beside(base, Path(section[key])))
         return None
+
+
+def _beside(base: Path, path: Path) -> Path:
+    """A kubeconfig's file name: relative ones are relative to the kubeconfig's folder."""
+    return path if path.is_absolute() else base / path
 
 
 def _named(items: list[dict[str, Any]], name: str | None, what: str) -> dict[str, Any]:
